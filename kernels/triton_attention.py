@@ -1,0 +1,333 @@
+"""Triton: paged attention for prefill, chunked prefill and decode, in one kernel family.
+
+The batch is packed: `query` holds the new tokens of every sequence back to back, and each
+sequence's K/V lives in the paged cache, found through its block table. The ideas, in the order
+a reader meets them in the code:
+
+* **Query tiles of (token, head) rows.** All the query heads that share one KV head (GQA group
+  `G = Hq / Hkv`) are stacked into the rows of one tile, next to the tokens: row `r` is token
+  `r // G`, head `r % G`. One program handles one tile against one KV head, so K/V are read once
+  per KV head, not once per query head. Decode (1 token) gives a tile of just `G` useful rows.
+* **Flattened tiles.** Program `i` along the first grid axis finds its sequence by a binary search
+  over `cu_seqlens_q` (sequence `b` starts at tile `cu_seqlens_q[b] // BLOCK_Q + b`). The grid is
+  sized from tensor *shapes* only, so launching never reads a value back from the GPU and the
+  whole call can be captured in a CUDA graph.
+* **Tiles over the paged cache.** Each step of the inner loop gathers `BLOCK_N` consecutive
+  tokens' K and V through the block table (token `n` is in block `block_table[n // block_size]`,
+  slot `n % block_size`) and updates an *online softmax* (running max `m`, running sum `l`,
+  rescaled accumulator), so scores never go to memory.
+* **Causal skipping.** Queries sit at the end of their context. Keys before the tile's first query
+  are visible to every row: those tiles run without a mask; only the last few tiles are masked,
+  and keys past the tile's last query are never loaded.
+* **Split-KV.** When the grid is too small to fill the GPU (decode of a few long sequences), each
+  program takes one of `num_splits` slices of the context and writes an unnormalised partial
+  result; a second, tiny kernel merges the partials with their softmax statistics.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634  # softmax runs on exp2: exp(x) = exp2(x * log2(e))
+
+
+@triton.jit
+def _find_sequence(cu_seqlens_q_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
+    """Index of the sequence that owns query tile `tile` (binary search over tile starts)."""
+    lo: tl.int32 = 0
+    hi: tl.int32 = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        first_tile = tl.load(cu_seqlens_q_ptr + mid) // BLOCK_Q + mid
+        if first_tile <= tile:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _attend_kv_tile(
+    acc, m_i, l_i, q, qk_scale,
+    k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head,
+    start, kv_end, q_pos,
+    stride_cb, stride_ct, stride_ch,
+    dims, dim_mask,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One step of the online softmax over keys [start, start + BLOCK_N)."""
+    kv_pos = start + tl.arange(0, BLOCK_N)
+    if MASKED:
+        in_range = kv_pos < kv_end
+        block_ids = tl.load(block_table_ptr + kv_pos // BLOCK_SIZE, mask=in_range, other=0)
+    else:
+        block_ids = tl.load(block_table_ptr + kv_pos // BLOCK_SIZE)
+    # The gather: each key row sits at (block id, offset in block, kv head).
+    row = block_ids.to(tl.int64) * stride_cb + (kv_pos % BLOCK_SIZE) * stride_ct + kv_head * stride_ch
+    kv_offsets = row[:, None] + dims[None, :]
+    if MASKED:
+        kv_mask = in_range[:, None] & dim_mask[None, :]
+    else:
+        kv_mask = dim_mask[None, :]
+    k = tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
+    v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
+
+    # qk_scale = scale * log2(e): these are base-2 logits, ready for exp2.
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if MASKED:
+        visible = kv_pos[None, :] < kv_end
+        if CAUSAL:
+            visible = visible & (kv_pos[None, :] <= q_pos[:, None])
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASKED:
+        # A row that has seen no visible key yet keeps m = -inf; subtract 0 instead of -inf
+        # so that its probabilities are exp2(-inf) = 0 rather than NaN.
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _paged_attention_kernel(
+    query_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
+    block_tables_ptr, seq_lens_ptr, cu_seqlens_q_ptr,
+    partial_acc_ptr, partial_m_ptr, partial_l_ptr,
+    qk_scale, num_seqs, num_tokens,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_cb, stride_ct, stride_ch, stride_bt,
+    NUM_Q_HEADS: tl.constexpr, GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    DECODE_ONLY: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    # ---- which sequence, which of its queries -------------------------------------------
+    if DECODE_ONLY:  # one query per sequence: tile i is sequence i
+        seq = tile
+        first_query = 0
+    else:
+        seq = _find_sequence(cu_seqlens_q_ptr, tile, num_seqs, BLOCK_Q)
+        first_query = (tile - (tl.load(cu_seqlens_q_ptr + seq) // BLOCK_Q + seq)) * BLOCK_Q
+    q_start = tl.load(cu_seqlens_q_ptr + seq)
+    q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
+    if first_query >= q_len:  # a spare tile of the shape-sized grid
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context_before = seq_len - q_len  # tokens cached before this step's queries
+
+    rows = tl.arange(0, BLOCK_M)
+    q_idx = first_query + rows // GROUP  # query index within the sequence
+    q_head = kv_head * GROUP + rows % GROUP
+    row_valid = (rows < BLOCK_Q * GROUP) & (q_idx < q_len)
+    q_pos = context_before + q_idx  # absolute position of each row's query token
+    dims = tl.arange(0, DIM_PAD)
+    dim_mask = dims < HEAD_DIM
+
+    token = (q_start + q_idx).to(tl.int64)
+    q_offsets = token[:, None] * stride_qt + q_head[:, None] * stride_qh + dims[None, :]
+    q = tl.load(query_ptr + q_offsets, mask=row_valid[:, None] & dim_mask[None, :], other=0.0)
+
+    # ---- the key range of this program --------------------------------------------------
+    last_q = tl.minimum(first_query + BLOCK_Q, q_len) - 1
+    if CAUSAL:
+        kv_end = context_before + last_q + 1  # keys past the tile's last query: never loaded
+        unmasked_end = context_before + first_query + 1  # keys every row of the tile can see
+    else:
+        kv_end = seq_len
+        unmasked_end = seq_len
+    if NUM_SPLITS > 1:
+        per_split = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        kv_lo = split * per_split
+        kv_hi = tl.minimum(kv_lo + per_split, kv_end)
+    else:
+        kv_lo = 0
+        kv_hi = kv_end
+    # Whole tiles below `unmasked_end` need no mask at all; the rest are masked.
+    full_end = kv_lo + tl.maximum(tl.minimum(kv_hi, unmasked_end) - kv_lo, 0) // BLOCK_N * BLOCK_N
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, DIM_PAD], dtype=tl.float32)
+    block_table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    for start in range(kv_lo, full_end, BLOCK_N):
+        acc, m_i, l_i = _attend_kv_tile(
+            acc, m_i, l_i, q, qk_scale, k_cache_ptr, v_cache_ptr, block_table, kv_head,
+            start, kv_hi, q_pos, stride_cb, stride_ct, stride_ch, dims, dim_mask,
+            BLOCK_SIZE, BLOCK_N, False, CAUSAL, DOT_PRECISION,
+        )
+    for start in range(full_end, kv_hi, BLOCK_N):
+        acc, m_i, l_i = _attend_kv_tile(
+            acc, m_i, l_i, q, qk_scale, k_cache_ptr, v_cache_ptr, block_table, kv_head,
+            start, kv_hi, q_pos, stride_cb, stride_ct, stride_ch, dims, dim_mask,
+            BLOCK_SIZE, BLOCK_N, True, CAUSAL, DOT_PRECISION,
+        )
+
+    # ---- write back ---------------------------------------------------------------------
+    out_mask = row_valid[:, None] & dim_mask[None, :]
+    if NUM_SPLITS == 1:
+        out = acc / l_i[:, None]
+        out_offsets = token[:, None] * stride_ot + q_head[:, None] * stride_oh + dims[None, :]
+        tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        # Partials are laid out [split, token, q_head, (dim)] in float32, contiguous.
+        stat = (split * num_tokens + token) * NUM_Q_HEADS + q_head
+        tl.store(partial_m_ptr + stat, m_i, mask=row_valid)
+        tl.store(partial_l_ptr + stat, l_i, mask=row_valid)
+        tl.store(partial_acc_ptr + stat[:, None] * DIM_PAD + dims[None, :], acc, mask=out_mask)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    out_ptr, partial_acc_ptr, partial_m_ptr, partial_l_ptr,
+    num_tokens, stride_ot, stride_oh,
+    NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+):
+    """out = sum_s w_s * acc_s / sum_s w_s * l_s with w_s = 2^(m_s - max_s m_s)."""
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    splits = tl.arange(0, SPLITS_PAD)
+    dims = tl.arange(0, DIM_PAD)
+    stat = (splits * num_tokens + token) * NUM_Q_HEADS + head
+    split_mask = splits < NUM_SPLITS
+    m = tl.load(partial_m_ptr + stat, mask=split_mask, other=float("-inf"))
+    l = tl.load(partial_l_ptr + stat, mask=split_mask, other=0.0)
+    m_max = tl.max(m, 0)
+    # A split that saw no key has m = -inf (or l = 0) and weight 0.
+    weight = tl.where(m == float("-inf"), 0.0, tl.math.exp2(m - m_max))
+    acc = tl.load(partial_acc_ptr + stat[:, None] * DIM_PAD + dims[None, :],
+                  mask=split_mask[:, None], other=0.0)
+    out = tl.sum(acc * weight[:, None], 0) / tl.sum(l * weight, 0)
+    tl.store(out_ptr + token * stride_ot + head * stride_oh + dims,
+             out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
+
+
+# ------------------------------------------------------------------------------------------
+# Launch configuration
+# ------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter on CPU: any small number exercises the same code paths
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def choose_num_splits(num_programs: int, num_sms: int, max_seq_len: int | None,
+                      block_n: int, max_splits: int = 64) -> int:
+    """How many slices to cut each context into, from the grid size alone.
+
+    A program streams its whole context through one SM. When `num_programs` (query tiles x KV
+    heads) cannot fill the GPU, the other SMs idle: splitting the context into `s` slices gives
+    `s` times more programs at the cost of a small merge pass. We aim for about two programs per
+    SM and never cut a context into slices shorter than a few key tiles.
+    """
+    target = 2 * num_sms
+    if num_programs >= target:
+        return 1
+    splits = min(triton.cdiv(target, num_programs), max_splits)
+    if max_seq_len is not None:
+        splits = min(splits, max(1, max_seq_len // (4 * block_n)))
+    return max(1, splits)
+
+
+def _launch_config(decode_only: bool, group: int, head_dim: int, dtype: torch.dtype,
+                   device: torch.device) -> dict:
+    """Tile sizes and warps. Decode is memory-bound: small M, wide K/V tiles, deep pipeline.
+    Prefill is compute-bound: big M tiles so each K/V tile feeds many rows of the MMA."""
+    min_m = 16  # smallest M tl.dot accepts
+    if decode_only:
+        block_m = max(min_m, triton.next_power_of_2(group))
+        cfg = dict(BLOCK_M=block_m, BLOCK_N=64, num_warps=4, num_stages=3)
+    else:
+        block_m = max(128 if head_dim <= 128 else 64, triton.next_power_of_2(group))
+        cfg = dict(BLOCK_M=block_m, BLOCK_N=64, num_warps=8, num_stages=3)
+    if device.type != "cuda":
+        cfg.update(num_warps=1, num_stages=1)
+    if dtype == torch.float32 and device.type == "cuda":
+        cfg["BLOCK_N"] = 32  # fp32 tiles are twice the bytes: keep shared memory in budget
+    return cfg
+
+
+def paged_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    scale: float,
+    causal: bool,
+    out: torch.Tensor,
+    max_seq_len: int | None = None,
+    num_splits: int | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """Same contract as `minivllm.kernels.paged_attention` (inputs already validated).
+
+    `config` overrides the launch configuration (BLOCK_M, BLOCK_N, num_warps, num_stages); the
+    benchmarks use it to sweep tile shapes.
+    """
+    num_tokens, num_q_heads, head_dim = query.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    num_seqs = seq_lens.shape[0]
+    if k_cache.stride() != v_cache.stride():
+        raise ValueError("k_cache and v_cache must have the same strides")
+    # Decode-only is known from shapes: T == B and every sequence has at least one query.
+    decode_only = num_tokens == num_seqs
+    cfg = _launch_config(decode_only, group, head_dim, query.dtype, query.device)
+    if config:
+        cfg.update(config)
+    block_m = cfg.pop("BLOCK_M")
+    block_q = 1 if decode_only else max(1, block_m // group)
+    num_tiles = num_seqs if decode_only else num_tokens // block_q + num_seqs
+    if num_splits is None:
+        num_splits = choose_num_splits(num_tiles * num_kv_heads, _sm_count(query.device),
+                                       max_seq_len, cfg["BLOCK_N"])
+    dim_pad = triton.next_power_of_2(head_dim)
+    if num_splits > 1:
+        partial_acc = torch.empty(num_splits, num_tokens, num_q_heads, dim_pad,
+                                  dtype=torch.float32, device=query.device)
+        partial_m = torch.empty(num_splits, num_tokens, num_q_heads, dtype=torch.float32,
+                                device=query.device)
+        partial_l = torch.empty_like(partial_m)
+    else:
+        partial_acc = partial_m = partial_l = out  # unused by the kernel
+    dot_precision = "ieee" if query.dtype == torch.float32 else "tf32"
+    _paged_attention_kernel[(num_tiles, num_kv_heads, num_splits)](
+        query, k_cache, v_cache, out,
+        block_tables, seq_lens, cu_seqlens_q,
+        partial_acc, partial_m, partial_l,
+        scale * LOG2E, num_seqs, num_tokens,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        NUM_Q_HEADS=num_q_heads, GROUP=group, HEAD_DIM=head_dim, DIM_PAD=dim_pad,
+        BLOCK_SIZE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_Q=block_q,
+        NUM_SPLITS=num_splits, DECODE_ONLY=decode_only, CAUSAL=causal,
+        DOT_PRECISION=dot_precision, **cfg,
+    )
+    if num_splits > 1:
+        _merge_splits_kernel[(num_tokens, num_q_heads)](
+            out, partial_acc, partial_m, partial_l, num_tokens, out.stride(0), out.stride(1),
+            NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, DIM_PAD=dim_pad,
+            NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits),
+            num_warps=4 if query.device.type == "cuda" else 1,
+        )
+    return out

@@ -1,0 +1,18 @@
+"""Shared test set-up.
+
+On a machine without CUDA, Triton kernels run in the interpreter (TRITON_INTERPRET=1, numpy on
+the CPU). The variable must be set before triton is imported, hence here, at the top of the root
+conftest. On a GPU machine nothing is set and the same tests run the real kernels.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    from tests._triton_interpreter import patch_bf16_dot
+
+    patch_bf16_dot()
