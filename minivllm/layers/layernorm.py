@@ -1,0 +1,30 @@
+"""RMSNorm: the normalisation of the Llama family.
+
+LayerNorm (used by OPT, straight from `torch.nn.LayerNorm`) centres a vector and scales it to unit
+variance. RMSNorm skips the centring and only divides by the root mean square,
+`x / sqrt(mean(x^2) + eps)`, then multiplies by a learned per-channel weight: one reduction
+instead of two, and models train just as well with it.
+
+The statistics are computed in float32 even for bf16/fp16 models (a sum of squares over thousands
+of channels overflows or loses precision in 16 bits), and the result is cast back *before* the
+weight multiplies it, in that order, because that is what the checkpoints were trained with.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square normalisation over the last dimension, with a learned scale."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)

@@ -1,0 +1,237 @@
+"""The Llama family: Llama, Mistral, Qwen2 and Qwen3, one implementation.
+
+These architectures are the same decoder-only transformer:
+
+    embed -> N x [ h += Attention(RMSNorm(h)) ; h += MLP(RMSNorm(h)) ] -> RMSNorm -> lm_head
+
+with grouped-query attention, rotary positions and a SwiGLU MLP. They differ in a few switches,
+gathered in `AttentionFlavor`: Qwen2 adds a bias to the q/k/v projections, Qwen3 normalises each
+query and key head (RMSNorm over head_dim) before RoPE and sets head_dim explicitly. Mistral is
+Llama plus a sliding window, which we do not implement (see `_warn_about_sliding_window`).
+
+A forward pass sees the *packed* tokens of one engine step: prompts being prefilled and sequences
+being decoded side by side, `input_ids` and `positions` both [T]. Every layer here works per token,
+except attention, which goes through `PagedAttention` with the step's `AttentionMetadata` and
+reads earlier tokens from the paged KV cache.
+
+Parameter names follow Hugging Face's (`model.layers.3.self_attn.o_proj.weight`) except where we
+fuse projections: `qkv_proj` holds q_proj | k_proj | v_proj and `gate_up_proj` holds
+gate_proj | up_proj. `packed_modules_mapping` tells the loader where each checkpoint tensor goes.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from minivllm.layers.activation import SiluAndMul
+from minivllm.layers.attention import AttentionMetadata, PagedAttention
+from minivllm.layers.layernorm import RMSNorm
+from minivllm.layers.linear import MergedLinear
+from minivllm.layers.rotary import RotaryEmbedding, apply_rotary
+from minivllm.models.inputs import check_token_inputs
+
+
+@dataclass(frozen=True)
+class AttentionFlavor:
+    """What sets the members of the family apart; everything else is shared."""
+
+    qkv_bias: bool = False  # bias on the q, k and v projections (Qwen2; Llama's attention_bias)
+    o_bias: bool = False  # bias on the output projection (Llama's attention_bias)
+    qk_norm: bool = False  # RMSNorm over each q and k head before RoPE (Qwen3)
+
+
+def head_dim_of(config) -> int:
+    """Qwen3 (and newer Llama/Mistral configs) state head_dim; older ones imply hidden / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def kv_heads_of(config) -> int:
+    """Grouped-query attention: fewer KV heads than query heads; absent means plain multi-head."""
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
+class LlamaAttention(nn.Module):
+    """Project to q, k, v; (Qwen3: normalise q, k); rotate q, k; attend over the paged cache."""
+
+    def __init__(self, config, flavor: AttentionFlavor):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = kv_heads_of(config)
+        self.head_dim = head_dim_of(config)
+        q_size = self.num_heads * self.head_dim
+        kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = MergedLinear(
+            config.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, bias=flavor.qkv_bias
+        )
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=flavor.o_bias)
+        self.qk_norm = flavor.qk_norm
+        if self.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.attn = PagedAttention(
+            self.num_heads, self.num_kv_heads, self.head_dim, scale=self.head_dim**-0.5
+        )
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        q, k, v = self.qkv_proj.forward_split(hidden)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q = self.q_norm(q)
+            k = self.k_norm(k)
+        cos, sin = rope
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
+        return self.o_proj(self.attn(q, k, v, meta))
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), gate and up computed by one GEMM."""
+
+    def __init__(self, config):
+        super().__init__()
+        hidden_act = getattr(config, "hidden_act", "silu")
+        if hidden_act not in ("silu", "swish"):
+            raise ValueError(f"Llama-family MLPs use silu; this config asks for {hidden_act!r}")
+        bias = getattr(config, "mlp_bias", False)
+        size = config.intermediate_size
+        self.gate_up_proj = MergedLinear(config.hidden_size, {"gate": size, "up": size}, bias=bias)
+        self.act = SiluAndMul()
+        self.down_proj = nn.Linear(size, config.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Pre-norm residual block: attention, then MLP, each reading a normalised copy of h."""
+
+    def __init__(self, config, flavor: AttentionFlavor):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config, flavor)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = LlamaMLP(config)
+
+    def forward(self, hidden, rope, meta: AttentionMetadata) -> torch.Tensor:
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), rope, meta)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class LlamaModel(nn.Module):
+    """Token ids -> final normalised hidden states (everything but the lm_head)."""
+
+    def __init__(self, config, flavor: AttentionFlavor):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, flavor) for _ in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        # One table for all layers: every layer rotates by the same angles.
+        self.rotary_emb = RotaryEmbedding.from_config(config, head_dim_of(config))
+
+    def forward(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        rope = self.rotary_emb(positions, hidden.dtype)  # looked up once, used by every layer
+        for layer in self.layers:
+            hidden = layer(hidden, rope, meta)
+        return self.norm(hidden)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama (and, through `flavor`, its relatives) with the model interface the engine uses."""
+
+    # checkpoint module name -> (our fused module, shard inside it)
+    packed_modules_mapping = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", "gate"),
+        "up_proj": ("gate_up_proj", "up"),
+    }
+
+    @classmethod
+    def flavor(cls, config) -> AttentionFlavor:
+        bias = bool(getattr(config, "attention_bias", False))
+        return AttentionFlavor(qkv_bias=bias, o_bias=bias)
+
+    def __init__(self, config):
+        super().__init__()
+        _warn_about_sliding_window(config)
+        self.config = config
+        self.model = LlamaModel(config, self.flavor(config))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if getattr(config, "tie_word_embeddings", False):
+            # Small models reuse the input embedding matrix as the output projection.
+            self.lm_head.weight = self.model.embed_tokens.weight
+        attention = self.model.layers[0].self_attn
+        self.num_layers = config.num_hidden_layers
+        self.num_kv_heads = attention.num_kv_heads
+        self.head_dim = attention.head_dim
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """input_ids, positions [T] (packed over the batch) -> hidden states [T, hidden_size]."""
+        check_token_inputs(input_ids, positions)
+        return self.model(input_ids, positions, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, hidden_size] -> float32 logits [N, vocab]; the runner passes only the rows it samples."""
+        return self.lm_head(hidden).float()
+
+    def attention_layers(self) -> list[PagedAttention]:
+        return [layer.self_attn.attn for layer in self.model.layers]
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    """Mistral is Llama plus a sliding window (not implemented, see the module docstring)."""
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    """Qwen2: q, k and v projections carry a bias; the output projection does not."""
+
+    @classmethod
+    def flavor(cls, config) -> AttentionFlavor:
+        return AttentionFlavor(qkv_bias=True, o_bias=False)
+
+
+class Qwen3ForCausalLM(LlamaForCausalLM):
+    """Qwen3: per-head RMSNorm of q and k before RoPE keeps attention logits in range."""
+
+    @classmethod
+    def flavor(cls, config) -> AttentionFlavor:
+        bias = bool(getattr(config, "attention_bias", False))
+        return AttentionFlavor(qkv_bias=bias, o_bias=bias, qk_norm=True)
+
+
+def _warn_about_sliding_window(config) -> None:
+    """Sliding-window attention (Mistral v0.1, some Qwen2 configs) attends to the last W tokens
+    only; our kernels attend to the whole context. Both agree while the context fits in the window,
+    so we accept the model and say where the outputs start to differ."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None) or ()
+    uses_window = window is not None and (
+        config.model_type == "mistral"
+        or getattr(config, "use_sliding_window", False)
+        or "sliding_attention" in layer_types
+    )
+    if uses_window and window < config.max_position_embeddings:
+        warnings.warn(
+            f"{config.model_type} config uses sliding-window attention (window {window}); minivllm "
+            f"attends to the full context, so outputs differ from the reference beyond {window} "
+            "tokens. Keep max_model_len <= the window for exact results.",
+            stacklevel=3,
+        )

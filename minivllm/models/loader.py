@@ -1,0 +1,198 @@
+"""Load a Hugging Face model directory: config.json + *.safetensors -> a minivllm model.
+
+    model = load_model("path/to/Qwen3-0.6B", dtype=torch.bfloat16, device="cuda")
+
+Steps: read the config with `transformers.AutoConfig` (local files only, never the hub), pick the
+class from the registry, build it directly on the target device in the target dtype, then stream
+the checkpoint tensors into its parameters one at a time (so peak memory is the model plus one
+tensor, not two copies of the model).
+
+Names: our parameters carry the checkpoint's names, except for fused projections (q|k|v,
+gate|up; see `layers/linear.py`), which a model declares in `packed_modules_mapping`. A checkpoint
+tensor we have no use for (say `rotary_emb.inv_freq`, which we recompute, or `lm_head.weight` of
+a tied model) is skipped on purpose; a parameter the checkpoint does not fill is an error, never
+left at its random initial value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from minivllm.layers.linear import MergedLinear
+from minivllm.models.registry import model_class_for
+
+SINGLE_FILE = "model.safetensors"
+SHARD_INDEX = "model.safetensors.index.json"
+
+
+def load_model(model_dir, dtype: torch.dtype = torch.float32, device="cpu") -> nn.Module:
+    """Build the model described by `model_dir/config.json` and fill it from its safetensors."""
+    model_dir = Path(model_dir)
+    dtype = _as_float_dtype(dtype)
+    config = load_config(model_dir)
+    model_class = model_class_for(config)
+    files = checkpoint_files(model_dir)
+    with torch.device(device), _default_dtype(dtype):
+        model = model_class(config)
+    load_weights(model, read_safetensors(files), source=str(model_dir))
+    return model.eval().requires_grad_(False)
+
+
+def load_config(model_dir):
+    """The directory's config.json, parsed by transformers (which knows every model's defaults)."""
+    from transformers import AutoConfig
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model directory {model_dir} does not exist")
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir} has no config.json, so it is not a model directory")
+    return AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+
+
+def checkpoint_files(model_dir) -> list[Path]:
+    """The safetensors files holding the weights, in a fixed order.
+
+    One `model.safetensors`, or the shards named by `model.safetensors.index.json` (what
+    `save_pretrained` writes above its `max_shard_size`), or failing both any `*.safetensors`.
+    """
+    model_dir = Path(model_dir)
+    if (model_dir / SINGLE_FILE).is_file():
+        return [model_dir / SINGLE_FILE]
+    index_path = model_dir / SHARD_INDEX
+    if index_path.is_file():
+        return _shards_from_index(index_path)
+    files = sorted(model_dir.glob("*.safetensors"))
+    if files:
+        return files
+    hint = ""
+    if list(model_dir.glob("*.bin")) or list(model_dir.glob("*.pt")):
+        hint = " (it has PyTorch .bin/.pt weights; re-save them with save_pretrained, which writes safetensors)"
+    raise FileNotFoundError(f"no *.safetensors weights in {model_dir}{hint}")
+
+
+def _shards_from_index(index_path: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{index_path} is not a valid safetensors index ({err!r})") from None
+    shards = [index_path.parent / name for name in sorted(set(weight_map.values()))]
+    for shard in shards:
+        if not shard.is_file():
+            raise FileNotFoundError(f"shard {shard.name} listed in {index_path} does not exist")
+    return shards
+
+
+def read_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor, str]]:
+    """Yield (name, tensor, file) for every tensor of every file, one tensor in memory at a time."""
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name), path.name
+
+
+def load_weights(
+    model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor, str]], source: str = "checkpoint"
+) -> None:
+    """Copy checkpoint tensors into `model`; every parameter (and every fused shard) must be filled.
+
+    Conversion to the model's dtype and device happens in the copy.
+    """
+    params = dict(model.named_parameters())  # a tied lm_head appears once, under the embedding
+    packed = getattr(model, "packed_modules_mapping", {})
+    expected = _expected_targets(model, params, packed)
+    loaded: set[tuple[str, str | None]] = set()
+    for name, tensor, file in tensors:
+        target = _resolve(name, params, packed)
+        if target is None:
+            continue  # not ours to load (see the module docstring)
+        destination = _destination(model, params, target)
+        if tuple(destination.shape) != tuple(tensor.shape):
+            raise ValueError(
+                f"tensor {name!r} in {file} has shape {tuple(tensor.shape)} but the model built "
+                f"from config.json expects {tuple(destination.shape)}"
+            )
+        destination.copy_(tensor)
+        loaded.add(target)
+    missing = [expected[t] for t in expected if t not in loaded]
+    if missing:
+        shown = ", ".join(repr(n) for n in missing[:8])
+        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        raise ValueError(
+            f"the weights in {source} lack {len(missing)} tensor(s) the model needs: {shown}{more}"
+        )
+
+
+# A target is (parameter name, shard name or None for an unfused parameter).
+Target = tuple[str, str | None]
+
+
+def _resolve(name: str, params: dict, packed: dict) -> Target | None:
+    """Which parameter (and shard) a checkpoint tensor fills, or None if the model has no use for it.
+
+    Also accepts names without the leading "model." (checkpoints saved from the bare decoder,
+    like the original OPT ones: "decoder.layers.0...").
+    """
+    for candidate in (name, "model." + name):
+        if candidate in params:
+            return candidate, None
+        module_path, _, kind = candidate.rpartition(".")  # "....self_attn.q_proj", "weight"
+        parent, _, module = module_path.rpartition(".")
+        if module in packed:
+            fused, shard = packed[module]
+            fused_name = f"{parent}.{fused}.{kind}" if parent else f"{fused}.{kind}"
+            if fused_name in params:
+                return fused_name, shard
+    return None
+
+
+def _expected_targets(model: nn.Module, params: dict, packed: dict) -> dict[Target, str]:
+    """Every target the checkpoint must fill, mapped to its checkpoint name (for error messages)."""
+    unpacked = {value: key for key, value in packed.items()}  # (fused, shard) -> checkpoint module
+    expected: dict[Target, str] = {}
+    for name in params:
+        module_path, _, kind = name.rpartition(".")
+        module = model.get_submodule(module_path)
+        if isinstance(module, MergedLinear):
+            prefix, _, fused = module_path.rpartition(".")
+            for shard in module.shard_sizes:
+                original = unpacked.get((fused, shard), f"{fused}[{shard}]")
+                expected[(name, shard)] = f"{prefix}.{original}.{kind}".lstrip(".")
+        else:
+            expected[(name, None)] = name
+    return expected
+
+
+def _destination(model: nn.Module, params: dict, target: Target) -> torch.Tensor:
+    name, shard = target
+    data = params[name].data
+    if shard is None:
+        return data
+    return model.get_submodule(name.rpartition(".")[0]).shard(data, shard)
+
+
+def _as_float_dtype(dtype) -> torch.dtype:
+    """Accept a torch dtype or its name ("bfloat16"); only floating-point types make sense."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, dtype)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    return dtype
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    """Create parameters directly in `dtype` (no float32 copy first), then restore the default."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
