@@ -1,0 +1,281 @@
+"""Engine configuration: what to run (model), where to keep K/V (cache), how to batch (scheduler).
+
+Three small dataclasses, each validated when it is built, so a bad value fails at once with an
+error that names the field, never deep inside a forward pass. `EngineConfig` bundles them and
+fills in what can only be known from the model directory (the context length of the model).
+
+    EngineConfig.from_dict({"model": "path/to/dir", "block_size": 16, "max_num_seqs": 32})
+    EngineConfig.from_dict({"model": {"model": "dir"}, "cache": {"block_size": 8}})
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MiB = 1 << 20
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda")
+ATTENTION_BACKENDS = ("auto", "torch", "triton", "cuda")
+# Keys under which Hugging Face configs store the longest context the model was trained for.
+_CONTEXT_LENGTH_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
+
+
+def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    """Which model to load and how.
+
+    model: a Hugging Face model directory (config.json + *.safetensors [+ tokenizer]).
+    dtype: "auto" means float32 on CPU (fast and exact there) and bfloat16 on CUDA.
+    device: "auto" means CUDA when available, else CPU.
+    seed: seeds the global RNG used by requests that bring no seed of their own.
+    attention_backend: the `minivllm.kernels` backend ("auto" picks the fastest that can run).
+    """
+
+    model: str
+    dtype: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    attention_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, os.PathLike):
+            self.model = os.fspath(self.model)
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(f"model must be a non-empty path to a model directory, got {self.model!r}")
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("device", self.device, DEVICES)
+        _check_int("seed", self.seed, minimum=0)
+        _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+
+    @property
+    def torch_device(self):
+        """The resolved torch.device ("auto" becomes cuda when a GPU is present)."""
+        import torch
+
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device='cuda' was requested but no CUDA device is available")
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype(self):
+        """The resolved torch dtype: float32 on CPU and bfloat16 on CUDA unless set."""
+        import torch
+
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
+        return getattr(torch, self.dtype)
+
+    def hf_context_length(self) -> int | None:
+        """The trained context length from the directory's config.json, if it states one."""
+        config_path = Path(self.model) / "config.json"
+        if not config_path.is_file():
+            return None
+        hf_config = json.loads(config_path.read_text())
+        # Multimodal configs nest the language model's settings; look there too.
+        for cfg in (hf_config, hf_config.get("text_config") or {}):
+            for key in _CONTEXT_LENGTH_KEYS:
+                if isinstance(cfg.get(key), int):
+                    return cfg[key]
+        return None
+
+
+@dataclass
+class CacheConfig:
+    """How the paged KV cache is laid out and sized.
+
+    block_size: tokens per KV block (the page size of PagedAttention).
+    num_kv_blocks: an explicit pool size; overrides both memory budgets (handy in tests).
+    kv_cache_memory_bytes: the KV budget on CPU, where there is no "free memory" to measure.
+    gpu_memory_utilization: on CUDA, the fraction of the GPU's memory this engine may use in all
+        (weights + activations + KV); the KV pool gets what is left of it after the weights and a
+        profiled forward pass.
+    enable_prefix_caching: reuse the KV blocks of a previously computed identical prefix.
+    """
+
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory_bytes: int = 256 * MiB
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        _check_int("block_size", self.block_size, minimum=1)
+        _check_int("num_kv_blocks", self.num_kv_blocks, minimum=1, allow_none=True)
+        _check_int("kv_cache_memory_bytes", self.kv_cache_memory_bytes, minimum=1)
+        if isinstance(self.gpu_memory_utilization, bool) or not isinstance(
+            self.gpu_memory_utilization, (int, float)
+        ):
+            raise TypeError(
+                f"gpu_memory_utilization must be a number, got {self.gpu_memory_utilization!r}"
+            )
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        _check_bool("enable_prefix_caching", self.enable_prefix_caching)
+
+
+@dataclass
+class SchedulerConfig:
+    """How requests are batched, step by step.
+
+    max_num_seqs: most sequences in flight (running) at once, hence per step.
+    max_num_batched_tokens: the per-step token budget, prefill and decode tokens together.
+        None picks max(2048, max_model_len) once max_model_len is known.
+    enable_chunked_prefill: split a prompt that does not fit the step's budget over several steps,
+        so one long prompt cannot stall the decodes of everyone else.
+    prefill_chunk_size: optional cap on the tokens one prompt computes per step (the seed's
+        "chunk size"); None means only the budget limits it. Needs chunked prefill.
+    max_model_len: longest sequence (prompt + output) served; None takes the model's trained
+        context length from its config.json.
+    history_size: how many per-step records the scheduler keeps for stats and traces.
+    """
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int | None = None
+    enable_chunked_prefill: bool = True
+    prefill_chunk_size: int | None = None
+    max_model_len: int | None = None
+    history_size: int = 10_000
+
+    def __post_init__(self) -> None:
+        _check_int("max_num_seqs", self.max_num_seqs, minimum=1)
+        _check_int("max_num_batched_tokens", self.max_num_batched_tokens, minimum=1, allow_none=True)
+        _check_bool("enable_chunked_prefill", self.enable_chunked_prefill)
+        _check_int("prefill_chunk_size", self.prefill_chunk_size, minimum=1, allow_none=True)
+        _check_int("max_model_len", self.max_model_len, minimum=2, allow_none=True)
+        _check_int("history_size", self.history_size, minimum=0)
+        if self.prefill_chunk_size is not None and not self.enable_chunked_prefill:
+            raise ValueError("prefill_chunk_size needs enable_chunked_prefill=True")
+        if self.max_num_batched_tokens is None and self.max_model_len is not None:
+            self.max_num_batched_tokens = max(2048, self.max_model_len)
+        if self.max_num_batched_tokens is not None:
+            if self.max_num_batched_tokens < self.max_num_seqs:
+                raise ValueError(
+                    f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
+                    f"max_num_seqs ({self.max_num_seqs}), or not every running sequence could "
+                    "decode in one step"
+                )
+            if (
+                not self.enable_chunked_prefill
+                and self.max_model_len is not None
+                and self.max_num_batched_tokens < self.max_model_len
+            ):
+                raise ValueError(
+                    f"max_num_batched_tokens ({self.max_num_batched_tokens}) is below max_model_len "
+                    f"({self.max_model_len}): without chunked prefill a whole prompt must fit in one "
+                    "step; raise max_num_batched_tokens, lower max_model_len or set "
+                    "enable_chunked_prefill=True"
+                )
+
+    @property
+    def is_resolved(self) -> bool:
+        """True once max_model_len (and with it the token budget) is known."""
+        return self.max_model_len is not None and self.max_num_batched_tokens is not None
+
+
+@dataclass
+class EngineConfig:
+    """Model + cache + scheduler configuration of one engine."""
+
+    model_config: ModelConfig
+    cache_config: CacheConfig = field(default_factory=CacheConfig)
+    scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        for name, cls in (("model_config", ModelConfig), ("cache_config", CacheConfig),
+                          ("scheduler_config", SchedulerConfig)):
+            if not isinstance(getattr(self, name), cls):
+                raise TypeError(f"{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}")
+        self._resolve_max_model_len()
+
+    def _resolve_max_model_len(self) -> None:
+        """Take max_model_len from the model when unset; refuse one longer than it was trained for."""
+        trained = self.model_config.hf_context_length()
+        requested = self.scheduler_config.max_model_len
+        if requested is None:
+            if trained is None:
+                raise ValueError(
+                    f"max_model_len is not set and {self.model_config.model!r} has no config.json "
+                    f"stating a context length ({', '.join(_CONTEXT_LENGTH_KEYS)}); set max_model_len"
+                )
+            # replace() re-runs SchedulerConfig's validation with the resolved length.
+            self.scheduler_config = dataclasses.replace(self.scheduler_config, max_model_len=trained)
+        elif trained is not None and requested > trained:
+            raise ValueError(
+                f"max_model_len ({requested}) is longer than the model's context length ({trained}) "
+                f"in {self.model_config.model}/config.json"
+            )
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> EngineConfig:
+        """Build from a flat dict ({"model": ..., "block_size": ...}) or a nested one.
+
+        Nested form: {"model": {...} or "path", "cache": {...}, "scheduler": {...}} (the keys
+        "model_config", "cache_config" and "scheduler_config" work too). A key that belongs to no
+        config is an error, so a typo never passes silently.
+        """
+        if not isinstance(values, dict):
+            raise TypeError(f"from_dict expects a dict, got {type(values).__name__}")
+        sections: dict[str, dict[str, Any]] = {"model": {}, "cache": {}, "scheduler": {}}
+        owners = {
+            **{f.name: "model" for f in dataclasses.fields(ModelConfig)},
+            **{f.name: "cache" for f in dataclasses.fields(CacheConfig)},
+            **{f.name: "scheduler" for f in dataclasses.fields(SchedulerConfig)},
+        }
+        for key, value in values.items():
+            section = key.removesuffix("_config")
+            if section in sections and isinstance(value, dict):
+                for inner in value:
+                    if owners.get(inner) != section:
+                        raise ValueError(f"unknown key {inner!r} in the {section!r} config section")
+                sections[section].update(value)
+            elif key in owners:
+                sections[owners[key]][key] = value
+            else:
+                raise ValueError(
+                    f"unknown config key {key!r}; known keys: {sorted(owners)} (or the sections "
+                    "'model', 'cache', 'scheduler')"
+                )
+        if "model" not in sections["model"]:
+            raise ValueError("the config needs 'model', the path to a model directory")
+        return cls(
+            model_config=ModelConfig(**sections["model"]),
+            cache_config=CacheConfig(**sections["cache"]),
+            scheduler_config=SchedulerConfig(**sections["scheduler"]),
+        )
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """The nested form, suitable for from_dict, JSON and logs."""
+        return {
+            "model": dataclasses.asdict(self.model_config),
+            "cache": dataclasses.asdict(self.cache_config),
+            "scheduler": dataclasses.asdict(self.scheduler_config),
+        }
