@@ -1,0 +1,223 @@
+"""A Sequence: one stream of tokens being generated, and where its K/V lives.
+
+A request with `n = 1` is one sequence; with `n > 1` it becomes n sequences that share the
+prompt's KV blocks (see `BlockManager.fork`). The life of a sequence:
+
+    WAITING ──schedule──▶ RUNNING ──stop / length / abort──▶ FINISHED_*
+       ▲                     │
+       └────preempted────────┘   (its blocks are freed; prompt + outputs are recomputed later)
+
+The two counters that drive everything:
+
+* `num_tokens`: tokens known so far (prompt + generated).
+* `num_computed_tokens`: tokens whose K/V is already in the cache.
+
+Each step computes some of the tokens in between; once all known tokens are computed, the model's
+output at the last one gives the next token. A decoding sequence therefore always has exactly one
+uncomputed token: the one it sampled last.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from typing import Any
+
+from minivllm.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED_STOPPED = "finished_stopped"  # EOS, a stop token id or a stop string
+    FINISHED_LENGTH = "finished_length"  # max_tokens or max_model_len reached
+    FINISHED_ABORTED = "finished_aborted"  # the caller gave up on it
+
+    @property
+    def is_finished(self) -> bool:
+        return self in _FINISHED
+
+    @property
+    def finish_reason(self) -> str | None:
+        """The OpenAI-style reason: "stop", "length", "abort", or None while unfinished."""
+        return _FINISH_REASONS.get(self)
+
+
+_FINISHED = {
+    SequenceStatus.FINISHED_STOPPED,
+    SequenceStatus.FINISHED_LENGTH,
+    SequenceStatus.FINISHED_ABORTED,
+}
+_FINISH_REASONS = {
+    SequenceStatus.FINISHED_STOPPED: "stop",
+    SequenceStatus.FINISHED_LENGTH: "length",
+    SequenceStatus.FINISHED_ABORTED: "abort",
+}
+
+_seq_ids = itertools.count()
+
+
+class Sequence:
+    """The token ids, cache bookkeeping and timings of one generated sequence.
+
+    request_id: the request it belongs to; index: which of the request's n samples it is.
+    eos_token_ids: the end-of-sequence ids of the model (empty if it has none).
+    """
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        eos_token_ids: frozenset[int] = frozenset(),
+        index: int = 0,
+        arrival_time: float | None = None,
+    ):
+        if not prompt_token_ids:
+            raise ValueError("prompt_token_ids must not be empty")
+        self.seq_id = next(_seq_ids)
+        self.request_id = request_id
+        self.index = index
+        self.sampling_params = sampling_params
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.status = SequenceStatus.WAITING
+        self.stop_reason: int | str | None = None  # the stop token id or string that ended it
+
+        # --- KV cache bookkeeping (owned by BlockManager and Scheduler) ---
+        self.block_table: list[int] = []
+        self.block_hashes: list[int] = []  # prefix-cache hash of each *full* block of token_ids
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at first admission
+        self.num_preemptions = 0
+        # Samples of this request not yet forked off this one (n - 1 until its prompt is done).
+        self.num_pending_forks = sampling_params.n - 1 if index == 0 else 0
+
+        # --- detokenized output (filled by the engine, which owns the tokenizer) ---
+        self.output_text = ""
+
+        # --- timings, seconds on the time.perf_counter() clock ---
+        self.arrival_time = time.perf_counter() if arrival_time is None else arrival_time
+        self.first_scheduled_time: float | None = None
+        self.first_token_time: float | None = None
+        self.finish_time: float | None = None
+
+    # ------------------------------------------------------------------------------------------
+    # Token views
+    # ------------------------------------------------------------------------------------------
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def last_token_id(self) -> int:
+        return self.token_ids[-1]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        """Tokens whose K/V is not in the cache yet (1 while decoding, more in (re)prefill)."""
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def width(self) -> int:
+        """How many sequences this one stands for in the `max_num_seqs` budget (itself + forks)."""
+        return 1 + self.num_pending_forks
+
+    # ------------------------------------------------------------------------------------------
+    # State
+    # ------------------------------------------------------------------------------------------
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.status.finish_reason
+
+    def append_token(self, token_id: int, now: float | None = None) -> None:
+        """Add a sampled token (its K/V gets computed in the next step)."""
+        self.token_ids.append(token_id)
+        if self.first_token_time is None:
+            self.first_token_time = time.perf_counter() if now is None else now
+
+    def reset_for_recompute(self) -> None:
+        """Preemption: forget the cache state, keep the tokens; they will be computed again."""
+        self.status = SequenceStatus.WAITING
+        self.block_table = []
+        self.num_computed_tokens = 0
+        self.num_preemptions += 1
+
+    def finish(self, status: SequenceStatus, now: float | None = None) -> None:
+        if not status.is_finished:
+            raise ValueError(f"finish() needs a FINISHED_* status, got {status}")
+        self.status = status
+        self.finish_time = time.perf_counter() if now is None else now
+
+    def fork(self, index: int) -> Sequence:
+        """A copy that continues independently as sample `index` of the same request.
+
+        The child starts with an empty block table: `BlockManager.fork` fills it with the parent's
+        blocks and adds the references that make it share (not duplicate) them.
+        """
+        child = Sequence.__new__(Sequence)
+        child.__dict__.update(self.__dict__)
+        child.seq_id = next(_seq_ids)
+        child.index = index
+        child.token_ids = list(self.token_ids)
+        child.block_table = []
+        child.block_hashes = list(self.block_hashes)
+        child.num_pending_forks = 0
+        return child
+
+    # ------------------------------------------------------------------------------------------
+    # Metrics
+    # ------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly snapshot, for traces, debugging and teaching."""
+        end = self.finish_time
+        duration = None if end is None else end - self.arrival_time
+        return {
+            "seq_id": self.seq_id,
+            "request_id": self.request_id,
+            "index": self.index,
+            "status": self.status.value,
+            "finish_reason": self.finish_reason,
+            "stop_reason": self.stop_reason,
+            "prompt_token_ids": self.prompt_token_ids,
+            "output_token_ids": self.output_token_ids,
+            "output_text": self.output_text,
+            "num_tokens": self.num_tokens,
+            "num_computed_tokens": self.num_computed_tokens,
+            "num_cached_tokens": self.num_cached_tokens,
+            "num_preemptions": self.num_preemptions,
+            "block_table": list(self.block_table),
+            "arrival_time": self.arrival_time,
+            "first_scheduled_time": self.first_scheduled_time,
+            "first_token_time": self.first_token_time,
+            "finish_time": self.finish_time,
+            "generation_time": duration,
+            "tokens_per_s": (
+                self.num_output_tokens / duration if duration else None
+            ),
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence(id={self.seq_id}, request={self.request_id!r}, {self.status.name}, "
+            f"tokens={self.num_tokens} (prompt {self.num_prompt_tokens}), "
+            f"computed={self.num_computed_tokens}, blocks={self.block_table})"
+        )
