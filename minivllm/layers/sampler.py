@@ -1,0 +1,191 @@
+"""The Sampler: from one row of logits per sequence to one next token per sequence.
+
+Each row goes through the same pipeline, with its own request's settings:
+
+1. penalties    repetition (prompt + output tokens), presence and frequency (output tokens)
+2. bans         EOS and stop tokens are forbidden until `min_tokens` tokens were generated
+3. greedy rows  take the argmax here and skip the rest
+4. temperature  logits / T
+5. filters      top-k, top-p (nucleus), min-p: drop unlikely tokens (their logit becomes -inf)
+6. sample       one draw from softmax(logits)
+
+Drawing: instead of `torch.multinomial` we use the "exponential race": with E_i ~ Exp(1)
+independent, argmax_i p_i / E_i is distributed exactly like a draw from p. It needs exactly one
+random number per vocabulary entry, so a request with a `seed` draws from its own
+`torch.Generator` the same numbers whatever else is in the batch: seeded sampling is
+reproducible regardless of batch composition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from minivllm.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling settings of one step, as tensors on the logits' device.
+
+    Built by `SamplingBatch.build`; the token lists are only kept for rows with penalties or bans.
+    """
+
+    temperature: torch.Tensor  # [B] float32; 0 for greedy rows
+    top_k: torch.Tensor  # [B] int64; vocab size = no limit
+    top_p: torch.Tensor  # [B] float32
+    min_p: torch.Tensor  # [B] float32
+    repetition_penalty: torch.Tensor  # [B] float32
+    presence_penalty: torch.Tensor  # [B] float32
+    frequency_penalty: torch.Tensor  # [B] float32
+    prompt_token_ids: list[list[int]]
+    output_token_ids: list[list[int]]
+    banned_token_ids: list[list[int]]
+    generators: list[torch.Generator | None]
+    all_greedy: bool
+    any_penalties: bool
+    any_bans: bool
+    any_filters: bool
+
+    @classmethod
+    def build(
+        cls,
+        params: list[SamplingParams],
+        prompt_token_ids: list[list[int]],
+        output_token_ids: list[list[int]],
+        banned_token_ids: list[list[int]],
+        generators: list[torch.Generator | None],
+        vocab_size: int,
+        device: torch.device | str = "cpu",
+    ) -> SamplingBatch:
+        n = len(params)
+        for name, values in (("prompt_token_ids", prompt_token_ids), ("output_token_ids", output_token_ids),
+                             ("banned_token_ids", banned_token_ids), ("generators", generators)):
+            if len(values) != n:
+                raise ValueError(f"{name} has {len(values)} rows but params has {n}")
+
+        def column(values, dtype=torch.float32):
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        any_penalties = any(p.has_penalties for p in params)
+        return cls(
+            temperature=column([0.0 if p.is_greedy else p.temperature for p in params]),
+            top_k=column([p.top_k if p.has_top_k else vocab_size for p in params], torch.int64),
+            top_p=column([p.top_p for p in params]),
+            min_p=column([p.min_p for p in params]),
+            repetition_penalty=column([p.repetition_penalty for p in params]),
+            presence_penalty=column([p.presence_penalty for p in params]),
+            frequency_penalty=column([p.frequency_penalty for p in params]),
+            prompt_token_ids=prompt_token_ids if any_penalties else [[] for _ in params],
+            output_token_ids=output_token_ids if any_penalties else [[] for _ in params],
+            banned_token_ids=banned_token_ids,
+            generators=generators,
+            all_greedy=all(p.is_greedy for p in params),
+            any_penalties=any_penalties,
+            any_bans=any(banned_token_ids),
+            any_filters=any(p.has_top_k or p.top_p < 1.0 or p.min_p > 0.0 for p in params),
+        )
+
+
+def _token_counts(rows: list[list[int]], vocab_size: int, device) -> torch.Tensor:
+    """[B, V] count of each token id in each row's list."""
+    counts = torch.zeros(len(rows), vocab_size, dtype=torch.float32, device=device)
+    lengths = [len(r) for r in rows]
+    if sum(lengths) == 0:
+        return counts
+    row_idx = torch.repeat_interleave(torch.arange(len(rows), device=device), torch.tensor(lengths, device=device))
+    tokens = torch.tensor([t for r in rows for t in r], dtype=torch.int64, device=device)
+    counts.index_put_((row_idx, tokens), torch.ones_like(tokens, dtype=torch.float32), accumulate=True)
+    return counts
+
+
+def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Repetition (HF/CTRL rule), presence and frequency penalties, in place on a copy."""
+    vocab_size = logits.shape[-1]
+    output_counts = _token_counts(batch.output_token_ids, vocab_size, logits.device)
+    prompt_counts = _token_counts(batch.prompt_token_ids, vocab_size, logits.device)
+    seen = (output_counts + prompt_counts) > 0
+    rep = batch.repetition_penalty[:, None].expand_as(logits)
+    # A seen token becomes less likely either way: a positive logit shrinks, a negative one grows.
+    penalized = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(seen, penalized, logits)
+    logits = logits - batch.frequency_penalty[:, None] * output_counts
+    logits = logits - batch.presence_penalty[:, None] * (output_counts > 0).float()
+    return logits
+
+
+def apply_bans(logits: torch.Tensor, banned_token_ids: list[list[int]]) -> torch.Tensor:
+    """Make the banned tokens of each row impossible (min_tokens keeps EOS away)."""
+    logits = logits.clone()
+    for row, banned in enumerate(banned_token_ids):
+        if banned:
+            logits[row, banned] = float("-inf")
+    return logits
+
+
+def apply_top_k_top_p_min_p(
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
+) -> torch.Tensor:
+    """Set the logits of the tokens each row's filters drop to -inf.
+
+    top_k [B] (vocab size = keep all), top_p [B] (1 = keep all), min_p [B] (0 = keep all).
+    All three work on the sorted distribution; the most likely token always survives.
+    """
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(logits.shape[-1], device=logits.device)[None, :]
+    drop = ranks >= top_k[:, None]
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    # top-p: keep the smallest prefix whose mass reaches top_p, i.e. drop a token once the mass
+    # *before* it already reaches top_p.
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop |= mass_before >= top_p[:, None]
+    # min-p: drop tokens less than min_p times as likely as the most likely one.
+    drop |= probs < min_p[:, None] * probs[:, :1]
+    drop[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def _exponential_noise(shape, generators: list[torch.Generator | None], device) -> torch.Tensor:
+    """Exp(1) noise per row; a row with a generator draws from it alone."""
+    noise = torch.empty(shape, dtype=torch.float32, device=device)
+    seeded = [i for i, g in enumerate(generators) if g is not None]
+    if len(seeded) < len(generators):
+        noise.exponential_()  # the unseeded rows share the global RNG
+    for i in seeded:
+        noise[i].exponential_(generator=generators[i])
+    # An exact 0 would turn p / E into inf (or nan for p = 0); it is a 1-in-billions draw.
+    return noise.clamp_(min=torch.finfo(torch.float32).tiny)
+
+
+class Sampler:
+    """Turns [B, V] logits into [B] token ids, each row with its own SamplingParams."""
+
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        if logits.dim() != 2:
+            raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
+        if logits.shape[0] != batch.temperature.shape[0]:
+            raise ValueError(
+                f"logits has {logits.shape[0]} rows but the sampling batch has {batch.temperature.shape[0]}"
+            )
+        logits = logits.float()
+        if batch.any_penalties:
+            logits = apply_penalties(logits, batch)
+        if batch.any_bans:
+            logits = apply_bans(logits, batch.banned_token_ids)
+        greedy_tokens = logits.argmax(dim=-1)
+        if batch.all_greedy:
+            return greedy_tokens
+
+        is_greedy = batch.temperature == 0
+        # Greedy rows divide by 1 (their result is replaced by the argmax anyway).
+        temperature = torch.where(is_greedy, torch.ones_like(batch.temperature), batch.temperature)
+        logits = logits / temperature[:, None]
+        if batch.any_filters:
+            logits = apply_top_k_top_p_min_p(logits, batch.top_k, batch.top_p, batch.min_p)
+        probs = logits.softmax(dim=-1)
+        noise = _exponential_noise(probs.shape, batch.generators, probs.device)
+        sampled_tokens = (probs / noise).argmax(dim=-1)
+        return torch.where(is_greedy, greedy_tokens, sampled_tokens)
