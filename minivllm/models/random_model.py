@@ -111,7 +111,7 @@ def random_model_config(arch: str | None = None, size: str = "tiny", overrides: 
     fields.update(overrides or {})
     # The tokenizer's special-token ids (see toy_tokenizer.py), so that generation stops on its eos.
     fields.update(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
-    return config_class(**fields)
+    return config_class(architectures=[_HF_CLASSES[arch][1]], **fields)
 
 
 def _config_fields(arch: str | None, size: str) -> tuple[str, dict]:
@@ -132,12 +132,20 @@ def _config_fields(arch: str | None, size: str) -> tuple[str, dict]:
     return arch, fields
 
 
+# arch -> (transformers config class, model class written to config.json's "architectures")
+_HF_CLASSES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "opt": ("OPTConfig", "OPTForCausalLM"),
+}
+
+
 def _config_class(arch: str):
     import transformers
 
-    names = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
-             "qwen3": "Qwen3Config", "opt": "OPTConfig"}
-    return getattr(transformers, names[arch])
+    return getattr(transformers, _HF_CLASSES[arch][0])
 
 
 def _prepare_output_dir(out_dir: Path, overwrite: bool) -> None:
