@@ -12,7 +12,7 @@ the Hugging Face config gives it.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

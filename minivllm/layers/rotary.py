@@ -112,7 +112,7 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin_cached", angles.sin(), persistent=False)
 
     @classmethod
-    def from_config(cls, config, head_dim: int) -> "RotaryEmbedding":
+    def from_config(cls, config, head_dim: int) -> RotaryEmbedding:
         inv_freq = inverse_frequencies(head_dim, rope_parameters(config))
         return cls(head_dim, config.max_position_embeddings, inv_freq)
 

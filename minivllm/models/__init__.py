@@ -14,15 +14,20 @@ config.json architecture to its class, `loader.py` reads safetensors into it, an
 """
 
 from minivllm.models.loader import load_model
-from minivllm.models.random_model import ARCHITECTURES, NAMED_SHAPES, SIZES, make_random_model
+from minivllm.models.random_model import (
+    ARCHITECTURES,
+    NAMED_SHAPES,
+    SIZES,
+    make_random_model,
+)
 from minivllm.models.registry import SUPPORTED_ARCHITECTURES, model_class_for
 
 __all__ = [
-    "load_model",
-    "make_random_model",
-    "model_class_for",
-    "SUPPORTED_ARCHITECTURES",
     "ARCHITECTURES",
     "NAMED_SHAPES",
     "SIZES",
+    "SUPPORTED_ARCHITECTURES",
+    "load_model",
+    "make_random_model",
+    "model_class_for",
 ]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -154,7 +155,7 @@ class LlamaForCausalLM(nn.Module):
     """Llama (and, through `flavor`, its relatives) with the model interface the engine uses."""
 
     # checkpoint module name -> (our fused module, shard inside it)
-    packed_modules_mapping = {
+    packed_modules_mapping: ClassVar[dict[str, tuple[str, str]]] = {
         "q_proj": ("qkv_proj", "q"),
         "k_proj": ("qkv_proj", "k"),
         "v_proj": ("qkv_proj", "v"),

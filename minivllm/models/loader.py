@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -94,7 +94,7 @@ def read_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor,
     """Yield (name, tensor, file) for every tensor of every file, one tensor in memory at a time."""
     for path in files:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name in f.keys():
+            for name in f:
                 yield name, f.get_tensor(name), path.name
 
 

@@ -17,6 +17,8 @@ The input and output embeddings are tied in every released OPT checkpoint.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -130,7 +132,7 @@ class OPTModel(nn.Module):
 class OPTForCausalLM(nn.Module):
     """OPT with the model interface the engine uses (see `llama.LlamaForCausalLM`)."""
 
-    packed_modules_mapping = {
+    packed_modules_mapping: ClassVar[dict[str, tuple[str, str]]] = {
         "q_proj": ("qkv_proj", "q"),
         "k_proj": ("qkv_proj", "k"),
         "v_proj": ("qkv_proj", "v"),
