@@ -59,6 +59,7 @@ def _attend_kv_tile(
     dims, dim_mask,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INT64_OFFSETS: tl.constexpr,
 ):
     """One step of the online softmax over keys [start, start + BLOCK_N)."""
     kv_pos = start + tl.arange(0, BLOCK_N)
@@ -68,7 +69,9 @@ def _attend_kv_tile(
     else:
         block_ids = tl.load(block_table_ptr + kv_pos // BLOCK_SIZE)
     # The gather: each key row sits at (block id, offset in block, kv head).
-    row = block_ids.to(tl.int64) * stride_cb + (kv_pos % BLOCK_SIZE) * stride_ct + kv_head * stride_ch
+    if INT64_OFFSETS:
+        block_ids = block_ids.to(tl.int64)
+    row = block_ids * stride_cb + (kv_pos % BLOCK_SIZE) * stride_ct + kv_head * stride_ch
     kv_offsets = row[:, None] + dims[None, :]
     if MASKED:
         kv_mask = in_range[:, None] & dim_mask[None, :]
@@ -101,17 +104,26 @@ def _paged_attention_kernel(
     query_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     block_tables_ptr, seq_lens_ptr, cu_seqlens_q_ptr,
     partial_acc_ptr, partial_m_ptr, partial_l_ptr,
-    qk_scale, num_seqs, num_tokens,
+    qk_scale, num_seqs, num_tokens, num_splits,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_ct, stride_ch, stride_bt,
     NUM_Q_HEADS: tl.constexpr, GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
-    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT_KV: tl.constexpr,
     DECODE_ONLY: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INT64_OFFSETS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
+    HEAD_FASTEST: tl.constexpr, REVERSE_TILES: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    pid = tl.program_id(0)
+    if HEAD_FASTEST:
+        kv_head = pid % NUM_KV_HEADS
+        tile = pid // NUM_KV_HEADS
+    else:
+        kv_head = tl.program_id(1)
+        tile = pid
+    if REVERSE_TILES:
+        tile = tl.num_programs(0) // (NUM_KV_HEADS if HEAD_FASTEST else 1) - 1 - tile
     split = tl.program_id(2)
 
     # ---- which sequence, which of its queries -------------------------------------------
@@ -148,8 +160,8 @@ def _paged_attention_kernel(
     else:
         kv_end = seq_len
         unmasked_end = seq_len
-    if NUM_SPLITS > 1:
-        per_split = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    if SPLIT_KV:
+        per_split = tl.cdiv(tl.cdiv(kv_end, num_splits), BLOCK_N) * BLOCK_N
         kv_lo = split * per_split
         kv_hi = tl.minimum(kv_lo + per_split, kv_end)
     else:
@@ -166,18 +178,18 @@ def _paged_attention_kernel(
         acc, m_i, l_i = _attend_kv_tile(
             acc, m_i, l_i, q, qk_scale, k_cache_ptr, v_cache_ptr, block_table, kv_head,
             start, kv_hi, q_pos, stride_cb, stride_ct, stride_ch, dims, dim_mask,
-            BLOCK_SIZE, BLOCK_N, False, CAUSAL, DOT_PRECISION,
+            BLOCK_SIZE, BLOCK_N, False, CAUSAL, DOT_PRECISION, INT64_OFFSETS,
         )
     for start in range(full_end, kv_hi, BLOCK_N):
         acc, m_i, l_i = _attend_kv_tile(
             acc, m_i, l_i, q, qk_scale, k_cache_ptr, v_cache_ptr, block_table, kv_head,
             start, kv_hi, q_pos, stride_cb, stride_ct, stride_ch, dims, dim_mask,
-            BLOCK_SIZE, BLOCK_N, True, CAUSAL, DOT_PRECISION,
+            BLOCK_SIZE, BLOCK_N, True, CAUSAL, DOT_PRECISION, INT64_OFFSETS,
         )
 
     # ---- write back ---------------------------------------------------------------------
     out_mask = row_valid[:, None] & dim_mask[None, :]
-    if NUM_SPLITS == 1:
+    if not SPLIT_KV:
         out = acc / l_i[:, None]
         out_offsets = token[:, None] * stride_ot + q_head[:, None] * stride_oh + dims[None, :]
         tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=out_mask)
@@ -192,9 +204,9 @@ def _paged_attention_kernel(
 @triton.jit
 def _merge_splits_kernel(
     out_ptr, partial_acc_ptr, partial_m_ptr, partial_l_ptr,
-    num_tokens, stride_ot, stride_oh,
+    num_tokens, num_splits, stride_ot, stride_oh,
     NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
 ):
     """out = sum_s w_s * acc_s / sum_s w_s * l_s with w_s = 2^(m_s - max_s m_s)."""
     token = tl.program_id(0).to(tl.int64)
@@ -202,7 +214,7 @@ def _merge_splits_kernel(
     splits = tl.arange(0, SPLITS_PAD)
     dims = tl.arange(0, DIM_PAD)
     stat = (splits * num_tokens + token) * NUM_Q_HEADS + head
-    split_mask = splits < NUM_SPLITS
+    split_mask = splits < num_splits
     m = tl.load(partial_m_ptr + stat, mask=split_mask, other=float("-inf"))
     l = tl.load(partial_l_ptr + stat, mask=split_mask, other=0.0)
     m_max = tl.max(m, 0)
@@ -311,23 +323,30 @@ def paged_attention(
     else:
         partial_acc = partial_m = partial_l = out  # unused by the kernel
     dot_precision = "ieee" if query.dtype == torch.float32 else "tf32"
-    _paged_attention_kernel[(num_tiles, num_kv_heads, num_splits)](
+    head_fastest = cfg.pop("HEAD_FASTEST", False)
+    reverse_tiles = cfg.pop("REVERSE_TILES", False)
+    grid = ((num_tiles * num_kv_heads, 1, num_splits) if head_fastest
+            else (num_tiles, num_kv_heads, num_splits))
+    int64_offsets = cfg.pop("INT64_OFFSETS", k_cache.numel() >= 2**31)
+    _paged_attention_kernel[grid](
         query, k_cache, v_cache, out,
         block_tables, seq_lens, cu_seqlens_q,
         partial_acc, partial_m, partial_l,
-        scale * LOG2E, num_seqs, num_tokens,
+        scale * LOG2E, num_seqs, num_tokens, num_splits,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         NUM_Q_HEADS=num_q_heads, GROUP=group, HEAD_DIM=head_dim, DIM_PAD=dim_pad,
         BLOCK_SIZE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_Q=block_q,
-        NUM_SPLITS=num_splits, DECODE_ONLY=decode_only, CAUSAL=causal,
-        DOT_PRECISION=dot_precision, **cfg,
+        SPLIT_KV=num_splits > 1, DECODE_ONLY=decode_only, CAUSAL=causal,
+        DOT_PRECISION=dot_precision, INT64_OFFSETS=int64_offsets, NUM_KV_HEADS=num_kv_heads,
+        HEAD_FASTEST=head_fastest, REVERSE_TILES=reverse_tiles, **cfg,
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_q_heads)](
-            out, partial_acc, partial_m, partial_l, num_tokens, out.stride(0), out.stride(1),
+            out, partial_acc, partial_m, partial_l, num_tokens, num_splits,
+            out.stride(0), out.stride(1),
             NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, DIM_PAD=dim_pad,
-            NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits),
+            SPLITS_PAD=triton.next_power_of_2(num_splits),
             num_warps=4 if query.device.type == "cuda" else 1,
         )
     return out
