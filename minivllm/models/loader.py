@@ -94,7 +94,7 @@ def read_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor,
     """Yield (name, tensor, file) for every tensor of every file, one tensor in memory at a time."""
     for path in files:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name in f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 yield name, f.get_tensor(name), path.name
 
 
