@@ -94,21 +94,25 @@ def test_cache_geometry_matches_config(variant, our_model, hf_model):
     assert model.compute_logits(torch.zeros(3, hidden)).shape == (3, model.config.vocab_size)
 
 
-def test_bfloat16_tracks_float32(model_dir, hf_model):
-    """bf16 weights and cache: same computation, coarser rounding. Checked loosely (bf16 keeps ~3
-    significant digits, and errors grow through the layers); the greedy choice should rarely flip."""
+def test_bfloat16_error_is_no_worse_than_hf_bfloat16(model_dir, hf_model):
+    """bf16 rounds coarsely (~3 significant digits) and errors grow through the layers, so bf16
+    logits cannot match float32 tightly. The yardstick is transformers' own bf16 run of the same
+    weights: our distance to the float32 logits must be of the same size as its distance."""
+    from transformers import AutoModelForCausalLM
+
     from minivllm.models import load_model
 
-    model = load_model(model_dir("qwen3"), dtype=torch.bfloat16)
+    directory = model_dir("qwen3")
+    model = load_model(directory, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     tokens = random_tokens(24, model.config.vocab_size, 5)
     ours = PagedRunner(model).step([("s", tokens)])[0]
-    reference = hf_logits(hf_model("qwen3"), tokens)
     assert ours.dtype == torch.float32
-    scale = reference.abs().max().item()
-    assert (ours - reference).abs().max().item() <= 0.1 * scale
-    agreement = (ours.argmax(-1) == reference.argmax(-1)).float().mean().item()
-    assert agreement >= 0.75
+    reference = hf_logits(hf_model("qwen3"), tokens)
+    hf_bf16 = hf_logits(AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.bfloat16), tokens)
+    our_error = (ours - reference).abs().max().item()
+    hf_error = (hf_bf16 - reference).abs().max().item()
+    assert 0 < our_error <= 2 * hf_error
 
 
 def test_forward_rejects_unpacked_inputs(our_model):
