@@ -67,6 +67,8 @@ class ModelConfig:
             self.model = os.fspath(self.model)
         if not isinstance(self.model, str) or not self.model:
             raise ValueError(f"model must be a non-empty path to a model directory, got {self.model!r}")
+        if not Path(self.model).is_dir():
+            raise ValueError(f"model directory {self.model!r} does not exist")
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("device", self.device, DEVICES)
         _check_int("seed", self.seed, minimum=0)

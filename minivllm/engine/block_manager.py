@@ -356,7 +356,8 @@ class BlockManager:
         """A text picture of the pool, then each sequence's block table.
 
         One character per block:  '.' free  'c' free but cached (reusable prefix)
-        '#' held by one sequence  '2'..'9' held by that many ('+' for more)
+        '#' held by one sequence  '2'..'9' held by that many ('+' for more).
+        Whole rows of free blocks are folded into one line, so big pools stay readable.
         """
         cells = []
         for block in self.blocks:
@@ -372,8 +373,18 @@ class BlockManager:
             f"(shared {s.num_shared_blocks}) | free {s.num_free_blocks} (cached {s.num_cached_free_blocks})"
             f" | utilization {s.utilization:.0%} | fragmentation {s.fragmentation:.0%}",
         ]
-        for row in range(0, self.num_blocks, blocks_per_row):
-            lines.append(f"  {row:>5} | {''.join(cells[row:row + blocks_per_row])}")
+        # Rows of never-used blocks say nothing: a run of them is folded into one line.
+        idle_from = None
+        for row in range(0, self.num_blocks + blocks_per_row, blocks_per_row):
+            text = "".join(cells[row:row + blocks_per_row])
+            if text and set(text) == {"."}:
+                idle_from = row if idle_from is None else idle_from
+                continue
+            if idle_from is not None:
+                lines.append(f"  {idle_from:>5} | ... blocks {idle_from}-{min(row, self.num_blocks) - 1} free")
+                idle_from = None
+            if text:
+                lines.append(f"  {row:>5} | {text}")
         for seq in sorted(self._holders.values(), key=lambda q: q.seq_id):
             shared = [b for b in seq.block_table if self.blocks[b].ref_count > 1]
             note = f"  shared: {shared}" if shared else ""

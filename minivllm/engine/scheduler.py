@@ -81,6 +81,7 @@ class StepRecord:
     num_block_copies: int
     num_prefix_hit_tokens: int  # tokens taken from the prefix cache by admissions of this step
     preemptions: list[PreemptionRecord] = field(default_factory=list)
+    execute_time: float = 0.0  # seconds in the model runner (filled in by the engine)
 
     @property
     def num_batched_tokens(self) -> int:

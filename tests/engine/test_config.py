@@ -112,3 +112,8 @@ def test_defaults():
     cache = CacheConfig()
     assert cache.block_size == 16 and cache.num_kv_blocks is None and cache.enable_prefix_caching
     assert 0 < cache.gpu_memory_utilization <= 1
+
+
+def test_missing_model_directory_is_named(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        EngineConfig.from_dict({"model": str(tmp_path / "nope"), "max_model_len": 64})

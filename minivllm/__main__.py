@@ -1,0 +1,5 @@
+"""`python -m minivllm ...`: see minivllm/cli.py."""
+
+from minivllm.cli import main
+
+raise SystemExit(main())

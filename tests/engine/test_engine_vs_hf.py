@@ -1,0 +1,87 @@
+"""The engine's oracle (DESIGN §5.2): greedy decoding equals Hugging Face `generate`, token for
+token, for tiny random-weight Llama, Qwen2, Qwen3 and OPT directories, under every scheduling
+regime that changes *how* the tokens are computed but must not change *which* tokens come out:
+one prompt, a batch of different lengths, chunked prefill with a tiny budget, preemption forced
+by a tiny KV pool, and prefix caching.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from minivllm import LLM
+
+from .conftest import ARCHS, random_prompts
+
+MAX_TOKENS = 12
+# Lengths that start, end and straddle 4-token blocks.
+PROMPTS = random_prompts([5, 16, 3, 29, 8], seed=1)
+
+
+def make_llm(model_dir, arch, **config):
+    config.setdefault("block_size", 4)
+    return LLM(str(model_dir(arch)), dtype="float32", device="cpu", attention_backend="torch", **config)
+
+
+def assert_matches_hf(outputs, prompts, arch, hf_greedy, max_tokens=MAX_TOKENS):
+    for prompt, out in zip(prompts, outputs, strict=True):
+        expected = hf_greedy(arch, prompt, max_tokens)
+        assert out.prompt_token_ids == prompt
+        assert out.token_ids == expected, f"{arch}: prompt of {len(prompt)} tokens diverges from HF"
+        assert out.finish_reason == ("length" if len(expected) == max_tokens else "stop")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_single_prompt_and_batch(arch, model_dir, hf_greedy):
+    llm = make_llm(model_dir, arch)
+    single = llm.generate(PROMPTS[3], max_tokens=MAX_TOKENS, temperature=0, use_tqdm=False)
+    assert_matches_hf(single, PROMPTS[3:4], arch, hf_greedy)
+    batch = llm.generate(PROMPTS, max_tokens=MAX_TOKENS, temperature=0, use_tqdm=False)
+    assert_matches_hf(batch, PROMPTS, arch, hf_greedy)
+    assert llm.get_stats()["scheduler"]["avg_batch_size"] > 1  # they really ran together
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_chunked_prefill_with_a_tiny_budget(arch, model_dir, hf_greedy):
+    llm = make_llm(model_dir, arch, max_num_batched_tokens=6, max_num_seqs=4, enable_chunked_prefill=True,
+                   enable_prefix_caching=False)
+    outputs = llm.generate(PROMPTS, max_tokens=MAX_TOKENS, temperature=0, use_tqdm=False)
+    assert_matches_hf(outputs, PROMPTS, arch, hf_greedy)
+    stats = llm.get_stats()["scheduler"]
+    assert stats["num_partial_prefills"] > 0
+    assert max(r.num_batched_tokens for r in llm.engine.scheduler.history) <= 6
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_preemption_by_a_tiny_kv_pool(arch, model_dir, hf_greedy):
+    # 12 blocks of 4 slots = 48 token slots for 5 prompts that grow to 82 tokens in all.
+    llm = make_llm(model_dir, arch, num_kv_blocks=12, enable_prefix_caching=False)
+    outputs = llm.generate(PROMPTS, max_tokens=MAX_TOKENS, temperature=0, use_tqdm=False)
+    assert llm.get_stats()["scheduler"]["num_preemptions"] > 0
+    assert sum(o.metrics.num_preemptions for o in outputs) > 0
+    assert_matches_hf(outputs, PROMPTS, arch, hf_greedy)
+    assert llm.get_stats()["kv_cache"]["num_free_blocks"] == 12
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prefix_caching_reuses_blocks_and_keeps_the_tokens(arch, model_dir, hf_greedy):
+    llm = make_llm(model_dir, arch, enable_prefix_caching=True)
+    shared = PROMPTS[3][:21]  # 5 full blocks of 4
+    first = llm.generate([shared + [7, 8, 9]], max_tokens=MAX_TOKENS, temperature=0, use_tqdm=False)
+    assert first[0].metrics.num_cached_tokens == 0
+    second_prompts = [shared + [10, 11], shared[:13] + [12, 13, 14, 15, 16]]
+    second = llm.generate(second_prompts, max_tokens=MAX_TOKENS, temperature=0, use_tqdm=False)
+    assert [o.metrics.num_cached_tokens for o in second] == [20, 12]
+    assert llm.get_stats()["kv_cache"]["prefix_cache_hit_tokens"] >= 32
+    assert_matches_hf(first, [shared + [7, 8, 9]], arch, hf_greedy)
+    assert_matches_hf(second, second_prompts, arch, hf_greedy)
+
+
+def test_preemption_with_prefix_caching_and_chunking_together(model_dir, hf_greedy):
+    llm = make_llm(model_dir, "llama", num_kv_blocks=14, max_num_batched_tokens=8, max_num_seqs=4,
+                   enable_prefix_caching=True)
+    prompts = PROMPTS + [PROMPTS[1] + [5, 6, 7]]
+    outputs = llm.generate(prompts, max_tokens=MAX_TOKENS, temperature=0, use_tqdm=False)
+    stats = llm.get_stats()
+    assert stats["scheduler"]["num_preemptions"] > 0 and stats["scheduler"]["num_partial_prefills"] > 0
+    assert_matches_hf(outputs, prompts, "llama", hf_greedy)
