@@ -103,6 +103,7 @@ class BlockManager:
         # Free blocks in eviction order: the front is the least recently used.
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._cache: dict[int, int] = {}  # block hash -> block id
+        self._num_cached_free = 0  # free blocks still in the prefix cache (kept up to date: O(1))
         # Sequences that hold blocks, and how many token slots each has reserved.
         self._holders: dict[int, Sequence] = {}
         self._reserved_tokens: dict[int, int] = {}
@@ -118,6 +119,15 @@ class BlockManager:
     @property
     def num_free_blocks(self) -> int:
         return len(self._free)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    @property
+    def num_cached_free_blocks(self) -> int:
+        """Free blocks that still hold a findable prefix (evicted only when the pool needs them)."""
+        return self._num_cached_free
 
     def ref_count(self, block_id: int) -> int:
         return self.blocks[block_id].ref_count
@@ -244,6 +254,7 @@ class BlockManager:
         block = self.blocks[block_id]
         if block.ref_count == 0:
             del self._free[block_id]
+            self._num_cached_free -= 1  # only cached blocks are taken this way
         block.ref_count += 1
 
     def _pop_free_block(self) -> int:
@@ -254,6 +265,7 @@ class BlockManager:
             if self._cache.get(block.hash) == block_id:
                 del self._cache[block.hash]
             block.hash = block.parent_hash = block.token_ids = None
+            self._num_cached_free -= 1
             self._evictions += 1
         block.ref_count = 1
         return block_id
@@ -298,6 +310,7 @@ class BlockManager:
             block.ref_count -= 1
             if block.ref_count == 0:
                 self._free[block_id] = None
+                self._num_cached_free += block.hash is not None
         seq.block_table = []
         self._holders.pop(seq.seq_id, None)
         self._reserved_tokens.pop(seq.seq_id, None)
@@ -329,19 +342,20 @@ class BlockManager:
         return filled
 
     def stats(self) -> BlockManagerStats:
-        used = [b for b in self.blocks if b.ref_count > 0]
-        allocated_slots = len(used) * self.block_size
-        used_slots = sum(self._used_slots_per_block().values())
-        cached_free = sum(1 for b in self._free if self.blocks[b].hash is not None)
+        """Full statistics. Costs a pass over the held blocks: the per-step record uses the O(1)
+        counters (num_free_blocks, num_used_blocks, num_cached_free_blocks) instead."""
+        filled = self._used_slots_per_block()
+        allocated_slots = self.num_used_blocks * self.block_size
+        used_slots = sum(filled.values())
         return BlockManagerStats(
             num_blocks=self.num_blocks,
             block_size=self.block_size,
             num_free_blocks=self.num_free_blocks,
-            num_used_blocks=len(used),
+            num_used_blocks=self.num_used_blocks,
             num_cached_blocks=len(self._cache),
-            num_cached_free_blocks=cached_free,
-            num_shared_blocks=sum(1 for b in used if b.ref_count > 1),
-            utilization=len(used) / self.num_blocks,
+            num_cached_free_blocks=self.num_cached_free_blocks,
+            num_shared_blocks=sum(1 for b in filled if self.blocks[b].ref_count > 1),
+            utilization=self.num_used_blocks / self.num_blocks,
             allocated_slots=allocated_slots,
             used_slots=used_slots,
             fragmentation=(allocated_slots - used_slots) / allocated_slots if allocated_slots else 0.0,

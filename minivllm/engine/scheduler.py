@@ -356,7 +356,7 @@ class Scheduler:
     def _record(self, scheduled, copies, preemptions, hit_tokens) -> StepRecord:
         prefill = [s for s in scheduled if s.is_prefill]
         decode = [s for s in scheduled if not s.is_prefill]
-        bm_stats = self.block_manager.stats()
+        bm = self.block_manager
         record = StepRecord(
             step=self.num_steps,
             time=time.perf_counter(),
@@ -368,9 +368,9 @@ class Scheduler:
             token_budget=self.config.max_num_batched_tokens,
             num_running=len(self.running),
             num_waiting=len(self.waiting),
-            num_used_blocks=bm_stats.num_used_blocks,
-            num_free_blocks=bm_stats.num_free_blocks,
-            num_cached_free_blocks=bm_stats.num_cached_free_blocks,
+            num_used_blocks=bm.num_used_blocks,
+            num_free_blocks=bm.num_free_blocks,
+            num_cached_free_blocks=bm.num_cached_free_blocks,
             num_block_copies=len(copies),
             num_prefix_hit_tokens=hit_tokens,
             preemptions=preemptions,

@@ -1,14 +1,22 @@
 """Fixtures for the end-to-end engine tests: tiny random-weight HF model directories and the
-Hugging Face greedy oracle, both built once per test session (per xdist worker)."""
+Hugging Face greedy oracle, both built once per test session (per xdist worker).
+
+The engine runs on the CPU with the reference attention by default; on a GPU machine
+`MINIVLLM_TEST_DEVICE=cuda` (and optionally `MINIVLLM_TEST_BACKEND=triton|cuda`) runs the
+HF-equality tests there, still in float32, against transformers on the CPU.
+"""
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
 import torch
 
 ARCHS = ("llama", "qwen2", "qwen3", "opt")
+ENGINE_DEVICE = os.environ.get("MINIVLLM_TEST_DEVICE", "cpu")
+ENGINE_BACKEND = os.environ.get("MINIVLLM_TEST_BACKEND", "torch" if ENGINE_DEVICE == "cpu" else "auto")
 
 
 @pytest.fixture(scope="session")

@@ -75,6 +75,8 @@ def check_block_invariants(scheduler: Scheduler, sequences: list[Sequence]) -> N
     assert set(free) == {b for b in range(bm.num_blocks) if holders[b] == 0}
     stats = bm.stats()
     assert stats.num_free_blocks + stats.num_used_blocks == bm.num_blocks
+    assert stats.num_cached_free_blocks == sum(1 for b in free if bm.is_cached(b))
+    assert stats.num_shared_blocks == sum(1 for b in holders if holders[b] > 1)
     assert 0 <= stats.fragmentation < 1
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from minivllm import LLM
 
-from .conftest import ARCHS, random_prompts
+from .conftest import ARCHS, ENGINE_BACKEND, ENGINE_DEVICE, random_prompts
 
 MAX_TOKENS = 12
 # Lengths that start, end and straddle 4-token blocks.
@@ -20,7 +20,8 @@ PROMPTS = random_prompts([5, 16, 3, 29, 8], seed=1)
 
 def make_llm(model_dir, arch, **config):
     config.setdefault("block_size", 4)
-    return LLM(str(model_dir(arch)), dtype="float32", device="cpu", attention_backend="torch", **config)
+    return LLM(str(model_dir(arch)), dtype="float32", device=ENGINE_DEVICE, attention_backend=ENGINE_BACKEND,
+               **config)
 
 
 def assert_matches_hf(outputs, prompts, arch, hf_greedy, max_tokens=MAX_TOKENS):
@@ -52,6 +53,7 @@ def test_chunked_prefill_with_a_tiny_budget(arch, model_dir, hf_greedy):
     assert max(r.num_batched_tokens for r in llm.engine.scheduler.history) <= 6
 
 
+@pytest.mark.filterwarnings("ignore:the KV pool")  # tiny on purpose
 @pytest.mark.parametrize("arch", ARCHS)
 def test_preemption_by_a_tiny_kv_pool(arch, model_dir, hf_greedy):
     # 12 blocks of 4 slots = 48 token slots for 5 prompts that grow to 82 tokens in all.
@@ -77,6 +79,7 @@ def test_prefix_caching_reuses_blocks_and_keeps_the_tokens(arch, model_dir, hf_g
     assert_matches_hf(second, second_prompts, arch, hf_greedy)
 
 
+@pytest.mark.filterwarnings("ignore:the KV pool")
 def test_preemption_with_prefix_caching_and_chunking_together(model_dir, hf_greedy):
     llm = make_llm(model_dir, "llama", num_kv_blocks=14, max_num_batched_tokens=8, max_num_seqs=4,
                    enable_prefix_caching=True)
