@@ -150,7 +150,8 @@ class SchedulerConfig:
 
     max_num_seqs: most sequences in flight (running) at once, hence per step.
     max_num_batched_tokens: the per-step token budget, prefill and decode tokens together.
-        None picks max(2048, max_model_len) once max_model_len is known.
+        None picks 2048 (raised to max_num_seqs, and to max_model_len without chunked prefill)
+        once max_model_len is known.
     enable_chunked_prefill: split a prompt that does not fit the step's budget over several steps,
         so one long prompt cannot stall the decodes of everyone else.
     prefill_chunk_size: optional cap on the tokens one prompt computes per step (the seed's
@@ -177,7 +178,7 @@ class SchedulerConfig:
         if self.prefill_chunk_size is not None and not self.enable_chunked_prefill:
             raise ValueError("prefill_chunk_size needs enable_chunked_prefill=True")
         if self.max_num_batched_tokens is None and self.max_model_len is not None:
-            self.max_num_batched_tokens = max(2048, self.max_model_len)
+            self.max_num_batched_tokens = self._default_token_budget()
         if self.max_num_batched_tokens is not None:
             if self.max_num_batched_tokens < self.max_num_seqs:
                 raise ValueError(
@@ -196,6 +197,14 @@ class SchedulerConfig:
                     "step; raise max_num_batched_tokens, lower max_model_len or set "
                     "enable_chunked_prefill=True"
                 )
+
+    def _default_token_budget(self) -> int:
+        """2048 tokens a step (at least one decode per sequence); without chunked prefill, at
+        least max_model_len, so that the longest prompt fits in one step."""
+        budget = max(2048, self.max_num_seqs)
+        if not self.enable_chunked_prefill:
+            budget = max(budget, self.max_model_len)
+        return budget
 
     @property
     def is_resolved(self) -> bool:

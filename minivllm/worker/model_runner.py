@@ -14,6 +14,7 @@ profiled forward pass at the largest batch the scheduler can send.
 
 from __future__ import annotations
 
+import itertools
 import warnings
 
 import torch
@@ -23,6 +24,7 @@ from minivllm.engine.scheduler import SchedulerOutput
 from minivllm.engine.sequence import Sequence
 from minivllm.layers.attention import AttentionMetadata
 from minivllm.layers.sampler import Sampler, SamplingBatch
+from minivllm.sampling_params import SamplingParams
 from minivllm.worker.input_batch import build_input_batch
 
 
@@ -40,9 +42,9 @@ class ModelRunner:
         self.model = load_model(model_config.model, dtype=self.dtype, device=self.device)
         self.hf_config = self.model.config
         self.vocab_size = self.hf_config.vocab_size
+        self.sampler = Sampler()
         self.num_kv_blocks = self._decide_num_kv_blocks()
         self.kv_caches = self._allocate_kv_cache(self.num_kv_blocks)
-        self.sampler = Sampler()
         self._generators: dict[int, torch.Generator] = {}  # seq_id -> its seeded RNG
 
     # ------------------------------------------------------------------------------------------
@@ -128,16 +130,21 @@ class ModelRunner:
             slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=self.device),
             block_tables=torch.tensor(tables, dtype=torch.int32, device=self.device),
             seq_lens=torch.tensor(lengths, dtype=torch.int32, device=self.device),
-            cu_seqlens_q=torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32,
-                                      device=self.device),
+            cu_seqlens_q=torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=self.device),
             max_seq_len=max(lengths),
             backend=self.backend,
         )
         input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
         hidden = m(input_ids, positions, meta)
-        m.compute_logits(hidden[:num_logit_rows])
+        # The sampler's sorts and softmaxes over [rows, vocab] count too, with every option on.
+        logits = m.compute_logits(hidden[:num_logit_rows])
+        params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, min_p=0.05, repetition_penalty=1.1)
+        rows = [[0]] * num_logit_rows
+        self.sampler(logits, SamplingBatch.build([params] * num_logit_rows, rows, rows, rows,
+                                                 [None] * num_logit_rows, self.vocab_size, self.device))
         scratch_bytes = sum(k.numel() * k.element_size() * 2 for k, _ in scratch)
-        del scratch, hidden
+        for layer in m.attention_layers():  # unbind, so the scratch cache can be freed
+            layer.k_cache = layer.v_cache = None
         return scratch_bytes
 
     def _allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

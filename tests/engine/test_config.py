@@ -16,8 +16,14 @@ def model_dir(tmp_path):
 def test_max_model_len_comes_from_the_model(model_dir):
     config = EngineConfig.from_dict({"model": model_dir})
     assert config.scheduler_config.max_model_len == 512
-    # Default budget covers a whole max-length prompt.
-    assert config.scheduler_config.max_num_batched_tokens >= 512
+
+
+def test_default_token_budget_fits_the_scheduling_mode(model_dir):
+    chunked = EngineConfig.from_dict({"model": model_dir, "max_num_seqs": 4096}).scheduler_config
+    assert chunked.max_num_batched_tokens == 4096  # one decode per sequence, at least
+    whole = SchedulerConfig(enable_chunked_prefill=False, max_model_len=8192)
+    assert whole.max_num_batched_tokens == 8192  # the longest prompt in one step
+    assert SchedulerConfig(max_model_len=8192).max_num_batched_tokens == 2048
 
 
 def test_flat_and_nested_dicts_agree(model_dir):
