@@ -162,6 +162,8 @@ class LLMEngine:
     # ------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one scheduling + forward + sampling step; returns the requests it finished."""
+        if not self.scheduler.has_unfinished_sequences():
+            return []
         start = time.perf_counter()
         output = self.scheduler.schedule()
         for entry in output.scheduled:
