@@ -23,7 +23,7 @@ from minivllm.kernels.triton_attention import paged_attention as triton_attentio
 
 DECODE_CASES = [(64, 4096, 16), (256, 1024, 16), (64, 4096, 64), (256, 1024, 64), (16, 8192, 16),
                 (1, 32768, 16)]
-VARIANTS = [dict(HEAD_FASTEST=h, INT64_OFFSETS=i) for h in (False, True) for i in (False, True)]
+VARIANTS = [dict(INT64_OFFSETS=i) for i in (False, True)]
 PREFILL_CASES = [("prefill", 4, 2048, 2048), ("chunked_prefill", 4, 8192, 512)]
 
 
@@ -90,8 +90,8 @@ def main() -> None:
             _print(case, best, split_rows, default)
     if "prefill" in args.only:
         tiles = [(64, 64, 4, 2), (128, 32, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 128, 4, 3)]
-        grid = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, REVERSE_TILES=r, **v)
-                for (m, n, w, s), r, v in itertools.product(tiles, (False, True), VARIANTS)]
+        grid = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, **v)
+                for (m, n, w, s), v in itertools.product(tiles, VARIANTS)]
         for op, b, L, ql in PREFILL_CASES:
             case = Case(op, b, L, ql, 16, "bf16", 32, 8, 128)
             rows, default = sweep(case, grid, [None], device, copy_gbps)

@@ -113,18 +113,15 @@ def _paged_attention_kernel(
     BLOCK_N: tl.constexpr, SPLIT_KV: tl.constexpr,
     DECODE_ONLY: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     INT64_OFFSETS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
-    HEAD_FASTEST: tl.constexpr, REVERSE_TILES: tl.constexpr,
 ):
+    # Program order matters (measured, benchmarks/RESULTS.md): the KV heads of one tile run side
+    # by side, so together they read whole contiguous rows of each cache block; and tiles are
+    # taken last-first, so the long causal tiles at the end of each prompt start early and the
+    # short ones fill the tail of the grid.
     pid = tl.program_id(0)
-    if HEAD_FASTEST:
-        kv_head = pid % NUM_KV_HEADS
-        tile = pid // NUM_KV_HEADS
-    else:
-        kv_head = tl.program_id(1)
-        tile = pid
-    if REVERSE_TILES:
-        tile = tl.num_programs(0) // (NUM_KV_HEADS if HEAD_FASTEST else 1) - 1 - tile
-    split = tl.program_id(2)
+    kv_head = pid % NUM_KV_HEADS
+    tile = tl.num_programs(0) // NUM_KV_HEADS - 1 - pid // NUM_KV_HEADS
+    split = tl.program_id(1)
 
     # ---- which sequence, which of its queries -------------------------------------------
     if DECODE_ONLY:  # one query per sequence: tile i is sequence i
@@ -259,21 +256,36 @@ def choose_num_splits(num_programs: int, num_sms: int, max_seq_len: int | None,
     return max(1, splits)
 
 
-def _launch_config(decode_only: bool, group: int, head_dim: int, dtype: torch.dtype,
-                   device: torch.device) -> dict:
-    """Tile sizes and warps. Decode is memory-bound: small M, wide K/V tiles, deep pipeline.
-    Prefill is compute-bound: big M tiles so each K/V tile feeds many rows of the MMA."""
-    min_m = 16  # smallest M tl.dot accepts
+def _block_m(decode_only: bool, group: int, head_dim: int) -> int:
+    """Rows of a query tile: 16 in decode (the smallest M tl.dot accepts; they hold the GQA
+    group), 128 in prefill (64 for head_dim > 128 to stay in registers)."""
     if decode_only:
-        block_m = max(min_m, triton.next_power_of_2(group))
-        cfg = dict(BLOCK_M=block_m, BLOCK_N=64, num_warps=4, num_stages=3)
+        return max(16, triton.next_power_of_2(group))
+    return max(128 if head_dim <= 128 else 64, triton.next_power_of_2(group))
+
+
+def _launch_config(decode_only: bool, block_m: int, head_dim: int, dtype: torch.dtype,
+                   device: torch.device, split_kv: bool) -> dict:
+    """Tile sizes, warps and pipeline depth, from the sweep in benchmarks/tune_attn.py (H200).
+
+    Decode is memory-bound: the smallest M tile (16 rows hold the GQA group), K/V tiles of
+    64 tokens and few warps, so many programs share an SM and keep loads in flight; with split-KV
+    (few, long programs) wider 128-token tiles and 4 warps stream faster. Prefill is
+    compute-bound: 128-row M tiles so that each K/V tile feeds a large MMA.
+    """
+    if decode_only:
+        cfg = (dict(BLOCK_M=block_m, BLOCK_N=128, num_warps=4, num_stages=2) if split_kv
+               else dict(BLOCK_M=block_m, BLOCK_N=64, num_warps=2, num_stages=3))
     else:
-        block_m = max(128 if head_dim <= 128 else 64, triton.next_power_of_2(group))
-        cfg = dict(BLOCK_M=block_m, BLOCK_N=64, num_warps=8, num_stages=3)
+        cfg = dict(BLOCK_M=block_m, BLOCK_N=128, num_warps=8, num_stages=3)
     if device.type != "cuda":
-        cfg.update(num_warps=1, num_stages=1)
-    if dtype == torch.float32 and device.type == "cuda":
-        cfg["BLOCK_N"] = 32  # fp32 tiles are twice the bytes: keep shared memory in budget
+        return dict(cfg, num_warps=1, num_stages=1)
+    # Keep the pipelined K/V tiles plus the Q tile inside shared memory (~227 KB on Hopper).
+    elem = dtype.itemsize
+    dim_pad = triton.next_power_of_2(head_dim)
+    while (cfg["BLOCK_N"] > 16 and cfg["num_stages"] * 2 * cfg["BLOCK_N"] * dim_pad * elem
+           + cfg["BLOCK_M"] * dim_pad * elem > 200 * 1024):
+        cfg["BLOCK_N"] //= 2
     return cfg
 
 
@@ -304,15 +316,18 @@ def paged_attention(
         raise ValueError("k_cache and v_cache must have the same strides")
     # Decode-only is known from shapes: T == B and every sequence has at least one query.
     decode_only = num_tokens == num_seqs
-    cfg = _launch_config(decode_only, group, head_dim, query.dtype, query.device)
-    if config:
-        cfg.update(config)
-    block_m = cfg.pop("BLOCK_M")
+    # Query tiles: one token per tile in decode, else as many tokens as fit BLOCK_M // group rows.
+    config = dict(config or {})
+    block_m = config.pop("BLOCK_M", None) or _block_m(decode_only, group, head_dim)
     block_q = 1 if decode_only else max(1, block_m // group)
     num_tiles = num_seqs if decode_only else num_tokens // block_q + num_seqs
     if num_splits is None:
         num_splits = choose_num_splits(num_tiles * num_kv_heads, _sm_count(query.device),
-                                       max_seq_len, cfg["BLOCK_N"])
+                                       max_seq_len, block_n=64)
+    cfg = _launch_config(decode_only, block_m, head_dim, query.dtype, query.device,
+                         split_kv=num_splits > 1)
+    cfg.update(config)
+    del cfg["BLOCK_M"]
     dim_pad = triton.next_power_of_2(head_dim)
     if num_splits > 1:
         partial_acc = torch.empty(num_splits, num_tokens, num_q_heads, dim_pad,
@@ -323,11 +338,10 @@ def paged_attention(
     else:
         partial_acc = partial_m = partial_l = out  # unused by the kernel
     dot_precision = "ieee" if query.dtype == torch.float32 else "tf32"
-    head_fastest = cfg.pop("HEAD_FASTEST", False)
-    reverse_tiles = cfg.pop("REVERSE_TILES", False)
-    grid = ((num_tiles * num_kv_heads, 1, num_splits) if head_fastest
-            else (num_tiles, num_kv_heads, num_splits))
+    # 32-bit offset arithmetic is measurably cheaper in the gather; one layer's cache rarely
+    # holds 2^31 elements, and when it does the kernel switches to 64-bit offsets.
     int64_offsets = cfg.pop("INT64_OFFSETS", k_cache.numel() >= 2**31)
+    grid = (num_tiles * num_kv_heads, num_splits)
     _paged_attention_kernel[grid](
         query, k_cache, v_cache, out,
         block_tables, seq_lens, cu_seqlens_q,
@@ -339,7 +353,7 @@ def paged_attention(
         BLOCK_SIZE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_Q=block_q,
         SPLIT_KV=num_splits > 1, DECODE_ONLY=decode_only, CAUSAL=causal,
         DOT_PRECISION=dot_precision, INT64_OFFSETS=int64_offsets, NUM_KV_HEADS=num_kv_heads,
-        HEAD_FASTEST=head_fastest, REVERSE_TILES=reverse_tiles, **cfg,
+        **cfg,
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_q_heads)](
