@@ -2,10 +2,13 @@
 
     python -m minivllm make-model /tmp/tiny-llama --arch llama --size tiny
     python -m minivllm generate --model /tmp/tiny-llama --prompt "Once upon a time" --max-tokens 32
+    python -m minivllm generate --model /tmp/tiny-llama --prompt "Hi" --trace /tmp/trace.jsonl
+    python -m minivllm visualize /tmp/trace.jsonl --out /tmp/figures
 
 `make-model` writes a random-weight Hugging Face directory (weights, config, tokenizer), so the
 engine can be tried with no download. `generate` runs prompts through the engine and prints the
-completions and their timings (or JSON with --json).
+completions and their timings (or JSON with --json); `--trace` also records every step.
+`visualize` draws a recorded trace: schedule timeline, throughput and KV usage, block map.
 """
 
 from __future__ import annotations
@@ -73,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--json", action="store_true", help="print the outputs as JSON")
     output.add_argument("--stats", action="store_true", help="print engine statistics at the end")
     output.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    output.add_argument("--trace", default=None, metavar="FILE",
+                        help="record every engine step and write it to FILE as JSON lines")
+
+    vis = commands.add_parser("visualize", help="draw a step trace (timeline, throughput, block map)")
+    vis.add_argument("trace", help="a trace written by `generate --trace` or LLM.save_trace")
+    vis.add_argument("--out", required=True, help="directory for the PNGs (created if missing)")
     return parser
 
 
@@ -106,7 +115,12 @@ def generate(args) -> int:
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         enable_chunked_prefill=args.chunked_prefill, enable_prefix_caching=args.prefix_caching,
     )
+    if args.trace:
+        llm.enable_trace()
     outputs = llm.generate(prompts, params, use_tqdm=not args.no_progress)
+    if args.trace:
+        print(f"trace of {len(llm.engine.trace)} steps written to {llm.save_trace(args.trace)}",
+              file=sys.stderr)
     if args.json:
         print(json.dumps([o.to_dict() for o in outputs], indent=2))
     else:
@@ -125,12 +139,22 @@ def generate(args) -> int:
     return 0
 
 
+def visualize(args) -> int:
+    from minivllm.observe import read_trace
+    from minivllm.observe import visualize as draw
+
+    header, events = read_trace(args.trace)
+    paths = draw(events, args.out, num_blocks=header.get("num_blocks"))
+    for name, path in paths.items():
+        print(f"{name:<15} {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    commands = {"make-model": make_model, "generate": generate, "visualize": visualize}
     try:
-        if args.command == "make-model":
-            return make_model(args)
-        return generate(args)
+        return commands[args.command](args)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as err:
         print(f"minivllm {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from minivllm.config import EngineConfig
 from minivllm.engine.llm_engine import LLMEngine, Prompt
+from minivllm.observe.stats import format_stats
 from minivllm.outputs import RequestOutput
 from minivllm.sampling_params import SamplingParams
 
@@ -111,13 +112,47 @@ class LLM:
     # Looking inside
     # ------------------------------------------------------------------------------------------
     def get_stats(self) -> dict:
+        """Engine, scheduler, KV-cache and per-request statistics as plain data (dicts)."""
         return self.engine.get_stats()
 
     def print_stats(self) -> None:
         print(format_stats(self.get_stats()))
 
     def render_block_map(self) -> str:
+        """The KV pool by reference count, as text (see observe.text_block_map for owners)."""
         return self.engine.render_block_map()
+
+    def enable_trace(self, max_steps: int = 10_000, block_snapshots: bool = True):
+        """Record every following step (see observe/trace.py); returns the StepTrace."""
+        return self.engine.enable_trace(max_steps, block_snapshots)
+
+    def save_trace(self, path) -> str:
+        """Write the recorded steps as JSON lines (for `python -m minivllm visualize`)."""
+        if self.engine.trace is None:
+            raise ValueError("no trace is being recorded: call enable_trace() before generating")
+        return str(self.engine.trace.save(path))
+
+    def visualize(self, out_dir) -> dict:
+        """Draw the run so far into `out_dir`: timeline.png, throughput.png, block_map.png/.txt.
+
+        With a trace on, the pictures use its per-step detail and the block map shows the
+        fullest step; without one, they use the scheduler's step records and the block map
+        shows the pool as it is now. Returns {name: path}.
+        """
+        from minivllm.observe import events_from_history, snapshot_blocks, visualize
+
+        engine = self.engine
+        if engine.trace is not None and len(engine.trace):
+            events, snapshot = list(engine.trace), None
+        else:
+            events = events_from_history(engine.scheduler.history)
+            snapshot = snapshot_blocks(engine.block_manager, engine.scheduler.running)
+        if not events:
+            raise ValueError("nothing to draw yet: run generate() or step() first")
+        if snapshot is None and not any(e.get("blocks") for e in events):
+            snapshot = snapshot_blocks(engine.block_manager, engine.scheduler.running)
+        paths = visualize(events, out_dir, snapshot=snapshot, num_blocks=engine.block_manager.num_blocks)
+        return {name: str(path) for name, path in paths.items()}
 
 
 def _as_prompt_list(prompts) -> list[Prompt]:
@@ -129,14 +164,3 @@ def _as_prompt_list(prompts) -> list[Prompt]:
             return [list(prompts)]  # one prompt given as token ids
         return list(prompts)
     raise TypeError(f"prompts must be a string, a list of token ids, or a list of those; got {type(prompts).__name__}")
-
-
-def format_stats(stats: dict) -> str:
-    """A readable multi-line rendering of `LLM.get_stats()`."""
-    lines = []
-    for section, values in stats.items():
-        lines.append(f"[{section}]")
-        for key, value in values.items():
-            shown = f"{value:.4g}" if isinstance(value, float) else value
-            lines.append(f"  {key:<30} {shown}")
-    return "\n".join(lines)

@@ -30,6 +30,8 @@ from minivllm.engine.request import Request
 from minivllm.engine.scheduler import Scheduler, SchedulerOutput
 from minivllm.engine.sequence import Sequence, SequenceStatus
 from minivllm.engine.tokenizer import eos_token_ids, load_tokenizer
+from minivllm.observe.stats import summarize_requests
+from minivllm.observe.trace import StepTrace, blocks_held
 from minivllm.outputs import RequestOutput
 from minivllm.sampling_params import SamplingParams
 from minivllm.worker.model_runner import ModelRunner
@@ -62,7 +64,9 @@ class LLMEngine:
         self._max_retained = max_retained_outputs
         self._ids = itertools.count()
         self._counters = {"steps": 0, "busy_time": 0.0, "prompt_tokens": 0, "generated_tokens": 0,
-                          "finished_requests": 0}
+                          "finished_requests": 0, "aborted_requests": 0, "preempted_requests": 0,
+                          "prefill_chunks": 0}
+        self.trace: StepTrace | None = None  # see enable_trace; None costs nothing per step
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> LLMEngine:
@@ -165,7 +169,10 @@ class LLMEngine:
         if not self.scheduler.has_unfinished_sequences():
             return []
         start = time.perf_counter()
+        trace = self.trace
+        held_before = blocks_held(self.scheduler) if trace is not None else None
         output = self.scheduler.schedule()
+        event = trace.start(self.scheduler, output, held_before) if trace is not None else None
         for entry in output.scheduled:
             for child in entry.forks:
                 self._unfinished[child.request_id].seqs.append(child)
@@ -176,8 +183,31 @@ class LLMEngine:
         finished += self._apply_stop_strings(output)
         self._counters["steps"] += 1
         self._counters["generated_tokens"] += len(tokens)
-        self._counters["busy_time"] += time.perf_counter() - start
+        self._counters["prefill_chunks"] += output.record.num_prefill_seqs
+        step_time = time.perf_counter() - start
+        self._counters["busy_time"] += step_time
+        if trace is not None:
+            trace.finish(event, self.scheduler, finished, len(tokens), step_time)
         return self._retire(finished)
+
+    def enable_trace(self, max_steps: int = 10_000, block_snapshots: bool = True) -> StepTrace:
+        """Record every following step in a bounded `StepTrace` (replacing any earlier one)."""
+        sched = self.config.scheduler_config
+        self.trace = StepTrace(max_steps, block_snapshots, header={
+            "model": self.config.model_config.model,
+            "num_blocks": self.block_manager.num_blocks,
+            "block_size": self.block_manager.block_size,
+            "max_num_seqs": sched.max_num_seqs,
+            "max_num_batched_tokens": sched.max_num_batched_tokens,
+            "enable_chunked_prefill": sched.enable_chunked_prefill,
+            "enable_prefix_caching": self.block_manager.enable_prefix_caching,
+        })
+        return self.trace
+
+    def disable_trace(self) -> StepTrace | None:
+        """Stop recording; returns the trace recorded so far."""
+        trace, self.trace = self.trace, None
+        return trace
 
     def _apply_stop_strings(self, output: SchedulerOutput) -> list[Sequence]:
         """Finish sequences whose text now contains one of their stop strings."""
@@ -212,7 +242,10 @@ class LLMEngine:
             if len(self._finished) > self._max_retained:
                 self._finished.popitem(last=False)
             self._counters["finished_requests"] += 1
-            outputs.append(request.to_output(self._text_of))
+            output = request.to_output(self._text_of)
+            self._counters["aborted_requests"] += any(s.finish_reason == "abort" for s in request.seqs)
+            self._counters["preempted_requests"] += output.metrics.num_preemptions > 0
+            outputs.append(output)
         return outputs
 
     def _decode(self, seq: Sequence) -> str:
@@ -254,25 +287,42 @@ class LLMEngine:
     # Statistics
     # ------------------------------------------------------------------------------------------
     def get_stats(self) -> dict:
+        """Plain-data statistics in four sections: engine, scheduler, kv_cache, requests.
+
+        "requests" summarizes TTFT / TPOT / end-to-end latency / tokens/s over the finished
+        requests still retained (see max_retained_outputs).
+        """
         c = self._counters
         busy = c["busy_time"]
         runner = self.model_runner
+        sched = self.scheduler.stats()
         return {
             "engine": {
                 "num_steps": c["steps"],
                 "num_finished_requests": c["finished_requests"],
+                "num_aborted_requests": c["aborted_requests"],
+                "num_preempted_requests": c["preempted_requests"],
                 "num_unfinished_requests": len(self._unfinished),
+                "num_waiting": sched["num_waiting"],
+                "num_running": sched["num_running"],
                 "num_prompt_tokens": c["prompt_tokens"],
                 "num_generated_tokens": c["generated_tokens"],
+                "num_prefill_chunks": c["prefill_chunks"],
                 "busy_time_s": busy,
                 "generation_tokens_per_s": c["generated_tokens"] / busy if busy else 0.0,
+                "tokens_per_s": (sched["num_prefill_tokens"] + sched["num_decode_tokens"]) / busy if busy else 0.0,
+                "avg_batch_size": sched["avg_batch_size"],
+                "budget_utilization": sched["budget_utilization"],
                 "device": str(runner.device),
                 "dtype": str(runner.dtype).removeprefix("torch."),
                 "num_kv_blocks": runner.num_kv_blocks,
                 "kv_cache_bytes": runner.num_kv_blocks * runner.kv_bytes_per_block,
             },
-            "scheduler": self.scheduler.stats(),
+            "scheduler": sched,
             "kv_cache": self.block_manager.stats().to_dict(),
+            "requests": summarize_requests(
+                r.to_output(self._text_of).metrics for r in self._finished.values()
+            ),
         }
 
     def render_block_map(self) -> str:

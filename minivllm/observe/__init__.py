@@ -1,0 +1,20 @@
+"""Looking inside the engine: statistics, the step trace, and pictures of both.
+
+    stats.py      summaries of per-request latencies, the `print_stats()` table
+    trace.py      StepTrace: a bounded, JSON-lines flight recorder of every step
+    block_map.py  who owns which KV block, as text and as a picture
+    plots.py      schedule timeline, throughput and KV usage over time; `visualize()` draws all
+
+Everything here reads the engine's state, never changes it. matplotlib is imported only when a
+picture is drawn.
+"""
+
+from minivllm.observe.block_map import plot_block_map, snapshot_blocks, text_block_map
+from minivllm.observe.plots import plot_throughput, plot_timeline, visualize
+from minivllm.observe.stats import format_stats, percentile, summarize_requests
+from minivllm.observe.trace import StepTrace, events_from_history, read_trace
+
+__all__ = [
+    "StepTrace", "events_from_history", "format_stats", "percentile", "plot_block_map", "plot_throughput",
+    "plot_timeline", "read_trace", "snapshot_blocks", "summarize_requests", "text_block_map", "visualize",
+]
