@@ -85,7 +85,7 @@ def format_stats(stats: dict) -> str:
     width = max((len(k) for values in stats.values() for k in values), default=0) + 2
     lines = []
     for section, values in stats.items():
-        lines.append(f"{section}")
+        lines.append(f"[{section}]")
         lines.append("-" * (width + 16))
         for key, value in values.items():
             lines.append(f"  {key:<{width}}{_format_value(key, value):>14}")
