@@ -54,6 +54,8 @@ class ModelConfig:
     device: "auto" means CUDA when available, else CPU.
     seed: seeds the global RNG used by requests that bring no seed of their own.
     attention_backend: the `minivllm.kernels` backend ("auto" picks the fastest that can run).
+    enforce_eager: never use CUDA graphs; every step launches its kernels one by one. (Graphs
+        are only ever used on CUDA, for decode-only steps; see minivllm/worker/cuda_graph.py.)
     """
 
     model: str
@@ -61,6 +63,7 @@ class ModelConfig:
     device: str = "auto"
     seed: int = 0
     attention_backend: str = "auto"
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.model, os.PathLike):
@@ -73,6 +76,7 @@ class ModelConfig:
         _check_choice("device", self.device, DEVICES)
         _check_int("seed", self.seed, minimum=0)
         _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        _check_bool("enforce_eager", self.enforce_eager)
 
     @property
     def torch_device(self):

@@ -10,6 +10,17 @@ It knows nothing about queues or policies. Given a `SchedulerOutput` it:
 At start-up it also decides how many KV blocks there are: on CPU from a configured byte budget,
 on CUDA from what is left of `gpu_memory_utilization` x the GPU's memory after the weights and a
 profiled forward pass at the largest batch the scheduler can send.
+
+On CUDA a step is kept lean, because at decode the GPU is fast enough to wait on the host:
+
+* the step's metadata goes to the GPU in ONE asynchronous copy from a pinned buffer
+  (`input_batch.StepBuffers`), not one copy per tensor;
+* decode-only steps replay a CUDA graph captured per batch-size bucket (`cuda_graph.py`), so
+  ~400 kernel launches become one; `enforce_eager=True` turns this off;
+* nothing inside the forward reads a GPU value back: the kernels get `max_seq_len` as a Python
+  int. The one sync of a step is reading the sampled tokens at its very end;
+* an all-greedy batch without penalties or bans is sampled with one argmax, skipping the
+  sampler's per-row tensors.
 """
 
 from __future__ import annotations
@@ -25,7 +36,8 @@ from minivllm.engine.sequence import Sequence
 from minivllm.layers.attention import AttentionMetadata
 from minivllm.layers.sampler import Sampler, SamplingBatch
 from minivllm.sampling_params import SamplingParams
-from minivllm.worker.input_batch import build_input_batch
+from minivllm.worker.cuda_graph import DecodeGraphs, graph_batch_sizes, is_decode_only
+from minivllm.worker.input_batch import InputBatch, StepBuffers, exact_layout, pack_step, step_seqs
 
 
 class ModelRunner:
@@ -45,7 +57,13 @@ class ModelRunner:
         self.sampler = Sampler()
         self.num_kv_blocks = self._decide_num_kv_blocks()
         self.kv_caches = self._allocate_kv_cache(self.num_kv_blocks)
+        if self.num_kv_blocks * self.block_size >= 2**31:
+            raise ValueError(f"{self.num_kv_blocks} KV blocks of {self.block_size} tokens exceed 2^31 "
+                             "slots; slots are int32 in the step buffer: use fewer or larger blocks")
         self._generators: dict[int, torch.Generator] = {}  # seq_id -> its seeded RNG
+        # The eager path's step buffer; it grows if a step ever needs more room.
+        self._step_buffers = StepBuffers(4096, self.device)
+        self.graphs = self._capture_graphs()
 
     # ------------------------------------------------------------------------------------------
     # KV cache sizing and allocation
@@ -160,6 +178,30 @@ class ModelRunner:
         return caches
 
     # ------------------------------------------------------------------------------------------
+    # CUDA graphs
+    # ------------------------------------------------------------------------------------------
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        return self.graphs is not None
+
+    def _capture_graphs(self) -> DecodeGraphs | None:
+        """Capture the decode graphs (CUDA only, unless enforce_eager), after the KV pool exists."""
+        if self.device.type != "cuda" or self.config.model_config.enforce_eager:
+            return None
+        sched = self.config.scheduler_config
+        graphs = DecodeGraphs(
+            self.model,
+            graph_batch_sizes(sched.max_num_seqs),
+            max_sampled=sched.max_num_seqs,
+            block_table_width=-(-sched.max_model_len // self.block_size),
+            max_seq_len=sched.max_model_len,
+            device=self.device,
+            backend=self.backend,
+        )
+        graphs.capture()
+        return graphs
+
+    # ------------------------------------------------------------------------------------------
     # One step
     # ------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -168,14 +210,40 @@ class ModelRunner:
         if output.is_empty:
             return []
         self._copy_blocks(output.block_copies)
-        batch = build_input_batch(output, self.block_size, self.device, self.backend)
-        hidden = self.model(batch.input_ids, batch.positions, batch.attn_metadata)
+        seqs, sampled = step_seqs(output)
+        hidden, logits_indices = self._forward(seqs, sampled)
         rows = output.sampled_sequences
         if not rows:  # only partial prefill chunks this step: nothing to sample yet
             return []
-        logits = self.model.compute_logits(hidden[batch.logits_indices])
-        tokens = self.sampler(logits, self._sampling_batch([seq for seq, _ in rows]))
-        return tokens.tolist()
+        logits = self.model.compute_logits(hidden[logits_indices])
+        seqs_sampled = [seq for seq, _ in rows]
+        if self._all_plain_greedy(seqs_sampled):
+            tokens = logits.argmax(dim=-1)
+        else:
+            tokens = self.sampler(logits, self._sampling_batch(seqs_sampled))
+        return tokens.tolist()  # the step's one device->host sync
+
+    def _forward(self, seqs, sampled) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states of the step and the rows to sample: a graph replay when one fits."""
+        if (self.graphs is not None and is_decode_only(len(s.new_token_ids) for s in seqs)
+                and self.graphs.bucket(len(seqs)) is not None and len(sampled) <= self.graphs.layout.max_sampled):
+            return self.graphs.run(seqs, sampled, self.block_size)
+        batch = self.prepare_eager(seqs, sampled)
+        hidden = self.model(batch.input_ids, batch.positions, batch.attn_metadata)
+        return hidden, batch.logits_indices
+
+    def prepare_eager(self, seqs, sampled) -> InputBatch:
+        """Pack the step compactly into the eager buffer, copy it once, return views of it."""
+        layout = exact_layout(seqs, len(sampled))
+        buf = self._step_buffers.host(layout.size)
+        packed = pack_step(buf, layout, seqs, sampled, self.block_size)
+        self._step_buffers.upload(packed.copy_size)
+        return InputBatch.view(self._step_buffers.device_tensor, layout, packed, self.backend)
+
+    def _all_plain_greedy(self, seqs: list[Sequence]) -> bool:
+        """Greedy, no penalties, nothing banned: the sampler would reduce to an argmax."""
+        return all(s.sampling_params.is_greedy and not s.sampling_params.has_penalties
+                   and not self._banned_tokens(s) for s in seqs)
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate whole KV blocks (every layer) before anyone writes to them.

@@ -1,0 +1,150 @@
+"""CUDA graphs for decode steps: launch a whole forward pass with one call.
+
+A decode step of a small model is mostly *launch overhead*: Qwen3-0.6B has 28 layers of about
+fifteen kernels each, so one forward is ~400 kernel launches of a few microseconds of Python and
+driver work apiece, while each kernel runs for only microseconds on the GPU. The GPU waits on the
+host. A CUDA graph records the launches of one forward once ("capture") and replays all of them
+with a single call: the host cost of a step drops from milliseconds to tens of microseconds.
+
+What a graph needs, and how this file provides it:
+
+* **Fixed shapes.** A graph replays exactly the kernels it recorded, for exactly the tensor sizes
+  it recorded. Decode batches change size every step, so we capture one graph per *bucket* of
+  batch sizes (1, 2, 4, 8, 16, 32, 48, ...) and pad each step's batch up to the next bucket
+  with dummy sequences (see `input_batch.pack_step(pad_to=...)`). Only decode-only steps are
+  graphed: every sequence has one new token, so "batch size" is the only shape that varies.
+  Steps with prefill chunks run eagerly; they are big enough that launches do not dominate.
+* **Fixed addresses.** Replay reads its inputs from the memory it read during capture. The
+  inputs therefore live in one static device buffer (`StepBuffers` with a fixed `StepLayout`),
+  and each step writes its metadata *into* that buffer (one host->device copy) before replaying.
+  Outputs come back in the tensor captured as the graph's output.
+* **No host syncs.** Anything that reads a GPU value on the host (`.item()`, `.tolist()`,
+  printing, a data-dependent Python branch) cannot be captured. The model checks shapes only,
+  the Triton kernels size their grids from shapes, and the split-KV count is planned from a
+  host-side bound, `max_seq_len`, fixed at capture to `max_model_len` (a split that finds no keys
+  of a short context simply contributes nothing).
+* **Warm kernels.** The first call of a Triton kernel compiles it; that must not happen during
+  capture, so each bucket runs once eagerly right before it is captured.
+
+Graphs are captured largest first and share one memory pool: a smaller graph's temporaries fit
+inside the larger one's, and since graphs replay one at a time they can share the memory.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable
+
+import torch
+
+from minivllm.layers.attention import AttentionMetadata
+from minivllm.worker.input_batch import InputBatch, PackedStep, StepBuffers, StepLayout, pack_step
+
+
+def graph_batch_sizes(max_batch_size: int) -> list[int]:
+    """The buckets: 1, 2, 4, 8, then every multiple of 16, up to and including `max_batch_size`.
+
+    Small batches get fine buckets (padding 7 rows onto 1 would double the work); from 16 on,
+    a step pads at most 15 rows, under 10 % of the batch beyond 160 sequences.
+    """
+    if max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+    sizes = [s for s in (1, 2, 4, 8) if s <= max_batch_size]
+    sizes += list(range(16, max_batch_size + 1, 16))
+    if sizes[-1] != max_batch_size:
+        sizes.append(max_batch_size)
+    return sizes
+
+
+def bucket_for(num_seqs: int, sizes: list[int]) -> int | None:
+    """The smallest bucket that holds `num_seqs` sequences, or None if none does. `sizes` sorted."""
+    if num_seqs < 1:
+        return None
+    i = bisect.bisect_left(sizes, num_seqs)
+    return sizes[i] if i < len(sizes) else None
+
+
+def is_decode_only(new_token_counts: Iterable[int]) -> bool:
+    """A step a decode graph can run: every sequence computes exactly one new token.
+
+    (That includes a prefill chunk of a single token: to attention it is the same as a decode,
+    one query at the end of the context.)
+    """
+    return all(n == 1 for n in new_token_counts)
+
+
+class DecodeGraphs:
+    """One captured forward pass per batch-size bucket, replayed for decode-only steps.
+
+    model: the engine's model (`forward(input_ids, positions, meta)` -> hidden [T, H]).
+    batch_sizes: the buckets; max_sampled: most sampled rows a step can have (max_num_seqs).
+    block_table_width: blocks of the longest sequence, ceil(max_model_len / block_size).
+    max_seq_len: the host-side bound on seq_lens baked into the graphs (max_model_len).
+    """
+
+    def __init__(self, model, batch_sizes: list[int], max_sampled: int, block_table_width: int,
+                 max_seq_len: int, device: torch.device, backend: str = "auto"):
+        if device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
+        self.model = model
+        self.batch_sizes = sorted(batch_sizes)
+        self.max_seq_len = max_seq_len
+        self.backend = backend
+        largest = self.batch_sizes[-1]
+        self.layout = StepLayout(max_tokens=largest, max_sampled=max(max_sampled, largest),
+                                 max_seqs=largest, block_table_width=block_table_width)
+        # Never reallocated: the graphs hold pointers into it.
+        self.buffers = StepBuffers(self.layout.size, device, growable=False)
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._outputs: dict[int, torch.Tensor] = {}
+        self._inputs: dict[int, InputBatch] = {}
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.batch_sizes[-1]
+
+    def _static_inputs(self, batch_size: int) -> InputBatch:
+        """The graph's inputs for one bucket: fixed views into the static device buffer."""
+        shape = PackedStep(num_tokens=batch_size, num_seqs=batch_size, num_sampled=0,
+                           max_seq_len=self.max_seq_len, copy_size=self.layout.used_size(batch_size))
+        return InputBatch.view(self.buffers.device_tensor, self.layout, shape, self.backend,
+                               max_seq_len=self.max_seq_len)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture every bucket, largest first. Call once, after the KV cache is bound."""
+        pool = None
+        for batch_size in reversed(self.batch_sizes):
+            # An all-padding batch: valid for the kernels, writes nothing into the KV cache.
+            buf = self.buffers.host(self.layout.size)
+            packed = pack_step(buf, self.layout, [], [], block_size=1, pad_to=batch_size)
+            self.buffers.upload(packed.copy_size)
+            inputs = self._static_inputs(batch_size)
+            meta: AttentionMetadata = inputs.attn_metadata
+            self.model(inputs.input_ids, inputs.positions, meta)  # warm-up: compiles the kernels
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                output = self.model(inputs.input_ids, inputs.positions, meta)
+            pool = graph.pool()
+            self._graphs[batch_size] = graph
+            self._outputs[batch_size] = output
+            self._inputs[batch_size] = inputs
+        torch.cuda.synchronize()
+
+    def bucket(self, num_seqs: int) -> int | None:
+        return bucket_for(num_seqs, self.batch_sizes)
+
+    def run(self, seqs, sampled_seq_indices, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pack a decode-only step into the static buffer, replay its bucket's graph.
+
+        Returns (hidden states [bucket, H], logits_indices [S]); rows past the real batch are
+        padding. The caller checked `bucket(len(seqs))` is not None.
+        """
+        batch_size = self.bucket(len(seqs))
+        buf = self.buffers.host(self.layout.size)
+        packed = pack_step(buf, self.layout, seqs, sampled_seq_indices, block_size, pad_to=batch_size)
+        self.buffers.upload(packed.copy_size)
+        self._graphs[batch_size].replay()
+        start = self.layout.logits_indices
+        return self._outputs[batch_size], self.buffers.device_tensor[start:start + packed.num_sampled]
