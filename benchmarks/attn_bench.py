@@ -253,7 +253,7 @@ def plot(records: list[dict], path: Path, title: str) -> None:
 
     decode = [r for r in records if r["op"] == "decode"]
     other = [r for r in records if r["op"] != "decode"]
-    fig, axes = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw={"width_ratios": [3, 1]})
+    fig, axes = plt.subplots(1, 2, figsize=(16, 5.5), gridspec_kw={"width_ratios": [3, 1]})
     for ax, recs, key, label in ((axes[0], decode, "frac_copy_bw", "fraction of copy bandwidth"),
                                  (axes[1], other, "tflops", "TFLOP/s")):
         labels = sorted({(r["op"], r["batch"], r["context"], r["query_len"], r["block_size"],
@@ -269,7 +269,8 @@ def plot(records: list[dict], path: Path, title: str) -> None:
                 values.append(match[0] if match else 0.0)
             ax.bar([x + i * width for x in range(len(labels))], values, width, label=backend)
         ax.set_xticks([x + width * (len(backends) - 1) / 2 for x in range(len(labels))])
-        ax.set_xticklabels([f"{op.replace('_prefill', '')}\nB={b} ctx={L}\nq={q} bs={bs}"
+        ax.set_xticklabels([f"{op.replace('_prefill', '')}\nB={b}\nctx={_k(L)}\n"
+                            + (f"q={q}\n" if q > 1 else "") + f"bs={bs}"
                             for op, b, L, q, bs, _ in labels], fontsize=7)
         ax.set_ylabel(label)
         ax.legend()
@@ -280,6 +281,10 @@ def plot(records: list[dict], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _k(n: int) -> str:
+    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
 
 
 def parse_args(argv=None):
@@ -300,11 +305,20 @@ def parse_args(argv=None):
     p.add_argument("--head-dim", type=int, default=None)
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory for JSON and PNG")
     p.add_argument("--tag", default=None, help="name of the output files (default: device)")
+    p.add_argument("--replot", type=Path, default=None, metavar="JSON",
+                   help="only redraw the plot and table of an earlier run's JSON")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.replot:
+        saved = json.loads(args.replot.read_text())
+        meta = saved["meta"]
+        plot(saved["records"], args.replot.with_suffix(".png"),
+             f"minivllm paged attention, {meta['device']}, {meta['date'][:10]}")
+        print_table(saved["records"])
+        return 0
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
     # GPU defaults are the shapes that matter (Llama-3-8B-like heads); CPU ones stay small.

@@ -38,7 +38,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     MODEL_CONFIGS,
     build_model,
     cpu_disclaimer,

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `minivllm` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     MODEL_CONFIGS,
     build_model,
     cpu_disclaimer,
@@ -57,8 +57,8 @@ from benchmarks.common import (  # noqa: E402
 )
 
 BACKENDS = ("minivllm", "hf_generate", "hf_generate_batch")
-GPU_DEFAULTS = dict(model_config="qwen3-0.6b", num_requests=256, input_len="100:1024", output_len="100:1024")
-CPU_DEFAULTS = dict(model_config="tiny", num_requests=8, input_len="16:64", output_len="8:32")
+GPU_DEFAULTS = {"model_config": "qwen3-0.6b", "num_requests": 256, "input_len": "100:1024", "output_len": "100:1024"}
+CPU_DEFAULTS = {"model_config": "tiny", "num_requests": 8, "input_len": "16:64", "output_len": "8:32"}
 
 
 # ------------------------------------------------------------------------------------------
@@ -245,7 +245,7 @@ def run_hf_generate_batch(model_dir, prompts, out_lens, device, dtype, time_limi
     try:
         model = load_hf(model_dir, device, dtype, attn_implementation="paged|sdpa")
         attn = "paged|sdpa"
-    except Exception:  # older naming: let the manager pick its paged attention itself
+    except Exception:  # noqa: BLE001 - a version without that name: let the manager pick its own
         model = load_hf(model_dir, device, dtype)
         attn = getattr(model.config, "_attn_implementation", None)
     # eos_token_id=-1 never matches a token: the documented "no EOS" value of the manager.
@@ -442,16 +442,16 @@ def ratios(records: list[dict]) -> list[dict]:
 
 
 def format_table(payload: dict) -> str:
-    lines = [f"{payload['model_config']} on {payload['device']} ({payload['dtype']}), "
-             f"in {payload['input_len']} out {payload['output_len']}, seed {payload['seed']}"]
+    lines = [(f"{payload['model_config']} on {payload['device']} ({payload['dtype']}), "
+             f"in {payload['input_len']} out {payload['output_len']}, seed {payload['seed']}")]
     header = f"{'backend':<18} {'reqs':>5} {'out tok/s':>10} {'total tok/s':>12} {'wall s':>8} {'peak GiB':>9}  note"
     lines += [header, "-" * len(header)]
     for r in payload["records"]:
-        def num(key, fmt="{:.1f}"):
+        def num(key, fmt="{:.1f}", r=r):
             return fmt.format(r[key]) if r.get(key) is not None else "-"
         peak = r.get("peak_gpu_memory_bytes")
         peak = f"{peak / 2**30:.2f}" if peak else "-"
-        note = r.get("error") or ("timed out: " + f"{r['num_finished_requests']} finished"
+        note = r.get("error") or (f"timed out: {r['num_finished_requests']} finished"
                                   if r.get("timed_out_after_s") else "")
         if r["backend"] == "minivllm" and r.get("ttft_s"):
             note = (f"TTFT p50 {r['ttft_s']['p50']:.3f}s, TPOT p50 {1e3 * r['tpot_s']['p50']:.2f}ms, "
