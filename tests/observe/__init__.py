@@ -1,0 +1,1 @@
+"""Tests of minivllm.observe, the tutorials and the example."""

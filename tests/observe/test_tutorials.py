@@ -1,0 +1,30 @@
+"""Every tutorial and the basic example run in smoke mode and draw non-empty PNGs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPTS = sorted((ROOT / "tutorials").glob("[0-9][0-9]_*.py")) + [ROOT / "examples" / "basic_usage.py"]
+
+
+def test_all_five_tutorials_exist():
+    assert [p.name for p in SCRIPTS[:5]] == ["01_paged_kv_cache.py", "02_scheduler.py", "03_engine_step.py",
+                                             "04_complete_workflow.py", "05_performance_comparison.py"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.stem)
+def test_script_runs_in_smoke_mode(script, tiny_llama, tmp_path):
+    env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(tmp_path), "--model", tiny_llama],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    pngs = list(tmp_path.rglob("*.png"))
+    assert pngs, f"{script.name} wrote no figure"
+    assert all(p.stat().st_size > 5_000 for p in pngs)
+    assert len(done.stdout.splitlines()) > 10  # it explains what it shows
