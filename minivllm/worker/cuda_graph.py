@@ -38,7 +38,13 @@ from collections.abc import Iterable
 import torch
 
 from minivllm.layers.attention import AttentionMetadata
-from minivllm.worker.input_batch import InputBatch, PackedStep, StepBuffers, StepLayout, pack_step
+from minivllm.worker.input_batch import (
+    InputBatch,
+    PackedStep,
+    StepBuffers,
+    StepLayout,
+    pack_step,
+)
 
 
 def graph_batch_sizes(max_batch_size: int) -> list[int]:
@@ -135,11 +141,18 @@ class DecodeGraphs:
     def bucket(self, num_seqs: int) -> int | None:
         return bucket_for(num_seqs, self.batch_sizes)
 
+    def can_run(self, seqs, num_sampled: int) -> bool:
+        """Decode-only, a bucket holds the batch, and everything fits the static buffer."""
+        return (is_decode_only(len(s.new_token_ids) for s in seqs)
+                and self.bucket(len(seqs)) is not None
+                and num_sampled <= self.layout.max_sampled
+                and all(len(s.block_table) <= self.layout.block_table_width for s in seqs))
+
     def run(self, seqs, sampled_seq_indices, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Pack a decode-only step into the static buffer, replay its bucket's graph.
 
         Returns (hidden states [bucket, H], logits_indices [S]); rows past the real batch are
-        padding. The caller checked `bucket(len(seqs))` is not None.
+        padding. The caller checked `can_run`.
         """
         batch_size = self.bucket(len(seqs))
         buf = self.buffers.host(self.layout.size)

@@ -36,8 +36,14 @@ from minivllm.engine.sequence import Sequence
 from minivllm.layers.attention import AttentionMetadata
 from minivllm.layers.sampler import Sampler, SamplingBatch
 from minivllm.sampling_params import SamplingParams
-from minivllm.worker.cuda_graph import DecodeGraphs, graph_batch_sizes, is_decode_only
-from minivllm.worker.input_batch import InputBatch, StepBuffers, exact_layout, pack_step, step_seqs
+from minivllm.worker.cuda_graph import DecodeGraphs, graph_batch_sizes
+from minivllm.worker.input_batch import (
+    InputBatch,
+    StepBuffers,
+    exact_layout,
+    pack_step,
+    step_seqs,
+)
 
 
 class ModelRunner:
@@ -225,8 +231,7 @@ class ModelRunner:
 
     def _forward(self, seqs, sampled) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states of the step and the rows to sample: a graph replay when one fits."""
-        if (self.graphs is not None and is_decode_only(len(s.new_token_ids) for s in seqs)
-                and self.graphs.bucket(len(seqs)) is not None and len(sampled) <= self.graphs.layout.max_sampled):
+        if self.graphs is not None and self.graphs.can_run(seqs, len(sampled)):
             return self.graphs.run(seqs, sampled, self.block_size)
         batch = self.prepare_eager(seqs, sampled)
         hidden = self.model(batch.input_ids, batch.positions, batch.attn_metadata)

@@ -21,9 +21,9 @@ BS = 4  # block size
 def fields(buf, layout, packed):
     batch = InputBatch.view(torch.from_numpy(buf), layout, packed)
     m = batch.attn_metadata
-    return dict(ids=batch.input_ids.tolist(), pos=batch.positions.tolist(), slots=m.slot_mapping.tolist(),
-                seq_lens=m.seq_lens.tolist(), cu=m.cu_seqlens_q.tolist(), tables=m.block_tables.tolist(),
-                logits=batch.logits_indices.tolist(), max_seq_len=m.max_seq_len)
+    return {"ids": batch.input_ids.tolist(), "pos": batch.positions.tolist(), "slots": m.slot_mapping.tolist(),
+                "seq_lens": m.seq_lens.tolist(), "cu": m.cu_seqlens_q.tolist(), "tables": m.block_tables.tolist(),
+                "logits": batch.logits_indices.tolist(), "max_seq_len": m.max_seq_len}
 
 
 def test_layout_offsets_are_contiguous_and_block_tables_last():
@@ -84,10 +84,10 @@ def test_an_all_padding_batch_is_valid_for_the_reference_kernel():
 
 
 @pytest.mark.parametrize("bad, match", [
-    (dict(pad_to=1), "pad_to=1 is smaller"),
-    (dict(layout=StepLayout(1, 2, 2, 2)), "tokens"),
-    (dict(layout=StepLayout(8, 2, 2, 1)), "block-table columns"),
-    (dict(sampled=[0, 1, 1]), "sampled rows"),
+    ({"pad_to": 1}, "pad_to=1 is smaller"),
+    ({"layout": StepLayout(1, 2, 2, 2)}, "tokens"),
+    ({"layout": StepLayout(8, 2, 2, 1)}, "block-table columns"),
+    ({"sampled": [0, 1, 1]}, "sampled rows"),
 ])
 def test_a_step_that_does_not_fit_names_what_overflows(bad, match):
     seqs = [StepSeq([1], 3, [0]), StepSeq([2, 3], 0, [1, 2])]
@@ -104,3 +104,33 @@ def test_step_buffers_grow_on_cpu_and_refuse_to_when_fixed():
     fixed = StepBuffers(8, torch.device("cpu"), growable=False)
     with pytest.raises(ValueError, match="buffer elements"):
         fixed.host(9)
+
+
+def test_padding_leaves_the_real_rows_of_a_forward_unchanged(tmp_path):
+    """The padded batch a graph replays gives the real sequences the same hidden states (CPU)."""
+    from minivllm.config import EngineConfig
+    from minivllm.models import make_random_model
+    from minivllm.worker.model_runner import ModelRunner
+
+    model = make_random_model(tmp_path / "m", arch="qwen3", size="tiny")
+    runner = ModelRunner(EngineConfig.from_dict({"model": str(model), "device": "cpu", "num_kv_blocks": 16,
+                                                 "block_size": 4, "max_model_len": 64,
+                                                 "attention_backend": "torch"}))
+    for k, v in runner.kv_caches:
+        k.normal_()
+        v.normal_()
+    seqs = [StepSeq([7], 5, [3, 9]), StepSeq([8], 0, [1]), StepSeq([9], 11, [2, 4, 6])]
+    hidden = {}
+    for pad_to in (None, 8):
+        layout = StepLayout(max_tokens=8, max_sampled=8, max_seqs=8, block_table_width=4)
+        buf = np.zeros(layout.size, dtype=np.int32)
+        packed = pack_step(buf, layout, seqs, [0, 1, 2], 4, pad_to=pad_to)
+        batch = InputBatch.view(torch.from_numpy(buf), layout, packed, backend="torch", max_seq_len=64)
+        before = [k.clone() for k, _ in runner.kv_caches]
+        with torch.inference_mode():
+            hidden[pad_to] = runner.model(batch.input_ids, batch.positions, batch.attn_metadata)
+        if pad_to:  # padding wrote nothing: only the real tokens' slots were (re)written
+            for b, (k, _) in zip(before, runner.kv_caches):
+                torch.testing.assert_close(k, b)
+    assert hidden[8].shape[0] == 8
+    torch.testing.assert_close(hidden[8][:3], hidden[None])
