@@ -194,19 +194,20 @@ def main(argv=None) -> dict:
                             dtype, seed=args.seed)
     copy_bw = measure_copy_bandwidth(device)
     print(f"copy bandwidth (read + write): {copy_bw / 1e9:.1f} GB/s")
-    rows = []
-    for mode in modes:
-        rows += run_mode(model_dir, args, enforce_eager=(mode == "eager") or not gpu, copy_bw=copy_bw)
-        if not gpu:
-            break  # no graphs on CPU: one eager pass says it all
     out = args.out or default_out("roofline", args.model_config, device)
     title = f"decode step vs roofline: {args.model_config}, context {args.context}, {environment(device)['device']}"
-    png = plot(rows, out.with_suffix(".png"), title)
     payload = {"bench": "decode_roofline", "model_config": args.model_config, "dtype": str(dtype).removeprefix("torch."),
-               "copy_bandwidth_bytes_per_s": copy_bw, "rows": rows, "plot": str(png) if png else None,
+               "context": args.context, "copy_bandwidth_bytes_per_s": copy_bw, "rows": [], "plot": None,
                **environment(device), "note": note}
-    write_json(out, payload)
-    print(f"\nwrote {out}" + (f" and {png}" if png else ""))
+    for mode in modes:
+        payload["rows"] += run_mode(model_dir, args, enforce_eager=(mode == "eager") or not gpu, copy_bw=copy_bw)
+        png = plot(payload["rows"], out.with_suffix(".png"), title)
+        payload["plot"] = str(png) if png else None
+        write_json(out, payload)  # after each mode: a later failure loses nothing measured
+        if not gpu:
+            break  # no graphs on CPU: one eager pass says it all
+    rows = payload["rows"]
+    print(f"\nwrote {out}" + (f" and {payload['plot']}" if payload["plot"] else ""))
     print(f"{'graphs':>6} {'batch':>6} {'step ms':>9} {'roofline ms':>12} {'ratio':>7} {'tok/s':>10}")
     for r in rows:
         print(f"{'on' if r['cuda_graphs'] else 'off':>6} {r['batch_size']:>6} {1e3 * r['step_time_s']:>9.3f} "
