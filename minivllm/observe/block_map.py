@@ -156,7 +156,8 @@ def plot_block_map(snapshot: dict, path, title: str = "KV cache block map", bloc
             label = str(block)
         ax.add_patch(Rectangle((x, y), 1, 1, fill=False, edgecolor="0.3", linewidth=0.8))
         if n <= 512:
-            ax.text(x + 0.5, y + 0.5, label, ha="center", va="center", fontsize=7 if n <= 128 else 5)
+            ax.text(x + 0.5, y + 0.5, label, ha="center", va="center", fontsize=7 if n <= 128 else 5,
+                    bbox=dict(boxstyle="round,pad=0.1", facecolor="white", alpha=0.7, linewidth=0) if who else None)
     ax.set_xlim(0, cols)
     ax.set_ylim(0, rows)
     ax.set_aspect("equal")

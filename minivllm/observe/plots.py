@@ -74,10 +74,11 @@ def plot_timeline(events, path, title: str = "Schedule timeline") -> Path:
     if preempt:
         top.scatter([s for s, _ in preempt], [peak * 1.05] * len(preempt), marker="v", s=40,
                     color=PREEMPT_COLOUR, zorder=3, label="preemption")
+    top.set_ylim(0, max(peak, budget if peak >= 0.3 * budget else 0) * 1.4)  # headroom for the legend
     top.set_ylabel("tokens in the step")
     top.set_title(f"{title}: {len(events)} steps, {sum(prefill)} prefill + {sum(decode)} decode tokens, "
                   f"{sum(n for _, n in preempt)} preemptions", fontsize=10)
-    top.legend(loc="upper right", fontsize=8)
+    top.legend(loc="upper left", fontsize=8, ncol=4)
 
     bottom.step(steps, [e["num_running"] for e in events], where="mid", label="running", color="tab:green")
     bottom.step(steps, [e["num_waiting"] for e in events], where="mid", label="waiting", color="tab:purple")
