@@ -33,6 +33,7 @@ import torch
 from minivllm.config import EngineConfig
 from minivllm.engine.scheduler import SchedulerOutput
 from minivllm.engine.sequence import Sequence
+from minivllm.kernels import resolve_backend
 from minivllm.layers.attention import AttentionMetadata
 from minivllm.layers.sampler import Sampler, SamplingBatch
 from minivllm.sampling_params import SamplingParams
@@ -191,8 +192,13 @@ class ModelRunner:
         return self.graphs is not None
 
     def _capture_graphs(self) -> DecodeGraphs | None:
-        """Capture the decode graphs (CUDA only, unless enforce_eager), after the KV pool exists."""
+        """Capture the decode graphs (CUDA only, unless enforce_eager), after the KV pool exists.
+
+        The reference attention backend ("torch") reads sequence lengths back to the host, which a
+        graph cannot capture, so it always runs eagerly."""
         if self.device.type != "cuda" or self.config.model_config.enforce_eager:
+            return None
+        if resolve_backend(self.backend, self.device) == "torch":
             return None
         sched = self.config.scheduler_config
         graphs = DecodeGraphs(
