@@ -59,7 +59,7 @@ def main() -> None:
         "logits_indices": (batch.logits_indices, "the rows whose output gives the next token"),
     }
     for name, (tensor, meaning) in rows.items():
-        print(f"{name:<15} {str(tensor.tolist()):<38} {meaning}")
+        print(f"{name:<15} {tensor.tolist()!s:<38} {meaning}")
 
     heading("3. model forward + LM head + sampler")
     model_runner = engine.model_runner

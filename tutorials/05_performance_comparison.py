@@ -160,11 +160,12 @@ def compare_block_sizes(model, sizes, num_requests, out) -> list[dict]:
 
 STRATEGIES = {
     # name: (static batch size, engine keywords)
-    "static batching": (4, dict(enable_chunked_prefill=False, enable_prefix_caching=False)),
-    "continuous batching": (None, dict(enable_chunked_prefill=False, enable_prefix_caching=False)),
-    "chunked prefill": (None, dict(max_num_batched_tokens=64, prefill_chunk_size=32, enable_prefix_caching=False)),
-    "chunked + prefix cache": (None, dict(max_num_batched_tokens=64, prefill_chunk_size=32,
-                                          enable_prefix_caching=True)),
+    "static batching": (4, {"enable_chunked_prefill": False, "enable_prefix_caching": False}),
+    "continuous batching": (None, {"enable_chunked_prefill": False, "enable_prefix_caching": False}),
+    "chunked prefill": (None, {"max_num_batched_tokens": 64, "prefill_chunk_size": 32,
+                               "enable_prefix_caching": False}),
+    "chunked + prefix cache": (None, {"max_num_batched_tokens": 64, "prefill_chunk_size": 32,
+                                      "enable_prefix_caching": True}),
 }
 
 
@@ -249,7 +250,7 @@ def main() -> None:
             "heat_map": heat_map(model, [1, 2, 4, 8, 16], [4, 8, 16, 32, 64], 8, args.out),
         }
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"\nCPU numbers from a tiny model: scheduling trends carry over to GPUs, absolute speeds do not.")
+    print("\nCPU numbers from a tiny model: scheduling trends carry over to GPUs, absolute speeds do not.")
     print(f"Figures and results.json written to {args.out}")
 
 

@@ -21,6 +21,8 @@ import string
 # One letter per sequence in the text map (the 53rd sequence and later share '@').
 _SEQ_LETTERS = string.ascii_uppercase + string.ascii_lowercase
 FREE, CACHED, SHARED = ".", "c", "*"
+# Above this many blocks a cell per block is unreadable and slow to draw: one pixel per block.
+MAX_DRAWN_BLOCKS = 1024
 
 
 def snapshot_blocks(block_manager, seqs, new_tokens: dict[int, int] | None = None) -> dict:
@@ -102,10 +104,18 @@ def text_block_map(snapshot: dict, blocks_per_row: int = 32) -> str:
         else:
             cells.append(CACHED if block in cached else FREE)
     n = snapshot["num_blocks"]
-    lines = [f"{n} blocks x {snapshot['block_size']} slots   "
-             f"(letter = owning sequence, {SHARED} shared, {CACHED} free but cached, {FREE} free)"]
+    lines = [(f"{n} blocks x {snapshot['block_size']} slots   "
+              f"(letter = owning sequence, {SHARED} shared, {CACHED} free but cached, {FREE} free)")]
+    idle_from = None  # runs of all-free rows are folded into one line, so big pools stay short
     for row in range(0, n, blocks_per_row):
-        lines.append(f"{row:>6} | {''.join(cells[row:row + blocks_per_row])}")
+        text = "".join(cells[row:row + blocks_per_row])
+        if set(text) == {FREE} and row + blocks_per_row < n:
+            idle_from = row if idle_from is None else idle_from
+            continue
+        if idle_from is not None:
+            lines.append(f"{idle_from:>6} | ... blocks {idle_from}-{row - 1} free")
+            idle_from = None
+        lines.append(f"{row:>6} | {text}")
     fill = block_fill(snapshot)
     requests = snapshot.get("requests", {})
     for seq_id, letter in letters.items():
@@ -128,6 +138,8 @@ def plot_block_map(snapshot: dict, path, title: str = "KV cache block map", bloc
     from minivllm.observe.plots import new_figure, save_figure
 
     _check_snapshot(snapshot)
+    if snapshot["num_blocks"] > MAX_DRAWN_BLOCKS:
+        return _plot_large_block_map(snapshot, path, title)
     n, bs = snapshot["num_blocks"], snapshot["block_size"]
     cols = blocks_per_row or min(n, 16 if n <= 128 else 32)
     rows = -(-n // cols)
@@ -157,7 +169,7 @@ def plot_block_map(snapshot: dict, path, title: str = "KV cache block map", bloc
         ax.add_patch(Rectangle((x, y), 1, 1, fill=False, edgecolor="0.3", linewidth=0.8))
         if n <= 512:
             ax.text(x + 0.5, y + 0.5, label, ha="center", va="center", fontsize=7 if n <= 128 else 5,
-                    bbox=dict(boxstyle="round,pad=0.1", facecolor="white", alpha=0.7, linewidth=0) if who else None)
+                    bbox={"boxstyle": "round,pad=0.1", "facecolor": "white", "alpha": 0.7, "linewidth": 0} if who else None)
     ax.set_xlim(0, cols)
     ax.set_ylim(0, rows)
     ax.set_aspect("equal")
@@ -180,6 +192,42 @@ def plot_block_map(snapshot: dict, path, title: str = "KV cache block map", bloc
     waste = (allocated - sum(fill)) / allocated if allocated else 0.0
     ax.set_title(f"{title}\n{used}/{n} blocks used ({used / n:.0%}), {len(cached)} cached free, "
                  f"internal fragmentation {waste:.0%}", fontsize=10)
+    return save_figure(fig, path)
+
+
+def _plot_large_block_map(snapshot: dict, path, title: str):
+    """A big pool as an image, one pixel per block (owner colour, grey cached, white free)."""
+    import numpy as np
+    from matplotlib.patches import Patch
+
+    from minivllm.observe.plots import new_figure, save_figure
+
+    n = snapshot["num_blocks"]
+    cols = 128
+    rows = -(-n // cols)
+    owners = block_owners(snapshot)
+    cached = set(snapshot.get("cached", ()))
+    ids = sorted(snapshot["tables"], key=int)
+    cmap = matplotlib_colormap("tab20")
+    colour = {seq_id: cmap(i % 20)[:3] for i, seq_id in enumerate(ids)}
+    image = np.ones((rows * cols, 3))
+    for block, who in enumerate(owners):
+        if who:
+            image[block] = np.array(colour[who[0]]) * (0.6 if len(who) > 1 else 1.0)  # shared: darker
+        elif block in cached:
+            image[block] = 0.75
+    image[n:] = 0.5  # past the end of the pool
+    fig = new_figure(figsize=(10, 1.5 + min(6.0, rows * 0.06)))
+    ax = fig.add_subplot()
+    ax.imshow(image.reshape(rows, cols, 3), aspect="auto", interpolation="nearest")
+    ax.set_xlabel(f"block id mod {cols}")
+    ax.set_ylabel(f"block id // {cols}")
+    used = sum(1 for o in owners if o)
+    ax.set_title(f"{title}\n{used}/{n} blocks used by {len(ids)} sequences, {len(cached)} cached free "
+                 "(one pixel per block; darker = shared)", fontsize=10)
+    ax.legend(handles=[Patch(facecolor="0.75", label="free, cached prefix"),
+                       Patch(facecolor="white", edgecolor="0.3", label="free")],
+              loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     return save_figure(fig, path)
 
 

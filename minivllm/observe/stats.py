@@ -15,7 +15,7 @@ and strings), so it can be logged, compared in a test or dumped to JSON as it is
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 from minivllm.outputs import RequestMetrics
 
