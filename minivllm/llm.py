@@ -16,7 +16,7 @@ as keyword arguments that build one. For finer control there is the step-level A
 from __future__ import annotations
 
 import time
-from typing import Sequence as SequenceType
+from collections.abc import Sequence as SequenceType
 
 from tqdm.auto import tqdm
 

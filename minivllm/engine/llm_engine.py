@@ -22,7 +22,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import OrderedDict
-from typing import Sequence as SequenceType
+from collections.abc import Sequence as SequenceType
 
 from minivllm.config import EngineConfig
 from minivllm.engine.block_manager import BlockManager
