@@ -69,8 +69,12 @@ def time_decode_steps(llm, batch: int, context: int, steps: int, vocab: int, see
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(10, vocab, size=context).tolist() for _ in range(batch)]
     warm = 2
-    params = SamplingParams(temperature=0.0, max_tokens=warm + steps + 4, ignore_eos=True)
-    engine.add_requests(prompts, params)
+    # Sequences whose prompt is prefilled early already decode while the others still prefill, so
+    # they must not run out of tokens during the timed steps: give them all the room the model
+    # length allows and abort them once timed.
+    room = engine.config.scheduler_config.max_model_len - context
+    params = SamplingParams(temperature=0.0, max_tokens=room, ignore_eos=True)
+    request_ids = engine.add_requests(prompts, params)
     history = engine.scheduler.history
     while True:  # prefill (eager, chunked) until a step decodes the whole batch
         engine.step()
@@ -88,8 +92,8 @@ def time_decode_steps(llm, batch: int, context: int, steps: int, vocab: int, see
         r = history[-1]
         assert r.num_decode_seqs == batch and r.num_prefill_seqs == 0, "the batch changed while timing"
         runner_times.append(r.execute_time)
-    while engine.has_unfinished_requests():
-        engine.step()
+    for rid in request_ids:
+        engine.abort(rid)
     return {"step_time_s": statistics.median(times), "execute_time_s": statistics.median(runner_times),
             "mean_context": statistics.mean(seq_lens)}
 
@@ -98,7 +102,8 @@ def run_mode(model_dir: Path, args, enforce_eager: bool, copy_bw: float) -> list
     from minivllm import LLM
 
     max_batch = max(args.batch_sizes)
-    max_model_len = args.context + args.steps + 8
+    # Room for the decodes that run during chunked prefill, the warm-up and the timed steps.
+    max_model_len = args.context + args.steps + 128
     block_size = 16
     blocks = max_batch * -(-max_model_len // block_size) + 16
     llm = LLM(str(model_dir), max_num_seqs=max_batch, max_model_len=max_model_len,
@@ -195,6 +200,7 @@ def main(argv=None) -> dict:
     copy_bw = measure_copy_bandwidth(device)
     print(f"copy bandwidth (read + write): {copy_bw / 1e9:.1f} GB/s")
     out = args.out or default_out("roofline", args.model_config, device)
+    out.parent.mkdir(parents=True, exist_ok=True)
     title = f"decode step vs roofline: {args.model_config}, context {args.context}, {environment(device)['device']}"
     payload = {"bench": "decode_roofline", "model_config": args.model_config, "dtype": str(dtype).removeprefix("torch."),
                "context": args.context, "copy_bandwidth_bytes_per_s": copy_bw, "rows": [], "plot": None,

@@ -257,7 +257,10 @@ def run_hf_generate_batch(model_dir, prompts, out_lens, device, dtype, time_limi
               if k in accepted}
     _reset_peak(device)
     results, timed_out = {}, False
-    with torch.inference_mode(), cm(**kwargs) as manager:
+    # No inference_mode here: the manager allocates its static tensors in this thread and updates
+    # them in place from its own worker thread, where inference mode is off (transformers 5.17
+    # then refuses the update: "Inplace update to inference tensor outside InferenceMode").
+    with cm(**kwargs) as manager:
         _sync(device)
         start = time.perf_counter()
         ids = [f"req{i}" for i in range(len(prompts))]

@@ -8,8 +8,9 @@ a reader meets them in the code:
   `G = Hq / Hkv`) are stacked into the rows of one tile, next to the tokens: row `r` is token
   `r // G`, head `r % G`. One program handles one tile against one KV head, so K/V are read once
   per KV head, not once per query head. Decode (1 token) gives a tile of just `G` useful rows.
-* **Flattened tiles.** Program `i` along the first grid axis finds its sequence by a binary search
-  over `cu_seqlens_q` (sequence `b` starts at tile `cu_seqlens_q[b] // BLOCK_Q + b`). The grid is
+* **Flattened tiles.** The first grid axis enumerates (query tile, KV head) pairs, heads fastest
+  and the last tile first; a program finds its tile's sequence by a binary search over
+  `cu_seqlens_q` (sequence `b` starts at tile `cu_seqlens_q[b] // BLOCK_Q + b`). The grid is
   sized from tensor *shapes* only, so launching never reads a value back from the GPU and the
   whole call can be captured in a CUDA graph.
 * **Tiles over the paged cache.** Each step of the inner loop gathers `BLOCK_N` consecutive

@@ -20,6 +20,10 @@ PROMPTS = random_prompts([5, 16, 3, 29, 8], seed=1)
 
 def make_llm(model_dir, arch, **config):
     config.setdefault("block_size", 4)
+    if ENGINE_DEVICE == "cuda":
+        # A fixed, small pool: by default every engine would take 90% of the GPU's free memory, so
+        # test workers running side by side (pytest -n) would leave each other no KV block.
+        config.setdefault("num_kv_blocks", 2048)
     return LLM(str(model_dir(arch)), dtype="float32", device=ENGINE_DEVICE, attention_backend=ENGINE_BACKEND,
                **config)
 
