@@ -9,9 +9,11 @@ so no checkpoint is downloaded. Both minivllm and transformers load the same dir
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import json
 import platform
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -37,6 +39,29 @@ def build_model(name: str, out_dir: Path, dtype: torch.dtype, seed: int = 0) -> 
     if (out_dir / "config.json").is_file() and any(out_dir.glob("*.safetensors")):
         return out_dir
     return make_random_model(out_dir, arch=arch, size=size, seed=seed, dtype=dtype, overwrite=True)
+
+
+def setup_model(name: str, model_dir: Path | None, device: torch.device, seed: int,
+                prefix: str) -> tuple[Path, torch.dtype, str | None]:
+    """What every end-to-end benchmark does first: (model directory, dtype, CPU note).
+
+    Prints the CPU disclaimer if there is one, picks bfloat16 on CUDA and float32 on CPU, and
+    builds (or reuses) the random model under `model_dir`, or a fresh temporary directory.
+    """
+    note = cpu_disclaimer(device)
+    if note:
+        print(note)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    root = model_dir or Path(tempfile.mkdtemp(prefix=prefix))
+    print(f"building the {name} model (random weights) in {root} ...", flush=True)
+    return build_model(name, root, dtype, seed=seed), dtype, note
+
+
+def release_memory(device: torch.device) -> None:
+    """Free what the last engine or model left behind, so the next one starts from a clean pool."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def device_name(device: torch.device) -> str:

@@ -32,10 +32,8 @@ are no GPU claim. JSON goes to benchmarks/results/ (or --out), a table is printe
 from __future__ import annotations
 
 import argparse
-import gc
 import inspect
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -48,11 +46,11 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `minivll
 
 from benchmarks.common import (
     MODEL_CONFIGS,
-    build_model,
-    cpu_disclaimer,
     default_out,
     environment,
     parse_range,
+    release_memory,
+    setup_model,
     write_json,
 )
 
@@ -89,9 +87,8 @@ def _sync(device: torch.device) -> None:
 
 
 def _reset_peak(device: torch.device) -> None:
-    gc.collect()
+    release_memory(device)
     if device.type == "cuda":
-        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
 
@@ -364,13 +361,7 @@ def resolve(args) -> tuple[argparse.Namespace, torch.device]:
 
 def main(argv=None) -> dict:
     args, device = resolve(parse_args(argv))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    note = cpu_disclaimer(device)
-    if note:
-        print(note)
-    model_root = args.model_dir or Path(tempfile.mkdtemp(prefix="minivllm-bench-"))
-    print(f"building the {args.model_config} model (random weights) in {model_root} ...", flush=True)
-    model_dir = build_model(args.model_config, model_root, dtype, seed=args.seed)
+    model_dir, dtype, note = setup_model(args.model_config, args.model_dir, device, args.seed, "minivllm-bench-")
 
     from transformers import AutoConfig
 

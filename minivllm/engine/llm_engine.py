@@ -27,7 +27,7 @@ from collections.abc import Sequence as SequenceType
 from minivllm.config import EngineConfig
 from minivllm.engine.block_manager import BlockManager
 from minivllm.engine.request import Request
-from minivllm.engine.scheduler import Scheduler, SchedulerOutput
+from minivllm.engine.scheduler import STEP_PHASES, Scheduler, SchedulerOutput
 from minivllm.engine.sequence import Sequence, SequenceStatus
 from minivllm.engine.tokenizer import eos_token_ids, load_tokenizer
 from minivllm.observe.stats import summarize_requests
@@ -65,7 +65,8 @@ class LLMEngine:
         self._ids = itertools.count()
         self._counters = {"steps": 0, "busy_time": 0.0, "prompt_tokens": 0, "generated_tokens": 0,
                           "finished_requests": 0, "aborted_requests": 0, "preempted_requests": 0,
-                          "prefill_chunks": 0}
+                          "prefill_chunks": 0, "graph_steps": 0, "eager_steps": 0}
+        self._phase_time = dict.fromkeys(STEP_PHASES, 0.0)  # host seconds per step phase, summed
         self.trace: StepTrace | None = None  # see enable_trace; None costs nothing per step
 
     @classmethod
@@ -165,30 +166,50 @@ class LLMEngine:
     # The loop
     # ------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one scheduling + forward + sampling step; returns the requests it finished."""
+        """Run one scheduling + forward + sampling step; returns the requests it finished.
+
+        The step's host time per phase goes into `output.record.timings` (the runner fills
+        prepare / forward / sample, the engine schedule / update): clock reads only, no GPU sync.
+        """
         if not self.scheduler.has_unfinished_sequences():
             return []
         start = time.perf_counter()
         trace = self.trace
         held_before = blocks_held(self.scheduler) if trace is not None else None
+        schedule_start = time.perf_counter()
         output = self.scheduler.schedule()
+        timings = output.record.timings
+        timings.schedule = time.perf_counter() - schedule_start
         event = trace.start(self.scheduler, output, held_before) if trace is not None else None
         for entry in output.scheduled:
             for child in entry.forks:
                 self._unfinished[child.request_id].seqs.append(child)
         execute_start = time.perf_counter()
         tokens = self.model_runner.execute(output)
-        output.record.execute_time = time.perf_counter() - execute_start
+        update_start = time.perf_counter()
+        output.record.execute_time = update_start - execute_start
         finished = self.scheduler.update(output, tokens)
         finished += self._apply_stop_strings(output)
-        self._counters["steps"] += 1
-        self._counters["generated_tokens"] += len(tokens)
-        self._counters["prefill_chunks"] += output.record.num_prefill_seqs
-        step_time = time.perf_counter() - start
-        self._counters["busy_time"] += step_time
+        outputs = self._retire(finished)
+        end = time.perf_counter()
+        timings.update = end - update_start
+        timings.step = end - start
+        self._count_step(output, len(tokens))
         if trace is not None:
-            trace.finish(event, self.scheduler, finished, len(tokens), step_time)
-        return self._retire(finished)
+            trace.finish(event, self.scheduler, finished, len(tokens), timings.step, output.record)
+        return outputs
+
+    def _count_step(self, output: SchedulerOutput, num_tokens: int) -> None:
+        """Fold one step into the counters behind `get_stats()["engine"]`."""
+        c, timings = self._counters, output.record.timings
+        c["steps"] += 1
+        c["generated_tokens"] += num_tokens
+        c["prefill_chunks"] += output.record.num_prefill_seqs
+        c["busy_time"] += timings.step
+        if not output.is_empty:  # a forward ran: as one graph replay, or kernel by kernel
+            c["graph_steps" if timings.cuda_graph else "eager_steps"] += 1
+        for phase, seconds in timings.phases().items():
+            self._phase_time[phase] += seconds
 
     def enable_trace(self, max_steps: int = 10_000, block_snapshots: bool = True) -> StepTrace:
         """Record every following step in a bounded `StepTrace` (replacing any earlier one)."""
@@ -289,6 +310,10 @@ class LLMEngine:
     def get_stats(self) -> dict:
         """Plain-data statistics in four sections: engine, scheduler, kv_cache, requests.
 
+        "engine" counts the steps whose forward replayed a CUDA graph (`num_graph_steps`) or ran
+        eagerly (`num_eager_steps`), and `step_phases_ms`, the mean host milliseconds per step in
+        each phase of `StepTimings` (schedule, prepare, forward, sample, update).
+
         "requests" summarizes TTFT / TPOT / end-to-end latency / tokens/s over the finished
         requests still retained (see max_retained_outputs).
         """
@@ -312,6 +337,10 @@ class LLMEngine:
                 "generation_tokens_per_s": c["generated_tokens"] / busy if busy else 0.0,
                 "tokens_per_s": (sched["num_prefill_tokens"] + sched["num_decode_tokens"]) / busy if busy else 0.0,
                 "avg_batch_size": sched["avg_batch_size"],
+                "num_graph_steps": c["graph_steps"],
+                "num_eager_steps": c["eager_steps"],
+                "step_phases_ms": {phase: 1e3 * total / c["steps"] if c["steps"] else 0.0
+                                   for phase, total in self._phase_time.items()},
                 "budget_utilization": sched["budget_utilization"],
                 "device": str(runner.device),
                 "dtype": str(runner.dtype).removeprefix("torch."),

@@ -61,6 +61,43 @@ class PreemptionRecord:
     reason: str
 
 
+# The host-side phases of one engine step, in order (see StepTimings).
+STEP_PHASES = ("schedule", "prepare", "forward", "sample", "update")
+
+
+@dataclass
+class StepTimings:
+    """Where one step's host time went, in seconds of `time.perf_counter()`; filled as it runs.
+
+    On a GPU the host only *launches* work, so read these as host time, not GPU time:
+
+    * schedule: `Scheduler.schedule()` (engine);
+    * prepare: copy-on-write block copies, packing the step metadata, its one upload (runner);
+    * forward: launching the forward pass or replaying its CUDA graph; asynchronous on a GPU, so
+      this is launch cost only: ~400 kernel launches eagerly, one call for a graph (runner);
+    * sample: LM head, argmax or sampler, and the `.tolist()` that waits for the GPU: on a GPU
+      this phase absorbs the time the GPU still needed to finish the step (runner);
+    * update: `Scheduler.update()`, stop strings, outputs of finished requests (engine).
+
+    `step` is the whole `LLMEngine.step()`, so `step - sum(phases)` is the engine's own
+    bookkeeping. `graph_batch_size` is the bucket whose CUDA graph ran the forward (None: eager);
+    `graph_miss` says why a runner that has graphs ran this step eagerly (None otherwise).
+    """
+
+    schedule: float = 0.0
+    prepare: float = 0.0
+    forward: float = 0.0
+    sample: float = 0.0
+    update: float = 0.0
+    step: float = 0.0
+    cuda_graph: bool = False
+    graph_batch_size: int | None = None
+    graph_miss: str | None = None
+
+    def phases(self) -> dict[str, float]:
+        return {name: getattr(self, name) for name in STEP_PHASES}
+
+
 @dataclass
 class StepRecord:
     """What one step did, for stats, traces and plots (observe/)."""
@@ -82,6 +119,7 @@ class StepRecord:
     num_prefix_hit_tokens: int  # tokens taken from the prefix cache by admissions of this step
     preemptions: list[PreemptionRecord] = field(default_factory=list)
     execute_time: float = 0.0  # seconds in the model runner (filled in by the engine)
+    timings: StepTimings = field(default_factory=StepTimings)  # filled by the engine and runner
 
     @property
     def num_batched_tokens(self) -> int:

@@ -73,21 +73,35 @@ def _format_value(key: str, value) -> str:
         return f"{value:.1%}"
     if key.startswith(("ttft", "tpot", "e2e_latency")):
         return f"{value * 1e3:.2f} ms"
+    if key.endswith("_ms"):
+        return f"{value:.3f} ms"
     if key.endswith("_s") and not key.endswith("per_s"):
         return f"{value:.3f} s"
     return f"{value:,.2f}"
+
+
+def _rows(values: dict, indent: str = "  "):
+    """(label, formatted value) rows; a nested dict (e.g. `step_phases_ms`) becomes indented
+    rows under its name, each in the unit its parent's name gives."""
+    for key, value in values.items():
+        if isinstance(value, dict):
+            yield f"{indent}{key}", ""
+            for sub, sub_value in value.items():
+                yield f"{indent}  {sub}", _format_value(key, sub_value)
+        else:
+            yield f"{indent}{key}", _format_value(key, value)
 
 
 def format_stats(stats: dict) -> str:
     """`LLM.get_stats()` as a two-column table, one block per section."""
     if not isinstance(stats, dict):
         raise TypeError(f"stats must be the dict get_stats() returns, got {type(stats).__name__}")
-    width = max((len(k) for values in stats.values() for k in values), default=0) + 2
+    width = max((len(label) for values in stats.values() for label, _ in _rows(values)), default=0) + 2
     lines = []
     for section, values in stats.items():
         lines.append(f"[{section}]")
-        lines.append("-" * (width + 16))
-        for key, value in values.items():
-            lines.append(f"  {key:<{width}}{_format_value(key, value):>14}")
+        lines.append("-" * (width + 14))
+        for label, text in _rows(values):
+            lines.append(f"{label:<{width}}{text:>14}")
         lines.append("")
     return "\n".join(lines).rstrip()

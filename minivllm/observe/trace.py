@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import time
 from collections import deque
+from dataclasses import asdict
 from pathlib import Path
 
 from minivllm.observe.block_map import snapshot_blocks
@@ -89,8 +90,15 @@ class StepTrace:
         event["_held"] = held
         return event
 
-    def finish(self, event: dict, scheduler, finished: list, num_sampled: int, step_time: float) -> None:
-        """After `update()`: what finished; blocks the finished ones gave back count as freed."""
+    def finish(self, event: dict, scheduler, finished: list, num_sampled: int, step_time: float,
+               record=None) -> None:
+        """After `update()`: what finished; blocks the finished ones gave back count as freed.
+
+        record: the step's `StepRecord`, whose runner time and phase timings were filled after
+        `start` copied it; given, the event takes their final values.
+        """
+        if record is not None:
+            event["execute_time"], event["timings"] = record.execute_time, asdict(record.timings)
         held = blocks_held(scheduler)
         freed_now = event.pop("_held") - held
         event["blocks_freed"] = sorted(set(event["blocks_freed"]) | freed_now)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 
@@ -77,6 +78,37 @@ def is_decode_only(new_token_counts: Iterable[int]) -> bool:
     one query at the end of the context.)
     """
     return all(n == 1 for n in new_token_counts)
+
+
+def graph_miss_reason(seqs, num_sampled: int, batch_sizes: list[int], layout: StepLayout) -> str | None:
+    """Why a step cannot replay a decode graph, or None when it can.
+
+    seqs: the step's `StepSeq`s (new_token_ids, block_table); batch_sizes: the captured buckets,
+    sorted; layout: the static buffer's capacities. A pure function of plain data, so every
+    reason can be tested without a GPU. The conditions, in the order they are checked:
+    """
+    # 1. Graphs are captured for one new token per sequence; a prefill chunk changes the shapes.
+    if not is_decode_only(len(s.new_token_ids) for s in seqs):
+        multi = sum(1 for s in seqs if len(s.new_token_ids) != 1)
+        return f"not decode-only: {multi} of {len(seqs)} sequences compute more than one token"
+    # 2. A bucket must hold the batch: more sequences than the largest bucket run eagerly.
+    if bucket_for(len(seqs), batch_sizes) is None:
+        return f"no bucket for {len(seqs)} sequences (buckets {batch_sizes[0]}..{batch_sizes[-1]})"
+    # 3. Forked children sample from their parent's row, so sampled rows can outnumber sequences.
+    if num_sampled > layout.max_sampled:
+        return f"{num_sampled} sampled rows exceed the static buffer's {layout.max_sampled}"
+    # 4. Every block table must fit the buffer's fixed width, ceil(max_model_len / block_size).
+    widest = max((len(s.block_table) for s in seqs), default=0)
+    if widest > layout.block_table_width:
+        return f"a block table of {widest} blocks is wider than the captured {layout.block_table_width}"
+    return None
+
+
+class GraphStep(NamedTuple):
+    """A step loaded into the static buffer, ready to replay: its bucket and its sampled rows."""
+
+    batch_size: int
+    num_sampled: int
 
 
 class DecodeGraphs:
@@ -141,23 +173,32 @@ class DecodeGraphs:
     def bucket(self, num_seqs: int) -> int | None:
         return bucket_for(num_seqs, self.batch_sizes)
 
+    def why_not(self, seqs, num_sampled: int) -> str | None:
+        """Which condition keeps this step from replaying a graph (None: it can replay)."""
+        return graph_miss_reason(seqs, num_sampled, self.batch_sizes, self.layout)
+
     def can_run(self, seqs, num_sampled: int) -> bool:
         """Decode-only, a bucket holds the batch, and everything fits the static buffer."""
-        return (is_decode_only(len(s.new_token_ids) for s in seqs)
-                and self.bucket(len(seqs)) is not None
-                and num_sampled <= self.layout.max_sampled
-                and all(len(s.block_table) <= self.layout.block_table_width for s in seqs))
+        return self.why_not(seqs, num_sampled) is None
 
-    def run(self, seqs, sampled_seq_indices, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pack a decode-only step into the static buffer, replay its bucket's graph.
+    def load(self, seqs, sampled_seq_indices, block_size: int) -> GraphStep:
+        """Pack a decode-only step into the static buffer, padded to its bucket, and upload it.
 
-        Returns (hidden states [bucket, H], logits_indices [S]); rows past the real batch are
-        padding. The caller checked `can_run`.
+        The caller checked `can_run`. Kept apart from `replay` so the runner can time packing
+        and launching separately.
         """
         batch_size = self.bucket(len(seqs))
         buf = self.buffers.host(self.layout.size)
         packed = pack_step(buf, self.layout, seqs, sampled_seq_indices, block_size, pad_to=batch_size)
         self.buffers.upload(packed.copy_size)
-        self._graphs[batch_size].replay()
+        return GraphStep(batch_size, packed.num_sampled)
+
+    def replay(self, step: GraphStep) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replay the bucket's graph on the loaded step: one launch for the whole forward.
+
+        Returns (hidden states [bucket, H], logits_indices [S]); rows past the real batch are
+        padding.
+        """
+        self._graphs[step.batch_size].replay()
         start = self.layout.logits_indices
-        return self._outputs[batch_size], self.buffers.device_tensor[start:start + packed.num_sampled]
+        return self._outputs[step.batch_size], self.buffers.device_tensor[start:start + step.num_sampled]

@@ -21,23 +21,27 @@ On CUDA a step is kept lean, because at decode the GPU is fast enough to wait on
   int. The one sync of a step is reading the sampled tokens at its very end;
 * an all-greedy batch without penalties or bans is sampled with one argmax, skipping the
   sampler's per-row tensors.
+
+Whether a step really replayed a graph, and where its host time went, is written into the step's
+record (`output.record.timings`, a `StepTimings`): `benchmarks/roofline.py` reads it.
 """
 
 from __future__ import annotations
 
 import itertools
+import time
 import warnings
 
 import torch
 
 from minivllm.config import EngineConfig
-from minivllm.engine.scheduler import SchedulerOutput
+from minivllm.engine.scheduler import SchedulerOutput, StepTimings
 from minivllm.engine.sequence import Sequence
 from minivllm.kernels import resolve_backend
 from minivllm.layers.attention import AttentionMetadata
 from minivllm.layers.sampler import Sampler, SamplingBatch
 from minivllm.sampling_params import SamplingParams
-from minivllm.worker.cuda_graph import DecodeGraphs, graph_batch_sizes
+from minivllm.worker.cuda_graph import DecodeGraphs, GraphStep, graph_batch_sizes
 from minivllm.worker.input_batch import (
     InputBatch,
     StepBuffers,
@@ -191,14 +195,23 @@ class ModelRunner:
     def uses_cuda_graphs(self) -> bool:
         return self.graphs is not None
 
-    def _capture_graphs(self) -> DecodeGraphs | None:
-        """Capture the decode graphs (CUDA only, unless enforce_eager), after the KV pool exists.
+    @property
+    def graphs_off_reason(self) -> str | None:
+        """Why this runner captures no decode graphs (None: it does, or will at start-up).
 
         The reference attention backend ("torch") reads sequence lengths back to the host, which a
         graph cannot capture, so it always runs eagerly."""
-        if self.device.type != "cuda" or self.config.model_config.enforce_eager:
-            return None
+        if self.device.type != "cuda":
+            return f"CUDA graphs need a CUDA device, this runner is on {self.device}"
+        if self.config.model_config.enforce_eager:
+            return "enforce_eager=True"
         if resolve_backend(self.backend, self.device) == "torch":
+            return f"attention backend {self.backend!r} resolves to 'torch', which graphs cannot capture"
+        return None
+
+    def _capture_graphs(self) -> DecodeGraphs | None:
+        """Capture the decode graphs (CUDA only, unless enforce_eager), after the KV pool exists."""
+        if self.graphs_off_reason is not None:
             return None
         sched = self.config.scheduler_config
         graphs = DecodeGraphs(
@@ -218,12 +231,48 @@ class ModelRunner:
     # ------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> list[int]:
-        """Run the step; returns one token per `output.sampled_sequences` row, in that order."""
+        """Run the step; returns one token per `output.sampled_sequences` row, in that order.
+
+        Fills `output.record.timings` (prepare, forward, sample; graph or eager) as it goes: plain
+        host clock reads, no GPU synchronisation added.
+        """
         if output.is_empty:
             return []
+        timings = output.record.timings
+        start = time.perf_counter()
         self._copy_blocks(output.block_copies)
         seqs, sampled = step_seqs(output)
-        hidden, logits_indices = self._forward(seqs, sampled)
+        prepared = self._prepare(seqs, sampled, timings)
+        launch = time.perf_counter()
+        hidden, logits_indices = self._forward(prepared)
+        launched = time.perf_counter()
+        tokens = self._sample(output, hidden, logits_indices)
+        timings.prepare = launch - start
+        timings.forward = launched - launch
+        timings.sample = time.perf_counter() - launched
+        return tokens
+
+    def _prepare(self, seqs, sampled, timings: StepTimings) -> GraphStep | InputBatch:
+        """Load the step into the graphs' static buffer when a graph fits, else pack it eagerly.
+
+        Notes in `timings` which one it was, and why a runner with graphs could not use them."""
+        if self.graphs is not None:
+            timings.graph_miss = self.graphs.why_not(seqs, len(sampled))
+            if timings.graph_miss is None:
+                step = self.graphs.load(seqs, sampled, self.block_size)
+                timings.cuda_graph, timings.graph_batch_size = True, step.batch_size
+                return step
+        return self.prepare_eager(seqs, sampled)
+
+    def _forward(self, prepared: GraphStep | InputBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states of the step and the rows to sample: one graph replay, or the eager model."""
+        if isinstance(prepared, GraphStep):
+            return self.graphs.replay(prepared)
+        hidden = self.model(prepared.input_ids, prepared.positions, prepared.attn_metadata)
+        return hidden, prepared.logits_indices
+
+    def _sample(self, output: SchedulerOutput, hidden: torch.Tensor, logits_indices: torch.Tensor) -> list[int]:
+        """Logits at the sampled rows only, one token each, read back to the host."""
         rows = output.sampled_sequences
         if not rows:  # only partial prefill chunks this step: nothing to sample yet
             return []
@@ -234,14 +283,6 @@ class ModelRunner:
         else:
             tokens = self.sampler(logits, self._sampling_batch(seqs_sampled))
         return tokens.tolist()  # the step's one device->host sync
-
-    def _forward(self, seqs, sampled) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hidden states of the step and the rows to sample: a graph replay when one fits."""
-        if self.graphs is not None and self.graphs.can_run(seqs, len(sampled)):
-            return self.graphs.run(seqs, sampled, self.block_size)
-        batch = self.prepare_eager(seqs, sampled)
-        hidden = self.model(batch.input_ids, batch.positions, batch.attn_metadata)
-        return hidden, batch.logits_indices
 
     def prepare_eager(self, seqs, sampled) -> InputBatch:
         """Pack the step compactly into the eager buffer, copy it once, return views of it."""

@@ -38,10 +38,42 @@ def test_throughput_rejects_bad_ranges():
         throughput.parse_args(["--backends", "vllm"])
 
 
-def test_roofline_smoke(tmp_path):
+def test_roofline_smoke(tmp_path, capsys):
     out = tmp_path / "roof.json"
-    payload = roofline.main(["--batch-sizes", "1,2", "--context", "8", "--steps", "2",
+    payload = roofline.main(["--batch-sizes", "1,2", "--context", "8", "--steps", "2", "--profile", "2",
                              "--model-dir", str(tmp_path / "models"), "--out", str(out)])
-    rows = json.loads(out.read_text())["rows"]
+    saved = json.loads(out.read_text())
+    rows = saved["rows"]
     assert [r["batch_size"] for r in rows] == [1, 2] and payload["copy_bandwidth_bytes_per_s"] > 0
     assert all(r["step_time_s"] > 0 and r["roofline_time_s"] > 0 for r in rows)
+    for r in rows:  # CPU: eager by necessity, not by accident, so no warning
+        assert r["graph_fraction"] == 0.0 and r["graph_batch_sizes"] == [] and r["graph_warning"] is None
+        phases = [r[f"{p}_time_s"] for p in ("schedule", "prepare", "forward", "sample", "update")]
+        assert all(t >= 0 for t in phases) and sum(phases) <= r["step_time_s"] and r["forward_time_s"] > 0
+    # --profile 2: the tables next to the JSON, the top ops in it (CPU only here), a table printed.
+    profile = saved["profile"]
+    assert profile["batch_size"] == 2 and profile["mode"] == "eager" and "error" not in profile
+    text = (tmp_path / "roof_profile_b2.txt").read_text()
+    assert profile["file"] == str(tmp_path / "roof_profile_b2.txt") and "self CPU time" in text
+    top = profile["top_self_cpu"]
+    assert 0 < len(top) <= 30 and any(op["name"].startswith("aten::") for op in top)
+    assert top[0]["self_cpu_us_per_step"] >= top[-1]["self_cpu_us_per_step"] and "top_self_cuda" not in profile
+    printed = capsys.readouterr().out
+    assert "top 15 ops by self CPU time" in printed and "replay" in printed
+
+
+def test_roofline_profile_batch_must_be_measured(tmp_path):
+    with pytest.raises(SystemExit):
+        roofline.main(["--batch-sizes", "1,2", "--profile", "4", "--out", str(tmp_path / "r.json")])
+
+
+def test_roofline_warns_when_a_requested_graph_did_not_replay():
+    class Runner:  # what graph_warning reads from a ModelRunner
+        graphs_off_reason = None
+
+    row = {"batch_size": 32, "graph_fraction": 0.25, "graph_miss_reasons": ["no bucket for 33 sequences"]}
+    warning = roofline.graph_warning(Runner(), row, steps=8)
+    assert warning.startswith("WARNING") and "6 of 8" in warning and "no bucket for 33" in warning
+    Runner.graphs_off_reason = "enforce_eager=True"
+    assert "enforce_eager" in roofline.graph_warning(Runner(), {**row, "graph_miss_reasons": []}, steps=8)
+    assert roofline.graph_warning(Runner(), {**row, "graph_fraction": 1.0}, steps=8) is None
