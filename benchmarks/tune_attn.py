@@ -1,7 +1,8 @@
 """Sweep the Triton paged-attention launch configuration on the GPU.
 
 The defaults in `kernels/triton_attention.py` (`_launch_config`, `choose_num_splits`) come from
-this sweep. For each case it times every (BLOCK_M, BLOCK_N, num_warps, num_stages, num_splits)
+this sweep; `--only cuda` sweeps the split count of the C++ extension's decode kernel
+(`choose_num_splits` in csrc/paged_decode.cu) beside the Triton default. For each case it times every (BLOCK_M, BLOCK_N, num_warps, num_stages, num_splits)
 combination the grid allows, checks each output against the reference, and prints the best
 configurations next to the default one, so a change of defaults is a measured decision.
 
@@ -64,10 +65,31 @@ def sweep(case: Case, grid: list[dict], splits: list[int | None], device, copy_g
     return rows, default
 
 
+def sweep_cuda_splits(case: Case, splits: list[int | None], device, copy_gbps):
+    """The extension's decode kernel at each split count (None: its heuristic), and Triton's
+    default on the same inputs, in the same run."""
+    paged, _ = make_inputs(case, device)
+    ref = checked_attention(*paged, backend="torch")
+
+    def measure(**kwargs) -> dict:
+        out = torch.empty_like(paged[0])
+
+        def fn():
+            checked_attention(*paged, out=out, max_seq_len=case.context, **kwargs)
+
+        fn()
+        ms = time_ms(fn, device)
+        return dict(ms=ms, frac_copy_bw=kv_bytes(case) / (ms * 1e-3) / 1e9 / copy_gbps,
+                    rel_error=_rel(out, ref))
+
+    rows = [dict(num_splits=n, **measure(backend="cuda", num_splits=n)) for n in splits]
+    return rows, measure(backend="triton")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    p.add_argument("--only", default="decode,prefill")
+    p.add_argument("--only", default="decode,prefill", help="comma list of decode, prefill, cuda")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("tune_attn.py needs a CUDA device")
@@ -88,6 +110,16 @@ def main() -> None:
                                   else [1, 2], device, copy_gbps)
             results.append(dict(case=case.__dict__, best=best, splits=split_rows, default=default))
             _print(case, best, split_rows, default)
+    if "cuda" in args.only:
+        for b, L, bs in DECODE_CASES:
+            case = Case("decode", b, L, 1, bs, "bf16", 32, 8, 128)
+            rows, triton_default = sweep_cuda_splits(case, [None, 1, 2, 3, 4, 6, 8, 16, 33, 48, 64, 132],
+                                                     device, copy_gbps)
+            results.append(dict(case=case.__dict__, cuda_splits=rows, triton_default=triton_default))
+            print(f"\n== cuda decode B={b} ctx={L} bs={bs}: triton default {triton_default['ms']:.4f} ms")
+            for r in rows:
+                print(f"    splits={r['num_splits']}: {r['ms']:.4f} ms {r['frac_copy_bw']:.2f} "
+                      f"x{r['ms'] / triton_default['ms']:.3f} of triton  err {r['rel_error']:.1e}")
     if "prefill" in args.only:
         tiles = [(64, 64, 4, 2), (128, 32, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 128, 4, 3)]
         grid = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, **v)
@@ -99,7 +131,8 @@ def main() -> None:
             results.append(dict(case=case.__dict__, best=best, default=default))
             _print(case, best, [], default)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "tune_attn.json").write_text(json.dumps(results, indent=1))
+    name = "tune_attn_cuda.json" if args.only == "cuda" else "tune_attn.json"
+    (args.out / name).write_text(json.dumps(results, indent=1))
 
 
 def _print(case, best, split_rows, default):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import torch
 
@@ -29,6 +30,11 @@ from . import reference
 __all__ = ["write_kv_cache", "paged_attention", "available_backends", "resolve_backend"]
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
+
+# Where "auto" takes the C++ extension when it is built, rather than Triton: only for ops where
+# it measured faster (benchmarks/RESULTS.md). Calls the extension does not cover (prefill, fp32,
+# other head dims) go to Triton either way.
+AUTO_PREFERS_CUDA = {"paged_attention": True, "write_kv_cache": True}
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -63,7 +69,7 @@ def resolve_backend(backend: str, device: torch.device, op: str = "paged_attenti
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         if device.type == "cuda":
-            if _cuda.is_available() and _cuda.supports(op):
+            if AUTO_PREFERS_CUDA.get(op, False) and _cuda.is_available() and _cuda.supports(op):
                 return "cuda"
             if _triton_usable(device):
                 return "triton"
@@ -79,6 +85,16 @@ def resolve_backend(backend: str, device: torch.device, op: str = "paged_attenti
         if not _cuda.is_available():
             raise ValueError(f"backend='cuda' is not available: {_cuda.unavailable_reason()}")
     return backend
+
+
+def _cuda_fallback(op: str, reason: str, requested: str, device: torch.device) -> str:
+    """The extension does not cover this call: the backend that runs it instead (Triton, or the
+    reference where Triton is missing). "auto" falls back silently; an explicit backend="cuda"
+    is told, once per reason."""
+    fallback = "triton" if _triton_usable(device) else "torch"
+    if requested == "cuda":
+        warnings.warn(f"backend='cuda': {op} runs on {fallback} for {reason}", stacklevel=3)
+    return fallback
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,15 +190,19 @@ def write_kv_cache(
             )
     if key.shape[0] == 0:
         return
+    requested = backend
     backend = resolve_backend(backend, key.device, op="write_kv_cache")
+    if backend == "cuda":
+        reason = _cuda.write_kv_unsupported(key, value, k_cache, v_cache)
+        if reason is None:
+            return _cuda.write_kv_cache(key, value, k_cache, v_cache, slot_mapping)
+        backend = _cuda_fallback("write_kv_cache", reason, requested, key.device)
     if backend == "torch":
         reference.write_kv_cache(key, value, k_cache, v_cache, slot_mapping)
-    elif backend == "triton":
+    else:
         from .triton_cache import write_kv_cache as triton_write
 
         triton_write(key, value, k_cache, v_cache, slot_mapping)
-    else:
-        _cuda.write_kv_cache(key, value, k_cache, v_cache, slot_mapping)
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,7 +283,7 @@ def paged_attention(
     scale: softmax scale, default 1/sqrt(D). causal: mask future keys (default True).
     out: optional [T, Hq, D] tensor written in place. max_seq_len: optional Python int bound on
     seq_lens, lets a GPU backend size its split-KV work without reading seq_lens.
-    num_splits: force the number of KV splits (Triton; None = heuristic).
+    num_splits: force the number of KV splits (Triton and cuda; None = heuristic).
     """
     _check_tensor("query", query, 3)
     _check_float("query", query)
@@ -321,7 +341,16 @@ def paged_attention(
         out = torch.empty_like(query)
     if batch == 0:
         return out
+    requested = backend
     backend = resolve_backend(backend, query.device)
+    if backend == "cuda":
+        reason = _cuda.decode_unsupported(query, k_cache, v_cache, seq_lens, out)
+        if reason is None:
+            return _cuda.paged_attention(
+                query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, causal, out,
+                max_seq_len=max_seq_len, num_splits=num_splits,
+            )
+        backend = _cuda_fallback("paged_attention", reason, requested, query.device)
     if backend == "torch":
         return reference.paged_attention(
             query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, causal, out
@@ -333,7 +362,4 @@ def paged_attention(
             query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, causal, out,
             max_seq_len=max_seq_len, num_splits=num_splits,
         )
-    return _cuda.paged_attention(
-        query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, causal, out,
-        max_seq_len=max_seq_len,
-    )
+    raise AssertionError(f"unhandled backend {backend!r}")  # resolve_backend returns only the above

@@ -24,6 +24,9 @@ def make_llm(model_dir, arch, **config):
         # A fixed, small pool: by default every engine would take 90% of the GPU's free memory, so
         # test workers running side by side (pytest -n) would leave each other no KV block.
         config.setdefault("num_kv_blocks", 2048)
+        # Decode steps replay CUDA graphs there, so the oracle covers the graph path too; a few
+        # batch-size buckets keep the capture at start-up short.
+        config.setdefault("max_num_seqs", 8)
     return LLM(str(model_dir(arch)), dtype="float32", device=ENGINE_DEVICE, attention_backend=ENGINE_BACKEND,
                **config)
 
