@@ -404,9 +404,6 @@ def main(argv=None) -> dict:
             add(run_minivllm(llm, *subset, device, f"minivllm ({k} requests)"), subset_of=args.num_requests)
         del llm
     hf_subset_of = args.num_requests if k < args.num_requests else None
-    if "hf_generate" in args.backends:
-        _reset_peak(device)
-        add(run_hf_generate(model_dir, *subset, device, dtype, args.hf_batch_size), subset_of=hf_subset_of)
     if "hf_generate_batch" in args.backends:
         _reset_peak(device)
         try:
@@ -417,6 +414,9 @@ def main(argv=None) -> dict:
                       "error": f"{type(err).__name__}: {err}"}
             print(f"hf_generate_batch could not run: {record['error']}")
         add(record, subset_of=hf_subset_of)
+    if "hf_generate" in args.backends:
+        _reset_peak(device)
+        add(run_hf_generate(model_dir, *subset, device, dtype, args.hf_batch_size), subset_of=hf_subset_of)
     print(f"\nwrote {out_path}")
     print(format_table(payload))
     return payload

@@ -86,6 +86,25 @@ def sweep_cuda_splits(case: Case, splits: list[int | None], device, copy_gbps):
     return rows, measure(backend="triton")
 
 
+def time_write_kv(num_tokens: int, device, num_kv_heads: int = 8, head_dim: int = 128) -> dict:
+    """write_kv_cache of `num_tokens` bf16 K/V rows (strided views of one qkv tensor, as in the
+    model) into a shuffled set of slots, Triton against the extension."""
+    from minivllm.kernels import write_kv_cache
+
+    qkv = torch.randn(num_tokens, 48, head_dim, device=device, dtype=torch.bfloat16)
+    key, value = qkv[:, 32:40], qkv[:, 40:48]
+    k_cache = torch.empty(4 * num_tokens // 16 + 1, 16, num_kv_heads, head_dim, device=device,
+                          dtype=torch.bfloat16)
+    v_cache = torch.empty_like(k_cache)
+    slots = torch.randperm(k_cache.shape[0] * 16, device=device)[:num_tokens]
+    row = {"op": "write_kv_cache", "num_tokens": num_tokens}
+    for backend in ("triton", "cuda"):
+        row[f"{backend}_ms"] = time_ms(
+            lambda backend=backend: write_kv_cache(key, value, k_cache, v_cache, slots, backend=backend),
+            device)
+    return row
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -120,6 +139,11 @@ def main() -> None:
             for r in rows:
                 print(f"    splits={r['num_splits']}: {r['ms']:.4f} ms {r['frac_copy_bw']:.2f} "
                       f"x{r['ms'] / triton_default['ms']:.3f} of triton  err {r['rel_error']:.1e}")
+        for num_tokens in (256, 8192):  # a decode step of 256 sequences; a prefill chunk
+            row = time_write_kv(num_tokens, device)
+            results.append(row)
+            print(f"\n== write_kv_cache {num_tokens} tokens: triton {row['triton_ms'] * 1e3:.1f} us, "
+                  f"cuda {row['cuda_ms'] * 1e3:.1f} us (x{row['cuda_ms'] / row['triton_ms']:.2f})")
     if "prefill" in args.only:
         tiles = [(64, 64, 4, 2), (128, 32, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 128, 4, 3)]
         grid = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, **v)

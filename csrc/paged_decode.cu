@@ -299,17 +299,19 @@ constexpr int block_tile(int head_dim, int unroll) {
 // Fewer tokens per lane when the group is large: q and acc then take GROUP x 8 registers each.
 constexpr int unroll_for(int group) { return group <= 4 ? 8 : 4; }
 
-// How many slices to cut each context into. The grid has B x num_kv_heads blocks; below about
-// `blocks_per_sm` x SMs of them the GPU is partly idle and memory bandwidth with it, so contexts
-// are split until the grid reaches that size, never into slices shorter than one block tile.
+// How many slices to cut each context into. Measured on the H200 (benchmarks/tune_attn.py
+// --only cuda): more, shorter thread blocks than fit at once beat one wave of long ones, since
+// blocks that finish early are replaced and the last wave is short, so the grid aims at about
+// 32 blocks per SM. But every slice adds a partial result for the merge kernel to read, so a
+// slice never gets shorter than 16 block tiles (1,024 tokens for D = 128).
 int choose_num_splits(int num_blocks, int num_sms, int64_t max_context, int tile) {
-  constexpr int kBlocksPerSm = 2;
-  constexpr int kMaxSplits = 64;
+  constexpr int kBlocksPerSm = 32;
+  constexpr int kMinTilesPerSlice = 16;
   const int target = kBlocksPerSm * num_sms;
   if (num_blocks >= target) return 1;
-  int splits = std::min((target + num_blocks - 1) / num_blocks, kMaxSplits);
-  const int64_t by_length = std::max<int64_t>(1, max_context / tile);
-  return static_cast<int>(std::min<int64_t>(splits, by_length));
+  const int64_t wanted = (target + num_blocks - 1) / num_blocks;
+  const int64_t by_length = std::max<int64_t>(1, max_context / (kMinTilesPerSlice * tile));
+  return static_cast<int>(std::min(wanted, by_length));
 }
 
 int multiprocessor_count(int device) {

@@ -7,8 +7,8 @@ Two public ops, one signature for every backend (DESIGN §3):
 
 Backends: "torch" (the reference in `reference.py`: CPU fallback and oracle), "triton" (the fast
 GPU kernels; also runs on CPU under TRITON_INTERPRET=1 for testing) and "cuda" (the optional C++
-extension of csrc/). "auto" picks cuda if it is built and the tensors are on a GPU, else Triton on
-a GPU, else the reference.
+extension of csrc/). "auto" picks Triton on a GPU (or the extension for the ops where it is built
+and measured faster, AUTO_PREFERS_CUDA), else the reference.
 
 Inputs are validated here, once, with errors that name the argument; the backends assume valid
 input. Checks that would need a GPU→host copy (values inside `seq_lens`, `cu_seqlens_q`,
@@ -32,9 +32,10 @@ __all__ = ["write_kv_cache", "paged_attention", "available_backends", "resolve_b
 BACKENDS = ("auto", "torch", "triton", "cuda")
 
 # Where "auto" takes the C++ extension when it is built, rather than Triton: only for ops where
-# it measured faster (benchmarks/RESULTS.md). Calls the extension does not cover (prefill, fp32,
-# other head dims) go to Triton either way.
-AUTO_PREFERS_CUDA = {"paged_attention": True, "write_kv_cache": True}
+# it measured faster in the same run (benchmarks/RESULTS.md). Its decode kernel runs on CUDA
+# cores and measured 1.7-2x slower than the Triton kernel, whose GQA tile uses tensor cores, so
+# "auto" keeps Triton for attention; backend="cuda" still selects the extension.
+AUTO_PREFERS_CUDA = {"paged_attention": False, "write_kv_cache": False}
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from minivllm.layers import use_fused_ops
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square normalisation over the last dimension, with a learned scale."""
@@ -24,7 +26,24 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x); or, given the residual stream, (norm(x + residual), x + residual).
+
+        The second form is the pre-norm block's seam: add the sublayer's output to the residual
+        stream and normalise the sum for the next sublayer. On CUDA it is one fused kernel that
+        updates `residual` in place (fused_ops.rms_norm); here, plain PyTorch.
+        """
+        if use_fused_ops(x.device):
+            from minivllm.layers.fused_ops import rms_norm
+
+            out = rms_norm(x, self.weight, self.eps, residual)
+            return out if residual is None else (out, residual)
+        if residual is not None:
+            residual = x + residual
+            return self._norm(residual), residual
+        return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)

@@ -28,6 +28,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from minivllm.layers import use_fused_ops
 from minivllm.layers.activation import SiluAndMul
 from minivllm.layers.attention import AttentionMetadata, PagedAttention
 from minivllm.layers.layernorm import RMSNorm
@@ -55,6 +56,29 @@ def kv_heads_of(config) -> int:
     return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
 
 
+@dataclass
+class RopeInputs:
+    """What every layer needs to rotate q and k for this step's tokens.
+
+    Unfused, the cos/sin rows of the step's positions are gathered once ([T, D/2], model dtype)
+    and every layer applies them with PyTorch ops. Fused (CUDA), the kernel reads the float32
+    tables at each token's position itself, so nothing is gathered and cos/sin stay None.
+    """
+
+    positions: torch.Tensor
+    cos_table: torch.Tensor
+    sin_table: torch.Tensor
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+
+    @classmethod
+    def build(cls, rotary: RotaryEmbedding, positions: torch.Tensor, dtype: torch.dtype) -> RopeInputs:
+        tables = (rotary.cos_cached, rotary.sin_cached)
+        if use_fused_ops(positions.device):
+            return cls(positions, *tables)
+        return cls(positions, *tables, *rotary(positions, dtype))
+
+
 class LlamaAttention(nn.Module):
     """Project to q, k, v; (Qwen3: normalise q, k); rotate q, k; attend over the paged cache."""
 
@@ -77,23 +101,26 @@ class LlamaAttention(nn.Module):
             self.num_heads, self.num_kv_heads, self.head_dim, scale=self.head_dim**-0.5
         )
 
-    def forward(
-        self,
-        hidden: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        meta: AttentionMetadata,
-    ) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, rope: RopeInputs, meta: AttentionMetadata) -> torch.Tensor:
         num_tokens = hidden.shape[0]
         q, k, v = self.qkv_proj.forward_split(hidden)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q = self.q_norm(q)
-            k = self.k_norm(k)
-        cos, sin = rope
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
+        if rope.cos is None:
+            # Fused (CUDA): Qwen3's per-head norm and the rotation of q and k, one kernel, in place.
+            from minivllm.layers.fused_ops import qk_norm_rope
+
+            qk_norm_rope(q, k, rope.positions, rope.cos_table, rope.sin_table,
+                         self.q_norm.weight if self.qk_norm else None,
+                         self.k_norm.weight if self.qk_norm else None,
+                         self.q_norm.eps if self.qk_norm else 0.0)
+        else:
+            if self.qk_norm:
+                q = self.q_norm(q)
+                k = self.k_norm(k)
+            q = apply_rotary(q, rope.cos, rope.sin)
+            k = apply_rotary(k, rope.cos, rope.sin)
         return self.o_proj(self.attn(q, k, v, meta))
 
 
@@ -125,9 +152,21 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
 
-    def forward(self, hidden, rope, meta: AttentionMetadata) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), rope, meta)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def forward(self, hidden, residual, rope: RopeInputs, meta: AttentionMetadata):
+        """hidden: the previous layer's MLP output; residual: the stream it is added to (None
+        before the first layer). Returns this layer's (MLP output, residual stream).
+
+        Each "add to the stream, normalise for the next sublayer" is one RMSNorm call given the
+        residual, which a fused kernel does in one pass on CUDA (layernorm.py).
+        """
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden, rope, meta)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaModel(nn.Module):
@@ -145,10 +184,11 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
-        rope = self.rotary_emb(positions, hidden.dtype)  # looked up once, used by every layer
+        rope = RopeInputs.build(self.rotary_emb, positions, hidden.dtype)  # once, for every layer
+        residual = None
         for layer in self.layers:
-            hidden = layer(hidden, rope, meta)
-        return self.norm(hidden)
+            hidden, residual = layer(hidden, residual, rope, meta)
+        return self.norm(hidden, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):
