@@ -206,6 +206,14 @@ class BlockManager:
         revived = sum(1 for b in cached_blocks if self.blocks[b].ref_count == 0)
         return new_blocks + cow_blocks + revived
 
+    def _fits_in_own_blocks(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """Do the next tokens fit in blocks `seq` already holds, none of them shared?"""
+        table = seq.block_table
+        start = seq.num_computed_tokens
+        if not table or start + num_new_tokens > len(table) * self.block_size:
+            return False
+        return all(self.blocks[table[i]].ref_count == 1 for i in range(start // self.block_size, len(table)))
+
     def can_allocate(self, seq: Sequence, num_new_tokens: int, cached_blocks: Iterable[int] = ()) -> bool:
         return self.num_blocks_to_allocate(seq, num_new_tokens, cached_blocks) <= self.num_free_blocks
 
@@ -222,6 +230,12 @@ class BlockManager:
         if num_new_tokens < 1:
             raise ValueError(f"num_new_tokens must be >= 1, got {num_new_tokens}")
         cached_blocks = list(cached_blocks)
+        if not cached_blocks and self._fits_in_own_blocks(seq, num_new_tokens):
+            # The common case of a decode step: the token lands in a block the sequence already
+            # holds alone, so there is nothing to take and nothing to copy. (Checked first
+            # because the scheduler asks this of every running sequence, every step.)
+            self._reserved_tokens[seq.seq_id] = seq.num_computed_tokens + num_new_tokens
+            return []
         if cached_blocks and (seq.block_table or seq.num_computed_tokens):
             raise ValueError("cached_blocks can only start the table of a sequence holding no blocks")
         if not self.can_allocate(seq, num_new_tokens, cached_blocks):

@@ -25,6 +25,8 @@ Pure Python, no tensors: it can be tested and drawn without a model. The model r
 
 from __future__ import annotations
 
+import functools
+
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -146,11 +148,12 @@ class SchedulerOutput:
     def num_batched_tokens(self) -> int:
         return sum(s.num_new_tokens for s in self.scheduled)
 
-    @property
+    @functools.cached_property
     def sampled_sequences(self) -> list[tuple[Sequence, ScheduledSequence]]:
         """Sequences that get a new token this step, each with the entry whose logits it uses.
 
-        This order is the order of the sampled tokens handed to `Scheduler.update`.
+        This order is the order of the sampled tokens handed to `Scheduler.update`. Computed once
+        (the engine, the runner and `update` all ask): the forks are final when `schedule` returns.
         """
         rows = []
         for entry in self.scheduled:
