@@ -92,9 +92,13 @@ class StepTimings:
     sample: float = 0.0
     update: float = 0.0
     step: float = 0.0
-    cuda_graph: bool = False
     graph_batch_size: int | None = None
     graph_miss: str | None = None
+
+    @property
+    def cuda_graph(self) -> bool:
+        """Did the forward replay a CUDA graph (of bucket `graph_batch_size`)?"""
+        return self.graph_batch_size is not None
 
     def phases(self) -> dict[str, float]:
         return {name: getattr(self, name) for name in STEP_PHASES}

@@ -260,7 +260,7 @@ class ModelRunner:
             timings.graph_miss = self.graphs.why_not(seqs, len(sampled))
             if timings.graph_miss is None:
                 step = self.graphs.load(seqs, sampled, self.block_size)
-                timings.cuda_graph, timings.graph_batch_size = True, step.batch_size
+                timings.graph_batch_size = step.batch_size
                 return step
         return self.prepare_eager(seqs, sampled)
 
