@@ -7,15 +7,30 @@ same here. Every field is checked when the object is built; an error names the f
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass, field
 
 # A temperature below this is treated as 0, i.e. greedy: dividing logits by ~0 is numerically
 # meaningless and gives the same argmax anyway.
 GREEDY_EPSILON = 1e-5
+# torch.Generator.manual_seed takes a 64-bit seed; sample i of a request is seeded with seed + i.
+SEED_LIMIT = 2**64
+# top_k goes into an int64 tensor in the sampler.
+INT64_LIMIT = 2**63
+# Beyond these the penalty only says "never" or "always" for a seen token, and dividing a logit
+# by a penalty near 0 overflows float32 to inf, which turns the row's probabilities into NaN.
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A real number that stays finite as the float32 the sampler computes in."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        as_float32 = struct.unpack("f", struct.pack("f", float(value)))[0]  # past ~3.4e38: inf
+    except OverflowError:  # an int too large for a float (or an older Python's struct)
+        return False
+    return math.isfinite(as_float32)
 
 
 def _is_int(value) -> bool:
@@ -29,21 +44,28 @@ class SamplingParams:
     n: number of independent samples (completions) of the prompt; they share the prompt's KV
         blocks (the prompt is computed once).
     temperature: 0 = greedy (argmax); higher flattens the distribution.
-    top_k: keep the k most likely tokens (0 or -1 = all).
+    top_k: keep the k most likely tokens (0 or -1 = all; at most 2**63 - 1).
     top_p: keep the smallest set of most likely tokens whose probability adds up to top_p.
     min_p: keep tokens at least min_p times as likely as the most likely one.
     repetition_penalty: >1 discourages tokens already in the prompt or output (divides a positive
-        logit, multiplies a negative one; the Hugging Face / CTRL rule). 1 = off.
+        logit, multiplies a negative one; the Hugging Face / CTRL rule). 1 = off; in [0.01, 100].
     presence_penalty: subtracted once from the logit of every token already generated.
     frequency_penalty: subtracted once per earlier occurrence of the token in the output.
-    seed: makes this request's sampling reproducible, whatever else is in the batch.
+    seed: makes this request's sampling reproducible, whatever else is in the batch. Sample i of
+        the request (i < n) seeds its own torch.Generator with seed + i, so the seed must satisfy
+        0 <= seed and seed + n - 1 < 2**64 (the generator's unsigned 64-bit range; torch would
+        also take a negative seed and wrap it around, so -1 and 2**64 - 1 would be the same seed).
     stop: strings that end the output when generated (not included unless
         include_stop_str_in_output).
-    stop_token_ids: token ids that end the output (kept in the token ids).
+    stop_token_ids: token ids that end the output (kept in the token ids); each must also be
+        below the model's vocabulary size, which is only known when the request is submitted.
     max_tokens: most tokens to generate (None = up to the model's max length).
     min_tokens: tokens to generate before EOS, stop_token_ids or stop strings may end the output.
     ignore_eos: keep generating after the end-of-sequence token.
     skip_special_tokens: leave special tokens out of the text.
+
+    Floats must be finite, and stay finite as float32 (the sampler's dtype): a temperature of 1e39
+    would become inf there.
     """
 
     n: int = 1
@@ -69,21 +91,28 @@ class SamplingParams:
         if not _is_int(self.n) or self.n < 1:
             raise ValueError(f"n must be an int >= 1, got {self.n!r}")
         if not _is_number(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not _is_int(self.top_k) or self.top_k < -1:
-            raise ValueError(f"top_k must be an int >= 1, or 0 / -1 for no limit, got {self.top_k!r}")
+            raise ValueError(
+                f"temperature must be a number >= 0 and finite as a float32 (below about 3.4e38), "
+                f"got {self.temperature!r}"
+            )
+        if not _is_int(self.top_k) or not -1 <= self.top_k < INT64_LIMIT:
+            raise ValueError(
+                f"top_k must be an int in [1, 2**63), or 0 / -1 for no limit, got {self.top_k!r}"
+            )
         if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
-        if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        low, high = REPETITION_PENALTY_RANGE
+        if not _is_number(self.repetition_penalty) or not low <= self.repetition_penalty <= high:
+            raise ValueError(
+                f"repetition_penalty must be in [{low}, {high}] (1 = off), got {self.repetition_penalty!r}"
+            )
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not _is_number(value) or not -2 <= value <= 2:
                 raise ValueError(f"{name} must be in [-2, 2], got {value!r}")
-        if self.seed is not None and not _is_int(self.seed):
-            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+        self._check_seed()
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
             raise ValueError(f"max_tokens must be an int >= 1 or None, got {self.max_tokens!r}")
         if not _is_int(self.min_tokens) or self.min_tokens < 0:
@@ -97,6 +126,20 @@ class SamplingParams:
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+    def _check_seed(self) -> None:
+        """Every sample's generator seed, seed + i for i < n, must fit the 64-bit range."""
+        if self.seed is None:
+            return
+        if not _is_int(self.seed):
+            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.seed + self.n - 1 >= SEED_LIMIT:
+            raise ValueError(
+                f"seed must satisfy seed + n - 1 < 2**64 (sample i is seeded with seed + i), got "
+                f"seed={self.seed} with n={self.n}"
+            )
 
     @staticmethod
     def _normalize_stop(stop) -> list[str]:

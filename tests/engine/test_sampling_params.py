@@ -1,8 +1,16 @@
-"""SamplingParams validation: clear errors that name the field."""
+"""SamplingParams validation: clear errors that name the field, and nothing accepted that fails later."""
+
+import re
 
 import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from minivllm.layers.sampler import Sampler, SamplingBatch
 from minivllm.sampling_params import SamplingParams
+
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 @pytest.mark.parametrize(
@@ -25,6 +33,34 @@ from minivllm.sampling_params import SamplingParams
         ({"min_tokens": 10, "max_tokens": 5}, "min_tokens"),
         ({"n": 0}, "n"),
         ({"seed": 1.5}, "seed"),
+        ({"seed": True}, "seed"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 2**64}, "seed"),
+        ({"seed": 2**64 - 1, "n": 2}, "seed"),  # sample 1 would be seeded with 2**64
+        ({"seed": 2**64 - 3, "n": 4}, "seed"),
+        ({"temperature": 1e39}, "temperature"),  # finite in Python, inf as float32
+        ({"temperature": 10**400}, "temperature"),  # too large even for a Python float
+        ({"temperature": float("inf")}, "temperature"),
+        ({"temperature": "0.5"}, "temperature"),
+        ({"top_k": 2**63}, "top_k"),  # does not fit the sampler's int64 column
+        ({"top_k": True}, "top_k"),
+        ({"top_p": float("nan")}, "top_p"),
+        ({"repetition_penalty": 1e-300}, "repetition_penalty"),  # 0 as float32: logits / 0
+        ({"repetition_penalty": 0.001}, "repetition_penalty"),
+        ({"repetition_penalty": 1000.0}, "repetition_penalty"),
+        ({"repetition_penalty": float("inf")}, "repetition_penalty"),
+        ({"presence_penalty": float("nan")}, "presence_penalty"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"max_tokens": 4.0}, "max_tokens"),
+        ({"min_tokens": 1.0}, "min_tokens"),
+        ({"n": True}, "n"),
+        ({"stop": "x", "stop_token_ids": [True]}, "stop_token_ids"),
+        ({"stop_token_ids": ["3"]}, "stop_token_ids"),
+        ({"stop_token_ids": [3.0]}, "stop_token_ids"),
+        ({"stop_token_ids": 3}, "stop_token_ids"),
+        ({"stop": b"###"}, "stop"),
+        ({"include_stop_str_in_output": None}, "include_stop_str_in_output"),
+        ({"skip_special_tokens": "no"}, "skip_special_tokens"),
         ({"stop": ""}, "stop"),
         ({"stop": [1, 2]}, "stop"),
         ({"stop_token_ids": [-1]}, "stop_token_ids"),
@@ -48,3 +84,110 @@ def test_from_kwargs_names_unknown_options():
     assert SamplingParams.from_kwargs(max_tokens=3, temperature=0.5).max_tokens == 3
     with pytest.raises(TypeError, match="max_token"):
         SamplingParams.from_kwargs(max_token=3)
+
+
+@pytest.mark.parametrize("seed, n", [(0, 1), (0, 64), (2**64 - 1, 1), (2**64 - 2, 2), (2**63, 3)])
+def test_seed_range_edges_are_accepted_and_build_every_generator(seed, n):
+    """The documented range, 0 <= seed and seed + n - 1 < 2**64, is exactly what torch takes."""
+    params = SamplingParams(seed=seed, n=n)
+    for i in (0, n - 1):  # the smallest and largest seed this request's samples use
+        assert torch.Generator().manual_seed(params.seed + i).initial_seed() == seed + i
+    with pytest.raises((RuntimeError, ValueError)):  # one past the range: why the door checks
+        torch.Generator().manual_seed(2**64)
+
+
+def test_large_counts_are_plain_ints():
+    """max_tokens / min_tokens never reach a tensor: a huge value is only a very long request."""
+    p = SamplingParams(max_tokens=10**30, min_tokens=10**29, top_k=2**63 - 1, temperature=FLOAT32_MAX)
+    assert p.max_tokens == 10**30 and p.has_top_k
+
+
+# Wide strategies: boundary values on both sides of every documented limit, and junk.
+_floats = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(min_value=0.0, max_value=1.0),
+    st.sampled_from([0.0, 1e-300, 1e-40, 1e-5, 0.01, 1.0, 2.0, 100.0, 1e4, FLOAT32_MAX, 3.5e38, 1e39]),
+    st.integers(min_value=-3, max_value=10**40),
+)
+_wide = {
+    "n": st.integers(min_value=-1, max_value=2**65),
+    "temperature": _floats,
+    "top_k": st.one_of(st.integers(min_value=-3, max_value=100), st.integers(min_value=2**63 - 2, max_value=2**63 + 1)),
+    "top_p": _floats,
+    "min_p": _floats,
+    "repetition_penalty": _floats,
+    "presence_penalty": _floats,
+    "frequency_penalty": _floats,
+    "seed": st.one_of(st.none(), st.integers(min_value=-2, max_value=2**64 + 2),
+                      st.integers(min_value=2**64 - 70, max_value=2**64 + 1)),
+    "max_tokens": st.one_of(st.none(), st.integers(min_value=-1, max_value=10**30)),
+    "min_tokens": st.integers(min_value=-1, max_value=10**30),
+    "stop_token_ids": st.one_of(st.none(), st.lists(st.one_of(st.integers(-1, 30), st.booleans(), st.floats())))
+}
+# The accepted domain, right up to its limits.
+_accepted = {
+    "temperature": st.one_of(st.floats(min_value=0.0, max_value=FLOAT32_MAX), st.sampled_from([0.0, 1e-5, FLOAT32_MAX])),
+    "top_k": st.one_of(st.integers(min_value=-1, max_value=100), st.integers(min_value=2**62, max_value=2**63 - 1)),
+    "top_p": st.one_of(st.floats(min_value=1e-300, max_value=1.0), st.just(1.0)),
+    "min_p": st.floats(min_value=0.0, max_value=1.0),
+    "repetition_penalty": st.one_of(st.floats(min_value=0.01, max_value=100.0), st.sampled_from([0.01, 100.0])),
+    "presence_penalty": st.floats(min_value=-2.0, max_value=2.0),
+    "frequency_penalty": st.floats(min_value=-2.0, max_value=2.0),
+}
+
+
+@st.composite
+def _accepted_n_and_seed(draw):
+    n = draw(st.integers(min_value=1, max_value=64))
+    last = 2**64 - n  # the largest seed whose samples all fit: seed + n - 1 = 2**64 - 1
+    seed = draw(st.one_of(st.none(), st.integers(0, last), st.integers(last - 8, last)))
+    return {"n": n, "seed": seed}
+
+VOCAB = 64
+BANNED = [0, 1]  # as if 0 and 1 were EOS / stop tokens under min_tokens
+
+
+def _check_usable(params: SamplingParams) -> None:
+    """What a step does with the params: seed every sample's generator, sample with them."""
+    generators = []
+    if params.seed is not None:
+        for i in sorted({0, params.n - 1}):
+            generators.append(torch.Generator().manual_seed(params.seed + i))
+    if not generators:
+        generators = [None]
+    rows = len(generators)
+    batch = SamplingBatch.build(
+        [params] * rows, prompt_token_ids=[[2, 3, 4, 2]] * rows, output_token_ids=[[5, 5, 6]] * rows,
+        banned_token_ids=[BANNED] * rows, generators=generators, vocab_size=VOCAB,
+    )
+    logits = torch.randn(rows, VOCAB, generator=torch.Generator().manual_seed(0)) * 10
+    tokens = Sampler()(logits, batch)
+    assert all(0 <= t < VOCAB and t not in BANNED for t in tokens.tolist()), (params, tokens)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_accepted_n_and_seed(), st.fixed_dictionaries({}, optional=_accepted))
+def test_the_accepted_domain_samples_safely(n_and_seed, kwargs):
+    _check_usable(SamplingParams(**n_and_seed, **kwargs))
+
+
+@settings(max_examples=300, deadline=None)
+@given(_accepted_n_and_seed(), st.fixed_dictionaries({}, optional=_accepted), st.data())
+def test_any_input_is_refused_at_once_or_samples_safely(n_and_seed, kwargs, data):
+    """Valid params with one or two fields pushed anywhere, limits and junk included."""
+    kwargs = {**n_and_seed, **kwargs}
+    pushed = data.draw(st.lists(st.sampled_from(sorted(_wide)), min_size=1, max_size=2, unique=True))
+    for name in pushed:
+        kwargs[name] = data.draw(_wide[name], label=name)
+    try:
+        params = SamplingParams(**kwargs)
+    except ValueError as err:
+        assert any(re.search(rf"\b{name}\b", str(err)) for name in pushed), err  # names a pushed field
+        return
+    _check_usable(params)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("seed", [0, 2**63, 2**64 - 1])
+def test_seed_range_fits_cuda_generators(seed):
+    assert torch.Generator(device="cuda").manual_seed(seed).initial_seed() == seed
