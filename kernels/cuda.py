@@ -99,10 +99,12 @@ def supports(op: str) -> bool:
 
 
 def decode_unsupported(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                       seq_lens: torch.Tensor, out: torch.Tensor | None = None) -> str | None:
+                       seq_lens: torch.Tensor, out: torch.Tensor | None = None,
+                       **_call) -> str | None:
     """Why this paged_attention call does not fit the extension's decode kernel (None: it fits).
 
     Only shapes, dtypes, strides and alignment are looked at: deciding never touches GPU values.
+    The dispatcher passes the whole call; the arguments not named here do not matter.
     """
     num_tokens, num_q_heads, head_dim = query.shape
     if num_tokens != seq_lens.shape[0]:
@@ -126,7 +128,7 @@ def decode_unsupported(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 
 def write_kv_unsupported(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
-                         v_cache: torch.Tensor) -> str | None:
+                         v_cache: torch.Tensor, **_call) -> str | None:
     """Why this write_kv_cache call does not fit the extension's copy kernel (None: it fits)."""
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         return "a non-contiguous KV cache"

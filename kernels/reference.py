@@ -73,8 +73,12 @@ def paged_attention(
     scale: float,
     causal: bool = True,
     out: torch.Tensor | None = None,
+    max_seq_len: int | None = None,
+    num_splits: int | None = None,
 ) -> torch.Tensor:
-    """Attention of packed queries over a paged KV cache (see DESIGN §3 for the shapes)."""
+    """Attention of packed queries over a paged KV cache; the shapes are those of
+    `minivllm.kernels.paged_attention`. `max_seq_len` and `num_splits` plan the GPU kernels'
+    work; the reference takes them only to share the signature, and needs neither."""
     num_q_heads = query.shape[1]
     num_kv_heads = k_cache.shape[2]
     group = num_q_heads // num_kv_heads  # query heads that share one KV head (GQA/MQA)

@@ -1,4 +1,5 @@
-"""The Triton kernels against the reference, over the matrix of DESIGN §5.
+"""The Triton kernels against the reference: dtypes fp32/fp16/bf16, GQA groups 1, 4 and 8, head
+dims 64, 128 and 80 (not a power of two), block sizes 8, 16 and 32, split-KV.
 
 On CPU these run in the Triton interpreter (small shapes); on a GPU, natively. Every case uses
 shuffled, non-contiguous block tables and a batch that mixes full prefills, chunked prefills
