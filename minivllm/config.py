@@ -17,13 +17,47 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from minivllm.kernels import BACKENDS as ATTENTION_BACKENDS
+
 MiB = 1 << 20
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
-ATTENTION_BACKENDS = ("auto", "torch", "triton", "cuda")
 # Keys under which Hugging Face configs store the longest context the model was trained for.
 _CONTEXT_LENGTH_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
+# torch.manual_seed takes a 64-bit seed.
+SEED_LIMIT = 2**64
+
+
+def read_config_json(model_dir: str | os.PathLike) -> dict[str, Any]:
+    """A model directory's config.json as a dict; every way it can be wrong is named.
+
+    FileNotFoundError when the directory or its config.json is missing (then it is not a model
+    directory at all), ValueError when config.json is not valid JSON or not a JSON object.
+    """
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        what = "is not a directory" if model_dir.exists() else "does not exist"
+        raise FileNotFoundError(f"model directory {str(model_dir)!r} {what}")
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{model_dir} has no config.json, so it is not a Hugging Face model directory"
+        )
+    try:
+        config = json.loads(path.read_bytes())
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}"
+        ) from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: it is not UTF-8 text ({err.reason})") from None
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"{path} must hold a JSON object ({{...}}) of model settings, got a JSON "
+            f"{type(config).__name__}"
+        )
+    return config
 
 
 def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
@@ -52,8 +86,13 @@ class ModelConfig:
     model: a Hugging Face model directory (config.json + *.safetensors [+ tokenizer]).
     dtype: "auto" means float32 on CPU (fast and exact there) and bfloat16 on CUDA.
     device: "auto" means CUDA when available, else CPU.
-    seed: seeds the global RNG used by requests that bring no seed of their own.
+    seed: seeds the global RNG used by requests that bring no seed of their own (0 <= seed < 2**64).
     attention_backend: the `minivllm.kernels` backend ("auto" picks the fastest that can run).
+        "triton" needs a GPU (or TRITON_INTERPRET=1 on CPU, for testing), "cuda" a GPU and the
+        built extension of csrc/.
+
+    Checked here, before any weight is read: the directory holds a readable config.json, and the
+    device and attention backend can run on this machine.
     enforce_eager: never use CUDA graphs; every step launches its kernels one by one. (Graphs
         are only ever used on CUDA, for decode-only steps; see minivllm/worker/cuda_graph.py.)
     """
@@ -70,13 +109,27 @@ class ModelConfig:
             self.model = os.fspath(self.model)
         if not isinstance(self.model, str) or not self.model:
             raise ValueError(f"model must be a non-empty path to a model directory, got {self.model!r}")
-        if not Path(self.model).is_dir():
-            raise ValueError(f"model directory {self.model!r} does not exist")
+        read_config_json(self.model)  # a model directory at all? (raises naming what is wrong)
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("device", self.device, DEVICES)
         _check_int("seed", self.seed, minimum=0)
+        if self.seed >= SEED_LIMIT:
+            raise ValueError(f"seed must be < 2**64 (torch.manual_seed's range), got {self.seed}")
         _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         _check_bool("enforce_eager", self.enforce_eager)
+        self._check_runnable()
+
+    def _check_runnable(self) -> None:
+        """The device exists and the attention backend can run on it: fail now, not in step 1."""
+        from minivllm.kernels import resolve_backend
+
+        device = self.torch_device  # raises for device="cuda" without a GPU
+        try:
+            resolve_backend(self.attention_backend, device)
+        except ValueError as err:
+            raise ValueError(
+                f"attention_backend={self.attention_backend!r} cannot run on {device.type}: {err}"
+            ) from None
 
     @property
     def torch_device(self):
@@ -86,7 +139,9 @@ class ModelConfig:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device='cuda' was requested but no CUDA device is available")
+            why = ("this torch build has no CUDA support" if torch.version.cuda is None
+                   else "torch sees no CUDA device")
+            raise ValueError(f"device='cuda' cannot be used: {why}; use device='cpu' or 'auto'")
         return torch.device(self.device)
 
     @property
@@ -99,16 +154,26 @@ class ModelConfig:
         return getattr(torch, self.dtype)
 
     def hf_context_length(self) -> int | None:
-        """The trained context length from the directory's config.json, if it states one."""
-        config_path = Path(self.model) / "config.json"
-        if not config_path.is_file():
-            return None
-        hf_config = json.loads(config_path.read_text())
+        """The trained context length from the directory's config.json, if it states one.
+
+        A key that is there with a value that is no length (a string, 0, true) is an error that
+        names the file and the key, rather than a length silently ignored.
+        """
+        hf_config = read_config_json(self.model)
         # Multimodal configs nest the language model's settings; look there too.
-        for cfg in (hf_config, hf_config.get("text_config") or {}):
+        text_config = hf_config.get("text_config")
+        for cfg in (hf_config, text_config if isinstance(text_config, dict) else {}):
             for key in _CONTEXT_LENGTH_KEYS:
-                if isinstance(cfg.get(key), int):
-                    return cfg[key]
+                if key not in cfg or cfg[key] is None:
+                    continue
+                value = cfg[key]
+                if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+                    where = "text_config." if cfg is text_config else ""
+                    raise ValueError(
+                        f"{Path(self.model) / 'config.json'}: {where}{key} must be an integer "
+                        f"context length >= 2, got {value!r}"
+                    )
+                return value
         return None
 
 
@@ -238,8 +303,9 @@ class EngineConfig:
         if requested is None:
             if trained is None:
                 raise ValueError(
-                    f"max_model_len is not set and {self.model_config.model!r} has no config.json "
-                    f"stating a context length ({', '.join(_CONTEXT_LENGTH_KEYS)}); set max_model_len"
+                    f"max_model_len is not set and {Path(self.model_config.model) / 'config.json'} "
+                    f"states no context length (none of {', '.join(_CONTEXT_LENGTH_KEYS)}); set "
+                    "max_model_len"
                 )
             # replace() re-runs SchedulerConfig's validation with the resolved length.
             self.scheduler_config = dataclasses.replace(self.scheduler_config, max_model_len=trained)

@@ -7,6 +7,10 @@ class from the registry, build it directly on the target device in the target dt
 the checkpoint tensors into its parameters one at a time (so peak memory is the model plus one
 tensor, not two copies of the model).
 
+Every way a directory can be broken (no config.json, config.json that is not a JSON object, a
+truncated or corrupt safetensors file, a missing tensor) raises an OSError or ValueError that
+names the file and what is wrong with it.
+
 Names: our parameters carry the checkpoint's names, except for fused projections (q|k|v,
 gate|up; see `layers/linear.py`), which a model declares in `packed_modules_mapping`. A checkpoint
 tensor we have no use for (say `rotary_emb.inv_freq`, which we recompute, or `lm_head.weight` of
@@ -22,9 +26,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from minivllm.config import read_config_json
 from minivllm.layers.linear import MergedLinear
 from minivllm.models.registry import model_class_for
 
@@ -37,24 +42,32 @@ def load_model(model_dir, dtype: torch.dtype = torch.float32, device="cpu") -> n
     model_dir = Path(model_dir)
     dtype = _as_float_dtype(dtype)
     config = load_config(model_dir)
-    model_class = model_class_for(config)
+    try:
+        model_class = model_class_for(config)
+    except ValueError as err:
+        raise ValueError(f"{model_dir / 'config.json'}: {err}") from None
     files = checkpoint_files(model_dir)
     with torch.device(device), _default_dtype(dtype):
         model = model_class(config)
-    load_weights(model, read_safetensors(files), source=str(model_dir))
+    names = ", ".join(f.name for f in files)
+    load_weights(model, read_safetensors(files), source=f"{names} in {model_dir}")
     return model.eval().requires_grad_(False)
 
 
 def load_config(model_dir):
-    """The directory's config.json, parsed by transformers (which knows every model's defaults)."""
+    """The directory's config.json, parsed by transformers (which knows every model's defaults).
+
+    Our own reading comes first, so a missing or malformed file gets our error; whatever
+    transformers then refuses (no model_type, a field of the wrong type) is a ValueError that
+    names the file, with transformers' reason.
+    """
     from transformers import AutoConfig
 
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"model directory {model_dir} does not exist")
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir} has no config.json, so it is not a model directory")
-    return AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    read_config_json(model_dir)
+    try:
+        return AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    except Exception as err:  # its errors vary by version: ValueError, OSError, its own classes
+        raise ValueError(f"{Path(model_dir) / 'config.json'} is not a usable model config: {err}") from err
 
 
 def checkpoint_files(model_dir) -> list[Path]:
@@ -80,9 +93,11 @@ def checkpoint_files(model_dir) -> list[Path]:
 
 def _shards_from_index(index_path: Path) -> list[Path]:
     try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        weight_map = json.loads(index_path.read_bytes())["weight_map"]
+    except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
         raise ValueError(f"{index_path} is not a valid safetensors index ({err!r})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise ValueError(f"{index_path}: 'weight_map' must map tensor names to file names")
     shards = [index_path.parent / name for name in sorted(set(weight_map.values()))]
     for shard in shards:
         if not shard.is_file():
@@ -91,11 +106,23 @@ def _shards_from_index(index_path: Path) -> list[Path]:
 
 
 def read_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor, str]]:
-    """Yield (name, tensor, file) for every tensor of every file, one tensor in memory at a time."""
+    """Yield (name, tensor, file) for every tensor of every file, one tensor in memory at a time.
+
+    safetensors checks a file's header against its size when it opens it, so a truncated or
+    corrupt file fails here, before any tensor is copied.
+    """
     for path in files:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        try:
+            handle = safe_open(str(path), framework="pt", device="cpu")
+        except SafetensorError as err:
+            raise ValueError(f"{path} is not a valid safetensors file (truncated or corrupt?): {err}") from None
+        with handle as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                yield name, f.get_tensor(name), path.name
+                try:
+                    tensor = f.get_tensor(name)
+                except SafetensorError as err:
+                    raise ValueError(f"tensor {name!r} in {path} cannot be read: {err}") from None
+                yield name, tensor, path.name
 
 
 def load_weights(
@@ -126,7 +153,8 @@ def load_weights(
         shown = ", ".join(repr(n) for n in missing[:8])
         more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
         raise ValueError(
-            f"the weights in {source} lack {len(missing)} tensor(s) the model needs: {shown}{more}"
+            f"the weights in {source} lack {len(missing)} tensor(s) the model built from "
+            f"config.json needs: {shown}{more}"
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import warnings
 
@@ -35,6 +36,59 @@ def test_missing_directory(tmp_path):
 def test_directory_without_config(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_model(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Broken copies of a good model: each error is a plain ValueError / OSError naming the file.
+# ---------------------------------------------------------------------------------------------
+def _truncate(path, keep):
+    data = path.read_bytes()
+    path.write_bytes(data[:keep(len(data))])
+
+
+BROKEN_FILES = {
+    # name: (file, how to break it, what the message says)
+    "config not JSON": ("config.json", lambda p: p.write_text('{"model_type": "llama",'),
+                        "is not valid JSON: .* at line 1, column 24"),
+    "config a list": ("config.json", lambda p: p.write_text("[]"), "must hold a JSON object"),
+    "config without model_type": ("config.json", lambda p: p.write_text("{}"),
+                                  "is not a usable model config: .*model_type"),
+    "config of an unknown model_type": (
+        "config.json", lambda p: p.write_text(json.dumps({"model_type": "not-a-model"})),
+        "is not a usable model config"),
+    "weights cut in half": ("model.safetensors", lambda p: _truncate(p, lambda n: n // 2),
+                            "is not a valid safetensors file .*incomplete metadata"),
+    "weights cut inside the header": ("model.safetensors", lambda p: _truncate(p, lambda n: 5),
+                                      "is not a valid safetensors file"),
+    "weights one byte short": ("model.safetensors", lambda p: _truncate(p, lambda n: n - 1),
+                               "is not a valid safetensors file"),
+    "weights overwritten": ("model.safetensors", lambda p: p.write_bytes(b"\x00" * 64),
+                            "is not a valid safetensors file"),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN_FILES)
+def test_broken_file_is_named(model_dir, tmp_path, case):
+    name, breaks, problem = BROKEN_FILES[case]
+    directory = shutil.copytree(model_dir("llama"), tmp_path / "broken")
+    breaks(directory / name)
+    with pytest.raises((ValueError, OSError)) as err:
+        load_model(directory)
+    # Exactly ours: not a JSONDecodeError (a ValueError subclass), SafetensorError or AttributeError.
+    assert type(err.value) in (ValueError, FileNotFoundError), repr(err.value)
+    assert str(directory / name) in str(err.value)
+    assert re.search(problem, str(err.value)), err.value
+
+
+def test_broken_shard_index_is_named(model_dir, hf_model, tmp_path):
+    sharded = tmp_path / "sharded"
+    hf_model("opt").save_pretrained(str(sharded), max_shard_size="100KB")
+    index = sharded / "model.safetensors.index.json"
+    for content in ("{", json.dumps({"weight_map": ["a"]}), json.dumps({"weight_map": {"x": 1}})):
+        index.write_text(content)
+        with pytest.raises(ValueError, match=re.escape(str(index))) as err:
+            load_model(sharded)
+        assert type(err.value) is ValueError
 
 
 def test_unknown_architecture_lists_the_supported_ones(model_dir, tmp_path):
@@ -70,7 +124,8 @@ def test_missing_tensor_is_named(model_dir, tmp_path, dropped):
     tensors = load_file(str(src / "model.safetensors"))
     del tensors[dropped]
     broken = copy_with_tensors(src, tmp_path / "broken", tensors)
-    with pytest.raises(ValueError, match=f"lack 1 tensor.*'{dropped}'"):
+    with pytest.raises(ValueError, match=f"weights in model.safetensors in {re.escape(str(broken))} "
+                                         f"lack 1 tensor.*'{dropped}'"):
         load_model(broken)
 
 
