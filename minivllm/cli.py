@@ -9,15 +9,40 @@
 engine can be tried with no download. `generate` runs prompts through the engine and prints the
 completions and their timings (or JSON with --json); `--trace` also records every step.
 `visualize` draws a recorded trace: schedule timeline, throughput and KV usage, block map.
+
+Errors are printed in the command line's own words: the library names its Python arguments
+(`max_tokens`, `overwrite=True`), and `cli_words` turns them into the flags (`--max-tokens`,
+`--overwrite`) before they are shown.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
+from minivllm.config import DEVICES, DTYPES
+from minivllm.kernels import BACKENDS
+
 MiB = 1 << 20
+# Library argument names that differ from their flag's dest.
+_FLAG_ALIASES = {
+    "enable_chunked_prefill": "chunked_prefill",
+    "enable_prefix_caching": "prefix_caching",
+    "kv_cache_memory_bytes": "kv_cache_memory_mib",
+}
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, except where there is nothing to show (None,
+    an empty list, the False of a plain on/off flag)."""
+
+    def _get_help_string(self, action):
+        default = action.default
+        if default is None or default is False or default == [] or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _token_ids(text: str) -> list[int]:
@@ -27,51 +52,83 @@ def _token_ids(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated token ids, got {text!r}") from None
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from minivllm.models import ARCHITECTURES, SIZES
 
-    parser = argparse.ArgumentParser(prog="minivllm", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="minivllm", description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    make = commands.add_parser("make-model", help="write a random-weight Hugging Face model directory")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
+        sub.set_defaults(command_parser=sub)  # main() words errors in this command's flags
+        return sub
+
+    make = command("make-model", "write a random-weight Hugging Face model directory")
     make.add_argument("out_dir", help="directory to create")
-    make.add_argument("--arch", default="llama", choices=ARCHITECTURES)
-    make.add_argument("--size", default="tiny", choices=SIZES)
-    make.add_argument("--seed", type=int, default=0, help="weight seed")
+    make.add_argument("--arch", default="llama", choices=ARCHITECTURES, help="model architecture")
+    make.add_argument("--size", default="tiny", choices=SIZES,
+                      help="tiny and small run fast on a CPU; named sizes copy a real model's shapes")
+    make.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     make.add_argument("--overwrite", action="store_true", help="replace a model already in out_dir")
 
-    gen = commands.add_parser("generate", help="generate completions for prompts")
+    gen = command("generate", "generate completions for prompts")
     gen.add_argument("--model", required=True, help="Hugging Face model directory")
     gen.add_argument("--prompt", action="append", default=[], help="a text prompt (repeatable)")
     gen.add_argument("--prompt-token-ids", action="append", default=[], type=_token_ids,
                      help="a prompt as token ids, e.g. '1,15,27' (repeatable)")
     sampling = gen.add_argument_group("sampling")
-    sampling.add_argument("--max-tokens", type=int, default=32)
-    sampling.add_argument("--min-tokens", type=int, default=0)
-    sampling.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    sampling.add_argument("--top-k", type=int, default=0)
-    sampling.add_argument("--top-p", type=float, default=1.0)
-    sampling.add_argument("--min-p", type=float, default=0.0)
-    sampling.add_argument("--repetition-penalty", type=float, default=1.0)
-    sampling.add_argument("--presence-penalty", type=float, default=0.0)
-    sampling.add_argument("--frequency-penalty", type=float, default=0.0)
-    sampling.add_argument("--seed", type=int, default=None, help="per-request sampling seed")
+    sampling.add_argument("--max-tokens", type=int, default=32, help="most tokens to generate per sample")
+    sampling.add_argument("--min-tokens", type=int, default=0,
+                          help="tokens to generate before EOS or a stop may end a sample")
+    sampling.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    sampling.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = all")
+    sampling.add_argument("--top-p", type=float, default=1.0,
+                          help="keep the most likely tokens up to this probability mass; 1 = all")
+    sampling.add_argument("--min-p", type=float, default=0.0,
+                          help="drop tokens less likely than this times the most likely one; 0 = off")
+    sampling.add_argument("--repetition-penalty", type=float, default=1.0,
+                          help="> 1 discourages tokens already seen; 1 = off")
+    sampling.add_argument("--presence-penalty", type=float, default=0.0,
+                          help="subtracted from the logit of every generated token; in [-2, 2]")
+    sampling.add_argument("--frequency-penalty", type=float, default=0.0,
+                          help="subtracted per earlier occurrence of a generated token; in [-2, 2]")
+    sampling.add_argument("--seed", type=int, default=None,
+                          help="per-request sampling seed (default: unseeded)")
     sampling.add_argument("--n", type=int, default=1, help="samples per prompt")
     sampling.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    sampling.add_argument("--ignore-eos", action="store_true")
+    sampling.add_argument("--ignore-eos", action="store_true", help="keep generating after EOS")
     engine = gen.add_argument_group("engine")
-    engine.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    engine.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    engine.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton", "cuda"])
-    engine.add_argument("--block-size", type=int, default=16)
-    engine.add_argument("--num-kv-blocks", type=int, default=None)
-    engine.add_argument("--kv-cache-memory-mib", type=int, default=256, help="KV budget on CPU")
-    engine.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    engine.add_argument("--max-num-seqs", type=int, default=64)
-    engine.add_argument("--max-num-batched-tokens", type=int, default=None)
-    engine.add_argument("--max-model-len", type=int, default=None)
-    engine.add_argument("--chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
-    engine.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    engine.add_argument("--dtype", default="auto", choices=DTYPES,
+                        help="auto = float32 on CPU, bfloat16 on CUDA")
+    engine.add_argument("--device", default="auto", choices=DEVICES, help="auto = cuda when available")
+    engine.add_argument("--attention-backend", default="auto", choices=BACKENDS,
+                        help="paged-attention kernels; auto = the fastest that runs here")
+    engine.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    engine.add_argument("--num-kv-blocks", type=int, default=None,
+                        help="KV pool size in blocks (default: sized from the memory budget)")
+    engine.add_argument("--kv-cache-memory-mib", type=_positive_int, default=256, help="KV budget on CPU")
+    engine.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                        help="fraction of GPU memory the engine may use")
+    engine.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one step")
+    engine.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="token budget of one step (default: 2048, or what the other limits need)")
+    engine.add_argument("--max-model-len", type=int, default=None,
+                        help="longest prompt + output (default: the model's context length)")
+    engine.add_argument("--chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
+                        help="split long prompts over several steps")
+    engine.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                        help="reuse the KV blocks of a prefix computed before")
     output = gen.add_argument_group("output")
     output.add_argument("--json", action="store_true", help="print the outputs as JSON")
     output.add_argument("--stats", action="store_true", help="print engine statistics at the end")
@@ -79,10 +136,44 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--trace", default=None, metavar="FILE",
                         help="record every engine step and write it to FILE as JSON lines")
 
-    vis = commands.add_parser("visualize", help="draw a step trace (timeline, throughput, block map)")
+    vis = command("visualize", "draw a step trace (timeline, throughput, block map)")
     vis.add_argument("trace", help="a trace written by `generate --trace` or LLM.save_trace")
     vis.add_argument("--out", required=True, help="directory for the PNGs (created if missing)")
     return parser
+
+
+def cli_words(message: str, parser: argparse.ArgumentParser) -> str:
+    """Rewrite an error of the library in the words of `parser`'s command line.
+
+    `name=True` becomes `--flag`, `name=False` `--no-flag`, `name=value` `--flag value`; a name
+    with an underscore becomes its flag wherever it stands, a one-word name (seed, n, stop) only
+    where it is clearly the argument: starting a clause, before "must" or "(". Paths and quoted
+    text are left alone.
+    """
+    flags = {a.dest: a for a in parser._actions if a.option_strings}
+    flags.update({name: flags[dest] for name, dest in _FLAG_ALIASES.items() if dest in flags})
+    edge = r"(?<![\w./'-])"  # not inside a path, a flag or a longer name
+    clause = r"(?:^|(?<=: )|(?<=; ))"  # where a sentence about an argument starts
+
+    def flag(name: str) -> str:
+        return next(o for o in flags[name].option_strings if o.startswith("--"))
+
+    def assignment(match: re.Match) -> str:
+        name, value = match.group(1), match.group(2).strip("'\"")
+        action = flags[name]
+        if action.nargs == 0:  # an on/off flag
+            if value == "True":
+                return flag(name)
+            if value == "False" and isinstance(action, argparse.BooleanOptionalAction):
+                return "--no-" + flag(name)[2:]
+        return f"{flag(name)} {value}"
+
+    names = "|".join(sorted(map(re.escape, flags), key=len, reverse=True))
+    message = re.sub(edge + rf"({names})=('[^']*'|\"[^\"]*\"|[^\s,;)]+)", assignment, message)
+    message = re.sub(clause + rf"({names})(?=\s+must\b|\s+\()|" + edge + r"(\w*_\w*)\b(?![=/.])",
+                     lambda m: flag(m.group(1) or m.group(2)) if (m.group(1) or m.group(2)) in flags
+                     else m.group(0), message)
+    return message
 
 
 def make_model(args) -> int:
@@ -131,9 +222,7 @@ def generate(args) -> int:
                 label = f"[{completion.index}] " if len(out.outputs) > 1 else ""
                 print(f"{label}{completion.text!r}")
                 print(f"    token ids: {completion.token_ids}  (finish: {completion.finish_reason})")
-            m = out.metrics
-            tpot = f"{m.tpot * 1e3:.1f} ms" if m.tpot is not None else "n/a"
-            print(f"    ttft {m.ttft * 1e3:.1f} ms | tpot {tpot} | {m.tokens_per_s:.1f} tokens/s")
+            print(f"    {out.metrics}")
     if args.stats:
         print(format_stats(llm.get_stats()), file=sys.stderr if args.json else sys.stdout)
     return 0
@@ -155,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"make-model": make_model, "generate": generate, "visualize": visualize}
     try:
         return commands[args.command](args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as err:
-        print(f"minivllm {args.command}: error: {err}", file=sys.stderr)
+    except (ValueError, TypeError, OSError) as err:  # bad input, a missing or broken file
+        print(f"minivllm {args.command}: error: {cli_words(str(err), args.command_parser)}",
+              file=sys.stderr)
         return 2

@@ -141,7 +141,7 @@ class ModelConfig:
         if self.device == "cuda" and not torch.cuda.is_available():
             why = ("this torch build has no CUDA support" if torch.version.cuda is None
                    else "torch sees no CUDA device")
-            raise ValueError(f"device='cuda' cannot be used: {why}; use device='cpu' or 'auto'")
+            raise ValueError(f"device='cuda' cannot be used: {why}; use device='cpu' or device='auto'")
         return torch.device(self.device)
 
     @property
@@ -227,7 +227,10 @@ class SchedulerConfig:
         "chunk size"); None means only the budget limits it. Needs chunked prefill.
     max_model_len: longest sequence (prompt + output) served; None takes the model's trained
         context length from its config.json.
-    history_size: how many per-step records the scheduler keeps for stats and traces.
+    history_size: how many per-step records the engine keeps for stats and plots.
+    async_scheduling: plan and launch step n+1 while the GPU still runs step n (overlap; see
+        engine/llm_engine.py). Outputs are the same with it off, where each step runs start to
+        finish: slower on a GPU, easier to follow and debug.
     """
 
     max_num_seqs: int = 64
@@ -236,6 +239,7 @@ class SchedulerConfig:
     prefill_chunk_size: int | None = None
     max_model_len: int | None = None
     history_size: int = 10_000
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         _check_int("max_num_seqs", self.max_num_seqs, minimum=1)
@@ -244,6 +248,7 @@ class SchedulerConfig:
         _check_int("prefill_chunk_size", self.prefill_chunk_size, minimum=1, allow_none=True)
         _check_int("max_model_len", self.max_model_len, minimum=2, allow_none=True)
         _check_int("history_size", self.history_size, minimum=0)
+        _check_bool("async_scheduling", self.async_scheduling)
         if self.prefill_chunk_size is not None and not self.enable_chunked_prefill:
             raise ValueError("prefill_chunk_size needs enable_chunked_prefill=True")
         if self.max_num_batched_tokens is None and self.max_model_len is not None:

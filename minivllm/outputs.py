@@ -4,6 +4,7 @@
     out.text, out.token_ids, out.finish_reason        # the first (often only) completion
     out.outputs[i]                                      # each of the n completions
     out.metrics.ttft, out.metrics.tpot, out.metrics.tokens_per_s
+    print(out.metrics)                                  # (ttft 12.1 ms, tpot 3.4 ms, 210.5 tok/s)
 """
 
 from __future__ import annotations
@@ -22,13 +23,20 @@ class CompletionOutput:
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
 
 
-@dataclass
+def _ms(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds * 1e3:.1f} ms"
+
+
+@dataclass(repr=False)
 class RequestMetrics:
     """Timings (seconds) and counters of a request.
 
     ttft: time to first token (arrival -> first generated token): queueing + prefill.
     tpot: time per output token after the first (the decode speed one user sees).
     tokens_per_s: generated tokens (all samples) / end-to-end latency.
+
+    The *_time fields are `time.perf_counter()` readings: only differences between them mean
+    something, so the printed forms show the derived durations and rates instead.
     """
 
     arrival_time: float
@@ -43,6 +51,20 @@ class RequestMetrics:
     tpot: float | None
     e2e_latency: float | None
     tokens_per_s: float | None
+
+    def _rate(self) -> str:
+        rate = "n/a" if self.tokens_per_s is None else f"{self.tokens_per_s:.1f}"
+        return f"{rate} tok/s"
+
+    def __str__(self) -> str:
+        return f"(ttft {_ms(self.ttft)}, tpot {_ms(self.tpot)}, {self._rate()})"
+
+    def __repr__(self) -> str:
+        return (
+            f"RequestMetrics(ttft={_ms(self.ttft)}, tpot={_ms(self.tpot)}, tokens_per_s={self._rate()}, "
+            f"prompt_tokens={self.num_prompt_tokens}, output_tokens={self.num_output_tokens}, "
+            f"cached_tokens={self.num_cached_tokens}, preemptions={self.num_preemptions})"
+        )
 
 
 @dataclass

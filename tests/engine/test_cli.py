@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
 
-from minivllm import LLM
-from minivllm.cli import main
+import pytest
+import torch
+
+from minivllm import LLM, kernels
+from minivllm.cli import build_parser, cli_words, main
 
 
 def test_make_model_then_generate(tmp_path, capsys):
@@ -42,4 +46,92 @@ def test_cli_errors_are_reported_not_raised(tmp_path, capsys):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "config.json").write_text("{}")
     assert main(["make-model", str(tmp_path / "full")]) == 2
-    assert "not empty" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "not empty" in err and "--overwrite" in err and "overwrite=True" not in err
+    (tmp_path / "a-file").write_text("")
+    assert main(["make-model", str(tmp_path / "a-file")]) == 2  # NotADirectoryError, not a traceback
+    assert "is not a directory" in capsys.readouterr().err
+
+
+MINIMAL_ARGS = {"make-model": ["x"], "generate": ["--model", "m"], "visualize": ["t", "--out", "o"]}
+
+
+def _commands() -> dict[str, argparse.ArgumentParser]:
+    """Each command's own parser (the one whose flags its errors are worded in)."""
+    parser = build_parser()
+    return {name: parser.parse_args([name, *args]).command_parser for name, args in MINIMAL_ARGS.items()}
+
+
+@pytest.mark.parametrize("command", ["make-model", "generate", "visualize"])
+def test_help_shows_every_default(command):
+    sub = _commands()[command]
+    text = " ".join(sub.format_help().split())  # undo argparse's line wrapping
+    shown = 0
+    for action in sub._actions:
+        nothing_to_show = action.default is None or action.default is False or action.default in ([], argparse.SUPPRESS)
+        if not action.option_strings or nothing_to_show:
+            continue
+        assert f"(default: {action.default})" in text, (action.option_strings, text)
+        shown += 1
+    assert shown >= {"make-model": 3, "generate": 19, "visualize": 0}[command]
+    assert "(default: None)" not in text and "(default: False)" not in text and "(default: [])" not in text
+
+
+def test_backend_choices_come_from_the_kernels():
+    sub = _commands()["generate"]
+    assert tuple(next(a for a in sub._actions if a.dest == "attention_backend").choices) == kernels.BACKENDS
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("pass overwrite=True", "pass --overwrite"),
+    ("max_tokens must be an int >= 1, got 0", "--max-tokens must be an int >= 1, got 0"),
+    ("min_tokens (10) must not exceed max_tokens (5)", "--min-tokens (10) must not exceed --max-tokens (5)"),
+    ("prompt 1: n (3) is larger than max_num_seqs (2)", "prompt 1: --n (3) is larger than --max-num-seqs (2)"),
+    ("got seed=7 with n=2", "got --seed 7 with --n 2"),
+    ("set enable_chunked_prefill=True", "set --chunked-prefill"),
+    ("or enable_prefix_caching=False", "or --no-prefix-caching"),
+    ("device='cuda' cannot be used", "--device cuda cannot be used"),
+    ("attention_backend='triton' cannot run on cpu: backend='triton' needs",
+     "--attention-backend triton cannot run on cpu: backend='triton' needs"),  # the kernel's own words stay
+    # Left alone: paths, quoted names, words that are not about the argument, unknown names.
+    ("model directory '/tmp/max_tokens' does not exist", "model directory '/tmp/max_tokens' does not exist"),
+    ("/a/top_k/config.json states no context length", "/a/top_k/config.json states no context length"),
+    ("a whole prompt must fit in one step", "a whole prompt must fit in one step"),
+    ("seed + n - 1 < 2**64", "seed + n - 1 < 2**64"),
+    ("none of max_position_embeddings, n_positions", "none of max_position_embeddings, n_positions"),
+])
+def test_library_words_become_flags(message, expected):
+    assert cli_words(message, _commands()["generate" if "overwrite" not in message else "make-model"]) == expected
+
+
+@pytest.mark.parametrize("flags, shown", [
+    (["--max-tokens", "0"], "--max-tokens must be"),
+    (["--temperature", "0.5", "--seed", str(2**64 - 1), "--n", "2"], "--seed must satisfy"),
+    (["--n", "3", "--max-num-seqs", "2", "--max-num-batched-tokens", "64"], "--n (3) is larger than --max-num-seqs (2)"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--block-size", "0"], "--block-size must be >= 1"),
+    (["--no-chunked-prefill", "--max-num-batched-tokens", "64"], "--max-num-batched-tokens (64) is below --max-model-len"),
+])
+def test_generate_errors_name_flags(model_dir, capsys, flags, shown):
+    code = main(["generate", "--model", str(model_dir("llama")), "--prompt", "Hi", "--no-progress", *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and shown in err, err
+    assert "_" not in err.split("error:", 1)[1].split("/")[0]  # no Python keyword before any path
+
+
+def test_generate_on_a_folder_that_is_no_model(tmp_path, capsys):
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "has no config.json" in err and "max-model-len" not in err and "max_model_len" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_unrunnable_backend_is_refused_before_generating(model_dir, capsys):
+    assert main(["generate", "--model", str(model_dir("llama")), "--prompt", "x", "--attention-backend", "cuda"]) == 2
+    assert "--attention-backend cuda cannot run on cpu" in capsys.readouterr().err
+
+
+def test_kv_budget_is_checked_in_its_own_unit(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--model", "m", "--kv-cache-memory-mib", "0"])
+    assert "--kv-cache-memory-mib: must be >= 1, got 0" in capsys.readouterr().err
