@@ -9,11 +9,12 @@ For each case (decode, causal prefill, chunked prefill; batch x context x block 
    is not counted; on CPU: median wall time),
 4. reports achieved bandwidth over the K/V bytes the op must read, that as a fraction of a
    device-to-device copy bandwidth measured in the same run, TFLOP/s for prefill, and the time
-   ratio to dense SDPA.
+   ratio to dense SDPA: "time / SDPA" in the table, `ratio_vs_sdpa` in the JSON; below 1 is
+   faster than SDPA, above 1 slower.
 
 Writes one JSON record per case and backend to benchmarks/results/, a PNG plot, and prints a
 table last. On a machine without CUDA it runs small shapes with the reference backend: CPU
-timings say nothing about the GPU.
+timings say nothing about the GPU, so they go to benchmarks/results/cpu/, which git ignores.
 
     python benchmarks/attn_bench.py                 # default sweep on whatever device is here
     python benchmarks/attn_bench.py --quick         # a few cases
@@ -40,6 +41,7 @@ from minivllm.kernels import available_backends, paged_attention
 from minivllm.kernels import cuda as cuda_ext
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+CPU_RESULTS_DIR = RESULTS_DIR / "cpu"  # in .gitignore: CPU times are never results to commit
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -225,7 +227,8 @@ def _record(case, backend, ms, copy_gbps, sdpa_ms, err, device) -> dict:
     gbps = kv_bytes(case) / (ms * 1e-3) / 1e9
     rec = dict(asdict(case), backend=backend, ms=ms, gbps=gbps, frac_copy_bw=gbps / copy_gbps,
                tflops=attention_flops(case) / (ms * 1e-3) / 1e12,
-               ratio_vs_sdpa=(ms / sdpa_ms) if sdpa_ms else None, rel_error=err,
+               ratio_vs_sdpa=(ms / sdpa_ms) if sdpa_ms else None,  # time / SDPA time
+               rel_error=err,
                copy_gbps=copy_gbps, device=_device_name(device))
     return rec
 
@@ -241,14 +244,15 @@ def _device_name(device: torch.device) -> str:
 # ------------------------------------------------------------------------------------------
 def print_table(records: list[dict]) -> None:
     header = (f"{'op':<16}{'backend':<8}{'dtype':<6}{'B':>5}{'ctx':>7}{'q':>6}{'bs':>4}"
-              f"{'ms':>10}{'GB/s':>9}{'copyBW':>8}{'TFLOP/s':>9}{'vs sdpa':>9}{'err':>10}")
+              f"{'ms':>10}{'GB/s':>9}{'copyBW':>8}{'TFLOP/s':>9}{'time/SDPA':>11}{'err':>10}")
     print(header)
     print("-" * len(header))
     for r in records:
-        ratio = f"{r['ratio_vs_sdpa']:.2f}x" if r["ratio_vs_sdpa"] else "-"
+        ratio = f"{r['ratio_vs_sdpa']:.2f}" if r["ratio_vs_sdpa"] else "-"
         print(f"{r['op']:<16}{r['backend']:<8}{r['dtype']:<6}{r['batch']:>5}{r['context']:>7}"
               f"{r['query_len']:>6}{r['block_size']:>4}{r['ms']:>10.4f}{r['gbps']:>9.0f}"
-              f"{r['frac_copy_bw']:>8.2f}{r['tflops']:>9.1f}{ratio:>9}{r['rel_error']:>10.1e}")
+              f"{r['frac_copy_bw']:>8.2f}{r['tflops']:>9.1f}{ratio:>11}{r['rel_error']:>10.1e}")
+    print("time/SDPA: this backend's time over dense SDPA's in the same run (below 1 = faster)")
 
 
 def plot(records: list[dict], path: Path, title: str) -> None:
@@ -279,7 +283,8 @@ def plot(records: list[dict], path: Path, title: str) -> None:
                             + (f"q={q}\n" if q > 1 else "") + f"bs={bs}"
                             for op, b, L, q, bs, _ in labels], fontsize=7)
         ax.set_ylabel(label)
-        ax.legend()
+        if recs:  # a sweep without this kind of case leaves the panel empty
+            ax.legend()
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_title("decode: achieved K/V bandwidth / copy bandwidth (higher is better)")
     axes[1].set_title("prefill: attention TFLOP/s")
@@ -309,7 +314,9 @@ def parse_args(argv=None):
     p.add_argument("--num-q-heads", type=int, default=None)
     p.add_argument("--num-kv-heads", type=int, default=None)
     p.add_argument("--head-dim", type=int, default=None)
-    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory for JSON and PNG")
+    p.add_argument("--out", type=Path, default=None,
+                   help="directory for JSON and PNG (default: benchmarks/results on a GPU, "
+                        "benchmarks/results/cpu, which git ignores, on the CPU)")
     p.add_argument("--tag", default=None, help="name of the output files (default: device)")
     p.add_argument("--replot", type=Path, default=None, metavar="JSON",
                    help="only redraw the plot and table of an earlier run's JSON")
@@ -368,11 +375,12 @@ def main(argv=None) -> int:
         meta["triton"] = triton.__version__
     except ImportError:
         pass
-    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out or (RESULTS_DIR if on_gpu else CPU_RESULTS_DIR)
+    out.mkdir(parents=True, exist_ok=True)
     tag = args.tag or ("gpu" if on_gpu else "cpu")
-    json_path = args.out / f"attn_bench_{tag}.json"
+    json_path = out / f"attn_bench_{tag}.json"
     json_path.write_text(json.dumps({"meta": meta, "records": records}, indent=1))
-    png_path = args.out / f"attn_bench_{tag}.png"
+    png_path = out / f"attn_bench_{tag}.png"
     plot(records, png_path, f"minivllm paged attention, {meta['device']}, {stamp[:10]}")
     print(f"\nwrote {json_path} and {png_path}\n")
     print_table(records)
