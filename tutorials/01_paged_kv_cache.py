@@ -64,10 +64,12 @@ def part1_bookkeeping(out) -> None:
     plot_block_map(snapshot_blocks(bm, [a, b, c]), out / "block_map_by_hand.png",
                    title="Tutorial 1: A, B sharing a prefix, C forked from B")
 
-    # When C writes its next token into the shared, partly filled last block, it gets a copy.
+    # C samples token 42. Its K/V is not in the cache yet: the next step computes it and writes it
+    # into C's last block, which is shared and partly filled, so C first gets its own copy.
     c.append_token(42)
-    copies = bm.allocate(c, 1)
-    print(f"\n-- C appends a token: copy-on-write of its shared last block, copies (src, dst) = {copies}")
+    copies = bm.allocate(c, 1)  # the slot for the one token the next step computes
+    print(f"\n-- C samples a token; the step that writes its K/V needs a private last block: "
+          f"copy-on-write, copies (src, dst) = {copies}")
 
     for seq in (a, b, c):
         bm.free(seq)
@@ -90,8 +92,14 @@ def part2_real_cache(out, model: str) -> None:
     print(f"   after step 2, prefix-cache hits: {engine.block_manager.stats().prefix_cache_hit_tokens} tokens "
           "(the third prompt reused 2 blocks = 8 tokens of the first)")
     seqs = list(engine.scheduler.running)
+    # A step samples a token from the model's output at the last position, so the token it sampled
+    # has not been through the model yet: its K/V is written by the *next* step, which takes it as
+    # input. The cache therefore holds num_computed_tokens = num_tokens - 1 tokens of a decoding
+    # sequence, and that is what the block map counts.
+    print("   (the newest token of each sequence was just sampled: its K/V is written by the next step)")
     for seq in seqs:
-        print(f"   seq {seq.seq_id}: {seq.num_tokens} tokens, block table {seq.block_table}")
+        print(f"   seq {seq.seq_id}: {seq.num_tokens} tokens, {seq.num_computed_tokens} of them in the cache, "
+              f"block table {seq.block_table}")
     snap = snapshot_blocks(engine.block_manager, seqs)
     print(text_block_map(snap))
     plot_block_map(snap, out / "block_map_engine.png", title="Tutorial 1: the engine's pool after two steps")
