@@ -43,7 +43,8 @@ import torch
 
 from minivllm import kernels
 
-__all__ = ["NAME", "register", "is_registered", "supports_continuous_batching", "LeftPaddedCausal",
+__all__ = ["NAME", "register", "is_registered", "supports_continuous_batching",
+           "continuous_batching_name", "LeftPaddedCausal",
            "as_pages", "left_padded_causal_mask", "paged_attention_forward",
            "paged_cache_attention_forward"]
 
@@ -334,13 +335,15 @@ def paged_cache_attention_forward(module, query, key, value, attention_mask, dro
     return out.unsqueeze(0), None
 
 
-def _continuous_batching_name(name: str) -> str | None:
-    """The name continuous batching will ask for, on the transformers versions that ask for one.
+def continuous_batching_name(name: str = NAME) -> str | None:
+    """The name under which continuous batching runs `name`, or None where it cannot.
 
-    Up to 5.17 at least, `generate_batch` switches a model to `"paged|" + its implementation`
-    and runs whatever function is registered under that name. Later versions dropped the prefix
-    and accept only `sdpa`, `paged|eager` and flash implementations (docs/hf_backend.md quotes
-    the code): there, no name of ours can run under continuous batching.
+    In transformers 5.17, `generate_batch` switches a model to `"paged|" + its implementation`
+    (to a flash implementation instead, if a flash package is installed) and runs whatever
+    function is registered under that name; `register()` registers ours there. Setting a model
+    to this name before `generate_batch` skips the switch to flash. Later versions dropped the
+    prefix and accept only `sdpa`, `paged|eager` and flash names (docs/hf_backend.md quotes the
+    code): there no registered name can run under continuous batching, and this returns None.
     """
     from transformers import AttentionInterface
 
@@ -370,7 +373,7 @@ def register(name: str = NAME, backend: str = "auto") -> str:
 
     AttentionInterface.register(name, functools.partial(paged_attention_forward, backend=backend))
     AttentionMaskInterface.register(name, left_padded_causal_mask)
-    cb_name = _continuous_batching_name(name)
+    cb_name = continuous_batching_name(name)
     if cb_name is not None:  # no mask function: continuous batching packs requests, needs none
         AttentionInterface.register(cb_name, functools.partial(paged_cache_attention_forward,
                                                                backend=backend))
@@ -379,7 +382,7 @@ def register(name: str = NAME, backend: str = "auto") -> str:
 
 def supports_continuous_batching() -> bool:
     """Whether the installed transformers can run a registered minivllm name in `generate_batch`."""
-    return _continuous_batching_name(NAME) is not None
+    return continuous_batching_name() is not None
 
 
 def is_registered(name: str = NAME) -> bool:

@@ -285,6 +285,9 @@ def test_generate_batch_through_the_kernel(tiny_dir, kernel_calls):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(str(tiny_dir("qwen3")), dtype=torch.float32,
                                                  attn_implementation=hf.register()).to(device).eval()
+    # The batching name, set explicitly: transformers would otherwise prefer an installed flash.
+    assert hf.continuous_batching_name() == "paged|minivllm"
+    model.set_attn_implementation(hf.continuous_batching_name())
     # max_batch_tokens 16 < 20: the longest prompt is prefilled in chunks over cached tokens.
     prompts = [*BATCH, list(range(30, 50))]
     got = _generate_batch(model, prompts, 6)
@@ -299,7 +302,7 @@ def test_generate_batch_through_the_kernel(tiny_dir, kernel_calls):
 
 @pytest.mark.skipif(hf.supports_continuous_batching(), reason="this transformers runs it (test above)")
 def test_generate_batch_refuses_a_registered_name(tiny_dir):
-    """transformers >= 5.18 accepts only sdpa, paged|eager and flash names in continuous batching."""
+    """transformers 5.24 accepts only sdpa, paged|eager and flash names in continuous batching."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_dir("qwen3")), attn_implementation=hf.register())
