@@ -17,7 +17,8 @@ tokens of its context: query j of a chunk of length q attends to keys `< seq_len
 Layout of the package: `validation.py` checks the inputs once, at the door, with errors that name
 the argument; `backends.py` picks the implementation ("auto" | "torch" | "triton" | "cuda") from
 one dispatch table; `reference.py`, `triton_attention.py`, `triton_cache.py` and `cuda.py` are
-the implementations.
+the implementations; `warmup.py` compiles every Triton variant a model uses before serving, and
+`jit_counter.py` counts Triton compilations, to check that serving compiles nothing.
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ import torch
 
 from . import validation
 from .backends import AUTO_PREFERS_CUDA, BACKENDS, available_backends, dispatch, resolve_backend
+from .jit_counter import JitCounter
+from .warmup import warm_up
 
 __all__ = [
     "write_kv_cache", "paged_attention", "available_backends", "resolve_backend", "BACKENDS",
-    "AUTO_PREFERS_CUDA",
+    "AUTO_PREFERS_CUDA", "JitCounter", "warm_up",
 ]
 
 

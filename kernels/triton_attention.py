@@ -23,6 +23,19 @@ a reader meets them in the code:
 * **Split-KV.** When the grid is too small to fill the GPU (decode of a few long sequences), each
   program takes one of `num_splits` slices of the context and writes an unnormalised partial
   result; a second, tiny kernel merges the partials with their softmax statistics.
+* **One compilation per model, not per step.** Triton compiles a kernel once per
+  *specialization*: argument types, `tl.constexpr` values, launch options, and what it infers
+  from runtime values: an int argument equal to 1 or divisible by 16, a pointer that is 16-byte
+  aligned. The values that change from step to step (`num_seqs`, `num_tokens`, `num_splits`, the
+  block-table row stride) are listed in `do_not_specialize`, so a new batch shape never compiles
+  a kernel again; strides of the cache and of q/out stay specialized, because divisibility by 16
+  is what lets the compiler issue 16-byte loads. Pointer alignment is part of the key too: the
+  metadata pointers (`block_tables`, `seq_lens`, `cu_seqlens_q`), which an engine may pass as
+  views at varying offsets of one buffer, are only read element by element, so they are left out
+  of it (`do_not_specialize_on_alignment`); q, the caches and out are fresh allocations or fixed
+  views. What remains per model (head dim, GQA group, block size, dtypes, cache size) is a short
+  list: the attention kernel has four variants, (DECODE_ONLY, SPLIT_KV) in {0, 1}^2, each with
+  its own tile shape, and the merge kernel one. `warm_up` compiles all of them.
 """
 
 from __future__ import annotations
@@ -34,6 +47,8 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634  # softmax runs on exp2: exp(x) = exp2(x * log2(e))
+MAX_SPLITS = 64  # the most slices choose_num_splits cuts a context into
+SPLITS_TILE = 64  # partials the merge kernel reads at once: MAX_SPLITS, though any count works
 
 
 @triton.jit
@@ -100,7 +115,10 @@ def _attend_kv_tile(
     return acc, m_new, l_i
 
 
-@triton.jit
+@triton.jit(
+    do_not_specialize=["num_seqs", "num_tokens", "num_splits", "stride_bt"],
+    do_not_specialize_on_alignment=["block_tables_ptr", "seq_lens_ptr", "cu_seqlens_q_ptr"],
+)
 def _paged_attention_kernel(
     query_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     block_tables_ptr, seq_lens_ptr, cu_seqlens_q_ptr,
@@ -199,30 +217,42 @@ def _paged_attention_kernel(
         tl.store(partial_acc_ptr + stat[:, None] * DIM_PAD + dims[None, :], acc, mask=out_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens", "num_splits"])
 def _merge_splits_kernel(
     out_ptr, partial_acc_ptr, partial_m_ptr, partial_l_ptr,
     num_tokens, num_splits, stride_ot, stride_oh,
     NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
-    SPLITS_PAD: tl.constexpr,
+    SPLITS_TILE: tl.constexpr,
 ):
-    """out = sum_s w_s * acc_s / sum_s w_s * l_s with w_s = 2^(m_s - max_s m_s)."""
+    """out = sum_s w_s * acc_s / sum_s w_s * l_s with w_s = 2^(m_s - max_s m_s).
+
+    The partials are read SPLITS_TILE splits at a time with the same online rescaling as the
+    attention loop, so one compiled kernel serves every split count (one pass of the loop for
+    the heuristic's counts).
+    """
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
-    splits = tl.arange(0, SPLITS_PAD)
     dims = tl.arange(0, DIM_PAD)
-    stat = (splits * num_tokens + token) * NUM_Q_HEADS + head
-    split_mask = splits < num_splits
-    m = tl.load(partial_m_ptr + stat, mask=split_mask, other=float("-inf"))
-    l = tl.load(partial_l_ptr + stat, mask=split_mask, other=0.0)
-    m_max = tl.max(m, 0)
-    # A split that saw no key has m = -inf (or l = 0) and weight 0.
-    weight = tl.where(m == float("-inf"), 0.0, tl.math.exp2(m - m_max))
-    acc = tl.load(partial_acc_ptr + stat[:, None] * DIM_PAD + dims[None, :],
-                  mask=split_mask[:, None], other=0.0)
-    out = tl.sum(acc * weight[:, None], 0) / tl.sum(l * weight, 0)
+    m_run = tl.full([], float("-inf"), dtype=tl.float32)
+    numerator = tl.zeros([DIM_PAD], dtype=tl.float32)
+    denominator = tl.full([], 0.0, dtype=tl.float32)
+    for first in range(0, num_splits, SPLITS_TILE):
+        splits = first + tl.arange(0, SPLITS_TILE)
+        split_mask = splits < num_splits
+        stat = (splits * num_tokens + token) * NUM_Q_HEADS + head
+        m = tl.load(partial_m_ptr + stat, mask=split_mask, other=float("-inf"))
+        l = tl.load(partial_l_ptr + stat, mask=split_mask, other=0.0)
+        acc = tl.load(partial_acc_ptr + stat[:, None] * DIM_PAD + dims[None, :],
+                      mask=split_mask[:, None], other=0.0)
+        m_new = tl.maximum(m_run, tl.max(m, 0))
+        # A split that saw no key has m = -inf (and l = 0): weight 0, never exp2(-inf - -inf).
+        alpha = tl.where(m_run == float("-inf"), 0.0, tl.math.exp2(m_run - m_new))
+        weight = tl.where(m == float("-inf"), 0.0, tl.math.exp2(m - m_new))
+        numerator = numerator * alpha + tl.sum(acc * weight[:, None], 0)
+        denominator = denominator * alpha + tl.sum(l * weight, 0)
+        m_run = m_new
     tl.store(out_ptr + token * stride_ot + head * stride_oh + dims,
-             out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
+             (numerator / denominator).to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
 
 
 # ------------------------------------------------------------------------------------------
@@ -240,7 +270,7 @@ def _sm_count(device: torch.device) -> int:
 
 
 def choose_num_splits(num_programs: int, num_sms: int, max_seq_len: int | None,
-                      block_n: int, max_splits: int = 64) -> int:
+                      block_n: int, max_splits: int = MAX_SPLITS) -> int:
     """How many slices to cut each context into, from the grid size alone.
 
     A program streams its whole context through one SM. When `num_programs` (query tiles x KV
@@ -362,7 +392,7 @@ def paged_attention(
             out, partial_acc, partial_m, partial_l, num_tokens, num_splits,
             out.stride(0), out.stride(1),
             NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, DIM_PAD=dim_pad,
-            SPLITS_PAD=triton.next_power_of_2(num_splits),
+            SPLITS_TILE=SPLITS_TILE,
             num_warps=4 if query.device.type == "cuda" else 1,
         )
     return out

@@ -4,6 +4,11 @@ Every new token has one *slot*, `block_id * block_size + offset`, chosen by the 
 One program copies one token's [Hkv, D] key and value rows to that slot; a negative slot (a
 padding token of a CUDA-graph batch) is skipped. The copy is tiny, so the kernel's only job is to
 avoid the Python-level gather/scatter a framework would do with several launches.
+
+Compiled once per model: the token count reaches the kernel only through the grid, and every
+other argument is fixed by the cache and the model. Triton also keys a compilation on each
+pointer's 16-byte alignment; `slot_mapping` may be a view at any offset of a step's packed
+metadata and is read one element per program, so its alignment is left out of the key.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=["slot_mapping_ptr"])
 def _write_kv_cache_kernel(
     key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,

@@ -32,3 +32,63 @@ def patch_bf16_dot() -> None:
 
     builder.create_dot = create_dot
     builder._minivllm_bf16_dot = True
+
+
+class PredictedSpecializations:
+    """What a GPU would compile, seen from the interpreter: the CPU stand-in for JitCounter.
+
+    The interpreter compiles nothing, so `minivllm.kernels.JitCounter` cannot count there. But the
+    key Triton compiles for is computed in Python before any compilation: its binder turns the
+    launch arguments into (type, specialization) pairs, honouring `do_not_specialize` and
+    `do_not_specialize_on_alignment`, and the launch options join them. While this context is
+    active every interpreted launch is also passed through that same binder, built for a Hopper
+    target, and the distinct keys are collected per kernel: a key not seen before is a kernel the
+    GPU would compile.
+    """
+
+    def __init__(self):
+        self.keys: dict[str, set] = {}
+        self._original_run = None
+
+    def _key(self, function, args, kwargs):
+        from triton.backends.compiler import GPUTarget
+        from triton.backends.nvidia.compiler import CUDABackend
+        from triton.runtime.jit import JITFunction, create_function_from_signature
+
+        options = {k: v for k, v in function.kwargs.items()
+                   if k in ("do_not_specialize", "do_not_specialize_on_alignment")}
+        jit = JITFunction(function.fn, **options)
+        binder = create_function_from_signature(
+            jit.signature, jit.params, CUDABackend(GPUTarget("cuda", 90, 32)))
+        _, specialization, launch_options = binder(*args, **kwargs)
+        return tuple(specialization), tuple(sorted(launch_options.items()))
+
+    def __enter__(self):
+        from triton.runtime import interpreter
+
+        self._original_run = original = interpreter.InterpretedFunction.run
+        recorder = self
+
+        def run(function, *args, grid, warmup, **kwargs):
+            key = recorder._key(function, args, kwargs)
+            recorder.keys.setdefault(function.fn.__name__, set()).add(key)
+            return original(function, *args, grid=grid, warmup=warmup, **kwargs)
+
+        interpreter.InterpretedFunction.run = run
+        return self
+
+    def __exit__(self, *exc):
+        from triton.runtime import interpreter
+
+        interpreter.InterpretedFunction.run = self._original_run
+
+    def count(self) -> int:
+        return sum(len(keys) for keys in self.keys.values())
+
+    def new_since(self, before: dict[str, set]) -> dict[str, list]:
+        """Keys per kernel that were not in `before` (a copy of `keys` taken earlier)."""
+        return {name: sorted(map(str, keys - before.get(name, set())))
+                for name, keys in self.keys.items() if keys - before.get(name, set())}
+
+    def snapshot(self) -> dict[str, set]:
+        return {name: set(keys) for name, keys in self.keys.items()}

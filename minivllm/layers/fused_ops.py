@@ -70,7 +70,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 # --------------------------------------------------------------------------------------------
 # q/k per-head RMSNorm (Qwen3) + rotary embedding, in place
 # --------------------------------------------------------------------------------------------
-@triton.jit
+# `positions` may be a view at any offset of the step's packed metadata, and a pointer's 16-byte
+# alignment is part of what Triton compiles for; it is read one element per program, so nothing
+# is lost by leaving it out. The other arguments are fixed per model: no batch size reaches these
+# kernels except through the grid, so a new batch shape never compiles them again.
+@triton.jit(do_not_specialize_on_alignment=["positions_ptr"])
 def _qk_norm_rope_kernel(q_ptr, k_ptr, positions_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr,
                          stride_qt, stride_qh, stride_kt, stride_kh, stride_table,
                          num_q_heads, eps, HAS_NORM: tl.constexpr, HALF: tl.constexpr,

@@ -61,6 +61,18 @@ def test_decode_split_kv_matches_reference(block_size, num_splits):
     _check(p, torch.float16, num_splits=num_splits)
 
 
+@pytest.mark.parametrize("num_splits", [17, 40])
+def test_more_splits_than_the_merge_tile(num_splits, monkeypatch):
+    """The merge kernel reads the partials SPLITS_TILE splits at a time, rescaling as it goes:
+    with a tile of 16, 17 splits take 2 tiles (the last with one split) and 40 take 3."""
+    from minivllm.kernels import triton_attention
+
+    monkeypatch.setattr(triton_attention, "SPLITS_TILE", 16)
+    g = torch.Generator().manual_seed(num_splits)
+    p = make_problem([1, 1], [700, 33], 4, 1, 64, 16, torch.float32, DEVICE, generator=g)
+    _check(p, torch.float32, num_splits=num_splits)
+
+
 @pytest.mark.parametrize("num_splits", [None, 2, 5])
 def test_chunked_prefill_split_kv_matches_reference(num_splits):
     g = torch.Generator().manual_seed(7)
