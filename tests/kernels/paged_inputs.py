@@ -66,8 +66,12 @@ def make_problem(
 
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64 (NaN if anything is NaN: it never passes)."""
-    out, ref = out.double(), ref.double()
+    """||out - ref|| / ||ref|| in float64 (NaN if anything is NaN: it never passes).
+
+    Detached first: a reference computed by a module with trainable parameters (RMSNorm's weight
+    in test_fused_ops) carries an autograd graph, and a comparison needs none of it.
+    """
+    out, ref = out.detach().double(), ref.detach().double()
     return float((out - ref).norm() / ref.norm())
 
 
