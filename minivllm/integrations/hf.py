@@ -12,13 +12,13 @@ function that turns the 2D padding mask into whatever that attention wants (`Att
 
 * **HF's cache viewed as pages.** `generate` keeps each layer's keys in one contiguous tensor
   [B, Hkv, S, D]. The kernel reads a paged cache [num_blocks, block_size, Hkv, D] through a block
-  table. With one-token blocks the two are the same memory: block `b * S + s` is token s of row b,
-  and its heads sit `S * D` elements apart. `as_pages` builds that strided view, so nothing is
-  copied and the block table of row b is simply `b * S + [0, 1, ..., S - 1]`. One-token blocks
-  cost nothing extra here: the kernel gathers every key row through the table anyway.
+  table. With one-token blocks the two are the same memory: block `b * Hkv * S + s` is token s of
+  row b, and its heads sit `S * D` elements apart. `as_pages` builds that strided view, so nothing
+  is copied, and the block table of row b is `b * Hkv * S + [0, 1, ..., S - 1]`. One-token blocks
+  cost almost nothing: the kernel looks every key up in the table anyway.
 * **Left padding as a start offset.** A batch of prompts of different lengths is padded on the
-  left. Row b's real tokens are keys [start_b, S): its block table starts at `b * S + start_b` and
-  its context length is `S - start_b`, so the padding is never read. The kernel's own rule (the
+  left. Row b's real tokens are keys [start_b, S): its block table starts `start_b` blocks later
+  and its context length is `S - start_b`, so the padding is never read. The kernel's own rule (the
   queries are the last tokens of the context) does the causal part.
 * **A mask object instead of a mask tensor.** `left_padded_causal_mask`, the registered mask
   function, checks once per forward pass that the mask is causal with left padding and returns a
@@ -126,27 +126,30 @@ class LeftPaddedCausal:
                 yield row, 0, start, pad_queries
             yield row, start, self.kv_length - start, self.q_length - pad_queries
 
-    def plan(self, blocks_per_row: int):
+    def plan(self, blocks_per_row: int, device: torch.device):
         """(block_tables, seq_lens, cu_seqlens_q, max_seq_len) for the kernel, built once per
-        forward pass (every layer has the same shapes) and on the device, from a few uploads."""
-        if blocks_per_row not in self._plans:
+        forward pass (every layer has the same shapes; per device, for a model split over GPUs)
+        on the device, from a few small uploads."""
+        key = (blocks_per_row, device)
+        if key not in self._plans:
             rows, firsts, lens, queries = zip(*self.segments())
-            to_device = functools.partial(torch.tensor, dtype=torch.int32, device=self.device)
+            to_device = functools.partial(torch.tensor, dtype=torch.int32, device=device)
             first_block = to_device([r * blocks_per_row + f for r, f in zip(rows, firsts)])
             seq_lens = to_device(lens)
             # Token j of a sequence is block first_block + j; entries past its length are padding
             # (clamped so that they stay valid ids), which the kernel never reads.
-            cols = torch.arange(max(lens), dtype=torch.int32, device=self.device)
+            cols = torch.arange(max(lens), dtype=torch.int32, device=device)
             block_tables = first_block[:, None] + torch.minimum(cols[None, :], seq_lens[:, None] - 1)
             cu_seqlens_q = to_device([0, *itertools.accumulate(queries)])
-            self._plans[blocks_per_row] = (block_tables, seq_lens, cu_seqlens_q, max(lens))
-        return self._plans[blocks_per_row]
+            self._plans[key] = (block_tables, seq_lens, cu_seqlens_q, max(lens))
+        return self._plans[key]
 
-    def dense(self) -> torch.Tensor:
+    def dense(self, device: torch.device | None = None) -> torch.Tensor:
         """The same mask as transformers' SDPA wants it: [B, 1, q, kv] bool, True = attend."""
-        keys = torch.arange(self.kv_length, device=self.device)
-        queries = torch.arange(self.kv_length - self.q_length, self.kv_length, device=self.device)
-        starts = torch.tensor(self.starts, device=self.device)
+        device = device or self.device
+        keys = torch.arange(self.kv_length, device=device)
+        queries = torch.arange(self.kv_length - self.q_length, self.kv_length, device=device)
+        starts = torch.tensor(self.starts, device=device)
         causal = keys[None, :] <= queries[:, None]  # [q, kv]
         real = keys[None, :] >= starts[:, None]  # [B, kv]
         return (causal[None] & real[:, None])[:, None]
@@ -229,7 +232,8 @@ def _why_not_kernel(module, query, value, dropout, kwargs) -> str | None:
     for feature in ("softcap", "s_aux", "sinks", "position_bias"):
         if kwargs.get(feature) is not None:
             return f"the layer passes `{feature}`, which the kernel does not implement"
-    if not kwargs.get("is_causal", getattr(module, "is_causal", True)):
+    is_causal = kwargs.get("is_causal")
+    if not (getattr(module, "is_causal", True) if is_causal is None else is_causal):
         return "a non-causal layer"
     if value.shape[-1] != query.shape[-1]:
         return f"values of head_dim {value.shape[-1]} but queries of {query.shape[-1]}"
@@ -255,17 +259,18 @@ def paged_attention_forward(module, query, key, value, attention_mask, dropout: 
         if attention_mask is not None:
             raise TypeError(f"attention_mask must be a LeftPaddedCausal, a tensor or None, got "
                             f"{type(attention_mask).__name__}")
-        # No mask at all: plain causal attention over every key.
+        # No mask at all: causal attention over every key, the queries being the last ones.
         attention_mask = LeftPaddedCausal([0] * query.shape[0], query.shape[2], key.shape[2],
                                           query.device)
     reason = _why_not_kernel(module, query, value, dropout, kwargs)
     if reason is not None:
         warn_fallback(reason)
-        return _sdpa(module, query, key, value, attention_mask.dense(), dropout, scaling, kwargs)
+        return _sdpa(module, query, key, value, attention_mask.dense(query.device), dropout, scaling,
+                     kwargs)
 
     batch, num_q_heads, q_length, head_dim = query.shape
     k_pages, v_pages, blocks_per_row = _paged_kv(key, value)
-    block_tables, seq_lens, cu_seqlens_q, max_seq_len = attention_mask.plan(blocks_per_row)
+    block_tables, seq_lens, cu_seqlens_q, max_seq_len = attention_mask.plan(blocks_per_row, query.device)
     # [B, Hq, q, D] -> packed rows [B * q, Hq, D]; a view when the projections left Q in
     # [B, q, Hq, D] memory, as they do.
     packed = query.transpose(1, 2).reshape(batch * q_length, num_q_heads, head_dim)
@@ -356,9 +361,10 @@ def continuous_batching_name(name: str = NAME) -> str | None:
 def register(name: str = NAME, backend: str = "auto") -> str:
     """Make minivllm's attention selectable in transformers as `attn_implementation=name`.
 
-    Registers the attention function and its mask function under `name` and returns `name`.
-    Calling it again is harmless (the same entries are written again). `backend` picks the kernel
-    backend ("auto": Triton on a GPU, the PyTorch reference on a CPU; see minivllm.kernels).
+    Registers the attention function and its mask function under `name` (and, where
+    transformers' continuous batching asks for it, `continuous_batching_name(name)`) and returns
+    `name`. Calling it again is harmless: the same entries are written again. `backend` picks the
+    kernel backend ("auto": Triton on a GPU, the PyTorch reference on a CPU; see minivllm.kernels).
     """
     if not isinstance(name, str) or not name or name in _RESERVED or "|" in name:
         raise ValueError(f"name must be a new non-empty name without '|', not one of {_RESERVED}; "

@@ -146,7 +146,7 @@ def test_padding_among_the_queries_becomes_its_own_sequence():
     mask = hf.LeftPaddedCausal(starts=[0, 3, 5], q_length=6, kv_length=6, device=torch.device("cpu"))
     # (row, first key, context length, queries): the padding rows attend among themselves only.
     assert list(mask.segments()) == [(0, 0, 6, 6), (1, 0, 3, 3), (1, 3, 3, 3), (2, 0, 5, 5), (2, 5, 1, 1)]
-    block_tables, seq_lens, cu_seqlens_q, max_seq_len = mask.plan(blocks_per_row=10)
+    block_tables, seq_lens, cu_seqlens_q, max_seq_len = mask.plan(10, torch.device("cpu"))
     assert seq_lens.tolist() == [6, 3, 3, 5, 1] and cu_seqlens_q.tolist() == [0, 6, 9, 12, 17, 18]
     assert block_tables[2, :3].tolist() == [13, 14, 15] and block_tables[4, 0] == 25 and max_seq_len == 6
 
