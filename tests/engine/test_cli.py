@@ -107,10 +107,12 @@ def test_library_words_become_flags(message, expected):
 @pytest.mark.parametrize("flags, shown", [
     (["--max-tokens", "0"], "--max-tokens must be"),
     (["--temperature", "0.5", "--seed", str(2**64 - 1), "--n", "2"], "--seed must satisfy"),
-    (["--n", "3", "--max-num-seqs", "2", "--max-num-batched-tokens", "64"], "--n (3) is larger than --max-num-seqs (2)"),
+    (["--n", "3", "--max-num-seqs", "2", "--max-num-batched-tokens", "64"],
+     "--n (3) is larger than --max-num-seqs (2)"),
     (["--top-p", "0"], "--top-p must be in (0, 1]"),
     (["--block-size", "0"], "--block-size must be >= 1"),
-    (["--no-chunked-prefill", "--max-num-batched-tokens", "64"], "--max-num-batched-tokens (64) is below --max-model-len"),
+    (["--no-chunked-prefill", "--max-num-batched-tokens", "64"],
+     "--max-num-batched-tokens (64) is below --max-model-len"),
 ])
 def test_generate_errors_name_flags(model_dir, capsys, flags, shown):
     code = main(["generate", "--model", str(model_dir("llama")), "--prompt", "Hi", "--no-progress", *flags])

@@ -112,7 +112,8 @@ _floats = st.one_of(
 _wide = {
     "n": st.integers(min_value=-1, max_value=2**65),
     "temperature": _floats,
-    "top_k": st.one_of(st.integers(min_value=-3, max_value=100), st.integers(min_value=2**63 - 2, max_value=2**63 + 1)),
+    "top_k": st.one_of(st.integers(min_value=-3, max_value=100),
+                       st.integers(min_value=2**63 - 2, max_value=2**63 + 1)),
     "top_p": _floats,
     "min_p": _floats,
     "repetition_penalty": _floats,
@@ -122,11 +123,12 @@ _wide = {
                       st.integers(min_value=2**64 - 70, max_value=2**64 + 1)),
     "max_tokens": st.one_of(st.none(), st.integers(min_value=-1, max_value=10**30)),
     "min_tokens": st.integers(min_value=-1, max_value=10**30),
-    "stop_token_ids": st.one_of(st.none(), st.lists(st.one_of(st.integers(-1, 30), st.booleans(), st.floats())))
+    "stop_token_ids": st.one_of(st.none(), st.lists(st.one_of(st.integers(-1, 30), st.booleans(), st.floats()))),
 }
 # The accepted domain, right up to its limits.
 _accepted = {
-    "temperature": st.one_of(st.floats(min_value=0.0, max_value=FLOAT32_MAX), st.sampled_from([0.0, 1e-5, FLOAT32_MAX])),
+    "temperature": st.one_of(st.floats(min_value=0.0, max_value=FLOAT32_MAX),
+                             st.sampled_from([0.0, 1e-5, FLOAT32_MAX])),
     "top_k": st.one_of(st.integers(min_value=-1, max_value=100), st.integers(min_value=2**62, max_value=2**63 - 1)),
     "top_p": st.one_of(st.floats(min_value=1e-300, max_value=1.0), st.just(1.0)),
     "min_p": st.floats(min_value=0.0, max_value=1.0),
@@ -142,6 +144,7 @@ def _accepted_n_and_seed(draw):
     last = 2**64 - n  # the largest seed whose samples all fit: seed + n - 1 = 2**64 - 1
     seed = draw(st.one_of(st.none(), st.integers(0, last), st.integers(last - 8, last)))
     return {"n": n, "seed": seed}
+
 
 VOCAB = 64
 BANNED = [0, 1]  # as if 0 and 1 were EOS / stop tokens under min_tokens
