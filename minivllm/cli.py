@@ -168,12 +168,16 @@ def cli_words(message: str, parser: argparse.ArgumentParser) -> str:
                 return "--no-" + flag(name)[2:]
         return f"{flag(name)} {value}"
 
+    def bare_name(match: re.Match) -> str:
+        word = match.group(1) or match.group(2)
+        return flag(word) if word in flags else word
+
     names = "|".join(sorted(map(re.escape, flags), key=len, reverse=True))
-    message = re.sub(edge + rf"({names})=('[^']*'|\"[^\"]*\"|[^\s,;)]+)", assignment, message)
-    message = re.sub(clause + rf"({names})(?=\s+must\b|\s+\()|" + edge + r"(\w*_\w*)\b(?![=/.])",
-                     lambda m: flag(m.group(1) or m.group(2)) if (m.group(1) or m.group(2)) in flags
-                     else m.group(0), message)
-    return message
+    value = r"('[^']*'|\"[^\"]*\"|[^\s,;)]+)"
+    message = re.sub(edge + rf"({names})={value}", assignment, message)
+    one_word = clause + rf"({names})(?=\s+must\b|\s+\()"  # "seed must ...", "n (3) is ..."
+    with_underscore = edge + r"(\w*_\w*)\b(?![=/.])"  # "max_tokens", anywhere
+    return re.sub(f"{one_word}|{with_underscore}", bare_name, message)
 
 
 def make_model(args) -> int:
