@@ -130,6 +130,38 @@ def measure_copy_bandwidth(device: torch.device, num_bytes: int | None = None, r
     return 2 * num_bytes / statistics.median(times)
 
 
+def measure_matmul_rate(device: torch.device, dtype: torch.dtype = torch.bfloat16, n: int | None = None,
+                        repeats: int = 10) -> float:
+    """FLOP/s of one large square `torch.mm` (2 n^3 FLOPs): the compute roofline of the same run.
+
+    On CUDA: median of CUDA-event timings after a warm-up; on CPU float32 and a small n.
+    """
+    import statistics
+    import time
+
+    if device.type != "cuda":
+        dtype, n = torch.float32, n or 512
+    n = n or 8192
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    torch.mm(a, b)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            torch.mm(a, b)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            times.append(time.perf_counter() - t0)
+    del a, b
+    return 2 * n**3 / statistics.median(times)
+
+
 def write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

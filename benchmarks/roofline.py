@@ -11,17 +11,18 @@ weights dominate and a step costs about the same at batch 8; at large batch with
 the KV cache dominates and the step grows with batch x context.
 
 For each batch size B the script submits B random prompts of --context tokens through the real
-engine (so the numbers include the scheduler, the step packing, the sampler and the one sync),
+engine (so the numbers include the scheduler, the step packing, the sampler and the sync),
 lets them prefill, then times --steps engine steps in which all B sequences decode together, and
-reports the median step time, the roofline time and their ratio. Runs once with CUDA graphs and
-once with --enforce-eager semantics. JSON and a PNG go to benchmarks/results/ (or --out).
+reports the median step time, the roofline time and their ratio. The modes: `graphs` (CUDA
+graphs, overlap on: the default engine), `sync` (graphs, overlap off: each step start to finish)
+and `eager` (no graphs). JSON and a PNG go to benchmarks/results/ (or --out).
 
 Where a step's time goes: every row also has the median host time of each phase of the engine
-step (schedule, prepare, forward, sample, update; see `StepTimings`) and `graph_fraction`, the
-share of timed steps whose forward was one CUDA-graph replay. On a GPU the host only launches
-work, so a slow *forward* phase means launch overhead (eager), while a slow *sample* phase means
-waiting for the GPU (its `.tolist()` is the step's one sync). A graphs-mode step that ran eagerly
-prints a WARNING with the reason. `--profile B` also runs torch.profiler over a few extra decode
+step (schedule, prepare, forward, sample, wait, update; see `observe/records.py`) and
+`graph_fraction`, the share of timed steps whose forward was one CUDA-graph replay. On a GPU the
+host only launches work: a slow *forward* phase means launch overhead (eager), a long *wait*
+means the GPU is the bottleneck, and host phases that add up to more than the step mean the host
+is. A graphs-mode step that ran eagerly prints a WARNING with the reason. `--profile B` also runs torch.profiler over a few extra decode
 steps at batch B (first mode only) and writes its top ops next to the JSON.
 
     python benchmarks/roofline.py                             # GPU: qwen3-0.6b, context 1024
@@ -54,7 +55,7 @@ from benchmarks.common import (
     setup_model,
     write_json,
 )
-from minivllm.engine.scheduler import STEP_PHASES
+from minivllm.observe.records import STEP_PHASES
 
 PROFILE_STEPS = 5  # decode steps recorded by --profile, after the timed ones
 
@@ -90,11 +91,11 @@ def time_decode_steps(llm, batch: int, context: int, steps: int, vocab: int, see
     room = engine.config.scheduler_config.max_model_len - context
     params = SamplingParams(temperature=0.0, max_tokens=room, ignore_eos=True)
     request_ids = engine.add_requests(prompts, params)
-    history = engine.scheduler.history
+    history = engine.stats.history
     while True:  # prefill (eager, chunked) until a step decodes the whole batch
         engine.step()
-        r = history[-1]
-        if r.num_prefill_seqs == 0 and r.num_decode_seqs == batch:
+        r = history[-1] if history else None
+        if r is not None and r.num_prefill_seqs == 0 and r.num_decode_seqs == batch:
             break
     for _ in range(warm):
         engine.step()
@@ -102,13 +103,12 @@ def time_decode_steps(llm, batch: int, context: int, steps: int, vocab: int, see
     for _ in range(steps):
         seq_lens.append(statistics.mean(s.num_tokens for s in engine.scheduler.running))
         t0 = time.perf_counter()
-        engine.step()  # ends by reading the sampled tokens: the GPU work is done when it returns
+        engine.step()  # returns after waiting for a step's tokens: in steady state, one step apart
         times.append(time.perf_counter() - t0)
         r = history[-1]
         assert r.num_decode_seqs == batch and r.num_prefill_seqs == 0, "the batch changed while timing"
         records.append(r)
     measured = {"step_time_s": statistics.median(times),
-                "execute_time_s": statistics.median(r.execute_time for r in records),
                 "mean_context": statistics.mean(seq_lens), **phase_summary(records)}
     if profile_path is not None:
         measured["profile"] = profile_decode_steps(engine, batch, profile_path)
@@ -120,11 +120,11 @@ def time_decode_steps(llm, batch: int, context: int, steps: int, vocab: int, see
 def phase_summary(records) -> dict:
     """Median host seconds per step phase over the timed steps, and how many replayed a graph.
 
-    `other_time_s` is what `LLMEngine.step` spent outside the five phases (its bookkeeping).
+    `host_time_s` is the host's own work on a step (every phase but the wait).
     """
     timings = [r.timings for r in records]
     summary = {f"{phase}_time_s": statistics.median(getattr(t, phase) for t in timings) for phase in STEP_PHASES}
-    summary["other_time_s"] = statistics.median(t.step - sum(t.phases().values()) for t in timings)
+    summary["host_time_s"] = statistics.median(t.host for t in timings)
     summary["graph_fraction"] = sum(t.cuda_graph for t in timings) / len(timings)
     summary["graph_batch_sizes"] = sorted({t.graph_batch_size for t in timings if t.cuda_graph})
     summary["graph_miss_reasons"] = sorted({t.graph_miss for t in timings if t.graph_miss})
@@ -141,7 +141,8 @@ def graph_warning(runner, row: dict, steps: int) -> str | None:
             f"B={row['batch_size']} ran eagerly: {reason}")
 
 
-def run_mode(model_dir: Path, args, enforce_eager: bool, copy_bw: float, profile_path: Path | None = None):
+def run_mode(model_dir: Path, args, enforce_eager: bool, copy_bw: float, profile_path: Path | None = None,
+             overlap: bool = True):
     """Yield one row per batch size (so the caller can save each as soon as it is measured).
 
     profile_path: profile the decode steps at batch `args.profile` into that file.
@@ -156,10 +157,10 @@ def run_mode(model_dir: Path, args, enforce_eager: bool, copy_bw: float, profile
     blocks = max_batch * -(-max_model_len // block_size) + 16
     llm = LLM(str(model_dir), max_num_seqs=max_batch, max_model_len=max_model_len,
               max_num_batched_tokens=max(8192, max_batch), num_kv_blocks=blocks, block_size=block_size,
-              enable_prefix_caching=False, enforce_eager=enforce_eager)
+              enable_prefix_caching=False, enforce_eager=enforce_eager, async_scheduling=overlap)
     runner = llm.engine.model_runner
     graphs_requested = not enforce_eager
-    if graphs_requested and not runner.uses_cuda_graphs:
+    if graphs_requested and runner.graphs is None:
         print(f"WARNING: CUDA graphs requested, but the runner captured none: {runner.graphs_off_reason}")
     vocab = runner.vocab_size
     weights = weight_bytes(runner.model)
@@ -172,17 +173,17 @@ def run_mode(model_dir: Path, args, enforce_eager: bool, copy_bw: float, profile
         kv_bytes = int(batch * m["mean_context"] * kv_per_token)
         roofline = (weights + kv_bytes) / copy_bw
         row = {
-            "bench": "decode_roofline", "cuda_graphs": runner.uses_cuda_graphs,
+            "bench": "decode_roofline", "cuda_graphs": runner.graphs is not None, "async_scheduling": overlap,
             "graphs_requested": graphs_requested, "batch_size": batch,
             "context": args.context, **m, "weight_bytes": weights, "kv_read_bytes": kv_bytes,
             "roofline_time_s": roofline, "step_over_roofline": m["step_time_s"] / roofline,
             "decode_tokens_per_s": batch / m["step_time_s"],
         }
         row["graph_warning"] = graph_warning(runner, row, args.steps) if graphs_requested else None
-        print(f"  graphs={'on ' if runner.uses_cuda_graphs else 'off'} B={batch:>4}  step "
-              f"{1e3 * m['step_time_s']:8.3f} ms  roofline {1e3 * roofline:8.3f} ms  "
+        print(f"  graphs={'on ' if runner.graphs is not None else 'off'} overlap={'on ' if overlap else 'off'} "
+              f"B={batch:>4}  step {1e3 * m['step_time_s']:8.3f} ms  roofline {1e3 * roofline:8.3f} ms  "
               f"x{m['step_time_s'] / roofline:6.2f}  replayed {m['graph_fraction']:4.0%}  "
-              f"forward {1e3 * m['forward_time_s']:.3f} ms  sample {1e3 * m['sample_time_s']:.3f} ms", flush=True)
+              f"host {1e3 * m['host_time_s']:.3f} ms  wait {1e3 * m['wait_time_s']:.3f} ms", flush=True)
         if row["graph_warning"]:
             print(f"  {'!' * 78}\n  {row['graph_warning']}\n  {'!' * 78}", flush=True)
         yield row
@@ -259,10 +260,11 @@ def plot(rows: list[dict], path: Path, title: str) -> Path | None:
     except ImportError:
         return None
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for graphs, style in ((True, "o-"), (False, "s--")):
-        sel = [r for r in rows if r["cuda_graphs"] == graphs]
+    modes = (((True, True), "o-", "CUDA graphs + overlap"), ((True, False), "^-.", "CUDA graphs, no overlap"),
+             ((False, True), "s--", "eager"), ((False, False), "s--", "eager, no overlap"))
+    for key, style, label in modes:
+        sel = [r for r in rows if (r["cuda_graphs"], r.get("async_scheduling", True)) == key]
         if sel:
-            label = "CUDA graphs" if graphs else "eager"
             ax.plot([r["batch_size"] for r in sel], [1e3 * r["step_time_s"] for r in sel], style, label=f"step, {label}")
             ax2.plot([r["batch_size"] for r in sel], [r["step_over_roofline"] for r in sel], style, label=label)
     ref = {r["batch_size"]: r["roofline_time_s"] for r in rows}
@@ -290,7 +292,8 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-sizes", default=None, help="comma-separated (default 1,2,4,...,256 on GPU)")
     p.add_argument("--context", type=int, default=None, help="prompt tokens per sequence (default 1024 on GPU)")
     p.add_argument("--steps", type=int, default=16, help="timed decode steps per batch size")
-    p.add_argument("--modes", default="graphs,eager", help="graphs, eager or both")
+    p.add_argument("--modes", default="graphs,sync,eager",
+                   help="graphs (overlap on), sync (graphs, overlap off), eager; comma-separated")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model-dir", type=Path, default=None)
     p.add_argument("--out", type=Path, default=None, help="JSON path (the PNG goes next to it)")
@@ -304,8 +307,8 @@ def main(argv=None) -> dict:
     args.batch_sizes = sorted({int(b) for b in (args.batch_sizes or ("1,2,4,8,16,32,64,128,256" if gpu else "1,2,4")).split(",")})
     args.context = args.context or (1024 if gpu else 32)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if not modes or any(m not in ("graphs", "eager") for m in modes):
-        p.error(f"--modes: choose from graphs, eager; got {args.modes!r}")
+    if not modes or any(m not in ("graphs", "sync", "eager") for m in modes):
+        p.error(f"--modes: choose from graphs, sync, eager; got {args.modes!r}")
     if min(args.batch_sizes) < 1 or args.context < 1 or args.steps < 1:
         p.error("batch sizes, --context and --steps must be >= 1")
     if args.profile is not None and args.profile not in args.batch_sizes:
@@ -322,7 +325,8 @@ def main(argv=None) -> dict:
     for i, mode in enumerate(modes):
         eager = (mode == "eager") or not gpu
         profile_path = out.with_name(f"{out.stem}_profile_b{args.profile}.txt") if i == 0 and args.profile else None
-        for row in run_mode(model_dir, args, enforce_eager=eager, copy_bw=copy_bw, profile_path=profile_path):
+        for row in run_mode(model_dir, args, enforce_eager=eager, copy_bw=copy_bw, profile_path=profile_path,
+                            overlap=mode != "sync"):
             if "profile" in row:
                 payload["profile"] = {"mode": "eager" if eager else "graphs", **row.pop("profile")}
             payload["rows"].append(row)
@@ -341,12 +345,13 @@ def main(argv=None) -> dict:
 
 def format_table(rows: list[dict]) -> str:
     """One line per row: step vs roofline, the share of graph replays, median host ms per phase."""
-    phases = [*STEP_PHASES, "other"]
-    lines = [f"{'graphs':>6} {'batch':>6} {'step ms':>9} {'roofline ms':>12} {'ratio':>7} {'tok/s':>10} "
+    phases = [*STEP_PHASES, "host"]
+    lines = [f"{'graphs':>6} {'overlap':>7} {'batch':>6} {'step ms':>9} {'roofline ms':>12} {'ratio':>7} {'tok/s':>10} "
              f"{'replay':>7} " + " ".join(f"{p:>9}" for p in phases) + "   (host ms per phase, median)"]
     for r in rows:
         lines.append(
-            f"{'on' if r['cuda_graphs'] else 'off':>6} {r['batch_size']:>6} {1e3 * r['step_time_s']:>9.3f} "
+            f"{'on' if r['cuda_graphs'] else 'off':>6} {'on' if r.get('async_scheduling', True) else 'off':>7} "
+            f"{r['batch_size']:>6} {1e3 * r['step_time_s']:>9.3f} "
             f"{1e3 * r['roofline_time_s']:>12.3f} {r['step_over_roofline']:>7.2f} {r['decode_tokens_per_s']:>10.0f} "
             f"{r['graph_fraction']:>7.0%} " + " ".join(f"{1e3 * r[f'{p}_time_s']:>9.3f}" for p in phases))
     lines += [r["graph_warning"] for r in rows if r.get("graph_warning")]

@@ -15,8 +15,18 @@ backends decode greedily and run one after another in this process on the same r
                       says why instead of the benchmark crashing.
 
 Reported per backend: output tokens/s and total (prompt + output) tokens/s over the wall time,
-peak GPU memory, and for minivllm the TTFT/TPOT percentiles and the KV-cache waste sampled during
-the run. Ratios compare minivllm against each baseline on the *same* requests: when the HF
+peak GPU memory, and for minivllm the TTFT/TPOT percentiles, the KV-cache waste sampled during
+the run, the wall time per kind of step (prefill-only, decode-only, mixed), the Triton
+compilations during the timed run (`jit_compiles_during_run`, which must be 0), and the
+**workload roofline**: a lower bound no schedule can beat, measured against this very GPU:
+
+    decode bytes  = max(output length) x weight bytes      (every decode step reads the weights,
+                                                            and there are at least that many)
+                  + sum over generated tokens of the K/V bytes of its context
+    prefill FLOPs = 2 x parameters x prompt tokens
+    roofline      = decode bytes / copy bandwidth + prefill FLOPs / bf16 matmul rate
+
+both rates measured in the same run (`common.py`). `roofline_fraction` = roofline / wall time. Ratios compare minivllm against each baseline on the *same* requests: when the HF
 baselines run on a subset (--hf-num-requests, because they are slow), minivllm runs that subset
 too and the ratio uses that run; the full-workload minivllm record stays as measured.
 
@@ -48,6 +58,8 @@ from benchmarks.common import (
     MODEL_CONFIGS,
     default_out,
     environment,
+    measure_copy_bandwidth,
+    measure_matmul_rate,
     parse_range,
     release_memory,
     setup_model,
@@ -71,6 +83,29 @@ def make_workload(num_requests: int, input_len: tuple[int, int], output_len: tup
     # Ids from 10 up keep clear of the special tokens at the bottom of the vocabulary.
     prompts = [rng.integers(10, vocab_size, size=n).tolist() for n in in_lens]
     return prompts, out_lens.tolist()
+
+
+def workload_roofline(prompts, out_lens, model, copy_bandwidth: float, matmul_rate: float) -> dict:
+    """The lower bound of the module docstring, with its parts."""
+    params = list(model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in params)
+    num_params = sum(p.numel() for p in params)
+    kv_bytes_per_token = (2 * model.num_layers * model.num_kv_heads * model.head_dim
+                          * params[0].element_size())
+    # Output token j of a request is sampled from a forward over its prompt and j earlier tokens.
+    context_tokens = sum(n * len(p) + n * (n - 1) // 2 for p, n in zip(prompts, out_lens))
+    decode_bytes = max(out_lens) * weight_bytes + context_tokens * kv_bytes_per_token
+    prefill_flops = 2 * num_params * sum(len(p) for p in prompts)
+    return {
+        "workload_roofline_s": decode_bytes / copy_bandwidth + prefill_flops / matmul_rate,
+        "decode_bytes": decode_bytes,
+        "weight_bytes": weight_bytes,
+        "kv_context_token_reads": context_tokens,
+        "kv_bytes_per_token": kv_bytes_per_token,
+        "prefill_flops": prefill_flops,
+        "copy_bandwidth_bytes_per_s": copy_bandwidth,
+        "matmul_flops_per_s": matmul_rate,
+    }
 
 
 def percentiles(values: list[float]) -> dict | None:
@@ -126,42 +161,56 @@ def make_llm(model_dir: Path, args, max_model_len: int):
         gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=False,  # random prompts share nothing, and re-runs must not hit
         enforce_eager=args.enforce_eager,
+        async_scheduling=not args.no_overlap,
     )
 
 
 def run_minivllm(llm, prompts, out_lens, device, desc: str = "minivllm") -> dict:
     """All requests submitted at once, then engine steps until done (like LLM.generate), with the
-    KV-cache waste sampled every 32 steps while requests are running."""
+    KV-cache waste sampled every 32 steps while requests are running, and every Triton
+    compilation counted."""
     from minivllm import SamplingParams
+    from minivllm.kernels import JitCounter
+    from minivllm.observe import kv_cache_stats
 
     engine = llm.engine
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in out_lens]
+    before = engine.stats.step_stats()
     _sync(device)
-    start = time.perf_counter()
-    request_ids = engine.add_requests(prompts, params)
-    pending, outputs, waste, steps = set(request_ids), {}, [], 0
-    with tqdm(total=len(prompts), desc=desc, unit="req", leave=False) as bar:
-        while pending:
-            for out in engine.step():
-                if out.request_id in pending:
-                    pending.discard(out.request_id)
-                    outputs[out.request_id] = out
-                    bar.update(1)
-            steps += 1
-            if steps % 32 == 0 and pending:
-                waste.append(engine.block_manager.stats().fragmentation)
-    _sync(device)
-    wall = time.perf_counter() - start
+    with JitCounter() as jit:
+        start = time.perf_counter()
+        request_ids = engine.add_requests(prompts, params)
+        pending, outputs, waste, steps = set(request_ids), {}, [], 0
+        with tqdm(total=len(prompts), desc=desc, unit="req", leave=False) as bar:
+            while pending:
+                for out in engine.step():
+                    if out.request_id in pending:
+                        pending.discard(out.request_id)
+                        outputs[out.request_id] = out
+                        bar.update(1)
+                steps += 1
+                if steps % 32 == 0 and pending:
+                    waste.append(kv_cache_stats(engine.block_manager, engine.scheduler.running)["fragmentation"])
+        _sync(device)
+        wall = time.perf_counter() - start
+    after = engine.stats.step_stats()
     results = [outputs[r] for r in request_ids]
     out_tokens = sum(len(o.token_ids) for o in results)
     runner = engine.model_runner
+    step_kinds = {kind: {"time_s": after["step_kind_time_s"][kind] - before["step_kind_time_s"][kind],
+                         "steps": after["step_kind_steps"][kind] - before["step_kind_steps"][kind]}
+                  for kind in after["step_kind_time_s"]}
     return _record(
         "minivllm", prompts, out_tokens, wall, device,
         all_requests_complete=all(len(o.token_ids) == n for o, n in zip(results, out_lens)),
         ttft_s=percentiles([o.metrics.ttft for o in results]),
         tpot_s=percentiles([o.metrics.tpot for o in results]),
-        cuda_graphs=runner.uses_cuda_graphs,
+        cuda_graphs=runner.graphs is not None,
+        async_scheduling=engine.overlap,
         num_steps=steps,
+        step_kinds=step_kinds,
+        jit_compiles_during_run=jit.count if jit.available else None,
+        jit_compilations=[f"{c.kernel}: {c.specialization}" for c in jit.compilations] if jit.available else jit.reason,
         kv_waste_fraction=percentiles(waste),
         engine={
             "dtype": str(runner.dtype).removeprefix("torch."),
@@ -324,6 +373,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192, help="minivllm token budget per step")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--enforce-eager", action="store_true", help="minivllm without CUDA graphs")
+    p.add_argument("--no-overlap", action="store_true",
+                   help="minivllm with async_scheduling=False: each step runs start to finish")
+    p.add_argument("--warmup-requests", type=int, default=4,
+                   help="minivllm: tiny untimed requests before the timed run (the engine compiles "
+                        "its kernels itself at start-up; this only warms allocators)")
     args = p.parse_args(argv)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = [b for b in backends if b not in BACKENDS]
@@ -392,14 +446,18 @@ def main(argv=None) -> dict:
     if "minivllm" in args.backends:
         _reset_peak(device)
         llm = make_llm(model_dir, args, max_model_len)
-        # Warm-up, untimed: Triton compiles a kernel variant on first use (and specialises on
-        # integer arguments, e.g. token counts divisible by 16), so run a slice of the real
-        # workload first: real prompt lengths, mixed prefill/decode steps, a few decodes.
-        warm = min(len(prompts), 32)
-        run_minivllm(llm, prompts[:warm], [8] * warm, device, "warm-up")
-        run_minivllm(llm, [p[:17 + 3 * i] for i, p in enumerate(prompts[:warm])], [8] * warm, device, "warm-up")
+        # The engine compiled its kernels when it started (kernels.warm_up, CUDA-graph capture);
+        # a few tiny untimed requests only warm the allocators. The timed run counts any Triton
+        # compilation that still happens: it must be none.
+        warm = min(len(prompts), args.warmup_requests)
+        if warm:
+            run_minivllm(llm, [p[:16] for p in prompts[:warm]], [4] * warm, device, "warm-up")
         _reset_peak(device)
-        add(run_minivllm(llm, prompts, out_lens, device))
+        record = run_minivllm(llm, prompts, out_lens, device)
+        roofline = workload_roofline(prompts, out_lens, llm.engine.model_runner.model,
+                                     measure_copy_bandwidth(device), measure_matmul_rate(device))
+        record.update(roofline, roofline_fraction=roofline["workload_roofline_s"] / record["wall_time_s"])
+        add(record)
         if k < args.num_requests and any(b != "minivllm" for b in args.backends):
             add(run_minivllm(llm, *subset, device, f"minivllm ({k} requests)"), subset_of=args.num_requests)
         del llm
@@ -453,7 +511,10 @@ def format_table(payload: dict) -> str:
                                   if r.get("timed_out_after_s") else "")
         if r["backend"] == "minivllm" and r.get("ttft_s"):
             note = (f"TTFT p50 {r['ttft_s']['p50']:.3f}s, TPOT p50 {1e3 * r['tpot_s']['p50']:.2f}ms, "
-                    f"graphs {'on' if r['cuda_graphs'] else 'off'}")
+                    f"graphs {'on' if r['cuda_graphs'] else 'off'}, overlap {'on' if r['async_scheduling'] else 'off'}, "
+                    f"JIT compiles {r['jit_compiles_during_run']}")
+            if r.get("roofline_fraction") is not None:
+                note += f", roofline {r['workload_roofline_s']:.2f}s = {r['roofline_fraction']:.2f} of wall"
         lines.append(f"{r['backend']:<18} {r['num_requests']:>5} {num('output_tokens_per_s'):>10} "
                      f"{num('total_tokens_per_s'):>12} {num('wall_time_s', '{:.2f}'):>8} {peak:>9}  {note}")
     for q in payload["ratios"]:

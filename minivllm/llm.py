@@ -61,19 +61,27 @@ class LLM:
         return self._run_until_done(request_ids, use_tqdm)
 
     def _run_until_done(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        """Step until every request is done. If anything raises (a failed step, Ctrl-C), this
+        call's requests that are still running are aborted, their blocks freed, before the
+        exception goes on: the engine stays usable."""
         pending = set(request_ids)
         results: dict[str, RequestOutput] = {}
         generated = 0
         start = time.perf_counter()
-        with tqdm(total=len(request_ids), desc="Generating", unit="req", disable=not use_tqdm) as bar:
-            while pending:
-                for output in self.engine.step():
-                    if output.request_id in pending:
-                        pending.discard(output.request_id)
-                        results[output.request_id] = output
-                        generated += output.metrics.num_output_tokens
-                        bar.update(1)
-                        bar.set_postfix(tok_per_s=f"{generated / (time.perf_counter() - start):.1f}")
+        try:
+            with tqdm(total=len(request_ids), desc="Generating", unit="req", disable=not use_tqdm) as bar:
+                while pending:
+                    for output in self.engine.step():
+                        if output.finished and output.request_id in pending:
+                            pending.discard(output.request_id)
+                            results[output.request_id] = output
+                            generated += output.metrics.num_output_tokens
+                            bar.update(1)
+                            bar.set_postfix(tok_per_s=f"{generated / (time.perf_counter() - start):.1f}")
+        except BaseException:
+            for request_id in pending:
+                self.engine.abort(request_id)
+            raise
         return [results[request_id] for request_id in request_ids]
 
     # ------------------------------------------------------------------------------------------
@@ -119,7 +127,7 @@ class LLM:
         print(format_stats(self.get_stats()))
 
     def render_block_map(self) -> str:
-        """The KV pool by reference count, as text (see observe.text_block_map for owners)."""
+        """The KV pool as text: a letter per owning sequence (see observe/block_map.py)."""
         return self.engine.render_block_map()
 
     def enable_trace(self, max_steps: int = 10_000, block_snapshots: bool = True):
@@ -145,7 +153,7 @@ class LLM:
         if engine.trace is not None and len(engine.trace):
             events, snapshot = list(engine.trace), None
         else:
-            events = events_from_history(engine.scheduler.history)
+            events = events_from_history(engine.stats.history)
             snapshot = snapshot_blocks(engine.block_manager, engine.scheduler.running)
         if not events:
             raise ValueError("nothing to draw yet: run generate() or step() first")

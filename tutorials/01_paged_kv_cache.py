@@ -20,7 +20,7 @@ from common import heading, parse_args, tiny_model
 from minivllm import LLM, SamplingParams
 from minivllm.engine.block_manager import BlockManager
 from minivllm.engine.sequence import Sequence
-from minivllm.observe import plot_block_map, snapshot_blocks, text_block_map
+from minivllm.observe import kv_cache_stats, plot_block_map, snapshot_blocks, text_block_map
 
 BLOCK_SIZE = 4
 
@@ -43,9 +43,9 @@ def part1_bookkeeping(out) -> None:
     show(bm, [a], "sequence A: a 10-token prompt gets 3 blocks")
     print(f"   token 9 of A lives in block {a.block_table[9 // BLOCK_SIZE]}, offset {9 % BLOCK_SIZE}: "
           f"flat slot {a.block_table[9 // BLOCK_SIZE] * BLOCK_SIZE + 9 % BLOCK_SIZE}")
-    stats = bm.stats()
-    print(f"   {stats.allocated_slots} slots allocated, {stats.used_slots} used: internal fragmentation "
-          f"{stats.fragmentation:.0%} — the waste is at most block_size - 1 slots per sequence")
+    stats = kv_cache_stats(bm, [a])
+    print(f"   {stats['allocated_slots']} slots allocated, {stats['used_slots']} used: internal fragmentation "
+          f"{stats['fragmentation']:.0%} — the waste is at most block_size - 1 slots per sequence")
 
     # Sequence B starts with the same 8 tokens (a shared system prompt, say): its first two blocks
     # are found in the prefix cache and *shared*, so their K/V is neither recomputed nor stored twice.
@@ -78,18 +78,21 @@ def part1_bookkeeping(out) -> None:
 
 def part2_real_cache(out, model: str) -> None:
     heading("Part 2: the same thing inside the real engine")
-    llm = LLM(model, device="cpu", block_size=BLOCK_SIZE, num_kv_blocks=32, max_num_seqs=4, max_model_len=64)
+    # async_scheduling=False: each llm.step() runs one step start to finish, so what we print
+    # between steps is that step's complete result (the engine's default overlaps steps).
+    llm = LLM(model, device="cpu", block_size=BLOCK_SIZE, num_kv_blocks=32, max_num_seqs=4, max_model_len=64,
+              async_scheduling=False)
     engine = llm.engine
     prompt = list(range(10, 23))  # 13 token ids
     llm.add_request(prompt, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
     llm.add_request(prompt[:8] + [5, 6, 7], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
     llm.step()  # one step: both prompts prefilled, each samples its first token
-    print(f"   after step 1, prefix-cache hits: {engine.block_manager.stats().prefix_cache_hit_tokens} tokens "
+    print(f"   after step 1, prefix-cache hits: {llm.get_stats()['kv_cache']['prefix_cache_hit_tokens']} tokens "
           "(both prompts were prefilled in the same step, so neither could reuse the other)")
     # A request arriving now finds the first two blocks of the first prompt in the cache.
     llm.add_request(prompt[:8] + [9, 9], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
     llm.step()
-    print(f"   after step 2, prefix-cache hits: {engine.block_manager.stats().prefix_cache_hit_tokens} tokens "
+    print(f"   after step 2, prefix-cache hits: {llm.get_stats()['kv_cache']['prefix_cache_hit_tokens']} tokens "
           "(the third prompt reused 2 blocks = 8 tokens of the first)")
     seqs = list(engine.scheduler.running)
     # A step samples a token from the model's output at the last position, so the token it sampled

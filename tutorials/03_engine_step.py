@@ -5,6 +5,8 @@
 `LLMEngine.step()` is three calls: `Scheduler.schedule()` -> `ModelRunner.execute()` ->
 `Scheduler.update()`. Here we take one step apart by hand on the real engine, printing every
 tensor the attention kernel receives, then check that it gives exactly what the engine gives.
+(The engine overlaps steps by default, planning step n+1 before step n's tokens are back; here
+it runs with `async_scheduling=False`, one step start to finish, so each part is complete.)
 
 The batch mixes both kinds of work on purpose: one sequence is *decoding* (1 new token) while
 another is *prefilling* its prompt (many new tokens) — one forward pass does both.
@@ -16,7 +18,6 @@ import torch
 from common import heading, parse_args, tiny_model
 
 from minivllm import LLM, SamplingParams
-from minivllm.layers.sampler import SamplingBatch
 from minivllm.observe import plot_block_map, snapshot_blocks
 from minivllm.worker.input_batch import build_input_batch
 
@@ -26,7 +27,7 @@ BLOCK_SIZE = 4
 def main() -> None:
     args = parse_args(__doc__.split("\n")[0], "03_engine_step")
     llm = LLM(tiny_model(args.model), device="cpu", block_size=BLOCK_SIZE, num_kv_blocks=16,
-              max_num_seqs=4, max_model_len=64, enable_prefix_caching=False)
+              max_num_seqs=4, max_model_len=64, enable_prefix_caching=False, async_scheduling=False)
     engine = llm.engine
     greedy = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
 
@@ -37,17 +38,16 @@ def main() -> None:
 
     heading("1. Scheduler.schedule(): the plan (pure Python, no tensors)")
     plan = engine.scheduler.schedule()
-    for e in plan.scheduled:
-        seq = e.seq
-        print(f"seq {seq.seq_id}: {'prefill' if e.is_prefill else 'decode '} {e.num_new_tokens} new tokens "
-              f"from position {seq.num_computed_tokens}; block table {seq.block_table}; samples: {e.sample}")
-    print(f"block copies (copy-on-write): {plan.block_copies}; preempted: {plan.preempted}")
-    plot_block_map(snapshot_blocks(engine.block_manager, engine.scheduler.running,
-                                   {e.seq.seq_id: e.num_new_tokens for e in plan.scheduled}),
+    for s in plan.output.seqs:  # the plain records the model runner receives (minivllm/step.py)
+        kind = "decode " if s.num_new_tokens == 1 and s.start > 0 else "prefill"
+        print(f"seq {s.seq_id}: {kind} {s.num_new_tokens} new tokens {s.token_ids} from position {s.start}; "
+              f"block table {s.block_table}; samples: {s.num_samples}")
+    print(f"block copies (copy-on-write): {plan.output.block_copies}; preempted: {plan.preemptions}")
+    plot_block_map(snapshot_blocks(engine.block_manager, engine.scheduler.running),
                    args.out / "block_map.png", title="Tutorial 3: the pool during the step")
 
     heading("2. build_input_batch(): the plan as tensors (what the kernels get)")
-    batch = build_input_batch(plan, BLOCK_SIZE, torch.device("cpu"), backend="torch")
+    batch = build_input_batch(plan.output, BLOCK_SIZE, torch.device("cpu"), backend="torch")
     meta = batch.attn_metadata
     rows = {
         "input_ids": (batch.input_ids, "the new tokens of every sequence, packed into one row"),
@@ -55,7 +55,7 @@ def main() -> None:
         "slot_mapping": (meta.slot_mapping, "where each token's K/V is written: block * 4 + offset"),
         "cu_seqlens_q": (meta.cu_seqlens_q, "where each sequence's queries start in the packed row"),
         "seq_lens": (meta.seq_lens, "context length per sequence, including the new tokens"),
-        "block_tables": (meta.block_tables, "the block tables, padded to the longest"),
+        "block_tables": (meta.block_tables, "each sequence's row of the block tables"),
         "logits_indices": (batch.logits_indices, "the rows whose output gives the next token"),
     }
     for name, (tensor, meaning) in rows.items():
@@ -66,10 +66,8 @@ def main() -> None:
     with torch.inference_mode():
         hidden = model_runner.model(batch.input_ids, batch.positions, meta)  # writes K/V, attends
         logits = model_runner.model.compute_logits(hidden[batch.logits_indices])
-        seqs = [seq for seq, _ in plan.sampled_sequences]
-        sampling = SamplingBatch.build([s.sampling_params for s in seqs], [[]] * len(seqs), [[]] * len(seqs),
-                                       [[]] * len(seqs), [None] * len(seqs), model_runner.vocab_size, "cpu")
-        tokens = model_runner.sampler(logits, sampling).tolist()
+        seqs = plan.sampled
+        tokens = model_runner.sampler.sample(logits, plan.output.sample_rows).tolist()
     print(f"hidden states {tuple(hidden.shape)}: one row per new token ({batch.num_tokens})")
     print(f"logits {tuple(logits.shape)}: only {len(seqs)} rows go through the LM head, not {batch.num_tokens}")
     print(f"greedy sampling = argmax per row: {logits.argmax(-1).tolist()} -> sampled {tokens}")

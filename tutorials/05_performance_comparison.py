@@ -53,7 +53,6 @@ def run(model: str, prompts, params, static_batch: int | None = None, **engine_k
     Drives the step API so that KV utilization and fragmentation can be sampled after each step.
     """
     llm = LLM(model, device="cpu", **engine_kwargs)
-    bm = llm.engine.block_manager
     groups = [list(range(len(prompts)))] if static_batch is None else [
         list(range(i, min(i + static_batch, len(prompts)))) for i in range(0, len(prompts), static_batch)]
     utilization, fragmentation, request_ids = [], [], []
@@ -63,10 +62,10 @@ def run(model: str, prompts, params, static_batch: int | None = None, **engine_k
             request_ids.append(llm.add_request(prompts[i], params[i]))
         while llm.has_unfinished_requests():
             llm.step()
-            s = bm.stats()
-            if s.num_used_blocks:
-                utilization.append(s.num_used_blocks / s.num_blocks)
-                fragmentation.append(s.fragmentation)
+            kv = llm.get_stats()["kv_cache"]
+            if kv["num_used_blocks"]:
+                utilization.append(kv["utilization"])
+                fragmentation.append(kv["fragmentation"])
     wall = time.perf_counter() - start
     stats = llm.get_stats()
     generated = stats["engine"]["num_generated_tokens"]
@@ -79,7 +78,7 @@ def run(model: str, prompts, params, static_batch: int | None = None, **engine_k
         "generated_tokens": generated,
         "steps": stats["engine"]["num_steps"],
         "mean_batch": stats["scheduler"]["avg_batch_size"],
-        "chunks": stats["engine"]["num_prefill_chunks"],
+        "chunks": stats["scheduler"]["num_prefill_chunks"],
         "ttft_ms": 1e3 * sum(ttft) / len(ttft),
         "tpot_ms": 1e3 * stats["requests"].get("tpot_mean", float("nan")),
         "kv_utilization": sum(utilization) / len(utilization) if utilization else 0.0,

@@ -26,7 +26,6 @@ Three ideas live here:
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
 from typing import Iterable
 
 from minivllm.engine.sequence import Sequence
@@ -50,31 +49,6 @@ class KVBlock:
 
     def __repr__(self) -> str:
         return f"KVBlock({self.block_id}, ref={self.ref_count}, cached={self.hash is not None})"
-
-
-@dataclass
-class BlockManagerStats:
-    """A snapshot of the pool. Slots are token positions; a block has block_size of them."""
-
-    num_blocks: int
-    block_size: int
-    num_free_blocks: int  # ref_count 0 (includes cached blocks that are free to evict)
-    num_used_blocks: int  # ref_count > 0
-    num_cached_blocks: int  # registered in the prefix cache (used or free)
-    num_cached_free_blocks: int  # free, but still findable by the prefix cache
-    num_shared_blocks: int  # ref_count > 1
-    utilization: float  # used blocks / all blocks
-    allocated_slots: int  # slots in used blocks
-    used_slots: int  # slots holding (or about to hold) a token
-    fragmentation: float  # (allocated - used) / allocated: waste inside partly filled blocks
-    prefix_cache_queried_tokens: int
-    prefix_cache_hit_tokens: int
-    prefix_cache_hit_rate: float
-    num_evictions: int  # cached blocks reused for other content
-    num_cow_copies: int
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def hash_block(parent_hash: int, token_ids: tuple[int, ...]) -> int:
@@ -104,14 +78,10 @@ class BlockManager:
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._cache: dict[int, int] = {}  # block hash -> block id
         self._num_cached_free = 0  # free blocks still in the prefix cache (kept up to date: O(1))
-        # Sequences that hold blocks, and how many token slots each has reserved.
-        self._holders: dict[int, Sequence] = {}
-        self._reserved_tokens: dict[int, int] = {}
         self._num_registered: dict[int, int] = {}  # seq_id -> full blocks already offered to cache
-        self._queried_tokens = 0
-        self._hit_tokens = 0
-        self._evictions = 0
-        self._cow_copies = 0
+        # Cached blocks handed out for other content. Only this class can see an eviction happen,
+        # so it counts them (on the eviction path, never on a decode's fast path).
+        self.num_evictions = 0
 
     # ------------------------------------------------------------------------------------------
     # Small queries
@@ -234,24 +204,18 @@ class BlockManager:
             # The common case of a decode step: the token lands in a block the sequence already
             # holds alone, so there is nothing to take and nothing to copy. (Checked first
             # because the scheduler asks this of every running sequence, every step.)
-            self._reserved_tokens[seq.seq_id] = seq.num_computed_tokens + num_new_tokens
             return []
         if cached_blocks and (seq.block_table or seq.num_computed_tokens):
             raise ValueError("cached_blocks can only start the table of a sequence holding no blocks")
         if not self.can_allocate(seq, num_new_tokens, cached_blocks):
             return None
         start, end = self._write_range(seq, num_new_tokens, len(cached_blocks))
-        if not seq.block_table and self.enable_prefix_caching:
-            self._queried_tokens += seq.num_tokens
-            self._hit_tokens += len(cached_blocks) * self.block_size
         for block_id in cached_blocks:
             self._take(block_id)
             seq.block_table.append(block_id)
         copies = [self._copy_on_write(seq, i) for i in self._shared_blocks_written(seq, start)]
         while len(seq.block_table) < self.blocks_for(end):
             seq.block_table.append(self._pop_free_block())
-        self._holders[seq.seq_id] = seq
-        self._reserved_tokens[seq.seq_id] = end
         return copies
 
     def _copy_on_write(self, seq: Sequence, table_index: int) -> tuple[int, int]:
@@ -260,7 +224,6 @@ class BlockManager:
         dst = self._pop_free_block()
         self.blocks[src].ref_count -= 1  # was > 1, so it stays held by someone else
         seq.block_table[table_index] = dst
-        self._cow_copies += 1
         return src, dst
 
     def _take(self, block_id: int) -> None:
@@ -280,7 +243,7 @@ class BlockManager:
                 del self._cache[block.hash]
             block.hash = block.parent_hash = block.token_ids = None
             self._num_cached_free -= 1
-            self._evictions += 1
+            self.num_evictions += 1
         block.ref_count = 1
         return block_id
 
@@ -297,7 +260,8 @@ class BlockManager:
             return
         self._update_block_hashes(seq)
         bs = self.block_size
-        num_full = min(seq.num_computed_tokens // bs, len(seq.block_table))
+        # Full of tokens that are known (a pending token is not) and computed or being computed.
+        num_full = min(min(seq.num_computed_tokens, seq.num_tokens) // bs, len(seq.block_table))
         for i in range(self._num_registered.get(seq.seq_id, 0), num_full):
             block = self.blocks[seq.block_table[i]]
             if block.hash is not None or seq.block_hashes[i] in self._cache:
@@ -326,8 +290,6 @@ class BlockManager:
                 self._free[block_id] = None
                 self._num_cached_free += block.hash is not None
         seq.block_table = []
-        self._holders.pop(seq.seq_id, None)
-        self._reserved_tokens.pop(seq.seq_id, None)
         self._num_registered.pop(seq.seq_id, None)
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
@@ -337,87 +299,4 @@ class BlockManager:
         for block_id in parent.block_table:
             self.blocks[block_id].ref_count += 1
         child.block_table = list(parent.block_table)
-        self._holders[child.seq_id] = child
-        self._reserved_tokens[child.seq_id] = self._reserved_tokens.get(parent.seq_id, 0)
         self._num_registered[child.seq_id] = self._num_registered.get(parent.seq_id, 0)
-
-    # ------------------------------------------------------------------------------------------
-    # Statistics and pictures
-    # ------------------------------------------------------------------------------------------
-    def _used_slots_per_block(self) -> dict[int, int]:
-        """For each held block, how many of its slots hold (or are reserved for) a token."""
-        bs = self.block_size
-        filled: dict[int, int] = {}
-        for seq_id, seq in self._holders.items():
-            reserved = self._reserved_tokens.get(seq_id, 0)
-            for i, block_id in enumerate(seq.block_table):
-                n = min(bs, max(0, reserved - i * bs))
-                filled[block_id] = max(filled.get(block_id, 0), n)
-        return filled
-
-    def stats(self) -> BlockManagerStats:
-        """Full statistics. Costs a pass over the held blocks: the per-step record uses the O(1)
-        counters (num_free_blocks, num_used_blocks, num_cached_free_blocks) instead."""
-        filled = self._used_slots_per_block()
-        allocated_slots = self.num_used_blocks * self.block_size
-        used_slots = sum(filled.values())
-        return BlockManagerStats(
-            num_blocks=self.num_blocks,
-            block_size=self.block_size,
-            num_free_blocks=self.num_free_blocks,
-            num_used_blocks=self.num_used_blocks,
-            num_cached_blocks=len(self._cache),
-            num_cached_free_blocks=self.num_cached_free_blocks,
-            num_shared_blocks=sum(1 for b in filled if self.blocks[b].ref_count > 1),
-            utilization=self.num_used_blocks / self.num_blocks,
-            allocated_slots=allocated_slots,
-            used_slots=used_slots,
-            fragmentation=(allocated_slots - used_slots) / allocated_slots if allocated_slots else 0.0,
-            prefix_cache_queried_tokens=self._queried_tokens,
-            prefix_cache_hit_tokens=self._hit_tokens,
-            prefix_cache_hit_rate=self._hit_tokens / self._queried_tokens if self._queried_tokens else 0.0,
-            num_evictions=self._evictions,
-            num_cow_copies=self._cow_copies,
-        )
-
-    def render_block_map(self, blocks_per_row: int = 32) -> str:
-        """A text picture of the pool, then each sequence's block table.
-
-        One character per block:  '.' free  'c' free but cached (reusable prefix)
-        '#' held by one sequence  '2'..'9' held by that many ('+' for more).
-        Whole rows of free blocks are folded into one line, so big pools stay readable.
-        """
-        cells = []
-        for block in self.blocks:
-            if block.ref_count == 0:
-                cells.append("c" if block.hash is not None else ".")
-            elif block.ref_count == 1:
-                cells.append("#")
-            else:
-                cells.append(str(block.ref_count) if block.ref_count < 10 else "+")
-        s = self.stats()
-        lines = [
-            f"KV pool: {self.num_blocks} blocks x {self.block_size} slots | used {s.num_used_blocks} "
-            f"(shared {s.num_shared_blocks}) | free {s.num_free_blocks} (cached {s.num_cached_free_blocks})"
-            f" | utilization {s.utilization:.0%} | fragmentation {s.fragmentation:.0%}",
-        ]
-        # Rows of never-used blocks say nothing: a run of them is folded into one line.
-        idle_from = None
-        for row in range(0, self.num_blocks + blocks_per_row, blocks_per_row):
-            text = "".join(cells[row:row + blocks_per_row])
-            if text and set(text) == {"."}:
-                idle_from = row if idle_from is None else idle_from
-                continue
-            if idle_from is not None:
-                lines.append(f"  {idle_from:>5} | ... blocks {idle_from}-{min(row, self.num_blocks) - 1} free")
-                idle_from = None
-            if text:
-                lines.append(f"  {row:>5} | {text}")
-        for seq in sorted(self._holders.values(), key=lambda q: q.seq_id):
-            shared = [b for b in seq.block_table if self.blocks[b].ref_count > 1]
-            note = f"  shared: {shared}" if shared else ""
-            lines.append(
-                f"  seq {seq.seq_id} (request {seq.request_id}, {self._reserved_tokens.get(seq.seq_id, 0)} "
-                f"slots): {seq.block_table}{note}"
-            )
-        return "\n".join(lines)

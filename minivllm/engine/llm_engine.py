@@ -6,12 +6,25 @@
         for output in engine.step():          # the requests that finished in this step
             print(output.request_id, output.text)
 
-Each step is the loop of DESIGN §4:
+Each step is three calls:
 
     Scheduler.schedule()      which sequences compute how many tokens; KV blocks allocated
-    ModelRunner.execute()     one batched forward for all of them, then sampling
-    Scheduler.update()        append the tokens, stop the finished, free their blocks
-    (engine)                  stop strings (they need the tokenizer), outputs
+    ModelRunner.execute()     one batched forward for all of them, then sampling (launched)
+    Scheduler.update()        append the tokens, apply the stop rules, free the finished
+
+**Overlap** (`async_scheduling`, on by default). On a GPU, `execute` only *launches* work; the
+tokens arrive when the GPU is done. Waiting for them before planning the next step would leave
+the GPU idle while the host schedules and packs. So `step()` plans and launches step n+1 first,
+and only then waits for step n's tokens and folds them in, while the GPU already runs n+1:
+
+    host:  | plan n+1 | launch n+1 | wait n | update n | plan n+2 | launch n+2 | wait n+1 | ...
+    GPU:   |.......... step n ..........|.............. step n+1 ..............|......
+
+Step n+1's decodes need the tokens step n sampled: the scheduler counts them as *pending*, the
+runner copies them on the device. A sequence that step n stops (EOS, a stop string) has computed
+one token too many in step n+1, which is dropped. A request with penalties needs its previous
+token on the host, so a step that samples one is waited for before the next is planned. With
+`async_scheduling=False` every step runs start to finish; the outputs are the same.
 
 The engine owns the tokenizer and the requests; the scheduler owns the queues; the model runner
 owns the tensors. None of them reaches into another's state.
@@ -21,22 +34,39 @@ from __future__ import annotations
 
 import itertools
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence as SequenceType
+from dataclasses import dataclass
 
 from minivllm.config import EngineConfig
 from minivllm.engine.block_manager import BlockManager
+from minivllm.engine.detokenizer import Detokenizer
 from minivllm.engine.request import Request
-from minivllm.engine.scheduler import STEP_PHASES, Scheduler, SchedulerOutput
+from minivllm.engine.scheduler import Scheduler, ScheduledStep
 from minivllm.engine.sequence import Sequence, SequenceStatus
+from minivllm.engine.stopping import StopChecker
 from minivllm.engine.tokenizer import eos_token_ids, load_tokenizer
-from minivllm.observe.stats import summarize_requests
+from minivllm.observe.block_map import kv_cache_stats
+from minivllm.observe.records import StepRecord, StepTimings
+from minivllm.observe.stats import StatsCollector, summarize_requests
 from minivllm.observe.trace import StepTrace, blocks_held
 from minivllm.outputs import RequestOutput
 from minivllm.sampling_params import SamplingParams
-from minivllm.worker.model_runner import ModelRunner
+from minivllm.worker.model_runner import ModelRunner, SampledTokens
 
 Prompt = str | list[int]
+
+
+@dataclass
+class _InFlight:
+    """A launched step whose tokens are still on their way."""
+
+    step: ScheduledStep
+    tokens: SampledTokens
+    record: StepRecord | None  # None for an empty step (nothing ran)
+    event: dict | None = None  # its trace event, when tracing
+    needs_sync: bool = False  # it samples with penalties: the next plan needs its tokens first
 
 
 class LLMEngine:
@@ -49,8 +79,10 @@ class LLMEngine:
             raise TypeError(f"config must be an EngineConfig, got {type(config).__name__}")
         self.config = config
         model_dir = config.model_config.model
+        sched = config.scheduler_config
         self.model_runner = ModelRunner(config)
         self.tokenizer = load_tokenizer(model_dir)
+        self.detokenizer = Detokenizer(self.tokenizer) if self.tokenizer is not None else None
         self.eos_token_ids = eos_token_ids(model_dir, self.model_runner.hf_config, self.tokenizer)
         self.vocab_size = self.model_runner.vocab_size
         self.block_manager = BlockManager(
@@ -58,15 +90,17 @@ class LLMEngine:
             config.cache_config.block_size,
             enable_prefix_caching=config.cache_config.enable_prefix_caching,
         )
-        self.scheduler = Scheduler(config.scheduler_config, self.block_manager)
+        self.scheduler = Scheduler(sched, self.block_manager, StopChecker(sched.max_model_len, self.detokenizer))
+        self.overlap = sched.async_scheduling
         self._unfinished: dict[str, Request] = {}
         self._finished: OrderedDict[str, Request] = OrderedDict()
         self._max_retained = max_retained_outputs
         self._ids = itertools.count()
-        self._counters = {"steps": 0, "busy_time": 0.0, "prompt_tokens": 0, "generated_tokens": 0,
-                          "finished_requests": 0, "aborted_requests": 0, "preempted_requests": 0,
-                          "prefill_chunks": 0, "graph_steps": 0, "eager_steps": 0}
-        self._phase_time = dict.fromkeys(STEP_PHASES, 0.0)  # host seconds per step phase, summed
+        self._inflight: _InFlight | None = None
+        self._num_planned = 0  # steps planned (and launched) so far
+        self._busy_time = 0.0  # wall seconds inside step()
+        self._num_prompt_tokens = 0
+        self.stats = StatsCollector(sched.history_size)
         self.trace: StepTrace | None = None  # see enable_trace; None costs nothing per step
 
     @classmethod
@@ -76,19 +110,25 @@ class LLMEngine:
     # ------------------------------------------------------------------------------------------
     # Requests in
     # ------------------------------------------------------------------------------------------
-    def add_request(
-        self, prompt: Prompt, sampling_params: SamplingParams | None = None, request_id: str | None = None
-    ) -> str:
-        """Queue one request; returns its id. Invalid input raises and queues nothing."""
-        return self.add_requests([prompt], sampling_params, [request_id])[0]
+    def add_request(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
+                    request_id: str | None = None, stream: bool = False) -> str:
+        """Queue one request; returns its id. Invalid input raises and queues nothing.
+
+        stream: report the request after every step that gives it tokens, as deltas (see
+        `Request.delta_output`), instead of once when it is finished.
+        """
+        return self.add_requests([prompt], sampling_params, [request_id], stream=stream)[0]
 
     def add_requests(
         self,
         prompts: SequenceType[Prompt],
         sampling_params: SamplingParams | SequenceType[SamplingParams] | None = None,
         request_ids: SequenceType[str | None] | None = None,
+        stream: bool = False,
     ) -> list[str]:
         """Queue several requests, all or none: every one is checked before any is queued."""
+        if not isinstance(stream, bool):
+            raise TypeError(f"stream must be True or False, got {stream!r}")
         params_list = self._params_per_prompt(prompts, sampling_params)
         request_ids = list(request_ids) if request_ids is not None else [None] * len(prompts)
         if len(request_ids) != len(prompts):
@@ -96,18 +136,32 @@ class LLMEngine:
         requests = []
         for i, (prompt, params, request_id) in enumerate(zip(prompts, params_list, request_ids)):
             try:
-                requests.append(self._make_request(prompt, params, request_id))
+                requests.append(self._make_request(prompt, params, request_id, stream))
             except (ValueError, TypeError) as err:
                 where = f"prompt {i}: " if len(prompts) > 1 else ""
                 raise type(err)(f"{where}{err}") from None
         taken = [r.request_id for r in requests]
         if len(set(taken)) != len(taken):
             raise ValueError(f"duplicate request ids in {taken}")
+        self._warn_capped(requests)
         for request in requests:
             self._unfinished[request.request_id] = request
             self.scheduler.add_sequence(request.seqs[0])
-            self._counters["prompt_tokens"] += len(request.prompt_token_ids)
+            self._num_prompt_tokens += len(request.prompt_token_ids)
         return taken
+
+    def _warn_capped(self, requests: list[Request]) -> None:
+        """Say so when max_tokens cannot be reached: max_model_len ends the output first."""
+        max_len = self.config.scheduler_config.max_model_len
+        capped = [r for r in requests if r.sampling_params.max_tokens is not None
+                  and len(r.prompt_token_ids) + r.sampling_params.max_tokens > max_len]
+        if capped:
+            r = capped[0]
+            warnings.warn(
+                f"{len(capped)} request(s) ask for more tokens than max_model_len={max_len} allows, "
+                f"e.g. {r.request_id!r}: prompt {len(r.prompt_token_ids)} + max_tokens "
+                f"{r.sampling_params.max_tokens}; they stop at max_model_len with finish_reason='length'",
+                stacklevel=3)
 
     @staticmethod
     def _params_per_prompt(prompts, sampling_params) -> list[SamplingParams]:
@@ -123,7 +177,8 @@ class LLMEngine:
                 raise TypeError(f"sampling_params must be SamplingParams, got {type(p).__name__}")
         return params
 
-    def _make_request(self, prompt: Prompt, params: SamplingParams, request_id: str | None) -> Request:
+    def _make_request(self, prompt: Prompt, params: SamplingParams, request_id: str | None,
+                      stream: bool = False) -> Request:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
         if request_id is None:
@@ -136,9 +191,12 @@ class LLMEngine:
             raise ValueError(f"request_id {request_id!r} is already in use")
         if params.stop_strings and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer, and this model directory has none")
+        outside = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        if outside:
+            raise ValueError(f"stop_token_ids holds {outside[0]}, outside the vocabulary [0, {self.vocab_size})")
         text, token_ids = self._tokenize(prompt)
         self.scheduler.check_request(len(token_ids), params)
-        return Request(request_id, text, token_ids, params, self.eos_token_ids)
+        return Request(request_id, text, token_ids, params, self.eos_token_ids, stream)
 
     def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         """(text or None, token ids) of a prompt given as text or as token ids."""
@@ -166,90 +224,120 @@ class LLMEngine:
     # The loop
     # ------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one scheduling + forward + sampling step; returns the requests it finished.
+        """Launch the next step and fold in the finished one; returns the requests that finished
+        (and, for streaming requests, what is new). See "Overlap" above for the order.
 
-        The step's host time per phase goes into `output.record.timings` (the runner fills
-        prepare / forward / sample, the engine schedule / update): clock reads only, no GPU sync.
+        If anything raises, the requests of the steps in flight finish with finish_reason
+        "error" (their blocks freed), the exception reaches the caller, and the engine stays
+        usable for every other request.
         """
-        if not self.scheduler.has_unfinished_sequences():
-            return []
         start = time.perf_counter()
-        trace = self.trace
-        held_before = blocks_held(self.scheduler) if trace is not None else None
-        schedule_start = time.perf_counter()
-        output = self.scheduler.schedule()
-        timings = output.record.timings
-        timings.schedule = time.perf_counter() - schedule_start
-        event = trace.start(self.scheduler, output, held_before) if trace is not None else None
-        for entry in output.scheduled:
-            for child in entry.forks:
-                self._unfinished[child.request_id].seqs.append(child)
-        execute_start = time.perf_counter()
-        tokens = self.model_runner.execute(output)
-        update_start = time.perf_counter()
-        output.record.execute_time = update_start - execute_start
-        finished = self.scheduler.update(output, tokens)
-        finished += self._apply_stop_strings(output)
-        outputs = self._retire(finished)
-        end = time.perf_counter()
-        timings.update = end - update_start
-        timings.step = end - start
-        self._count_step(output, len(tokens))
-        if trace is not None:
-            trace.finish(event, self.scheduler, finished, len(tokens), timings.step, output.record)
+        pending = [] if self._inflight is None else [self._inflight]  # launched, not folded in
+        self._inflight = None
+        outputs: list[RequestOutput] = []
+        try:
+            if pending and (not self.overlap or pending[0].needs_sync):
+                outputs += self._complete(pending[0])
+                pending.pop(0)
+            launched = self._launch()
+            if launched is not None:
+                pending.append(launched)
+            while len(pending) > (1 if self.overlap else 0):  # with overlap, the newest stays in flight
+                outputs += self._complete(pending[0])
+                pending.pop(0)
+        except BaseException:
+            self._fail(pending)
+            raise
+        self._inflight = pending[0] if pending else None
+        self._busy_time += time.perf_counter() - start
         return outputs
 
-    def _count_step(self, output: SchedulerOutput, num_tokens: int) -> None:
-        """Fold one step into the counters behind `get_stats()["engine"]`."""
-        c, timings = self._counters, output.record.timings
-        c["steps"] += 1
-        c["generated_tokens"] += num_tokens
-        c["prefill_chunks"] += output.record.num_prefill_seqs
-        c["busy_time"] += timings.step
-        if not output.is_empty:  # a forward ran: as one graph replay, or kernel by kernel
-            c["graph_steps" if timings.cuda_graph else "eager_steps"] += 1
-        for phase, seconds in timings.phases().items():
-            self._phase_time[phase] += seconds
+    def _launch(self) -> _InFlight | None:
+        """Plan the next step and launch it on the runner (no waiting for the GPU)."""
+        if not self.scheduler.has_unfinished_sequences():
+            return None
+        trace = self.trace
+        held_before = blocks_held(self.scheduler) if trace is not None else None
+        planned = time.perf_counter()
+        step = self.scheduler.schedule()
+        scheduled = time.perf_counter()
+        for child in step.forks:
+            self._unfinished[child.request_id].seqs.append(child)
+        try:
+            tokens = self.model_runner.execute(step.output)
+        except BaseException:
+            self._fail([_InFlight(step, None, None)])
+            raise
+        if step.is_empty:  # e.g. every running sequence awaits its last, pending token
+            return _InFlight(step, tokens, None)
+        record = self._record(step, planned)
+        record.timings = StepTimings(schedule=scheduled - planned, prepare=tokens.timings.prepare,
+                                     forward=tokens.timings.forward, sample=tokens.timings.sample,
+                                     graph_batch_size=tokens.timings.graph_batch_size,
+                                     graph_miss=tokens.timings.graph_miss)
+        event = trace.start(self.scheduler, step, record, held_before) if trace is not None else None
+        needs_sync = any(row.params.has_penalties for row in step.output.sample_rows)
+        return _InFlight(step, tokens, record, event, needs_sync)
 
-    def enable_trace(self, max_steps: int = 10_000, block_snapshots: bool = True) -> StepTrace:
-        """Record every following step in a bounded `StepTrace` (replacing any earlier one)."""
-        sched = self.config.scheduler_config
-        self.trace = StepTrace(max_steps, block_snapshots, header={
-            "model": self.config.model_config.model,
-            "num_blocks": self.block_manager.num_blocks,
-            "block_size": self.block_manager.block_size,
-            "max_num_seqs": sched.max_num_seqs,
-            "max_num_batched_tokens": sched.max_num_batched_tokens,
-            "enable_chunked_prefill": sched.enable_chunked_prefill,
-            "enable_prefix_caching": self.block_manager.enable_prefix_caching,
-        })
-        return self.trace
+    def _complete(self, inflight: _InFlight) -> list[RequestOutput]:
+        """Wait for a launched step's tokens and fold them in; returns the outputs it produced."""
+        waited = time.perf_counter()
+        token_ids = inflight.tokens.wait()
+        arrived = time.perf_counter()
+        finished = self.scheduler.update(inflight.step, token_ids)
+        outputs = self._retire(finished) + self._stream_outputs(inflight.step)
+        record = inflight.record
+        if record is not None:
+            record.finish_time = time.perf_counter()
+            record.timings.wait, record.timings.update = arrived - waited, record.finish_time - arrived
+            self.stats.add_step(record)
+            if self.trace is not None and inflight.event is not None:
+                self.trace.finish(inflight.event, self.scheduler, finished, record)
+        return outputs
 
-    def disable_trace(self) -> StepTrace | None:
-        """Stop recording; returns the trace recorded so far."""
-        trace, self.trace = self.trace, None
-        return trace
+    def _record(self, step: ScheduledStep, planned: float) -> StepRecord:
+        bm, out = self.block_manager, step.output
+        self._num_planned += 1
+        return StepRecord(
+            step=self._num_planned,
+            time=planned,
+            num_prefill_seqs=step.num_prefill_seqs,
+            num_decode_seqs=step.num_decode_seqs,
+            num_prefill_tokens=step.num_prefill_tokens,
+            num_decode_tokens=step.num_decode_tokens,
+            num_sampled=len(out.sample_rows),
+            token_budget=self.config.scheduler_config.max_num_batched_tokens,
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_used_blocks=bm.num_used_blocks,
+            num_free_blocks=bm.num_free_blocks,
+            num_cached_free_blocks=bm.num_cached_free_blocks,
+            num_block_copies=len(out.block_copies),
+            num_prefix_hit_tokens=step.num_prefix_hit_tokens,
+            num_partial_prefills=sum(1 for s in out.seqs if not s.num_samples),
+            preemptions=step.preemptions,
+        )
 
-    def _apply_stop_strings(self, output: SchedulerOutput) -> list[Sequence]:
-        """Finish sequences whose text now contains one of their stop strings."""
-        stopped = []
-        for seq, _ in output.sampled_sequences:
-            params = seq.sampling_params
-            if seq.is_finished or not params.stop_strings or seq.num_output_tokens < params.min_tokens:
+    def _fail(self, inflight: list[_InFlight]) -> None:
+        """A step raised: end every request it touched with finish_reason "error", freeing its
+        blocks, so nothing is stranded and later steps run as if it had never been there."""
+        request_ids = {s.request_id for f in inflight for s in (*f.step.seqs, *f.step.sampled)}
+        failed = []
+        for request_id in request_ids:
+            request = self._unfinished.get(request_id)
+            if request is None:
                 continue
-            text = self._decode(seq)
-            hits = [(text.find(s), s) for s in params.stop_strings if s in text]
-            if hits:
-                index, stop = min(hits)
-                end = index + len(stop) if params.include_stop_str_in_output else index
-                self.scheduler.finish_sequence(seq, SequenceStatus.FINISHED_STOPPED, stop_reason=stop)
-                seq.output_text = text[:end]
-                stopped.append(seq)
-        return stopped
+            request.seqs[0].num_pending_forks = 0  # its missing samples will never be forked
+            for seq in request.seqs:
+                self.scheduler.finish_sequence(seq, SequenceStatus.FINISHED_ERROR)
+                failed.append(seq)
+        self._retire(failed)
 
+    # ------------------------------------------------------------------------------------------
+    # Requests out
+    # ------------------------------------------------------------------------------------------
     def _retire(self, finished: list[Sequence]) -> list[RequestOutput]:
         """Turn finished sequences into outputs of the requests they complete."""
-        self.model_runner.release(finished)
         outputs = []
         for request_id in dict.fromkeys(s.request_id for s in finished):
             request = self._unfinished.get(request_id)
@@ -262,32 +350,47 @@ class LLMEngine:
             self._finished[request_id] = request
             if len(self._finished) > self._max_retained:
                 self._finished.popitem(last=False)
-            self._counters["finished_requests"] += 1
             output = request.to_output(self._text_of)
-            self._counters["aborted_requests"] += any(s.finish_reason == "abort" for s in request.seqs)
-            self._counters["preempted_requests"] += output.metrics.num_preemptions > 0
-            outputs.append(output)
+            self.stats.add_request(output)
+            outputs.append(request.delta_output(self._text_of) if request.stream else output)
+        return outputs
+
+    def _stream_outputs(self, step: ScheduledStep) -> list[RequestOutput]:
+        """Deltas of the unfinished streaming requests that got tokens in `step`."""
+        outputs = []
+        for request_id in dict.fromkeys(s.request_id for s in step.sampled):
+            request = self._unfinished.get(request_id)
+            if request is not None and request.stream:
+                delta = request.delta_output(self._stream_text)
+                if delta is not None:
+                    outputs.append(delta)
         return outputs
 
     def _decode(self, seq: Sequence) -> str:
-        if self.tokenizer is None:
-            return ""
-        return self.tokenizer.decode(seq.output_token_ids,
-                                     skip_special_tokens=seq.sampling_params.skip_special_tokens)
+        return self.detokenizer.decode(seq) if self.detokenizer is not None else ""
 
     def _text_of(self, seq: Sequence) -> str:
         """Final text of a finished sequence, the current decode of a running one."""
         return seq.output_text if seq.is_finished else self._decode(seq)
 
-    # ------------------------------------------------------------------------------------------
-    # Requests out
-    # ------------------------------------------------------------------------------------------
+    def _stream_text(self, seq: Sequence) -> str:
+        """The text of a sequence that is safe to send now. A running sequence with stop strings
+        holds back as many characters as a stop string could still take away from the end."""
+        if seq.is_finished or self.detokenizer is None:
+            return self._text_of(seq)
+        self.detokenizer.update(seq)
+        stops = seq.sampling_params.stop_strings
+        hold = max(map(len, stops)) - 1 if stops else 0
+        return seq.output_text[:len(seq.output_text) - hold]
+
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request now, wherever it is; returns its final output (None if unknown/done)."""
         request = self._unfinished.get(request_id)
         if request is None:
             return None
-        self.scheduler.abort(request_id)
+        request.seqs[0].num_pending_forks = 0  # samples not forked yet will never be
+        for seq in request.seqs:
+            self.scheduler.finish_sequence(seq, SequenceStatus.FINISHED_ABORTED)
         outputs = self._retire(list(request.seqs))
         return outputs[0] if outputs else None
 
@@ -305,54 +408,72 @@ class LLMEngine:
         return len(self._unfinished)
 
     # ------------------------------------------------------------------------------------------
-    # Statistics
+    # Looking inside
     # ------------------------------------------------------------------------------------------
+    def enable_trace(self, max_steps: int = 10_000, block_snapshots: bool = True) -> StepTrace:
+        """Record every following step in a bounded `StepTrace` (replacing any earlier one)."""
+        sched = self.config.scheduler_config
+        self.trace = StepTrace(max_steps, block_snapshots, header={
+            "model": self.config.model_config.model,
+            "num_blocks": self.block_manager.num_blocks,
+            "block_size": self.block_manager.block_size,
+            "max_num_seqs": sched.max_num_seqs,
+            "max_num_batched_tokens": sched.max_num_batched_tokens,
+            "enable_chunked_prefill": sched.enable_chunked_prefill,
+            "enable_prefix_caching": self.block_manager.enable_prefix_caching,
+            "async_scheduling": self.overlap,
+        })
+        return self.trace
+
+    def disable_trace(self) -> StepTrace | None:
+        """Stop recording; returns the trace recorded so far."""
+        trace, self.trace = self.trace, None
+        return trace
+
     def get_stats(self) -> dict:
         """Plain-data statistics in four sections: engine, scheduler, kv_cache, requests.
 
-        "engine" counts the steps whose forward replayed a CUDA graph (`num_graph_steps`) or ran
-        eagerly (`num_eager_steps`), and `step_phases_ms`, the mean host milliseconds per step in
-        each phase of `StepTimings` (schedule, prepare, forward, sample, update).
-
+        "scheduler" holds the step totals of the `StatsCollector` (tokens, batch sizes, budget,
+        preemptions, graph replays, `step_phases_ms`: mean host milliseconds per step phase).
         "requests" summarizes TTFT / TPOT / end-to-end latency / tokens/s over the finished
-        requests still retained (see max_retained_outputs).
+        requests still retained (see max_retained_outputs). Computed here, never per step.
         """
-        c = self._counters
-        busy = c["busy_time"]
+        totals, busy = self.stats.totals, self._busy_time
+        steps = self.stats.step_stats()
         runner = self.model_runner
-        sched = self.scheduler.stats()
+        kv = kv_cache_stats(self.block_manager, self.scheduler.running)
+        kv["prefix_cache_hit_tokens"] = steps["num_prefix_hit_tokens"]
+        kv["prefix_cache_hit_rate"] = (steps["num_prefix_hit_tokens"] / self._num_prompt_tokens
+                                       if self._num_prompt_tokens else 0.0)
         return {
             "engine": {
-                "num_steps": c["steps"],
-                "num_finished_requests": c["finished_requests"],
-                "num_aborted_requests": c["aborted_requests"],
-                "num_preempted_requests": c["preempted_requests"],
+                "num_steps": steps["num_steps"],
+                "num_finished_requests": totals["finished_requests"],
+                "num_aborted_requests": totals["aborted_requests"],
+                "num_failed_requests": totals["failed_requests"],
+                "num_preempted_requests": totals["preempted_requests"],
                 "num_unfinished_requests": len(self._unfinished),
-                "num_waiting": sched["num_waiting"],
-                "num_running": sched["num_running"],
-                "num_prompt_tokens": c["prompt_tokens"],
-                "num_generated_tokens": c["generated_tokens"],
-                "num_prefill_chunks": c["prefill_chunks"],
+                "num_waiting": len(self.scheduler.waiting),
+                "num_running": len(self.scheduler.running),
+                "num_prompt_tokens": self._num_prompt_tokens,
+                "num_generated_tokens": totals["sampled_tokens"],
                 "busy_time_s": busy,
-                "generation_tokens_per_s": c["generated_tokens"] / busy if busy else 0.0,
-                "tokens_per_s": (sched["num_prefill_tokens"] + sched["num_decode_tokens"]) / busy if busy else 0.0,
-                "avg_batch_size": sched["avg_batch_size"],
-                "num_graph_steps": c["graph_steps"],
-                "num_eager_steps": c["eager_steps"],
-                "step_phases_ms": {phase: 1e3 * total / c["steps"] if c["steps"] else 0.0
-                                   for phase, total in self._phase_time.items()},
-                "budget_utilization": sched["budget_utilization"],
+                "generation_tokens_per_s": totals["sampled_tokens"] / busy if busy else 0.0,
+                "async_scheduling": self.overlap,
                 "device": str(runner.device),
                 "dtype": str(runner.dtype).removeprefix("torch."),
                 "num_kv_blocks": runner.num_kv_blocks,
                 "kv_cache_bytes": runner.num_kv_blocks * runner.kv_bytes_per_block,
             },
-            "scheduler": sched,
-            "kv_cache": self.block_manager.stats().to_dict(),
+            "scheduler": steps,
+            "kv_cache": kv,
             "requests": summarize_requests(
                 r.to_output(self._text_of).metrics for r in self._finished.values()
             ),
         }
 
     def render_block_map(self) -> str:
-        return self.block_manager.render_block_map()
+        """The KV pool by owner, as text (see observe/block_map.py)."""
+        from minivllm.observe.block_map import snapshot_blocks, text_block_map
+
+        return text_block_map(snapshot_blocks(self.block_manager, self.scheduler.running))

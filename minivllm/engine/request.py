@@ -2,6 +2,9 @@
 
 With n = 1 a request has one sequence. With n > 1 it starts with one sequence too (the prompt is
 computed once) and gains the others when that sequence forks, just before its first token.
+
+A *streaming* request is reported after every step that gave it tokens, as a delta: only the
+tokens and text added since its last report (`delta_output`); the others once, when finished.
 """
 
 from __future__ import annotations
@@ -15,49 +18,63 @@ from minivllm.sampling_params import SamplingParams
 
 class Request:
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                 sampling_params: SamplingParams, eos_token_ids: frozenset[int]):
+                 sampling_params: SamplingParams, eos_token_ids: frozenset[int], stream: bool = False):
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
+        self.stream = stream
         self.seqs: list[Sequence] = [
             Sequence(request_id, self.prompt_token_ids, sampling_params, eos_token_ids=eos_token_ids)
         ]
+        # seq id -> (tokens, characters) reported so far; None once its finish was reported.
+        self._sent: dict[int, tuple[int, int] | None] = {}
 
     @property
     def is_finished(self) -> bool:
         # A parent that has not forked yet still owes its siblings.
         return self.seqs[0].num_pending_forks == 0 and all(s.is_finished for s in self.seqs)
 
-    def to_output(self, detokenize: Callable[[Sequence], str]) -> RequestOutput:
-        """The user-facing snapshot; `detokenize(seq)` gives a sequence's text."""
+    def to_output(self, text_of: Callable[[Sequence], str]) -> RequestOutput:
+        """The user-facing snapshot; `text_of(seq)` gives a sequence's text."""
         seqs = sorted(self.seqs, key=lambda s: s.index)
-        completions = [
-            CompletionOutput(
-                index=s.index,
-                text=detokenize(s),
-                token_ids=s.output_token_ids,
-                finish_reason=s.finish_reason,
-                stop_reason=s.stop_reason,
-            )
-            for s in seqs
-        ]
+        completions = [CompletionOutput(s.index, text_of(s), s.output_token_ids, s.finish_reason,
+                                        s.stop_reason) for s in seqs]
+        return self._output(completions)
+
+    def delta_output(self, text_of: Callable[[Sequence], str]) -> RequestOutput | None:
+        """What is new since the last delta: per sequence, its new tokens and text, and its finish
+        reason once it has one. None when nothing is new."""
+        completions = []
+        for s in sorted(self.seqs, key=lambda s: s.index):
+            sent = self._sent.get(s.seq_id, (0, 0))
+            if sent is None:
+                continue
+            num_tokens, num_chars = sent
+            text = text_of(s)
+            if num_tokens == s.num_output_tokens and num_chars == len(text) and not s.is_finished:
+                continue
+            completions.append(CompletionOutput(s.index, text[num_chars:], s.output_token_ids[num_tokens:],
+                                                s.finish_reason, s.stop_reason))
+            # A finished sequence is reported once more, with its finish reason, then never again.
+            self._sent[s.seq_id] = None if s.is_finished else (s.num_output_tokens, len(text))
+        return self._output(completions) if completions else None
+
+    def _output(self, completions: list[CompletionOutput]) -> RequestOutput:
         return RequestOutput(
             request_id=self.request_id,
             prompt=self.prompt,
             prompt_token_ids=self.prompt_token_ids,
             outputs=completions,
             finished=self.is_finished,
-            metrics=self._metrics(seqs),
+            metrics=self._metrics(self.seqs),
         )
 
     def _metrics(self, seqs: list[Sequence]) -> RequestMetrics:
-        first = seqs[0]
+        first = min(seqs, key=lambda s: s.index)
         arrival = first.arrival_time
         first_token = min((s.first_token_time for s in seqs if s.first_token_time is not None), default=None)
-        finish = None
-        if self.is_finished:
-            finish = max(s.finish_time for s in seqs)
+        finish = max(s.finish_time for s in seqs) if self.is_finished else None
         num_output = sum(s.num_output_tokens for s in seqs)
         longest = max(s.num_output_tokens for s in seqs)
         e2e = None if finish is None else finish - arrival

@@ -19,173 +19,77 @@ One step, in order:
    prefill is on (otherwise it waits for a step with room for all of it). With prefix caching,
    blocks already holding the prompt's prefix are reused and those tokens are skipped.
 
-Pure Python, no tensors: it can be tested and drawn without a model. The model runner turns a
-`SchedulerOutput` into tensors; `update()` then folds the sampled tokens back in.
+3. **Parallel sampling**: a request with n > 1 forks its other samples when its prompt is done.
+
+`num_computed_tokens` advances here, when a step is *planned*: the GPU runs steps in order, so the
+next plan can already count on this one's K/V. A decode's new token may be *pending*, sampled by
+a step still on the GPU (overlap); a sequence whose pending token is bound to end it by length is
+left out, since nothing after that token is ever needed.
+
+Pure Python, no tensors: it can be tested and drawn without a model. The model runner receives a
+plain `SchedulerOutput` (minivllm/step.py); `update()` then folds the sampled tokens back in and
+applies the stop rules of `stopping.py`.
 """
 
 from __future__ import annotations
 
-import functools
-
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from minivllm.config import SchedulerConfig
 from minivllm.engine.block_manager import BlockManager
 from minivllm.engine.sequence import Sequence, SequenceStatus
+from minivllm.engine.stopping import StopChecker
+from minivllm.step import SampleRow, ScheduledSeq, SchedulerOutput
 
 
 @dataclass
-class ScheduledSequence:
-    """One sequence's share of a step.
-
-    num_new_tokens: tokens whose K/V this step computes (from seq.num_computed_tokens on).
-    sample: whether a token is sampled from the output at its last new token; true exactly when
-        the step computes all the sequence's known tokens.
-    forks: parallel-sampling children created this step; they share this sequence's blocks and
-        each samples its own first token from the same logits.
-    is_prefill: computes prompt tokens (or recomputes after a preemption) rather than one decode.
-    """
-
-    seq: Sequence
-    num_new_tokens: int
-    sample: bool
-    is_prefill: bool
-    forks: list[Sequence] = field(default_factory=list)
-
-
-@dataclass
-class PreemptionRecord:
+class Preemption:
     seq_id: int
     request_id: str
     num_computed_tokens_lost: int
     reason: str
 
 
-# The host-side phases of one engine step, in order (see StepTimings).
-STEP_PHASES = ("schedule", "prepare", "forward", "sample", "update")
-
-
 @dataclass
-class StepTimings:
-    """Where one step's host time went, in seconds of `time.perf_counter()`; filled as it runs.
+class ScheduledStep:
+    """A planned step as the engine keeps it: the runner's plain `output`, and behind it the live
+    sequences (`seqs` parallel to `output.seqs`, `sampled` parallel to `output.sample_rows`)."""
 
-    On a GPU the host only *launches* work, so read these as host time, not GPU time:
-
-    * schedule: `Scheduler.schedule()` (engine);
-    * prepare: copy-on-write block copies, packing the step metadata, its one upload (runner);
-    * forward: launching the forward pass or replaying its CUDA graph; asynchronous on a GPU, so
-      this is launch cost only: ~400 kernel launches eagerly, one call for a graph (runner);
-    * sample: LM head, argmax or sampler, and the `.tolist()` that waits for the GPU: on a GPU
-      this phase absorbs the time the GPU still needed to finish the step (runner);
-    * update: `Scheduler.update()`, stop strings, outputs of finished requests (engine).
-
-    `step` is the whole `LLMEngine.step()`, so `step - sum(phases)` is the engine's own
-    bookkeeping. `graph_batch_size` is the bucket whose CUDA graph ran the forward (None: eager);
-    `graph_miss` says why a runner that has graphs ran this step eagerly (None otherwise).
-    """
-
-    schedule: float = 0.0
-    prepare: float = 0.0
-    forward: float = 0.0
-    sample: float = 0.0
-    update: float = 0.0
-    step: float = 0.0
-    graph_batch_size: int | None = None
-    graph_miss: str | None = None
-
-    @property
-    def cuda_graph(self) -> bool:
-        """Did the forward replay a CUDA graph (of bucket `graph_batch_size`)?"""
-        return self.graph_batch_size is not None
-
-    def phases(self) -> dict[str, float]:
-        return {name: getattr(self, name) for name in STEP_PHASES}
-
-
-@dataclass
-class StepRecord:
-    """What one step did, for stats, traces and plots (observe/)."""
-
-    step: int
-    time: float
-    num_scheduled_seqs: int
-    num_prefill_seqs: int
-    num_decode_seqs: int
-    num_prefill_tokens: int
-    num_decode_tokens: int
-    token_budget: int
-    num_running: int
-    num_waiting: int
-    num_used_blocks: int
-    num_free_blocks: int
-    num_cached_free_blocks: int
-    num_block_copies: int
-    num_prefix_hit_tokens: int  # tokens taken from the prefix cache by admissions of this step
-    preemptions: list[PreemptionRecord] = field(default_factory=list)
-    execute_time: float = 0.0  # seconds in the model runner (filled in by the engine)
-    timings: StepTimings = field(default_factory=StepTimings)  # filled by the engine and runner
-
-    @property
-    def num_batched_tokens(self) -> int:
-        return self.num_prefill_tokens + self.num_decode_tokens
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "num_batched_tokens": self.num_batched_tokens}
-
-
-@dataclass
-class SchedulerOutput:
-    """The plan of one step."""
-
-    scheduled: list[ScheduledSequence]
-    preempted: list[Sequence]
-    block_copies: list[tuple[int, int]]  # (src, dst) KV blocks to copy before the forward
-    record: StepRecord
+    output: SchedulerOutput
+    seqs: list[Sequence]
+    sampled: list[Sequence]
+    num_prefill_seqs: int = 0
+    num_decode_seqs: int = 0
+    num_prefill_tokens: int = 0
+    num_decode_tokens: int = 0
+    num_prefix_hit_tokens: int = 0  # prompt tokens taken from the prefix cache by admissions
+    forks: list[Sequence] = field(default_factory=list)
+    preemptions: list[Preemption] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
-        return not self.scheduled
-
-    @property
-    def num_batched_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
-
-    @functools.cached_property
-    def sampled_sequences(self) -> list[tuple[Sequence, ScheduledSequence]]:
-        """Sequences that get a new token this step, each with the entry whose logits it uses.
-
-        This order is the order of the sampled tokens handed to `Scheduler.update`. Computed once
-        (the engine, the runner and `update` all ask): the forks are final when `schedule` returns.
-        """
-        rows = []
-        for entry in self.scheduled:
-            if entry.sample:
-                rows.append((entry.seq, entry))
-                rows.extend((child, entry) for child in entry.forks)
-        return rows
+        return not self.seqs
 
 
 class Scheduler:
     """Continuous batching with chunked prefill, prefix caching and preemption by recompute."""
 
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
+                 stopping: StopChecker | None = None):
         if not config.is_resolved:
             raise ValueError(
                 "the SchedulerConfig needs max_model_len (EngineConfig fills it in from the model)"
             )
         self.config = config
         self.block_manager = block_manager
+        self.stopping = stopping or StopChecker(config.max_model_len)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last is the newest
-        self._live: dict[str, list[Sequence]] = {}  # request id -> its unfinished sequences
-        self.history: deque[StepRecord] = deque(maxlen=config.history_size)
-        self.num_steps = 0
-        self.totals = {
-            "prefill_tokens": 0, "decode_tokens": 0, "scheduled_seqs": 0, "preemptions": 0,
-            "partial_prefills": 0, "block_copies": 0, "budget_tokens": 0,
-        }
+        # Told to the runner with the next step, so it can drop their per-sequence state.
+        self._finished_ids: list[int] = []
+        self._preempted_ids: list[int] = []
 
     # ------------------------------------------------------------------------------------------
     # Requests in and out
@@ -224,17 +128,9 @@ class Scheduler:
             raise ValueError(f"only a fresh WAITING sequence can be added, got {seq!r}")
         self.check_request(seq.num_prompt_tokens, seq.sampling_params)
         self.waiting.append(seq)
-        self._live.setdefault(seq.request_id, []).append(seq)
-
-    def abort(self, request_id: str) -> list[Sequence]:
-        """Abort every unfinished sequence of `request_id`; returns them (empty if none)."""
-        seqs = list(self._live.get(request_id, ()))
-        for seq in seqs:
-            self.finish_sequence(seq, SequenceStatus.FINISHED_ABORTED)
-        return seqs
 
     def finish_sequence(self, seq: Sequence, status: SequenceStatus, stop_reason=None) -> None:
-        """End `seq` (stop condition or abort) and give its blocks back."""
+        """End `seq` (stop condition, abort or error) and give its blocks back."""
         if seq.is_finished:
             return
         if seq.status is SequenceStatus.RUNNING:
@@ -245,17 +141,10 @@ class Scheduler:
         seq.stop_reason = stop_reason
         seq.num_pending_forks = 0
         seq.finish(status)
-        live = self._live[seq.request_id]
-        live.remove(seq)
-        if not live:
-            del self._live[seq.request_id]
+        self._finished_ids.append(seq.seq_id)
 
     def has_unfinished_sequences(self) -> bool:
         return bool(self.waiting or self.running)
-
-    @property
-    def num_unfinished_requests(self) -> int:
-        return len(self._live)
 
     @property
     def running_width(self) -> int:
@@ -265,72 +154,51 @@ class Scheduler:
     # ------------------------------------------------------------------------------------------
     # One step
     # ------------------------------------------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
-        """Decide this step's batch (and allocate its KV blocks)."""
-        self.num_steps += 1
+    def schedule(self) -> ScheduledStep:
+        """Plan the next step: who computes which tokens; allocates their KV blocks."""
         budget = self.config.max_num_batched_tokens
-        scheduled: list[ScheduledSequence] = []
+        planned: list[tuple[Sequence, int]] = []
         copies: list[tuple[int, int]] = []
-        preemptions: list[PreemptionRecord] = []
-        preempted: list[Sequence] = []
+        preemptions: list[Preemption] = []
 
         # 1. Running sequences, oldest first. Iterating by index because preemption removes
         #    sequences from the *end* of the list, which this loop has not reached yet.
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = self._num_new_tokens(seq, seq.num_uncomputed_tokens, budget)
-            seq_copies = self._allocate_or_preempt(seq, num_new, preempted, preemptions)
+            i += 1
+            if self.stopping.ends_by_length(seq):
+                continue
+            num_new = self._num_new_tokens(seq.num_uncomputed_tokens, budget)
+            seq_copies = self._allocate_or_preempt(seq, num_new, preemptions)
             if seq_copies is None:  # seq had to preempt itself: it was the newest
                 break
             copies += seq_copies
-            scheduled.append(self._entry(seq, num_new))
+            planned.append((seq, num_new))
             budget -= num_new
-            i += 1
 
         # 2. Waiting sequences, first come first served. Not after a preemption: memory is
         #    short right now, and admitting more would only cause more preemptions.
         hit_tokens = 0
-        if not preempted:
-            while self.waiting and budget > 0:
-                admitted = self._try_admit(self.waiting[0], budget)
-                if admitted is None:
-                    break
-                entry, seq_copies, num_cached = admitted
-                self.waiting.popleft()
-                scheduled.append(entry)
-                copies += seq_copies
-                budget -= entry.num_new_tokens
-                hit_tokens += num_cached
+        while not preemptions and self.waiting and budget > 0:
+            admitted = self._try_admit(self.waiting[0], budget)
+            if admitted is None:
+                break
+            num_new, seq_copies, num_cached = admitted
+            planned.append((self.waiting.popleft(), num_new))
+            copies += seq_copies
+            budget -= num_new
+            hit_tokens += num_cached
+        return self._build_step(planned, copies, preemptions, hit_tokens)
 
-        # 3. Parallel sampling: a parent about to sample its first token forks its siblings now,
-        #    so that all n samples draw their first token from the same prompt logits.
-        for entry in scheduled:
-            if entry.sample and entry.seq.num_pending_forks:
-                entry.forks = self._fork(entry.seq)
-
-        record = self._record(scheduled, copies, preemptions, hit_tokens)
-        return SchedulerOutput(scheduled=scheduled, preempted=preempted, block_copies=copies, record=record)
-
-    def _num_new_tokens(self, seq: Sequence, uncomputed: int, budget: int) -> int:
-        """How many of seq's uncomputed tokens fit this step (chunking if it is allowed)."""
+    def _num_new_tokens(self, uncomputed: int, budget: int) -> int:
+        """How many of a sequence's uncomputed tokens fit this step (chunking if it is allowed)."""
         num_new = min(uncomputed, budget)
         if self.config.prefill_chunk_size is not None:
             num_new = min(num_new, self.config.prefill_chunk_size)
         return num_new
 
-    def _entry(self, seq: Sequence, num_new: int) -> ScheduledSequence:
-        is_decode = num_new == 1 and seq.num_uncomputed_tokens == 1 and seq.num_output_tokens > 0
-        return ScheduledSequence(
-            seq=seq,
-            num_new_tokens=num_new,
-            sample=seq.num_computed_tokens + num_new == seq.num_tokens,
-            is_prefill=not is_decode,
-        )
-
-    def _allocate_or_preempt(
-        self, seq: Sequence, num_new: int, preempted: list[Sequence], records: list[PreemptionRecord]
-    ) -> list[tuple[int, int]] | None:
+    def _allocate_or_preempt(self, seq: Sequence, num_new: int, records: list[Preemption]):
         """Allocate seq's blocks, preempting the newest running sequences until they fit.
 
         Returns the block copies, or None if `seq` itself was the newest and got preempted.
@@ -345,9 +213,8 @@ class Scheduler:
                 f"({self.block_manager.num_blocks_to_allocate(seq, num_new)} needed, "
                 f"{self.block_manager.num_free_blocks} free)"
             )
-            records.append(PreemptionRecord(victim.seq_id, victim.request_id, victim.num_computed_tokens, reason))
+            records.append(Preemption(victim.seq_id, victim.request_id, victim.num_computed_tokens, reason))
             self._preempt(victim)
-            preempted.append(victim)
             if victim is seq:
                 return None
 
@@ -361,16 +228,17 @@ class Scheduler:
         self.block_manager.free(seq)
         seq.reset_for_recompute()
         self.waiting.appendleft(seq)
+        self._preempted_ids.append(seq.seq_id)
 
     def _try_admit(self, seq: Sequence, budget: int):
-        """Admit the head of the queue if budgets and the pool allow: (entry, copies, hits) or None."""
+        """Admit the head of the queue if budgets and the pool allow: (num_new, copies, hits)."""
         if self.running_width + seq.width > self.config.max_num_seqs:
             return None
         cached_blocks = self.block_manager.find_cached_prefix(seq)
         num_cached = len(cached_blocks) * self.block_manager.block_size
         uncomputed = seq.num_tokens - num_cached
         if self.config.enable_chunked_prefill:
-            num_new = self._num_new_tokens(seq, uncomputed, budget)
+            num_new = self._num_new_tokens(uncomputed, budget)
         elif uncomputed > budget:
             return None  # the whole prompt must go in one step; wait for a step with room
         else:
@@ -384,7 +252,50 @@ class Scheduler:
             seq.first_scheduled_time = time.perf_counter()
             seq.num_cached_tokens = num_cached
         self.running.append(seq)
-        return self._entry(seq, num_new), copies, num_cached
+        return num_new, copies, num_cached
+
+    def _build_step(self, planned, copies, preemptions, hit_tokens) -> ScheduledStep:
+        """Turn the plan into the runner's plain records; advance the computed counters.
+
+        A sequence that computes all its tokens samples the next one, which is *pending* from
+        now until `update` appends it. A parent about to sample its first token forks its
+        siblings here, so that all n samples draw their first token from the same logits.
+        """
+        step = ScheduledStep(SchedulerOutput([], [], copies, self._finished_ids, self._preempted_ids),
+                             seqs=[], sampled=[], num_prefix_hit_tokens=hit_tokens, preemptions=preemptions)
+        self._finished_ids, self._preempted_ids = [], []
+        for seq, num_new in planned:
+            start = seq.num_computed_tokens
+            pending = seq.num_pending_tokens > 0  # then this is a decode of that very token
+            samples = []
+            if start + num_new == seq.num_tokens + seq.num_pending_tokens:
+                children = self._fork(seq) if seq.num_pending_forks else []
+                step.forks += children
+                samples = [seq, *children]
+            if num_new == 1 and start >= seq.num_prompt_tokens:  # computes one output token
+                step.num_decode_seqs += 1
+                step.num_decode_tokens += 1
+            else:
+                step.num_prefill_seqs += 1
+                step.num_prefill_tokens += num_new
+            step.output.seqs.append(ScheduledSeq(
+                seq.seq_id, start, seq.token_ids[start:start + num_new - pending], pending,
+                seq.block_table, len(samples)))
+            step.seqs.append(seq)
+            seq.num_computed_tokens = start + num_new
+            for sampled in samples:
+                step.output.sample_rows.append(self._sample_row(sampled))
+                step.sampled.append(sampled)
+                sampled.num_computed_tokens = seq.num_computed_tokens
+                sampled.num_pending_tokens += 1
+        return step
+
+    def _sample_row(self, seq: Sequence) -> SampleRow:
+        params = seq.sampling_params
+        if not params.has_penalties:
+            return SampleRow(seq.seq_id, params, seq.index, self.stopping.banned_tokens(seq))
+        return SampleRow(seq.seq_id, params, seq.index, self.stopping.banned_tokens(seq),
+                         seq.prompt_token_ids, seq.output_token_ids)
 
     def _fork(self, parent: Sequence) -> list[Sequence]:
         """Create the other n - 1 samples of parent's request, sharing its blocks."""
@@ -395,113 +306,33 @@ class Scheduler:
             children.append(child)
         parent.num_pending_forks = 0
         self.running.extend(children)
-        self._live[parent.request_id].extend(children)
         return children
-
-    def _record(self, scheduled, copies, preemptions, hit_tokens) -> StepRecord:
-        prefill = [s for s in scheduled if s.is_prefill]
-        decode = [s for s in scheduled if not s.is_prefill]
-        bm = self.block_manager
-        record = StepRecord(
-            step=self.num_steps,
-            time=time.perf_counter(),
-            num_scheduled_seqs=len(scheduled),
-            num_prefill_seqs=len(prefill),
-            num_decode_seqs=len(decode),
-            num_prefill_tokens=sum(s.num_new_tokens for s in prefill),
-            num_decode_tokens=sum(s.num_new_tokens for s in decode),
-            token_budget=self.config.max_num_batched_tokens,
-            num_running=len(self.running),
-            num_waiting=len(self.waiting),
-            num_used_blocks=bm.num_used_blocks,
-            num_free_blocks=bm.num_free_blocks,
-            num_cached_free_blocks=bm.num_cached_free_blocks,
-            num_block_copies=len(copies),
-            num_prefix_hit_tokens=hit_tokens,
-            preemptions=preemptions,
-        )
-        self.history.append(record)
-        t = self.totals
-        t["prefill_tokens"] += record.num_prefill_tokens
-        t["decode_tokens"] += record.num_decode_tokens
-        t["scheduled_seqs"] += record.num_scheduled_seqs
-        t["preemptions"] += len(preemptions)
-        t["partial_prefills"] += sum(1 for s in prefill if not s.sample)
-        t["block_copies"] += len(copies)
-        t["budget_tokens"] += record.token_budget
-        return record
 
     # ------------------------------------------------------------------------------------------
     # After the forward pass
     # ------------------------------------------------------------------------------------------
-    def update(self, output: SchedulerOutput, sampled_token_ids: list[int]) -> list[Sequence]:
-        """Fold a step's results back in; returns the sequences that finished.
+    def update(self, step: ScheduledStep, sampled_token_ids: list[int]) -> list[Sequence]:
+        """Fold a step's sampled tokens back in; returns the sequences that finished.
 
-        sampled_token_ids: one token per entry of `output.sampled_sequences`, in that order.
+        sampled_token_ids: one token per `step.sampled` sequence, in that order. A sequence that
+        finished (or was aborted) after the step was planned drops its token.
         """
-        rows = output.sampled_sequences
-        if len(sampled_token_ids) != len(rows):
+        if len(sampled_token_ids) != len(step.sampled):
             raise ValueError(
-                f"expected {len(rows)} sampled tokens (one per sampled sequence), got {len(sampled_token_ids)}"
+                f"expected {len(step.sampled)} sampled tokens (one per sampled sequence), "
+                f"got {len(sampled_token_ids)}"
             )
-        for entry in output.scheduled:
-            seq = entry.seq
-            if seq.is_finished:  # aborted after it was scheduled
-                continue
-            seq.num_computed_tokens += entry.num_new_tokens
-            for child in entry.forks:
-                child.num_computed_tokens = seq.num_computed_tokens
-            self.block_manager.cache_full_blocks(seq)
-
+        for seq in step.seqs:
+            if not seq.is_finished:
+                self.block_manager.cache_full_blocks(seq)
         now = time.perf_counter()
         finished = []
-        for (seq, _), token_id in zip(rows, sampled_token_ids):
+        for seq, token_id in zip(step.sampled, sampled_token_ids):
             if seq.is_finished:
                 continue
             seq.append_token(int(token_id), now)
-            stop = self._stop_condition(seq)
-            if stop is not None:
-                status, reason = stop
-                self.finish_sequence(seq, status, reason)
+            decision = self.stopping.check(seq)
+            if decision is not None:
+                self.finish_sequence(seq, *decision)
                 finished.append(seq)
         return finished
-
-    def _stop_condition(self, seq: Sequence):
-        """(status, stop_reason) if seq's newest token ends it, else None.
-
-        Token-level stops only; stop *strings* need the tokenizer and are checked by the engine.
-        """
-        params = seq.sampling_params
-        token = seq.last_token_id
-        if seq.num_output_tokens >= params.min_tokens:
-            if not params.ignore_eos and token in seq.eos_token_ids:
-                return SequenceStatus.FINISHED_STOPPED, None
-            if token in params.stop_token_ids:
-                return SequenceStatus.FINISHED_STOPPED, token
-        if params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
-            return SequenceStatus.FINISHED_LENGTH, None
-        if seq.num_tokens >= self.config.max_model_len:
-            return SequenceStatus.FINISHED_LENGTH, None
-        return None
-
-    # ------------------------------------------------------------------------------------------
-    # Statistics
-    # ------------------------------------------------------------------------------------------
-    def stats(self) -> dict:
-        """Totals since start: token counts, average batch, budget use, preemptions, chunks."""
-        t = self.totals
-        steps = self.num_steps
-        batched = t["prefill_tokens"] + t["decode_tokens"]
-        return {
-            "num_steps": steps,
-            "num_waiting": len(self.waiting),
-            "num_running": len(self.running),
-            "num_prefill_tokens": t["prefill_tokens"],
-            "num_decode_tokens": t["decode_tokens"],
-            "num_preemptions": t["preemptions"],
-            "num_partial_prefills": t["partial_prefills"],
-            "num_block_copies": t["block_copies"],
-            "avg_batch_size": t["scheduled_seqs"] / steps if steps else 0.0,
-            "avg_batched_tokens": batched / steps if steps else 0.0,
-            "budget_utilization": batched / t["budget_tokens"] if t["budget_tokens"] else 0.0,
-        }

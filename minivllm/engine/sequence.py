@@ -15,6 +15,12 @@ The two counters that drive everything:
 Each step computes some of the tokens in between; once all known tokens are computed, the model's
 output at the last one gives the next token. A decoding sequence therefore always has exactly one
 uncomputed token: the one it sampled last.
+
+With overlap on (see docs/architecture.md), that token may not be known yet: the step that samples
+it is still running on the GPU while the scheduler plans the next one. It then counts as
+*pending* (`num_pending_tokens` = 1): it exists, its position is known, its value arrives later.
+`num_computed_tokens` counts tokens whose K/V is cached *or scheduled*: it advances when a step is
+scheduled, because the GPU runs the steps in order.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ class SequenceStatus(enum.Enum):
     FINISHED_STOPPED = "finished_stopped"  # EOS, a stop token id or a stop string
     FINISHED_LENGTH = "finished_length"  # max_tokens or max_model_len reached
     FINISHED_ABORTED = "finished_aborted"  # the caller gave up on it
+    FINISHED_ERROR = "finished_error"  # a step it was in failed (the error went to the caller)
 
     @property
     def is_finished(self) -> bool:
@@ -40,7 +47,7 @@ class SequenceStatus(enum.Enum):
 
     @property
     def finish_reason(self) -> str | None:
-        """The OpenAI-style reason: "stop", "length", "abort", or None while unfinished."""
+        """The OpenAI-style reason: "stop", "length", "abort", "error", or None while unfinished."""
         return _FINISH_REASONS.get(self)
 
 
@@ -48,11 +55,13 @@ _FINISHED = {
     SequenceStatus.FINISHED_STOPPED,
     SequenceStatus.FINISHED_LENGTH,
     SequenceStatus.FINISHED_ABORTED,
+    SequenceStatus.FINISHED_ERROR,
 }
 _FINISH_REASONS = {
     SequenceStatus.FINISHED_STOPPED: "stop",
     SequenceStatus.FINISHED_LENGTH: "length",
     SequenceStatus.FINISHED_ABORTED: "abort",
+    SequenceStatus.FINISHED_ERROR: "error",
 }
 
 _seq_ids = itertools.count()
@@ -89,14 +98,16 @@ class Sequence:
         # --- KV cache bookkeeping (owned by BlockManager and Scheduler) ---
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # prefix-cache hash of each *full* block of token_ids
-        self.num_computed_tokens = 0
+        self.num_computed_tokens = 0  # cached, or computed by a step already scheduled
+        self.num_pending_tokens = 0  # sampled by a step still in flight: value not known yet
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at first admission
         self.num_preemptions = 0
         # Samples of this request not yet forked off this one (n - 1 until its prompt is done).
         self.num_pending_forks = sampling_params.n - 1 if index == 0 else 0
 
-        # --- detokenized output (filled by the engine, which owns the tokenizer) ---
+        # --- detokenized output (the engine's Detokenizer; None until it is needed) ---
         self.output_text = ""
+        self.detokenizer = None
 
         # --- timings, seconds on the time.perf_counter() clock ---
         self.arrival_time = time.perf_counter() if arrival_time is None else arrival_time
@@ -129,8 +140,14 @@ class Sequence:
 
     @property
     def num_uncomputed_tokens(self) -> int:
-        """Tokens whose K/V is not in the cache yet (1 while decoding, more in (re)prefill)."""
-        return self.num_tokens - self.num_computed_tokens
+        """Tokens whose K/V is not in the cache yet (1 while decoding, more in (re)prefill),
+        counting a pending token."""
+        return self.num_tokens + self.num_pending_tokens - self.num_computed_tokens
+
+    @property
+    def num_generated_tokens(self) -> int:
+        """Output tokens including a pending one: what max_tokens and min_tokens count."""
+        return self.num_output_tokens + self.num_pending_tokens
 
     @property
     def width(self) -> int:
@@ -149,8 +166,9 @@ class Sequence:
         return self.status.finish_reason
 
     def append_token(self, token_id: int, now: float | None = None) -> None:
-        """Add a sampled token (its K/V gets computed in the next step)."""
+        """Add a sampled token (its K/V gets computed in the next step); it was pending until now."""
         self.token_ids.append(token_id)
+        self.num_pending_tokens = max(0, self.num_pending_tokens - 1)
         if self.first_token_time is None:
             self.first_token_time = time.perf_counter() if now is None else now
 
@@ -181,6 +199,7 @@ class Sequence:
         child.block_table = []
         child.block_hashes = list(self.block_hashes)
         child.num_pending_forks = 0
+        child.detokenizer = None
         return child
 
     # ------------------------------------------------------------------------------------------

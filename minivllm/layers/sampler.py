@@ -14,6 +14,10 @@ independent, argmax_i p_i / E_i is distributed exactly like a draw from p. It ne
 random number per vocabulary entry, so a request with a `seed` draws from its own
 `torch.Generator` the same numbers whatever else is in the batch: seeded sampling is
 reproducible regardless of batch composition.
+
+`Sampler.sample(logits, rows)` is what the model runner calls each step: it takes the step's
+plain `SampleRow`s, keeps the seeded generators of live sequences between steps, and skips the
+pipeline altogether (one argmax) when every row is plain greedy.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from minivllm.sampling_params import SamplingParams
+from minivllm.step import SampleRow
 
 
 @dataclass
@@ -160,8 +165,52 @@ def _exponential_noise(shape, generators: list[torch.Generator | None], device) 
     return noise.clamp_(min=torch.finfo(torch.float32).tiny)
 
 
+def _plain_greedy(row: SampleRow) -> bool:
+    """Greedy, no penalties, nothing banned: the pipeline would reduce to an argmax."""
+    return row.params.is_greedy and not row.params.has_penalties and not row.banned_token_ids
+
+
 class Sampler:
     """Turns [B, V] logits into [B] token ids, each row with its own SamplingParams."""
+
+    def __init__(self, vocab_size: int | None = None, device: torch.device | str = "cpu"):
+        self.vocab_size = vocab_size
+        self.device = torch.device(device)
+        self._generators: dict[int, torch.Generator] = {}  # seq id -> its seeded RNG
+
+    def sample(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+        """One token per row of `logits` ([len(rows), V]), as a device tensor (no host sync)."""
+        if all(_plain_greedy(row) for row in rows):
+            return logits.argmax(dim=-1)
+        return self(logits, self.batch(rows))
+
+    def batch(self, rows: list[SampleRow]) -> SamplingBatch:
+        """The step's rows as a SamplingBatch (settings as tensors, the seeded generators)."""
+        return SamplingBatch.build(
+            [row.params for row in rows],
+            prompt_token_ids=[row.prompt_token_ids for row in rows],
+            output_token_ids=[row.output_token_ids for row in rows],
+            banned_token_ids=[list(row.banned_token_ids) for row in rows],
+            generators=[self._generator(row) for row in rows],
+            vocab_size=self.vocab_size,
+            device=self.device,
+        )
+
+    def _generator(self, row: SampleRow) -> torch.Generator | None:
+        """The seeded RNG of a sequence, made on its first draw and kept until `release`."""
+        seed = row.params.seed
+        if seed is None:
+            return None
+        generator = self._generators.get(row.seq_id)
+        if generator is None:
+            generator = torch.Generator(device=self.device).manual_seed(seed + row.seed_offset)
+            self._generators[row.seq_id] = generator
+        return generator
+
+    def release(self, seq_ids) -> None:
+        """Forget the generators of sequences that finished."""
+        for seq_id in seq_ids:
+            self._generators.pop(seq_id, None)
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         if logits.dim() != 2:

@@ -46,6 +46,31 @@ def snapshot_blocks(block_manager, seqs, new_tokens: dict[int, int] | None = Non
     }
 
 
+def kv_cache_stats(block_manager, seqs) -> dict:
+    """The pool right now: used, free, cached and shared blocks, and the slots wasted inside
+    partly filled blocks (internal fragmentation), computed from a snapshot, off the hot path."""
+    snapshot = snapshot_blocks(block_manager, seqs)
+    owners = block_owners(snapshot)
+    fill = block_fill(snapshot)
+    bm = block_manager
+    used_blocks = sum(1 for o in owners if o)
+    allocated = used_blocks * bm.block_size
+    used_slots = sum(fill)
+    return {
+        "num_blocks": bm.num_blocks,
+        "block_size": bm.block_size,
+        "num_free_blocks": bm.num_free_blocks,
+        "num_used_blocks": bm.num_used_blocks,
+        "num_cached_free_blocks": bm.num_cached_free_blocks,
+        "num_shared_blocks": sum(1 for o in owners if len(o) > 1),
+        "utilization": bm.num_used_blocks / bm.num_blocks,
+        "allocated_slots": allocated,
+        "used_slots": used_slots,
+        "fragmentation": (allocated - used_slots) / allocated if allocated else 0.0,
+        "num_evictions": bm.num_evictions,
+    }
+
+
 def _check_snapshot(snapshot: dict) -> None:
     if not isinstance(snapshot, dict):
         raise TypeError(f"snapshot must be a dict (see snapshot_blocks), got {type(snapshot).__name__}")
@@ -135,7 +160,7 @@ def plot_block_map(snapshot: dict, path, title: str = "KV cache block map", bloc
     """
     from matplotlib.patches import Patch, Rectangle
 
-    from minivllm.observe.plots import new_figure, save_figure
+    from minivllm.observe.figures import new_figure, save_figure
 
     _check_snapshot(snapshot)
     if snapshot["num_blocks"] > MAX_DRAWN_BLOCKS:
@@ -200,7 +225,7 @@ def _plot_large_block_map(snapshot: dict, path, title: str):
     import numpy as np
     from matplotlib.patches import Patch
 
-    from minivllm.observe.plots import new_figure, save_figure
+    from minivllm.observe.figures import new_figure, save_figure
 
     n = snapshot["num_blocks"]
     cols = 128

@@ -11,22 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from minivllm.observe.figures import new_figure, save_figure
+
 PREFILL_COLOUR, DECODE_COLOUR, PREEMPT_COLOUR = "tab:blue", "tab:orange", "tab:red"
-
-
-def new_figure(figsize):
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=figsize)
-
-
-def save_figure(fig, path) -> Path:
-    """Lay out and write a PNG (creating the folder); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
 
 
 def _check_events(events) -> list[dict]:

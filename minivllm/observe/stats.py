@@ -1,15 +1,17 @@
 """Statistics: the numbers that say how well the engine used its time and its KV memory.
 
-Most counters already live where the work happens (the scheduler counts tokens and preemptions,
-the block manager counts blocks and prefix-cache hits, every request carries its timings). This
-module only *summarizes* them:
+The engine's hot path keeps no counters. Each step ends as one `StepRecord` (records.py) that
+the engine hands to a `StatsCollector`; the collector folds it into totals and keeps a bounded
+history, and turns the totals into numbers on request:
 
+* `StatsCollector`: steps, tokens, batch sizes, budget use, preemptions, graph replays, host time
+  per step phase, and wall time per kind of step (prefill-only, decode-only, mixed);
 * `summarize_requests(metrics)`: TTFT, TPOT and tokens/s over finished requests (mean, p50, p90,
   max), the latency numbers a user of a server feels;
 * `format_stats(stats)`: the readable table behind `LLM.print_stats()`.
 
-`LLMEngine.get_stats()` assembles the sections; everything stays plain data (dicts of numbers
-and strings), so it can be logged, compared in a test or dumped to JSON as it is.
+Everything stays plain data (dicts of numbers and strings), so it can be logged, compared in a
+test or dumped to JSON as it is.
 """
 
 from __future__ import annotations
@@ -17,7 +19,83 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-from minivllm.outputs import RequestMetrics
+from collections import Counter, deque
+
+from minivllm.observe.records import STEP_PHASES, StepRecord
+from minivllm.outputs import RequestMetrics, RequestOutput
+
+STEP_KINDS = ("prefill", "decode", "mixed")
+
+
+class StatsCollector:
+    """Totals over every step and request seen, plus the most recent `history_size` records."""
+
+    def __init__(self, history_size: int = 10_000):
+        self.history: deque[StepRecord] = deque(maxlen=history_size)
+        self.totals: Counter = Counter()
+        self.phase_time = dict.fromkeys(STEP_PHASES, 0.0)  # host seconds per step phase
+        self.kind_time = dict.fromkeys(STEP_KINDS, 0.0)  # wall seconds per kind of step
+        self.kind_steps = dict.fromkeys(STEP_KINDS, 0)
+        self._last_finish: float | None = None
+
+    def add_step(self, record: StepRecord) -> None:
+        """Fold one finished step in. Its wall time is the gap since the previous step finished
+        (with overlap the GPU runs steps back to back, so the gaps add up to the run)."""
+        self.history.append(record)
+        t = self.totals
+        t["steps"] += 1
+        t["prefill_tokens"] += record.num_prefill_tokens
+        t["decode_tokens"] += record.num_decode_tokens
+        t["sampled_tokens"] += record.num_sampled
+        t["scheduled_seqs"] += record.num_scheduled_seqs
+        t["prefill_chunks"] += record.num_prefill_seqs
+        t["preemptions"] += len(record.preemptions)
+        t["partial_prefills"] += record.num_partial_prefills
+        t["block_copies"] += record.num_block_copies
+        t["budget_tokens"] += record.token_budget
+        t["prefix_hit_tokens"] += record.num_prefix_hit_tokens
+        t["graph_steps" if record.timings.cuda_graph else "eager_steps"] += 1
+        for phase, seconds in record.timings.phases().items():
+            self.phase_time[phase] += seconds
+        start = record.time if self._last_finish is None else max(record.time, self._last_finish)
+        self.kind_time[record.kind] += record.finish_time - start
+        self.kind_steps[record.kind] += 1
+        self._last_finish = record.finish_time
+
+    def add_request(self, output: RequestOutput) -> None:
+        """Count a finished request once."""
+        t = self.totals
+        t["finished_requests"] += 1
+        reasons = {o.finish_reason for o in output.outputs}
+        t["aborted_requests"] += "abort" in reasons
+        t["failed_requests"] += "error" in reasons
+        t["preempted_requests"] += output.metrics.num_preemptions > 0
+        t["generated_tokens"] += output.metrics.num_output_tokens
+
+    def step_stats(self) -> dict:
+        """Totals since start: token counts, average batch, budget use, preemptions, phases."""
+        t = self.totals
+        steps = t["steps"]
+        batched = t["prefill_tokens"] + t["decode_tokens"]
+        return {
+            "num_steps": steps,
+            "num_prefill_tokens": t["prefill_tokens"],
+            "num_decode_tokens": t["decode_tokens"],
+            "num_preemptions": t["preemptions"],
+            "num_prefill_chunks": t["prefill_chunks"],
+            "num_partial_prefills": t["partial_prefills"],
+            "num_block_copies": t["block_copies"],
+            "num_prefix_hit_tokens": t["prefix_hit_tokens"],
+            "avg_batch_size": t["scheduled_seqs"] / steps if steps else 0.0,
+            "avg_batched_tokens": batched / steps if steps else 0.0,
+            "budget_utilization": batched / t["budget_tokens"] if t["budget_tokens"] else 0.0,
+            "num_graph_steps": t["graph_steps"],
+            "num_eager_steps": t["eager_steps"],
+            "step_phases_ms": {phase: 1e3 * total / steps if steps else 0.0
+                               for phase, total in self.phase_time.items()},
+            "step_kind_time_s": dict(self.kind_time),
+            "step_kind_steps": dict(self.kind_steps),
+        }
 
 # Metrics summarized per request, with the RequestMetrics field each one reads.
 _REQUEST_METRICS = ("ttft", "tpot", "e2e_latency", "tokens_per_s")

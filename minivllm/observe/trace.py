@@ -4,13 +4,14 @@
     llm.generate(prompts, max_tokens=32)
     llm.engine.trace.save("trace.jsonl")  # then: python -m minivllm visualize trace.jsonl --out figs/
 
-One event per step, built on the scheduler's own `StepRecord` (token counts, queue lengths, block
-counts, preemptions with their reason) plus what only the engine sees around it:
+One event per step, built on the step's `StepRecord` (token counts, queue lengths, block counts,
+preemptions with their reason, phase timings) plus what only the engine sees around it:
 
 * `seqs`: which sequences ran, with their prefill and decode tokens and where they started;
 * `blocks_allocated` / `blocks_freed`: physical blocks that became held / free during the step
   (net: a block freed by a preemption and handed out again in the same step appears in neither);
-* `num_shared_blocks`, `finished`, `num_sampled`, `step_time` (schedule + forward + update);
+* `num_shared_blocks`, `finished`, `num_sampled`, `step_time` (planned until folded in: with
+  overlap, steps in flight overlap in time);
 * `blocks`: a snapshot of every block table and of the cached free blocks, enough to draw the
   block map of any step later (`block_snapshots=False` leaves it out: it costs a pass over the
   free list, which matters for pools of many thousands of blocks).
@@ -26,12 +27,15 @@ from __future__ import annotations
 import json
 import time
 from collections import deque
-from dataclasses import asdict
 from pathlib import Path
 
 from minivllm.observe.block_map import snapshot_blocks
 
 TRACE_VERSION = 1
+
+
+def _is_decode(scheduled, seq) -> bool:
+    return scheduled.num_new_tokens == 1 and scheduled.start >= seq.num_prompt_tokens
 
 
 def blocks_held(scheduler) -> set[int]:
@@ -63,48 +67,46 @@ class StepTrace:
     # ------------------------------------------------------------------------------------------
     # Recording (called by LLMEngine.step)
     # ------------------------------------------------------------------------------------------
-    def start(self, scheduler, output, held_before: set[int]) -> dict:
-        """After `schedule()`: who runs, with what, and which blocks changed hands."""
+    def start(self, scheduler, step, record, held_before: set[int]) -> dict:
+        """After `schedule()`: who runs, with what, and which blocks changed hands.
+
+        step: the scheduler's `ScheduledStep`; record: its `StepRecord` (completed in `finish`).
+        """
         held = blocks_held(scheduler)
         bm = scheduler.block_manager
-        event = {"type": "step", **output.record.to_dict()}
-        event["t"] = event.pop("time") - self._t0
-        event["seqs"] = [
+        event = {"type": "step", "seqs": [
             {
-                "seq_id": e.seq.seq_id,
-                "request_id": e.seq.request_id,
-                "start": e.seq.num_computed_tokens,
-                "prefill": e.num_new_tokens if e.is_prefill else 0,
-                "decode": 0 if e.is_prefill else e.num_new_tokens,
-                "forks": [child.seq_id for child in e.forks],
+                "seq_id": seq.seq_id,
+                "request_id": seq.request_id,
+                "start": s.start,
+                # A decode computes one output token; anything else computes prompt (or recomputes).
+                "prefill": 0 if _is_decode(s, seq) else s.num_new_tokens,
+                "decode": 1 if _is_decode(s, seq) else 0,
+                "forks": [child.seq_id for child in step.forks if child.request_id == seq.request_id],
             }
-            for e in output.scheduled
-        ]
+            for seq, s in zip(step.seqs, step.output.seqs)
+        ]}
         event["blocks_allocated"] = sorted(held - held_before)
         event["blocks_freed"] = sorted(held_before - held)
         event["num_shared_blocks"] = sum(1 for b in held if bm.ref_count(b) > 1)
         if self.block_snapshots:
-            # A child forked this step shares its parent's blocks and its parent's new tokens.
-            new_tokens = {s.seq_id: e.num_new_tokens for e in output.scheduled for s in [e.seq, *e.forks]}
-            event["blocks"] = snapshot_blocks(bm, scheduler.running, new_tokens)
+            event["blocks"] = snapshot_blocks(bm, scheduler.running)
         event["_held"] = held
+        event["_record"] = record
         return event
 
-    def finish(self, event: dict, scheduler, finished: list, num_sampled: int, step_time: float,
-               record=None) -> None:
-        """After `update()`: what finished; blocks the finished ones gave back count as freed.
-
-        record: the step's `StepRecord`, whose runner time and phase timings were filled after
-        `start` copied it; given, the event takes their final values.
-        """
-        if record is not None:
-            event["execute_time"], event["timings"] = record.execute_time, asdict(record.timings)
+    def finish(self, event: dict, scheduler, finished: list, record) -> None:
+        """After `update()`: the record's final numbers; what finished; blocks the finished ones
+        gave back count as freed."""
+        event.update(record.to_dict())
+        event.pop("_record", None)
+        event["t"] = event.pop("time") - self._t0
         held = blocks_held(scheduler)
         freed_now = event.pop("_held") - held
         event["blocks_freed"] = sorted(set(event["blocks_freed"]) | freed_now)
         event["finished"] = [seq.seq_id for seq in finished]
-        event["num_sampled"] = num_sampled
-        event["step_time"] = step_time
+        event["step_time"] = record.finish_time - record.time
+        event["execute_time"] = record.timings.prepare + record.timings.forward + record.timings.sample + record.timings.wait
         self.events.append(event)
 
     # ------------------------------------------------------------------------------------------
@@ -148,22 +150,16 @@ def read_trace(path) -> tuple[dict, list[dict]]:
 
 
 def events_from_history(records) -> list[dict]:
-    """Scheduler `StepRecord`s in the trace's event format, for plots when no trace was on.
-
-    They lack what only the trace sees (per-sequence detail, block snapshots, step time), so the
-    step time is taken as the gap to the next step's start, the last one's forward time.
-    """
+    """`StepRecord`s (the stats history) in the trace's event format, for plots when no trace was
+    on. They lack what only the trace sees (per-sequence detail, block snapshots)."""
     records = list(records)
     if not records:
         return []
     t0 = records[0].time
     events = []
-    for i, record in enumerate(records):
+    for record in records:
         event = {"type": "step", **record.to_dict()}
         event["t"] = event.pop("time") - t0
-        if i + 1 < len(records):
-            event["step_time"] = records[i + 1].time - record.time
-        else:
-            event["step_time"] = record.execute_time
+        event["step_time"] = record.finish_time - record.time
         events.append(event)
     return events

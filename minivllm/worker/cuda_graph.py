@@ -15,9 +15,10 @@ What a graph needs, and how this file provides it:
   graphed: every sequence has one new token, so "batch size" is the only shape that varies.
   Steps with prefill chunks run eagerly; they are big enough that launches do not dominate.
 * **Fixed addresses.** Replay reads its inputs from the memory it read during capture. The
-  inputs therefore live in one static device buffer (`StepBuffers` with a fixed `StepLayout`),
-  and each step writes its metadata *into* that buffer (one host->device copy) before replaying.
-  Outputs come back in the tensor captured as the graph's output.
+  inputs therefore live in one static device buffer (`StepBuffers` with a fixed `StepLayout`)
+  plus a static block-table tensor, and each step writes its metadata *into* them (one
+  host->device copy, one gather of block-table rows) before replaying. Outputs come back in the
+  tensor captured as the graph's output.
 * **No host syncs.** Anything that reads a GPU value on the host (`.item()`, `.tolist()`,
   printing, a data-dependent Python branch) cannot be captured. The model checks shapes only,
   the Triton kernels size their grids from shapes, and the split-KV count is planned from a
@@ -38,14 +39,8 @@ from typing import NamedTuple
 
 import torch
 
-from minivllm.layers.attention import AttentionMetadata
-from minivllm.worker.input_batch import (
-    InputBatch,
-    PackedStep,
-    StepBuffers,
-    StepLayout,
-    pack_step,
-)
+from minivllm.worker.input_batch import InputBatch, PackedStep, StepLayout, pack_step
+from minivllm.worker.step_buffers import StepBuffers
 
 
 def graph_batch_sizes(max_batch_size: int) -> list[int]:
@@ -83,13 +78,13 @@ def is_decode_only(new_token_counts: Iterable[int]) -> bool:
 def graph_miss_reason(seqs, num_sampled: int, batch_sizes: list[int], layout: StepLayout) -> str | None:
     """Why a step cannot replay a decode graph, or None when it can.
 
-    seqs: the step's `StepSeq`s (new_token_ids, block_table); batch_sizes: the captured buckets,
-    sorted; layout: the static buffer's capacities. A pure function of plain data, so every
-    reason can be tested without a GPU. The conditions, in the order they are checked:
+    seqs: the step's `ScheduledSeq`s; batch_sizes: the captured buckets, sorted; layout: the
+    static buffer's capacities. A pure function of plain data, so every reason can be tested
+    without a GPU. The conditions, in the order they are checked:
     """
     # 1. Graphs are captured for one new token per sequence; a prefill chunk changes the shapes.
-    if not is_decode_only(len(s.new_token_ids) for s in seqs):
-        multi = sum(1 for s in seqs if len(s.new_token_ids) != 1)
+    if not is_decode_only(s.num_new_tokens for s in seqs):
+        multi = sum(1 for s in seqs if s.num_new_tokens != 1)
         return f"not decode-only: {multi} of {len(seqs)} sequences compute more than one token"
     # 2. A bucket must hold the batch: more sequences than the largest bucket run eagerly.
     if bucket_for(len(seqs), batch_sizes) is None:
@@ -97,18 +92,15 @@ def graph_miss_reason(seqs, num_sampled: int, batch_sizes: list[int], layout: St
     # 3. Forked children sample from their parent's row, so sampled rows can outnumber sequences.
     if num_sampled > layout.max_sampled:
         return f"{num_sampled} sampled rows exceed the static buffer's {layout.max_sampled}"
-    # 4. Every block table must fit the buffer's fixed width, ceil(max_model_len / block_size).
-    widest = max((len(s.block_table) for s in seqs), default=0)
-    if widest > layout.block_table_width:
-        return f"a block table of {widest} blocks is wider than the captured {layout.block_table_width}"
     return None
 
 
 class GraphStep(NamedTuple):
-    """A step loaded into the static buffer, ready to replay: its bucket and its sampled rows."""
+    """A step loaded into the static buffers, ready to replay: its bucket and its inputs."""
 
     batch_size: int
-    num_sampled: int
+    packed: PackedStep
+    inputs: InputBatch
 
 
 class DecodeGraphs:
@@ -129,24 +121,29 @@ class DecodeGraphs:
         self.max_seq_len = max_seq_len
         self.backend = backend
         largest = self.batch_sizes[-1]
-        self.layout = StepLayout(max_tokens=largest, max_sampled=max(max_sampled, largest),
-                                 max_seqs=largest, block_table_width=block_table_width)
-        # Never reallocated: the graphs hold pointers into it.
+        self.layout = StepLayout(max_tokens=largest, max_sampled=max(max_sampled, largest), max_seqs=largest)
+        # Never reallocated: the graphs hold pointers into them.
         self.buffers = StepBuffers(self.layout.size, device, growable=False)
+        self.block_tables = torch.zeros(largest, block_table_width, dtype=torch.int32, device=device)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[int, torch.Tensor] = {}
-        self._inputs: dict[int, InputBatch] = {}
 
     @property
     def max_batch_size(self) -> int:
         return self.batch_sizes[-1]
 
-    def _static_inputs(self, batch_size: int) -> InputBatch:
-        """The graph's inputs for one bucket: fixed views into the static device buffer."""
-        shape = PackedStep(num_tokens=batch_size, num_seqs=batch_size, num_sampled=0,
-                           max_seq_len=self.max_seq_len, copy_size=self.layout.used_size(batch_size))
-        return InputBatch.view(self.buffers.device_tensor, self.layout, shape, self.backend,
-                               max_seq_len=self.max_seq_len)
+    def _static_inputs(self, packed: PackedStep) -> InputBatch:
+        """The inputs of a bucket: fixed views into the static buffers."""
+        b = packed.num_seqs
+        return InputBatch.view(self.buffers.device_tensor, self.layout, packed, self.block_tables[:b],
+                               self.backend, max_seq_len=self.max_seq_len)
+
+    def _pack(self, seqs, rows, tables, block_size, last_sampled_row, pad_to, pad_row) -> PackedStep:
+        buf = self.buffers.host(self.layout.size)
+        packed = pack_step(buf, self.layout, seqs, rows, tables, block_size, last_sampled_row,
+                           pad_to=pad_to, pad_row=pad_row)
+        self.buffers.upload(self.layout.size)
+        return packed
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -154,20 +151,17 @@ class DecodeGraphs:
         pool = None
         for batch_size in reversed(self.batch_sizes):
             # An all-padding batch: valid for the kernels, writes nothing into the KV cache.
-            buf = self.buffers.host(self.layout.size)
-            packed = pack_step(buf, self.layout, [], [], block_size=1, pad_to=batch_size)
-            self.buffers.upload(packed.copy_size)
-            inputs = self._static_inputs(batch_size)
-            meta: AttentionMetadata = inputs.attn_metadata
-            self.model(inputs.input_ids, inputs.positions, meta)  # warm-up: compiles the kernels
+            packed = self._pack([], [], self.block_tables.new_zeros(1, 1).cpu().numpy(), 1, {},
+                                pad_to=batch_size, pad_row=0)
+            inputs = self._static_inputs(packed)
+            self.model(inputs.input_ids, inputs.positions, inputs.attn_metadata)  # warm-up: compiles
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                output = self.model(inputs.input_ids, inputs.positions, meta)
+                output = self.model(inputs.input_ids, inputs.positions, inputs.attn_metadata)
             pool = graph.pool()
             self._graphs[batch_size] = graph
             self._outputs[batch_size] = output
-            self._inputs[batch_size] = inputs
         torch.cuda.synchronize()
 
     def bucket(self, num_seqs: int) -> int | None:
@@ -177,28 +171,20 @@ class DecodeGraphs:
         """Which condition keeps this step from replaying a graph (None: it can replay)."""
         return graph_miss_reason(seqs, num_sampled, self.batch_sizes, self.layout)
 
-    def can_run(self, seqs, num_sampled: int) -> bool:
-        """Decode-only, a bucket holds the batch, and everything fits the static buffer."""
-        return self.why_not(seqs, num_sampled) is None
-
-    def load(self, seqs, sampled_seq_indices, block_size: int) -> GraphStep:
+    def load(self, seqs, rows, tables, block_size: int, last_sampled_row, pad_row: int) -> GraphStep:
         """Pack a decode-only step into the static buffer, padded to its bucket, and upload it.
 
-        The caller checked `can_run`. Kept apart from `replay` so the runner can time packing
-        and launching separately.
+        The caller checked `why_not`; the block tables and pending tokens are filled on the
+        device by the caller (they are the same for the eager path).
         """
         batch_size = self.bucket(len(seqs))
-        buf = self.buffers.host(self.layout.size)
-        packed = pack_step(buf, self.layout, seqs, sampled_seq_indices, block_size, pad_to=batch_size)
-        self.buffers.upload(packed.copy_size)
-        return GraphStep(batch_size, packed.num_sampled)
+        packed = self._pack(seqs, rows, tables, block_size, last_sampled_row, batch_size, pad_row)
+        return GraphStep(batch_size, packed, self._static_inputs(packed))
 
-    def replay(self, step: GraphStep) -> tuple[torch.Tensor, torch.Tensor]:
+    def replay(self, step: GraphStep) -> torch.Tensor:
         """Replay the bucket's graph on the loaded step: one launch for the whole forward.
 
-        Returns (hidden states [bucket, H], logits_indices [S]); rows past the real batch are
-        padding.
+        Returns the hidden states [bucket, H]; rows past the real batch are padding.
         """
         self._graphs[step.batch_size].replay()
-        start = self.layout.logits_indices
-        return self._outputs[step.batch_size], self.buffers.device_tensor[start:start + step.num_sampled]
+        return self._outputs[step.batch_size]

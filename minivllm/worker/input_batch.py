@@ -11,26 +11,26 @@ starts. A worked example with block_size 4 — sequence A computes prompt tokens
                                          B: block 2, offset 1 -> slot 9
     cu_seqlens_q  = [0, 6, 7]          (A's queries are rows 0..5, B's row 6)
     seq_lens      = [6, 6]             (context incl. the new tokens)
-    block_tables  = [[A's blocks], [7, 2]]   padded to the longest table
+    block_tables  = [[A's blocks], [7, 2]]   rows of the persistent tables (block_table.py)
     logits_indices= [5, 6]             (the last new token of each sequence that samples)
 
 Only rows in `logits_indices` go through the LM head: a 2000-token prefill needs one row of
 logits, not 2000.
 
-**One host->device copy per step.** Seven small tensors copied one by one would cost seven
-transfers (each a few microseconds of launch latency, and a sync each if the host memory is not
-pinned). Instead every field is an int32 slice of ONE flat buffer, at offsets fixed by a
-`StepLayout`; the step is written into a pinned host copy of that buffer with numpy and sent to
-the GPU with a single asynchronous copy, after which each field is a *view* into the device
-buffer. int32 is enough for all of them: token ids, positions, block ids, and slots (the runner
-checks that the pool has fewer than 2^31 slots); the embedding, the RoPE lookup and the kernels
-all accept int32 indices.
+Every field is an int32 slice of one flat buffer (`StepBuffers`: one host->device copy per step)
+at offsets fixed by a `StepLayout`. Each field starts on a 64-byte boundary: Triton specializes a
+kernel on the alignment of its pointer arguments, so an offset that moved with the batch size
+would compile the kernel again mid-run. Besides the forward's inputs the buffer carries:
+
+* `rows`: the block-table row of each sequence; the step's tables are gathered from them on the
+  device;
+* `pending_dst` / `pending_src`: a decode whose token was sampled by the previous step, still on
+  the device (overlap), gets it by a device copy: input_ids[dst] = last_sampled[src].
 
 **Padding** (for CUDA graphs, see `cuda_graph.py`): `pack_step(..., pad_to=b)` appends dummy
-decode rows until the batch has `b` sequences. A dummy row is a 1-token sequence with token 0 at
-position 0, seq_len 1, a block table that starts with a valid block id, and slot -1, which the
-cache writer skips: the kernels run on it without reading or writing anything that matters, and
-its output row is simply never used.
+decode rows until the batch has `b` sequences: token 0 at position 0, seq_len 1, the all-zero
+padding row of the block tables, and slot -1, which the cache writer skips. The kernels run on
+it without reading or writing anything that matters, and its output row is never used.
 """
 
 from __future__ import annotations
@@ -42,77 +42,44 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from minivllm.engine.scheduler import SchedulerOutput
 from minivllm.layers.attention import AttentionMetadata
+from minivllm.step import ScheduledSeq
 
-# Block-table padding. Kernels only read the blocks a sequence's seq_len covers, so the value is
-# never used; 0 is a valid block id, so even a kernel that prefetches stays in bounds.
-PAD_BLOCK_ID = 0
-# The slot of a padding token: negative means "do not write this token's K/V".
-PAD_SLOT = -1
-
-
-@dataclass(frozen=True)
-class StepSeq:
-    """One scheduled sequence as plain data: its new tokens, where they start, its blocks."""
-
-    new_token_ids: SequenceType[int]
-    start: int  # position of the first new token (= tokens already in the KV cache)
-    block_table: SequenceType[int]
+ALIGN = 16  # int32 elements = 64 bytes
+PAD_SLOT = -1  # the slot of a padding token: negative means "do not write this token's K/V"
+FIELDS = ("input_ids", "positions", "slot_mapping", "seq_lens", "cu_seqlens_q", "logits_indices",
+          "rows", "pending_dst", "pending_src")
 
 
 @dataclass(frozen=True)
 class StepLayout:
     """Where each field of a step lives in the flat int32 buffer, sized by capacities.
 
-    [input_ids T | positions T | slot_mapping T | logits_indices S | seq_lens B | cu_seqlens_q B+1
-     | block_tables B x W]
-
-    T tokens, S sampled rows, B sequences, W = block-table width. The block tables come last
-    so that a step using only the first b rows copies just `used_size(b)` elements.
+    T tokens, B sequences, S sampled rows: input_ids, positions, slot_mapping hold T;
+    seq_lens, rows, pending_dst, pending_src hold B; cu_seqlens_q B + 1; logits_indices S.
     """
 
     max_tokens: int
     max_sampled: int
     max_seqs: int
-    block_table_width: int
 
     def __post_init__(self) -> None:
-        for name in ("max_tokens", "max_sampled", "max_seqs", "block_table_width"):
+        for name in ("max_tokens", "max_sampled", "max_seqs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"StepLayout.{name} must be >= 0, got {getattr(self, name)}")
+        t, b = self.max_tokens, self.max_seqs
+        sizes = (t, t, t, b, b + 1, self.max_sampled, b, b, b)
+        offsets, at = {}, 0
+        for name, size in zip(FIELDS, sizes):
+            offsets[name] = at
+            at += -(-size // ALIGN) * ALIGN
+        object.__setattr__(self, "offsets", offsets)
+        object.__setattr__(self, "size", at)
 
-    @property
-    def positions(self) -> int:
-        return self.max_tokens
-
-    @property
-    def slot_mapping(self) -> int:
-        return 2 * self.max_tokens
-
-    @property
-    def logits_indices(self) -> int:
-        return 3 * self.max_tokens
-
-    @property
-    def seq_lens(self) -> int:
-        return self.logits_indices + self.max_sampled
-
-    @property
-    def cu_seqlens_q(self) -> int:
-        return self.seq_lens + self.max_seqs
-
-    @property
-    def block_tables(self) -> int:
-        return self.cu_seqlens_q + self.max_seqs + 1
-
-    @property
-    def size(self) -> int:
-        return self.used_size(self.max_seqs)
-
-    def used_size(self, num_seqs: int) -> int:
-        """Elements from the start of the buffer to the end of block-table row `num_seqs`."""
-        return self.block_tables + num_seqs * self.block_table_width
+    def field(self, buf, name: str, length: int):
+        """`buf[offset of name : + length]`, for a numpy array or a tensor alike."""
+        start = self.offsets[name]
+        return buf[start:start + length]
 
 
 @dataclass(frozen=True)
@@ -122,153 +89,79 @@ class PackedStep:
     num_tokens: int  # incl. padding tokens
     num_seqs: int  # incl. padding sequences
     num_sampled: int
+    num_pending: int
     max_seq_len: int  # a host-side bound for the kernels, so they never read seq_lens back
-    copy_size: int  # leading buffer elements that hold this step
 
 
-def exact_layout(seqs: SequenceType[StepSeq], num_sampled: int) -> StepLayout:
+def exact_layout(seqs: SequenceType[ScheduledSeq], num_sampled: int) -> StepLayout:
     """The smallest layout that holds these sequences (the eager path, no padding)."""
-    return StepLayout(
-        max_tokens=sum(len(s.new_token_ids) for s in seqs),
-        max_sampled=num_sampled,
-        max_seqs=len(seqs),
-        block_table_width=max((len(s.block_table) for s in seqs), default=0),
-    )
+    return StepLayout(max_tokens=sum(s.num_new_tokens for s in seqs), max_sampled=num_sampled,
+                      max_seqs=len(seqs))
 
 
-def pack_step(
-    buf: np.ndarray,
-    layout: StepLayout,
-    seqs: SequenceType[StepSeq],
-    sampled_seq_indices: SequenceType[int],
-    block_size: int,
-    pad_to: int | None = None,
-) -> PackedStep:
+def pack_step(buf: np.ndarray, layout: StepLayout, seqs: SequenceType[ScheduledSeq],
+              rows: SequenceType[int], tables: np.ndarray, block_size: int,
+              last_sampled_row: dict[int, int], pad_to: int | None = None, pad_row: int = 0) -> PackedStep:
     """Write one step into `buf` (int32, at least `layout.size` long) following `layout`.
 
-    seqs: the scheduled sequences, in batch order. sampled_seq_indices: for each sampled row, the
-    index in `seqs` whose last new token it reads (a forked child repeats its parent's index).
-    pad_to: append dummy 1-token sequences until there are `pad_to` sequences (CUDA graphs).
+    seqs: the scheduled sequences in batch order; rows: each one's row in `tables`, the host
+    mirror of the block tables. last_sampled_row: seq id -> its row in the previous step's
+    sampled tokens, where a pending token is found. pad_to: append dummy 1-token sequences until
+    there are `pad_to` sequences (CUDA graphs), whose table row is `pad_row`.
     Pure numpy on the host: no tensors, no device, easy to test.
     """
     num_real = len(seqs)
     num_seqs = num_real if pad_to is None else pad_to
     if num_seqs < num_real:
         raise ValueError(f"pad_to={pad_to} is smaller than the {num_real} scheduled sequences")
-    q_lens = np.fromiter((len(s.new_token_ids) for s in seqs), dtype=np.int64, count=num_real)
+    q_lens = np.ones(num_seqs, dtype=np.int64)
+    starts = np.zeros(num_seqs, dtype=np.int64)
+    for b, s in enumerate(seqs):
+        q_lens[b], starts[b] = s.num_new_tokens, s.start
     if (q_lens < 1).any():
         raise ValueError("every scheduled sequence needs at least one new token")
-    q_lens = np.concatenate([q_lens, np.ones(num_seqs - num_real, dtype=np.int64)])
     num_tokens = int(q_lens.sum())
-    num_sampled = len(sampled_seq_indices)
-    width = layout.block_table_width
-    longest_table = max((len(s.block_table) for s in seqs), default=0)
+    num_sampled = sum(s.num_samples for s in seqs)
     for what, need, have in (("tokens", num_tokens, layout.max_tokens),
                              ("sequences", num_seqs, layout.max_seqs),
-                             ("sampled rows", num_sampled, layout.max_sampled),
-                             ("block-table columns", max(longest_table, 1 if pad_to else 0), width)):
+                             ("sampled rows", num_sampled, layout.max_sampled)):
         if need > have:
             raise ValueError(f"the step has {need} {what} but the layout holds {have}")
     if buf.dtype != np.int32 or buf.ndim != 1 or buf.shape[0] < layout.size:
         raise ValueError(f"buf must be a 1-D int32 array of >= {layout.size} elements")
 
     # cu_seqlens_q: where each sequence's rows start; every other field is derived from it.
-    cu = buf[layout.cu_seqlens_q: layout.cu_seqlens_q + num_seqs + 1]
+    cu = layout.field(buf, "cu_seqlens_q", num_seqs + 1)
     cu[0] = 0
     np.cumsum(q_lens, out=cu[1:])
-    starts = np.fromiter((s.start for s in seqs), dtype=np.int64, count=num_real)
-    starts = np.concatenate([starts, np.zeros(num_seqs - num_real, dtype=np.int64)])
-
-    input_ids = buf[:num_tokens]
-    input_ids[:] = 0  # padding tokens are token 0
-    real_tokens = int(q_lens[:num_real].sum())
-    input_ids[:real_tokens] = list(itertools.chain.from_iterable(s.new_token_ids for s in seqs))
+    # A pending first token is a placeholder 0 here, filled on the device from last_sampled.
+    ids = itertools.chain.from_iterable([0] * s.pending + s.token_ids for s in seqs)
+    input_ids = layout.field(buf, "input_ids", num_tokens)
+    input_ids[:] = 0
+    real_tokens = int(cu[num_real])
+    input_ids[:real_tokens] = np.fromiter(ids, dtype=np.int32, count=real_tokens)
     # Token i of sequence b sits at position start_b + (i - cu_b).
     row_seq = np.repeat(np.arange(num_seqs), q_lens)
     positions = np.arange(num_tokens) + (starts - cu[:-1])[row_seq]
-    buf[layout.positions: layout.positions + num_tokens] = positions
+    layout.field(buf, "positions", num_tokens)[:] = positions
     seq_lens = starts + q_lens
-    buf[layout.seq_lens: layout.seq_lens + num_seqs] = seq_lens
-
-    tables = buf[layout.block_tables: layout.block_tables + num_seqs * width].reshape(num_seqs, width)
-    tables[:] = PAD_BLOCK_ID
-    for row, seq in enumerate(seqs):
-        tables[row, :len(seq.block_table)] = seq.block_table
-    # Slot of token p of a sequence: block_table[p // block_size] * block_size + p % block_size.
-    slots = buf[layout.slot_mapping: layout.slot_mapping + num_tokens]
-    if num_tokens:
-        slots[:] = tables[row_seq, positions // block_size] * block_size + positions % block_size
-        slots[real_tokens:] = PAD_SLOT
-
-    # The sampled rows read the hidden state of their sequence's last new token.
-    indices = np.asarray(sampled_seq_indices, dtype=np.int64)
-    buf[layout.logits_indices: layout.logits_indices + num_sampled] = cu[1:][indices] - 1
-    return PackedStep(
-        num_tokens=num_tokens,
-        num_seqs=num_seqs,
-        num_sampled=num_sampled,
-        max_seq_len=int(seq_lens.max()) if num_seqs else 0,
-        copy_size=layout.used_size(num_seqs),
-    )
-
-
-def step_seqs(output: SchedulerOutput) -> tuple[list[StepSeq], list[int]]:
-    """The scheduled sequences of `output` as `StepSeq`s, and the sequence each sampled row reads."""
-    seqs, index_of = [], {}
-    for entry in output.scheduled:
-        start = entry.seq.num_computed_tokens
-        index_of[id(entry)] = len(seqs)
-        seqs.append(StepSeq(entry.seq.token_ids[start:start + entry.num_new_tokens], start,
-                            entry.seq.block_table))
-    # A forked child reads its parent's row: same prompt, same next-token distribution.
-    return seqs, [index_of[id(entry)] for _, entry in output.sampled_sequences]
-
-
-class StepBuffers:
-    """A flat int32 step buffer twice: pinned on the host (filled by numpy) and on the device.
-
-    On CPU there is one buffer; `upload` does nothing. On CUDA `upload(n)` copies the first `n`
-    elements with one asynchronous copy. Pinned (page-locked) memory is what lets that copy run
-    asynchronously by DMA instead of through a staging copy that blocks the host.
-
-    The host buffer is reused every step, so before writing into it we must be sure the GPU has
-    finished reading the previous step's copy: `host()` waits on an event recorded after it
-    (normally long done, so the wait costs nothing).
-    """
-
-    def __init__(self, size: int, device: torch.device, growable: bool = True):
-        self.device_type = device.type
-        self._device = device
-        self.growable = growable
-        self._copied = torch.cuda.Event() if device.type == "cuda" else None
-        self._allocate(size)
-
-    def _allocate(self, size: int) -> None:
-        on_cuda = self.device_type == "cuda"
-        self.host_tensor = torch.zeros(max(size, 1), dtype=torch.int32, pin_memory=on_cuda)
-        self.device_tensor = (torch.zeros_like(self.host_tensor, device=self._device)
-                              if on_cuda else self.host_tensor)
-
-    @property
-    def size(self) -> int:
-        return self.host_tensor.shape[0]
-
-    def host(self, size: int) -> np.ndarray:
-        """The host buffer as numpy, at least `size` long, safe to overwrite now."""
-        if self._copied is not None:
-            self._copied.synchronize()
-        if size > self.size:
-            if not self.growable:
-                raise ValueError(f"a step needs {size} buffer elements but this buffer has {self.size}")
-            self._allocate(max(size, 2 * self.size))
-        return self.host_tensor.numpy()
-
-    def upload(self, size: int) -> None:
-        """Send the first `size` elements to the device: one copy, no host wait."""
-        if self._copied is None:
-            return
-        self.device_tensor[:size].copy_(self.host_tensor[:size], non_blocking=True)
-        self._copied.record()
+    layout.field(buf, "seq_lens", num_seqs)[:] = seq_lens
+    table_rows = layout.field(buf, "rows", num_seqs)
+    table_rows[:num_real] = rows
+    table_rows[num_real:] = pad_row
+    # Slot of token p: block_table[p // block_size] * block_size + p % block_size.
+    slots = layout.field(buf, "slot_mapping", num_tokens)
+    slots[:] = tables[table_rows[row_seq], positions // block_size] * block_size + positions % block_size
+    slots[real_tokens:] = PAD_SLOT
+    # Each sampled row reads the hidden state of its sequence's last new token.
+    counts = np.fromiter((s.num_samples for s in seqs), dtype=np.int64, count=num_real)
+    layout.field(buf, "logits_indices", num_sampled)[:] = np.repeat(cu[1:num_real + 1] - 1, counts)
+    pending = [(int(cu[b]), last_sampled_row[s.seq_id]) for b, s in enumerate(seqs) if s.pending]
+    if pending:
+        layout.field(buf, "pending_dst", len(pending))[:] = [dst for dst, _ in pending]
+        layout.field(buf, "pending_src", len(pending))[:] = [src for _, src in pending]
+    return PackedStep(num_tokens=num_tokens, num_seqs=num_seqs, num_sampled=num_sampled,
+                      num_pending=len(pending), max_seq_len=int(seq_lens.max()) if num_seqs else 0)
 
 
 @dataclass
@@ -276,44 +169,68 @@ class InputBatch:
     input_ids: torch.Tensor  # [T] int32
     positions: torch.Tensor  # [T] int32, 0-based position of each token in its sequence
     attn_metadata: AttentionMetadata
-    logits_indices: torch.Tensor  # [S] int32: hidden-state row that each sampled sequence reads
+    logits_indices: torch.Tensor  # [S] int32: hidden-state row that each sampled row reads
+    rows: torch.Tensor  # [B] int32: each sequence's row of the block tables
+    pending_dst: torch.Tensor  # [P] int32: input_ids rows whose token is still on the device ...
+    pending_src: torch.Tensor  # [P] int32: ... at these rows of the previous step's samples
 
     @property
     def num_tokens(self) -> int:
         return self.input_ids.shape[0]
 
     @classmethod
-    def view(cls, buf: torch.Tensor, layout: StepLayout, packed: PackedStep, backend: str = "auto",
+    def view(cls, buf: torch.Tensor, layout: StepLayout, packed: PackedStep,
+             block_tables: torch.Tensor | None = None, backend: str = "auto",
              max_seq_len: int | None = None) -> InputBatch:
         """Views of each field of a packed step inside `buf` (the device buffer): no copies.
 
-        max_seq_len defaults to the step's own longest context; CUDA graphs pass a fixed bound.
+        block_tables: the step's [B, W] tables, gathered from the persistent ones by `rows`
+        (the runner sets them after the gather when None). max_seq_len defaults to the step's
+        own longest context; CUDA graphs pass a fixed bound.
         """
-        t, b, width = packed.num_tokens, packed.num_seqs, layout.block_table_width
+        t, b = packed.num_tokens, packed.num_seqs
         meta = AttentionMetadata(
-            slot_mapping=buf[layout.slot_mapping: layout.slot_mapping + t],
-            block_tables=buf[layout.block_tables: layout.block_tables + b * width].view(b, width),
-            seq_lens=buf[layout.seq_lens: layout.seq_lens + b],
-            cu_seqlens_q=buf[layout.cu_seqlens_q: layout.cu_seqlens_q + b + 1],
+            slot_mapping=layout.field(buf, "slot_mapping", t),
+            block_tables=block_tables,
+            seq_lens=layout.field(buf, "seq_lens", b),
+            cu_seqlens_q=layout.field(buf, "cu_seqlens_q", b + 1),
             max_seq_len=max_seq_len or packed.max_seq_len or None,
             backend=backend,
         )
         return cls(
-            input_ids=buf[:t],
-            positions=buf[layout.positions: layout.positions + t],
+            input_ids=layout.field(buf, "input_ids", t),
+            positions=layout.field(buf, "positions", t),
             attn_metadata=meta,
-            logits_indices=buf[layout.logits_indices: layout.logits_indices + packed.num_sampled],
+            logits_indices=layout.field(buf, "logits_indices", packed.num_sampled),
+            rows=layout.field(buf, "rows", b),
+            pending_dst=layout.field(buf, "pending_dst", packed.num_pending),
+            pending_src=layout.field(buf, "pending_src", packed.num_pending),
         )
 
 
-def build_input_batch(
-    output: SchedulerOutput, block_size: int, device: torch.device, backend: str = "auto"
-) -> InputBatch:
-    """Pack `output.scheduled` into fresh tensors on `device` (one copy). The runner reuses its
-    buffers instead; this stand-alone form is for tests and tools."""
-    seqs, sampled = step_seqs(output)
-    layout = exact_layout(seqs, len(sampled))
+def build_input_batch(output, block_size: int, device: torch.device, backend: str = "auto",
+                      pending_tokens: dict[int, int] | None = None) -> InputBatch:
+    """Pack a `SchedulerOutput` into fresh tensors on `device`, block tables included.
+
+    The runner keeps persistent buffers and block tables instead; this stand-alone form is for
+    tests, tools and tutorial 3. pending_tokens: seq id -> the token a pending decode computes.
+    """
+    from minivllm.worker.block_table import BlockTables
+    from minivllm.worker.step_buffers import StepBuffers
+
+    seqs = output.seqs
+    width = max((len(s.block_table) for s in seqs), default=1)
+    tables = BlockTables(max(len(seqs), 1), width, torch.device("cpu"))
+    rows = [tables.sync(s.seq_id, s.block_table) for s in seqs]
+    pending = [s.seq_id for s in seqs if s.pending]
+    layout = exact_layout(seqs, len(output.sample_rows))
     buffers = StepBuffers(layout.size, device)
-    packed = pack_step(buffers.host(layout.size), layout, seqs, sampled, block_size)
-    buffers.upload(packed.copy_size)
-    return InputBatch.view(buffers.device_tensor, layout, packed, backend)
+    packed = pack_step(buffers.host(layout.size), layout, seqs, rows, tables.host, block_size,
+                       {seq_id: i for i, seq_id in enumerate(pending)})
+    buffers.upload(layout.size)
+    batch = InputBatch.view(buffers.device_tensor, layout, packed, backend=backend)
+    batch.attn_metadata.block_tables = tables.device.to(device).index_select(0, batch.rows.to(device))
+    if pending:
+        known = torch.tensor([(pending_tokens or {})[seq_id] for seq_id in pending], dtype=torch.int32)
+        batch.input_ids[batch.pending_dst] = known.to(device)[batch.pending_src]
+    return batch

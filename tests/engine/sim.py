@@ -1,31 +1,34 @@
 """A model-free simulation of the engine loop, for scheduler and block-manager tests.
 
-`ShadowRunner` stands in for the model runner. It keeps a *shadow KV cache*: one Python value per
-cache slot. When a step computes token p of a sequence it writes, at that token's slot, a key that
-identifies the token *and its whole prefix* (the real K/V of a token depends on everything before
-it). Before the step's writes, it does the block copies (copy-on-write); after them, it checks
-that every scheduled sequence finds its own context in its blocks. That single check catches
-leaked or shared-but-clobbered blocks, wrong prefix-cache hits, missed copy-on-writes and lost
+`ShadowRunner` stands in for the model runner and sees only what the real one sees: the plain
+`SchedulerOutput`. It keeps a *shadow KV cache*: one Python value per cache slot. When a step
+computes token p of a sequence it writes, at that token's slot, a key that identifies the token
+*and its whole prefix* (the real K/V of a token depends on everything before it). Before the
+step's writes, it does the block copies (copy-on-write); after them, it checks that every
+scheduled sequence finds its own context in its blocks. That single check catches leaked or
+shared-but-clobbered blocks, wrong prefix-cache hits, missed copy-on-writes and lost
 recomputation after preemption, with no model at all.
 
+Like the real runner it remembers the tokens it sampled, because with overlap a decode's token is
+*pending*: the scheduler does not know it yet when it plans the next step.
+
 The next token is a deterministic function of (prefix, sample index): a request's outputs must
-then be the same however it was batched, chunked, preempted or served from the prefix cache.
+then be the same however it was batched, chunked, preempted, overlapped or served from the
+prefix cache.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 
-from minivllm.engine.scheduler import Scheduler, SchedulerOutput
+from minivllm.engine.scheduler import Scheduler, ScheduledStep
 from minivllm.engine.sequence import Sequence, SequenceStatus
+from minivllm.observe.block_map import kv_cache_stats
 
 
 def prefix_key(token_ids: list[int], position: int) -> int:
+    """The shadow K/V of token `position`: it stands for the token and everything before it."""
     return hash(tuple(token_ids[: position + 1]))
-
-
-def next_token(seq: Sequence, vocab_size: int) -> int:
-    return hash((tuple(seq.token_ids), seq.index)) % vocab_size
 
 
 class ShadowRunner:
@@ -33,26 +36,46 @@ class ShadowRunner:
         self.block_size = block_size
         self.vocab_size = vocab_size
         self.kv: list[int | None] = [None] * (num_blocks * block_size)
+        self.last: dict[int, int] = {}  # seq id -> the token it sampled last (maybe still pending)
 
-    def slot(self, seq: Sequence, position: int) -> int:
-        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
+    def slot(self, table: list[int], position: int) -> int:
+        return table[position // self.block_size] * self.block_size + position % self.block_size
 
-    def execute(self, out: SchedulerOutput) -> list[int]:
-        bs = self.block_size
+    def execute(self, step: ScheduledStep) -> list[int]:
+        out, bs = step.output, self.block_size
         for src, dst in out.block_copies:
-            self.kv[dst * bs : (dst + 1) * bs] = self.kv[src * bs : (src + 1) * bs]
-        for entry in out.scheduled:
-            seq, start = entry.seq, entry.seq.num_computed_tokens
-            assert len(seq.block_table) * bs >= start + entry.num_new_tokens, "table too short"
-            for p in range(start, start + entry.num_new_tokens):
-                self.kv[self.slot(seq, p)] = prefix_key(seq.token_ids, p)
-        for entry in out.scheduled:  # after all writes: nobody clobbered anybody's context
-            seq = entry.seq
-            for p in range(seq.num_computed_tokens + entry.num_new_tokens):
-                assert self.kv[self.slot(seq, p)] == prefix_key(seq.token_ids, p), (
-                    f"sequence {seq.seq_id} reads a wrong K/V at position {p}"
-                )
-        return [next_token(seq, self.vocab_size) for seq, _ in out.sampled_sequences]
+            self.kv[dst * bs: (dst + 1) * bs] = self.kv[src * bs: (src + 1) * bs]
+        contexts = []
+        for s, seq in zip(out.seqs, step.seqs):
+            # The prefix is known on the host (test-only knowledge: a real runner needs none of
+            # it, its K/V is cached); a pending token is the one this runner sampled last.
+            new = [self.last[s.seq_id]] if s.pending else list(s.token_ids)
+            tokens = seq.token_ids[: s.start] + new
+            assert len(new) == s.num_new_tokens and len(s.block_table) * bs >= len(tokens), s
+            for p in range(s.start, len(tokens)):
+                self.kv[self.slot(s.block_table, p)] = prefix_key(tokens, p)
+            contexts.append((s, tokens))
+        for s, tokens in contexts:  # after all writes: nobody clobbered anybody's context
+            for p in range(len(tokens)):
+                assert self.kv[self.slot(s.block_table, p)] == prefix_key(tokens, p), (
+                    f"sequence {s.seq_id} reads a wrong K/V at position {p}")
+        sampled = []
+        rows = iter(out.sample_rows)
+        for s, tokens in contexts:
+            for _ in range(s.num_samples):
+                row = next(rows)
+                token = hash((tuple(tokens), row.seed_offset)) % self.vocab_size
+                self.last[row.seq_id] = token
+                sampled.append(token)
+        return sampled
+
+
+def abort(scheduler: Scheduler, sequences: list[Sequence], request_id: str) -> list[Sequence]:
+    """What the engine does on abort: finish every unfinished sequence of the request."""
+    seqs = [s for s in sequences if s.request_id == request_id and not s.is_finished]
+    for seq in seqs:
+        scheduler.finish_sequence(seq, SequenceStatus.FINISHED_ABORTED)
+    return seqs
 
 
 def check_block_invariants(scheduler: Scheduler, sequences: list[Sequence]) -> None:
@@ -73,54 +96,64 @@ def check_block_invariants(scheduler: Scheduler, sequences: list[Sequence]) -> N
     free = bm.free_block_ids()
     assert len(free) == len(set(free)), "a block is twice in the free list"
     assert set(free) == {b for b in range(bm.num_blocks) if holders[b] == 0}
-    stats = bm.stats()
-    assert stats.num_free_blocks + stats.num_used_blocks == bm.num_blocks
-    assert stats.num_cached_free_blocks == sum(1 for b in free if bm.is_cached(b))
-    assert stats.num_shared_blocks == sum(1 for b in holders if holders[b] > 1)
-    assert 0 <= stats.fragmentation < 1
+    stats = kv_cache_stats(bm, scheduler.running)
+    assert stats["num_free_blocks"] + stats["num_used_blocks"] == bm.num_blocks
+    assert stats["num_cached_free_blocks"] == sum(1 for b in free if bm.is_cached(b))
+    assert stats["num_shared_blocks"] == sum(1 for b in holders if holders[b] > 1)
+    assert 0 <= stats["fragmentation"] < 1
 
 
-def check_step_budgets(scheduler: Scheduler, out: SchedulerOutput) -> None:
-    config = scheduler.config
+def check_step_budgets(scheduler: Scheduler, step: ScheduledStep) -> None:
+    config, out = scheduler.config, step.output
     assert out.num_batched_tokens <= config.max_num_batched_tokens
-    assert len(out.sampled_sequences) <= config.max_num_seqs
-    assert len(out.scheduled) <= config.max_num_seqs
+    assert len(out.sample_rows) <= config.max_num_seqs
+    assert len(out.seqs) <= config.max_num_seqs
     assert scheduler.running_width <= config.max_num_seqs
-    for entry in out.scheduled:
-        assert entry.num_new_tokens >= 1
+    assert step.num_prefill_tokens + step.num_decode_tokens == out.num_batched_tokens
+    for s in out.seqs:
+        assert s.num_new_tokens >= 1
+        assert not s.pending or s.num_new_tokens == 1, "a pending token is only ever a decode"
         if config.prefill_chunk_size is not None:
-            assert entry.num_new_tokens <= config.prefill_chunk_size
+            assert s.num_new_tokens <= config.prefill_chunk_size
         if not config.enable_chunked_prefill:
-            assert entry.sample, "without chunked prefill every scheduled sequence samples"
-    assert out.record.num_batched_tokens == out.num_batched_tokens
+            assert s.num_samples, "without chunked prefill every scheduled sequence samples"
 
 
-def run_to_completion(scheduler, runner, arrivals, aborts=None, max_steps=10_000):
+def run_to_completion(scheduler, runner, arrivals, aborts=None, max_steps=10_000, overlap=False):
     """Drive the loop. arrivals: {step: [Sequence]}, aborts: {step: [request_id]}.
 
-    Returns all sequences (forked children included) and the per-step outputs.
+    overlap: plan step n+1 before folding in step n's tokens, as the engine does by default.
+    Returns all sequences (forked children included) and the planned steps.
     """
     aborts = aborts or {}
     sequences: list[Sequence] = []
-    outputs = []
+    steps = []
+    inflight = None
     last_arrival = max(arrivals, default=0)
-    for step in range(max_steps):
-        for seq in arrivals.get(step, []):
+    for n in range(max_steps):
+        for seq in arrivals.get(n, []):
             scheduler.add_sequence(seq)
             sequences.append(seq)
-        for request_id in aborts.get(step, []):
-            scheduler.abort(request_id)
-        if not scheduler.has_unfinished_sequences():
-            if step > last_arrival:
-                return sequences, outputs
+        for request_id in aborts.get(n, []):
+            abort(scheduler, sequences, request_id)
+        if not scheduler.has_unfinished_sequences() and inflight is None:
+            if n > last_arrival:
+                return sequences, steps
             continue
-        out = scheduler.schedule()
-        assert not out.is_empty, "unfinished sequences but nothing was scheduled: no progress"
-        for entry in out.scheduled:
-            sequences.extend(entry.forks)
-        check_step_budgets(scheduler, out)
-        tokens = runner.execute(out)
-        scheduler.update(out, tokens)
-        outputs.append(out)
+        step = scheduler.schedule() if scheduler.has_unfinished_sequences() else None
+        if step is not None:
+            assert not step.is_empty or inflight is not None, "unfinished sequences but no progress"
+            sequences.extend(step.forks)
+            check_step_budgets(scheduler, step)
+            step = (step, runner.execute(step))
+            steps.append(step[0])
+        if inflight is not None:
+            scheduler.update(*inflight)
+            inflight = None
+        if step is not None:
+            if overlap:
+                inflight = step
+            else:
+                scheduler.update(*step)
         check_block_invariants(scheduler, sequences)
     raise AssertionError(f"not finished after {max_steps} steps")

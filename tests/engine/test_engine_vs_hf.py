@@ -57,7 +57,7 @@ def test_chunked_prefill_with_a_tiny_budget(arch, model_dir, hf_greedy):
     assert_matches_hf(outputs, PROMPTS, arch, hf_greedy)
     stats = llm.get_stats()["scheduler"]
     assert stats["num_partial_prefills"] > 0
-    assert max(r.num_batched_tokens for r in llm.engine.scheduler.history) <= 6
+    assert max(r.num_batched_tokens for r in llm.engine.stats.history) <= 6
 
 
 @pytest.mark.filterwarnings("ignore:the KV pool")  # tiny on purpose

@@ -54,7 +54,7 @@ def test_n_greedy_samples_share_the_prompt_blocks_and_all_equal_hf(llm, hf_greed
     assert [c.index for c in out.outputs] == [0, 1, 2]
     # The partly filled prompt block was copied on write; any mix-up of the copies would show here.
     assert all(c.token_ids == expected for c in out.outputs)
-    assert engine.get_stats()["kv_cache"]["num_cow_copies"] >= 2
+    assert engine.get_stats()["scheduler"]["num_block_copies"] >= 2
 
 
 def test_n_random_samples_are_distinct_and_each_is_a_valid_sample(llm, hf_greedy):
@@ -210,7 +210,7 @@ def test_stats_and_block_map(llm):
     assert stats["engine"]["num_generated_tokens"] >= 8 and stats["engine"]["num_steps"] > 0
     assert stats["kv_cache"]["num_used_blocks"] == 0  # everything finished, nothing held
     assert 0 <= stats["scheduler"]["budget_utilization"] <= 1
-    assert "KV pool" in llm.render_block_map()
+    assert "blocks x 4 slots" in llm.render_block_map()
 
 
 def test_no_prompts_no_outputs(llm):

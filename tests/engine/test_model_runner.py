@@ -36,8 +36,10 @@ def test_a_budget_too_small_for_one_block_names_the_setting(model_dir):
 
 def test_profiling_pass_runs_and_leaves_the_layers_unbound(model_dir):
     # The GPU sizing path: on the CPU its memory numbers mean nothing, but it must run.
+    from minivllm.worker.kv_cache import _profile_forward
+
     runner = runner_for(model_dir, num_kv_blocks=64, max_num_batched_tokens=600, max_model_len=256)
-    scratch = runner._profile_forward(600, 8)
+    scratch = _profile_forward(runner.config, runner.model, runner.device, runner.dtype, 600, 8)
     assert scratch > 0
     assert all(layer.k_cache is None for layer in runner.model.attention_layers())
 

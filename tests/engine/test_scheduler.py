@@ -8,7 +8,7 @@ from minivllm.engine.scheduler import Scheduler
 from minivllm.engine.sequence import Sequence, SequenceStatus
 from minivllm.sampling_params import SamplingParams
 
-from .sim import ShadowRunner, check_block_invariants
+from .sim import ShadowRunner, abort, check_block_invariants
 
 
 def make_scheduler(num_blocks=64, block_size=4, prefix_caching=False, **config):
@@ -31,6 +31,12 @@ def step(scheduler, runner, sequences=None):
     return out, finished
 
 
+def plan(out):
+    """(sequence, new tokens, samples?, decode?) per scheduled sequence."""
+    return [(seq, s.num_new_tokens, s.num_samples > 0, s.num_new_tokens == 1 and s.start >= seq.num_prompt_tokens)
+            for seq, s in zip(out.seqs, out.output.seqs)]
+
+
 def test_long_prompt_is_chunked_and_samples_only_at_the_end():
     sched = make_scheduler(max_num_batched_tokens=32, max_num_seqs=4)
     runner = ShadowRunner(64, 4)
@@ -39,13 +45,12 @@ def test_long_prompt_is_chunked_and_samples_only_at_the_end():
     chunks = []
     for _ in range(4):
         out, _ = step(sched, runner, [seq])
-        (entry,) = out.scheduled
-        chunks.append((entry.num_new_tokens, entry.sample, entry.is_prefill))
+        ((_, num_new, samples, decode),) = plan(out)
+        chunks.append((num_new, samples, not decode))
     assert chunks == [(32, False, True), (32, False, True), (32, False, True), (4, True, True)]
     assert seq.num_output_tokens == 1
     out, _ = step(sched, runner)
-    assert [(e.num_new_tokens, e.is_prefill) for e in out.scheduled] == [(1, False)]
-    assert sched.stats()["num_partial_prefills"] == 3
+    assert [(n, decode) for _, n, _, decode in plan(out)] == [(1, True)]
 
 
 def test_prefill_chunk_size_caps_each_chunk():
@@ -53,7 +58,7 @@ def test_prefill_chunk_size_caps_each_chunk():
     seq = make_seq(25)
     sched.add_sequence(seq)
     runner = ShadowRunner(64, 4)
-    sizes = [step(sched, runner)[0].scheduled[0].num_new_tokens for _ in range(3)]
+    sizes = [step(sched, runner)[0].output.seqs[0].num_new_tokens for _ in range(3)]
     assert sizes == [10, 10, 5]
 
 
@@ -65,10 +70,10 @@ def test_without_chunking_a_prompt_waits_for_a_step_with_room():
     sched.add_sequence(a)
     sched.add_sequence(b)
     out, _ = step(sched, runner)
-    assert [e.seq for e in out.scheduled] == [a]  # 12 + 12 > 20: b waits, whole
+    assert out.seqs == [a]  # 12 + 12 > 20: b waits, whole
     out, _ = step(sched, runner)
     # a decodes (1 token); b's 12 prompt tokens now fit next to it.
-    assert [(e.seq, e.num_new_tokens) for e in out.scheduled] == [(a, 1), (b, 12)]
+    assert [(seq, n) for seq, n, _, _ in plan(out)] == [(a, 1), (b, 12)]
 
 
 def test_running_decodes_come_before_waiting_prefills_and_max_num_seqs_holds():
@@ -78,10 +83,10 @@ def test_running_decodes_come_before_waiting_prefills_and_max_num_seqs_holds():
     for s in seqs:
         sched.add_sequence(s)
     out, _ = step(sched, runner)
-    assert [e.seq for e in out.scheduled] == seqs[:2]
+    assert out.seqs == seqs[:2]
     out, _ = step(sched, runner)
-    assert [e.seq for e in out.scheduled] == seqs[:2] and sched.waiting[0] is seqs[2]
-    assert all(not e.is_prefill for e in out.scheduled)
+    assert out.seqs == seqs[:2] and sched.waiting[0] is seqs[2]
+    assert all(decode for *_, decode in plan(out))
 
 
 def test_out_of_blocks_preempts_the_newest_and_recomputes_it_later():
@@ -95,23 +100,22 @@ def test_out_of_blocks_preempts_the_newest_and_recomputes_it_later():
     assert sched.block_manager.num_free_blocks == 0
     # Now each needs a 3rd block for its 5th token: the oldest gets one by preempting the newest.
     out, _ = step(sched, runner, seqs)
-    assert out.preempted == [seqs[2]]
-    assert [p.request_id for p in out.record.preemptions] == ["r2"]
-    assert "no free KV block" in out.record.preemptions[0].reason
+    assert out.output.preempted_seq_ids == [seqs[2].seq_id]
+    assert [p.request_id for p in out.preemptions] == ["r2"]
+    assert "no free KV block" in out.preemptions[0].reason
     assert seqs[2].status is SequenceStatus.WAITING and seqs[2].num_preemptions == 1
     assert seqs[2].block_table == [] and seqs[2].num_computed_tokens == 0
     assert sched.waiting[0] is seqs[2]
-    assert [e.seq for e in out.scheduled] == seqs[:2]
+    assert out.seqs == seqs[:2]
     # Nothing is ever dropped: everyone finishes, the preempted one after recomputing its
     # prompt *and* its first output token.
     all_seqs = list(seqs)
     recomputed = []
     while sched.has_unfinished_sequences():
         out, _ = step(sched, runner, all_seqs)
-        recomputed += [e.num_new_tokens for e in out.scheduled if e.seq is seqs[2] and e.is_prefill]
+        recomputed += [n for seq, n, _, decode in plan(out) if seq is seqs[2] and not decode]
     assert recomputed and recomputed[0] == 5  # 4 prompt tokens + 1 output token
     assert all(s.status is SequenceStatus.FINISHED_LENGTH and s.num_output_tokens == 4 for s in seqs)
-    assert sched.stats()["num_preemptions"] >= 1
 
 
 def test_newest_sequence_preempts_itself_rather_than_an_older_one():
@@ -122,7 +126,7 @@ def test_newest_sequence_preempts_itself_rather_than_an_older_one():
     sched.add_sequence(b)
     step(sched, runner)
     out, _ = step(sched, runner)
-    assert out.preempted == [b] and [e.seq for e in out.scheduled] == [a]
+    assert [p.seq_id for p in out.preemptions] == [b.seq_id] and out.seqs == [a]
 
 
 def test_abort_waiting_and_running_requests():
@@ -132,11 +136,13 @@ def test_abort_waiting_and_running_requests():
     sched.add_sequence(a)
     sched.add_sequence(b)
     step(sched, runner)
-    assert sched.abort("b") == [b] and b.finish_reason == "abort"
-    assert sched.abort("a") == [a] and a.status is SequenceStatus.FINISHED_ABORTED
-    assert sched.abort("a") == [] and sched.abort("unknown") == []
+    assert abort(sched, [a, b], "b") == [b] and b.finish_reason == "abort"
+    assert abort(sched, [a, b], "a") == [a] and a.status is SequenceStatus.FINISHED_ABORTED
+    assert abort(sched, [a, b], "a") == []
     assert not sched.has_unfinished_sequences()
     assert sched.block_manager.num_free_blocks == 64
+    # The runner is told, with the next step, to drop their state.
+    assert sorted(sched.schedule().output.finished_seq_ids) == sorted([a.seq_id, b.seq_id])
 
 
 def test_abort_between_schedule_and_update_is_harmless():
@@ -146,7 +152,7 @@ def test_abort_between_schedule_and_update_is_harmless():
     sched.add_sequence(seq)
     out = sched.schedule()
     tokens = runner.execute(out)
-    sched.abort("r")
+    abort(sched, [seq], "r")
     assert sched.update(out, tokens) == []
     assert seq.num_output_tokens == 0 and sched.block_manager.num_free_blocks == 64
 
@@ -191,19 +197,19 @@ def test_parallel_sampling_forks_after_the_prompt_and_shares_its_blocks():
     sched.add_sequence(parent)
     assert sched.running_width == 0 and parent.width == 3
     out = sched.schedule()
-    (entry,) = out.scheduled
-    assert len(entry.forks) == 2 and [c.index for c in entry.forks] == [1, 2]
-    assert [row[0] for row in out.sampled_sequences] == [parent, *entry.forks]
+    assert len(out.forks) == 2 and [c.index for c in out.forks] == [1, 2]
+    assert out.sampled == [parent, *out.forks] and out.output.seqs[0].num_samples == 3
+    assert [r.seed_offset for r in out.output.sample_rows] == [0, 1, 2]
     for block in parent.block_table:
         assert sched.block_manager.ref_count(block) == 3
     sched.update(out, runner.execute(out))
-    everyone = [parent, *entry.forks]
+    everyone = [parent, *out.forks]
     check_block_invariants(sched, everyone)
     assert all(s.num_output_tokens == 1 for s in everyone)
     # Next step each writes its own token into the shared, partly filled block 2: two copies
     # (the last writer is then its only holder and writes in place).
     out, _ = step(sched, runner, everyone)
-    assert len(out.block_copies) == 2
+    assert len(out.output.block_copies) == 2
     while sched.has_unfinished_sequences():
         step(sched, runner, everyone)
     assert all(s.finish_reason == "length" and s.num_output_tokens == 3 for s in everyone)
@@ -217,7 +223,7 @@ def test_a_waiting_parent_reserves_room_for_all_its_samples():
     sched.add_sequence(first)
     sched.add_sequence(parent)
     out = sched.schedule()
-    assert [e.seq for e in out.scheduled] == [first]  # 1 + 3 samples > max_num_seqs
+    assert out.seqs == [first]  # 1 + 3 samples > max_num_seqs
 
 
 def test_requests_that_can_never_fit_are_refused_up_front():
@@ -232,22 +238,44 @@ def test_requests_that_can_never_fit_are_refused_up_front():
     assert len(sched.waiting) == 1
 
 
-def test_step_records_describe_the_step():
+def test_a_step_reports_its_token_counts_and_prefix_hits():
     sched = make_scheduler(max_num_batched_tokens=16, max_num_seqs=4, prefix_caching=True)
     runner = ShadowRunner(64, 4)
     a = make_seq(10, "a", max_tokens=2)
     sched.add_sequence(a)
     out, _ = step(sched, runner)
-    rec = out.record
-    assert (rec.num_prefill_tokens, rec.num_decode_tokens, rec.num_scheduled_seqs) == (10, 0, 1)
-    assert rec.num_used_blocks == 3 and rec.token_budget == 16 and rec.step == 1
+    assert (out.num_prefill_tokens, out.num_decode_tokens, out.num_prefill_seqs) == (10, 0, 1)
     b = make_seq(10, "b", max_tokens=2)
     sched.add_sequence(b)
     out, _ = step(sched, runner)
-    assert (out.record.num_prefill_tokens, out.record.num_decode_tokens) == (2, 1)
-    assert out.record.num_prefix_hit_tokens == 8 and b.num_cached_tokens == 8
-    assert list(sched.history)[-1] is out.record
-    assert out.record.to_dict()["num_batched_tokens"] == 3
+    assert (out.num_prefill_tokens, out.num_decode_tokens) == (2, 1)
+    assert out.num_prefix_hit_tokens == 8 and b.num_cached_tokens == 8
+    assert out.output.num_batched_tokens == 3
+
+
+def test_a_decode_planned_before_its_token_is_known_is_pending():
+    """Overlap: step n+1 is planned before step n's token is folded in."""
+    sched = make_scheduler()
+    runner = ShadowRunner(64, 4)
+    seq = make_seq(5, max_tokens=3)
+    sched.add_sequence(seq)
+    first = sched.schedule()
+    first_tokens = runner.execute(first)
+    assert seq.num_pending_tokens == 1 and seq.num_computed_tokens == 5 and seq.num_tokens == 5
+    second = sched.schedule()  # before update(first)
+    (s,) = second.output.seqs
+    assert s.pending and s.token_ids == [] and s.start == 5 and s.num_new_tokens == 1
+    sched.update(first, first_tokens)
+    assert seq.num_tokens == 6 and seq.num_pending_tokens == 1  # second's token is in flight
+    second_tokens = runner.execute(second)
+    third = sched.schedule()  # computes output 2 (pending), samples output 3
+    sched.update(second, second_tokens)
+    third_tokens = runner.execute(third)
+    # Output 3 is the last one (max_tokens=3): nothing after it is needed, so the sequence is
+    # left out of the next plan while that token is in flight, and the update ends it.
+    assert sched.schedule().is_empty
+    assert sched.update(third, third_tokens) == [seq]
+    assert seq.num_output_tokens == 3 and seq.finish_reason == "length"
 
 
 def test_update_checks_the_number_of_sampled_tokens():

@@ -5,7 +5,9 @@ a workload (arrival steps, prompts built from a few shared prefixes, output leng
 then runs it to the end. Checked at every step: token budget, max_num_seqs, ref counts equal the
 block tables, free list = unreferenced blocks, every sequence reads its own context back. At the
 end: every request that was not aborted finished, and its outputs equal those of a run with an
-unlimited pool and budget (so preemption, chunking and prefix hits never change a result).
+unlimited pool and budget (so preemption, chunking and prefix hits never change a result). Half
+the runs overlap (step n+1 planned before step n's tokens are folded in, as the engine does by
+default): the outputs must still be the same.
 """
 
 from __future__ import annotations
@@ -58,10 +60,10 @@ def workloads(draw):
     min_blocks = -(-(longest - 1) // block_size)
     num_blocks = draw(st.integers(min_blocks, min_blocks + 6))
     prefix_caching = draw(st.booleans())
-    return config, block_size, num_blocks, prefix_caching, requests
+    return config, block_size, num_blocks, prefix_caching, requests, draw(st.booleans())
 
 
-def run(config, block_size, num_blocks, prefix_caching, requests, with_aborts=True):
+def run(config, block_size, num_blocks, prefix_caching, requests, with_aborts=True, overlap=False):
     scheduler = Scheduler(config, BlockManager(num_blocks, block_size, prefix_caching))
     runner = ShadowRunner(num_blocks, block_size, VOCAB)
     arrivals, aborts = {}, {}
@@ -70,7 +72,7 @@ def run(config, block_size, num_blocks, prefix_caching, requests, with_aborts=Tr
         arrivals.setdefault(arrival, []).append(seq)
         if with_aborts and abort_at is not None:
             aborts.setdefault(abort_at, []).append(request_id)
-    sequences, outputs = run_to_completion(scheduler, runner, arrivals, aborts)
+    sequences, outputs = run_to_completion(scheduler, runner, arrivals, aborts, overlap=overlap)
     return scheduler, sequences, outputs
 
 
@@ -81,8 +83,8 @@ def outputs_by_sample(sequences):
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(workloads())
 def test_random_workloads_keep_every_invariant(workload):
-    config, block_size, num_blocks, prefix_caching, requests = workload
-    scheduler, sequences, _ = run(config, block_size, num_blocks, prefix_caching, requests)
+    config, block_size, num_blocks, prefix_caching, requests, overlap = workload
+    scheduler, sequences, _ = run(config, block_size, num_blocks, prefix_caching, requests, overlap=overlap)
     bm = scheduler.block_manager
     assert bm.num_free_blocks == num_blocks, "blocks leaked after every request finished"
     assert not scheduler.running and not scheduler.waiting

@@ -36,7 +36,7 @@ def test_cpu_runner_never_captures(tmp_path):
 
     model = make_random_model(tmp_path / "m", arch="qwen3", size="tiny")
     llm = LLM(str(model), device="cpu", num_kv_blocks=32, max_model_len=128)
-    assert not llm.engine.model_runner.uses_cuda_graphs
+    assert llm.engine.model_runner.graphs is None
     assert "CUDA device" in llm.engine.model_runner.graphs_off_reason
 
 
@@ -45,7 +45,7 @@ def _greedy(model_dir, enforce_eager, prompts, max_tokens, **config):
 
     llm = LLM(str(model_dir), device="cuda", dtype="float32", enforce_eager=enforce_eager,
               enable_prefix_caching=False, **config)
-    assert llm.engine.model_runner.uses_cuda_graphs == (not enforce_eager)
+    assert (llm.engine.model_runner.graphs is not None) == (not enforce_eager)
     outs = llm.generate(prompts, temperature=0.0, max_tokens=max_tokens, ignore_eos=True, use_tqdm=False)
     del llm
     torch.cuda.empty_cache()
@@ -80,7 +80,7 @@ def test_decode_steps_are_recorded_as_graph_replays(tmp_path):
               enable_prefix_caching=False)
     llm.generate([[5 + i] * (3 + i) for i in range(5)], temperature=0.0, max_tokens=6, ignore_eos=True,
                  use_tqdm=False)
-    records = list(llm.engine.scheduler.history)
+    records = list(llm.engine.stats.history)
     decodes = [r for r in records if r.num_prefill_seqs == 0 and r.num_decode_seqs > 0]
     assert decodes and all(r.timings.cuda_graph and r.timings.graph_miss is None for r in decodes)
     assert all(r.timings.graph_batch_size >= r.num_decode_seqs for r in decodes)
@@ -110,44 +110,42 @@ def test_graphs_replay_every_bucket_with_padding(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Why a step did not replay a graph (pure logic, no GPU)
 # ---------------------------------------------------------------------------------------------
-def _decode(n: int, blocks: int = 2) -> list:
-    from minivllm.worker.input_batch import StepSeq
+def _decode(n: int) -> list:
+    from minivllm.step import ScheduledSeq
 
-    return [StepSeq([7], start=5, block_table=list(range(blocks))) for _ in range(n)]
+    return [ScheduledSeq(i, 5, [7], False, [0, 1], 1) for i in range(n)]
 
 
-def _layout(max_seqs: int = 8, max_sampled: int = 8, width: int = 4):
+def _layout(max_seqs: int = 8, max_sampled: int = 8):
     from minivllm.worker.input_batch import StepLayout
 
-    return StepLayout(max_tokens=max_seqs, max_sampled=max_sampled, max_seqs=max_seqs, block_table_width=width)
+    return StepLayout(max_tokens=max_seqs, max_sampled=max_sampled, max_seqs=max_seqs)
 
 
 def test_graph_miss_reason_names_each_failing_condition():
+    from minivllm.step import ScheduledSeq
     from minivllm.worker.cuda_graph import graph_miss_reason
-    from minivllm.worker.input_batch import StepSeq
 
     sizes, layout = graph_batch_sizes(8), _layout()
     assert graph_miss_reason(_decode(3), 3, sizes, layout) is None
-    prefill = [*_decode(2), StepSeq([1, 2, 3], start=0, block_table=[0])]
+    pending = [ScheduledSeq(0, 5, [], True, [0, 1], 1)]  # a pending decode is one token too
+    assert graph_miss_reason(pending, 1, sizes, layout) is None
+    prefill = [*_decode(2), ScheduledSeq(9, 0, [1, 2, 3], False, [0], 1)]
     assert graph_miss_reason(prefill, 3, sizes, layout).startswith("not decode-only: 1 of 3")
     assert graph_miss_reason(_decode(9), 9, sizes, layout).startswith("no bucket for 9 sequences")
     assert graph_miss_reason([], 0, sizes, layout).startswith("no bucket for 0 sequences")
     assert graph_miss_reason(_decode(2), 9, sizes, layout).startswith("9 sampled rows exceed")
-    assert graph_miss_reason(_decode(2, blocks=5), 2, sizes, layout).startswith("a block table of 5 blocks")
     # The order of the checks: a prefill step is reported as such even if it is also too big.
-    too_much = [StepSeq([1, 2], start=0, block_table=list(range(9)))] * 9
+    too_much = [ScheduledSeq(i, 0, [1, 2], False, [0], 1) for i in range(9)]
     assert graph_miss_reason(too_much, 20, sizes, layout).startswith("not decode-only")
 
 
-def test_decode_graphs_why_not_and_can_run_agree():
-    """DecodeGraphs without its CUDA set-up: why_not and can_run read only buckets and layout."""
+def test_decode_graphs_why_not_reads_only_buckets_and_layout():
+    """DecodeGraphs without its CUDA set-up: why_not needs no GPU."""
     from minivllm.worker.cuda_graph import DecodeGraphs
 
     graphs = object.__new__(DecodeGraphs)
     graphs.batch_sizes, graphs.layout = graph_batch_sizes(8), _layout()
-    for seqs, num_sampled in ((_decode(5), 5), (_decode(9), 9), (_decode(2, blocks=6), 2), (_decode(1), 12)):
-        reason = graphs.why_not(seqs, num_sampled)
-        assert graphs.can_run(seqs, num_sampled) == (reason is None)
     assert graphs.why_not(_decode(5), 5) is None
     assert "no bucket" in graphs.why_not(_decode(9), 9)
-
+    assert "sampled rows" in graphs.why_not(_decode(1), 12)

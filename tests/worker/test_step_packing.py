@@ -1,68 +1,82 @@
-"""pack_step / StepLayout / StepBuffers: the one-copy step buffer, checked by hand (CPU)."""
+"""pack_step / StepLayout / StepBuffers / BlockTables: the one-copy step buffer and the persistent
+block tables, checked by hand (CPU)."""
 
 import numpy as np
 import pytest
 import torch
 
-from minivllm.worker.input_batch import (
-    PAD_BLOCK_ID,
-    PAD_SLOT,
-    InputBatch,
-    StepBuffers,
-    StepLayout,
-    StepSeq,
-    exact_layout,
-    pack_step,
-)
+from minivllm.step import ScheduledSeq
+from minivllm.worker.block_table import BlockTables
+from minivllm.worker.input_batch import ALIGN, FIELDS, PAD_SLOT, InputBatch, StepLayout, exact_layout, pack_step
+from minivllm.worker.step_buffers import StepBuffers
 
 BS = 4  # block size
 
 
-def fields(buf, layout, packed):
+def seq(seq_id, start, token_ids, table, samples=1, pending=False):
+    return ScheduledSeq(seq_id, start, list(token_ids), pending, list(table), samples)
+
+
+def packed_fields(seqs, last_sampled=None, pad_to=None, layout=None, stale=12345):
+    """Pack `seqs` with fresh persistent tables; return the fields as lists."""
+    tables = BlockTables(8, 6, torch.device("cpu"))
+    rows = [tables.sync(s.seq_id, s.block_table) for s in seqs]
+    layout = layout or exact_layout(seqs, sum(s.num_samples for s in seqs))
+    buf = np.full(layout.size, stale, dtype=np.int32)  # stale garbage must not leak through
+    packed = pack_step(buf, layout, seqs, rows, tables.host, BS, last_sampled or {}, pad_to=pad_to,
+                       pad_row=tables.pad_row)
     batch = InputBatch.view(torch.from_numpy(buf), layout, packed)
+    batch.attn_metadata.block_tables = tables.device.index_select(0, batch.rows)
     m = batch.attn_metadata
-    return {"ids": batch.input_ids.tolist(), "pos": batch.positions.tolist(), "slots": m.slot_mapping.tolist(),
-                "seq_lens": m.seq_lens.tolist(), "cu": m.cu_seqlens_q.tolist(), "tables": m.block_tables.tolist(),
-                "logits": batch.logits_indices.tolist(), "max_seq_len": m.max_seq_len}
+    return packed, {
+        "ids": batch.input_ids.tolist(), "pos": batch.positions.tolist(), "slots": m.slot_mapping.tolist(),
+        "seq_lens": m.seq_lens.tolist(), "cu": m.cu_seqlens_q.tolist(), "tables": m.block_tables.tolist(),
+        "logits": batch.logits_indices.tolist(), "max_seq_len": m.max_seq_len,
+        "pending": list(zip(batch.pending_dst.tolist(), batch.pending_src.tolist())),
+    }
 
 
-def test_layout_offsets_are_contiguous_and_block_tables_last():
-    layout = StepLayout(max_tokens=10, max_sampled=3, max_seqs=4, block_table_width=5)
-    assert (layout.positions, layout.slot_mapping, layout.logits_indices) == (10, 20, 30)
-    assert (layout.seq_lens, layout.cu_seqlens_q, layout.block_tables) == (33, 37, 42)
-    assert layout.size == 42 + 4 * 5 and layout.used_size(2) == 42 + 2 * 5
+def test_every_field_starts_on_a_64_byte_boundary_whatever_the_sizes():
+    # Triton specializes kernels on pointer alignment: offsets that moved with the batch would
+    # make the kernels compile again mid-run.
+    for sizes in [(1, 1, 1), (7, 3, 5), (300, 17, 64), (0, 0, 0)]:
+        layout = StepLayout(*sizes)
+        assert all(layout.offsets[name] % ALIGN == 0 for name in FIELDS)
+        starts = [layout.offsets[name] for name in FIELDS]
+        assert starts == sorted(starts) and layout.size >= starts[-1]
     with pytest.raises(ValueError, match="max_seqs"):
-        StepLayout(1, 1, -1, 1)
+        StepLayout(1, 1, -1)
 
 
-def test_mixed_prefill_and_decode_step():
-    a = StepSeq([11, 12, 13, 14, 15, 16], 0, [7, 2])  # prefill 6 prompt tokens
-    b = StepSeq([99], 5, [3, 8])  # decode at position 5: block 8, offset 1
-    layout = exact_layout([a, b], 3)
-    buf = np.full(layout.size, 12345, dtype=np.int32)  # stale garbage must not leak through
-    packed = pack_step(buf, layout, [a, b], [0, 1, 1], BS)  # b forked: two rows read b
-    f = fields(buf, layout, packed)
+def test_mixed_prefill_and_decode_step_with_a_fork():
+    a = seq(0, 0, [11, 12, 13, 14, 15, 16], [7, 2])  # prefill 6 prompt tokens, samples once
+    b = seq(1, 5, [99], [3, 8], samples=2)  # decode at position 5: block 8, offset 1; forked
+    packed, f = packed_fields([a, b])
     assert f["ids"] == [11, 12, 13, 14, 15, 16, 99]
     assert f["pos"] == [0, 1, 2, 3, 4, 5, 5]
     assert f["slots"] == [28, 29, 30, 31, 8, 9, 33]
     assert f["seq_lens"] == [6, 6] and f["cu"] == [0, 6, 7]
-    assert f["tables"] == [[7, 2], [3, 8]]
+    assert [row[:2] for row in f["tables"]] == [[7, 2], [3, 8]]
     assert f["logits"] == [5, 6, 6] and f["max_seq_len"] == 6
-    assert packed.copy_size == layout.size and packed.num_tokens == 7
+    assert packed.num_tokens == 7 and packed.num_pending == 0
+
+
+def test_a_pending_token_is_a_placeholder_filled_from_the_last_samples():
+    a = seq(4, 9, [], [1, 5, 6], pending=True)  # its token was sampled last step, row 2
+    b = seq(5, 2, [42], [0])
+    _, f = packed_fields([a, b], last_sampled={4: 2, 9: 0})
+    assert f["ids"] == [0, 42] and f["pending"] == [(0, 2)]
+    assert f["slots"] == [6 * BS + 1, 2]
 
 
 def test_padding_rows_are_harmless_dummy_decodes():
-    seqs = [StepSeq([5], 9, [4, 6, 1]), StepSeq([6], 0, [2])]
-    layout = StepLayout(max_tokens=8, max_sampled=8, max_seqs=8, block_table_width=6)
-    buf = np.full(layout.size, 777, dtype=np.int32)
-    packed = pack_step(buf, layout, seqs, [0, 1], BS, pad_to=4)
-    f = fields(buf, layout, packed)
-    assert packed.num_seqs == packed.num_tokens == 4 and packed.copy_size == layout.used_size(4)
+    seqs = [seq(0, 9, [5], [4, 6, 1]), seq(1, 0, [6], [2])]
+    packed, f = packed_fields(seqs, pad_to=4, layout=StepLayout(8, 8, 8), stale=777)
+    assert packed.num_seqs == packed.num_tokens == 4
     assert f["ids"] == [5, 6, 0, 0] and f["pos"] == [9, 0, 0, 0]
     assert f["slots"] == [1 * BS + 1, 2 * BS, PAD_SLOT, PAD_SLOT]  # position 9: block [4, 6, 1][2]
     assert f["seq_lens"] == [10, 1, 1, 1] and f["cu"] == [0, 1, 2, 3, 4]
-    assert f["tables"][0] == [4, 6, 1, PAD_BLOCK_ID, PAD_BLOCK_ID, PAD_BLOCK_ID]
-    assert f["tables"][2] == [PAD_BLOCK_ID] * 6  # a valid block id for the kernel to look at
+    assert f["tables"][2] == [0] * 6  # the all-zero padding row: a valid block id to look at
     assert f["logits"] == [0, 1]
 
 
@@ -70,10 +84,11 @@ def test_an_all_padding_batch_is_valid_for_the_reference_kernel():
     """What graph capture runs: every row a dummy. The kernels must accept it and write nothing."""
     from minivllm.kernels import paged_attention, write_kv_cache
 
-    layout = StepLayout(max_tokens=4, max_sampled=4, max_seqs=4, block_table_width=2)
+    layout = StepLayout(max_tokens=4, max_sampled=4, max_seqs=4)
     buf = np.zeros(layout.size, dtype=np.int32)
-    packed = pack_step(buf, layout, [], [], BS, pad_to=4)
-    m = InputBatch.view(torch.from_numpy(buf), layout, packed).attn_metadata
+    tables = np.zeros((1, 2), dtype=np.int32)
+    packed = pack_step(buf, layout, [], [], tables, BS, {}, pad_to=4)
+    m = InputBatch.view(torch.from_numpy(buf), layout, packed, torch.zeros(4, 2, dtype=torch.int32)).attn_metadata
     k_cache = torch.zeros(3, BS, 2, 8)
     v_cache = torch.zeros_like(k_cache)
     q, k = torch.randn(4, 4, 8), torch.randn(4, 2, 8)
@@ -85,16 +100,15 @@ def test_an_all_padding_batch_is_valid_for_the_reference_kernel():
 
 @pytest.mark.parametrize("bad, match", [
     ({"pad_to": 1}, "pad_to=1 is smaller"),
-    ({"layout": StepLayout(1, 2, 2, 2)}, "tokens"),
-    ({"layout": StepLayout(8, 2, 2, 1)}, "block-table columns"),
-    ({"sampled": [0, 1, 1]}, "sampled rows"),
+    ({"layout": StepLayout(1, 2, 2)}, "tokens"),
+    ({"layout": StepLayout(8, 1, 2)}, "sampled rows"),
 ])
 def test_a_step_that_does_not_fit_names_what_overflows(bad, match):
-    seqs = [StepSeq([1], 3, [0]), StepSeq([2, 3], 0, [1, 2])]
-    layout = bad.get("layout", StepLayout(8, 2, 2, 2))
+    seqs = [seq(0, 3, [1], [0]), seq(1, 0, [2, 3], [1, 2])]
+    layout = bad.get("layout", StepLayout(8, 2, 2))
     buf = np.zeros(max(layout.size, 64), dtype=np.int32)
     with pytest.raises(ValueError, match=match):
-        pack_step(buf, layout, seqs, bad.get("sampled", [0, 1]), BS, pad_to=bad.get("pad_to"))
+        pack_step(buf, layout, seqs, [0, 1], np.zeros((2, 2), dtype=np.int32), BS, {}, pad_to=bad.get("pad_to"))
 
 
 def test_step_buffers_grow_on_cpu_and_refuse_to_when_fixed():
@@ -104,6 +118,24 @@ def test_step_buffers_grow_on_cpu_and_refuse_to_when_fixed():
     fixed = StepBuffers(8, torch.device("cpu"), growable=False)
     with pytest.raises(ValueError, match="buffer elements"):
         fixed.host(9)
+
+
+def test_block_tables_keep_a_row_per_sequence_and_write_only_what_changed():
+    tables = BlockTables(max_seqs=2, width=4, device=torch.device("cpu"))
+    row = tables.sync(10, [3])
+    assert tables.sync(10, [3, 7]) == row and tables.host[row, :2].tolist() == [3, 7]
+    tables.host[row, 3] = 99  # an entry past the table: never written, never read
+    tables.sync(10, [3, 5])  # copy-on-write replaced the last block
+    assert tables.host[row].tolist() == [3, 5, 0, 99]
+    other = tables.sync(11, [1])
+    assert other != row
+    with pytest.raises(RuntimeError, match="more than 2 sequences"):
+        tables.sync(12, [0])
+    tables.release([10, 11])
+    assert tables.sync(12, [2, 4]) in (row, other)  # a released row is reused, written anew
+    with pytest.raises(ValueError, match="width"):
+        tables.sync(13, [0] * 5)
+    assert tables.host[tables.pad_row].tolist() == [0, 0, 0, 0]
 
 
 def test_padding_leaves_the_real_rows_of_a_forward_unchanged(tmp_path):
@@ -119,13 +151,16 @@ def test_padding_leaves_the_real_rows_of_a_forward_unchanged(tmp_path):
     for k, v in runner.kv_caches:
         k.normal_()
         v.normal_()
-    seqs = [StepSeq([7], 5, [3, 9]), StepSeq([8], 0, [1]), StepSeq([9], 11, [2, 4, 6])]
+    seqs = [seq(0, 5, [7], [3, 9]), seq(1, 0, [8], [1]), seq(2, 11, [9], [2, 4, 6])]
+    tables = BlockTables(8, 4, torch.device("cpu"))
+    rows = [tables.sync(s.seq_id, s.block_table) for s in seqs]
     hidden = {}
     for pad_to in (None, 8):
-        layout = StepLayout(max_tokens=8, max_sampled=8, max_seqs=8, block_table_width=4)
+        layout = StepLayout(max_tokens=8, max_sampled=8, max_seqs=8)
         buf = np.zeros(layout.size, dtype=np.int32)
-        packed = pack_step(buf, layout, seqs, [0, 1, 2], 4, pad_to=pad_to)
+        packed = pack_step(buf, layout, seqs, rows, tables.host, 4, {}, pad_to=pad_to, pad_row=tables.pad_row)
         batch = InputBatch.view(torch.from_numpy(buf), layout, packed, backend="torch", max_seq_len=64)
+        batch.attn_metadata.block_tables = tables.device.index_select(0, batch.rows)
         before = [k.clone() for k, _ in runner.kv_caches]
         with torch.inference_mode():
             hidden[pad_to] = runner.model(batch.input_ids, batch.positions, batch.attn_metadata)

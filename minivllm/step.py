@@ -1,0 +1,89 @@
+"""What one engine step hands from the scheduler (engine/) to the model runner (worker/).
+
+Plain data, no live objects: the runner never sees a `Sequence`, a queue or a policy, and the same
+record could be pickled to another process (tensor parallelism does exactly that). Both sides
+import this module; it imports nothing of theirs, so no dependency runs back up.
+
+Each scheduled sequence says which tokens to compute and where its K/V lives:
+
+    ScheduledSeq(seq_id=7, start=40, token_ids=[], pending=True, block_table=[3, 9, 4], num_samples=1)
+
+reads "sequence 7 computes position 40, whose token is the one the previous step sampled for it
+(still on the device), its blocks are 3, 9, 4, and it samples one token". `pending` is what lets
+the host schedule step n+1 while the GPU still runs step n (see docs/architecture.md, "Overlap"):
+the scheduler knows that a decoding sequence *will* have a new token without knowing its value,
+and the runner copies the value from device to device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from minivllm.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class ScheduledSeq:
+    """One sequence's share of a step.
+
+    start: position of the first new token (= tokens whose K/V is already cached).
+    token_ids: the new tokens the host knows; with `pending`, the first new token is missing here
+        and comes from the previous step's sampled tokens on the device.
+    block_table: the sequence's whole block table (the runner uploads only what changed).
+    num_samples: rows sampled from this sequence's last new token: 0 (a prefill chunk that is not
+        the last), 1, or 1 + the parallel samples forked from it this step.
+    """
+
+    seq_id: int
+    start: int
+    token_ids: list[int]
+    pending: bool
+    block_table: list[int]
+    num_samples: int
+
+    @property
+    def num_new_tokens(self) -> int:
+        return len(self.token_ids) + self.pending
+
+
+@dataclass(slots=True)
+class SampleRow:
+    """One token to sample: whose, and with which settings.
+
+    seed_offset: sample i of a request draws from seed + i, so its n samples differ.
+    banned_token_ids: tokens that may not be drawn yet (EOS and stop ids before min_tokens).
+    prompt_token_ids / output_token_ids: for penalties only (empty otherwise).
+    """
+
+    seq_id: int
+    params: SamplingParams
+    seed_offset: int = 0
+    banned_token_ids: tuple[int, ...] = ()
+    prompt_token_ids: list[int] = field(default_factory=list)
+    output_token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class SchedulerOutput:
+    """The batch of one step.
+
+    seqs: the scheduled sequences in batch order. sample_rows: one per sampled token, in the
+    order the runner returns tokens; the rows of a sequence follow its `num_samples`, in batch
+    order. block_copies: (src, dst) KV blocks to copy before the forward (copy-on-write).
+    finished_seq_ids: sequences that ended since the last step (the runner drops their state);
+    preempted_seq_ids: sequences that lost their blocks (the runner drops their block table).
+    """
+
+    seqs: list[ScheduledSeq]
+    sample_rows: list[SampleRow]
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+    finished_seq_ids: list[int] = field(default_factory=list)
+    preempted_seq_ids: list[int] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.seqs)
