@@ -1,5 +1,5 @@
-"""The engine's oracle (DESIGN §5.2): greedy decoding equals Hugging Face `generate`, token for
-token, for tiny random-weight Llama, Qwen2, Qwen3 and OPT directories, under every scheduling
+"""The engine's oracle (docs/design.md, "Correctness oracles"): greedy decoding equals Hugging
+Face `generate`, token for token, for tiny random-weight Llama, Qwen2, Qwen3 and OPT directories, under every scheduling
 regime that changes *how* the tokens are computed but must not change *which* tokens come out:
 one prompt, a batch of different lengths, chunked prefill with a tiny budget, preemption forced
 by a tiny KV pool, and prefix caching.

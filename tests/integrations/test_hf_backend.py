@@ -89,7 +89,7 @@ def test_register_rejects_an_unknown_backend():
 
 
 def test_imports_point_one_way():
-    """The integration imports the kernels and transformers, never the engine (DESIGN section 1)."""
+    """The integration imports the kernels and transformers, never the engine (docs/design.md, "Layout")."""
     tree = ast.parse(Path(hf.__file__).read_text())
     imported = set()
     for node in ast.walk(tree):
