@@ -62,6 +62,48 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def add_engine_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """Declare the engine's options (the "engine" group) on a command that builds an engine.
+
+    Every such command (`generate`, `serve`) shares this one list, so a new engine option is added
+    here once and `engine_kwargs` turns it into its EngineConfig keyword.
+    """
+    engine = parser.add_argument_group("engine")
+    engine.add_argument("--dtype", default="auto", choices=DTYPES,
+                        help="auto = float32 on CPU, bfloat16 on CUDA")
+    engine.add_argument("--device", default="auto", choices=DEVICES, help="auto = cuda when available")
+    engine.add_argument("--attention-backend", default="auto", choices=BACKENDS,
+                        help="paged-attention kernels; auto = the fastest that runs here")
+    engine.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    engine.add_argument("--num-kv-blocks", type=int, default=None,
+                        help="KV pool size in blocks (default: sized from the memory budget)")
+    engine.add_argument("--kv-cache-memory-mib", type=_positive_int, default=256, help="KV budget on CPU")
+    engine.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                        help="fraction of GPU memory the engine may use")
+    engine.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one step")
+    engine.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="token budget of one step (default: 2048, or what the other limits need)")
+    engine.add_argument("--max-model-len", type=int, default=None,
+                        help="longest prompt + output (default: the model's context length)")
+    engine.add_argument("--chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
+                        help="split long prompts over several steps")
+    engine.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                        help="reuse the KV blocks of a prefix computed before")
+    return engine
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    """The `LLM(model, **kwargs)` / EngineConfig keywords of the flags `add_engine_args` declared."""
+    return dict(
+        dtype=args.dtype, device=args.device, attention_backend=args.attention_backend,
+        block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
+        kv_cache_memory_bytes=args.kv_cache_memory_mib * MiB,
+        gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+        enable_chunked_prefill=args.chunked_prefill, enable_prefix_caching=args.prefix_caching,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from minivllm.models import ARCHITECTURES, SIZES
 
@@ -108,27 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--n", type=int, default=1, help="samples per prompt")
     sampling.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     sampling.add_argument("--ignore-eos", action="store_true", help="keep generating after EOS")
-    engine = gen.add_argument_group("engine")
-    engine.add_argument("--dtype", default="auto", choices=DTYPES,
-                        help="auto = float32 on CPU, bfloat16 on CUDA")
-    engine.add_argument("--device", default="auto", choices=DEVICES, help="auto = cuda when available")
-    engine.add_argument("--attention-backend", default="auto", choices=BACKENDS,
-                        help="paged-attention kernels; auto = the fastest that runs here")
-    engine.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    engine.add_argument("--num-kv-blocks", type=int, default=None,
-                        help="KV pool size in blocks (default: sized from the memory budget)")
-    engine.add_argument("--kv-cache-memory-mib", type=_positive_int, default=256, help="KV budget on CPU")
-    engine.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                        help="fraction of GPU memory the engine may use")
-    engine.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one step")
-    engine.add_argument("--max-num-batched-tokens", type=int, default=None,
-                        help="token budget of one step (default: 2048, or what the other limits need)")
-    engine.add_argument("--max-model-len", type=int, default=None,
-                        help="longest prompt + output (default: the model's context length)")
-    engine.add_argument("--chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
-                        help="split long prompts over several steps")
-    engine.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=True,
-                        help="reuse the KV blocks of a prefix computed before")
+    add_engine_args(gen)
     output = gen.add_argument_group("output")
     output.add_argument("--json", action="store_true", help="print the outputs as JSON")
     output.add_argument("--stats", action="store_true", help="print engine statistics at the end")
@@ -202,14 +224,7 @@ def generate(args) -> int:
         frequency_penalty=args.frequency_penalty, seed=args.seed, stop=args.stop,
         max_tokens=args.max_tokens, min_tokens=args.min_tokens, ignore_eos=args.ignore_eos,
     )
-    llm = LLM(
-        args.model, dtype=args.dtype, device=args.device, attention_backend=args.attention_backend,
-        block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
-        kv_cache_memory_bytes=args.kv_cache_memory_mib * MiB,
-        gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-        enable_chunked_prefill=args.chunked_prefill, enable_prefix_caching=args.prefix_caching,
-    )
+    llm = LLM(args.model, **engine_kwargs(args))
     if args.trace:
         llm.enable_trace()
     outputs = llm.generate(prompts, params, use_tqdm=not args.no_progress)

@@ -137,3 +137,23 @@ def test_kv_budget_is_checked_in_its_own_unit(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["generate", "--model", "m", "--kv-cache-memory-mib", "0"])
     assert "--kv-cache-memory-mib: must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_engine_flags_are_one_shared_list(model_dir):
+    """generate (and serve) declare the engine group through add_engine_args, and engine_kwargs
+    turns it into an EngineConfig: every flag reaches its field."""
+    from minivllm.cli import add_engine_args, engine_kwargs
+    from minivllm.config import EngineConfig
+
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    args = parser.parse_args(["--block-size", "8", "--max-num-seqs", "3", "--kv-cache-memory-mib", "2",
+                              "--no-prefix-caching", "--max-model-len", "128", "--attention-backend", "torch"])
+    config = EngineConfig.from_dict({"model": str(model_dir("llama")), **engine_kwargs(args)})
+    assert config.cache_config.block_size == 8 and config.scheduler_config.max_num_seqs == 3
+    assert config.cache_config.kv_cache_memory_bytes == 2 << 20 and not config.cache_config.enable_prefix_caching
+    assert config.scheduler_config.max_model_len == 128
+    assert config.model_config.attention_backend == "torch"
+    engine_dests = {a.dest for a in parser._actions if a.option_strings and a.dest != "help"}
+    generate = _commands()["generate"]
+    assert engine_dests <= {a.dest for a in generate._actions}
