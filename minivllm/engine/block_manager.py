@@ -106,9 +106,6 @@ class BlockManager:
         """Free blocks, least recently used first (the order they will be handed out)."""
         return list(self._free)
 
-    def cached_block_ids(self) -> list[int]:
-        return sorted(self._cache.values())
-
     def is_cached(self, block_id: int) -> bool:
         return self.blocks[block_id].hash is not None
 
@@ -184,9 +181,6 @@ class BlockManager:
             return False
         return all(self.blocks[table[i]].ref_count == 1 for i in range(start // self.block_size, len(table)))
 
-    def can_allocate(self, seq: Sequence, num_new_tokens: int, cached_blocks: Iterable[int] = ()) -> bool:
-        return self.num_blocks_to_allocate(seq, num_new_tokens, cached_blocks) <= self.num_free_blocks
-
     def allocate(
         self, seq: Sequence, num_new_tokens: int, cached_blocks: Iterable[int] = ()
     ) -> list[tuple[int, int]] | None:
@@ -207,7 +201,7 @@ class BlockManager:
             return []
         if cached_blocks and (seq.block_table or seq.num_computed_tokens):
             raise ValueError("cached_blocks can only start the table of a sequence holding no blocks")
-        if not self.can_allocate(seq, num_new_tokens, cached_blocks):
+        if self.num_blocks_to_allocate(seq, num_new_tokens, cached_blocks) > self.num_free_blocks:
             return None
         start, end = self._write_range(seq, num_new_tokens, len(cached_blocks))
         for block_id in cached_blocks:

@@ -327,7 +327,7 @@ class LLMEngine:
             request = self._unfinished.get(request_id)
             if request is None:
                 continue
-            request.seqs[0].num_pending_forks = 0  # its missing samples will never be forked
+            request.finish_unforked(SequenceStatus.FINISHED_ERROR)
             for seq in request.seqs:
                 self.scheduler.finish_sequence(seq, SequenceStatus.FINISHED_ERROR)
                 failed.append(seq)
@@ -388,7 +388,7 @@ class LLMEngine:
         request = self._unfinished.get(request_id)
         if request is None:
             return None
-        request.seqs[0].num_pending_forks = 0  # samples not forked yet will never be
+        request.finish_unforked(SequenceStatus.FINISHED_ABORTED)
         for seq in request.seqs:
             self.scheduler.finish_sequence(seq, SequenceStatus.FINISHED_ABORTED)
         outputs = self._retire(list(request.seqs))

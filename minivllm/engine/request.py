@@ -35,6 +35,16 @@ class Request:
         # A parent that has not forked yet still owes its siblings.
         return self.seqs[0].num_pending_forks == 0 and all(s.is_finished for s in self.seqs)
 
+    def finish_unforked(self, status) -> None:
+        """End the samples that were never forked (an abort or a failure before the first token):
+        they are finished with `status` and no tokens, so the output still has its n completions."""
+        parent = self.seqs[0]
+        for index in range(1, parent.num_pending_forks + 1):
+            child = parent.fork(index)
+            child.finish(status)
+            self.seqs.append(child)
+        parent.num_pending_forks = 0
+
     def to_output(self, text_of: Callable[[Sequence], str]) -> RequestOutput:
         """The user-facing snapshot; `text_of(seq)` gives a sequence's text."""
         seqs = sorted(self.seqs, key=lambda s: s.index)

@@ -111,3 +111,11 @@ def test_a_stop_string_completed_by_the_last_allowed_token_wins(model_dir):
         assert detok is llm.engine.detokenizer
         return
     pytest.fail("no prompt gave a usable stop string; pick other prompts")
+
+
+def test_aborting_before_the_samples_fork_still_returns_n_completions(llm):
+    request_id = llm.add_request(random_prompts([9], seed=2)[0], SamplingParams(n=3, max_tokens=4))
+    out = llm.abort(request_id)
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert all(c.finish_reason == "abort" and c.token_ids == [] for c in out.outputs)
+    assert_clean(llm)
