@@ -16,3 +16,15 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     from tests._triton_interpreter import patch_bf16_dot
 
     patch_bf16_dot()
+
+
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.gpu` tests need a CUDA device: skipped, with the reason, where there is none."""
+    import pytest
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="marked gpu: needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -119,3 +119,17 @@ def test_aborting_before_the_samples_fork_still_returns_n_completions(llm):
     assert [c.index for c in out.outputs] == [0, 1, 2]
     assert all(c.finish_reason == "abort" and c.token_ids == [] for c in out.outputs)
     assert_clean(llm)
+
+
+def test_max_tokens_beyond_the_model_length_is_said_not_silently_capped(llm):
+    prompt = random_prompts([10], seed=3)[0]
+    with pytest.warns(UserWarning, match="max_model_len=64"):
+        out = llm.generate(prompt, SamplingParams(max_tokens=1000, temperature=0.0, ignore_eos=True),
+                           use_tqdm=False)[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 64 - 10
+
+
+def test_stop_token_ids_outside_the_vocabulary_are_refused_at_the_door(llm):
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        llm.add_request([5, 6, 7], SamplingParams(min_tokens=2, stop_token_ids=[10**6]))
+    assert_clean(llm)

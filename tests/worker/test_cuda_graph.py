@@ -5,7 +5,7 @@ import torch
 
 from minivllm.worker.cuda_graph import bucket_for, graph_batch_sizes, is_decode_only
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+needs_cuda = pytest.mark.gpu  # CUDA graphs need a CUDA GPU (tests/conftest.py skips it elsewhere)
 
 
 def test_buckets_are_fine_when_small_and_every_16_after():
@@ -149,3 +149,24 @@ def test_decode_graphs_why_not_reads_only_buckets_and_layout():
     assert graphs.why_not(_decode(5), 5) is None
     assert "no bucket" in graphs.why_not(_decode(9), 9)
     assert "sampled rows" in graphs.why_not(_decode(1), 12)
+
+
+@needs_cuda
+def test_a_differently_shaped_batch_compiles_nothing(tmp_path):
+    """After start-up (kernels.warm_up, graph capture) serving compiles no Triton kernel: a batch
+    of other sizes, prompt lengths, chunking and context lengths than the first one, too."""
+    from minivllm import LLM
+    from minivllm.kernels import JitCounter
+    from minivllm.models import make_random_model
+
+    model = make_random_model(tmp_path / "m", arch="qwen3", size="tiny", seed=4)
+    llm = LLM(str(model), device="cuda", max_num_seqs=16, max_model_len=512, num_kv_blocks=256,
+              max_num_batched_tokens=96, enable_prefix_caching=False)
+    llm.generate([[5 + i] * (3 + i) for i in range(3)], temperature=0.0, max_tokens=5, ignore_eos=True,
+                 use_tqdm=False)
+    with JitCounter() as jit:
+        llm.generate([[7 + i] * (17 + 23 * i) for i in range(11)], temperature=0.8, seed=1,
+                     max_tokens=40, ignore_eos=True, use_tqdm=False)
+    assert jit.count == 0, jit.summary()
+    del llm
+    torch.cuda.empty_cache()
