@@ -4,11 +4,13 @@
     python -m minivllm generate --model /tmp/tiny-llama --prompt "Once upon a time" --max-tokens 32
     python -m minivllm generate --model /tmp/tiny-llama --prompt "Hi" --trace /tmp/trace.jsonl
     python -m minivllm visualize /tmp/trace.jsonl --out /tmp/figures
+    python -m minivllm serve --model /tmp/tiny-llama --port 8000
 
 `make-model` writes a random-weight Hugging Face directory (weights, config, tokenizer), so the
 engine can be tried with no download. `generate` runs prompts through the engine and prints the
 completions and their timings (or JSON with --json); `--trace` also records every step.
 `visualize` draws a recorded trace: schedule timeline, throughput and KV usage, block map.
+`serve` answers OpenAI API requests over HTTP (minivllm/entrypoints/, docs/serving.md).
 
 Errors are printed in the command line's own words: the library names its Python arguments
 (`max_tokens`, `overwrite=True`), and `cli_words` turns them into the flags (`--max-tokens`,
@@ -89,6 +91,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
                         help="split long prompts over several steps")
     engine.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                         help="reuse the KV blocks of a prefix computed before")
+    engine.add_argument("--tensor-parallel-size", type=_positive_int, default=1,
+                        help="split the model over this many GPUs (one process each; CPU processes with --device cpu)")
     return engine
 
 
@@ -101,7 +105,18 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         enable_chunked_prefill=args.chunked_prefill, enable_prefix_caching=args.prefix_caching,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in [0, 65535], got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,6 +172,21 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     output.add_argument("--trace", default=None, metavar="FILE",
                         help="record every engine step and write it to FILE as JSON lines")
+
+    srv = command("serve", "serve a model over an OpenAI-compatible HTTP API (see docs/serving.md)")
+    srv.add_argument("--model", required=True, help="Hugging Face model directory")
+    srv.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on; 127.0.0.1 = this machine only, 0.0.0.0 = every interface")
+    srv.add_argument("--port", type=_port, default=8000, help="TCP port to listen on")
+    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every /v1 route")
+    srv.add_argument("--served-model-name", default=None,
+                     help="the model name clients send and see (default: --model as given)")
+    srv.add_argument("--shutdown-timeout", type=float, default=5.0,
+                     help="on SIGTERM/Ctrl-C, seconds the requests in flight may still run before "
+                          "they are aborted")
+    srv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                     help="uvicorn's log level")
+    add_engine_args(srv)
 
     vis = command("visualize", "draw a step trace (timeline, throughput, block map)")
     vis.add_argument("trace", help="a trace written by `generate --trace` or LLM.save_trace")
@@ -247,6 +277,17 @@ def generate(args) -> int:
     return 0
 
 
+def serve(args) -> int:
+    try:
+        from minivllm.entrypoints.api_server import run_server
+    except ImportError as err:
+        print(f"minivllm serve: error: the server needs the `serve` extra ({err.name} is missing): "
+              "pip install -e '.[serve]'", file=sys.stderr)
+        return 2
+    return run_server(args.model, engine_kwargs(args), args.served_model_name, host=args.host, port=args.port,
+                      api_key=args.api_key, shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
+
+
 def visualize(args) -> int:
     from minivllm.observe import read_trace
     from minivllm.observe import visualize as draw
@@ -260,7 +301,7 @@ def visualize(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"make-model": make_model, "generate": generate, "visualize": visualize}
+    commands = {"make-model": make_model, "generate": generate, "serve": serve, "visualize": visualize}
     try:
         return commands[args.command](args)
     except (ValueError, TypeError, OSError) as err:  # bad input, a missing or broken file

@@ -5,8 +5,9 @@
 writes what a model downloaded from the hub would contain: config.json and generation_config.json
 (from the `transformers` config class of the architecture), model.safetensors (written by the
 `transformers` model's own `save_pretrained`, so tensor names are exactly Hugging Face's), and a
-tokenizer (`toy_tokenizer.py`). Both `transformers` and minivllm load the directory, which is what
-makes these models the oracle of the tests: same weights, two implementations, outputs compared.
+tokenizer with a chat template (`toy_tokenizer.py`). Both `transformers` and minivllm load the
+directory, which is what makes these models the oracle of the tests: same weights, two
+implementations, outputs compared.
 
 Sizes: "tiny" and "small" for every architecture (fast on a CPU), plus named shapes of real models
 ("qwen3-0.6b", "llama-3.2-1b") with random weights, for benchmarks that need realistic geometry but
@@ -71,7 +72,8 @@ SIZES = ("tiny", "small", *NAMED_SHAPES)
 _ROPE_KEYS = ("rope_theta", "rope_scaling")
 
 _OUTPUT_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json",
-                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "chat_template.jinja")
 
 
 def make_random_model(

@@ -10,6 +10,11 @@ text end to end with no downloads. We train one with the `tokenizers` library:
 
 Four special tokens come first, so their ids are fixed: <pad>=0, <s>=1 (beginning of sequence,
 prepended to every encoded text, as Llama tokenizers do), </s>=2 (end of sequence), <unk>=3.
+
+It also carries a *chat template* (`CHAT_TEMPLATE`), as the tokenizers of chat models do: a Jinja
+template that turns a list of messages into the one prompt text the model was trained on. A
+server's chat endpoint renders it with `tokenizer.apply_chat_template(messages,
+add_generation_prompt=True)`; saved as chat_template.jinja beside the tokenizer.
 """
 
 from __future__ import annotations
@@ -19,6 +24,16 @@ from pathlib import Path
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)  # ids 0, 1, 2, 3
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(4)
+
+# Each message becomes "<|role|>\n" + its text + "</s>\n"; the generation prompt opens the
+# assistant's turn, so the model's answer (ended by </s>, the eos token) is what comes next.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
 
 # Enough distinct English for a few hundred merges. Written for this project.
 TRAINING_TEXT = """\
@@ -84,7 +99,7 @@ def build_tokenizer(vocab_size: int, model_max_length: int):
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, BOS_ID)]
     )
-    return PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token=BOS,
         eos_token=EOS,
@@ -92,10 +107,13 @@ def build_tokenizer(vocab_size: int, model_max_length: int):
         unk_token=UNK,
         model_max_length=model_max_length,
     )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
 
 
 def save_tokenizer(out_dir, vocab_size: int, model_max_length: int) -> Path:
-    """Train and save the tokenizer into `out_dir` (tokenizer.json + tokenizer_config.json)."""
+    """Train and save the tokenizer into `out_dir` (tokenizer.json + tokenizer_config.json, and
+    the chat template)."""
     out_dir = Path(out_dir)
     build_tokenizer(vocab_size, model_max_length).save_pretrained(str(out_dir))
     return out_dir

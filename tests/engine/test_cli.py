@@ -53,7 +53,8 @@ def test_cli_errors_are_reported_not_raised(tmp_path, capsys):
     assert "is not a directory" in capsys.readouterr().err
 
 
-MINIMAL_ARGS = {"make-model": ["x"], "generate": ["--model", "m"], "visualize": ["t", "--out", "o"]}
+MINIMAL_ARGS = {"make-model": ["x"], "generate": ["--model", "m"], "serve": ["--model", "m"],
+                "visualize": ["t", "--out", "o"]}
 
 
 def _commands() -> dict[str, argparse.ArgumentParser]:
@@ -62,7 +63,7 @@ def _commands() -> dict[str, argparse.ArgumentParser]:
     return {name: parser.parse_args([name, *args]).command_parser for name, args in MINIMAL_ARGS.items()}
 
 
-@pytest.mark.parametrize("command", ["make-model", "generate", "visualize"])
+@pytest.mark.parametrize("command", ["make-model", "generate", "serve", "visualize"])
 def test_help_shows_every_default(command):
     sub = _commands()[command]
     text = " ".join(sub.format_help().split())  # undo argparse's line wrapping
@@ -73,7 +74,7 @@ def test_help_shows_every_default(command):
             continue
         assert f"(default: {action.default})" in text, (action.option_strings, text)
         shown += 1
-    assert shown >= {"make-model": 3, "generate": 19, "visualize": 0}[command]
+    assert shown >= {"make-model": 3, "generate": 19, "serve": 13, "visualize": 0}[command]
     assert "(default: None)" not in text and "(default: False)" not in text and "(default: [])" not in text
 
 
@@ -155,5 +156,18 @@ def test_engine_flags_are_one_shared_list(model_dir):
     assert config.scheduler_config.max_model_len == 128
     assert config.model_config.attention_backend == "torch"
     engine_dests = {a.dest for a in parser._actions if a.option_strings and a.dest != "help"}
-    generate = _commands()["generate"]
-    assert engine_dests <= {a.dest for a in generate._actions}
+    for command in ("generate", "serve"):
+        assert engine_dests <= {a.dest for a in _commands()[command]._actions}
+
+
+def test_serve_binds_to_loopback_by_default_and_checks_the_port(capsys):
+    args = build_parser().parse_args(["serve", "--model", "m"])
+    assert (args.host, args.port, args.api_key) == ("127.0.0.1", 8000, None)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--model", "m", "--port", "70000"])
+    assert "--port: must be in [0, 65535], got 70000" in capsys.readouterr().err
+
+
+def test_serve_reports_a_missing_model_in_flag_words(tmp_path, capsys):
+    assert main(["serve", "--model", str(tmp_path / "missing"), "--max-num-seqs", "2"]) == 2
+    assert "serve: error:" in capsys.readouterr().err

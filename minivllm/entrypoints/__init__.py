@@ -1,0 +1,15 @@
+"""Ways in to the engine besides the offline `LLM`: the async engine and the OpenAI server.
+
+    async_llm.py           AsyncLLM: one loop steps the engine for many coroutines
+    api_server.py          the FastAPI app and `python -m minivllm serve`
+    serving*.py            what the completions and chat routes do with a request
+    protocol.py, errors.py the OpenAI request/response/error bodies
+    metrics.py             Prometheus metrics of GET /metrics
+
+See docs/serving.md. Only AsyncLLM is imported here: the server's modules need the `serve` extra
+(fastapi, uvicorn, prometheus_client), which the engine itself does not.
+"""
+
+from minivllm.entrypoints.async_llm import AsyncLLM, EngineDeadError, EngineStepError, RequestStream
+
+__all__ = ["AsyncLLM", "EngineDeadError", "EngineStepError", "RequestStream"]

@@ -1,0 +1,203 @@
+"""The OpenAI-compatible HTTP server: `python -m minivllm serve --model DIR`.
+
+    HTTP request ──> FastAPI route ──> OpenAIServing{Completion,Chat} ──> AsyncLLM ──> LLMEngine
+       (uvicorn)     (pydantic body)   check, tokenize, SamplingParams     one loop,    step()
+                                       start requests, stream deltas       one thread
+
+The server is a thin layer: it parses and checks a request, hands it to `AsyncLLM`, and sends
+what comes back. No engine logic lives in a handler.
+
+Routes: `GET /health`, `GET /metrics` (Prometheus text), and under `/v1` (behind the API key when
+one is set): `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`.
+
+Shutdown (SIGTERM or Ctrl-C): the server stops accepting connections, lets the requests in flight
+finish for up to `shutdown_timeout` seconds and aborts the rest, so every stream still ends
+properly (finish_reason "abort", then `data: [DONE]`); then uvicorn closes the connections and
+the app's lifespan stops `AsyncLLM`. The process exits 0, with no traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import signal
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from minivllm.engine.llm_engine import LLMEngine
+from minivllm.entrypoints.async_llm import AsyncLLM
+from minivllm.entrypoints.errors import OpenAIError, from_validation_error
+from minivllm.entrypoints.metrics import ServerMetrics
+from minivllm.entrypoints.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from minivllm.entrypoints.serving import ClientGone
+from minivllm.entrypoints.serving_chat import OpenAIServingChat
+from minivllm.entrypoints.serving_completion import OpenAIServingCompletion
+
+logger = logging.getLogger("minivllm.serve")
+
+
+def build_app(engine: LLMEngine, model_name: str, api_key: str | None = None) -> FastAPI:
+    """The FastAPI app serving `engine` under `model_name`. The engine's loop starts with the first
+    request and stops with the app (its lifespan)."""
+    metrics = ServerMetrics(engine)
+    async_llm = AsyncLLM(engine, on_output=metrics.record)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await async_llm.shutdown()
+
+    app = FastAPI(title="minivllm", lifespan=lifespan)
+    app.state.engine = async_llm
+    app.state.metrics = metrics
+    if api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    _add_error_handlers(app)
+    app.include_router(_open_routes(async_llm, metrics))
+    app.include_router(_v1_routes(async_llm, model_name))
+    return app
+
+
+def _open_routes(async_llm: AsyncLLM, metrics: ServerMetrics) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200 if async_llm.is_running else 503)
+
+    @router.get("/metrics")
+    async def prometheus() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    return router
+
+
+def _v1_routes(async_llm: AsyncLLM, model_name: str) -> APIRouter:
+    router = APIRouter(prefix="/v1")
+    completion = OpenAIServingCompletion(async_llm, model_name)
+    chat = OpenAIServingChat(async_llm, model_name)
+    card = ModelCard(id=model_name, root=async_llm.engine.config.model_config.model,
+                     max_model_len=completion.max_model_len)
+
+    @router.get("/models")
+    async def models() -> ModelList:
+        return ModelList(data=[card])
+
+    @router.post("/completions")
+    async def completions(request: CompletionRequest, raw: Request) -> Response:
+        return await completion.create(request, raw)
+
+    @router.post("/chat/completions")
+    async def chat_completions(request: ChatCompletionRequest, raw: Request) -> Response:
+        return await chat.create(request, raw)
+
+    return router
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error leaves as OpenAI's error JSON (see errors.py)."""
+
+    @app.exception_handler(OpenAIError)
+    async def openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return from_validation_error(exc).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return OpenAIError(str(exc.detail), status=exc.status_code).response()
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(_: Request, exc: ClientGone) -> Response:
+        return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unexpected error while serving a request")
+        return OpenAIError(f"internal server error: {type(exc).__name__}: {exc}", status=500).response()
+
+
+class APIKeyMiddleware:
+    """`Authorization: Bearer KEY` on every /v1 route, checked before the body is read, so a
+    client without the key learns nothing else (not even whether its JSON was valid).
+
+    A plain ASGI middleware: it looks at the headers and passes everything else through untouched
+    (streams included).
+    """
+
+    def __init__(self, app, api_key: str):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and (scope["path"] == "/v1" or scope["path"].startswith("/v1/")):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.expected):
+                error = OpenAIError("missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                                    status=401, code="invalid_api_key")
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def run_server(model: str, engine_kwargs: dict | None = None, model_name: str | None = None,
+               host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+               shutdown_timeout: float = 5.0, log_level: str = "info") -> int:
+    """Load `model`, then serve it until SIGTERM or Ctrl-C; returns the exit status (0 after a
+    clean shutdown, also when stopped while the model was still loading)."""
+    import uvicorn
+
+    from minivllm.config import EngineConfig
+
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # while loading, SIGTERM acts as Ctrl-C
+    try:
+        engine = LLMEngine(EngineConfig.from_dict({"model": model, **(engine_kwargs or {})}))
+    except KeyboardInterrupt:
+        logger.warning("stopped while loading the model")
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    app = build_app(engine, model_name or model, api_key)
+    # uvicorn's own graceful timeout is the backstop: by then our drain has ended every request.
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=shutdown_timeout + 5)
+    server = _drain_first(uvicorn.Server)(config)
+    server.async_llm, server.drain_timeout = app.state.engine, shutdown_timeout
+    # uvicorn handles SIGINT/SIGTERM while it serves, and afterwards re-raises the signal it caught
+    # through the handler that was there before it. Ours does nothing: the shutdown is done, and
+    # Python's own (KeyboardInterrupt, or death by SIGTERM) would turn it into a traceback or a
+    # non-zero exit.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _shut_down_already)
+    server.run()
+    return 0 if server.started else 1
+
+
+def _drain_first(server_class):
+    """uvicorn's Server, whose shutdown first closes the listening sockets and drains the engine
+    (`AsyncLLM.drain`): uvicorn alone would wait for the connections and then cut the streams
+    that are still open, without a last chunk."""
+
+    class DrainingServer(server_class):
+        async def shutdown(self, sockets=None) -> None:
+            for listener in self.servers:
+                listener.close()
+            await self.async_llm.drain(self.drain_timeout)
+            await super().shutdown(sockets)
+
+    return DrainingServer
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _shut_down_already(signum, frame) -> None:
+    """The signal uvicorn re-raises after its graceful shutdown: nothing is left to do."""

@@ -1,0 +1,83 @@
+"""Prometheus metrics of the server: what `GET /metrics` shows.
+
+Two kinds of numbers, read in two ways:
+
+* **State** (gauges: requests running and waiting, KV-cache usage) is read from the engine when
+  Prometheus scrapes, so it is exactly what the engine holds at that moment. `len(list)` and
+  `num_used_blocks` are single reads, safe while the engine thread steps.
+* **Events** (counters of prompt and generated tokens, finished requests by reason; histograms of
+  time to first token, time per output token and end-to-end latency) are recorded as the outputs
+  go by: `AsyncLLM` calls `record(output)` for every output the engine reports.
+
+Names follow vLLM's (`vllm:` becomes `minivllm:`), so existing dashboards read them. Each server
+has its own `CollectorRegistry`, so two servers in one process (tests) never share a counter.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from minivllm.engine.llm_engine import LLMEngine
+from minivllm.outputs import RequestOutput
+
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                10.0, 20.0, 40.0, 80.0)
+TPOT_BUCKETS = (0.001, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
+                0.4, 0.5, 0.75, 1.0, 2.5)
+E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+               120.0, 240.0, 480.0)
+
+
+class ServerMetrics:
+    """The Prometheus collectors of one server, fed by `record` and read by `render`."""
+
+    def __init__(self, engine: LLMEngine):
+        self.registry = CollectorRegistry()
+        scheduler, blocks = engine.scheduler, engine.block_manager
+
+        def gauge(name: str, doc: str, read) -> None:
+            Gauge(name, doc, registry=self.registry).set_function(read)
+
+        gauge("minivllm:num_requests_running", "Requests in the engine's running queue.",
+              lambda: len(scheduler.running))
+        gauge("minivllm:num_requests_waiting", "Requests waiting to be scheduled (or preempted).",
+              lambda: len(scheduler.waiting))
+        gauge("minivllm:kv_cache_usage_perc", "Fraction of the KV-cache blocks in use (0 to 1).",
+              lambda: blocks.num_used_blocks / blocks.num_blocks)
+        self.prompt_tokens = Counter("minivllm:prompt_tokens", "Prompt tokens of the requests started.",
+                                     registry=self.registry)
+        self.generation_tokens = Counter("minivllm:generation_tokens", "Tokens generated and reported.",
+                                         registry=self.registry)
+        self.request_success = Counter("minivllm:request_success", "Finished requests, by finish reason.",
+                                       ["finished_reason"], registry=self.registry)
+        self.ttft = Histogram("minivllm:time_to_first_token_seconds", "Arrival to first generated token.",
+                              buckets=TTFT_BUCKETS, registry=self.registry)
+        self.tpot = Histogram("minivllm:time_per_output_token_seconds",
+                              "Mean time between output tokens of a request, after the first.",
+                              buckets=TPOT_BUCKETS, registry=self.registry)
+        self.e2e = Histogram("minivllm:e2e_request_latency_seconds", "Arrival to finish of a request.",
+                             buckets=E2E_BUCKETS, registry=self.registry)
+        self._started: set[str] = set()  # requests whose prompt and first token were counted
+
+    def record(self, output: RequestOutput) -> None:
+        """Count one output the engine reported (a delta, or a whole finished request)."""
+        self.generation_tokens.inc(sum(len(c.token_ids) for c in output.outputs))
+        metrics = output.metrics
+        request_id = output.request_id
+        if request_id not in self._started:
+            self._started.add(request_id)
+            self.prompt_tokens.inc(len(output.prompt_token_ids))
+            if metrics.ttft is not None:
+                self.ttft.observe(metrics.ttft)
+        if output.finished:
+            self._started.discard(request_id)
+            for reason in {c.finish_reason for c in output.outputs if c.finish_reason}:
+                self.request_success.labels(finished_reason=reason).inc()
+            if metrics.tpot is not None:
+                self.tpot.observe(metrics.tpot)
+            if metrics.e2e_latency is not None:
+                self.e2e.observe(metrics.e2e_latency)
+
+    def render(self) -> tuple[bytes, str]:
+        """(body, content type) of the Prometheus text format."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,255 @@
+"""What the completions and chat endpoints share: request -> engine requests -> response.
+
+A handler does four things, in this order, and only the last one touches the engine's time:
+
+1. **check** the request against this server: the model name (404), fields it does not implement;
+2. **prepare** it: the prompt(s) as token ids (tokenized here, with the server's own copy of the
+   tokenizer, exactly as `LLMEngine` would), the `SamplingParams`, and the length check (prompt +
+   max_tokens must fit the model's context, or the answer is a 400 naming the field);
+3. **start** one engine request per prompt through `AsyncLLM.add_request`, all or none: the
+   engine's own checks raise here, so a bad request is still a 400 and nothing streams;
+4. **answer**: stream the engine's deltas as server-sent events (`sse_response`), or gather them
+   into one JSON body (`gather`).
+
+The deltas already are what a streaming client is sent next (new text since the last report,
+per completion; see minivllm/engine/request.py), so streaming adds no bookkeeping: one delta,
+one chunk. A plain answer is the same deltas concatenated, so streamed text equals plain text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from minivllm.engine.tokenizer import load_tokenizer
+from minivllm.entrypoints.async_llm import AsyncLLM, EngineDeadError, EngineStepError, RequestStream
+from minivllm.entrypoints.errors import OpenAIError, from_value_error
+from minivllm.entrypoints.protocol import UNSUPPORTED_FIELDS, SamplingRequest, UsageInfo
+from minivllm.outputs import RequestOutput
+from minivllm.sampling_params import SamplingParams
+
+# Request fields -> SamplingParams fields of the same meaning (max_tokens is handled apart).
+_SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                    "repetition_penalty", "seed", "stop", "stop_token_ids", "min_tokens", "ignore_eos")
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready (its requests are aborted)."""
+
+
+class Choice:
+    """What a plain (non-streaming) answer gathers of one completion."""
+
+    def __init__(self):
+        self.text: list[str] = []
+        self.num_tokens = 0
+        self.finish_reason: str | None = None
+
+
+class OpenAIServing:
+    """The shared half of an endpoint; `serving_completion.py` and `serving_chat.py` add theirs."""
+
+    def __init__(self, engine: AsyncLLM, model_name: str):
+        self.engine = engine
+        self.model_name = model_name
+        config = engine.engine.config
+        self.max_model_len = config.scheduler_config.max_model_len
+        # The server's own tokenizer, used on the event loop; the engine thread keeps its own, so
+        # the two never share the mutable state of a fast tokenizer across threads.
+        self.tokenizer = load_tokenizer(config.model_config.model)
+
+    # ------------------------------------------------------------------------------------------
+    # 1-2. check and prepare
+    # ------------------------------------------------------------------------------------------
+    def check_request(self, request: SamplingRequest) -> None:
+        if request.model is not None and request.model != self.model_name:
+            raise OpenAIError(f"The model `{request.model}` does not exist: this server serves "
+                              f"`{self.model_name}`.", status=404, param="model", code="model_not_found")
+        extra = request.model_extra or {}
+        for name in UNSUPPORTED_FIELDS:
+            value = extra.get(name)
+            harmless = value is None or value is False or (name == "best_of" and value == 1)
+            if not harmless:
+                raise OpenAIError(f"{name} is not supported by this server", param=name)
+
+    def tokenize(self, text: str, param: str) -> list[int]:
+        """A text prompt as the engine would tokenize it (so outputs equal LLM.generate's)."""
+        if self.tokenizer is None:
+            raise OpenAIError(f"this model directory has no tokenizer, so {param} must be given as "
+                              "token ids, not text", param=param)
+        return list(self.tokenizer(text).input_ids)
+
+    def sampling_params(self, request: SamplingRequest, max_tokens: int | None) -> SamplingParams:
+        kwargs = {name: getattr(request, name) for name in _SAMPLING_FIELDS if getattr(request, name) is not None}
+        try:
+            return SamplingParams(max_tokens=max_tokens, **kwargs)
+        except (ValueError, TypeError) as err:
+            raise from_value_error(err, type(request).model_fields) from None
+
+    def check_length(self, prompt: list[int], max_tokens: int | None, prompt_param: str,
+                     max_tokens_param: str) -> None:
+        """Prompt + max_tokens must fit in max_model_len (the engine would cut the output short)."""
+        limit, n = self.max_model_len, len(prompt)
+        if not prompt:
+            raise OpenAIError(f"{prompt_param} must not be empty", param=prompt_param)
+        if n >= limit:
+            raise OpenAIError(f"{prompt_param} has {n} tokens, but this model's context is {limit} tokens "
+                              "(max_model_len), which leaves no room for an answer", param=prompt_param)
+        if max_tokens is not None and n + max_tokens > limit:
+            raise OpenAIError(f"{max_tokens_param} is {max_tokens}, but the prompt has {n} tokens and this "
+                              f"model's context is {limit} tokens (max_model_len): {max_tokens_param} can "
+                              f"be at most {limit - n}", param=max_tokens_param)
+
+    # ------------------------------------------------------------------------------------------
+    # 3. start
+    # ------------------------------------------------------------------------------------------
+    async def start(self, prompts: list[list[int]], params: SamplingParams, fields,
+                    response_id: str) -> list[RequestStream]:
+        """One engine request per prompt, all or none (a refused one aborts those already added)."""
+        streams: list[RequestStream] = []
+        try:
+            for i, prompt in enumerate(prompts):
+                streams.append(await self.engine.add_request(prompt, params, f"{response_id}-{i}"))
+        except (ValueError, TypeError) as err:
+            close_all(streams)
+            raise from_value_error(err, fields) from None
+        except EngineDeadError as err:
+            close_all(streams)
+            raise OpenAIError(f"the server is shutting down: {err}", status=503) from None
+        return streams
+
+    # ------------------------------------------------------------------------------------------
+    # 4. answer
+    # ------------------------------------------------------------------------------------------
+    async def gather(self, streams: list[RequestStream], n: int, raw: Request) -> tuple[list[Choice], int]:
+        """Run the requests to the end; returns each choice's text, tokens and finish reason, and
+        the number of completion tokens. A client that disconnects meanwhile aborts them."""
+        choices = [Choice() for _ in range(len(streams) * n)]
+
+        async def collect() -> None:
+            async for i, output in merged(streams):
+                for c in output.outputs:
+                    choice = choices[i * n + c.index]
+                    choice.text.append(c.text)
+                    choice.num_tokens += len(c.token_ids)
+                    choice.finish_reason = c.finish_reason or choice.finish_reason
+
+        try:
+            await until_disconnected(raw, collect())
+        except (EngineStepError, EngineDeadError) as err:
+            raise OpenAIError(str(err), status=500) from None
+        finally:
+            close_all(streams)
+        return choices, sum(c.num_tokens for c in choices)
+
+    def sse_response(self, streams: list[RequestStream], events: AsyncIterator[str]) -> StreamingResponse:
+        """Server-sent events from `events`, closed with `data: [DONE]`. However the response ends
+        (finished, client gone, server shutting down), the requests are closed: the unfinished
+        ones aborted, their KV blocks freed."""
+
+        async def body() -> AsyncIterator[str]:
+            try:
+                async for event in events:
+                    yield event
+            except (EngineStepError, EngineDeadError) as err:
+                error = OpenAIError(str(err), status=500).body()
+                yield f"data: {error.model_dump_json()}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return ClosingStreamingResponse(body(), on_close=lambda: close_all(streams),
+                                        media_type="text/event-stream")
+
+    @staticmethod
+    def usage(prompts: list[list[int]], params: SamplingParams, completion_tokens: int) -> UsageInfo:
+        # Each of the n samples of a prompt shares its prompt: OpenAI counts the prompt once.
+        prompt_tokens = sum(len(p) for p in prompts)
+        return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                         total_tokens=prompt_tokens + completion_tokens)
+
+
+def new_id(prefix: str) -> tuple[str, int]:
+    """A response id and its creation time."""
+    return f"{prefix}-{uuid.uuid4().hex}", int(time.time())
+
+
+def sse(chunk) -> str:
+    """One server-sent event: a pydantic chunk as `data: {json}` and a blank line."""
+    return f"data: {chunk.model_dump_json()}\n\n"
+
+
+def close_all(streams: list[RequestStream]) -> None:
+    for stream in streams:
+        stream.close()
+
+
+async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(which stream, output) as outputs arrive from any of the streams, until all are done."""
+    if len(streams) == 1:  # the common case needs no helper tasks
+        async for output in streams[0]:
+            yield 0, output
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: RequestStream) -> None:
+        try:
+            async for output in stream:
+                queue.put_nowait((i, output))
+            queue.put_nowait((i, None))
+        except Exception as err:  # noqa: BLE001 - handed to the consumer, raised there
+            queue.put_nowait((i, err))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        left = len(streams)
+        while left:
+            i, item = await queue.get()
+            if item is None:
+                left -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def until_disconnected(raw: Request, work: Awaitable) -> None:
+    """Await `work`, cancelling it if the client disconnects first (a plain, non-streaming answer
+    has nothing to send until the end, so only listening tells that the client is gone)."""
+    work_task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnected(raw))
+    try:
+        done, _ = await asyncio.wait({work_task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work_task.done():
+            work_task.cancel()
+    if work_task not in done:
+        raise ClientGone()
+    work_task.result()
+
+
+async def _disconnected(raw: Request) -> None:
+    while (await raw.receive())["type"] != "http.disconnect":
+        pass
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that calls `on_close` however it ends, even if its body never started
+    (a client gone before the first byte), so no engine request outlives its response."""
+
+    def __init__(self, content, on_close: Callable[[], None], **kwargs):
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()

@@ -1,0 +1,153 @@
+"""Fixtures for the server tests: a tiny model, and a real `python -m minivllm serve` process.
+
+The server is started once per test session on a free loopback port, with an API key, and
+stopped at the end with SIGINT (Ctrl-C), which must exit 0 with no traceback in its log whatever
+the tests did to it. The modules that use it share one xdist group (`pytestmark` there, and
+`--dist loadgroup` in pyproject.toml), so `-n 2` still starts one server, not one per worker.
+Tests talk to it with the official `openai` client, exactly as a user would. Every wait is
+bounded; every request targets 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+API_KEY = "test-key"
+MODEL_NAME = "tiny-qwen2"
+MAX_MODEL_LEN = 256
+MAX_NUM_SEQS = 32
+START_TIMEOUT_S = 120
+in_server_group = pytest.mark.xdist_group("server")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def serve_model(tmp_path_factory) -> Path:
+    """A tiny random-weight qwen2 directory with a tokenizer and its chat template."""
+    from minivllm.models import make_random_model
+
+    return make_random_model(tmp_path_factory.mktemp("serve-model"), arch="qwen2", size="tiny", seed=0)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """A `python -m minivllm serve` child process and its address."""
+
+    def __init__(self, model: Path, *extra: str, log_dir: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log_dir / f"server-{self.port}.log"
+        args = [sys.executable, "-m", "minivllm", "serve", "--model", str(model), "--port", str(self.port),
+                "--served-model-name", MODEL_NAME, "--attention-backend", "torch", "--kv-cache-memory-mib", "8",
+                "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", str(MAX_NUM_SEQS), *extra]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def wait_healthy(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.25)
+        self.stop()
+        raise RuntimeError(f"the server was not healthy after {START_TIMEOUT_S} s:\n{self.output()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def server(serve_model, tmp_path_factory):
+    """One server for the whole session, with the API key set."""
+    process = ServerProcess(serve_model, "--api-key", API_KEY, log_dir=tmp_path_factory.mktemp("logs"))
+    try:
+        process.wait_healthy()
+        yield process
+    finally:
+        code = process.stop(signal.SIGINT)
+    # Ctrl-C stops it cleanly; whatever the tests did to it (bad requests, disconnects), it logged
+    # no traceback.
+    assert code == 0 and "Traceback" not in process.output(), process.output()
+
+
+@pytest.fixture
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture
+def async_client(server):
+    import openai
+
+    return openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def offline_llm(serve_model):
+    """The offline LLM on the same directory: the oracle of the server's greedy outputs."""
+    from minivllm import LLM
+
+    return LLM(str(serve_model), attention_backend="torch", kv_cache_memory_bytes=8 << 20,
+               max_model_len=MAX_MODEL_LEN)
+
+
+def make_engine(model, **overrides):
+    """An LLMEngine on `model` with the test settings (reference attention, small KV pool)."""
+    from minivllm.config import EngineConfig
+    from minivllm.engine.llm_engine import LLMEngine
+
+    return LLMEngine(EngineConfig.from_dict({"model": str(model), "attention_backend": "torch",
+                                             "kv_cache_memory_bytes": 8 << 20, "max_model_len": MAX_MODEL_LEN,
+                                             **overrides}))
+
+
+@pytest.fixture(scope="session")
+def engine(serve_model):
+    """An engine for in-process tests (AsyncLLM, the app without a socket); each test builds its
+    own AsyncLLM on it."""
+    return make_engine(serve_model, max_num_seqs=8)
+
+
+def metric_values(url: str) -> dict[str, float]:
+    """GET /metrics as {sample name{labels}: value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    values = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return values
