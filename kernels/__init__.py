@@ -10,6 +10,9 @@ Two public ops, one signature for every backend:
         int32; seq_lens [B] int32 (context incl. the new tokens); cu_seqlens_q [B+1] int32
         (where each sequence's queries start in `query`). Returns [T, Hq, D].
 
+The cache may be fp8 (float8_e4m3fn, half the bytes of bf16): both ops then take `k_scale` and
+`v_scale`, float32 [num_blocks, block_size, Hkv], one scale per token and KV head (fp8.py).
+
 One call serves prefill, chunked prefill and decode (decode is query length 1), so a mixed batch
 is one launch; GQA/MQA when Hq is a multiple of Hkv. The queries of a sequence are the *last*
 tokens of its context: query j of a chunk of length q attends to keys `< seq_len - q + j + 1`.
@@ -17,8 +20,9 @@ tokens of its context: query j of a chunk of length q attends to keys `< seq_len
 Layout of the package: `validation.py` checks the inputs once, at the door, with errors that name
 the argument; `backends.py` picks the implementation ("auto" | "torch" | "triton" | "cuda") from
 one dispatch table; `reference.py`, `triton_attention.py`, `triton_cache.py` and `cuda.py` are
-the implementations; `warmup.py` compiles every Triton variant a model uses before serving, and
-`jit_counter.py` counts Triton compilations, to check that serving compiles nothing.
+the implementations; `fp8.py` is the fp8 format and its scales; `warmup.py` compiles every
+Triton variant a model uses before serving, and `jit_counter.py` counts Triton compilations, to
+check that serving compiles nothing.
 """
 
 from __future__ import annotations
@@ -44,17 +48,22 @@ def write_kv_cache(
     slot_mapping: torch.Tensor,
     backend: str = "auto",
     check_inputs: bool = False,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """Write `key`/`value` ([T, Hkv, D]) into the paged cache at the slots of `slot_mapping` ([T]).
 
     A slot is `block_id * block_size + offset`; a negative slot skips that token. Slots are
     checked against the cache size on CPU always and on the GPU when `check_inputs=True`.
+    An fp8 cache (float8_e4m3fn) is written quantized, and each row's scale goes to k_scale /
+    v_scale, float32 [num_blocks, block_size, Hkv], at the same slot (see fp8.py).
     """
-    validation.check_write_kv_cache(key, value, k_cache, v_cache, slot_mapping, check_inputs)
+    validation.check_write_kv_cache(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale,
+                                    check_inputs)
     if key.shape[0] == 0:
         return
     dispatch("write_kv_cache", backend, key.device, key=key, value=value, k_cache=k_cache,
-             v_cache=v_cache, slot_mapping=slot_mapping)
+             v_cache=v_cache, slot_mapping=slot_mapping, k_scale=k_scale, v_scale=v_scale)
 
 
 def paged_attention(
@@ -71,6 +80,8 @@ def paged_attention(
     max_seq_len: int | None = None,
     num_splits: int | None = None,
     check_inputs: bool = False,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of packed new queries over the paged KV cache; returns [T, Hq, D].
 
@@ -83,10 +94,12 @@ def paged_attention(
     out: optional [T, Hq, D] tensor written in place. max_seq_len: optional Python int bound on
     seq_lens, lets a GPU backend size its split-KV work without reading seq_lens.
     num_splits: force the number of KV splits (Triton and cuda; None = heuristic).
+    k_scale, v_scale: the scales of an fp8 cache, float32 [num_blocks, block_size, Hkv], as
+    write_kv_cache wrote them; the query (and out) stay float32/float16/bfloat16.
     """
     scale = validation.check_paged_attention(
         query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, out, max_seq_len,
-        num_splits, check_inputs,
+        num_splits, k_scale, v_scale, check_inputs,
     )
     if out is None:
         out = torch.empty_like(query)
@@ -95,5 +108,6 @@ def paged_attention(
     return dispatch(
         "paged_attention", backend, query.device, query=query, k_cache=k_cache, v_cache=v_cache,
         block_tables=block_tables, seq_lens=seq_lens, cu_seqlens_q=cu_seqlens_q, scale=scale,
-        causal=causal, out=out, max_seq_len=max_seq_len, num_splits=num_splits,
+        causal=causal, out=out, max_seq_len=max_seq_len, num_splits=num_splits, k_scale=k_scale,
+        v_scale=v_scale,
     )

@@ -9,9 +9,11 @@
               else the reference.
 
 `KERNELS` maps op -> backend -> function; every function of one op takes the same keyword
-arguments. The extension covers only part of each op, so before it runs a call it is asked why it
-might not fit (`CUDA_DECLINES`); a call it declines runs on Triton instead, with a warning that
-gives the reason when the caller asked for backend="cuda" explicitly.
+arguments. Every backend but the extension reads and writes fp8 caches (on a GPU, Triton's fp8
+needs compute capability 8.9 or newer). The extension covers only part of each op, so before it
+runs a call it is asked why it might not fit (`CUDA_DECLINES`); a call it declines runs on Triton
+instead, with a warning that gives the reason when the caller asked for backend="cuda"
+explicitly.
 """
 
 from __future__ import annotations
@@ -116,6 +118,19 @@ def resolve_backend(backend: str, device: torch.device, op: str = "paged_attenti
     return backend
 
 
+def triton_fp8_unsupported(device: torch.device) -> str | None:
+    """Why the Triton kernels cannot use an fp8 cache on `device` (None: they can). Triton has
+    e4m3 (float8e4nv) on NVIDIA compute capability 8.9 and newer (Ada, Hopper); the interpreter
+    runs it on CPU."""
+    if device.type != "cuda":
+        return None
+    capability = torch.cuda.get_device_capability(device)
+    if capability < (8, 9):
+        return (f"the Triton kernels need compute capability 8.9 or newer for float8_e4m3fn and "
+                f"this GPU has {capability[0]}.{capability[1]}")
+    return None
+
+
 def dispatch(op: str, backend: str, device: torch.device, **args):
     """Run `op` on the backend that `backend` resolves to; `args` are already validated.
 
@@ -131,4 +146,9 @@ def dispatch(op: str, backend: str, device: torch.device, **args):
             if backend == "cuda":
                 warnings.warn(f"backend='cuda': {op} runs on {fallback} for {reason}", stacklevel=3)
             name = fallback
+    if name == "triton" and args["k_cache"].dtype == torch.float8_e4m3fn:
+        reason = triton_fp8_unsupported(device)
+        if reason is not None:
+            raise ValueError(f"k_cache is float8_e4m3fn (an fp8 KV cache), but {reason}; use a "
+                             "bfloat16 or float16 cache here")
     return KERNELS[op][name](**args)

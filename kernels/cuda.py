@@ -13,8 +13,8 @@ There are two ways to get it, both needing nvcc and a CUDA build of PyTorch:
 
 What it covers: `write_kv_cache`, and `paged_attention` for decode batches (one query per
 sequence) in fp16/bf16 with head_dim 64 or 128 and a GQA group of 1, 2, 4 or 8 query heads per KV
-head. Anything else is routed to the Triton kernel by `minivllm.kernels`; `decode_unsupported`
-says why a call does not fit.
+head, with a 16-bit cache (not fp8). Anything else is routed to the Triton kernel by
+`minivllm.kernels`; `decode_unsupported` says why a call does not fit.
 """
 
 from __future__ import annotations
@@ -107,6 +107,8 @@ def decode_unsupported(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     The dispatcher passes the whole call; the arguments not named here do not matter.
     """
     num_tokens, num_q_heads, head_dim = query.shape
+    if k_cache.dtype == torch.float8_e4m3fn:
+        return "an fp8 KV cache (the extension has float16 and bfloat16 kernels)"
     if num_tokens != seq_lens.shape[0]:
         return (f"it is not a decode batch ({num_tokens} queries for {seq_lens.shape[0]} sequences); "
                 "prefill runs on the Triton kernel")
@@ -130,6 +132,8 @@ def decode_unsupported(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 def write_kv_unsupported(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
                          v_cache: torch.Tensor, **_call) -> str | None:
     """Why this write_kv_cache call does not fit the extension's copy kernel (None: it fits)."""
+    if k_cache.dtype == torch.float8_e4m3fn:
+        return "an fp8 KV cache (the extension copies, it does not quantize)"
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         return "a non-contiguous KV cache"
     element = key.element_size()
@@ -140,12 +144,13 @@ def write_kv_unsupported(key: torch.Tensor, value: torch.Tensor, k_cache: torch.
     return None
 
 
-def write_kv_cache(key, value, k_cache, v_cache, slot_mapping) -> None:
+# k_scale / v_scale belong to fp8 caches, which the extension declines before it is called.
+def write_kv_cache(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
     _load().write_kv_cache(key, value, k_cache, v_cache, slot_mapping)
 
 
 def paged_attention(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, causal,
-                    out, max_seq_len=None, num_splits=None):
+                    out, max_seq_len=None, num_splits=None, k_scale=None, v_scale=None):
     _load().paged_attention(
         query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, float(scale), bool(causal),
         out, max_seq_len, num_splits or 0,

@@ -6,6 +6,9 @@ Everything here is written to be read, never to be fast. Each sequence is handle
 2. build the causal *mask* (its queries sit at the end of its context),
 3. *softmax* in float32 and weight the values.
 
+An fp8 cache (`fp8.py`) is quantized here on the way in, one scale per token and KV head, and
+dequantized right after the gather: the attention itself always runs on float32 K/V.
+
 Every other backend (Triton, CUDA) is tested against these two functions. The inputs are assumed
 valid: `minivllm.kernels.paged_attention` validates them once before dispatching here.
 """
@@ -14,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from . import fp8
+
 
 def write_kv_cache(
     key: torch.Tensor,
@@ -21,19 +26,26 @@ def write_kv_cache(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """Scatter new K/V rows into the paged cache.
 
     key/value: [T, Hkv, D]; k_cache/v_cache: [num_blocks, block_size, Hkv, D];
     slot_mapping: [T], the flat slot `block_id * block_size + offset` of each token, or a negative
     number to skip the token (padding in a CUDA-graph batch, for example).
+    fp8 cache: each row is quantized and its scale written to k_scale/v_scale [num_blocks,
+    block_size, Hkv] at the same slot.
     """
     num_blocks, block_size = k_cache.shape[:2]
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
     # Viewing the cache as [num_blocks * block_size, Hkv, D] turns a slot into a plain row index.
-    k_cache.view(num_blocks * block_size, *k_cache.shape[2:])[slots] = key[keep]
-    v_cache.view(num_blocks * block_size, *v_cache.shape[2:])[slots] = value[keep]
+    for new, cache, scales in ((key[keep], k_cache, k_scale), (value[keep], v_cache, v_scale)):
+        if fp8.is_fp8(cache):
+            new, scale = fp8.quantize(new)
+            scales[slots // block_size, slots % block_size] = scale  # any layout of the scales
+        cache.view(num_blocks * block_size, *cache.shape[2:])[slots] = new
 
 
 def gather_kv(
@@ -43,7 +55,7 @@ def gather_kv(
 
     Token i lives in block `block_table[i // block_size]` at offset `i % block_size`, so taking the
     sequence's blocks in table order and flattening them gives its tokens in order.
-    Returns a contiguous [seq_len, Hkv, D] tensor.
+    Returns [seq_len, Hkv, D] for a cache, [seq_len, Hkv] for an fp8 cache's scales.
     """
     block_size = cache.shape[1]
     num_blocks_used = (seq_len + block_size - 1) // block_size
@@ -75,10 +87,13 @@ def paged_attention(
     out: torch.Tensor | None = None,
     max_seq_len: int | None = None,
     num_splits: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of packed queries over a paged KV cache; the shapes are those of
     `minivllm.kernels.paged_attention`. `max_seq_len` and `num_splits` plan the GPU kernels'
-    work; the reference takes them only to share the signature, and needs neither."""
+    work; the reference takes them only to share the signature, and needs neither. An fp8 cache
+    comes with its k_scale/v_scale [num_blocks, block_size, Hkv]."""
     num_q_heads = query.shape[1]
     num_kv_heads = k_cache.shape[2]
     group = num_q_heads // num_kv_heads  # query heads that share one KV head (GQA/MQA)
@@ -92,6 +107,9 @@ def paged_attention(
         q = query[q_start:q_end].float()  # [q_len, Hq, D]
         k = gather_kv(k_cache, block_tables[b], seq_len).float()  # [seq_len, Hkv, D]
         v = gather_kv(v_cache, block_tables[b], seq_len).float()
+        if fp8.is_fp8(k_cache):  # the scales are paged like the cache: gather them the same way
+            k = k * gather_kv(k_scale, block_tables[b], seq_len)[..., None]
+            v = v * gather_kv(v_scale, block_tables[b], seq_len)[..., None]
         # GQA: query head h reads KV head h // group.
         k = k.repeat_interleave(group, dim=1)  # [seq_len, Hq, D]
         v = v.repeat_interleave(group, dim=1)

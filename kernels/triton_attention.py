@@ -46,7 +46,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .fp8 import MIN_SCALE as _MIN_SCALE
+
 LOG2E = 1.4426950408889634  # softmax runs on exp2: exp(x) = exp2(x * log2(e))
+FP16_MAX = tl.constexpr(65504.0)
+MIN_SCALE = tl.constexpr(_MIN_SCALE)
 MAX_SPLITS = 64  # the most slices choose_num_splits cuts a context into
 SPLITS_TILE = 64  # partials the merge kernel reads at once: MAX_SPLITS, though any count works
 
@@ -69,13 +73,13 @@ def _find_sequence(cu_seqlens_q_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
 @triton.jit
 def _attend_kv_tile(
     acc, m_i, l_i, q, qk_scale,
-    k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head,
+    k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, kv_head,
     start, kv_end, q_pos,
-    stride_cb, stride_ct, stride_ch,
+    stride_cb, stride_ct, stride_ch, stride_sb, stride_st, stride_sh,
     dims, dim_mask,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    INT64_OFFSETS: tl.constexpr,
+    INT64_OFFSETS: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     """One step of the online softmax over keys [start, start + BLOCK_N)."""
     kv_pos = start + tl.arange(0, BLOCK_N)
@@ -95,9 +99,25 @@ def _attend_kv_tile(
         kv_mask = dim_mask[None, :]
     k = tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
     v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
+    if KV_FP8:
+        # Widening e4m3 to the dot's dtype (fp16, or fp32 for fp32 queries) is exact. The
+        # scales (one per key of this KV head) multiply whole score columns and probability
+        # columns below, which is the same as scaling K and V, with fewer multiplies.
+        scale_offsets = (block_ids * stride_sb + (kv_pos % BLOCK_SIZE) * stride_st
+                         + kv_head * stride_sh)
+        if MASKED:
+            k_scale = tl.load(k_scale_ptr + scale_offsets, mask=in_range, other=0.0)
+            v_scale = tl.load(v_scale_ptr + scale_offsets, mask=in_range, other=0.0)
+        else:
+            k_scale = tl.load(k_scale_ptr + scale_offsets)
+            v_scale = tl.load(v_scale_ptr + scale_offsets)
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
 
     # qk_scale = scale * log2(e): these are base-2 logits, ready for exp2.
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if KV_FP8:
+        s = s * k_scale[None, :]
     if MASKED:
         visible = kv_pos[None, :] < kv_end
         if CAUSAL:
@@ -111,7 +131,16 @@ def _attend_kv_tile(
     p = tl.math.exp2(s - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    if KV_FP8:
+        # p @ (v * v_scale) as (p * v_scale / v_max) @ v * v_max: the weights stay in [0, 1],
+        # where fp16 keeps its precision (p * v_scale alone would sink into fp16's subnormals
+        # for a layer whose values are small). After l_i: the sum of probabilities is unscaled.
+        v_max = tl.maximum(tl.max(v_scale, 0), MIN_SCALE)
+        p = p * (v_scale / v_max)[None, :]
+        pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + pv * v_max
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
 
@@ -122,16 +151,17 @@ def _attend_kv_tile(
 def _paged_attention_kernel(
     query_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     block_tables_ptr, seq_lens_ptr, cu_seqlens_q_ptr,
-    partial_acc_ptr, partial_m_ptr, partial_l_ptr,
+    partial_acc_ptr, partial_m_ptr, partial_l_ptr, k_scale_ptr, v_scale_ptr,
     qk_scale, num_seqs, num_tokens, num_splits,
     stride_qt, stride_qh, stride_ot, stride_oh,
-    stride_cb, stride_ct, stride_ch, stride_bt,
+    stride_cb, stride_ct, stride_ch, stride_bt, stride_sb, stride_st, stride_sh,
     NUM_Q_HEADS: tl.constexpr, GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT_KV: tl.constexpr,
     DECODE_ONLY: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    INT64_OFFSETS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
+    INT64_OFFSETS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, KV_FP8: tl.constexpr,
+    DOT_FP16: tl.constexpr,
 ):
     # Program order matters (measured, benchmarks/RESULTS.md): the KV heads of one tile run side
     # by side, so together they read whole contiguous rows of each cache block; and tiles are
@@ -167,6 +197,8 @@ def _paged_attention_kernel(
     token = (q_start + q_idx).to(tl.int64)
     q_offsets = token[:, None] * stride_qt + q_head[:, None] * stride_qh + dims[None, :]
     q = tl.load(query_ptr + q_offsets, mask=row_valid[:, None] & dim_mask[None, :], other=0.0)
+    if DOT_FP16:  # fp8 cache, 16-bit query: the dots run in fp16 (see paged_attention)
+        q = tl.minimum(tl.maximum(q.to(tl.float32), -FP16_MAX), FP16_MAX).to(tl.float16)
 
     # ---- the key range of this program --------------------------------------------------
     last_q = tl.minimum(first_query + BLOCK_Q, q_len) - 1
@@ -192,15 +224,17 @@ def _paged_attention_kernel(
     block_table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     for start in range(kv_lo, full_end, BLOCK_N):
         acc, m_i, l_i = _attend_kv_tile(
-            acc, m_i, l_i, q, qk_scale, k_cache_ptr, v_cache_ptr, block_table, kv_head,
-            start, kv_hi, q_pos, stride_cb, stride_ct, stride_ch, dims, dim_mask,
-            BLOCK_SIZE, BLOCK_N, False, CAUSAL, DOT_PRECISION, INT64_OFFSETS,
+            acc, m_i, l_i, q, qk_scale, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
+            block_table, kv_head, start, kv_hi, q_pos, stride_cb, stride_ct, stride_ch,
+            stride_sb, stride_st, stride_sh, dims, dim_mask, BLOCK_SIZE, BLOCK_N, False, CAUSAL,
+            DOT_PRECISION, INT64_OFFSETS, KV_FP8,
         )
     for start in range(full_end, kv_hi, BLOCK_N):
         acc, m_i, l_i = _attend_kv_tile(
-            acc, m_i, l_i, q, qk_scale, k_cache_ptr, v_cache_ptr, block_table, kv_head,
-            start, kv_hi, q_pos, stride_cb, stride_ct, stride_ch, dims, dim_mask,
-            BLOCK_SIZE, BLOCK_N, True, CAUSAL, DOT_PRECISION, INT64_OFFSETS,
+            acc, m_i, l_i, q, qk_scale, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
+            block_table, kv_head, start, kv_hi, q_pos, stride_cb, stride_ct, stride_ch,
+            stride_sb, stride_st, stride_sh, dims, dim_mask, BLOCK_SIZE, BLOCK_N, True, CAUSAL,
+            DOT_PRECISION, INT64_OFFSETS, KV_FP8,
         )
 
     # ---- write back ---------------------------------------------------------------------
@@ -296,7 +330,8 @@ def _block_m(decode_only: bool, group: int, head_dim: int) -> int:
 
 
 def _launch_config(decode_only: bool, block_m: int, head_dim: int, dtype: torch.dtype,
-                   device: torch.device, split_kv: bool) -> dict:
+                   device: torch.device, split_kv: bool,
+                   kv_dtype: torch.dtype | None = None) -> dict:
     """Tile sizes, warps and pipeline depth, from the sweep in benchmarks/tune_attn.py (H200).
 
     Decode is memory-bound: the smallest M tile (16 rows hold the GQA group), K/V tiles of
@@ -308,14 +343,17 @@ def _launch_config(decode_only: bool, block_m: int, head_dim: int, dtype: torch.
         cfg = (dict(BLOCK_M=block_m, BLOCK_N=128, num_warps=4, num_stages=2) if split_kv
                else dict(BLOCK_M=block_m, BLOCK_N=64, num_warps=2, num_stages=3))
     else:
-        cfg = dict(BLOCK_M=block_m, BLOCK_N=128, num_warps=8, num_stages=3)
+        # fp8 K/V are widened in registers and staged again for the MMA: two stages measured
+        # faster than three (benchmarks/fp8_tune.py, H100).
+        stages = 2 if kv_dtype == torch.float8_e4m3fn else 3
+        cfg = dict(BLOCK_M=block_m, BLOCK_N=128, num_warps=8, num_stages=stages)
     if device.type != "cuda":
         return dict(cfg, num_warps=1, num_stages=1)
     # Keep the pipelined K/V tiles plus the Q tile inside shared memory (227 KB a block on
     # Hopper): fp32 or head_dim 256 get narrower K/V tiles.
-    elem = dtype.itemsize
+    elem, kv_elem = dtype.itemsize, (kv_dtype or dtype).itemsize
     dim_pad = triton.next_power_of_2(head_dim)
-    while (cfg["BLOCK_N"] > 16 and cfg["num_stages"] * 2 * cfg["BLOCK_N"] * dim_pad * elem
+    while (cfg["BLOCK_N"] > 16 and cfg["num_stages"] * 2 * cfg["BLOCK_N"] * dim_pad * kv_elem
            + cfg["BLOCK_M"] * dim_pad * elem > 227 * 1024):
         cfg["BLOCK_N"] //= 2
     return cfg
@@ -334,6 +372,8 @@ def paged_attention(
     max_seq_len: int | None = None,
     num_splits: int | None = None,
     config: dict | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same contract as `minivllm.kernels.paged_attention` (inputs already validated).
 
@@ -357,7 +397,7 @@ def paged_attention(
         num_splits = choose_num_splits(num_tiles * num_kv_heads, _sm_count(query.device),
                                        max_seq_len, block_n=64)
     cfg = _launch_config(decode_only, block_m, head_dim, query.dtype, query.device,
-                         split_kv=num_splits > 1)
+                         split_kv=num_splits > 1, kv_dtype=k_cache.dtype)
     cfg.update(config)
     del cfg["BLOCK_M"]
     dim_pad = triton.next_power_of_2(head_dim)
@@ -370,22 +410,30 @@ def paged_attention(
     else:
         partial_acc = partial_m = partial_l = out  # unused by the kernel
     dot_precision = "ieee" if query.dtype == torch.float32 else "tf32"
+    kv_fp8 = k_cache.dtype == torch.float8_e4m3fn
     # 32-bit offset arithmetic is measurably cheaper in the gather; one layer's cache rarely
     # holds 2^31 elements, and when it does the kernel switches to 64-bit offsets.
     int64_offsets = cfg.pop("INT64_OFFSETS", k_cache.numel() >= 2**31)
+    # fp8 cache with a bf16/fp16 query: e4m3 widens to fp16 in one instruction (to bf16 in
+    # several), and fp16 keeps more mantissa; the query is clamped to fp16's range (+-65504).
+    # Faster and more accurate than widening to bf16 on an H100 (docs/fp8_kv_cache.md);
+    # `config` can force either, for benchmarks/fp8_tune.py.
+    dot_fp16 = cfg.pop("DOT_FP16", kv_fp8 and query.dtype != torch.float32)
     grid = (num_tiles * num_kv_heads, num_splits)
     _paged_attention_kernel[grid](
         query, k_cache, v_cache, out,
         block_tables, seq_lens, cu_seqlens_q,
         partial_acc, partial_m, partial_l,
+        k_scale if kv_fp8 else out, v_scale if kv_fp8 else out,  # unused unless fp8
         scale * LOG2E, num_seqs, num_tokens, num_splits,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        *(k_scale.stride() if kv_fp8 else (0, 0, 0)),
         NUM_Q_HEADS=num_q_heads, GROUP=group, HEAD_DIM=head_dim, DIM_PAD=dim_pad,
         BLOCK_SIZE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_Q=block_q,
         SPLIT_KV=num_splits > 1, DECODE_ONLY=decode_only, CAUSAL=causal,
         DOT_PRECISION=dot_precision, INT64_OFFSETS=int64_offsets, NUM_KV_HEADS=num_kv_heads,
-        **cfg,
+        KV_FP8=kv_fp8, DOT_FP16=dot_fp16, **cfg,
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_q_heads)](

@@ -5,6 +5,11 @@ One program copies one token's [Hkv, D] key and value rows to that slot; a negat
 padding token of a CUDA-graph batch) is skipped. The copy is tiny, so the kernel's only job is to
 avoid the Python-level gather/scatter a framework would do with several launches.
 
+An fp8 cache is written quantized: the kernel already holds the token's [Hkv, D] rows in
+registers, so each head's scale (max |x| / 448, fp8.py) costs one reduction, and the scaled row is
+clamped to +-448 and rounded to e4m3 on the way out, its scale stored at the same slot of
+`k_scale`/`v_scale`. Nothing leaves the GPU, so the write stays inside a CUDA graph.
+
 Compiled once per model: the token count reaches the kernel only through the grid, and every
 other argument is fixed by the cache and the model. Triton also keys a compilation on each
 pointer's 16-byte alignment; `slot_mapping` may be a view at any offset of a step's packed
@@ -17,14 +22,33 @@ import torch
 import triton
 import triton.language as tl
 
+from .fp8 import E4M3_MAX as _E4M3_MAX
+from .fp8 import FP8_DTYPE
+from .fp8 import MIN_SCALE as _MIN_SCALE
+
+E4M3_MAX = tl.constexpr(_E4M3_MAX)
+MIN_SCALE = tl.constexpr(_MIN_SCALE)
+
+
+@triton.jit
+def _store_row(cache_ptr, scale_ptr, x, dst, scale_dst, mask, heads,
+               NUM_KV_HEADS: tl.constexpr, KV_FP8: tl.constexpr):
+    """Store one token's rows x [HEADS_PAD, DIM_PAD] at `dst`; quantized for an fp8 cache."""
+    if KV_FP8:
+        x = x.to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(x), axis=1) / E4M3_MAX, MIN_SCALE)  # per head
+        x = tl.minimum(tl.maximum(x / scale[:, None], -E4M3_MAX), E4M3_MAX)
+        tl.store(scale_ptr + scale_dst, scale[:, None], mask=heads < NUM_KV_HEADS)
+    tl.store(cache_ptr + dst, x.to(cache_ptr.dtype.element_ty), mask=mask)
+
 
 @triton.jit(do_not_specialize_on_alignment=["slot_mapping_ptr"])
 def _write_kv_cache_kernel(
-    key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+    key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, k_scale_ptr, v_scale_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_cb, stride_ct, stride_ch,
+    stride_cb, stride_ct, stride_ch, stride_sb, stride_st, stride_sh,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    HEADS_PAD: tl.constexpr, DIM_PAD: tl.constexpr,
+    HEADS_PAD: tl.constexpr, DIM_PAD: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     token = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
@@ -39,8 +63,11 @@ def _write_kv_cache_kernel(
     src_k = key_ptr + token.to(tl.int64) * stride_kt + heads * stride_kh + dims
     src_v = value_ptr + token.to(tl.int64) * stride_vt + heads * stride_vh + dims
     dst = block * stride_cb + offset * stride_ct + heads * stride_ch + dims
-    tl.store(k_cache_ptr + dst, tl.load(src_k, mask=mask), mask=mask)
-    tl.store(v_cache_ptr + dst, tl.load(src_v, mask=mask), mask=mask)
+    scale_dst = block * stride_sb + offset * stride_st + heads * stride_sh  # [HEADS_PAD, 1]
+    k = tl.load(src_k, mask=mask, other=0.0)
+    v = tl.load(src_v, mask=mask, other=0.0)
+    _store_row(k_cache_ptr, k_scale_ptr, k, dst, scale_dst, mask, heads, NUM_KV_HEADS, KV_FP8)
+    _store_row(v_cache_ptr, v_scale_ptr, v, dst, scale_dst, mask, heads, NUM_KV_HEADS, KV_FP8)
 
 
 def write_kv_cache(
@@ -49,15 +76,21 @@ def write_kv_cache(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """Same contract as `minivllm.kernels.write_kv_cache` (inputs already validated)."""
     num_tokens, num_kv_heads, head_dim = key.shape
     if k_cache.stride() != v_cache.stride():
         raise ValueError("k_cache and v_cache must have the same strides")
+    kv_fp8 = k_cache.dtype == FP8_DTYPE
     _write_kv_cache_kernel[(num_tokens,)](
         key, value, k_cache, v_cache, slot_mapping,
+        k_scale if kv_fp8 else k_cache, v_scale if kv_fp8 else v_cache,  # unused unless fp8
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        *(k_scale.stride() if kv_fp8 else (0, 0, 0)),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
         HEADS_PAD=triton.next_power_of_2(num_kv_heads), DIM_PAD=triton.next_power_of_2(head_dim),
+        KV_FP8=kv_fp8,
     )

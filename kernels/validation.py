@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from .fp8 import FP8_DTYPE
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -40,11 +42,16 @@ def check_same_device(device: torch.device, first: str, **tensors: torch.Tensor)
             raise ValueError(f"{name} is on {t.device} but {first} is on {device}")
 
 
-def check_cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+def check_cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale, v_scale) -> None:
+    """The two caches, and the scales that come with an fp8 cache (and only with one)."""
     check_tensor("k_cache", k_cache, 4)
     check_tensor("v_cache", v_cache, 4)
-    check_float("k_cache", k_cache)
-    check_float("v_cache", v_cache)
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if cache.dtype not in FLOAT_DTYPES + (FP8_DTYPE,):
+            raise TypeError(
+                f"{name} must be float32, float16, bfloat16 or float8_e4m3fn, got {cache.dtype}")
+        if cache.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dimension (head_dim)")
     if k_cache.shape != v_cache.shape:
         raise ValueError(
             f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and "
@@ -52,18 +59,43 @@ def check_cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         )
     if k_cache.dtype != v_cache.dtype:
         raise TypeError(f"k_cache is {k_cache.dtype} but v_cache is {v_cache.dtype}")
+    if k_cache.dtype != FP8_DTYPE:
+        if k_scale is not None or v_scale is not None:
+            raise ValueError(
+                f"k_scale and v_scale are for an fp8 (float8_e4m3fn) cache; k_cache is "
+                f"{k_cache.dtype}: pass k_scale=None, v_scale=None")
+        return
+    shape = tuple(k_cache.shape[:3])
+    for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if scale is None:
+            raise ValueError(
+                f"k_cache is float8_e4m3fn: pass its scales as k_scale and v_scale, float32 "
+                f"[num_blocks, block_size, Hkv] = {list(shape)}; {name} is missing")
+        check_tensor(name, scale, 3)
+        if scale.dtype != torch.float32:
+            raise TypeError(f"{name} must be float32, got {scale.dtype}")
+        if tuple(scale.shape) != shape:
+            raise ValueError(
+                f"{name} must be [num_blocks, block_size, Hkv] = {list(shape)} like k_cache, "
+                f"got {list(scale.shape)}")
+        if scale.device != k_cache.device:
+            raise ValueError(f"{name} is on {scale.device} but k_cache is on {k_cache.device}")
+    if k_scale.stride() != v_scale.stride():
+        raise ValueError(f"v_scale must be laid out like k_scale (strides {k_scale.stride()}), "
+                         f"got strides {v_scale.stride()}")
 
 
 # --------------------------------------------------------------------------------------------
 # write_kv_cache
 # --------------------------------------------------------------------------------------------
-def check_write_kv_cache(key, value, k_cache, v_cache, slot_mapping, check_inputs: bool) -> None:
+def check_write_kv_cache(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale,
+                         check_inputs: bool) -> None:
     """All checks of `write_kv_cache`; raises TypeError/ValueError naming the argument."""
     check_tensor("key", key, 3)
     check_tensor("value", value, 3)
     check_float("key", key)
     check_float("value", value)
-    check_cache_pair(k_cache, v_cache)
+    check_cache_pair(k_cache, v_cache, k_scale, v_scale)
     check_tensor("slot_mapping", slot_mapping, 1)
     if slot_mapping.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"slot_mapping must be int32 or int64, got {slot_mapping.dtype}")
@@ -76,7 +108,9 @@ def check_write_kv_cache(key, value, k_cache, v_cache, slot_mapping, check_input
             f"key is [T, Hkv, D] = {tuple(key.shape)} but k_cache holds [.., .., Hkv, D] = "
             f"{tuple(k_cache.shape)}"
         )
-    if key.dtype != k_cache.dtype or value.dtype != v_cache.dtype:
+    if key.dtype != value.dtype:
+        raise TypeError(f"key is {key.dtype} but value is {value.dtype}")
+    if key.dtype != k_cache.dtype and k_cache.dtype != FP8_DTYPE:  # fp8: quantized on the way in
         raise TypeError(f"key/value are {key.dtype} but the cache is {k_cache.dtype}")
     if slot_mapping.shape[0] != key.shape[0]:
         raise ValueError(
@@ -97,18 +131,19 @@ def check_write_kv_cache(key, value, k_cache, v_cache, slot_mapping, check_input
 # paged_attention
 # --------------------------------------------------------------------------------------------
 def check_paged_attention(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale,
-                          out, max_seq_len, num_splits, check_inputs: bool) -> float:
+                          out, max_seq_len, num_splits, k_scale, v_scale,
+                          check_inputs: bool) -> float:
     """All checks of `paged_attention`; returns the softmax scale (default 1/sqrt(head_dim))."""
     check_tensor("query", query, 3)
     check_float("query", query)
-    check_cache_pair(k_cache, v_cache)
+    check_cache_pair(k_cache, v_cache, k_scale, v_scale)
     check_tensor("block_tables", block_tables, 2)
     check_tensor("seq_lens", seq_lens, 1)
     check_tensor("cu_seqlens_q", cu_seqlens_q, 1)
     check_int32("block_tables", block_tables)
     check_int32("seq_lens", seq_lens)
     check_int32("cu_seqlens_q", cu_seqlens_q)
-    if query.dtype != k_cache.dtype:
+    if query.dtype != k_cache.dtype and k_cache.dtype != FP8_DTYPE:  # fp8: dequantized inside
         raise TypeError(f"query is {query.dtype} but k_cache is {k_cache.dtype}")
     num_tokens, num_q_heads, head_dim = query.shape
     num_kv_heads = k_cache.shape[2]

@@ -26,14 +26,20 @@ def warm_up(
     dtype: torch.dtype | None = None,
     backend: str = "auto",
     slot_dtype: torch.dtype = torch.int32,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """Run each kernel variant once for caches of this kind, queries of `dtype` (default: the
-    cache dtype) with `num_q_heads` heads, and slot mappings of `slot_dtype` (pass the dtype your
-    engine uses: a pointer's element type is part of what Triton compiles for)."""
+    cache dtype; required for an fp8 cache, which also needs its k_scale/v_scale) with
+    `num_q_heads` heads, and slot mappings of `slot_dtype` (pass the dtype your engine uses: a
+    pointer's element type is part of what Triton compiles for)."""
     from . import paged_attention, write_kv_cache
 
     device = k_cache.device
+    if dtype is None and k_cache.dtype == torch.float8_e4m3fn:
+        raise ValueError("dtype: an fp8 cache holds no query dtype; pass the model's dtype")
     dtype = dtype or k_cache.dtype
+    scales = dict(k_scale=k_scale, v_scale=v_scale)
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
 
     def tensor(*values):
@@ -41,7 +47,8 @@ def warm_up(
 
     key = torch.zeros(1, num_kv_heads, head_dim, dtype=dtype, device=device)
     write_kv_cache(key, key, k_cache, v_cache, torch.full((1,), -1, dtype=slot_dtype,
-                                                          device=device), backend=backend)
+                                                          device=device), backend=backend,
+                   **scales)
     # Every table entry is block 0; two entries hold the 2-token context even at block size 1.
     batches = [  # (query lengths, context lengths): a decode batch, then a mixed one
         ((1,), (1,)),
@@ -55,4 +62,4 @@ def warm_up(
         block_tables = torch.zeros(len(seq_lens), 2, dtype=torch.int32, device=device)
         for num_splits in (1, 2):
             paged_attention(query, k_cache, v_cache, block_tables, tensor(*seq_lens), tensor(*cu),
-                            backend=backend, num_splits=num_splits)
+                            backend=backend, num_splits=num_splits, **scales)

@@ -1,10 +1,19 @@
-"""A fix for the Triton interpreter used by the CPU tests (not for the kernels themselves).
+"""Fixes for the Triton interpreter used by the CPU tests (not for the kernels themselves).
 
-The interpreter stores bfloat16 tensors as raw uint16 bit patterns (numpy has no bfloat16), and
-its `tl.dot` multiplies those integers as they are (seen in triton 3.6 and 3.9), so every bf16 dot
-comes out as garbage on CPU while the same kernel is right on a GPU. We wrap the interpreter's dot
-to decode bf16 operands to float32 first, which is what the GPU's tensor cores compute with
-(bf16 products accumulated in fp32). Casts, loads and stores of bf16 are already right there.
+* bf16 dots. The interpreter stores bfloat16 tensors as raw uint16 bit patterns (numpy has no
+  bfloat16), and its `tl.dot` multiplies those integers as they are (seen in triton 3.6 and 3.9),
+  so every bf16 dot comes out as garbage on CPU while the same kernel is right on a GPU. We wrap
+  the interpreter's dot to decode bf16 operands to float32 first, which is what the GPU's tensor
+  cores compute with (bf16 products accumulated in fp32). Casts, loads and stores of bf16 are
+  already right there.
+* Rounding to fp8 (e4m3). fp8 is stored as uint8 bit patterns, and loads and widening casts
+  (e4m3 -> fp16/bf16/fp32) are exact, but the narrowing cast fp32 -> e4m3 rounds ties away from
+  zero, can drop the carry of a mantissa that rounds up, and flushes subnormals (seen in triton
+  3.9: 7.75 -> 4, 200 -> 208, 2^-9 -> 0). The GPU rounds to nearest even, subnormals included,
+  and saturates at +-448 (`cvt.rn.satfinite`), which is what torch's cast does too, so we route
+  that one conversion through torch.
+
+`PredictedSpecializations` (below) is the CPU stand-in for `minivllm.kernels.JitCounter`.
 """
 
 import numpy as np
@@ -32,6 +41,36 @@ def patch_bf16_dot() -> None:
 
     builder.create_dot = create_dot
     builder._minivllm_bf16_dot = True
+
+
+def _float32_values(handle) -> np.ndarray:
+    import triton.language as tl
+
+    if handle.dtype.scalar == tl.bfloat16:
+        return _bf16_bits_to_float32(handle.data)
+    return handle.data.astype(np.float32)
+
+
+def patch_fp8_rounding() -> None:
+    import torch
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    if getattr(builder, "_minivllm_fp8_rounding", False):
+        return
+    original = builder.create_fp_to_fp
+
+    def create_fp_to_fp(self, src, dst_type, rounding_mode):
+        if dst_type.scalar == tl.float8e4nv and src.dtype.scalar in (
+                tl.float32, tl.float16, tl.bfloat16):
+            values = torch.from_numpy(np.ascontiguousarray(_float32_values(src)))
+            bits = values.to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+            return interpreter.TensorHandle(bits, tl.float8e4nv)
+        return original(self, src, dst_type, rounding_mode)
+
+    builder.create_fp_to_fp = create_fp_to_fp
+    builder._minivllm_fp8_rounding = True
 
 
 class PredictedSpecializations:

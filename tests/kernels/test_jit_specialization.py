@@ -59,25 +59,31 @@ def _metadata_at(offset: int, *tensors: torch.Tensor) -> list[torch.Tensor]:
     return views
 
 
-def _serve(k_cache, v_cache, generator):
-    """Run every batch of BATCHES and cache writes of several sizes, metadata at odd offsets."""
-    for i, (query_lens, seq_lens, max_seq_len, num_splits) in enumerate(BATCHES):
-        p = make_problem(query_lens, seq_lens, HQ, HKV, D, BLOCK, DTYPE, DEVICE, generator=generator)
-        p.k_cache, p.v_cache = k_cache, v_cache
+def _serve(k_cache, v_cache, scales, generator, batches=BATCHES):
+    """Run the batches and cache writes of several sizes, metadata at odd offsets."""
+    for i, (query_lens, seq_lens, max_seq_len, num_splits) in enumerate(batches):
+        p = make_problem(query_lens, seq_lens, HQ, HKV, D, BLOCK, DTYPE, DEVICE,
+                         generator=generator)
         block_tables, lens, cu = _metadata_at(i, p.block_tables.clamp(min=0), p.seq_lens,
                                               p.cu_seqlens_q)
         paged_attention(p.query, k_cache, v_cache, block_tables, lens, cu, backend="triton",
-                        max_seq_len=max_seq_len, num_splits=num_splits)
+                        max_seq_len=max_seq_len, num_splits=num_splits, **scales)
     for i, num_tokens in enumerate([1, 3, 16, 17]):
         key = torch.randn(num_tokens, HKV, D, generator=generator).to(DTYPE).to(DEVICE)
         slots = torch.randperm(k_cache.shape[0] * BLOCK, generator=generator)[:num_tokens]
         (slots,) = _metadata_at(i + 1, slots.to(torch.int32).to(DEVICE))
-        write_kv_cache(key, key, k_cache, v_cache, slots, backend="triton")
+        write_kv_cache(key, key, k_cache, v_cache, slots, backend="triton", **scales)
 
 
-def _caches():
-    k_cache = torch.zeros(NUM_BLOCKS, BLOCK, HKV, D, dtype=DTYPE, device=DEVICE)
-    return k_cache, torch.zeros_like(k_cache)
+def _caches(kv: str):
+    """Caches of the model dtype, or fp8 ones with their scales."""
+    dtype = torch.float8_e4m3fn if kv == "fp8" else DTYPE
+    k_cache = torch.zeros(NUM_BLOCKS, BLOCK, HKV, D, dtype=dtype, device=DEVICE)
+    scales = {}
+    if kv == "fp8":
+        scale = torch.ones(NUM_BLOCKS, BLOCK, HKV, device=DEVICE)
+        scales = dict(k_scale=scale, v_scale=scale.clone())
+    return k_cache, torch.zeros_like(k_cache), scales
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,11 +114,12 @@ def test_counter_counts_new_specializations():
 
 @needs_gpu
 @pytest.mark.gpu
-def test_serving_shapes_compile_nothing_after_warm_up():
-    k_cache, v_cache = _caches()
-    warm_up(k_cache, v_cache, HQ, backend="triton")
+@pytest.mark.parametrize("kv", ["model dtype", "fp8"])
+def test_serving_shapes_compile_nothing_after_warm_up(kv):
+    k_cache, v_cache, scales = _caches(kv)
+    warm_up(k_cache, v_cache, HQ, dtype=DTYPE, backend="triton", **scales)
     with JitCounter() as jit:
-        _serve(k_cache, v_cache, torch.Generator().manual_seed(0))
+        _serve(k_cache, v_cache, scales, torch.Generator().manual_seed(0))
     assert jit.count == 0, jit.summary()
 
 
@@ -161,16 +168,20 @@ def test_predicted_keys_see_a_new_specialization():
 
 
 @interpreter
-def test_serving_shapes_add_no_specialization_after_warm_up():
-    from tests._triton_interpreter import PredictedSpecializations
+@pytest.mark.parametrize("kv", ["model dtype", "fp8"])
+def test_serving_shapes_add_no_specialization_after_warm_up(kv):
+    from tests._triton_interpreter import PredictedSpecializations, patch_fp8_rounding
 
-    k_cache, v_cache = _caches()
+    patch_fp8_rounding()
+    k_cache, v_cache, scales = _caches(kv)
     with PredictedSpecializations() as keys:
-        warm_up(k_cache, v_cache, HQ, backend="triton")
+        warm_up(k_cache, v_cache, HQ, dtype=DTYPE, backend="triton", **scales)
         warm = keys.snapshot()
         assert {name: len(k) for name, k in warm.items()} == {
             "_write_kv_cache_kernel": 1, "_paged_attention_kernel": 4, "_merge_splits_kernel": 1}
-        _serve(k_cache, v_cache, torch.Generator().manual_seed(0))
+        # fp8 adds a flag and two pointers to the same kernels: a few batches show it holds.
+        _serve(k_cache, v_cache, scales, torch.Generator().manual_seed(0),
+               BATCHES if kv != "fp8" else BATCHES[::3])
     assert keys.new_since(warm) == {}
 
 
