@@ -1,0 +1,74 @@
+"""benchmarks/serve_bench.py on the CPU: a tiny run end to end (offline baseline, a real server,
+a Poisson rate and all-at-once), its JSON, PNG and table checked. On a GPU machine the benchmark
+itself is the test."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from benchmarks import serve_bench
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU smoke test; on a GPU run the benchmark")
+def test_serve_bench_smoke(tmp_path, capsys):
+    out = tmp_path / "serve.json"
+    payload = serve_bench.main(["--smoke", "--model-dir", str(tmp_path / "models"), "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(payload))
+    assert (tmp_path / "serve.png").stat().st_size > 10_000
+    offline = saved["offline"]
+    assert offline["all_requests_complete"] and offline["num_requests"] == 4
+    records = saved["records"]
+    assert [r["rate"] for r in records] == [16.0, "inf"]
+    for r in records:
+        assert r["failed_requests"] == 0 and r["errors"] == []
+        # Every request produced exactly its requested length, as offline.
+        assert r["num_output_tokens"] == offline["num_output_tokens"]
+        assert r["num_prompt_tokens"] == offline["num_prompt_tokens"]
+        for key in ("ttft_s", "itl_s", "tpot_s", "e2e_s"):
+            assert 0 <= r[key]["p50"] <= r[key]["p90"] <= r[key]["p99"] and r[key]["p99"] > 0
+        assert r["ttft_s"]["p99"] <= r["e2e_s"]["p99"] and r["output_tokens_per_s"] > 0
+    summary = saved["summary"]
+    ratio = records[1]["output_tokens_per_s"] / offline["output_tokens_per_s"]
+    assert math.isclose(summary["ratio_vs_offline"], ratio) and summary["failed_requests"] == 0
+    assert summary["ttft_p99_at_16_s"] == records[0]["ttft_s"]["p99"]
+    assert saved["minivllm_server_exit_code"] == 0  # SIGTERM stopped it cleanly
+    assert "no GPU claim" in saved["note"]
+    table = capsys.readouterr().out.splitlines()
+    assert table[-1] == saved["note"] and any(line.startswith("offline LLM.generate") for line in table)
+
+
+def test_poisson_arrivals_have_the_asked_rate():
+    delays = serve_bench.arrival_delays(4000, rate=16.0, seed=0)
+    assert delays == sorted(delays) and delays[0] > 0
+    assert 15.0 < len(delays) / delays[-1] < 17.0  # mean gap 1/16 s
+    assert serve_bench.arrival_delays(3, math.inf, 0) == [0.0, 0.0, 0.0]
+
+
+def test_bad_arguments_are_refused():
+    for argv in (["--rates", "0,inf"], ["--rates", "fast"], ["--backends", "vllm"], ["--input-len", "9:3"]):
+        with pytest.raises(SystemExit):
+            serve_bench.parse_args(argv)
+
+
+def test_an_sse_stream_is_read_as_the_client_sees_it():
+    result = serve_bench.Result(sent=0.0)
+    events = [b'data: {"choices": [{"index": 0, "text": "He", "finish_reason": null}]}',
+              b'data: {"choices": [{"index": 0, "text": "", "finish_reason": null}]}',
+              b'data: {"choices": [{"index": 0, "text": "llo", "finish_reason": "length"}]}',
+              b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4}}',
+              b"data: [DONE]"]
+    ended = [serve_bench._read_event(e, result, now) for e, now in zip(events, (0.5, 0.6, 0.9, 0.9, 0.9))]
+    assert ended == [False, False, True, False, True]
+    result.end = 1.0
+    assert result.chunk_times == [0.5, 0.9] and (result.prompt_tokens, result.output_tokens) == (3, 4)
+    metrics = result.metrics()
+    assert metrics["ttft"] == 0.5 and metrics["e2e"] == 1.0 and metrics["itl"] == pytest.approx([0.4])
+    assert metrics["tpot"] == pytest.approx((1.0 - 0.5) / 3)
+    error = serve_bench.Result()
+    serve_bench._read_event(b'data: {"error": {"message": "boom"}}', error, 0.1)
+    assert "boom" in error.error
