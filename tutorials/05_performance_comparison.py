@@ -27,7 +27,8 @@ import time
 from common import heading, parse_args, tiny_model
 
 from minivllm import LLM, SamplingParams
-from minivllm.observe.plots import new_figure, save_figure
+from minivllm.observe import kv_cache_stats
+from minivllm.observe.figures import new_figure, save_figure
 
 KV_TOKENS = 2048  # the KV memory every block-size run gets, in token slots
 
@@ -62,7 +63,7 @@ def run(model: str, prompts, params, static_batch: int | None = None, **engine_k
             request_ids.append(llm.add_request(prompts[i], params[i]))
         while llm.has_unfinished_requests():
             llm.step()
-            kv = llm.get_stats()["kv_cache"]
+            kv = kv_cache_stats(llm.engine.block_manager, llm.engine.scheduler.running)
             if kv["num_used_blocks"]:
                 utilization.append(kv["utilization"])
                 fragmentation.append(kv["fragmentation"])

@@ -22,7 +22,7 @@ def test_all_five_tutorials_exist():
 def test_script_runs_in_smoke_mode(script, tiny_llama, tmp_path):
     env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONWARNINGS": "ignore"}
     done = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(tmp_path), "--model", tiny_llama],
-                          capture_output=True, text=True, timeout=120, env=env, cwd=ROOT, check=False)
+                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     pngs = list(tmp_path.rglob("*.png"))
     assert pngs, f"{script.name} wrote no figure"

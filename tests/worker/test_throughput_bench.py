@@ -56,8 +56,10 @@ def test_roofline_smoke(tmp_path, capsys):
     assert all(r["step_time_s"] > 0 and r["roofline_time_s"] > 0 for r in rows)
     for r in rows:  # CPU: eager by necessity, not by accident, so no warning
         assert r["graph_fraction"] == 0.0 and r["graph_batch_sizes"] == [] and r["graph_warning"] is None
-        phases = [r[f"{p}_time_s"] for p in ("schedule", "prepare", "forward", "sample", "update")]
-        assert all(t >= 0 for t in phases) and sum(phases) <= r["step_time_s"] and r["forward_time_s"] > 0
+        phases = [r[f"{p}_time_s"] for p in ("schedule", "prepare", "forward", "sample", "wait", "update")]
+        # (With overlap a step's phases span two engine.step() calls, so they are not bounded by
+        # one call's time; on CPU the forward runs inside `forward`, so the host time is real work.)
+        assert all(t >= 0 for t in phases) and r["forward_time_s"] > 0 and r["host_time_s"] >= r["forward_time_s"]
     # --profile 2: the tables next to the JSON, the top ops in it (CPU only here), a table printed.
     profile = saved["profile"]
     assert profile["batch_size"] == 2 and profile["mode"] == "eager" and "error" not in profile
