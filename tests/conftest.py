@@ -13,9 +13,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 if os.environ.get("TRITON_INTERPRET") == "1":
-    from tests._triton_interpreter import patch_bf16_dot
+    from tests._triton_interpreter import patch_bf16_dot, patch_fp8_rounding
 
     patch_bf16_dot()
+    patch_fp8_rounding()
 
 
 def pytest_collection_modifyitems(config, items):
