@@ -95,6 +95,10 @@ class ModelConfig:
     device and attention backend can run on this machine.
     enforce_eager: never use CUDA graphs; every step launches its kernels one by one. (Graphs
         are only ever used on CUDA, for decode-only steps; see minivllm/worker/cuda_graph.py.)
+    tensor_parallel_size: split every layer over this many processes, one per GPU (CPU
+        processes with device="cpu"); the engine starts the other N - 1 itself. The model's
+        query heads must divide by N, its KV heads divide by N or N by them, its MLP width
+        divide by N; on CUDA there must be N GPUs. See docs/tensor_parallel.md.
     """
 
     model: str
@@ -103,6 +107,7 @@ class ModelConfig:
     seed: int = 0
     attention_backend: str = "auto"
     enforce_eager: bool = False
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.model, os.PathLike):
@@ -117,7 +122,9 @@ class ModelConfig:
             raise ValueError(f"seed must be < 2**64 (torch.manual_seed's range), got {self.seed}")
         _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         _check_bool("enforce_eager", self.enforce_eager)
+        _check_int("tensor_parallel_size", self.tensor_parallel_size, minimum=1)
         self._check_runnable()
+        self._check_tensor_parallel()
 
     def _check_runnable(self) -> None:
         """The device exists and the attention backend can run on it: fail now, not in step 1."""
@@ -130,6 +137,38 @@ class ModelConfig:
             raise ValueError(
                 f"attention_backend={self.attention_backend!r} cannot run on {device.type}: {err}"
             ) from None
+
+    def _check_tensor_parallel(self) -> None:
+        """The model splits into `tensor_parallel_size` equal shards, and there are enough GPUs."""
+        import torch
+
+        n = self.tensor_parallel_size
+        if n == 1:
+            return
+        where = f"{Path(self.model) / 'config.json'}"
+        hf_config = read_config_json(self.model)
+        heads = hf_config.get("num_attention_heads")
+        if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1:
+            raise ValueError(f"tensor_parallel_size={n} needs the number of attention heads, but {where} "
+                             f"has no valid num_attention_heads ({heads!r})")
+        kv_heads = hf_config.get("num_key_value_heads") or heads
+        width_key = next((k for k in ("intermediate_size", "ffn_dim") if k in hf_config), None)
+        problems = []
+        if heads % n:
+            problems.append(f"num_attention_heads={heads} is not divisible by it (every rank holds "
+                            "the same number of whole query heads)")
+        if kv_heads % n and n % kv_heads:
+            problems.append(f"num_key_value_heads={kv_heads} neither divides by it nor divides it (each "
+                            "rank needs a whole share of the KV heads, or one replicated KV head)")
+        if width_key is not None and hf_config[width_key] % n:
+            problems.append(f"{width_key}={hf_config[width_key]} is not divisible by it (the MLP is "
+                            "split by channels)")
+        if problems:
+            raise ValueError(f"tensor_parallel_size={n} cannot split the model in {where}: "
+                             + "; ".join(problems))
+        if self.torch_device.type == "cuda" and n > torch.cuda.device_count():
+            raise ValueError(f"tensor_parallel_size={n} needs {n} GPUs (one per rank), but torch sees "
+                             f"{torch.cuda.device_count()}")
 
     @property
     def torch_device(self):

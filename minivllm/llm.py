@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence as SequenceType
+from typing import Self
 
 from tqdm.auto import tqdm
 
@@ -35,6 +36,20 @@ class LLM:
     @property
     def tokenizer(self):
         return self.engine.tokenizer
+
+    def close(self) -> None:
+        """Stop the engine's worker processes (tensor_parallel_size > 1; nothing to do with one).
+
+        Deleting the LLM, or leaving the interpreter, does the same; `with LLM(...) as llm:`
+        does it at the end of the block.
+        """
+        self.engine.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     # ------------------------------------------------------------------------------------------
     # Batch API

@@ -53,7 +53,8 @@ from minivllm.observe.stats import StatsCollector, summarize_requests
 from minivllm.observe.trace import StepTrace, blocks_held
 from minivllm.outputs import RequestOutput
 from minivllm.sampling_params import SamplingParams
-from minivllm.worker.model_runner import ModelRunner, SampledTokens
+from minivllm.worker.executor import make_executor
+from minivllm.worker.model_runner import SampledTokens
 
 Prompt = str | list[int]
 
@@ -80,7 +81,7 @@ class LLMEngine:
         self.config = config
         model_dir = config.model_config.model
         sched = config.scheduler_config
-        self.model_runner = ModelRunner(config)
+        self.model_runner = make_executor(config)  # the ModelRunner, or N ranks' (worker/executor.py)
         self.tokenizer = load_tokenizer(model_dir)
         self.detokenizer = Detokenizer(self.tokenizer) if self.tokenizer is not None else None
         self.eos_token_ids = eos_token_ids(model_dir, self.model_runner.hf_config, self.tokenizer)
@@ -403,6 +404,11 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._unfinished)
+
+    def close(self) -> None:
+        """Stop what the engine started besides itself: the tensor-parallel worker processes
+        (nothing with one GPU). The engine cannot step afterwards."""
+        self.model_runner.close()
 
     def get_num_unfinished_requests(self) -> int:
         return len(self._unfinished)

@@ -2,7 +2,7 @@
 
 Llama-family MLPs are *gated* ("SwiGLU"): two projections of the same input, `gate` and `up`, and
 the output is `silu(gate) * up`, the gate deciding per channel how much of `up` passes. The model
-computes both projections with one matrix (see `linear.MergedLinear`), so the activation receives
+computes both projections with one matrix (`linear.MergedColumnParallelLinear`), so the activation receives
 them side by side in one tensor, `[..., 2 * intermediate]`, and splits it.
 
 OPT's MLP is the classic kind, one projection and a plain activation (ReLU), looked up by the name

@@ -17,6 +17,11 @@ reads earlier tokens from the paged KV cache.
 Parameter names follow Hugging Face's (`model.layers.3.self_attn.o_proj.weight`) except where we
 fuse projections: `qkv_proj` holds q_proj | k_proj | v_proj and `gate_up_proj` holds
 gate_proj | up_proj. `packed_modules_mapping` tells the loader where each checkpoint tensor goes.
+
+Tensor parallelism (`tp`, one rank of N; see layers/linear.py and docs/tensor_parallel.md): q|k|v
+and gate|up are column-parallel (each rank has whole heads and whole MLP channels), o_proj and
+down_proj row-parallel (each ends in an all-reduce), the embedding and the LM head split by
+vocabulary rows. Norms and RoPE are per token and replicated. With `tp` left out, one rank.
 """
 
 from __future__ import annotations
@@ -28,11 +33,17 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from minivllm.distributed import SINGLE, TensorParallel
 from minivllm.layers import use_fused_ops
 from minivllm.layers.activation import SiluAndMul
 from minivllm.layers.attention import AttentionMetadata, PagedAttention
+from minivllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from minivllm.layers.layernorm import RMSNorm
-from minivllm.layers.linear import MergedLinear
+from minivllm.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
 from minivllm.layers.rotary import RotaryEmbedding, apply_rotary
 from minivllm.models.inputs import check_token_inputs
 
@@ -80,19 +91,21 @@ class RopeInputs:
 
 
 class LlamaAttention(nn.Module):
-    """Project to q, k, v; (Qwen3: normalise q, k); rotate q, k; attend over the paged cache."""
+    """Project to q, k, v; (Qwen3: normalise q, k); rotate q, k; attend over the paged cache.
 
-    def __init__(self, config, flavor: AttentionFlavor):
+    Under tensor parallelism each rank runs this for its own heads (`num_heads`, `num_kv_heads`
+    are this rank's); o_proj adds the ranks' partial outputs together.
+    """
+
+    def __init__(self, config, flavor: AttentionFlavor, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = kv_heads_of(config)
         self.head_dim = head_dim_of(config)
-        q_size = self.num_heads * self.head_dim
-        kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = MergedLinear(
-            config.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, bias=flavor.qkv_bias
-        )
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=flavor.o_bias)
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, config.num_attention_heads,
+                                          kv_heads_of(config), bias=flavor.qkv_bias, tp=tp)
+        self.num_heads = self.qkv_proj.num_heads
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size,
+                                        bias=flavor.o_bias, tp=tp, what="attention output features")
         self.qk_norm = flavor.qk_norm
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
@@ -127,16 +140,18 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), gate and up computed by one GEMM."""
 
-    def __init__(self, config):
+    def __init__(self, config, tp: TensorParallel = SINGLE):
         super().__init__()
         hidden_act = getattr(config, "hidden_act", "silu")
         if hidden_act not in ("silu", "swish"):
             raise ValueError(f"Llama-family MLPs use silu; this config asks for {hidden_act!r}")
         bias = getattr(config, "mlp_bias", False)
         size = config.intermediate_size
-        self.gate_up_proj = MergedLinear(config.hidden_size, {"gate": size, "up": size}, bias=bias)
+        self.gate_up_proj = MergedColumnParallelLinear.split_evenly(
+            config.hidden_size, {"gate": size, "up": size}, bias=bias, tp=tp)
         self.act = SiluAndMul()
-        self.down_proj = nn.Linear(size, config.hidden_size, bias=bias)
+        self.down_proj = RowParallelLinear(size, config.hidden_size, bias=bias, tp=tp,
+                                           what="intermediate_size")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
@@ -145,12 +160,12 @@ class LlamaMLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm residual block: attention, then MLP, each reading a normalised copy of h."""
 
-    def __init__(self, config, flavor: AttentionFlavor):
+    def __init__(self, config, flavor: AttentionFlavor, tp: TensorParallel = SINGLE):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, flavor)
+        self.self_attn = LlamaAttention(config, flavor, tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.mlp = LlamaMLP(config)
+        self.mlp = LlamaMLP(config, tp)
 
     def forward(self, hidden, residual, rope: RopeInputs, meta: AttentionMetadata):
         """hidden: the previous layer's MLP output; residual: the stream it is added to (None
@@ -172,11 +187,11 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """Token ids -> final normalised hidden states (everything but the lm_head)."""
 
-    def __init__(self, config, flavor: AttentionFlavor):
+    def __init__(self, config, flavor: AttentionFlavor, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, flavor) for _ in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, flavor, tp) for _ in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         # One table for all layers: every layer rotates by the same angles.
@@ -208,18 +223,18 @@ class LlamaForCausalLM(nn.Module):
         bias = bool(getattr(config, "attention_bias", False))
         return AttentionFlavor(qkv_bias=bias, o_bias=bias)
 
-    def __init__(self, config):
+    def __init__(self, config, tp: TensorParallel = SINGLE):
         super().__init__()
         _warn_about_sliding_window(config)
         self.config = config
-        self.model = LlamaModel(config, self.flavor(config))
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.model = LlamaModel(config, self.flavor(config), tp)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
         if getattr(config, "tie_word_embeddings", False):
             # Small models reuse the input embedding matrix as the output projection.
             self.lm_head.weight = self.model.embed_tokens.weight
         attention = self.model.layers[0].self_attn
         self.num_layers = config.num_hidden_layers
-        self.num_kv_heads = attention.num_kv_heads
+        self.num_kv_heads = attention.num_kv_heads  # this rank's: the KV cache holds only these
         self.head_dim = attention.head_dim
 
     def forward(
@@ -230,7 +245,8 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, hidden_size] -> float32 logits [N, vocab]; the runner passes only the rows it samples."""
+        """[N, hidden_size] -> float32 logits [N, vocab] (all of it, on every rank); the runner
+        passes only the rows it samples."""
         return self.lm_head(hidden).float()
 
     def attention_layers(self) -> list[PagedAttention]:

@@ -7,6 +7,11 @@ class from the registry, build it directly on the target device in the target dt
 the checkpoint tensors into its parameters one at a time (so peak memory is the model plus one
 tensor, not two copies of the model).
 
+Under tensor parallelism (`tp`, one rank of N) the model is built with this rank's shard of each
+layer, and every checkpoint tensor is read only as far as this rank needs it: the layer says
+which slice (`checkpoint_split`: a dimension and a range), and safetensors reads that slice from
+the file (`get_slice`), so no rank ever holds the whole model.
+
 Every way a directory can be broken (no config.json, config.json that is not a JSON object, a
 truncated or corrupt safetensors file, a missing tensor) raises an OSError or ValueError that
 names the file and what is wrong with it.
@@ -30,15 +35,18 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from minivllm.config import read_config_json
-from minivllm.layers.linear import MergedLinear
+from minivllm.distributed import SINGLE, TensorParallel
+from minivllm.layers.linear import CheckpointSplit, MergedColumnParallelLinear
 from minivllm.models.registry import model_class_for
 
 SINGLE_FILE = "model.safetensors"
 SHARD_INDEX = "model.safetensors.index.json"
 
 
-def load_model(model_dir, dtype: torch.dtype = torch.float32, device="cpu") -> nn.Module:
-    """Build the model described by `model_dir/config.json` and fill it from its safetensors."""
+def load_model(model_dir, dtype: torch.dtype = torch.float32, device="cpu",
+               tp: TensorParallel = SINGLE) -> nn.Module:
+    """Build the model described by `model_dir/config.json` and fill it from its safetensors
+    (this rank's shard of it, under tensor parallelism)."""
     model_dir = Path(model_dir)
     dtype = _as_float_dtype(dtype)
     config = load_config(model_dir)
@@ -48,7 +56,7 @@ def load_model(model_dir, dtype: torch.dtype = torch.float32, device="cpu") -> n
         raise ValueError(f"{model_dir / 'config.json'}: {err}") from None
     files = checkpoint_files(model_dir)
     with torch.device(device), _default_dtype(dtype):
-        model = model_class(config)
+        model = model_class(config, tp)
     names = ", ".join(f.name for f in files)
     load_weights(model, read_safetensors(files), source=f"{names} in {model_dir}")
     return model.eval().requires_grad_(False)
@@ -105,8 +113,32 @@ def _shards_from_index(index_path: Path) -> list[Path]:
     return shards
 
 
-def read_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor, str]]:
-    """Yield (name, tensor, file) for every tensor of every file, one tensor in memory at a time.
+class CheckpointTensor:
+    """A tensor of an open safetensors file, not read yet: its shape, and `read` for all of it or
+    one slice (which reads only that slice's bytes)."""
+
+    def __init__(self, handle, name: str, path: Path):
+        self._handle, self.name, self.path = handle, name, path
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self._handle.get_slice(self.name).get_shape())
+
+    def read(self, split: CheckpointSplit = None) -> torch.Tensor:
+        """The whole tensor, or with split = (dim, Shard) the range [start, start + size) of dim."""
+        try:
+            if split is None:
+                return self._handle.get_tensor(self.name)
+            dim, part = split
+            index = (slice(None),) * dim + (slice(part.start, part.start + part.size),)
+            return self._handle.get_slice(self.name)[index]
+        except SafetensorError as err:
+            raise ValueError(f"tensor {self.name!r} in {self.path} cannot be read: {err}") from None
+
+
+def read_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, CheckpointTensor, str]]:
+    """Yield (name, tensor, file) for every tensor of every file; nothing is read until the
+    loader calls `tensor.read`, one tensor (or one rank's slice of it) in memory at a time.
 
     safetensors checks a file's header against its size when it opens it, so a truncated or
     corrupt file fails here, before any tensor is copied.
@@ -118,19 +150,17 @@ def read_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor,
             raise ValueError(f"{path} is not a valid safetensors file (truncated or corrupt?): {err}") from None
         with handle as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                try:
-                    tensor = f.get_tensor(name)
-                except SafetensorError as err:
-                    raise ValueError(f"tensor {name!r} in {path} cannot be read: {err}") from None
-                yield name, tensor, path.name
+                yield name, CheckpointTensor(f, name, path), path.name
 
 
 def load_weights(
-    model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor, str]], source: str = "checkpoint"
+    model: nn.Module, tensors: Iterable[tuple[str, CheckpointTensor, str]], source: str = "checkpoint"
 ) -> None:
     """Copy checkpoint tensors into `model`; every parameter (and every fused shard) must be filled.
 
-    Conversion to the model's dtype and device happens in the copy.
+    A split layer gets only its slice of each tensor; the shape check compares the checkpoint's
+    full shape with the full shape the layer is a slice of. Conversion to the model's dtype and
+    device happens in the copy.
     """
     params = dict(model.named_parameters())  # a tied lm_head appears once, under the embedding
     packed = getattr(model, "packed_modules_mapping", {})
@@ -140,13 +170,14 @@ def load_weights(
         target = _resolve(name, params, packed)
         if target is None:
             continue  # not ours to load (see the module docstring)
-        destination = _destination(model, params, target)
-        if tuple(destination.shape) != tuple(tensor.shape):
+        destination, split = _destination(model, params, target)
+        full_shape = _full_shape(destination, split)
+        if tensor.shape != full_shape:
             raise ValueError(
-                f"tensor {name!r} in {file} has shape {tuple(tensor.shape)} but the model built "
-                f"from config.json expects {tuple(destination.shape)}"
+                f"tensor {name!r} in {file} has shape {tensor.shape} but the model built "
+                f"from config.json expects {full_shape}"
             )
-        destination.copy_(tensor)
+        destination.copy_(tensor.read(split))
         loaded.add(target)
     missing = [expected[t] for t in expected if t not in loaded]
     if missing:
@@ -188,7 +219,7 @@ def _expected_targets(model: nn.Module, params: dict, packed: dict) -> dict[Targ
     for name in params:
         module_path, _, kind = name.rpartition(".")
         module = model.get_submodule(module_path)
-        if isinstance(module, MergedLinear):
+        if isinstance(module, MergedColumnParallelLinear):
             prefix, _, fused = module_path.rpartition(".")
             for shard in module.shard_sizes:
                 original = unpacked.get((fused, shard), f"{fused}[{shard}]")
@@ -198,12 +229,29 @@ def _expected_targets(model: nn.Module, params: dict, packed: dict) -> dict[Targ
     return expected
 
 
-def _destination(model: nn.Module, params: dict, target: Target) -> torch.Tensor:
+def _destination(model: nn.Module, params: dict, target: Target) -> tuple[torch.Tensor, CheckpointSplit]:
+    """Where a checkpoint tensor goes (the parameter, or its rows of a fused one), and which
+    slice of the tensor this rank keeps (None: all of it)."""
     name, shard = target
+    module_path, _, kind = name.rpartition(".")
+    module = model.get_submodule(module_path)
     data = params[name].data
-    if shard is None:
-        return data
-    return model.get_submodule(name.rpartition(".")[0]).shard(data, shard)
+    if shard is not None:
+        data = module.shard(data, shard)
+    split = module.checkpoint_split(kind, shard) if hasattr(module, "checkpoint_split") else None
+    if split is not None:  # a vocabulary block's padding rows are not in the checkpoint
+        dim, part = split
+        data = data.narrow(dim, 0, part.size)
+    return data, split
+
+
+def _full_shape(destination: torch.Tensor, split: CheckpointSplit) -> tuple[int, ...]:
+    """The checkpoint shape a destination is (a slice of)."""
+    shape = list(destination.shape)
+    if split is not None:
+        dim, part = split
+        shape[dim] = part.full
+    return tuple(shape)
 
 
 def _as_float_dtype(dtype) -> torch.dtype:

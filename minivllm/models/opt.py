@@ -13,6 +13,10 @@ Where the Llama family differs, OPT is the older design:
   of the hidden size around the decoder.
 
 The input and output embeddings are tied in every released OPT checkpoint.
+
+Tensor parallelism splits OPT like the Llama family (layers/linear.py): q|k|v and fc1
+column-parallel, out_proj and fc2 row-parallel, the embedding and LM head by vocabulary rows.
+The learned positions, the layer norms and OPT-350m's projections in and out are replicated.
 """
 
 from __future__ import annotations
@@ -22,26 +26,32 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from minivllm.distributed import SINGLE, TensorParallel
 from minivllm.layers.activation import get_activation
 from minivllm.layers.attention import AttentionMetadata, PagedAttention
-from minivllm.layers.linear import MergedLinear
+from minivllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from minivllm.layers.linear import (
+    ColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
 from minivllm.models.inputs import check_token_inputs
 
 
 class OPTAttention(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, tp: TensorParallel = SINGLE):
         super().__init__()
         hidden = config.hidden_size
-        self.num_heads = config.num_attention_heads
-        if hidden % self.num_heads != 0:
-            raise ValueError(
-                f"hidden_size ({hidden}) must be divisible by num_attention_heads ({self.num_heads})"
-            )
-        self.head_dim = hidden // self.num_heads
+        heads = config.num_attention_heads
+        if hidden % heads != 0:
+            raise ValueError(f"hidden_size ({hidden}) must be divisible by num_attention_heads ({heads})")
+        self.head_dim = hidden // heads
         self.scale = self.head_dim**-0.5
         bias = getattr(config, "enable_bias", True)
-        self.qkv_proj = MergedLinear(hidden, {"q": hidden, "k": hidden, "v": hidden}, bias=bias)
-        self.out_proj = nn.Linear(hidden, hidden, bias=bias)
+        # Plain multi-head attention: as many KV heads as query heads, split alike.
+        self.qkv_proj = QKVParallelLinear(hidden, self.head_dim, heads, heads, bias=bias, tp=tp)
+        self.num_heads = self.qkv_proj.num_heads  # this rank's
+        self.out_proj = RowParallelLinear(hidden, hidden, bias=bias, tp=tp, what="attention output features")
         # OPT scales q right after its projection (see forward), so the kernel's scale is 1.
         self.attn = PagedAttention(self.num_heads, self.num_heads, self.head_dim, scale=1.0)
 
@@ -54,17 +64,17 @@ class OPTAttention(nn.Module):
 
 
 class OPTDecoderLayer(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, tp: TensorParallel = SINGLE):
         super().__init__()
         hidden = config.hidden_size
         affine = getattr(config, "layer_norm_elementwise_affine", True)
         bias = getattr(config, "enable_bias", True)
         self.pre_norm = config.do_layer_norm_before
-        self.self_attn = OPTAttention(config)
+        self.self_attn = OPTAttention(config, tp)
         self.self_attn_layer_norm = nn.LayerNorm(hidden, elementwise_affine=affine)
-        self.fc1 = nn.Linear(hidden, config.ffn_dim, bias=bias)
+        self.fc1 = ColumnParallelLinear(hidden, config.ffn_dim, bias=bias, tp=tp, what="ffn_dim")
         self.activation = get_activation(config.activation_function)
-        self.fc2 = nn.Linear(config.ffn_dim, hidden, bias=bias)
+        self.fc2 = RowParallelLinear(config.ffn_dim, hidden, bias=bias, tp=tp, what="ffn_dim")
         self.final_layer_norm = nn.LayerNorm(hidden, elementwise_affine=affine)
 
     def forward(self, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -94,15 +104,15 @@ class OPTLearnedPositionalEmbedding(nn.Embedding):
 
 
 class OPTDecoder(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, tp: TensorParallel = SINGLE):
         super().__init__()
         hidden, embed_dim = config.hidden_size, config.word_embed_proj_dim
-        self.embed_tokens = nn.Embedding(config.vocab_size, embed_dim)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, embed_dim, tp)
         self.embed_positions = OPTLearnedPositionalEmbedding(config.max_position_embeddings, hidden)
         # OPT-350m: tokens live in a narrower space than the decoder; project in and back out.
         self.project_in = nn.Linear(embed_dim, hidden, bias=False) if embed_dim != hidden else None
         self.project_out = nn.Linear(hidden, embed_dim, bias=False) if embed_dim != hidden else None
-        self.layers = nn.ModuleList(OPTDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(OPTDecoderLayer(config, tp) for _ in range(config.num_hidden_layers))
         has_final_norm = config.do_layer_norm_before and not getattr(
             config, "_remove_final_layer_norm", False
         )
@@ -124,9 +134,9 @@ class OPTDecoder(nn.Module):
 class OPTModel(nn.Module):
     """Hugging Face nests the decoder one level down (`model.decoder.*`); we keep its names."""
 
-    def __init__(self, config):
+    def __init__(self, config, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.decoder = OPTDecoder(config)
+        self.decoder = OPTDecoder(config, tp)
 
 
 class OPTForCausalLM(nn.Module):
@@ -138,16 +148,16 @@ class OPTForCausalLM(nn.Module):
         "v_proj": ("qkv_proj", "v"),
     }
 
-    def __init__(self, config):
+    def __init__(self, config, tp: TensorParallel = SINGLE):
         super().__init__()
         self.config = config
-        self.model = OPTModel(config)
-        self.lm_head = nn.Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
+        self.model = OPTModel(config, tp)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.word_embed_proj_dim, tp)
         if getattr(config, "tie_word_embeddings", True):
             self.lm_head.weight = self.model.decoder.embed_tokens.weight
         attention = self.model.decoder.layers[0].self_attn
         self.num_layers = config.num_hidden_layers
-        self.num_kv_heads = attention.num_heads
+        self.num_kv_heads = attention.num_heads  # this rank's
         self.head_dim = attention.head_dim
 
     def forward(

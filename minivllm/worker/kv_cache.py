@@ -5,6 +5,11 @@ the kernels read). How many blocks: an explicit `num_kv_blocks`, else on CPU a b
 on CUDA what is left of `gpu_memory_utilization` x the GPU's memory after the weights and a
 *profiled* forward pass at the largest batch the scheduler can send, so that activations never
 find the memory taken by the cache.
+
+Under tensor parallelism each rank's cache holds only its own KV heads (`model.num_kv_heads` is
+the rank's), so a block costs each GPU 1/N of its single-GPU bytes. The budgets are per rank, and
+the ranks then agree on the smallest count: the block manager hands out one set of block ids,
+which must be valid on every rank.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import warnings
 import torch
 
 from minivllm.config import EngineConfig
+from minivllm.distributed import SINGLE, TensorParallel, min_over_ranks
 from minivllm.layers.attention import AttentionMetadata
 from minivllm.layers.sampler import Sampler
 from minivllm.sampling_params import SamplingParams
@@ -27,8 +33,10 @@ def kv_bytes_per_block(model, block_size: int, dtype: torch.dtype) -> int:
     return 2 * model.num_layers * block_size * model.num_kv_heads * model.head_dim * element
 
 
-def num_kv_blocks(config: EngineConfig, model, device: torch.device, dtype: torch.dtype) -> int:
-    """The pool size: explicit, or the memory budget divided by the size of a block."""
+def num_kv_blocks(config: EngineConfig, model, device: torch.device, dtype: torch.dtype,
+                  tp: TensorParallel = SINGLE) -> int:
+    """The pool size: explicit, or the memory budget divided by the size of a block (the
+    smallest over the tensor-parallel ranks)."""
     cache = config.cache_config
     block_bytes = kv_bytes_per_block(model, cache.block_size, dtype)
     if cache.num_kv_blocks is not None:
@@ -40,7 +48,7 @@ def num_kv_blocks(config: EngineConfig, model, device: torch.device, dtype: torc
         else:
             budget = cache.kv_cache_memory_bytes
             source = f"kv_cache_memory_bytes={cache.kv_cache_memory_bytes}"
-        num_blocks = budget // block_bytes
+        num_blocks = min_over_ranks(budget // block_bytes, tp)
         if num_blocks < 1:
             raise ValueError(f"{source} leaves room for no KV block ({block_bytes} bytes each); "
                              "give the KV cache more memory")

@@ -22,6 +22,12 @@ choice is named and can be turned off to measure it:
 * nothing inside the forward reads a GPU value back: the kernels get `max_seq_len` as a Python
   int; the sampled tokens come back by an asynchronous copy;
 * an all-greedy batch without penalties or bans is sampled with one argmax (`Sampler.sample`).
+
+Under tensor parallelism there is one ModelRunner per rank, each in its own process with its own
+GPU (`tp`, see worker/executor.py): it holds that rank's shard of the model and of the KV cache,
+and runs the same `execute` on the same SchedulerOutput as every other rank. The logits come back
+whole on every rank (the LM head gathers them), and the sampler, seeded alike everywhere, draws
+the same tokens on every rank, so `last_sampled` is the same everywhere too.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from minivllm.config import EngineConfig
+from minivllm.distributed import SINGLE, TensorParallel, barrier
 from minivllm.kernels import resolve_backend, warm_up
 from minivllm.layers.sampler import Sampler
 from minivllm.step import SchedulerOutput
@@ -74,6 +81,10 @@ class SampledTokens:
         else:
             self._host = tokens
 
+    def done(self) -> bool:
+        """Whether the tokens are on the host already (`wait` would not block)."""
+        return self._event is None or self._event.query()
+
     def wait(self) -> list[int]:
         """Block until the step is done; one token id per sample row."""
         if self._event is not None:
@@ -82,21 +93,23 @@ class SampledTokens:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, tp: TensorParallel = SINGLE):
+        """tp: this runner's rank of the tensor-parallel group (one rank: the default)."""
         from minivllm.models import load_model
 
         self.config = config
+        self.tp = tp
         model_config = config.model_config
-        self.device = model_config.torch_device
+        self.device = tp.local_device(model_config.torch_device)
         self.dtype = model_config.torch_dtype
         self.block_size = config.cache_config.block_size
         self.backend = model_config.attention_backend
-        torch.manual_seed(model_config.seed)  # for requests that bring no seed of their own
-        self.model = load_model(model_config.model, dtype=self.dtype, device=self.device)
+        self.model = load_model(model_config.model, dtype=self.dtype, device=self.device, tp=tp)
+        barrier(tp)  # every rank holds its weights: one that failed to load stops the others here
         self.hf_config = self.model.config
         self.vocab_size = self.hf_config.vocab_size
         self.sampler = Sampler(self.vocab_size, self.device)
-        self.num_kv_blocks = num_kv_blocks(config, self.model, self.device, self.dtype)
+        self.num_kv_blocks = num_kv_blocks(config, self.model, self.device, self.dtype, tp)
         self.kv_bytes_per_block = kv_bytes_per_block(self.model, self.block_size, self.dtype)
         self.kv_caches = allocate_kv_cache(self.model, self.num_kv_blocks, self.block_size,
                                            self.dtype, self.device)
@@ -111,6 +124,13 @@ class ModelRunner:
             k_cache, v_cache = self.kv_caches[0]
             warm_up(k_cache, v_cache, self.model.attention_layers()[0].num_heads, backend=self.backend)
         self.graphs = self._capture_graphs()
+        # For requests that bring no seed of their own. Seeded last, after everything that might
+        # draw random numbers at start-up, so every rank of a tensor-parallel group starts
+        # sampling from the same state, and draws the same tokens.
+        torch.manual_seed(model_config.seed)
+
+    def close(self) -> None:
+        """Nothing to stop in one process (the multi-process executor's `close` stops its workers)."""
 
     # ------------------------------------------------------------------------------------------
     # CUDA graphs

@@ -1,0 +1,360 @@
+"""Executors: how the engine's one call per step reaches the model, in one process or in N.
+
+The engine talks to its executor as if it were a ModelRunner: `execute(output)` launches a step
+and returns its `SampledTokens`, and `num_kv_blocks`, `vocab_size`, `hf_config`, `device`, ...
+describe the model. `make_executor` picks one:
+
+* **One rank**: the executor *is* the `ModelRunner`. Nothing sits in between.
+* **N ranks** (tensor parallelism): `MultiprocExecutor`. The engine's own process is rank 0, the
+  *driver*: it keeps the scheduler and the block manager, and a ModelRunner of its own (rank 0's
+  shard). It starts N - 1 worker processes (torch.multiprocessing, "spawn"), one ModelRunner
+  each on its own GPU, all in one torch.distributed group. Each step:
+
+      driver      pickles the SchedulerOutput once and writes it to every worker's pipe, then
+                  launches it on its own runner and returns a handle on the tokens
+      worker r    reads it, launches the same step on its runner (the same forward pass on its
+                  shard: the all-reduces pair up with the other ranks'), answers "ok"
+
+  Nothing else crosses between processes. Every rank computes the whole logits (the LM head
+  gathers them) and samples them with the same sampler, seeded the same way, so every rank
+  draws the same tokens and keeps them on its own GPU: the next step's pending decodes
+  (overlap, see engine/llm_engine.py) read them there, exactly as with one GPU.
+
+Why pipes and not `broadcast_object_list` over a gloo group: a pipe per worker carries the step
+in one write, and the way back ("ok", or a worker's traceback) comes with it, and a process's
+*sentinel* says when it died; `benchmarks/tp_transport.py` measures both transports.
+
+**Failures.** A worker that raises reports its traceback and exits; a worker that dies closes
+its pipe and its sockets. The driver notices either way, wherever it waits (its own collectives
+fail when a peer's gloo sockets close; its pipe reads watch the sentinels; on a GPU, waiting for
+the tokens polls the workers' liveness), and raises `TensorParallelError` naming the rank and
+what it said. The group is then out of step, so the executor refuses every later step with the
+same error: the engine finishes the failed step's requests with finish_reason "error", and a
+new LLM is needed. **Shutdown**: `close()` (LLM.close, or a `with` block) stops the workers
+and leaves the process group; `weakref.finalize` does the same when the LLM is garbage
+collected or the interpreter exits, so no worker outlives its engine.
+
+Spawned workers import the script that built the LLM, as every "spawn" start does: scripts that
+build a tensor-parallel LLM need the `if __name__ == "__main__":` guard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import signal
+import sys
+import time
+import traceback
+import weakref
+from dataclasses import dataclass, field
+from multiprocessing import connection
+from typing import NoReturn
+
+import torch
+import torch.distributed as dist
+
+from minivllm.config import EngineConfig
+from minivllm.distributed import TIMEOUT, destroy_tensor_parallel, init_tensor_parallel
+from minivllm.step import SchedulerOutput
+from minivllm.worker.model_runner import ModelRunner, SampledTokens
+
+LIVENESS_INTERVAL_S = 0.1  # how often a wait for the GPU checks that every worker is alive
+STOP_TIMEOUT_S = 5.0  # how long close() lets the workers finish before it terminates them
+
+
+def make_executor(config: EngineConfig):
+    """The ModelRunner itself for one rank; a MultiprocExecutor for tensor_parallel_size > 1."""
+    if config.model_config.tensor_parallel_size == 1:
+        return ModelRunner(config)
+    return MultiprocExecutor(config)
+
+
+class TensorParallelError(RuntimeError):
+    """A tensor-parallel worker failed or died; the group cannot run further steps."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The worker process
+# ----------------------------------------------------------------------------------------------
+def run_worker(config: EngineConfig, rank: int, address: tuple[str, int], conn) -> None:
+    """The life of worker `rank`: join the group, build its ModelRunner, then run every step the
+    driver sends until told to stop, or until the driver is gone (its pipe closes).
+
+    Its first error is sent to the driver as a traceback, and the process exits at once: its
+    sockets close, so a peer waiting in a collective with it fails instead of waiting forever.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle: it stops us
+    try:
+        conn.send(("started", os.getpid()))
+        size = config.model_config.tensor_parallel_size
+        device = config.model_config.torch_device
+        if device.type == "cpu":  # N processes share the cores
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+        store = dist.TCPStore(*address, size, is_master=False, timeout=TIMEOUT)
+        runner = ModelRunner(config, init_tensor_parallel(rank, size, store, device))
+        conn.send(("ready", None))
+        while True:
+            try:
+                output = pickle.loads(conn.recv_bytes())
+            except EOFError:  # the driver is gone
+                break
+            if output is None:  # close()
+                break
+            runner.execute(output)  # launched; the tokens stay on this rank's device
+            conn.send(("ok", None))
+    except BaseException:  # noqa: BLE001 - whatever it is, the driver must hear of it
+        with contextlib.suppress(OSError):
+            conn.send(("error", traceback.format_exc()))
+        _exit(1)
+    destroy_tensor_parallel()
+    _exit(0)
+
+
+def _exit(code: int) -> None:
+    """Leave now: the interpreter's own teardown of torch takes seconds, and holds up close()."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+# ----------------------------------------------------------------------------------------------
+# The driver's side
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class _Worker:
+    rank: int
+    process: object  # a torch.multiprocessing Process
+    conn: object  # the driver's end of its pipe
+    acked: int = 0  # steps it has answered "ok" for
+
+    def describe(self) -> str:
+        return f"tensor-parallel worker rank {self.rank} (pid {self.process.pid})"
+
+
+@dataclass
+class _Fleet:
+    """What shutting down needs, apart from the executor (which `weakref.finalize` must not hold)."""
+
+    workers: list[_Worker] = field(default_factory=list)
+    in_group: bool = False  # this process joined the process group, so shutdown leaves it
+    failed: bool = False  # a worker may be stuck in a collective: do not wait long for it
+
+
+class MultiprocExecutor:
+    """Rank 0 in this process, ranks 1..N-1 in worker processes it starts; see the module docstring."""
+
+    def __init__(self, config: EngineConfig):
+        if dist.is_initialized():  # before starting anything: this process is in a group already
+            raise TensorParallelError(
+                "torch.distributed is already initialized in this process: one tensor-parallel LLM "
+                "per process at a time (close the other one first: LLM.close())")
+        self.tensor_parallel_size = size = config.model_config.tensor_parallel_size
+        device = config.model_config.torch_device
+        self._num_steps = 0
+        self._failure: str | None = None  # why the group stopped, once it did
+        self._closed = False
+        # The rendezvous: rank 0 serves a store on a free port; the workers connect to it.
+        store = dist.TCPStore("127.0.0.1", 0, size, is_master=True, timeout=TIMEOUT, wait_for_workers=False)
+        context = torch.multiprocessing.get_context("spawn")
+        self._fleet = _Fleet()
+        self._workers = self._fleet.workers
+        self._finalizer = weakref.finalize(self, _shutdown, self._fleet)
+        try:
+            for rank in range(1, size):
+                ours, theirs = context.Pipe()
+                process = context.Process(target=run_worker, args=(config, rank, ("127.0.0.1", store.port), theirs),
+                                          name=f"minivllm-tp-rank{rank}", daemon=True)
+                process.start()
+                theirs.close()
+                self._workers.append(_Worker(rank, process, ours))
+            for worker in self._workers:
+                self._receive(worker, "start", expect="started")
+            self.tp = init_tensor_parallel(0, size, store, device)
+            self._fleet.in_group = True
+            self.driver = ModelRunner(config, self.tp)
+            for worker in self._workers:
+                self._receive(worker, "start-up", expect="ready")
+        except BaseException as err:
+            failure = err if isinstance(err, TensorParallelError) else self._worker_failure(err, "start-up")
+            self._fleet.failed = True
+            self.close()
+            if failure is err:
+                raise
+            raise failure from err
+
+    # -- what the engine reads -------------------------------------------------------------------
+    # Rank 0's runner answers for all: the ranks agree on the KV pool size, and the model, device
+    # and per-block bytes are rank 0's shard (per GPU, which is what a per-GPU roofline needs).
+    config = property(lambda self: self.driver.config)
+    model = property(lambda self: self.driver.model)
+    hf_config = property(lambda self: self.driver.hf_config)
+    vocab_size = property(lambda self: self.driver.vocab_size)
+    num_kv_blocks = property(lambda self: self.driver.num_kv_blocks)
+    kv_bytes_per_block = property(lambda self: self.driver.kv_bytes_per_block)
+    kv_caches = property(lambda self: self.driver.kv_caches)
+    block_size = property(lambda self: self.driver.block_size)
+    device = property(lambda self: self.driver.device)
+    dtype = property(lambda self: self.driver.dtype)
+    graphs = property(lambda self: self.driver.graphs)
+    graphs_off_reason = property(lambda self: self.driver.graphs_off_reason)
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return [w.process.pid for w in self._workers]
+
+    # -- one step ----------------------------------------------------------------------------------
+    def execute(self, output: SchedulerOutput) -> SampledTokens:
+        """Send the step to every worker, launch it here; the tokens' `wait()` also waits for
+        every worker's answer."""
+        self._check_usable()
+        step = self._num_steps + 1
+        data = pickle.dumps(output, protocol=pickle.HIGHEST_PROTOCOL)  # once, for every worker
+        try:
+            for worker in self._workers:
+                worker.conn.send_bytes(data)
+            tokens = self.driver.execute(output)
+        except BaseException as err:  # noqa: BLE001 - re-raised, as the workers' failure if it was theirs
+            self._raise_failure(err, f"step {step}")
+        self._num_steps = step
+        return _TensorParallelTokens(tokens, self, step)
+
+    def _wait(self, tokens: SampledTokens, step: int) -> list[int]:
+        """Every worker's "ok" for `step`, then rank 0's tokens. On a GPU the tokens arrive only
+        when the step's all-reduces completed on every rank, so the wait polls the workers'
+        liveness: a dead worker would leave them waiting forever."""
+        try:
+            for worker in self._workers:
+                while worker.acked < step:
+                    self._receive(worker, f"step {step}", expect="ok")
+                    worker.acked += 1
+            next_check = time.monotonic() + LIVENESS_INTERVAL_S
+            while not tokens.done():
+                if time.monotonic() > next_check:
+                    self._check_alive(f"step {step}")
+                    next_check = time.monotonic() + LIVENESS_INTERVAL_S
+            return tokens.wait()
+        except BaseException as err:  # noqa: BLE001 - re-raised, as the workers' failure if it was theirs
+            self._raise_failure(err, f"step {step}")
+
+    # -- failures ----------------------------------------------------------------------------------
+    def _receive(self, worker: _Worker, when: str, expect: str) -> None:
+        """Wait for `worker`'s next message, which must be `expect`; its error report or its
+        death (the sentinel) raise TensorParallelError instead of waiting forever."""
+        ready = connection.wait([worker.conn, worker.process.sentinel], timeout=TIMEOUT.total_seconds())
+        if not ready:
+            raise TensorParallelError(f"{worker.describe()} did not answer within {TIMEOUT} ({when})")
+        message = self._read(worker) if worker.conn in ready else None
+        if message is None:
+            raise TensorParallelError(self._death(worker, when))
+        kind, payload = message
+        if kind == "error":
+            raise TensorParallelError(f"{worker.describe()} failed during {when}:\n{payload}")
+        if kind != expect:
+            raise TensorParallelError(f"{worker.describe()} sent {kind!r} during {when}, expected {expect!r}")
+
+    @staticmethod
+    def _read(worker: _Worker):
+        """The worker's next message, or None if its end of the pipe is closed."""
+        try:
+            return worker.conn.recv()
+        except (EOFError, OSError):
+            return None
+
+    def _death(self, worker: _Worker, when: str) -> str:
+        worker.process.join(timeout=1.0)  # reap it, for its exit code
+        return (f"{worker.describe()} died during {when} (exit code {worker.process.exitcode}); "
+                "the tensor-parallel group cannot continue")
+
+    def _check_alive(self, when: str) -> None:
+        for worker in self._workers:
+            if not worker.process.is_alive():
+                message = self._read(worker) if worker.conn.poll() else None
+                if message is not None and message[0] == "error":
+                    raise TensorParallelError(f"{worker.describe()} failed during {when}:\n{message[1]}")
+                raise TensorParallelError(self._death(worker, when))
+
+    def _worker_failure(self, err: BaseException, when: str, grace_s: float = 2.0) -> BaseException:
+        """The workers' side of a failure the driver saw as `err`: the first worker that reported
+        an error or died within `grace_s`, as a TensorParallelError; else `err` itself."""
+        if isinstance(err, TensorParallelError):
+            return err
+        deadline = time.monotonic() + grace_s
+        for worker in self._workers:
+            while True:
+                remaining = max(0.0, deadline - time.monotonic())
+                ready = connection.wait([worker.conn, worker.process.sentinel], timeout=remaining)
+                if not ready:
+                    break  # nothing to say: this worker looks healthy
+                message = self._read(worker) if worker.conn in ready else None
+                if message is None:
+                    return TensorParallelError(self._death(worker, when))
+                if message[0] == "error":
+                    return TensorParallelError(f"{worker.describe()} failed during {when}:\n{message[1]}")
+                # an "ok" of an earlier step: read on
+        return err
+
+    def _raise_failure(self, err: BaseException, when: str) -> NoReturn:
+        """Stop accepting steps, and raise what the workers say went wrong (or `err`)."""
+        failure = self._worker_failure(err, when)
+        self._failure = f"{when}: {str(failure).splitlines()[0] if str(failure) else type(failure).__name__}"
+        self._fleet.failed = True
+        if failure is err:
+            raise err
+        raise failure from err
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise TensorParallelError("this tensor-parallel executor is closed (LLM.close() was called)")
+        if self._failure is not None:
+            raise TensorParallelError(f"the tensor-parallel group stopped after a failure in {self._failure}; "
+                                      "create a new LLM")
+
+    # -- shutdown ----------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the workers and leave the process group. Idempotent; also run by garbage collection
+        and at interpreter exit if never called."""
+        self._closed = True
+        self._finalizer()
+
+
+class _TensorParallelTokens:
+    """Rank 0's `SampledTokens` of a step, whose `wait` also hears from every worker."""
+
+    def __init__(self, tokens: SampledTokens, executor: MultiprocExecutor, step: int):
+        self.timings = tokens.timings
+        self._tokens, self._executor, self._step = tokens, executor, step
+
+    def done(self) -> bool:
+        return self._tokens.done()
+
+    def wait(self) -> list[int]:
+        return self._executor._wait(self._tokens, self._step)
+
+
+def _shutdown(fleet: _Fleet) -> None:
+    """Ask every worker to stop, terminate the ones that do not within STOP_TIMEOUT_S (after a
+    failure, half a second: a worker may be stuck in a collective whose peer is gone), then leave
+    the process group.
+
+    A plain function, not a method: `weakref.finalize` must not hold the executor.
+    """
+    workers = fleet.workers
+    for worker in workers:
+        with contextlib.suppress(OSError):
+            worker.conn.send_bytes(pickle.dumps(None))
+    deadline = time.monotonic() + (0.5 if fleet.failed else STOP_TIMEOUT_S)
+    for worker in workers:
+        worker.process.join(timeout=max(0.0, deadline - time.monotonic()))
+    for worker in workers:
+        if worker.process.is_alive():
+            worker.process.terminate()
+            worker.process.join(timeout=2.0)
+        if worker.process.is_alive():
+            worker.process.kill()
+            worker.process.join()
+        worker.conn.close()
+    if fleet.in_group:
+        destroy_tensor_parallel()
+        fleet.in_group = False

@@ -1,0 +1,74 @@
+"""tensor_parallel_size=2 on two CPU processes (gloo) gives the tokens one process gives.
+
+Greedy decoding equals Hugging Face `generate` token for token for tiny Llama, Qwen2, Qwen3 and
+OPT models, in float32, under the scheduling that stresses the split the most: a KV pool small
+enough to force preemptions, a token budget small enough to chunk every prompt, and prefix
+caching, with overlap on (the default). Then, on a model with one KV head (replicated on both
+ranks) and a vocabulary that does not divide by 2, with overlap off: greedy still equals
+Hugging Face, and *sampled* tokens, seeded and unseeded, equal those of one process: if the
+ranks ever drew different tokens, their next inputs would differ and so would the outputs.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+
+from minivllm import LLM, SamplingParams
+from tests.engine.conftest import random_prompts
+
+from .conftest import CPU_ENGINE, pid_alive
+
+MAX_TOKENS = 12
+PROMPTS = random_prompts([5, 16, 3, 29, 8], seed=1)
+SHARED = PROMPTS + [PROMPTS[1] + [5, 6, 7]]  # the last one starts with another's 16 tokens
+
+
+def assert_matches_hf(outputs, prompts, variant, hf_greedy):
+    for prompt, out in zip(prompts, outputs, strict=True):
+        assert out.token_ids == hf_greedy(variant, prompt, MAX_TOKENS), f"{variant}: {len(prompt)}-token prompt"
+
+
+@pytest.mark.filterwarnings("ignore:the KV pool")  # tiny on purpose
+@pytest.mark.parametrize("variant", ["llama", "qwen2", "qwen3", "opt"])
+def test_two_ranks_match_hf_through_preemption_chunking_and_prefix_caching(variant, model_dir, hf_greedy):
+    with LLM(str(model_dir(variant)), tensor_parallel_size=2, num_kv_blocks=14, max_num_batched_tokens=8,
+             max_num_seqs=4, enable_prefix_caching=True, **CPU_ENGINE) as llm:
+        outputs = llm.generate(SHARED, max_tokens=MAX_TOKENS, temperature=0, use_tqdm=False)
+        stats = llm.get_stats()
+    assert_matches_hf(outputs, SHARED, variant, hf_greedy)
+    assert stats["scheduler"]["num_preemptions"] > 0, "the pool was meant to force preemptions"
+    assert stats["scheduler"]["num_partial_prefills"] > 0, "the budget was meant to chunk prompts"
+    assert stats["kv_cache"]["prefix_cache_hit_tokens"] > 0, "the shared prefix was meant to hit"
+    assert stats["kv_cache"]["num_used_blocks"] == 0
+
+
+def sampled(llm, prompts):
+    params = [
+        SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, seed=11, ignore_eos=True),
+        SamplingParams(max_tokens=8, n=2, temperature=1.0, top_k=20, seed=5, ignore_eos=True),
+        SamplingParams(max_tokens=10, temperature=0.8, ignore_eos=True),  # the global RNG
+        SamplingParams(max_tokens=9, repetition_penalty=1.3, temperature=0.7, seed=3, ignore_eos=True),
+    ]
+    return [[c.token_ids for c in o.outputs] for o in llm.generate(prompts[:4], params, use_tqdm=False)]
+
+
+def test_replicated_kv_head_padded_vocabulary_and_sampling_without_overlap(model_dir, hf_greedy):
+    path = str(model_dir("llama-mqa"))
+    prompts = random_prompts([5, 16, 3, 29, 8], seed=1, vocab=509)
+    engine = dict(max_num_seqs=4, async_scheduling=False, **CPU_ENGINE)
+    # Two ranks first, then one: each engine seeds the process's RNG when it starts, and the
+    # unseeded request draws from it, so both must run in the same order from a fresh start.
+    two = LLM(path, tensor_parallel_size=2, **engine)
+    pids = two.engine.model_runner.worker_pids
+    greedy = two.generate(prompts, max_tokens=MAX_TOKENS, temperature=0, use_tqdm=False)
+    draws_two = sampled(two, prompts)
+    assert two.get_stats()["engine"]["async_scheduling"] is False
+    del two  # no close(): the garbage collector must stop the worker
+    gc.collect()
+    assert pids and not any(pid_alive(pid) for pid in pids)
+    assert_matches_hf(greedy, prompts, "llama-mqa", hf_greedy)
+    one = LLM(path, **engine)
+    one.generate(prompts, max_tokens=MAX_TOKENS, temperature=0, use_tqdm=False)
+    assert sampled(one, prompts) == draws_two
