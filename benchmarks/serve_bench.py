@@ -11,7 +11,8 @@ process at each rate of --rates (requests per second; `inf` = all at once). Per 
 * output tokens/s over the run (first request sent -> last one done) and failed requests (an HTTP
   error, an error event, no `[DONE]`, or fewer tokens than asked for);
 * the client's own CPU share, so a client that could not keep up is seen, not mistaken for a slow
-  server.
+  server. Parsing thousands of chunks a second takes a Python client more than a core, so the
+  requests are sent from several processes (--client-processes; half the cores, at most 8).
 
 In the same run, before the server starts, offline `LLM.generate` computes the same requests with
 the same engine settings: `ratio_vs_offline` = server output tok/s at `inf` / offline output tok/s
@@ -106,8 +107,8 @@ class Result:
 async def stream_one(client, url: str, body: dict, expected_tokens: int | None, t0: float,
                      delay: float) -> Result:
     """Send one streaming request at t0 + delay; time its chunks; check it ended properly."""
-    await asyncio.sleep(max(0.0, t0 + delay - time.perf_counter()))
-    result = Result(sent=time.perf_counter() - t0)
+    await asyncio.sleep(max(0.0, t0 + delay - time.monotonic()))
+    result = Result(sent=time.monotonic() - t0)
     done = False
     try:
         async with client.stream("POST", url, json=body) as response:
@@ -116,14 +117,14 @@ async def stream_one(client, url: str, body: dict, expected_tokens: int | None, 
                 return result
             buffer = b""
             async for data in response.aiter_bytes():
-                now = time.perf_counter() - t0  # events that came in one read arrived together
+                now = time.monotonic() - t0  # events that came in one read arrived together
                 buffer += data
                 while b"\n\n" in buffer:
                     event, buffer = buffer.split(b"\n\n", 1)
                     done |= _read_event(event, result, now)
     except Exception as err:  # noqa: BLE001 - a failed request is a result, not a crash
         result.error = f"{type(err).__name__}: {err}"
-    result.end = time.perf_counter() - t0
+    result.end = time.monotonic() - t0
     if result.error is None and not done:
         result.error = "the stream ended without a finish_reason or data: [DONE]"
     if result.error is None and expected_tokens is not None and result.output_tokens != expected_tokens:
@@ -166,21 +167,64 @@ def arrival_delays(n: int, rate: float, seed: int) -> list[float]:
     return np.cumsum(gaps).tolist()
 
 
-async def replay(url: str, bodies: list[dict], expected: list[int | None], rate: float, seed: int,
-                 timeout: float) -> tuple[list[Result], float, float]:
-    """All requests at their Poisson times; returns (results, wall seconds, client CPU seconds)."""
-    import httpx
+def replay(url: str, bodies: list[dict], expected: list[int | None], rate: float, seed: int, timeout: float,
+           pool=None, processes: int = 1) -> tuple[list[Result], float, float]:
+    """Send every request at its Poisson time; returns (results in request order, wall seconds,
+    the busiest client process's CPU share).
 
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout), limits=limits) as client:
-        cpu0, t0 = time.process_time(), time.perf_counter()
-        delays = arrival_delays(len(bodies), rate, seed)
-        tasks = [stream_one(client, url, b, n, t0, d) for b, n, d in zip(bodies, expected, delays)]
-        results = await asyncio.gather(*tasks)
-        return list(results), time.perf_counter() - t0, time.process_time() - cpu0
+    Parsing thousands of streamed chunks a second costs a Python client a core or more, so with a
+    `pool` of `processes` client processes the requests are dealt round-robin to them; all keep
+    one clock (time.monotonic is system-wide) and start at the same moment t0.
+    """
+    delays = arrival_delays(len(bodies), rate, seed)
+    workers = processes if pool is not None else 1
+    t0 = time.monotonic() + (1.0 if pool is not None else 0.05)
+    slices = [(url, bodies[w::workers], expected[w::workers], delays[w::workers], t0, timeout)
+              for w in range(workers)]
+    outs = list(pool.map(_replay_slice, slices)) if pool is not None else [_replay_slice(slices[0])]
+    results: list[Result] = [None] * len(bodies)  # type: ignore[list-item]
+    for w, (part, _) in enumerate(outs):
+        results[w::workers] = part
+    wall = max((r.end for r in results if r.end is not None), default=0.0) - min(r.sent for r in results)
+    return results, wall, max(cpu for _, cpu in outs) / wall if wall else 0.0
 
 
-def summarize(label: str, rate: float, results: list[Result], wall: float, cpu: float) -> dict:
+def _replay_slice(job) -> tuple[list[Result], float]:
+    """(one client process) Its share of the requests; returns (results, CPU seconds)."""
+    url, bodies, expected, delays, t0, timeout = job
+
+    async def run() -> tuple[list[Result], float]:
+        import httpx
+
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        async with httpx.AsyncClient(timeout=httpx.Timeout(timeout), limits=limits) as client:
+            cpu = time.process_time()
+            results = await asyncio.gather(*(stream_one(client, url, b, n, t0, d)
+                                             for b, n, d in zip(bodies, expected, delays)))
+            return list(results), time.process_time() - cpu
+
+    return asyncio.run(run())
+
+
+def client_pool(processes: int):
+    """Client processes, started (spawn: no inherited CUDA state) and warmed before any timing."""
+    if processes <= 1:
+        return None
+    import concurrent.futures
+    import multiprocessing
+
+    pool = concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
+    list(pool.map(_ping, range(processes)))
+    return pool
+
+
+def _ping(_: int) -> int:
+    import httpx  # noqa: F401 - imported now, not in the first timed run
+
+    return os.getpid()
+
+
+def summarize(label: str, rate: float, results: list[Result], wall: float, client_cpu: float) -> dict:
     ok = [r for r in results if r.error is None]
     per = [r.metrics() for r in ok]
     out_tokens = sum(r.output_tokens or 0 for r in ok)
@@ -201,7 +245,7 @@ def summarize(label: str, rate: float, results: list[Result], wall: float, cpu: 
         "itl_s": percentiles([g for m in per for g in m["itl"]]),
         "tpot_s": percentiles([m["tpot"] for m in per]),
         "e2e_s": percentiles([m["e2e"] for m in per]),
-        "client_cpu_fraction": cpu / wall if wall else None,
+        "client_cpu_fraction": client_cpu,  # of the busiest client process
     }
 
 
@@ -391,6 +435,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument("--client-processes", type=int, default=None,
+                   help="processes sending the requests (default: half the cores, at most 8; 1 with --smoke)")
     p.add_argument("--start-timeout", type=float, default=900.0, help="seconds for a server to become healthy")
     args = p.parse_args(argv)
     defaults = SMOKE_DEFAULTS if args.smoke else GPU_DEFAULTS
@@ -412,6 +458,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--num-requests and --hf-num-requests must be >= 1")
     args.hf_num_requests = min(args.hf_num_requests, args.num_requests)
     args.max_num_seqs = args.max_num_seqs or min(args.num_requests, 256)
+    if args.client_processes is None:
+        args.client_processes = 1 if args.smoke else max(1, min(8, (os.cpu_count() or 2) // 2))
+    if args.client_processes < 1:
+        p.error(f"--client-processes must be >= 1, got {args.client_processes}")
     args.max_num_batched_tokens = max(args.max_num_batched_tokens, args.max_num_seqs)
     args.max_model_len = args.input_range[1] + args.output_range[1]
     return args
@@ -440,34 +490,12 @@ def main(argv=None) -> dict:
     if "minivllm" in args.backends and args.url is None:
         payload["offline"] = run_offline(model_dir, prompts, out_lens, args, device)
         save()
-    server = None
+    pool = client_pool(args.client_processes)
     try:
-        if args.url is None:
-            server = start_minivllm(args, model_dir, log_dir)
-            server.wait_healthy(args.start_timeout)
-        url = args.url or server.url
-        asyncio.run(replay(f"{url}/v1/completions", token_bodies(args, [p[:16] for p in prompts[:4]], [4] * 4),
-                           [4] * 4, math.inf, args.seed, args.request_timeout))  # warm-up, untimed
-        if "minivllm" in args.backends:
-            bodies = token_bodies(args, prompts, out_lens)
-            for i, rate in enumerate(args.rate_values):
-                results, wall, cpu = asyncio.run(replay(f"{url}/v1/completions", bodies, out_lens, rate,
-                                                        args.seed + i, args.request_timeout))
-                payload["records"].append(summarize("minivllm serve", rate, results, wall, cpu))
-                save()
-                print(format_record(payload["records"][-1]), flush=True)
-        if "transformers" in args.backends:
-            texts, text_lens = text_workload(model_dir, args)
-            route = asyncio.run(pick_route(url, args.model_name))
-            payload["comparison"].append(run_text(url, "minivllm serve", args.model_name, texts, text_lens,
-                                                  route, "minivllm", args))
-            save()
+        run_servers(args, model_dir, prompts, out_lens, log_dir, payload, save, pool, device)
     finally:
-        if server is not None:
-            payload["minivllm_server_exit_code"] = server.stop()
-    if "transformers" in args.backends:
-        payload["comparison"].append(run_transformers(model_dir, texts, text_lens, log_dir, args, device))
-        save()
+        if pool is not None:
+            pool.shutdown()
     save()
     plot(payload, out_path.with_suffix(".png"))
     print(f"\nwrote {out_path} and {out_path.with_suffix('.png')}")
@@ -475,14 +503,46 @@ def main(argv=None) -> dict:
     return payload
 
 
-def run_text(url: str, label: str, model: str, texts, out_lens, route: str, server: str, args) -> dict:
+def run_servers(args, model_dir, prompts, out_lens, log_dir, payload, save, pool, device) -> None:
+    """minivllm's server at every rate (and on the text requests), then transformers serve."""
+    server = None
+    try:
+        if args.url is None:
+            server = start_minivllm(args, model_dir, log_dir)
+            server.wait_healthy(args.start_timeout)
+        url = args.url or server.url
+        replay(f"{url}/v1/completions", token_bodies(args, [p[:16] for p in prompts[:4]], [4] * 4), [4] * 4,
+               math.inf, args.seed, args.request_timeout)  # warm-up, untimed
+        if "minivllm" in args.backends:
+            bodies = token_bodies(args, prompts, out_lens)
+            for i, rate in enumerate(args.rate_values):
+                results, wall, cpu = replay(f"{url}/v1/completions", bodies, out_lens, rate, args.seed + i,
+                                            args.request_timeout, pool, args.client_processes)
+                payload["records"].append(summarize("minivllm serve", rate, results, wall, cpu))
+                save()
+                print(format_record(payload["records"][-1]), flush=True)
+        if "transformers" in args.backends:
+            texts, text_lens = text_workload(model_dir, args)
+            route = asyncio.run(pick_route(url, args.model_name))
+            payload["comparison"].append(run_text(url, "minivllm serve", args.model_name, texts, text_lens,
+                                                  route, "minivllm", args, pool))
+            save()
+    finally:
+        if server is not None:
+            payload["minivllm_server_exit_code"] = server.stop()
+    if "transformers" in args.backends:
+        payload["comparison"].append(run_transformers(model_dir, texts, text_lens, log_dir, args, device, pool))
+        save()
+
+
+def run_text(url: str, label: str, model: str, texts, out_lens, route: str, server: str, args, pool) -> dict:
     bodies = text_bodies(model, texts, out_lens, route, server)
-    results, wall, cpu = asyncio.run(replay(f"{url}/v1/{route}", bodies, out_lens, math.inf, args.seed,
-                                            args.request_timeout))
+    results, wall, cpu = replay(f"{url}/v1/{route}", bodies, out_lens, math.inf, args.seed,
+                                args.request_timeout, pool, args.client_processes)
     return {**summarize(label, math.inf, results, wall, cpu), "route": route, "prompts": "text"}
 
 
-def run_transformers(model_dir: Path, texts, out_lens, log_dir: Path, args, device) -> dict:
+def run_transformers(model_dir: Path, texts, out_lens, log_dir: Path, args, device, pool) -> dict:
     """transformers serve on the text requests; an error record if it cannot run here."""
     release_memory(device)
     server = None
@@ -490,7 +550,8 @@ def run_transformers(model_dir: Path, texts, out_lens, log_dir: Path, args, devi
         server = start_transformers(model_dir, log_dir)
         server.wait_healthy(args.start_timeout)
         route = asyncio.run(pick_route(server.url, str(model_dir)))
-        return run_text(server.url, "transformers serve", str(model_dir), texts, out_lens, route, "transformers", args)
+        return run_text(server.url, "transformers serve", str(model_dir), texts, out_lens, route, "transformers",
+                        args, pool)
     except Exception as err:  # noqa: BLE001 - an unavailable baseline is a result, not a crash
         print(f"transformers serve could not run: {err}")
         return {"backend": "transformers serve", "rate": "inf", "num_requests": len(texts),

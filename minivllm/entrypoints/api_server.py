@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from minivllm.engine.llm_engine import LLMEngine
+from minivllm.engine.tokenizer import load_tokenizer
 from minivllm.entrypoints.async_llm import AsyncLLM
 from minivllm.entrypoints.errors import OpenAIError, from_validation_error
 from minivllm.entrypoints.metrics import ServerMetrics
@@ -79,10 +80,11 @@ def _open_routes(async_llm: AsyncLLM, metrics: ServerMetrics) -> APIRouter:
 
 def _v1_routes(async_llm: AsyncLLM, model_name: str) -> APIRouter:
     router = APIRouter(prefix="/v1")
-    completion = OpenAIServingCompletion(async_llm, model_name)
-    chat = OpenAIServingChat(async_llm, model_name)
-    card = ModelCard(id=model_name, root=async_llm.engine.config.model_config.model,
-                     max_model_len=completion.max_model_len)
+    model_dir = async_llm.engine.config.model_config.model
+    tokenizer = load_tokenizer(model_dir)
+    completion = OpenAIServingCompletion(async_llm, model_name, tokenizer)
+    chat = OpenAIServingChat(async_llm, model_name, tokenizer)
+    card = ModelCard(id=model_name, root=model_dir, max_model_len=completion.max_model_len)
 
     @router.get("/models")
     async def models() -> ModelList:

@@ -88,18 +88,6 @@ class RequestStream:
         self.finished = item.finished
         return item
 
-    def drain(self) -> list[RequestOutput]:
-        """The outputs already queued, without waiting (to send several in one write)."""
-        items = []
-        while not self.finished and not self._queue.empty():
-            item = self._queue.get_nowait()
-            if isinstance(item, BaseException):
-                self._queue.put_nowait(item)  # raised by the next __anext__
-                break
-            self.finished = item.finished
-            items.append(item)
-        return items
-
     def close(self) -> None:
         """Stop listening; a request that is not finished yet is aborted (without waiting)."""
         if not self.finished:
@@ -156,9 +144,12 @@ class AsyncLLM:
         self._live.add(request_id)
         try:
             await self._on_engine(self.engine.add_request, prompt, sampling_params, request_id, True)
-        except BaseException:
+        except (ValueError, TypeError):  # refused: nothing was queued
             self._streams.pop(request_id, None)
             self._live.discard(request_id)
+            raise
+        except BaseException:  # e.g. cancelled while the engine thread adds it: it may be in now
+            stream.close()
             raise
         self._wake.set()
         return stream
@@ -193,7 +184,11 @@ class AsyncLLM:
         self._streams.pop(request_id, None)
         if request_id not in self._live or self._dead is not None:
             return
-        task = asyncio.get_running_loop().create_task(self.abort(request_id))
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # closed outside the event loop (at exit): nothing is running anymore
+            return
+        task = loop.create_task(self.abort(request_id))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -288,11 +283,6 @@ class AsyncLLM:
     def is_running(self) -> bool:
         """The loop is alive (started, or ready to start on the first request)."""
         return self._dead is None and (self._loop_task is None or not self._loop_task.done())
-
-    async def run_on_engine(self, fn: Callable, *args):
-        """Run `fn(*args)` in the engine thread, between two steps (e.g. to read engine state
-        that a step could be changing)."""
-        return await self._on_engine(fn, *args)
 
     async def drain(self, timeout: float) -> None:
         """Take no new request; let those in flight finish for up to `timeout` seconds, then abort

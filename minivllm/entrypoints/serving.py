@@ -26,7 +26,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from minivllm.engine.tokenizer import load_tokenizer
 from minivllm.entrypoints.async_llm import AsyncLLM, EngineDeadError, EngineStepError, RequestStream
 from minivllm.entrypoints.errors import OpenAIError, from_value_error
 from minivllm.entrypoints.protocol import UNSUPPORTED_FIELDS, SamplingRequest, UsageInfo
@@ -54,14 +53,14 @@ class Choice:
 class OpenAIServing:
     """The shared half of an endpoint; `serving_completion.py` and `serving_chat.py` add theirs."""
 
-    def __init__(self, engine: AsyncLLM, model_name: str):
+    def __init__(self, engine: AsyncLLM, model_name: str, tokenizer):
+        """tokenizer: the server's own copy (`load_tokenizer(model_dir)`, or None), used on the
+        event loop only; the engine thread keeps its own, so the two never share the mutable
+        state of a fast tokenizer across threads."""
         self.engine = engine
         self.model_name = model_name
-        config = engine.engine.config
-        self.max_model_len = config.scheduler_config.max_model_len
-        # The server's own tokenizer, used on the event loop; the engine thread keeps its own, so
-        # the two never share the mutable state of a fast tokenizer across threads.
-        self.tokenizer = load_tokenizer(config.model_config.model)
+        self.max_model_len = engine.engine.config.scheduler_config.max_model_len
+        self.tokenizer = tokenizer
 
     # ------------------------------------------------------------------------------------------
     # 1-2. check and prepare

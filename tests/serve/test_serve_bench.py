@@ -16,7 +16,8 @@ from benchmarks import serve_bench
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU smoke test; on a GPU run the benchmark")
 def test_serve_bench_smoke(tmp_path, capsys):
     out = tmp_path / "serve.json"
-    payload = serve_bench.main(["--smoke", "--model-dir", str(tmp_path / "models"), "--out", str(out)])
+    payload = serve_bench.main(["--smoke", "--client-processes", "2", "--model-dir", str(tmp_path / "models"),
+                                "--out", str(out)])
     saved = json.loads(out.read_text())
     assert saved == json.loads(json.dumps(payload))
     assert (tmp_path / "serve.png").stat().st_size > 10_000
