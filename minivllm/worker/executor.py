@@ -98,9 +98,11 @@ def run_worker(config: EngineConfig, rank: int, address: tuple[str, int], conn) 
         while True:
             try:
                 output = pickle.loads(conn.recv_bytes())
-            except EOFError:  # the driver is gone
-                break
-            if output is None:  # close()
+            except EOFError:  # the driver is gone: nothing to finish, nobody to tell
+                _exit(0)
+            if output is None:  # close(): this rank's last collectives complete, then it leaves
+                if runner.device.type == "cuda":
+                    torch.cuda.synchronize(runner.device)
                 break
             runner.execute(output)  # launched; the tokens stay on this rank's device
             conn.send(("ok", None))
@@ -140,6 +142,7 @@ class _Fleet:
     workers: list[_Worker] = field(default_factory=list)
     in_group: bool = False  # this process joined the process group, so shutdown leaves it
     failed: bool = False  # a worker may be stuck in a collective: do not wait long for it
+    runner: ModelRunner | None = None  # rank 0's: its CUDA graphs hold NCCL calls, dropped first
 
 
 class MultiprocExecutor:
@@ -173,7 +176,7 @@ class MultiprocExecutor:
                 self._receive(worker, "start", expect="started")
             self.tp = init_tensor_parallel(0, size, store, device)
             self._fleet.in_group = True
-            self.driver = ModelRunner(config, self.tp)
+            self.driver = self._fleet.runner = ModelRunner(config, self.tp)
             for worker in self._workers:
                 self._receive(worker, "start-up", expect="ready")
         except BaseException as err:
@@ -341,6 +344,9 @@ def _shutdown(fleet: _Fleet) -> None:
     A plain function, not a method: `weakref.finalize` must not hold the executor.
     """
     workers = fleet.workers
+    runner, fleet.runner = fleet.runner, None
+    if runner is not None and not fleet.failed and runner.device.type == "cuda":
+        fleet.failed = not _drain(runner.device, workers)
     for worker in workers:
         with contextlib.suppress(OSError):
             worker.conn.send_bytes(pickle.dumps(None))
@@ -355,6 +361,22 @@ def _shutdown(fleet: _Fleet) -> None:
             worker.process.kill()
             worker.process.join()
         worker.conn.close()
+    if runner is not None and not fleet.failed:  # graphs that hold collectives go before their communicator
+        runner.graphs = None
     if fleet.in_group:
         destroy_tensor_parallel()
         fleet.in_group = False
+
+
+def _drain(device: torch.device, workers: list[_Worker]) -> bool:
+    """Let the steps in flight finish on this GPU (and so, through their all-reduces, on every
+    GPU) before anything is torn down; False if a worker is dead or it takes over STOP_TIMEOUT_S
+    (a plain synchronize could wait forever on a collective whose peer is gone)."""
+    done = torch.cuda.Event()
+    done.record(torch.cuda.current_stream(device))
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while not done.query():
+        if time.monotonic() > deadline or not all(w.process.is_alive() for w in workers):
+            return False
+        time.sleep(0.001)
+    return True
