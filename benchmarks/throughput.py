@@ -150,7 +150,7 @@ def _record(backend: str, prompts, out_tokens: int, wall: float, device, **extra
 # ------------------------------------------------------------------------------------------
 # minivllm
 # ------------------------------------------------------------------------------------------
-def make_llm(model_dir: Path, args, max_model_len: int):
+def make_llm(model_dir: Path, args, max_model_len: int, kv_cache_dtype: str = "auto"):
     from minivllm import LLM
 
     return LLM(
@@ -162,6 +162,7 @@ def make_llm(model_dir: Path, args, max_model_len: int):
         enable_prefix_caching=False,  # random prompts share nothing, and re-runs must not hit
         enforce_eager=args.enforce_eager,
         async_scheduling=not args.no_overlap,
+        kv_cache_dtype=kv_cache_dtype,
     )
 
 
@@ -373,6 +374,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192, help="minivllm token budget per step")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--enforce-eager", action="store_true", help="minivllm without CUDA graphs")
+    p.add_argument("--kv-cache-dtypes", default="auto",
+                   help="minivllm KV cache dtypes to run one after the other, e.g. auto,fp8; every "
+                        "record's roofline_fraction is against the model-dtype workload roofline")
     p.add_argument("--no-overlap", action="store_true",
                    help="minivllm with async_scheduling=False: each step runs start to finish")
     p.add_argument("--warmup-requests", type=int, default=4,
@@ -384,6 +388,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown or not backends:
         p.error(f"--backends: unknown {unknown}; choose from {BACKENDS}")
     args.backends = backends
+    args.kv_cache_dtypes = [d.strip() for d in args.kv_cache_dtypes.split(",") if d.strip()]
+    if not args.kv_cache_dtypes or any(d not in ("auto", "fp8") for d in args.kv_cache_dtypes):
+        p.error(f"--kv-cache-dtypes: choose from auto, fp8; got {args.kv_cache_dtypes!r}")
     return args
 
 
@@ -443,9 +450,10 @@ def main(argv=None) -> dict:
         payload["ratios"] = ratios(payload["records"])
         write_json(out_path, payload)  # after every backend: a later crash loses nothing measured
 
-    if "minivllm" in args.backends:
+    roofline = None  # the workload's, with K/V in the model's dtype: the same bar for every cache dtype
+    for kv_cache_dtype in args.kv_cache_dtypes if "minivllm" in args.backends else []:
         _reset_peak(device)
-        llm = make_llm(model_dir, args, max_model_len)
+        llm = make_llm(model_dir, args, max_model_len, kv_cache_dtype)
         # The engine compiled its kernels when it started (kernels.warm_up, CUDA-graph capture);
         # a few tiny untimed requests only warm the allocators. The timed run counts any Triton
         # compilation that still happens: it must be none.
@@ -453,10 +461,12 @@ def main(argv=None) -> dict:
         if warm:
             run_minivllm(llm, [p[:16] for p in prompts[:warm]], [4] * warm, device, "warm-up")
         _reset_peak(device)
-        record = run_minivllm(llm, prompts, out_lens, device)
-        roofline = workload_roofline(prompts, out_lens, llm.engine.model_runner.model,
-                                     measure_copy_bandwidth(device), measure_matmul_rate(device))
-        record.update(roofline, roofline_fraction=roofline["workload_roofline_s"] / record["wall_time_s"])
+        record = run_minivllm(llm, prompts, out_lens, device, f"minivllm ({kv_cache_dtype} KV)")
+        if roofline is None:
+            roofline = workload_roofline(prompts, out_lens, llm.engine.model_runner.model,
+                                         measure_copy_bandwidth(device), measure_matmul_rate(device))
+        record.update(roofline, kv_cache_dtype=llm.engine.kv_cache_dtype,
+                      roofline_fraction=roofline["workload_roofline_s"] / record["wall_time_s"])
         add(record)
         if k < args.num_requests and any(b != "minivllm" for b in args.backends):
             add(run_minivllm(llm, *subset, device, f"minivllm ({k} requests)"), subset_of=args.num_requests)
@@ -481,15 +491,21 @@ def main(argv=None) -> dict:
 
 
 def ratios(records: list[dict]) -> list[dict]:
-    """minivllm / baseline for each baseline, on the same requests (same num_requests)."""
-    ours = {r["num_requests"]: r for r in records if r["backend"] == "minivllm"}
+    """minivllm / baseline for each baseline, on the same requests (same num_requests), with
+    minivllm's K/V in the model's dtype; and minivllm with an fp8 cache / with the model's dtype."""
+    ours = {r["num_requests"]: r for r in records
+            if r["backend"] == "minivllm" and r.get("kv_cache_dtype") != "fp8_e4m3"}
     out = []
     for r in records:
         mine = ours.get(r["num_requests"])
-        if r["backend"] == "minivllm" or mine is None or not r.get("output_tokens_per_s"):
+        if mine is None or not r.get("output_tokens_per_s") or r is mine:
             continue
+        if r["backend"] == "minivllm":  # the fp8 cache against the model-dtype cache
+            mine, r = r, mine
         out.append({
-            "baseline": r["backend"],
+            "subject": "minivllm" if mine["backend"] != "minivllm" or mine is ours.get(r["num_requests"])
+            else f"minivllm ({mine.get('kv_cache_dtype')} KV)",
+            "baseline": r["backend"] if r["backend"] != "minivllm" else f"minivllm ({r.get('kv_cache_dtype')} KV)",
             "num_requests": r["num_requests"],
             "output_tokens_per_s_ratio": mine["output_tokens_per_s"] / r["output_tokens_per_s"],
             "total_tokens_per_s_ratio": mine["total_tokens_per_s"] / r["total_tokens_per_s"],
@@ -510,7 +526,7 @@ def format_table(payload: dict) -> str:
         note = r.get("error") or (f"timed out: {r['num_finished_requests']} finished"
                                   if r.get("timed_out_after_s") else "")
         if r["backend"] == "minivllm" and r.get("ttft_s"):
-            note = (f"TTFT p50 {r['ttft_s']['p50']:.3f}s, TPOT p50 {1e3 * r['tpot_s']['p50']:.2f}ms, "
+            note = (f"KV {r.get('kv_cache_dtype', '?')}, TTFT p50 {r['ttft_s']['p50']:.3f}s, TPOT p50 {1e3 * r['tpot_s']['p50']:.2f}ms, "
                     f"graphs {'on' if r['cuda_graphs'] else 'off'}, overlap {'on' if r['async_scheduling'] else 'off'}, "
                     f"JIT compiles {r['jit_compiles_during_run']}")
             if r.get("roofline_fraction") is not None:
@@ -518,7 +534,7 @@ def format_table(payload: dict) -> str:
         lines.append(f"{r['backend']:<18} {r['num_requests']:>5} {num('output_tokens_per_s'):>10} "
                      f"{num('total_tokens_per_s'):>12} {num('wall_time_s', '{:.2f}'):>8} {peak:>9}  {note}")
     for q in payload["ratios"]:
-        lines.append(f"minivllm / {q['baseline']} on {q['num_requests']} requests: "
+        lines.append(f"{q.get('subject', 'minivllm')} / {q['baseline']} on {q['num_requests']} requests: "
                      f"{q['output_tokens_per_s_ratio']:.2f}x output tokens/s")
     if payload.get("note"):
         lines.append(payload["note"])

@@ -24,7 +24,7 @@ import json
 import re
 import sys
 
-from minivllm.config import DEVICES, DTYPES
+from minivllm.config import DEVICES, DTYPES, KV_CACHE_DTYPES
 from minivllm.kernels import BACKENDS
 
 MiB = 1 << 20
@@ -91,6 +91,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
                         help="split long prompts over several steps")
     engine.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                         help="reuse the KV blocks of a prefix computed before")
+    engine.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                        help="auto = the model's dtype; fp8 = e4m3 with a scale per token and head")
     engine.add_argument("--tensor-parallel-size", type=_positive_int, default=1,
                         help="split the model over this many GPUs (one process each; CPU processes with --device cpu)")
     return engine
@@ -105,7 +107,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         enable_chunked_prefill=args.chunked_prefill, enable_prefix_caching=args.prefix_caching,
-        tensor_parallel_size=args.tensor_parallel_size,
+        kv_cache_dtype=args.kv_cache_dtype, tensor_parallel_size=args.tensor_parallel_size,
     )
 
 

@@ -21,6 +21,7 @@ from minivllm.kernels import BACKENDS as ATTENTION_BACKENDS
 
 MiB = 1 << 20
 
+KV_CACHE_DTYPES = ("auto", "fp8")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 # Keys under which Hugging Face configs store the longest context the model was trained for.
@@ -227,6 +228,9 @@ class CacheConfig:
         (weights + activations + KV); the KV pool gets what is left of it after the weights and a
         profiled forward pass.
     enable_prefix_caching: reuse the KV blocks of a previously computed identical prefix.
+    kv_cache_dtype: "auto" stores K/V in the model's dtype; "fp8" in 8 bits (e4m3) with one float32
+        scale per token and KV head (kernels/fp8.py): about half the bytes, so about twice the
+        blocks in the same memory and half the bytes a decode step reads.
     """
 
     block_size: int = 16
@@ -234,6 +238,7 @@ class CacheConfig:
     kv_cache_memory_bytes: int = 256 * MiB
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         _check_int("block_size", self.block_size, minimum=1)
@@ -250,6 +255,7 @@ class CacheConfig:
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
             )
         _check_bool("enable_prefix_caching", self.enable_prefix_caching)
+        _check_choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
 
 
 @dataclass
@@ -325,6 +331,26 @@ class SchedulerConfig:
         return self.max_model_len is not None and self.max_num_batched_tokens is not None
 
 
+def check_kv_cache_dtype(kv_cache_dtype: str, attention_backend: str, device) -> None:
+    """An fp8 cache needs a backend that reads it: the reference (any device) or Triton on a GPU
+    that has e4m3 (compute capability 8.9 or newer); the CUDA extension does not."""
+    if kv_cache_dtype != "fp8":
+        return
+    from minivllm.kernels import resolve_backend
+
+    backend = resolve_backend(attention_backend, device)
+    if backend == "cuda":
+        raise ValueError("kv_cache_dtype='fp8' is not supported by attention_backend='cuda' (the CUDA "
+                         "extension reads 16-bit caches only); use 'triton' or 'auto'")
+    if device.type == "cuda" and backend == "triton":
+        import torch
+
+        capability = torch.cuda.get_device_capability(device)
+        if capability < (8, 9):
+            raise ValueError(f"kv_cache_dtype='fp8' needs a GPU with e4m3 support (compute capability "
+                             f">= 8.9), this one has {capability[0]}.{capability[1]}")
+
+
 @dataclass
 class EngineConfig:
     """Model + cache + scheduler configuration of one engine."""
@@ -339,6 +365,8 @@ class EngineConfig:
             if not isinstance(getattr(self, name), cls):
                 raise TypeError(f"{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}")
         self._resolve_max_model_len()
+        check_kv_cache_dtype(self.cache_config.kv_cache_dtype, self.model_config.attention_backend,
+                             self.model_config.torch_device)
 
     def _resolve_max_model_len(self) -> None:
         """Take max_model_len from the model when unset; refuse one longer than it was trained for."""

@@ -53,16 +53,20 @@ class PagedAttention(nn.Module):
         self.scale = scale
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
+        self.k_scale: torch.Tensor | None = None  # float32 [num_blocks, block_size, Hkv], fp8 only
+        self.v_scale: torch.Tensor | None = None
 
-    def bind_kv_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-        """Give the layer its [num_blocks, block_size, num_kv_heads, head_dim] cache tensors."""
+    def bind_kv_cache(self, k_cache: torch.Tensor | None, v_cache: torch.Tensor | None,
+                      k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
+        """Give the layer its [num_blocks, block_size, num_kv_heads, head_dim] cache tensors (and
+        their scales, for an fp8 cache); None unbinds them."""
         expected = (self.num_kv_heads, self.head_dim)
-        if tuple(k_cache.shape[2:]) != expected or k_cache.shape != v_cache.shape:
+        if k_cache is not None and (tuple(k_cache.shape[2:]) != expected or k_cache.shape != v_cache.shape):
             raise ValueError(
                 f"KV cache of shape {tuple(k_cache.shape)} does not fit a layer with "
                 f"{self.num_kv_heads} KV heads of dim {self.head_dim}"
             )
-        self.k_cache, self.v_cache = k_cache, v_cache
+        self.k_cache, self.v_cache, self.k_scale, self.v_scale = k_cache, v_cache, k_scale, v_scale
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
@@ -74,9 +78,11 @@ class PagedAttention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping, backend=meta.backend)
+        write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping, backend=meta.backend,
+                       k_scale=self.k_scale, v_scale=self.v_scale)
         out = paged_attention(
             q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens, meta.cu_seqlens_q,
             scale=self.scale, backend=meta.backend, max_seq_len=meta.max_seq_len,
+            k_scale=self.k_scale, v_scale=self.v_scale,
         )
         return out.view(num_tokens, self.num_heads * self.head_dim)

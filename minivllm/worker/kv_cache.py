@@ -1,7 +1,9 @@
 """The KV cache tensors: how many blocks fit, and their allocation.
 
 Per layer one K and one V tensor, [num_blocks, block_size, kv_heads, head_dim] (the "NHD" layout
-the kernels read). How many blocks: an explicit `num_kv_blocks`, else on CPU a byte budget, else
+the kernels read), in the model's dtype, or with `kv_cache_dtype="fp8"` in e4m3 plus one float32
+scale per token and KV head (kernels/fp8.py): 2 x D + 8 bytes per token and head instead of
+4 x D, so about twice the blocks fit in the same memory. How many blocks: an explicit `num_kv_blocks`, else on CPU a byte budget, else
 on CUDA what is left of `gpu_memory_utilization` x the GPU's memory after the weights and a
 *profiled* forward pass at the largest batch the scheduler can send, so that activations never
 find the memory taken by the cache.
@@ -22,15 +24,22 @@ import torch
 from minivllm.config import EngineConfig
 from minivllm.distributed import SINGLE, TensorParallel, min_over_ranks
 from minivllm.layers.attention import AttentionMetadata
+from minivllm.kernels.fp8 import FP8_DTYPE, empty_scales
 from minivllm.layers.sampler import Sampler
 from minivllm.sampling_params import SamplingParams
 from minivllm.step import SampleRow
 
 
+def cache_dtype(config: EngineConfig, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype K/V are stored in: the model's, or e4m3 with kv_cache_dtype="fp8"."""
+    return FP8_DTYPE if config.cache_config.kv_cache_dtype == "fp8" else model_dtype
+
+
 def kv_bytes_per_block(model, block_size: int, dtype: torch.dtype) -> int:
-    """K and V, every layer: 2 x layers x block_size x kv_heads x head_dim x element size."""
-    element = torch.empty((), dtype=dtype).element_size()
-    return 2 * model.num_layers * block_size * model.num_kv_heads * model.head_dim * element
+    """K and V, every layer: 2 x layers x block_size x kv_heads x (head_dim x element size, plus
+    a float32 scale per token and head for an fp8 cache). `dtype` is the cache's dtype."""
+    per_head = model.head_dim * torch.empty((), dtype=dtype).element_size() + 4 * (dtype == FP8_DTYPE)
+    return 2 * model.num_layers * block_size * model.num_kv_heads * per_head
 
 
 def num_kv_blocks(config: EngineConfig, model, device: torch.device, dtype: torch.dtype,
@@ -38,7 +47,7 @@ def num_kv_blocks(config: EngineConfig, model, device: torch.device, dtype: torc
     """The pool size: explicit, or the memory budget divided by the size of a block (the
     smallest over the tensor-parallel ranks)."""
     cache = config.cache_config
-    block_bytes = kv_bytes_per_block(model, cache.block_size, dtype)
+    block_bytes = kv_bytes_per_block(model, cache.block_size, cache_dtype(config, dtype))
     if cache.num_kv_blocks is not None:
         num_blocks = cache.num_kv_blocks
     else:
@@ -64,17 +73,23 @@ def num_kv_blocks(config: EngineConfig, model, device: torch.device, dtype: torc
     return num_blocks
 
 
-def allocate_kv_cache(model, num_blocks: int, block_size: int, dtype: torch.dtype,
-                      device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """One K and one V tensor per layer, bound to that layer's attention."""
+def allocate_kv_cache(model, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
+    """One K and one V tensor per layer in `dtype` (the cache's), bound to that layer's attention;
+    returns ([(k, v)] per layer, [(k_scale, v_scale)] per layer for fp8, else None)."""
     shape = (num_blocks, block_size, model.num_kv_heads, model.head_dim)
-    caches = []
+    caches, scales = [], [] if dtype == FP8_DTYPE else None
     for layer in model.attention_layers():
         k_cache = torch.zeros(shape, dtype=dtype, device=device)
         v_cache = torch.zeros(shape, dtype=dtype, device=device)
-        layer.bind_kv_cache(k_cache, v_cache)
+        layer_scales = empty_scales(k_cache) if scales is not None else (None, None)
+        for scale in layer_scales:
+            if scale is not None:
+                scale.fill_(1.0)  # a block copied before it was ever written holds valid numbers
+        layer.bind_kv_cache(k_cache, v_cache, *layer_scales)
         caches.append((k_cache, v_cache))
-    return caches
+        if scales is not None:
+            scales.append(layer_scales)
+    return caches, scales
 
 
 @torch.inference_mode()
@@ -105,7 +120,7 @@ def _profile_forward(config, model, device, dtype, num_tokens: int, num_logit_ro
     block_size = config.cache_config.block_size
     lengths = [min(max_len, num_tokens - start) for start in range(0, num_tokens, max_len)]
     blocks_per_seq = [-(-n // block_size) for n in lengths]
-    scratch = allocate_kv_cache(model, sum(blocks_per_seq), block_size, dtype, device)
+    scratch, _ = allocate_kv_cache(model, sum(blocks_per_seq), block_size, cache_dtype(config, dtype), device)
     tables, first = [], 0
     for n in blocks_per_seq:
         tables.append(list(range(first, first + n)) + [0] * (max(blocks_per_seq) - n))
@@ -125,7 +140,7 @@ def _profile_forward(config, model, device, dtype, num_tokens: int, num_logit_ro
     params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, min_p=0.05, repetition_penalty=1.1)
     Sampler(model.config.vocab_size, device).sample(
         logits, [SampleRow(i, params, prompt_token_ids=[0]) for i in range(num_logit_rows)])
-    scratch_bytes = sum(k.numel() * k.element_size() * 2 for k, _ in scratch)
+    scratch_bytes = sum(blocks_per_seq) * kv_bytes_per_block(model, block_size, cache_dtype(config, dtype))
     for layer in model.attention_layers():  # unbind, so the scratch cache can be freed
-        layer.k_cache = layer.v_cache = None
+        layer.bind_kv_cache(None, None)
     return scratch_bytes

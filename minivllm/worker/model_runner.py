@@ -45,7 +45,7 @@ from minivllm.step import SchedulerOutput
 from minivllm.worker.block_table import BlockTables
 from minivllm.worker.cuda_graph import DecodeGraphs, GraphStep, graph_batch_sizes
 from minivllm.worker.input_batch import InputBatch, exact_layout, pack_step
-from minivllm.worker.kv_cache import allocate_kv_cache, kv_bytes_per_block, num_kv_blocks
+from minivllm.worker.kv_cache import allocate_kv_cache, cache_dtype, kv_bytes_per_block, num_kv_blocks
 from minivllm.worker.step_buffers import StepBuffers
 
 
@@ -110,9 +110,11 @@ class ModelRunner:
         self.vocab_size = self.hf_config.vocab_size
         self.sampler = Sampler(self.vocab_size, self.device)
         self.num_kv_blocks = num_kv_blocks(config, self.model, self.device, self.dtype, tp)
-        self.kv_bytes_per_block = kv_bytes_per_block(self.model, self.block_size, self.dtype)
-        self.kv_caches = allocate_kv_cache(self.model, self.num_kv_blocks, self.block_size,
-                                           self.dtype, self.device)
+        self.kv_cache_dtype = cache_dtype(config, self.dtype)  # the model's, or fp8 (e4m3)
+        self.kv_bytes_per_block = kv_bytes_per_block(self.model, self.block_size, self.kv_cache_dtype)
+        # kv_scales: per layer (k_scale, v_scale) of an fp8 cache, else None.
+        self.kv_caches, self.kv_scales = allocate_kv_cache(self.model, self.num_kv_blocks, self.block_size,
+                                                           self.kv_cache_dtype, self.device)
         sched = config.scheduler_config
         self.block_tables = BlockTables(sched.max_num_seqs, -(-sched.max_model_len // self.block_size),
                                         self.device)
@@ -122,7 +124,9 @@ class ModelRunner:
         self._last_sampled_row: dict[int, int] = {}
         if self.device.type == "cuda":  # compile every kernel variant now, not mid-serving
             k_cache, v_cache = self.kv_caches[0]
-            warm_up(k_cache, v_cache, self.model.attention_layers()[0].num_heads, backend=self.backend)
+            k_scale, v_scale = self.kv_scales[0] if self.kv_scales else (None, None)
+            warm_up(k_cache, v_cache, self.model.attention_layers()[0].num_heads, dtype=self.dtype,
+                    backend=self.backend, k_scale=k_scale, v_scale=v_scale)
         self.graphs = self._capture_graphs()
         # For requests that bring no seed of their own. Seeded last, after everything that might
         # draw random numbers at start-up, so every rank of a tensor-parallel group starts
@@ -228,9 +232,9 @@ class ModelRunner:
         """Copy-on-write: duplicate whole KV blocks (every layer) before anyone writes to them.
 
         Done one pair at a time, in order, so a block freed and reused within the step is always
-        read before it is overwritten.
+        read before it is overwritten. An fp8 cache's scales are copied with their values.
         """
+        tensors = [t for pair in self.kv_caches + (self.kv_scales or []) for t in pair]
         for src, dst in copies:
-            for k_cache, v_cache in self.kv_caches:
-                k_cache[dst].copy_(k_cache[src])
-                v_cache[dst].copy_(v_cache[src])
+            for t in tensors:
+                t[dst].copy_(t[src])

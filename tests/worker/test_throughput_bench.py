@@ -87,3 +87,18 @@ def test_roofline_warns_when_a_requested_graph_did_not_replay():
     Runner.graphs_off_reason = "enforce_eager=True"
     assert "enforce_eager" in roofline.graph_warning(Runner(), {**row, "graph_miss_reasons": []}, steps=8)
     assert roofline.graph_warning(Runner(), {**row, "graph_fraction": 1.0}, steps=8) is None
+
+
+def test_kv_cache_dtypes_option_and_the_fp8_ratio():
+    assert throughput.parse_args(["--kv-cache-dtypes", "auto,fp8"]).kv_cache_dtypes == ["auto", "fp8"]
+    with pytest.raises(SystemExit):
+        throughput.parse_args(["--kv-cache-dtypes", "int8"])
+    records = [
+        {"backend": "minivllm", "num_requests": 8, "kv_cache_dtype": "bfloat16", "output_tokens_per_s": 100.0,
+         "total_tokens_per_s": 200.0},
+        {"backend": "minivllm", "num_requests": 8, "kv_cache_dtype": "fp8_e4m3", "output_tokens_per_s": 150.0,
+         "total_tokens_per_s": 300.0},
+        {"backend": "hf_generate", "num_requests": 8, "output_tokens_per_s": 10.0, "total_tokens_per_s": 20.0},
+    ]
+    by_baseline = {(q["subject"], q["baseline"]): q["output_tokens_per_s_ratio"] for q in throughput.ratios(records)}
+    assert by_baseline == {("minivllm (fp8_e4m3 KV)", "minivllm (bfloat16 KV)"): 1.5, ("minivllm", "hf_generate"): 10.0}
