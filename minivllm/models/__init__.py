@@ -7,6 +7,7 @@
     logits = model.compute_logits(hidden[rows])  # -> [N, vocab] float32
     model.attention_layers()                     # one PagedAttention per layer: bind the KV cache
     model.num_layers, model.num_kv_heads, model.head_dim   # KV cache geometry
+    load_model(model_dir, tp=TensorParallel(rank, size, group))   # one rank's shard (distributed/)
 
 Llama, Mistral, Qwen2 and Qwen3 share `llama.py`; OPT has `opt.py`. `registry.py` maps a
 config.json architecture to its class, `loader.py` reads safetensors into it, and

@@ -127,7 +127,7 @@ class CheckpointTensor:
     def read(self, split: CheckpointSplit = None) -> torch.Tensor:
         """The whole tensor, or with split = (dim, Shard) the range [start, start + size) of dim."""
         try:
-            if split is None:
+            if split is None or split[1].size == split[1].full:  # all of it (one rank): one read
                 return self._handle.get_tensor(self.name)
             dim, part = split
             index = (slice(None),) * dim + (slice(part.start, part.start + part.size),)
