@@ -1,23 +1,55 @@
-"""Paged attention vs dense SDPA vs the memory-bandwidth limit.
+"""Paged attention vs dense SDPA vs the memory-bandwidth limit and the matmul rate.
 
-For each case (decode, causal prefill, chunked prefill; batch x context x block size x dtype) it
+The cases (batch x context x block size x dtype x KV-cache dtype):
 
-1. builds a random paged KV cache with shuffled block tables and the same K/V made contiguous,
-2. checks every backend's output against the reference (and dense SDPA against it too),
-3. times each backend and dense `scaled_dot_product_attention` on the contiguous K/V
+    decode           B sequences, one new token each, over the same context
+    prefill          causal prefill: the whole context is new
+    chunked_prefill  512 new tokens at the end of an 8k context (a long prompt's later chunk)
+    mixed            the engine's mixed step, in ONE call: 62 decodes at 2k context, then 2
+                     chunks of 512 new tokens over 8k
+    ragged_decode    128 decodes whose contexts are drawn uniformly from [100, 2048] (seed 0):
+                     real batches are ragged, and every sequence ends somewhere inside a block
+
+For each case it
+
+1. builds a random paged KV cache (shuffled block tables, unused table entries 0 as the engine
+   pads them) and, for the uniform cases, the same K/V as contiguous tensors;
+   with `--kv-cache-dtypes auto,fp8` also an fp8 (e4m3) copy of the cache, written through
+   `write_kv_cache` exactly as the engine writes it (one float32 scale per token and KV head);
+2. checks every backend's output against the reference on the *same* cache, with the kernel
+   tests' tolerances (REL_TOL), and records the error against the reference on the model-dtype
+   cache too (`rel_error_vs_model_dtype`: what the fp8 format costs);
+3. times each backend, and dense `scaled_dot_product_attention` on the contiguous K/V
    (median of CUDA-event timings of CUDA-graph replays after warm-up, so Python launch overhead
-   is not counted; on CPU: median wall time),
-4. reports achieved bandwidth over the K/V bytes the op must read, that as a fraction of a
-   device-to-device copy bandwidth measured in the same run, TFLOP/s for prefill, and the time
-   ratio to dense SDPA: "time / SDPA" in the table, `ratio_vs_sdpa` in the JSON; below 1 is
-   faster than SDPA, above 1 slower.
+   is not counted; on CPU: median wall time);
+4. reports the bytes the op must move over its time, as a fraction of a device-to-device copy
+   bandwidth measured in the same run; TFLOP/s, as a fraction of a bf16 matmul rate measured in
+   the same run; and the time ratio to dense SDPA ("time/SDPA" in the table, `ratio_vs_sdpa` in
+   the JSON; below 1 is faster than SDPA). The mixed step is also timed as its two parts, each in
+   its own call, to see what one launch for both buys.
 
-Writes one JSON record per case and backend to benchmarks/results/, a PNG plot, and prints a
-table last. On a machine without CUDA it runs small shapes with the reference backend: CPU
-timings say nothing about the GPU, so they go to benchmarks/results/cpu/, which git ignores.
+What is counted (`bytes_moved`, `attention_flops`):
 
-    python benchmarks/attn_bench.py                 # default sweep on whatever device is here
-    python benchmarks/attn_bench.py --quick         # a few cases
+    bytes = K and V of every sequence's whole context (fp8: 1 byte per value plus the float32
+            scales) + the queries read + the output written
+    FLOPs = 4 * Hq * D * sum over queries of (number of keys the query sees)
+            QK^T and PV are 2 FLOPs per multiply-add each; under the causal mask query j of a
+            chunk of q new tokens over a context of L sees L - q + j + 1 keys, so a sequence
+            contributes q * (L - q) + q * (q + 1) / 2 (decode: L; full prefill: L(L+1)/2).
+
+Some cases have no dense SDPA equivalent (chunked prefill, mixed, ragged decode): the table says
+why instead of giving a ratio. A backend that cannot run a case (the CUDA extension on prefill or
+fp8, Triton's fp8 below compute capability 8.9) gets a record that says so.
+
+Writes one JSON record per case, backend and KV-cache dtype to benchmarks/results/, a PNG plot,
+and prints a table last. On a machine without CUDA it runs small shapes with the reference
+backend: CPU timings say nothing about the GPU, so they go to benchmarks/results/cpu/, which git
+ignores.
+
+    python benchmarks/attn_bench.py                          # default sweep on this device
+    python benchmarks/attn_bench.py --kv-cache-dtypes auto,fp8
+    python benchmarks/attn_bench.py --quick                  # a few cases
+    python benchmarks/attn_bench.py --smoke                  # tiny shapes, seconds (tests)
     python benchmarks/attn_bench.py --cases decode --batch 64 --context 4096 --block-sizes 16,32,64
 """
 
@@ -27,46 +59,97 @@ import argparse
 import datetime as dt
 import json
 import math
-import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from minivllm.kernels import available_backends, paged_attention
+if __package__ in (None, ""):  # run as a script: make `benchmarks` and `minivllm` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from minivllm.kernels import available_backends, fp8, paged_attention, write_kv_cache
 from minivllm.kernels import cuda as cuda_ext
+from minivllm.kernels.backends import triton_fp8_unsupported
+
+from benchmarks.common import device_name, measure_matmul_rate
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CPU_RESULTS_DIR = RESULTS_DIR / "cpu"  # in .gitignore: CPU times are never results to commit
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+KV_CACHE_DTYPES = ("auto", "fp8")  # "auto": the model dtype, as the engine's kv_cache_dtype
+CASE_NAMES = {"decode": "decode", "prefill": "prefill", "chunked": "chunked_prefill",
+              "mixed": "mixed", "ragged": "ragged_decode"}
+# Relative error allowed against the reference on the same cache, by query dtype (the kernel
+# tests' bounds, tests/kernels/paged_inputs.py). The reference works in float32 from the very
+# values stored in the cache (for fp8: the same e4m3 values and scales), so a correct kernel
+# differs only by rounding its probabilities and output to the query dtype: about two ulps of
+# bf16 (2^-7) or fp16 (2^-10), and summation order in fp32. A wrong mask, a missed block or a
+# misread scale costs orders of magnitude more.
+REL_TOL = {"bf16": 1.5e-2, "fp16": 2e-3, "fp32": 1e-5}
+NO_SDPA = {  # why a case has no dense SDPA time to compare with
+    "chunked_prefill": "queries at the end of a longer context need a bottom-right causal mask; "
+                       "SDPA's is_causal is top-left",
+    "mixed": "one SDPA call takes one query length and one context length; this step has two of "
+             "each (and its chunks need the bottom-right mask)",
+    "ragged_decode": "one SDPA call takes one context length; ragged contexts would need padding "
+                     "and a mask, and it would time the padding",
+}
 
 
 @dataclass(frozen=True)
 class Case:
-    op: str  # "decode" | "prefill" (causal, query = whole context) | "chunked_prefill"
+    op: str  # one of CASE_NAMES' values
     batch: int
-    context: int  # tokens of context per sequence, including the new queries
-    query_len: int  # new query tokens per sequence
+    context: int  # tokens of context per sequence, including the new queries (ragged: the longest)
+    query_len: int  # new query tokens per sequence (mixed: the longest)
     block_size: int
     dtype: str
     num_q_heads: int
     num_kv_heads: int
     head_dim: int
+    # Per sequence, for the batches whose sequences differ (mixed, ragged_decode); None: uniform.
+    query_lens: tuple[int, ...] | None = None
+    context_lens: tuple[int, ...] | None = None
+
+    def seqs(self) -> list[tuple[int, int]]:
+        """(new query tokens, context) of every sequence of the batch."""
+        if self.query_lens is None:
+            return [(self.query_len, self.context)] * self.batch
+        return list(zip(self.query_lens, self.context_lens))
+
+
+def mixed_case(decodes: int, decode_context: int, chunks: int, chunk: int, chunk_context: int,
+               *rest) -> Case:
+    """The engine's mixed step: `decodes` running decodes, then `chunks` prefill chunks."""
+    query_lens = (1,) * decodes + (chunk,) * chunks
+    context_lens = (decode_context,) * decodes + (chunk_context,) * chunks
+    return Case("mixed", decodes + chunks, max(context_lens), max(query_lens), *rest,
+                query_lens=query_lens, context_lens=context_lens)
+
+
+def ragged_decode_case(batch: int, low: int, high: int, *rest, seed: int = 0) -> Case:
+    """`batch` decodes with contexts drawn uniformly from [low, high]: the same on every device
+    (drawn on the CPU from a fixed seed)."""
+    g = torch.Generator().manual_seed(seed)
+    context_lens = tuple(torch.randint(low, high + 1, (batch,), generator=g).tolist())
+    return Case("ragged_decode", batch, max(context_lens), 1, *rest, query_lens=(1,) * batch,
+                context_lens=context_lens)
 
 
 # ------------------------------------------------------------------------------------------
 # Timing
 # ------------------------------------------------------------------------------------------
-def time_ms(fn, device: torch.device, graph: bool = True) -> float:
+def time_ms(fn, device: torch.device, graph: bool = True, repeats: int = 5) -> float:
     """Median time of `fn` in milliseconds, after warm-up.
 
     On the GPU the call is captured in a CUDA graph and its replays are timed with CUDA events
     (`triton.testing.do_bench_cudagraph`), which is how the engine runs decode steps; functions
-    that cannot be captured (the reference syncs) are timed eagerly with `do_bench`.
+    that cannot be captured (the reference syncs) are timed eagerly with `do_bench`. On the CPU:
+    the median of `repeats` wall-clock timings.
     """
     if device.type == "cuda":
         import triton.testing
@@ -78,7 +161,7 @@ def time_ms(fn, device: torch.device, graph: bool = True) -> float:
         return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
     fn()
     times = []
-    for _ in range(5):
+    for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
@@ -97,31 +180,68 @@ def copy_bandwidth_gbps(device: torch.device, nbytes: int) -> float:
 # Inputs
 # ------------------------------------------------------------------------------------------
 def make_inputs(case: Case, device: torch.device, seed: int = 0):
-    """A paged cache with shuffled block tables, and the same K/V as contiguous tensors."""
+    """A paged cache with shuffled block tables, and, for a uniform case, the same K/V as
+    contiguous [B, L, Hkv, D] tensors (None, None otherwise).
+
+    Returns (paged, dense): paged = (q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q),
+    the arguments of `paged_attention`.
+    """
     g = torch.Generator(device=device).manual_seed(seed)
     dtype = DTYPES[case.dtype]
-    b, L, hkv, d, bs = case.batch, case.context, case.num_kv_heads, case.head_dim, case.block_size
-    blocks_per_seq = math.ceil(L / bs)
-    num_blocks = b * blocks_per_seq
-    k_dense = torch.randn(b, L, hkv, d, device=device, dtype=dtype, generator=g)
-    v_dense = torch.randn(b, L, hkv, d, device=device, dtype=dtype, generator=g)
-    k_cache = torch.zeros(num_blocks, bs, hkv, d, device=device, dtype=dtype)
+    hkv, d, bs = case.num_kv_heads, case.head_dim, case.block_size
+    query_lens, context_lens = zip(*case.seqs())
+    k_tokens = torch.randn(sum(context_lens), hkv, d, device=device, dtype=dtype, generator=g)
+    v_tokens = torch.randn(sum(context_lens), hkv, d, device=device, dtype=dtype, generator=g)
+    # Each sequence gets its own shuffled set of physical blocks; the rest of its table row is 0,
+    # as the engine pads it (the kernel must never read past the context).
+    blocks = [math.ceil(L / bs) for L in context_lens]
+    perm = torch.randperm(sum(blocks), device=device, generator=g).to(torch.int32)
+    block_tables = torch.zeros(case.batch, max(blocks), dtype=torch.int32, device=device)
+    slots, first = [], 0
+    for b, (n, L) in enumerate(zip(blocks, context_lens)):
+        block_tables[b, :n] = perm[first:first + n]
+        first += n
+        pos = torch.arange(L, device=device)
+        slots.append(block_tables[b, pos // bs].long() * bs + pos % bs)
+    k_cache = torch.zeros(sum(blocks), bs, hkv, d, device=device, dtype=dtype)
     v_cache = torch.zeros_like(k_cache)
-    block_tables = torch.randperm(num_blocks, device=device, generator=g).view(b, blocks_per_seq)
-    pad = blocks_per_seq * bs - L
-    for cache, dense in ((k_cache, k_dense), (v_cache, v_dense)):
-        padded = F.pad(dense, (0, 0, 0, 0, 0, pad)).view(b, blocks_per_seq, bs, hkv, d)
-        cache[block_tables.flatten()] = padded.flatten(0, 1)
-    q = torch.randn(b * case.query_len, case.num_q_heads, d, device=device, dtype=dtype,
-                    generator=g)
-    seq_lens = torch.full((b,), L, dtype=torch.int32, device=device)
-    cu = torch.arange(0, b + 1, dtype=torch.int32, device=device) * case.query_len
-    paged = (q, k_cache, v_cache, block_tables.to(torch.int32), seq_lens, cu)
-    return paged, (k_dense, v_dense)
+    write_kv_cache(k_tokens, v_tokens, k_cache, v_cache, torch.cat(slots))
+    q = torch.randn(sum(query_lens), case.num_q_heads, d, device=device, dtype=dtype, generator=g)
+    seq_lens = torch.tensor(context_lens, dtype=torch.int32, device=device)
+    cu = torch.tensor([0, *query_lens], device=device).cumsum(0).to(torch.int32)
+    paged = (q, k_cache, v_cache, block_tables, seq_lens, cu)
+    if case.query_lens is not None:
+        return paged, (None, None)
+    return paged, (k_tokens.view(case.batch, case.context, hkv, d),
+                   v_tokens.view(case.batch, case.context, hkv, d))
+
+
+def fp8_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, write_backend: str):
+    """The same cache in fp8 (e4m3), quantized by `write_kv_cache` as the engine writes it: every
+    slot (unused ones hold zeros) with one float32 scale per token and KV head (kernels/fp8.py).
+    Returns (k8, v8, dict(k_scale=..., v_scale=...))."""
+    k8 = torch.zeros(k_cache.shape, dtype=fp8.FP8_DTYPE, device=k_cache.device)
+    v8 = torch.zeros_like(k8)
+    k_scale, v_scale = fp8.empty_scales(k8)
+    slots = torch.arange(k_cache.shape[0] * k_cache.shape[1], device=k_cache.device)
+    write_kv_cache(k_cache.flatten(0, 1), v_cache.flatten(0, 1), k8, v8, slots,
+                   backend=write_backend, k_scale=k_scale, v_scale=v_scale)
+    return k8, v8, dict(k_scale=k_scale, v_scale=v_scale)
+
+
+def sub_batch(paged: tuple, first: int, last: int) -> tuple:
+    """Sequences first..last-1 of a paged batch as a batch of their own (same cache)."""
+    q, k_cache, v_cache, block_tables, seq_lens, cu = paged
+    rows = slice(int(cu[first]), int(cu[last]))
+    return (q[rows], k_cache, v_cache, block_tables[first:last], seq_lens[first:last],
+            cu[first:last + 1] - cu[first])
 
 
 def sdpa_fn(case: Case, q: torch.Tensor, k_dense: torch.Tensor, v_dense: torch.Tensor):
-    """Dense SDPA on contiguous [B, H, L, D] K/V: what a paged kernel aims to match."""
+    """Dense SDPA on contiguous [B, H, L, D] K/V: what a paged kernel aims to match (None where
+    no SDPA call computes the same thing: NO_SDPA says why)."""
+    if case.op not in ("decode", "prefill"):
+        return None, None, None
     b, ql = case.batch, case.query_len
     qd = q.view(b, ql, case.num_q_heads, case.head_dim).transpose(1, 2)
     group = case.num_q_heads // case.num_kv_heads
@@ -133,53 +253,82 @@ def sdpa_fn(case: Case, q: torch.Tensor, k_dense: torch.Tensor, v_dense: torch.T
     # K/V bytes cost nothing measurable).
     kd, vd = (t.repeat_interleave(group, dim=2).transpose(1, 2).contiguous()
               for t in (k_dense, v_dense))
-    if case.op == "prefill":
-        return lambda: F.scaled_dot_product_attention(qd, kd, vd, is_causal=True), kd, vd
-    # Chunked prefill: queries at the end of the context need a bottom-right causal mask,
-    # which SDPA's is_causal does not express; no fair dense baseline, so none is timed.
-    return None, kd, vd
+    return lambda: F.scaled_dot_product_attention(qd, kd, vd, is_causal=True), kd, vd
 
 
-def kv_bytes(case: Case) -> int:
-    """Bytes of K and V the op must read at least once."""
-    elem = torch.finfo(DTYPES[case.dtype]).bits // 8
-    return 2 * case.batch * case.context * case.num_kv_heads * case.head_dim * elem
+# ------------------------------------------------------------------------------------------
+# What an op must move and compute
+# ------------------------------------------------------------------------------------------
+def kv_bytes(case: Case, kv_cache_dtype: str = "auto") -> int:
+    """Bytes of K and V the op must read at least once: every sequence's whole context, and for
+    an fp8 cache one byte per value plus a float32 scale per token and KV head."""
+    tokens = sum(L for _, L in case.seqs())
+    if kv_cache_dtype == "fp8":
+        per_token = case.num_kv_heads * (case.head_dim * 1 + 4)
+    else:
+        per_token = case.num_kv_heads * case.head_dim * DTYPES[case.dtype].itemsize
+    return 2 * tokens * per_token
 
 
-def attention_flops(case: Case) -> float:
-    """2 matmuls x 2 flops per multiply-add, counting only the unmasked (causal) part."""
-    ql, L = case.query_len, case.context
-    visible = ql * (L - ql) + ql * (ql + 1) / 2  # keys seen, summed over the queries
-    return 4 * case.batch * case.num_q_heads * case.head_dim * visible
+def bytes_moved(case: Case, kv_cache_dtype: str = "auto") -> int:
+    """K/V (`kv_bytes`) plus the queries read and the output written."""
+    num_tokens = sum(q for q, _ in case.seqs())
+    q_and_out = 2 * num_tokens * case.num_q_heads * case.head_dim * DTYPES[case.dtype].itemsize
+    return kv_bytes(case, kv_cache_dtype) + q_and_out
+
+
+def attention_flops(case: Case, prefill_only: bool = False) -> float:
+    """4 * Hq * D * sum over queries of the keys each sees (causal; see the module docstring).
+    `prefill_only`: count only the sequences with more than one new token."""
+    visible = sum(q * (L - q) + q * (q + 1) / 2 for q, L in case.seqs()
+                  if not (prefill_only and q == 1))
+    return 4 * case.num_q_heads * case.head_dim * visible
+
+
+def has_prefill(case: Case) -> bool:
+    return any(q > 1 for q, _ in case.seqs())
 
 
 # ------------------------------------------------------------------------------------------
 # Sweep
 # ------------------------------------------------------------------------------------------
+# (decodes, decode context, chunks, chunk, chunk context) and (batch, low, high) per device.
+MIXED = {"gpu": (62, 2048, 2, 512, 8192), "cpu": (14, 64, 2, 32, 256), "smoke": (3, 24, 2, 8, 40)}
+RAGGED = {"gpu": (128, 100, 2048), "cpu": (16, 10, 256), "smoke": (6, 5, 40)}
+
+
 def build_cases(args, on_gpu: bool) -> list[Case]:
     heads = (args.num_q_heads, args.num_kv_heads, args.head_dim)
+    size = "smoke" if args.smoke else ("gpu" if on_gpu else "cpu")
     cases = []
     for dtype in args.dtypes.split(","):
         for bs in [int(x) for x in args.block_sizes.split(",")]:
+            rest = (bs, dtype, *heads)
             if "decode" in args.cases:
-                for b, L in _pairs(args, decode=True, on_gpu=on_gpu):
-                    cases.append(Case("decode", b, L, 1, bs, dtype, *heads))
-            if "prefill" in args.cases.split(","):
-                for b, L in _pairs(args, decode=False, on_gpu=on_gpu):
-                    cases.append(Case("prefill", b, L, L, bs, dtype, *heads))
-            if "chunked" in args.cases:
-                b, L, ql = (4, 8192, 512) if on_gpu else (2, 256, 32)
-                if not args.quick or on_gpu:
-                    cases.append(Case("chunked_prefill", args.batch or b, args.context or L,
-                                      args.chunk or ql, bs, dtype, *heads))
+                for b, L in _pairs(args, decode=True, size=size):
+                    cases.append(Case("decode", b, L, 1, *rest))
+            if "prefill" in args.cases:
+                for b, L in _pairs(args, decode=False, size=size):
+                    cases.append(Case("prefill", b, L, L, *rest))
+            long_ones = not args.quick or on_gpu  # the CPU's --quick leaves these out
+            if "chunked_prefill" in args.cases and long_ones:
+                b, L, ql = {"gpu": (4, 8192, 512), "cpu": (2, 256, 32), "smoke": (2, 40, 8)}[size]
+                cases.append(Case("chunked_prefill", args.batch or b, args.context or L,
+                                  args.chunk or ql, *rest))
+            if "mixed" in args.cases and long_ones:
+                cases.append(mixed_case(*MIXED[size], *rest))
+            if "ragged_decode" in args.cases and long_ones:
+                cases.append(ragged_decode_case(*RAGGED[size], *rest))
     return cases
 
 
-def _pairs(args, decode: bool, on_gpu: bool) -> list[tuple[int, int]]:
+def _pairs(args, decode: bool, size: str) -> list[tuple[int, int]]:
     if args.batch or args.context:
         default_b, default_l = (64, 4096) if decode else (4, 2048)
         return [(args.batch or default_b, args.context or default_l)]
-    if not on_gpu:
+    if size == "smoke":
+        return [(3, 40)] if decode else [(2, 24)]
+    if size == "cpu":
         return [(4, 256), (1, 1024)] if decode else [(2, 128)]
     if decode:
         pairs = [(64, 4096), (256, 1024), (16, 8192), (1, 32768)]
@@ -187,107 +336,260 @@ def _pairs(args, decode: bool, on_gpu: bool) -> list[tuple[int, int]]:
     return [(4, 2048)]
 
 
-def run_case(case: Case, backends: list[str], device: torch.device, copy_gbps: float):
+@dataclass
+class Run:
+    """What every record of a run shares."""
+    device: torch.device
+    copy_gbps: float
+    matmul_tflops: float
+    repeats: int = 5
+
+
+def run_case(case: Case, backends: list[str], kv_cache_dtypes: list[str], run: Run) -> list[dict]:
+    """Every record of one case: SDPA (when it has an equivalent), then each KV-cache dtype x
+    backend, checked against the reference on the same cache."""
+    device = run.device
     paged, (k_dense, v_dense) = make_inputs(case, device)
-    q = paged[0]
-    max_seq_len = case.context
-    reference = paged_attention(*paged, backend="torch")
-    sdpa, kd, vd = sdpa_fn(case, q, k_dense, v_dense)
+    q, k_cache, v_cache, *meta = paged
+    model_reference = paged_attention(*paged, backend="torch")
     records = []
     sdpa_ms = None
+    sdpa, kd, vd = sdpa_fn(case, q, k_dense, v_dense)
     if sdpa is not None:
         dense_out = sdpa().transpose(1, 2).reshape_as(q)
-        sdpa_err = _rel(dense_out, reference)
-        sdpa_ms = time_ms(sdpa, device)
-        records.append(_record(case, "sdpa", sdpa_ms, copy_gbps, sdpa_ms, sdpa_err, device))
-    for backend in backends:
-        out = torch.empty_like(q)
-        if backend == "cuda":
-            reason = cuda_ext.decode_unsupported(q, paged[1], paged[2], paged[4], out)
-            if reason is not None:  # it would run on Triton: no record that claims otherwise
-                print(f"    cuda: not timed, the extension does not cover {reason}")
+        err = _rel(dense_out, model_reference)
+        sdpa_ms = time_ms(sdpa, device, repeats=run.repeats)
+        records.append(_record(case, "sdpa", "auto", sdpa_ms, run, sdpa_ms, err, err))
+    del k_dense, v_dense, kd, vd, sdpa
+    auto_ms = {}  # backend -> time on the model-dtype cache, for fp8's ratio
+    for kv_cache_dtype in kv_cache_dtypes:
+        if kv_cache_dtype == "fp8":
+            write_backend = "torch" if triton_fp8_unsupported(device) else "auto"
+            k, v, scales = fp8_cache(k_cache, v_cache, write_backend)
+            reference = paged_attention(q, k, v, *meta, backend="torch", **scales)
+        else:
+            k, v, scales, reference = k_cache, v_cache, {}, model_reference
+        call = (q, k, v, *meta)
+        for backend in backends:
+            out = torch.empty_like(q)
+            reason = _cannot_run(backend, kv_cache_dtype, call, out, device)
+            if reason is not None:
+                print(f"    {backend} ({kv_cache_dtype} cache): not run: {reason}")
+                records.append(_not_run(case, backend, kv_cache_dtype, reason, device))
                 continue
 
-        def fn(backend=backend, out=out):
-            return paged_attention(*paged, backend=backend, out=out, max_seq_len=max_seq_len)
+            def fn(backend=backend, out=out, call=call, scales=scales):
+                return paged_attention(*call, backend=backend, out=out,
+                                       max_seq_len=case.context, **scales)
 
-        fn()
-        err = _rel(out, reference)
-        ms = time_ms(fn, device, graph=backend != "torch")
-        records.append(_record(case, backend, ms, copy_gbps, sdpa_ms, err, device))
-    del paged, k_dense, v_dense, kd, vd
+            fn()
+            ms = time_ms(fn, device, graph=backend != "torch", repeats=run.repeats)
+            rec = _record(case, backend, kv_cache_dtype, ms, run, sdpa_ms, _rel(out, reference),
+                          _rel(out, model_reference))
+            if kv_cache_dtype == "auto":
+                auto_ms[backend] = ms
+            elif backend in auto_ms:
+                rec["ratio_vs_model_dtype_kv"] = ms / auto_ms[backend]
+            if case.op == "mixed":
+                rec.update(_mixed_parts(case, call, backend, kv_cache_dtype, scales, ms, run))
+            records.append(rec)
+        del k, v, scales, reference
     return records
+
+
+def _mixed_parts(case: Case, call: tuple, backend: str, kv_cache_dtype: str, scales: dict,
+                 ms: float, run: Run) -> dict:
+    """Time the mixed step's decodes and chunks, each in a call of its own, on the same cache:
+    `ratio_vs_parts` below 1 means one launch for both beats two."""
+    num_decodes = sum(1 for q, _ in case.seqs() if q == 1)
+    parts = {}
+    for name, first, last in (("decode", 0, num_decodes), ("prefill", num_decodes, case.batch)):
+        part = sub_batch(call, first, last)
+        out = torch.empty_like(part[0])
+        max_len = int(part[4].max())
+
+        def fn(part=part, out=out, max_len=max_len):
+            return paged_attention(*part, backend=backend, out=out, max_seq_len=max_len, **scales)
+
+        parts[name] = time_ms(fn, run.device, graph=backend != "torch", repeats=run.repeats)
+    decodes = replace(case, op="decode", batch=num_decodes,
+                      query_lens=case.query_lens[:num_decodes],
+                      context_lens=case.context_lens[:num_decodes])
+    prefill_tflops = attention_flops(case, prefill_only=True) / (parts["prefill"] * 1e-3) / 1e12
+    decode_gbps = bytes_moved(decodes, kv_cache_dtype) / (parts["decode"] * 1e-3) / 1e9
+    return dict(prefill_part_ms=parts["prefill"], prefill_part_tflops=prefill_tflops,
+                prefill_part_frac_matmul_rate=prefill_tflops / run.matmul_tflops,
+                decode_part_ms=parts["decode"],
+                decode_part_frac_copy_bw=decode_gbps / run.copy_gbps,
+                ratio_vs_parts=ms / (parts["prefill"] + parts["decode"]))
+
+
+def _cannot_run(backend: str, kv_cache_dtype: str, call: tuple, out: torch.Tensor,
+                device: torch.device) -> str | None:
+    """Why `backend` cannot run this call here (None: it can)."""
+    q, k, v, _, seq_lens, _ = call
+    if backend == "cuda":  # it would run on Triton: no record that claims otherwise
+        reason = cuda_ext.decode_unsupported(q, k, v, seq_lens, out)
+        return None if reason is None else f"the CUDA extension does not cover {reason}"
+    if backend == "triton" and kv_cache_dtype == "fp8":
+        return triton_fp8_unsupported(device)
+    return None
 
 
 def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.double() - ref.double()).norm() / ref.double().norm())
 
 
-def _record(case, backend, ms, copy_gbps, sdpa_ms, err, device) -> dict:
-    gbps = kv_bytes(case) / (ms * 1e-3) / 1e9
-    rec = dict(asdict(case), backend=backend, ms=ms, gbps=gbps, frac_copy_bw=gbps / copy_gbps,
-               tflops=attention_flops(case) / (ms * 1e-3) / 1e12,
-               ratio_vs_sdpa=(ms / sdpa_ms) if sdpa_ms else None,  # time / SDPA time
-               rel_error=err,
-               copy_gbps=copy_gbps, device=_device_name(device))
-    return rec
+def _record(case: Case, backend: str, kv_cache_dtype: str, ms: float, run: Run,
+            sdpa_ms: float | None, err: float, err_vs_model_dtype: float) -> dict:
+    nbytes, flops = bytes_moved(case, kv_cache_dtype), attention_flops(case)
+    gbps = nbytes / (ms * 1e-3) / 1e9
+    tflops = flops / (ms * 1e-3) / 1e12
+    rel_tol = REL_TOL[case.dtype]
+    return dict(
+        asdict(case), backend=backend, kv_cache_dtype=kv_cache_dtype,
+        kv_cache_element=str(_kv_element(case, kv_cache_dtype)).removeprefix("torch."),
+        ms=ms, bytes=nbytes, gbps=gbps, frac_copy_bw=gbps / run.copy_gbps,
+        flops=flops, tflops=tflops,
+        frac_matmul_rate=tflops / run.matmul_tflops if has_prefill(case) else None,
+        ratio_vs_sdpa=(ms / sdpa_ms) if sdpa_ms else None,  # time / SDPA time
+        no_sdpa_reason=NO_SDPA.get(case.op),
+        ratio_vs_model_dtype_kv=None,  # fp8: time / the same backend's on the model-dtype cache
+        rel_error=err, rel_tol=rel_tol, correct=bool(err <= rel_tol),  # NaN fails too
+        rel_error_vs_model_dtype=err_vs_model_dtype,
+        copy_gbps=run.copy_gbps, matmul_tflops=run.matmul_tflops, device=device_name(run.device),
+    )
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()})"
+def _kv_element(case: Case, kv_cache_dtype: str) -> torch.dtype:
+    return fp8.FP8_DTYPE if kv_cache_dtype == "fp8" else DTYPES[case.dtype]
+
+
+def _not_run(case: Case, backend: str, kv_cache_dtype: str, reason: str,
+             device: torch.device) -> dict:
+    return dict(asdict(case), backend=backend, kv_cache_dtype=kv_cache_dtype, ms=None,
+                not_run=reason, device=device_name(device))
 
 
 # ------------------------------------------------------------------------------------------
 # Output
 # ------------------------------------------------------------------------------------------
+def shape_label(r: dict) -> str:
+    """'64 x 4096' (B x context), '4 x 512/8192' (B x new/context), and the mixed and ragged
+    batches spelled out."""
+    if r["op"] == "mixed":
+        groups = {}
+        for q, L in zip(r["query_lens"], r["context_lens"]):
+            groups[(q, L)] = groups.get((q, L), 0) + 1
+        return " + ".join(f"{n} x {q}/{_k(L)}" for (q, L), n in groups.items())
+    if r["op"] == "ragged_decode":
+        lens = r["context_lens"]
+        return f"{r['batch']} x {min(lens)}..{max(lens)} (mean {sum(lens) // len(lens)})"
+    if r["op"] == "chunked_prefill":
+        return f"{r['batch']} x {r['query_len']}/{_k(r['context'])}"
+    return f"{r['batch']} x {_k(r['context'])}"
+
+
 def print_table(records: list[dict]) -> None:
-    header = (f"{'op':<16}{'backend':<8}{'dtype':<6}{'B':>5}{'ctx':>7}{'q':>6}{'bs':>4}"
-              f"{'ms':>10}{'GB/s':>9}{'copyBW':>8}{'TFLOP/s':>9}{'time/SDPA':>11}{'err':>10}")
+    header = (f"{'op':<16}{'shape':<28}{'bs':>4} {'dtype':<6}{'kv':<6}{'backend':<8}{'ms':>10}"
+              f"{'GB/s':>8}{'copyBW':>7}{'TFLOP/s':>9}{'matmul':>7}{'time/SDPA':>10}{'kv/auto':>8}"
+              f"{'err':>9}{'err_auto':>9}")
     print(header)
     print("-" * len(header))
+    notes = {}
     for r in records:
-        ratio = f"{r['ratio_vs_sdpa']:.2f}" if r["ratio_vs_sdpa"] else "-"
-        print(f"{r['op']:<16}{r['backend']:<8}{r['dtype']:<6}{r['batch']:>5}{r['context']:>7}"
-              f"{r['query_len']:>6}{r['block_size']:>4}{r['ms']:>10.4f}{r['gbps']:>9.0f}"
-              f"{r['frac_copy_bw']:>8.2f}{r['tflops']:>9.1f}{ratio:>11}{r['rel_error']:>10.1e}")
+        kv = r["dtype"] if r.get("kv_cache_dtype", "auto") == "auto" else r["kv_cache_dtype"]
+        start = (f"{r['op']:<16}{shape_label(r):<28}{r['block_size']:>4} {r['dtype']:<6}{kv:<6}"
+                 f"{r['backend']:<8}")
+        if r.get("ms") is None:
+            print(f"{start}  not run: {r['not_run']}")
+            continue
+        if r["ratio_vs_sdpa"]:
+            ratio = f"{r['ratio_vs_sdpa']:.2f}"
+        elif r.get("no_sdpa_reason"):
+            ratio = notes.setdefault(r["op"], f"n/a{len(notes) + 1}")
+        else:
+            ratio = "-"
+        frac_mm, vs_auto = r.get("frac_matmul_rate"), r.get("ratio_vs_model_dtype_kv")
+        err_auto = r.get("rel_error_vs_model_dtype", r["rel_error"])
+        flag = "" if r.get("correct", True) else "  WRONG"
+        print(f"{start}{r['ms']:>10.4f}{r['gbps']:>8.0f}{r['frac_copy_bw']:>7.2f}"
+              f"{r['tflops']:>9.3g}{_opt(frac_mm, 7)}{ratio:>10}{_opt(vs_auto, 8, '.3f')}"
+              f"{r['rel_error']:>9.1e}{err_auto:>9.1e}{flag}")
     print("time/SDPA: this backend's time over dense SDPA's in the same run (below 1 = faster)")
+    for op, mark in notes.items():
+        print(f"  {mark}: no SDPA ratio for {op}: {NO_SDPA[op]}")
+    matmul = next((r["matmul_tflops"] for r in records if r.get("matmul_tflops")), None)
+    if matmul:
+        print(f"matmul: TFLOP/s over the matmul rate measured in this run ({matmul:.3g} TFLOP/s; "
+              "bf16 on a GPU, fp32 on the CPU); prefill cases only")
+    print("copyBW: bytes moved (K/V of every context, fp8 scales included, + q + out) over the "
+          "time, / copy bandwidth")
+    print("kv/auto: an fp8 cache's time over the same backend's on the model-dtype cache")
+    print("err: vs the reference on the same cache (checked against REL_TOL); err_auto: vs the "
+          "reference on the model-dtype cache (what fp8 storage costs)")
+    mixed = [r for r in records if r["op"] == "mixed" and r.get("ms") is not None]
+    if mixed:
+        print(f"\n{'mixed step':<40}{'kv':<6}{'backend':<8}{'one call':>10}{'decodes':>10}"
+              f"{'chunks':>10}{'one/parts':>10}{'chunk TFLOP/s':>14}{'matmul':>7}"
+              f"{'dec copyBW':>11}")
+        for r in mixed:
+            kv = r["dtype"] if r["kv_cache_dtype"] == "auto" else r["kv_cache_dtype"]
+            print(f"{shape_label(r) + ' bs ' + str(r['block_size']):<40}{kv:<6}{r['backend']:<8}"
+                  f"{r['ms']:>10.4f}{r['decode_part_ms']:>10.4f}{r['prefill_part_ms']:>10.4f}"
+                  f"{r['ratio_vs_parts']:>10.2f}{r['prefill_part_tflops']:>14.3g}"
+                  f"{r['prefill_part_frac_matmul_rate']:>7.2f}"
+                  f"{r['decode_part_frac_copy_bw']:>11.2f}")
+        print("decodes / chunks: the two parts of the step, each timed in a call of its own; "
+              "one/parts: the one call's time over their sum")
 
 
-def plot(records: list[dict], path: Path, title: str) -> None:
+def _opt(value: float | None, width: int, spec: str = ".2f") -> str:
+    return f"{'-' if value is None else format(value, spec):>{width}}"
+
+
+def plot(records: list[dict], path: Path, title: str, matmul_tflops: float | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    decode = [r for r in records if r["op"] == "decode"]
-    other = [r for r in records if r["op"] != "decode"]
-    fig, axes = plt.subplots(1, 2, figsize=(16, 5.5), gridspec_kw={"width_ratios": [3, 1]})
+    timed = [r for r in records if r.get("ms") is not None]
+    decode = [r for r in timed if r["op"] in ("decode", "ragged_decode")]
+    other = [r for r in timed if r["op"] not in ("decode", "ragged_decode")]
+    fig, axes = plt.subplots(1, 2, figsize=(18, 6), gridspec_kw={"width_ratios": [3, 2]})
     for ax, recs, key, label in ((axes[0], decode, "frac_copy_bw", "fraction of copy bandwidth"),
                                  (axes[1], other, "tflops", "TFLOP/s")):
-        labels = sorted({(r["op"], r["batch"], r["context"], r["query_len"], r["block_size"],
-                          r["dtype"]) for r in recs})
-        backends = sorted({r["backend"] for r in recs})
-        width = 0.8 / max(1, len(backends))
-        for i, backend in enumerate(backends):
+        # In the order of the sweep, without repeats.
+        cases = list(dict.fromkeys((r["op"], shape_label(r), r["block_size"], r["dtype"])
+                                   for r in recs))
+        series = list(dict.fromkeys((r["backend"], r.get("kv_cache_dtype", "auto"))
+                                    for r in recs))
+        width = 0.8 / max(1, len(series))
+        for i, (backend, kv) in enumerate(series):
             values = []
-            for lab in labels:
-                match = [r[key] for r in recs if r["backend"] == backend and
-                         (r["op"], r["batch"], r["context"], r["query_len"], r["block_size"],
-                          r["dtype"]) == lab]
+            for case in cases:
+                match = [r[key] for r in recs if (r["backend"], r.get("kv_cache_dtype", "auto"))
+                         == (backend, kv) and (r["op"], shape_label(r), r["block_size"],
+                                               r["dtype"]) == case]
                 values.append(match[0] if match else 0.0)
-            ax.bar([x + i * width for x in range(len(labels))], values, width, label=backend)
-        ax.set_xticks([x + width * (len(backends) - 1) / 2 for x in range(len(labels))])
-        ax.set_xticklabels([f"{op.replace('_prefill', '')}\nB={b}\nctx={_k(L)}\n"
-                            + (f"q={q}\n" if q > 1 else "") + f"bs={bs}"
-                            for op, b, L, q, bs, _ in labels], fontsize=7)
+            ax.bar([x + i * width for x in range(len(cases))], values, width,
+                   label=backend if kv == "auto" else f"{backend}, {kv} cache")
+        ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(cases))])
+        ax.set_xticklabels([f"{op.replace('_prefill', '').replace('_decode', '')}\n"
+                            + shape.replace(" + ", "\n+ ").replace(" (", "\n(") + f"\nbs={bs}"
+                            for op, shape, bs, _ in cases], fontsize=7)
         ax.set_ylabel(label)
-        if recs:  # a sweep without this kind of case leaves the panel empty
-            ax.legend()
         ax.grid(axis="y", alpha=0.3)
-    axes[0].set_title("decode: achieved K/V bandwidth / copy bandwidth (higher is better)")
-    axes[1].set_title("prefill: attention TFLOP/s")
+    axes[0].axhline(1.0, color="gray", lw=0.8, ls="--")
+    if matmul_tflops and other:
+        axes[1].axhline(matmul_tflops, color="gray", lw=0.8, ls="--",
+                        label=f"matmul rate, same run ({matmul_tflops:.3g})")
+    for ax, recs in ((axes[0], decode), (axes[1], other)):
+        if recs:  # a sweep without this kind of case leaves the panel empty
+            ax.legend(fontsize=8)
+    axes[0].set_title("decode: bytes moved / time / copy bandwidth (higher is better)")
+    axes[1].set_title("prefill, chunked, mixed: attention TFLOP/s")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -298,18 +600,41 @@ def _k(n: int) -> str:
     return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
 
 
+# ------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------
+def _names(allowed, option: str):
+    """An argparse type: a comma list of names from `allowed` (a dict maps them to values)."""
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        bad = [n for n in names if n not in allowed]
+        if bad or not names:
+            raise argparse.ArgumentTypeError(
+                f"{option}: unknown {bad or text!r}; choose from {', '.join(allowed)}")
+        return [allowed[n] for n in names] if isinstance(allowed, dict) else names
+    return parse
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a few cases only")
-    p.add_argument("--cases", default="decode,prefill,chunked",
-                   help="comma list of decode, prefill, chunked")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny shapes and heads, one timing repeat: checks that everything runs")
+    p.add_argument("--cases", type=_names(CASE_NAMES, "--cases"),
+                   default="decode,prefill,chunked,mixed,ragged",
+                   help="comma list of decode, prefill, chunked, mixed, ragged")
+    p.add_argument("--kv-cache-dtypes", type=_names(KV_CACHE_DTYPES, "--kv-cache-dtypes"),
+                   default="auto",
+                   help="comma list of auto (the model dtype) and fp8 (e4m3 with per token-head "
+                        "scales), e.g. auto,fp8")
     p.add_argument("--backends", default=None,
                    help="comma list of torch, triton, cuda (default: all that run here but the "
                         "slow reference on GPU)")
-    p.add_argument("--dtypes", default=None, help="comma list of bf16, fp16, fp32")
+    p.add_argument("--dtypes", default=None, help="comma list of bf16, fp16, fp32 (model dtype)")
     p.add_argument("--block-sizes", default=None, help="comma list, e.g. 16,32,64")
-    p.add_argument("--batch", type=int, default=None, help="only this batch size")
-    p.add_argument("--context", type=int, default=None, help="only this context length")
+    p.add_argument("--batch", type=int, default=None, help="only this batch size (uniform cases)")
+    p.add_argument("--context", type=int, default=None,
+                   help="only this context length (uniform cases)")
     p.add_argument("--chunk", type=int, default=None, help="new tokens per chunked-prefill step")
     p.add_argument("--num-q-heads", type=int, default=None)
     p.add_argument("--num-kv-heads", type=int, default=None)
@@ -320,7 +645,10 @@ def parse_args(argv=None):
     p.add_argument("--tag", default=None, help="name of the output files (default: device)")
     p.add_argument("--replot", type=Path, default=None, metavar="JSON",
                    help="only redraw the plot and table of an earlier run's JSON")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)  # (argparse runs `type` on the string defaults too)
+    # "auto" first, so that fp8 records can give their time over the model-dtype cache's.
+    args.kv_cache_dtypes = [d for d in KV_CACHE_DTYPES if d in args.kv_cache_dtypes]
+    return args
 
 
 def main(argv=None) -> int:
@@ -329,17 +657,21 @@ def main(argv=None) -> int:
         saved = json.loads(args.replot.read_text())
         meta = saved["meta"]
         plot(saved["records"], args.replot.with_suffix(".png"),
-             f"minivllm paged attention, {meta['device']}, {meta['date'][:10]}")
+             f"minivllm paged attention, {meta['device']}, {meta['date'][:10]}",
+             meta.get("matmul_tflops"))
         print_table(saved["records"])
         return 0
+    started = time.perf_counter()
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
     # GPU defaults are the shapes that matter (Llama-3-8B-like heads); CPU ones stay small.
-    args.num_q_heads = args.num_q_heads or (32 if on_gpu else 8)
-    args.num_kv_heads = args.num_kv_heads or (8 if on_gpu else 2)
-    args.head_dim = args.head_dim or (128 if on_gpu else 64)
+    small = (8, 2, 64) if not args.smoke else (4, 2, 32)
+    args.num_q_heads = args.num_q_heads or (32 if on_gpu and not args.smoke else small[0])
+    args.num_kv_heads = args.num_kv_heads or (8 if on_gpu and not args.smoke else small[1])
+    args.head_dim = args.head_dim or (128 if on_gpu and not args.smoke else small[2])
     args.dtypes = args.dtypes or ("bf16" if on_gpu else "fp32")
-    args.block_sizes = args.block_sizes or ("16" if args.quick or not on_gpu else "16,32,64")
+    args.block_sizes = args.block_sizes or (
+        "8" if args.smoke else "16" if args.quick or not on_gpu else "16,32,64")
     for name in args.dtypes.split(","):
         if name not in DTYPES:
             raise SystemExit(f"--dtypes: unknown dtype {name!r} (choose from {list(DTYPES)})")
@@ -358,17 +690,25 @@ def main(argv=None) -> int:
         print("NOTE: no CUDA device here: running small shapes on the CPU with the reference "
               "backend. CPU timings are not GPU claims.\n")
     copy_gbps = copy_bandwidth_gbps(device, (2 << 30) if on_gpu else (256 << 20))
-    print(f"device: {_device_name(device)}; copy bandwidth {copy_gbps:.0f} GB/s (read + write)")
+    matmul_tflops = measure_matmul_rate(device) / 1e12
+    run = Run(device, copy_gbps, matmul_tflops, repeats=1 if args.smoke else 5)
+    print(f"device: {device_name(device)}; copy bandwidth {copy_gbps:.0f} GB/s (read + write); "
+          f"{'bf16' if on_gpu else 'fp32'} matmul {matmul_tflops:.3g} TFLOP/s")
     cases = build_cases(args, on_gpu)
     records = []
     for i, case in enumerate(cases, 1):
-        print(f"[{i}/{len(cases)}] {case.op} B={case.batch} ctx={case.context} "
-              f"q={case.query_len} bs={case.block_size} {case.dtype}", flush=True)
-        records.extend(run_case(case, backends, device, copy_gbps))
+        print(f"[{i}/{len(cases)}] {case.op} {shape_label(asdict(case))} bs={case.block_size} "
+              f"{case.dtype} ({time.perf_counter() - started:.0f} s)", flush=True)
+        records.extend(run_case(case, backends, args.kv_cache_dtypes, run))
+        if on_gpu:
+            torch.cuda.empty_cache()
 
     stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     meta = dict(date=stamp, torch=torch.__version__, python=sys.version.split()[0],
-                device=_device_name(device), copy_gbps=copy_gbps, argv=sys.argv[1:])
+                device=device_name(device), copy_gbps=copy_gbps, matmul_tflops=matmul_tflops,
+                matmul_dtype="bf16" if on_gpu else "fp32", kv_cache_dtypes=args.kv_cache_dtypes,
+                rel_tol=REL_TOL, argv=sys.argv[1:] if argv is None else list(argv),
+                wall_s=time.perf_counter() - started)
     try:
         import triton
 
@@ -381,12 +721,17 @@ def main(argv=None) -> int:
     json_path = out / f"attn_bench_{tag}.json"
     json_path.write_text(json.dumps({"meta": meta, "records": records}, indent=1))
     png_path = out / f"attn_bench_{tag}.png"
-    plot(records, png_path, f"minivllm paged attention, {meta['device']}, {stamp[:10]}")
-    print(f"\nwrote {json_path} and {png_path}\n")
+    plot(records, png_path, f"minivllm paged attention, {meta['device']}, {stamp[:10]}",
+         matmul_tflops)
+    print(f"\nwrote {json_path} and {png_path} ({meta['wall_s']:.0f} s)\n")
     print_table(records)
     if not on_gpu:
         print("\n(CPU run: times are for the reference code on this CPU, not GPU claims.)")
-    return 0
+    wrong = [r for r in records if r.get("correct") is False]
+    for r in wrong:
+        print(f"WRONG: {r['op']} {shape_label(r)} bs={r['block_size']} {r['backend']} "
+              f"{r['kv_cache_dtype']} cache: rel error {r['rel_error']:.2e} > {r['rel_tol']:.0e}")
+    return 1 if wrong else 0
 
 
 if __name__ == "__main__":
