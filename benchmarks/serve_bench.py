@@ -24,8 +24,8 @@ the tokenizer's vocabulary, decoded; prompt lengths in tokens then differ a litt
 ones and are read back from each server's `usage`), on the first --hf-num-requests requests, all at
 once, with `generation_config` asking for exactly max_tokens tokens, greedy, continuous batching
 on; minivllm's server runs the same text requests, so the two rows compare like with like. It
-needs `fastapi`, `uvicorn`, `pydantic` and `openai` (transformers' `[serving]` extra). If it
-cannot start or answer, the record says why instead of the benchmark crashing.
+needs `fastapi`, `uvicorn`, `pydantic` and `openai` (transformers' `[serving]` extra) and
+`accelerate`. If it cannot start or answer, the record says why instead of the benchmark crashing.
 
     python benchmarks/serve_bench.py                          # GPU: qwen3-0.6b, 256 reqs, 4/16/64/inf
     python benchmarks/serve_bench.py --backends minivllm --rates 16,inf
