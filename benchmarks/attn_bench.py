@@ -39,10 +39,11 @@ What is counted (`bytes_moved`, `attention_flops`):
 
 Some cases have no dense SDPA equivalent (chunked prefill, mixed, ragged decode): the table says
 why instead of giving a ratio. A backend that cannot run a case (the CUDA extension on prefill or
-fp8, Triton's fp8 below compute capability 8.9) gets a record that says so.
+fp8, Triton's fp8 below compute capability 8.9) gets a record that says so; one that raises gets
+a `failed` record, and the sweep goes on. A wrong or failed output makes the run exit with 1.
 
-Writes one JSON record per case, backend and KV-cache dtype to benchmarks/results/, a PNG plot,
-and prints a table last. On a machine without CUDA it runs small shapes with the reference
+Writes one JSON record per case, backend and KV-cache dtype to benchmarks/results/ (saved after
+every case, so a run cut short keeps what it measured), a PNG plot, and prints a table last. On a machine without CUDA it runs small shapes with the reference
 backend: CPU timings say nothing about the GPU, so they go to benchmarks/results/cpu/, which git
 ignores.
 
@@ -369,32 +370,44 @@ def run_case(case: Case, backends: list[str], kv_cache_dtypes: list[str], run: R
             reference = paged_attention(q, k, v, *meta, backend="torch", **scales)
         else:
             k, v, scales, reference = k_cache, v_cache, {}, model_reference
-        call = (q, k, v, *meta)
         for backend in backends:
-            out = torch.empty_like(q)
-            reason = _cannot_run(backend, kv_cache_dtype, call, out, device)
-            if reason is not None:
-                print(f"    {backend} ({kv_cache_dtype} cache): not run: {reason}")
-                records.append(_not_run(case, backend, kv_cache_dtype, reason, device))
-                continue
-
-            def fn(backend=backend, out=out, call=call, scales=scales):
-                return paged_attention(*call, backend=backend, out=out,
-                                       max_seq_len=case.context, **scales)
-
-            fn()
-            ms = time_ms(fn, device, graph=backend != "torch", repeats=run.repeats)
-            rec = _record(case, backend, kv_cache_dtype, ms, run, sdpa_ms, _rel(out, reference),
-                          _rel(out, model_reference))
-            if kv_cache_dtype == "auto":
-                auto_ms[backend] = ms
-            elif backend in auto_ms:
-                rec["ratio_vs_model_dtype_kv"] = ms / auto_ms[backend]
-            if case.op == "mixed":
-                rec.update(_mixed_parts(case, call, backend, kv_cache_dtype, scales, ms, run))
+            try:
+                rec = _run_backend(case, backend, kv_cache_dtype, (q, k, v, *meta), scales,
+                                   reference, model_reference, sdpa_ms, run)
+            except Exception as exc:  # noqa: BLE001 - one failing kernel must not lose the run
+                reason = f"failed: {type(exc).__name__}: {exc}"
+                print(f"    {backend} ({kv_cache_dtype} cache): {reason}")
+                rec = _not_run(case, backend, kv_cache_dtype, reason, device, failed=True)
+            if rec["ms"] is not None and kv_cache_dtype == "auto":
+                auto_ms[backend] = rec["ms"]
+            elif rec["ms"] is not None and backend in auto_ms:
+                rec["ratio_vs_model_dtype_kv"] = rec["ms"] / auto_ms[backend]
             records.append(rec)
         del k, v, scales, reference
     return records
+
+
+def _run_backend(case: Case, backend: str, kv_cache_dtype: str, call: tuple, scales: dict,
+                 reference: torch.Tensor, model_reference: torch.Tensor, sdpa_ms: float | None,
+                 run: Run) -> dict:
+    """One backend on one cache: its record, or a record saying why it cannot run here."""
+    out = torch.empty_like(call[0])
+    reason = _cannot_run(backend, kv_cache_dtype, call, out, run.device)
+    if reason is not None:
+        print(f"    {backend} ({kv_cache_dtype} cache): not run: {reason}")
+        return _not_run(case, backend, kv_cache_dtype, reason, run.device)
+
+    def fn():
+        return paged_attention(*call, backend=backend, out=out, max_seq_len=case.context,
+                               **scales)
+
+    fn()
+    ms = time_ms(fn, run.device, graph=backend != "torch", repeats=run.repeats)
+    rec = _record(case, backend, kv_cache_dtype, ms, run, sdpa_ms, _rel(out, reference),
+                  _rel(out, model_reference))
+    if case.op == "mixed":
+        rec.update(_mixed_parts(case, call, backend, kv_cache_dtype, scales, ms, run))
+    return rec
 
 
 def _mixed_parts(case: Case, call: tuple, backend: str, kv_cache_dtype: str, scales: dict,
@@ -465,10 +478,11 @@ def _kv_element(case: Case, kv_cache_dtype: str) -> torch.dtype:
     return fp8.FP8_DTYPE if kv_cache_dtype == "fp8" else DTYPES[case.dtype]
 
 
-def _not_run(case: Case, backend: str, kv_cache_dtype: str, reason: str,
-             device: torch.device) -> dict:
+def _not_run(case: Case, backend: str, kv_cache_dtype: str, reason: str, device: torch.device,
+             failed: bool = False) -> dict:
+    """A backend that cannot run this case here (failed=True: it raised)."""
     return dict(asdict(case), backend=backend, kv_cache_dtype=kv_cache_dtype, ms=None,
-                not_run=reason, device=device_name(device))
+                not_run=reason, failed=failed, device=device_name(device))
 
 
 # ------------------------------------------------------------------------------------------
@@ -695,20 +709,11 @@ def main(argv=None) -> int:
     print(f"device: {device_name(device)}; copy bandwidth {copy_gbps:.0f} GB/s (read + write); "
           f"{'bf16' if on_gpu else 'fp32'} matmul {matmul_tflops:.3g} TFLOP/s")
     cases = build_cases(args, on_gpu)
-    records = []
-    for i, case in enumerate(cases, 1):
-        print(f"[{i}/{len(cases)}] {case.op} {shape_label(asdict(case))} bs={case.block_size} "
-              f"{case.dtype} ({time.perf_counter() - started:.0f} s)", flush=True)
-        records.extend(run_case(case, backends, args.kv_cache_dtypes, run))
-        if on_gpu:
-            torch.cuda.empty_cache()
-
-    stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    meta = dict(date=stamp, torch=torch.__version__, python=sys.version.split()[0],
-                device=device_name(device), copy_gbps=copy_gbps, matmul_tflops=matmul_tflops,
+    meta = dict(date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                torch=torch.__version__, python=sys.version.split()[0], device=device_name(device),
+                copy_gbps=copy_gbps, matmul_tflops=matmul_tflops,
                 matmul_dtype="bf16" if on_gpu else "fp32", kv_cache_dtypes=args.kv_cache_dtypes,
-                rel_tol=REL_TOL, argv=sys.argv[1:] if argv is None else list(argv),
-                wall_s=time.perf_counter() - started)
+                rel_tol=REL_TOL, argv=sys.argv[1:] if argv is None else list(argv))
     try:
         import triton
 
@@ -718,20 +723,31 @@ def main(argv=None) -> int:
     out = args.out or (RESULTS_DIR if on_gpu else CPU_RESULTS_DIR)
     out.mkdir(parents=True, exist_ok=True)
     tag = args.tag or ("gpu" if on_gpu else "cpu")
-    json_path = out / f"attn_bench_{tag}.json"
-    json_path.write_text(json.dumps({"meta": meta, "records": records}, indent=1))
-    png_path = out / f"attn_bench_{tag}.png"
-    plot(records, png_path, f"minivllm paged attention, {meta['device']}, {stamp[:10]}",
+    json_path, png_path = out / f"attn_bench_{tag}.json", out / f"attn_bench_{tag}.png"
+    records = []
+    for i, case in enumerate(cases, 1):
+        print(f"[{i}/{len(cases)}] {case.op} {shape_label(asdict(case))} bs={case.block_size} "
+              f"{case.dtype} ({time.perf_counter() - started:.0f} s)", flush=True)
+        records.extend(run_case(case, backends, args.kv_cache_dtypes, run))
+        # Saved after every case: a run cut short (a time limit, a crash) keeps what it measured.
+        meta.update(wall_s=time.perf_counter() - started, complete=i == len(cases))
+        json_path.write_text(json.dumps({"meta": meta, "records": records}, indent=1))
+        if on_gpu:
+            torch.cuda.empty_cache()
+
+    plot(records, png_path, f"minivllm paged attention, {meta['device']}, {meta['date'][:10]}",
          matmul_tflops)
     print(f"\nwrote {json_path} and {png_path} ({meta['wall_s']:.0f} s)\n")
     print_table(records)
     if not on_gpu:
         print("\n(CPU run: times are for the reference code on this CPU, not GPU claims.)")
-    wrong = [r for r in records if r.get("correct") is False]
-    for r in wrong:
+    bad = [r for r in records if r.get("correct") is False or r.get("failed")]
+    for r in bad:
+        what = r["not_run"] if r.get("failed") else (
+            f"rel error {r['rel_error']:.2e} > {r['rel_tol']:.0e}")
         print(f"WRONG: {r['op']} {shape_label(r)} bs={r['block_size']} {r['backend']} "
-              f"{r['kv_cache_dtype']} cache: rel error {r['rel_error']:.2e} > {r['rel_tol']:.0e}")
-    return 1 if wrong else 0
+              f"{r['kv_cache_dtype']} cache: {what}")
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

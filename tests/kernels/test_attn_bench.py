@@ -192,6 +192,25 @@ def test_a_wrong_output_fails_the_run(tmp_path, monkeypatch, capsys):
 
 
 @cpu_only
+def test_a_backend_that_raises_is_recorded_and_fails_the_run(tmp_path, monkeypatch, capsys):
+    real = attn_bench.paged_attention
+
+    def broken_for_chunks(*args, **kwargs):
+        if kwargs.get("out") is not None and args[0].shape[0] > args[4].shape[0]:  # prefill rows
+            raise RuntimeError("out of resources: shared memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attn_bench, "paged_attention", broken_for_chunks)
+    code, records = _run(tmp_path, "--smoke", "--cases", "chunked,ragged", "--backends", "torch")
+    assert code == 1
+    by_op = {r["op"]: r for r in records}
+    assert by_op["chunked_prefill"]["failed"] and by_op["chunked_prefill"]["ms"] is None
+    assert "RuntimeError: out of resources" in by_op["chunked_prefill"]["not_run"]
+    assert by_op["ragged_decode"]["correct"]  # the cases after it still ran
+    assert "WRONG: chunked_prefill" in capsys.readouterr().out
+
+
+@cpu_only
 def test_script_smoke_runs_every_case(tmp_path):
     env = dict(os.environ, PYTHONPATH="")  # as a user runs it: the script finds the repo itself
     done = subprocess.run([sys.executable, "benchmarks/attn_bench.py", "--smoke", "--out", str(tmp_path)],
