@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "LLM": "minivllm.llm",
+    "AsyncLLM": "minivllm.entrypoints.async_llm",
     "SamplingParams": "minivllm.sampling_params",
     "EngineConfig": "minivllm.config",
     "LLMEngine": "minivllm.engine.llm_engine",

@@ -170,6 +170,9 @@ class LLMEngine:
             return [SamplingParams() for _ in prompts]
         if isinstance(sampling_params, SamplingParams):
             return [sampling_params] * len(prompts)
+        if not isinstance(sampling_params, (list, tuple)):
+            raise TypeError("sampling_params must be a SamplingParams or a list of them, got "
+                            f"{type(sampling_params).__name__}")
         params = list(sampling_params)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")

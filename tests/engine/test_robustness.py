@@ -133,3 +133,9 @@ def test_stop_token_ids_outside_the_vocabulary_are_refused_at_the_door(llm):
     with pytest.raises(ValueError, match="stop_token_ids"):
         llm.add_request([5, 6, 7], SamplingParams(min_tokens=2, stop_token_ids=[10**6]))
     assert_clean(llm)
+
+
+def test_sampling_params_of_the_wrong_type_are_refused_naming_them(llm):
+    with pytest.raises(TypeError, match="sampling_params"):
+        llm.engine.add_requests([[5, 6, 7]], "temperature=0")
+    assert_clean(llm)
