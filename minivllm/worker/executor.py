@@ -237,6 +237,7 @@ class MultiprocExecutor:
                 if time.monotonic() > next_check:
                     self._check_alive(f"step {step}")
                     next_check = time.monotonic() + LIVENESS_INTERVAL_S
+                time.sleep(0)  # a spin, but one that lets other threads (a server's) have the GIL
             return tokens.wait()
         except BaseException as err:  # noqa: BLE001 - re-raised, as the workers' failure if it was theirs
             self._raise_failure(err, f"step {step}")
