@@ -308,6 +308,7 @@ class AsyncLLM:
         if self._dead is None:
             self._die(RuntimeError("shut down"))
         await asyncio.to_thread(self._executor.shutdown, True)
+        self.engine.close()  # tensor-parallel worker processes, if any, stop with it
 
 
 def _nothing_new(output: RequestOutput) -> RequestOutput:
