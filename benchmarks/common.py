@@ -24,6 +24,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MODEL_CONFIGS = {
     "qwen3-0.6b": ("qwen3", "qwen3-0.6b"),
     "llama-3.2-1b": ("llama", "llama-3.2-1b"),
+    "llama-3.1-8b": ("llama", "llama-3.1-8b"),
     "tiny": ("qwen3", "tiny"),  # a few hundred thousand parameters: the CPU smoke test
 }
 

@@ -60,32 +60,12 @@ from benchmarks.common import (
 )
 
 PARTS = ("allreduce", "roofline", "agreement", "throughput")
-# Shapes beyond benchmarks/common.MODEL_CONFIGS: (architecture, config fields). The 8B Llama is
-# built from its published config.json (Llama-3.1-8B), with random weights.
-EXTRA_SHAPES = {
-    "llama-3.1-8b": ("llama", {
-        "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-        "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256, "max_position_embeddings": 131072,
-        "rms_norm_eps": 1e-5, "rope_theta": 500_000.0, "tie_word_embeddings": False,
-        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                         "original_max_position_embeddings": 8192}}),
-}
-SHAPES = sorted({*MODEL_CONFIGS, *EXTRA_SHAPES})
+SHAPES = sorted(MODEL_CONFIGS)
 
 
 def build(name: str, root: Path, dtype: torch.dtype, seed: int = 0) -> Path:
     """The random-weight model directory of shape `name` under `root` (reused if there)."""
-    from minivllm.models import make_random_model
-
-    if name in MODEL_CONFIGS:
-        return build_model(name, root, dtype, seed)
-    arch, fields = EXTRA_SHAPES[name]
-    out_dir = Path(root) / f"{name}-{str(dtype).removeprefix('torch.')}-seed{seed}"
-    if (out_dir / "config.json").is_file() and any(out_dir.glob("*.safetensors")):
-        return out_dir
-    # Every field of the "tiny" base is overridden: only the architecture's defaults remain.
-    return make_random_model(out_dir, arch=arch, size="tiny", seed=seed, dtype=dtype, overrides=fields,
-                             overwrite=True)
+    return build_model(name, root, dtype, seed)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -64,6 +64,12 @@ NAMED_SHAPES = {
         rms_norm_eps=1e-5, rope_theta=500_000.0, tie_word_embeddings=True,
         rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0,
                           high_freq_factor=4.0, original_max_position_embeddings=8192))),
+    "llama-3.1-8b": ("llama", dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=131072,
+        rms_norm_eps=1e-5, rope_theta=500_000.0, tie_word_embeddings=False,
+        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                          high_freq_factor=4.0, original_max_position_embeddings=8192))),
 }
 SIZES = ("tiny", "small", *NAMED_SHAPES)
 

@@ -77,7 +77,7 @@ def test_dtype_is_saved(tmp_path):
 
 
 # Published parameter counts of the real models (tied embeddings counted once).
-PUBLISHED_PARAMETERS = {"llama-3.2-1b": 1_235_814_400, "qwen3-0.6b": 596_049_920}
+PUBLISHED_PARAMETERS = {"llama-3.2-1b": 1_235_814_400, "qwen3-0.6b": 596_049_920, "llama-3.1-8b": 8_030_261_248}
 
 
 @pytest.mark.parametrize("shape", list(NAMED_SHAPES))
