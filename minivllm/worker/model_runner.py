@@ -176,6 +176,8 @@ class ModelRunner:
         self.sampler.release(output.finished_seq_ids)
         self.block_tables.release(output.finished_seq_ids)
         self.block_tables.release(output.preempted_seq_ids)
+        if output.is_empty:  # nothing to compute (every sequence awaits a pending last token)
+            return SampledTokens(torch.zeros(0, dtype=torch.int64, device=self.device), timings)
         self._copy_blocks(output.block_copies)
         prepared = self._prepare(output, timings)
         launch = time.perf_counter()
