@@ -40,6 +40,7 @@ class ScheduledSeq:
     pending: bool
     block_table: list[int]
     num_samples: int
+    is_decode: bool = False  # computes one output token (else prompt tokens, or a recompute)
 
     @property
     def num_new_tokens(self) -> int:

@@ -39,7 +39,7 @@ def main() -> None:
     heading("1. Scheduler.schedule(): the plan (pure Python, no tensors)")
     plan = engine.scheduler.schedule()
     for s in plan.output.seqs:  # the plain records the model runner receives (minivllm/step.py)
-        kind = "decode " if s.num_new_tokens == 1 and s.start > 0 else "prefill"
+        kind = "decode " if s.is_decode else "prefill"
         print(f"seq {s.seq_id}: {kind} {s.num_new_tokens} new tokens {s.token_ids} from position {s.start}; "
               f"block table {s.block_table}; samples: {s.num_samples}")
     print(f"block copies (copy-on-write): {plan.output.block_copies}; preempted: {plan.preemptions}")

@@ -272,7 +272,8 @@ class Scheduler:
                 children = self._fork(seq) if seq.num_pending_forks else []
                 step.forks += children
                 samples = [seq, *children]
-            if num_new == 1 and start >= seq.num_prompt_tokens:  # computes one output token
+            is_decode = num_new == 1 and start >= seq.num_prompt_tokens  # one output token
+            if is_decode:
                 step.num_decode_seqs += 1
                 step.num_decode_tokens += 1
             else:
@@ -280,7 +281,7 @@ class Scheduler:
                 step.num_prefill_tokens += num_new
             step.output.seqs.append(ScheduledSeq(
                 seq.seq_id, start, seq.token_ids[start:start + num_new - pending], pending,
-                seq.block_table, len(samples)))
+                seq.block_table, len(samples), is_decode))
             step.seqs.append(seq)
             seq.num_computed_tokens = start + num_new
             for sampled in samples:

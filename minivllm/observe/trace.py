@@ -34,10 +34,6 @@ from minivllm.observe.block_map import snapshot_blocks
 TRACE_VERSION = 1
 
 
-def _is_decode(scheduled, seq) -> bool:
-    return scheduled.num_new_tokens == 1 and scheduled.start >= seq.num_prompt_tokens
-
-
 def blocks_held(scheduler) -> set[int]:
     """Physical blocks held by the scheduler's running sequences (the only ones holding any)."""
     return {block for seq in scheduler.running for block in seq.block_table}
@@ -79,9 +75,8 @@ class StepTrace:
                 "seq_id": seq.seq_id,
                 "request_id": seq.request_id,
                 "start": s.start,
-                # A decode computes one output token; anything else computes prompt (or recomputes).
-                "prefill": 0 if _is_decode(s, seq) else s.num_new_tokens,
-                "decode": 1 if _is_decode(s, seq) else 0,
+                "prefill": 0 if s.is_decode else s.num_new_tokens,
+                "decode": 1 if s.is_decode else 0,
                 "forks": [child.seq_id for child in step.forks if child.request_id == seq.request_id],
             }
             for seq, s in zip(step.seqs, step.output.seqs)

@@ -33,7 +33,7 @@ def step(scheduler, runner, sequences=None):
 
 def plan(out):
     """(sequence, new tokens, samples?, decode?) per scheduled sequence."""
-    return [(seq, s.num_new_tokens, s.num_samples > 0, s.num_new_tokens == 1 and s.start >= seq.num_prompt_tokens)
+    return [(seq, s.num_new_tokens, s.num_samples > 0, s.is_decode)
             for seq, s in zip(out.seqs, out.output.seqs)]
 
 
