@@ -157,7 +157,8 @@ def run_mode(model_dir: Path, args, enforce_eager: bool, copy_bw: float, profile
     blocks = max_batch * -(-max_model_len // block_size) + 16
     llm = LLM(str(model_dir), max_num_seqs=max_batch, max_model_len=max_model_len,
               max_num_batched_tokens=max(8192, max_batch), num_kv_blocks=blocks, block_size=block_size,
-              enable_prefix_caching=False, enforce_eager=enforce_eager, async_scheduling=overlap)
+              enable_prefix_caching=False, enforce_eager=enforce_eager, async_scheduling=overlap,
+              kv_cache_dtype=args.kv_cache_dtype)
     runner = llm.engine.model_runner
     graphs_requested = not enforce_eager
     if graphs_requested and runner.graphs is None:
@@ -174,6 +175,7 @@ def run_mode(model_dir: Path, args, enforce_eager: bool, copy_bw: float, profile
         roofline = (weights + kv_bytes) / copy_bw
         row = {
             "bench": "decode_roofline", "cuda_graphs": runner.graphs is not None, "async_scheduling": overlap,
+            "kv_cache_dtype": args.kv_cache_dtype,
             "graphs_requested": graphs_requested, "batch_size": batch,
             "context": args.context, **m, "weight_bytes": weights, "kv_read_bytes": kv_bytes,
             "roofline_time_s": roofline, "step_over_roofline": m["step_time_s"] / roofline,
@@ -294,6 +296,8 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=16, help="timed decode steps per batch size")
     p.add_argument("--modes", default="graphs,sync,eager",
                    help="graphs (overlap on), sync (graphs, overlap off), eager; comma-separated")
+    p.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+                   help="K/V in the model dtype, or e4m3 (the roofline then counts the fp8 bytes and scales)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model-dir", type=Path, default=None)
     p.add_argument("--out", type=Path, default=None, help="JSON path (the PNG goes next to it)")
