@@ -43,6 +43,7 @@ from minivllm.layers.linear import (
     MergedColumnParallelLinear,
     QKVParallelLinear,
     RowParallelLinear,
+    skinny_gemm_applies,
 )
 from minivllm.layers.rotary import RotaryEmbedding, apply_rotary
 from minivllm.models.inputs import check_token_inputs
@@ -154,7 +155,15 @@ class LlamaMLP(nn.Module):
                                            what="intermediate_size")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        if skinny_gemm_applies(x):
+            # A decode step's few rows: gate|up GEMM and SiLU-and-mul in one kernel, which never
+            # writes the [tokens, 2 * intermediate] product (layers/skinny_gemm.py).
+            from minivllm.layers.skinny_gemm import skinny_gate_up_silu
+
+            hidden = skinny_gate_up_silu(x, self.gate_up_proj.weight, self.gate_up_proj.bias)
+        else:
+            hidden = self.act(self.gate_up_proj(x))
+        return self.down_proj(hidden)
 
 
 class LlamaDecoderLayer(nn.Module):
