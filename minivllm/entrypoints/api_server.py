@@ -1,23 +1,29 @@
 """The OpenAI-compatible HTTP server: `python -m minivllm serve --model DIR`.
 
-    HTTP request ──> FastAPI route ──> OpenAIServing{Completion,Chat} ──> AsyncLLM ──> LLMEngine
-       (uvicorn)     (pydantic body)   check, tokenize, SamplingParams     one loop,    step()
-                                       start requests, stream deltas       one thread
+    this process                                                      the engine process
+    HTTP request ──> FastAPI route ──> OpenAIServing{Completion,Chat} ──> AsyncLLM ══ pipes ══> LLMEngine
+       (uvicorn)     (pydantic body)   check, tokenize, SamplingParams   streams     (engine_core.py)
+                                       start requests, stream deltas
 
 The server is a thin layer: it parses and checks a request, hands it to `AsyncLLM`, and sends
-what comes back. No engine logic lives in a handler.
+what comes back. No engine logic lives in a handler. `run_server` starts the engine in a process
+of its own (`AsyncLLM.from_config`), so that HTTP work and engine steps do not share a GIL;
+`build_app` also takes an `LLMEngine`, run in this process (the tests do that).
 
-Routes: `GET /health`, `GET /metrics` (Prometheus text), and under `/v1` (behind the API key when
-one is set): `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`.
+Routes: `GET /health` (200 while the engine runs, 503 once it is gone), `GET /metrics`
+(Prometheus text), and under `/v1` (behind the API key when one is set): `GET /v1/models`,
+`POST /v1/completions`, `POST /v1/chat/completions`.
 
 Shutdown (SIGTERM or Ctrl-C): the server stops accepting connections, lets the requests in flight
 finish for up to `shutdown_timeout` seconds and aborts the rest, so every stream still ends
 properly (finish_reason "abort", then `data: [DONE]`); then uvicorn closes the connections and
-the app's lifespan stops `AsyncLLM`. The process exits 0, with no traceback.
+the app's lifespan stops `AsyncLLM`, which stops the engine process and waits for it. The
+process exits 0, with no traceback, and leaves no process behind.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import signal
@@ -31,6 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from minivllm.engine.llm_engine import LLMEngine
 from minivllm.engine.tokenizer import load_tokenizer
 from minivllm.entrypoints.async_llm import AsyncLLM
+from minivllm.entrypoints.engine_core import EngineStartError
 from minivllm.entrypoints.errors import OpenAIError, from_validation_error
 from minivllm.entrypoints.metrics import ServerMetrics
 from minivllm.entrypoints.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
@@ -41,11 +48,13 @@ from minivllm.entrypoints.serving_completion import OpenAIServingCompletion
 logger = logging.getLogger("minivllm.serve")
 
 
-def build_app(engine: LLMEngine, model_name: str, api_key: str | None = None) -> FastAPI:
-    """The FastAPI app serving `engine` under `model_name`. The engine's loop starts with the first
-    request and stops with the app (its lifespan)."""
-    metrics = ServerMetrics(engine)
-    async_llm = AsyncLLM(engine, on_output=metrics.record)
+def build_app(engine: LLMEngine | AsyncLLM, model_name: str, api_key: str | None = None) -> FastAPI:
+    """The FastAPI app serving `engine` under `model_name`: an `AsyncLLM` (e.g. one with its own
+    engine process, `AsyncLLM.from_config`), or an `LLMEngine`, then run in this process. The app
+    owns the AsyncLLM from now on: its metrics take `on_output`, its lifespan shuts it down."""
+    async_llm = engine if isinstance(engine, AsyncLLM) else AsyncLLM(engine)
+    metrics = ServerMetrics(lambda: async_llm.state)
+    async_llm.on_output = metrics.record
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -80,7 +89,7 @@ def _open_routes(async_llm: AsyncLLM, metrics: ServerMetrics) -> APIRouter:
 
 def _v1_routes(async_llm: AsyncLLM, model_name: str) -> APIRouter:
     router = APIRouter(prefix="/v1")
-    model_dir = async_llm.engine.config.model_config.model
+    model_dir = async_llm.config.model_config.model
     tokenizer = load_tokenizer(model_dir)
     completion = OpenAIServingCompletion(async_llm, model_name, tokenizer)
     chat = OpenAIServingChat(async_llm, model_name, tokenizer)
@@ -152,33 +161,41 @@ class APIKeyMiddleware:
 def run_server(model: str, engine_kwargs: dict | None = None, model_name: str | None = None,
                host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                shutdown_timeout: float = 5.0, log_level: str = "info") -> int:
-    """Load `model`, then serve it until SIGTERM or Ctrl-C; returns the exit status (0 after a
-    clean shutdown, also when stopped while the model was still loading)."""
+    """Start the engine process and load `model`, then serve it until SIGTERM or Ctrl-C; returns
+    the exit status (0 after a clean shutdown, also when stopped while the model was loading)."""
     import uvicorn
 
     from minivllm.config import EngineConfig
 
+    engine_config = EngineConfig.from_dict({"model": model, **(engine_kwargs or {})})  # checked before any process
     previous = signal.signal(signal.SIGTERM, _interrupt)  # while loading, SIGTERM acts as Ctrl-C
     try:
-        engine = LLMEngine(EngineConfig.from_dict({"model": model, **(engine_kwargs or {})}))
-    except KeyboardInterrupt:
+        async_llm = AsyncLLM.from_config(engine_config)
+    except KeyboardInterrupt:  # the engine process was stopped with it
         logger.warning("stopped while loading the model")
         return 0
+    except EngineStartError as err:
+        logger.error("%s", err)
+        return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
-    app = build_app(engine, model_name or model, api_key)
+    app = build_app(async_llm, model_name or model, api_key)
     # uvicorn's own graceful timeout is the backstop: by then our drain has ended every request.
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=shutdown_timeout + 5)
     server = _drain_first(uvicorn.Server)(config)
-    server.async_llm, server.drain_timeout = app.state.engine, shutdown_timeout
+    server.async_llm, server.drain_timeout = async_llm, shutdown_timeout
     # uvicorn handles SIGINT/SIGTERM while it serves, and afterwards re-raises the signal it caught
     # through the handler that was there before it. Ours does nothing: the shutdown is done, and
     # Python's own (KeyboardInterrupt, or death by SIGTERM) would turn it into a traceback or a
     # non-zero exit.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _shut_down_already)
-    server.run()
+    try:
+        server.run()
+    finally:  # if uvicorn never started (the port is taken), the lifespan did not stop the engine
+        if not async_llm.is_closed:
+            asyncio.run(async_llm.shutdown())
     return 0 if server.started else 1
 
 

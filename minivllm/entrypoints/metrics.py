@@ -2,9 +2,10 @@
 
 Two kinds of numbers, read in two ways:
 
-* **State** (gauges: requests running and waiting, KV-cache usage) is read from the engine when
-  Prometheus scrapes, so it is exactly what the engine holds at that moment. `len(list)` and
-  `num_used_blocks` are single reads, safe while the engine thread steps.
+* **State** (gauges: requests running and waiting, KV-cache usage) is read when Prometheus
+  scrapes, through `AsyncLLM.state`: from the engine itself when it runs in this process (single
+  reads, safe while the engine thread steps), or, when it runs in its own process, as that
+  process reported it with its last message (it sends its state with every step's outputs).
 * **Events** (counters of prompt and generated tokens, finished requests by reason; histograms of
   time to first token, time per output token and end-to-end latency) are recorded as the outputs
   go by: `AsyncLLM` calls `record(output)` for every output the engine reports.
@@ -15,9 +16,11 @@ has its own `CollectorRegistry`, so two servers in one process (tests) never sha
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from minivllm.engine.llm_engine import LLMEngine
+from minivllm.entrypoints.engine_core import EngineState
 from minivllm.outputs import RequestOutput
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
@@ -29,21 +32,23 @@ E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30
 
 
 class ServerMetrics:
-    """The Prometheus collectors of one server, fed by `record` and read by `render`."""
+    """The Prometheus collectors of one server, fed by `record` and read by `render`.
 
-    def __init__(self, engine: LLMEngine):
+    state: returns the engine's current `EngineState` (`lambda: async_llm.state`).
+    """
+
+    def __init__(self, state: Callable[[], EngineState]):
         self.registry = CollectorRegistry()
-        scheduler, blocks = engine.scheduler, engine.block_manager
 
         def gauge(name: str, doc: str, read) -> None:
             Gauge(name, doc, registry=self.registry).set_function(read)
 
         gauge("minivllm:num_requests_running", "Requests in the engine's running queue.",
-              lambda: len(scheduler.running))
+              lambda: state().num_running)
         gauge("minivllm:num_requests_waiting", "Requests waiting to be scheduled (or preempted).",
-              lambda: len(scheduler.waiting))
+              lambda: state().num_waiting)
         gauge("minivllm:kv_cache_usage_perc", "Fraction of the KV-cache blocks in use (0 to 1).",
-              lambda: blocks.num_used_blocks / blocks.num_blocks)
+              lambda: state().kv_cache_usage)
         self.prompt_tokens = Counter("minivllm:prompt_tokens", "Prompt tokens of the requests started.",
                                      registry=self.registry)
         self.generation_tokens = Counter("minivllm:generation_tokens", "Tokens generated and reported.",

@@ -12,8 +12,10 @@ A handler does four things, in this order, and only the last one touches the eng
    into one JSON body (`gather`).
 
 The deltas already are what a streaming client is sent next (new text since the last report,
-per completion; see minivllm/engine/request.py), so streaming adds no bookkeeping: one delta,
-one chunk. A plain answer is the same deltas concatenated, so streamed text equals plain text.
+per completion; see minivllm/engine/request.py), so streaming adds no bookkeeping: one read of a
+stream, one chunk. A reader that fell behind reads every delta it missed merged into one
+(`RequestStream` coalesces them), so a slow client costs fewer chunks, not more. A plain answer
+is the same deltas concatenated, so streamed text equals plain text.
 """
 
 from __future__ import annotations
@@ -55,11 +57,11 @@ class OpenAIServing:
 
     def __init__(self, engine: AsyncLLM, model_name: str, tokenizer):
         """tokenizer: the server's own copy (`load_tokenizer(model_dir)`, or None), used on the
-        event loop only; the engine thread keeps its own, so the two never share the mutable
-        state of a fast tokenizer across threads."""
+        event loop only; the engine keeps its own (in its thread or its process), so the two
+        never share the mutable state of a fast tokenizer across threads."""
         self.engine = engine
         self.model_name = model_name
-        self.max_model_len = engine.engine.config.scheduler_config.max_model_len
+        self.max_model_len = engine.config.scheduler_config.max_model_len
         self.tokenizer = tokenizer
 
     # ------------------------------------------------------------------------------------------
@@ -117,9 +119,9 @@ class OpenAIServing:
         except (ValueError, TypeError) as err:
             close_all(streams)
             raise from_value_error(err, fields) from None
-        except EngineDeadError as err:
+        except EngineDeadError as err:  # draining, shut down, or the engine process is gone
             close_all(streams)
-            raise OpenAIError(f"the server is shutting down: {err}", status=503) from None
+            raise OpenAIError(f"the server cannot take requests: {err}", status=503) from None
         return streams
 
     # ------------------------------------------------------------------------------------------

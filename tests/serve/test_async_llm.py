@@ -85,13 +85,16 @@ def test_abort_ends_the_stream_and_frees_the_blocks(engine):
             assert not first.finished and engine.block_manager.num_used_blocks > 0
             final = await llm.abort(stream.request_id)
             rest = [out async for out in stream]
-            return final, rest
+            return first, final, rest
         finally:
             await llm.shutdown()
 
-    final, rest = run(main)
+    first, final, rest = run(main)
     assert final.finished and final.finish_reason == "abort"
-    assert rest[-1] is final  # the stream's last output is the abort
+    # The stream ends with the abort (merged with any delta still queued before it), and what it
+    # carried, joined, is everything the request generated.
+    assert rest[-1].finished and rest[-1].finish_reason == "abort"
+    assert first.token_ids + [t for out in rest for t in out.token_ids] == engine.get_output(final.request_id).token_ids
     assert not engine.has_unfinished_requests() and engine.block_manager.num_used_blocks == 0
 
 

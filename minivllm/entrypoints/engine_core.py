@@ -1,0 +1,489 @@
+"""The engine in a process of its own, so that stepping it and serving HTTP stop getting in each
+other's way.
+
+    frontend process (uvicorn, asyncio)                    engine process (spawned)
+    ────────────────────────────────────                   ─────────────────────────────────
+    handlers ─> AsyncLLM ─> EngineCoreClient               run_engine_core: LLMEngine, then
+                             │  add / abort / stats         serve(), a busy loop:
+                             └─── commands pipe ─────────>    take every command waiting
+                                                              engine.step()
+          streams <── event loop <── reader thread <───────  one message: outputs, replies,
+                    (call_soon_threadsafe)  outputs pipe      the engine's state
+
+**Why a process.** In one process (`AsyncLLM(engine)`, the library's way) each step's outputs go
+back to the event loop, which must hand them out and serve every open stream (JSON per chunk)
+before it gets round to starting the next step: the engine idles as long as the loop's backlog,
+and its own host code (scheduling, sampling, detokenizing) shares one GIL with all the HTTP work.
+Here the engine steps back to back on its own core, and the frontend only moves bytes.
+
+**The engine's loop** (`serve`). While requests run, it takes every command already waiting
+(without blocking), runs one `step()`, and sends ONE message: the step's outputs, the replies to
+the commands, and `EngineState` (requests running and waiting, KV-cache usage: what /metrics
+shows). With nothing to run it blocks on the command pipe, so an idle engine costs nothing.
+
+**Commands are calls** (add, abort, stats, shutdown), answered in the next message. An add that
+the engine refuses comes back as its ValueError/TypeError, and `AsyncLLM.add_request` raises it
+before anything streams, so a server still answers 400. One set of checks, the engine's own:
+nothing is duplicated at the door, and the ack costs no latency, as the request could not be
+scheduled before the next step anyway.
+
+**Only what is new crosses.** A streaming request's output after a step is a delta (its new
+tokens and text), but a `RequestOutput` also carries the whole prompt, and pickling dataclasses is
+slow. For one step of 256 one-token deltas with prompts of 100-1024 tokens (a loaded 2-core CPU):
+the objects pickled in ~9 ms and unpickled in ~15 ms (600 KB); `OutputEncoder`'s plain tuples,
+which carry a request's prompt only with its first report, cost 0.3 ms to encode and 0.1 ms to
+pickle in the engine process, 0.2 ms to unpickle and 0.4 ms to decode here (30 KB).
+
+**Failures.** A step that raises finishes its requests with finish_reason "error" (the engine
+does that); the message names them and the frontend raises `EngineStepError` in exactly their
+streams. If the engine process dies (a crash, the OOM killer, SIGKILL), the outputs pipe closes:
+the reader thread sees EOF, and every stream gets `EngineDeadError`. If the *frontend* dies, the
+commands pipe closes and the engine process leaves by itself.
+
+**Signals.** The engine process ignores SIGINT and SIGTERM: Ctrl-C in a terminal reaches the
+whole process group, but only the frontend decides when to stop (it drains the requests first,
+then sends "shutdown", waits, and kills the process if it does not leave in time). Tensor
+parallelism works unchanged: the engine process starts its worker processes itself, which is why
+it cannot be a daemon process (those may not have children); `multiprocessing.util.Finalize`
+stops it if the frontend forgets to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import multiprocessing
+import os
+import pickle
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing import connection, util
+from typing import NamedTuple
+
+import torch
+
+from minivllm.config import EngineConfig
+from minivllm.engine.llm_engine import LLMEngine, Prompt
+from minivllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from minivllm.sampling_params import SamplingParams
+
+STOP_TIMEOUT_S = 10.0  # how long a stopping engine process may take before it is killed
+
+
+class EngineStepError(RuntimeError):
+    """The engine step that was computing this request raised; the request is finished."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine has stopped (shut down, crashed, or its process died): no request can be served."""
+
+
+class EngineStartError(RuntimeError):
+    """The engine process could not start (its traceback is in the message)."""
+
+
+class EngineState(NamedTuple):
+    """The engine's queues and KV pool at the end of its last step (what /metrics shows)."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # used KV blocks / all KV blocks, 0 to 1
+
+
+@dataclass
+class StepResult:
+    """What one step gave: the outputs, and, if it raised, the error and the requests it ended."""
+
+    outputs: list[RequestOutput]
+    state: EngineState
+    error: str | None = None  # "RuntimeError: ..." when the step raised
+    failed: list[RequestOutput] = field(default_factory=list)  # finished by that error, nothing new
+
+
+# ----------------------------------------------------------------------------------------------
+# The core: an LLMEngine and what serving needs around its steps (in either process)
+# ----------------------------------------------------------------------------------------------
+class EngineCore:
+    """The engine as a server drives it: streaming requests, and steps that never raise.
+
+    Both ways of running the engine use it: in the server's own process (through a worker
+    thread, see async_llm.py) and in the engine process (`serve` below).
+    """
+
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self.live: set[str] = set()  # requests added and not yet reported finished
+
+    def add(self, prompt: Prompt, params: SamplingParams | None, request_id: str) -> None:
+        """Queue a streaming request; the engine's ValueError/TypeError if it is refused."""
+        self.engine.add_request(prompt, params, request_id, stream=True)
+        self.live.add(request_id)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        self.live.discard(request_id)
+        return self.engine.abort(request_id)
+
+    def stats(self) -> dict:
+        return self.engine.get_stats()
+
+    def has_work(self) -> bool:
+        return self.engine.has_unfinished_requests()
+
+    def step(self) -> StepResult:
+        """One engine step. If it raises, the engine has finished that step's requests with
+        finish_reason "error": they are returned in `failed`, and the engine steps on."""
+        try:
+            outputs = self.engine.step()
+        except Exception as err:  # noqa: BLE001 - reported to exactly the requests it ended
+            return StepResult([], self.state(), f"{type(err).__name__}: {err}", self._take_failed())
+        for output in outputs:
+            if output.finished:
+                self.live.discard(output.request_id)
+        return StepResult(outputs, self.state())
+
+    def _take_failed(self) -> list[RequestOutput]:
+        failed = []
+        for request_id in list(self.live):
+            output = self.engine.get_output(request_id)
+            if output.finished:
+                self.live.discard(request_id)
+                failed.append(nothing_new(output))
+        return failed
+
+    def state(self) -> EngineState:
+        scheduler, blocks = self.engine.scheduler, self.engine.block_manager
+        return EngineState(len(scheduler.running), len(scheduler.waiting),
+                           blocks.num_used_blocks / blocks.num_blocks)
+
+
+def nothing_new(output: RequestOutput) -> RequestOutput:
+    """A finished request's last report as a delta: its finish reasons, no new text or tokens."""
+    empty = [dataclasses.replace(c, text="", token_ids=[]) for c in output.outputs]
+    return dataclasses.replace(output, outputs=empty)
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs on the wire
+# ----------------------------------------------------------------------------------------------
+class OutputEncoder:
+    """Engine side: a RequestOutput as plain tuples (see "Only what is new crosses" above)
+
+        (request_id, finished, [(index, text, token_ids, finish_reason, stop_reason), ...],
+         metrics as a tuple of its fields, (prompt, prompt_token_ids) on the first report or None)
+    """
+
+    def __init__(self):
+        self._reported: set[str] = set()  # requests whose prompt was sent already
+
+    def encode(self, output: RequestOutput) -> tuple:
+        request_id = output.request_id
+        prompt = None
+        if request_id not in self._reported:
+            prompt = (output.prompt, output.prompt_token_ids)
+            self._reported.add(request_id)
+        if output.finished:
+            self._reported.discard(request_id)
+        completions = [(c.index, c.text, c.token_ids, c.finish_reason, c.stop_reason) for c in output.outputs]
+        return request_id, output.finished, completions, tuple(vars(output.metrics).values()), prompt
+
+
+class OutputDecoder:
+    """Frontend side: the tuples back into RequestOutputs, each with its request's prompt."""
+
+    def __init__(self):
+        self._prompts: dict[str, tuple[str | None, list[int]]] = {}  # unfinished requests' prompts
+
+    def decode(self, wire: tuple) -> RequestOutput:
+        request_id, finished, completions, metrics, prompt = wire
+        if prompt is not None:
+            self._prompts[request_id] = prompt
+        text, token_ids = (self._prompts.pop if finished else self._prompts.get)(request_id, (None, []))
+        return RequestOutput(request_id, text, token_ids, [CompletionOutput(*c) for c in completions], finished,
+                             RequestMetrics(*metrics))
+
+
+# ----------------------------------------------------------------------------------------------
+# The engine process
+# ----------------------------------------------------------------------------------------------
+def run_engine_core(config: EngineConfig, commands, results) -> None:
+    """The engine process's life: build the engine, say "ready", serve until told to stop (or
+    until the frontend is gone), stop the engine's own workers, leave."""
+    for sig in (signal.SIGINT, signal.SIGTERM):  # the frontend decides when we stop
+        signal.signal(sig, signal.SIG_IGN)
+    if config.model_config.torch_device.type == "cpu":
+        # Leave a core to the frontend: with compute threads on every core (OpenMP's, which wait
+        # by spinning), a tiny model's steps ran ~8x slower on a busy 2-core machine.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
+    try:
+        engine = LLMEngine(config)
+    except BaseException as err:  # noqa: BLE001 - the frontend re-raises it
+        with contextlib.suppress(OSError):
+            results.send(("failed", (_picklable(err), traceback.format_exc())))
+        _exit(1)
+    core = EngineCore(engine)
+    runner = engine.model_runner
+    try:
+        results.send(("ready", {"pid": os.getpid(), "device": str(runner.device),
+                                "num_kv_blocks": runner.num_kv_blocks, "state": core.state()}))
+        serve(core, commands, results)
+    except OSError:  # the frontend went away while we loaded
+        pass
+    finally:
+        engine.close()  # tensor-parallel workers, if any
+    _exit(0)
+
+
+def serve(core: EngineCore, commands, results) -> None:
+    """The busy loop: take the commands, step, send one message; block while idle. Returns on
+    "shutdown", or when the frontend is gone (its pipe closed)."""
+    encoder = OutputEncoder()
+    while True:
+        replies = []
+        try:
+            for call_id, method, args in _take_commands(commands, block=not core.has_work()):
+                if method == "shutdown":
+                    return
+                replies.append(_answer(core, encoder, call_id, method, args))
+            result = core.step() if core.has_work() else None
+            results.send(_message(encoder, replies, result, core.state()))
+        except (EOFError, OSError):  # a closed pipe: the frontend is gone, nobody to serve
+            return
+
+
+def _take_commands(commands, block: bool):
+    """Every command waiting in the pipe; with `block`, wait for the first one."""
+    if block:
+        yield commands.recv()
+    while commands.poll():
+        yield commands.recv()
+
+
+def _answer(core: EngineCore, encoder: OutputEncoder, call_id: int, method: str, args: tuple) -> tuple:
+    """(call_id, error, value): run one call on the core; an output it returns goes encoded."""
+    try:
+        value = getattr(core, method)(*args)
+    except Exception as err:  # noqa: BLE001 - raised again on the frontend, by the caller
+        return call_id, _picklable(err), None
+    if isinstance(value, RequestOutput):
+        value = encoder.encode(value)
+    return call_id, None, value
+
+
+def _message(encoder: OutputEncoder, replies: list, result: StepResult | None, state: EngineState) -> tuple:
+    if result is None:
+        return replies, [], None, [], state
+    return (replies, [encoder.encode(o) for o in result.outputs], result.error,
+            [encoder.encode(o) for o in result.failed], state)
+
+
+def _picklable(err: BaseException) -> BaseException:
+    """`err` if it survives pickling (so its type is raised again on the other side), else a
+    RuntimeError with its text."""
+    try:
+        pickle.loads(pickle.dumps(err))
+        return err
+    except Exception:  # noqa: BLE001
+        return RuntimeError(f"{type(err).__name__}: {err}")
+
+
+def _exit(code: int) -> None:
+    """Leave now: the interpreter's own teardown of torch takes seconds."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+# ----------------------------------------------------------------------------------------------
+# The frontend's side
+# ----------------------------------------------------------------------------------------------
+class EngineCoreClient:
+    """Starts the engine process, sends it calls, and hands what it reports to the event loop.
+
+    Blocks in the constructor until the engine is loaded (it raises what loading raised).
+    `start` binds it to the running event loop: from then on a reader thread receives every
+    message and passes it to the loop (`call_soon_threadsafe`), where `on_result` gets each
+    step's outputs and `on_dead` the death of the process.
+    """
+
+    def __init__(self, config: EngineConfig, start_timeout: float | None = None):
+        if not isinstance(config, EngineConfig):
+            raise TypeError(f"config must be an EngineConfig, got {type(config).__name__}")
+        self.config = config
+        context = multiprocessing.get_context("spawn")
+        child_commands, self._commands = context.Pipe(duplex=False)  # (receiving end, sending end)
+        self._results, child_results = context.Pipe(duplex=False)
+        for end in (self._commands, self._results):
+            _widen(end)
+        self.process = context.Process(target=run_engine_core, args=(config, child_commands, child_results),
+                                       name="minivllm-engine-core")  # not a daemon: it may start TP workers
+        self.process.start()
+        child_commands.close()  # ours closed, the process's are the only ends: its death closes the pipe
+        child_results.close()
+        self._finalizer = util.Finalize(self, _stop, args=(self.process, self._commands, STOP_TIMEOUT_S),
+                                        exitpriority=100)  # before multiprocessing joins its children at exit
+        try:
+            self.info = self._wait_ready(start_timeout)
+        except BaseException:
+            self._finalizer.cancel()
+            _stop(self.process, self._commands, timeout=0.0)
+            self._results.close()
+            raise
+        self._state: EngineState = self.info["state"]
+        self._decoder = OutputDecoder()
+        self._calls: dict[int, tuple[asyncio.Future, str]] = {}
+        self._ids = itertools.count()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reader: threading.Thread | None = None
+        self._on_result: Callable[[StepResult], None] | None = None
+        self._on_dead: Callable[[BaseException], None] | None = None
+        self._closed = False
+
+    def _wait_ready(self, timeout: float | None) -> dict:
+        ready = connection.wait([self._results, self.process.sentinel], timeout)
+        if not ready:
+            raise EngineStartError(f"the engine process did not get ready within {timeout} s")
+        kind, payload = "died", None
+        if self._results in ready:
+            with contextlib.suppress(EOFError, OSError):
+                kind, payload = self._results.recv()
+        if kind == "ready":
+            return payload
+        if kind == "failed":
+            err, trace = payload
+            if isinstance(err, (ValueError, TypeError, OSError)):  # bad input: its own words reach the user
+                raise err
+            raise EngineStartError(f"the engine process failed to start:\n{trace}")
+        self.process.join(timeout=1.0)
+        raise EngineStartError(f"the engine process died while starting (exit code {self.process.exitcode})")
+
+    # -- what AsyncLLM calls ----------------------------------------------------------------------
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def start(self, on_result: Callable[[StepResult], None], on_dead: Callable[[BaseException], None]) -> None:
+        """Deliver the engine's messages to the running event loop from now on (once)."""
+        if self._reader is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._on_result, self._on_dead = on_result, on_dead
+        self._reader = threading.Thread(target=self._read, name="minivllm-engine-reader", daemon=True)
+        self._reader.start()
+
+    async def add(self, prompt: Prompt, params: SamplingParams | None, request_id: str) -> None:
+        await self._call("add", prompt, params, request_id)
+
+    async def abort(self, request_id: str) -> RequestOutput | None:
+        return await self._call("abort", request_id)
+
+    async def stats(self) -> dict:
+        return await self._call("stats")
+
+    def state(self) -> EngineState:
+        return self._state
+
+    def is_alive(self) -> bool:
+        return not self._closed and self.process.is_alive()
+
+    async def close(self) -> None:
+        """Tell the engine process to stop, wait for it (then kill it), and end the reader."""
+        if self._closed:
+            return
+        self._closed = True
+        self._finalizer.cancel()
+        await asyncio.to_thread(_stop, self.process, self._commands, STOP_TIMEOUT_S)
+        if self._reader is not None:  # the process is gone, so its pipe gives the reader EOF
+            await asyncio.to_thread(self._reader.join, 5.0)
+        if self._reader is None or not self._reader.is_alive():
+            self._results.close()
+
+    # -- calls ---------------------------------------------------------------------------------------
+    async def _call(self, method: str, *args):
+        """Send one call; its reply comes in a later message (`_deliver` resolves the future)."""
+        if not self.is_alive():
+            raise EngineDeadError(f"the engine process (pid {self.pid}) is not running")
+        call_id = next(self._ids)
+        future = self._loop.create_future()
+        self._calls[call_id] = (future, method)
+        try:
+            self._commands.send((call_id, method, args))
+        except (OSError, ValueError) as err:  # a closed pipe: the process is gone
+            del self._calls[call_id]
+            raise EngineDeadError(f"the engine process (pid {self.pid}) is not running: {err}") from None
+        return await future
+
+    # -- messages (reader thread, then event loop) -------------------------------------------------
+    def _read(self) -> None:
+        """(reader thread) Receive (and unpickle) each message, hand it to the event loop."""
+        while True:
+            try:
+                message = self._results.recv()
+            except (EOFError, OSError):  # the process is gone
+                break
+            if not self._post(self._deliver, message):
+                return
+        self._post(self._engine_gone)
+
+    def _post(self, fn, *args) -> bool:
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+            return True
+        except RuntimeError:  # the event loop is closed: nobody listens anymore
+            return False
+
+    def _deliver(self, message: tuple) -> None:
+        """(event loop) One message of the engine: replies first, then the step's outputs."""
+        replies, outputs, error, failed, self._state = message
+        for call_id, err, value in replies:
+            future, method = self._calls.pop(call_id, (None, None))
+            if future is None or future.done():  # its caller was cancelled meanwhile
+                continue
+            if err is not None:
+                future.set_exception(err)
+            else:
+                future.set_result(self._decoder.decode(value) if method == "abort" and value else value)
+        if outputs or error is not None:
+            decode = self._decoder.decode
+            self._on_result(StepResult([decode(w) for w in outputs], self._state, error, [decode(w) for w in failed]))
+
+    def _engine_gone(self) -> None:
+        """(event loop) The outputs pipe closed: the process exited, was killed or crashed."""
+        if not self._closed:
+            self.process.join(timeout=1.0)
+        error = EngineDeadError(f"the engine process (pid {self.pid}) died "
+                                f"(exit code {self.process.exitcode})")
+        for future, _ in self._calls.values():
+            if not future.done():
+                future.set_exception(error)
+        self._calls.clear()
+        if not self._closed:
+            self._on_dead(error)
+
+
+def _widen(conn, size: int = 1 << 20) -> None:
+    """Let the pipe hold a burst (Linux only): a send to a full pipe blocks until the other side
+    reads, and the engine reads its commands only between steps; 256 prompts of 1k tokens arriving
+    at once pickle to ~1 MB, and the event loop must not stall on them."""
+    with contextlib.suppress(AttributeError, OSError):  # no F_SETPIPE_SZ, or above pipe-max-size
+        import fcntl
+
+        fcntl.fcntl(conn.fileno(), fcntl.F_SETPIPE_SZ, size)
+
+
+def _stop(process, commands, timeout: float) -> None:
+    """Ask the engine process to stop; kill it if it is not gone within `timeout` seconds. (It
+    ignores SIGTERM, so there is no terminate step.) A plain function, for the finalizer."""
+    if process.is_alive() and timeout > 0:
+        with contextlib.suppress(OSError, ValueError):
+            commands.send((None, "shutdown", ()))
+        process.join(timeout)
+    if process.is_alive():
+        process.kill()
+        process.join()
+    commands.close()
