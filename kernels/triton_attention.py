@@ -17,6 +17,35 @@ a reader meets them in the code:
   tokens' K and V through the block table (token `n` is in block `block_table[n // block_size]`,
   slot `n % block_size`) and updates an *online softmax* (running max `m`, running sum `l`,
   rescaled accumulator), so scores never go to memory.
+* **Two gathers: by token, or by page.** Decode reads the table once per key (`_token_block_ids`)
+  and is at the memory-bandwidth limit that way. Prefill is compute-bound, so every instruction
+  of the loop counts: the page path (`PAGE_LOADS`) reads the table once per *page*
+  (`_page_block_ids`: `BLOCK_N / block_size` entries a tile, both powers of two, so a tile is
+  whole pages or a slice of one) and computes one base address per page, the rows of a page
+  following at a constant stride (`_page_offsets`). It is not about coalescing: in this cache
+  layout one key's D values of one head are already 2*D contiguous bytes, loaded as 16-byte
+  vectors either way, and a page of one head is `block_size` such rows `Hkv * D` apart. What it
+  saves is the per-key table reads (they went through shared memory in the pipeline) and index
+  arithmetic. A reshape turns the [pages, slots] offsets into the tile's key order, and Triton
+  3.6 loses through it the fact that rows start at multiples of 16 elements: without the
+  `tl.multiple_of` hint (`ROW_ALIGN`, from the strides) it loads K and V one element at a time,
+  synchronously, outside the `cp.async` pipeline (tests/kernels/test_prefill_paths.py reads the
+  compiled PTX for this).
+* **Softmax in fewer instructions.** The page path also folds the softmax scale into the exponent
+  (`FOLD_SCALE`): the running max is taken over raw scores and scaled once per row (max commutes
+  with a positive scale), and `exp2(s * scale - m)` is one fused multiply-add per score instead
+  of a multiply and a subtract; the masked tiles compare each key with one limit per row,
+  `min(query position, end - 1)`, instead of two comparisons; P @ V accumulates in place. With
+  the page loads this is about a sixth fewer instructions in the compiled loop (Triton 3.6,
+  sm_90a, 128 x 128 tiles); whether that is time saved is what `benchmarks/tune_attn.py`
+  measures, both paths side by side (`MINIVLLM_PREFILL_PATH` or `config` picks one).
+* **Why not TMA or warp specialization here.** Hopper's bulk-copy engine (TMA, Triton's tensor
+  descriptors) copies one box from one base address: a K tile spans `BLOCK_N / block_size`
+  pages anywhere in the cache, so it would take one copy per page (4 KB at block size 16), and
+  Triton offers no way to lay several boxes side by side as one MMA operand; gathering rows
+  with TMA is a Blackwell instruction. Triton's automatic warp specialization (`tl.range(...,
+  warp_specialize=True)`) is Blackwell-only too. On Hopper the loop is pipelined with `cp.async`
+  instead: `num_stages - 1` K/V tiles are in flight while one is used.
 * **Causal skipping.** Queries sit at the end of their context. Keys before the tile's first query
   are visible to every row: those tiles run without a mask; only the last few tiles are masked,
   and keys past the tile's last query are never loaded.
@@ -33,14 +62,16 @@ a reader meets them in the code:
   metadata pointers (`block_tables`, `seq_lens`, `cu_seqlens_q`), which an engine may pass as
   views at varying offsets of one buffer, are only read element by element, so they are left out
   of it (`do_not_specialize_on_alignment`); q, the caches and out are fresh allocations or fixed
-  views. What remains per model (head dim, GQA group, block size, dtypes, cache size) is a short
-  list: the attention kernel has four variants, (DECODE_ONLY, SPLIT_KV) in {0, 1}^2, each with
-  its own tile shape, and the merge kernel one. `warm_up` compiles all of them.
+  views. What remains per model (head dim, GQA group, block size, dtypes, cache size, and the
+  prefill path) is a short list: the attention kernel has four variants, (DECODE_ONLY, SPLIT_KV)
+  in {0, 1}^2, each with its own tile shape, and the merge kernel one. `warm_up` compiles all
+  of them.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -53,6 +84,15 @@ FP16_MAX = tl.constexpr(65504.0)
 MIN_SCALE = tl.constexpr(_MIN_SCALE)
 MAX_SPLITS = 64  # the most slices choose_num_splits cuts a context into
 SPLITS_TILE = 64  # partials the merge kernel reads at once: MAX_SPLITS, though any count works
+# Which inner loop prefill, chunked prefill and mixed batches run (decode-only batches always run
+# the token path, which is at the bandwidth limit): "tokens", the original gather, or "pages",
+# page-granular block-table reads with the softmax scale folded into exp2 (see the module
+# docstring). Read once at import, so one benchmark run can time both in two processes without
+# editing code; `config={"PAGE_LOADS": ..., "FOLD_SCALE": ...}` picks either per call.
+PREFILL_PATHS = ("tokens", "pages")
+PREFILL_PATH = os.environ.get("MINIVLLM_PREFILL_PATH", "tokens")
+if PREFILL_PATH not in PREFILL_PATHS:
+    raise ValueError(f"MINIVLLM_PREFILL_PATH must be one of {PREFILL_PATHS}, got {PREFILL_PATH!r}")
 
 
 @triton.jit
@@ -71,6 +111,45 @@ def _find_sequence(cu_seqlens_q_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
+def _token_block_ids(block_table_ptr, kv_pos, in_range, BLOCK_SIZE: tl.constexpr,
+                     MASKED: tl.constexpr, INT64_OFFSETS: tl.constexpr):
+    """Block id of each key `kv_pos`, token by token: one block-table read per key."""
+    if MASKED:
+        block_ids = tl.load(block_table_ptr + kv_pos // BLOCK_SIZE, mask=in_range, other=0)
+    else:
+        block_ids = tl.load(block_table_ptr + kv_pos // BLOCK_SIZE)
+    if INT64_OFFSETS:
+        block_ids = block_ids.to(tl.int64)
+    return block_ids
+
+
+@triton.jit
+def _page_block_ids(block_table_ptr, start, kv_end, BLOCK_SIZE: tl.constexpr,
+                    PAGES: tl.constexpr, MASKED: tl.constexpr, INT64_OFFSETS: tl.constexpr):
+    """Block ids of the PAGES pages under keys [start, start + BLOCK_N): one block-table read per
+    page. `start` is a multiple of BLOCK_N and both are powers of two, so a tile is PAGES whole
+    pages (BLOCK_N >= BLOCK_SIZE) or a slice of one page (PAGES == 1)."""
+    pages = start // BLOCK_SIZE + tl.arange(0, PAGES)
+    if MASKED:  # a page that starts past the end has no table entry to read
+        block_ids = tl.load(block_table_ptr + pages, mask=pages * BLOCK_SIZE < kv_end, other=0)
+    else:
+        block_ids = tl.load(block_table_ptr + pages)
+    if INT64_OFFSETS:
+        block_ids = block_ids.to(tl.int64)
+    return block_ids
+
+
+@triton.jit
+def _page_offsets(block_ids, start, stride_b, stride_t, BLOCK_SIZE: tl.constexpr,
+                  BLOCK_N: tl.constexpr, PAGES: tl.constexpr):
+    """[PAGES, SLOTS] offsets of the tile's keys in a [num_blocks, block_size, ...] tensor: one
+    multiply per page for its base, then a constant stride between the slots of a page."""
+    # start % BLOCK_SIZE is 0 unless the tile is a slice of one page (PAGES == 1).
+    slots = start % BLOCK_SIZE + tl.arange(0, BLOCK_N // PAGES)
+    return block_ids[:, None] * stride_b + slots[None, :] * stride_t
+
+
+@triton.jit
 def _attend_kv_tile(
     acc, m_i, l_i, q, qk_scale,
     k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, kv_head,
@@ -80,18 +159,28 @@ def _attend_kv_tile(
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     INT64_OFFSETS: tl.constexpr, KV_FP8: tl.constexpr,
+    PAGE_LOADS: tl.constexpr, PAGES: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    FOLD_SCALE: tl.constexpr,
 ):
     """One step of the online softmax over keys [start, start + BLOCK_N)."""
     kv_pos = start + tl.arange(0, BLOCK_N)
-    if MASKED:
-        in_range = kv_pos < kv_end
-        block_ids = tl.load(block_table_ptr + kv_pos // BLOCK_SIZE, mask=in_range, other=0)
-    else:
-        block_ids = tl.load(block_table_ptr + kv_pos // BLOCK_SIZE)
+    in_range = kv_pos < kv_end
     # The gather: each key row sits at (block id, offset in block, kv head).
-    if INT64_OFFSETS:
-        block_ids = block_ids.to(tl.int64)
-    row = block_ids * stride_cb + (kv_pos % BLOCK_SIZE) * stride_ct + kv_head * stride_ch
+    if PAGE_LOADS:
+        block_ids = _page_block_ids(block_table_ptr, start, kv_end, BLOCK_SIZE, PAGES, MASKED,
+                                    INT64_OFFSETS)
+        row = tl.reshape(_page_offsets(block_ids, start, stride_cb, stride_ct, BLOCK_SIZE,
+                                       BLOCK_N, PAGES), [BLOCK_N])  # pages x slots, in key order
+        if ROW_ALIGN > 1:
+            # Say what the reshape hides from the compiler (Triton 3.6 forgets it): every row
+            # starts at a multiple of 16 elements, so each row's D values load as 16-byte
+            # vectors, asynchronously (cp.async) into the software pipeline's buffers.
+            row = tl.multiple_of(row, ROW_ALIGN)
+        row = row + kv_head * stride_ch
+    else:
+        block_ids = _token_block_ids(block_table_ptr, kv_pos, in_range, BLOCK_SIZE, MASKED,
+                                     INT64_OFFSETS)
+        row = block_ids * stride_cb + (kv_pos % BLOCK_SIZE) * stride_ct + kv_head * stride_ch
     kv_offsets = row[:, None] + dims[None, :]
     if MASKED:
         kv_mask = in_range[:, None] & dim_mask[None, :]
@@ -102,33 +191,67 @@ def _attend_kv_tile(
     if KV_FP8:
         # Widening e4m3 to the dot's dtype (fp16, or fp32 for fp32 queries) is exact. The
         # scales (one per key of this KV head) multiply whole score columns and probability
-        # columns below, which is the same as scaling K and V, with fewer multiplies.
-        scale_offsets = (block_ids * stride_sb + (kv_pos % BLOCK_SIZE) * stride_st
-                         + kv_head * stride_sh)
+        # columns below, which is the same as scaling K and V, with fewer multiplies. They sit
+        # in their own [num_blocks, block_size, Hkv] tensor, found through the same block ids.
+        if PAGE_LOADS:
+            # Loaded [PAGES, SLOTS] (contiguous runs when the scales are head-major), then
+            # reshaped as values: nothing for the compiler to lose.
+            scale_offsets = _page_offsets(block_ids, start, stride_sb, stride_st, BLOCK_SIZE,
+                                          BLOCK_N, PAGES) + kv_head * stride_sh
+            slot_pos = (start + tl.arange(0, PAGES)[:, None] * (BLOCK_N // PAGES)
+                        + tl.arange(0, BLOCK_N // PAGES)[None, :])
+            scale_mask = slot_pos < kv_end
+        else:
+            scale_offsets = (block_ids * stride_sb + (kv_pos % BLOCK_SIZE) * stride_st
+                             + kv_head * stride_sh)
+            scale_mask = in_range
         if MASKED:
-            k_scale = tl.load(k_scale_ptr + scale_offsets, mask=in_range, other=0.0)
-            v_scale = tl.load(v_scale_ptr + scale_offsets, mask=in_range, other=0.0)
+            k_scale = tl.load(k_scale_ptr + scale_offsets, mask=scale_mask, other=0.0)
+            v_scale = tl.load(v_scale_ptr + scale_offsets, mask=scale_mask, other=0.0)
         else:
             k_scale = tl.load(k_scale_ptr + scale_offsets)
             v_scale = tl.load(v_scale_ptr + scale_offsets)
+        if PAGE_LOADS:
+            k_scale = tl.reshape(k_scale, [BLOCK_N])
+            v_scale = tl.reshape(v_scale, [BLOCK_N])
         k = k.to(q.dtype)
         v = v.to(q.dtype)
 
-    # qk_scale = scale * log2(e): these are base-2 logits, ready for exp2.
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-    if KV_FP8:
-        s = s * k_scale[None, :]
-    if MASKED:
-        visible = kv_pos[None, :] < kv_end
-        if CAUSAL:
-            visible = visible & (kv_pos[None, :] <= q_pos[:, None])
-        s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    if MASKED:
-        # A row that has seen no visible key yet keeps m = -inf; subtract 0 instead of -inf
-        # so that its probabilities are exp2(-inf) = 0 rather than NaN.
-        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_new[:, None])
+    if FOLD_SCALE:
+        # Raw scores; the softmax scale goes into the exponent's fused multiply-add below
+        # (max commutes with a positive scale), one multiply per score fewer than scaling first.
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if KV_FP8:
+            s = s * k_scale[None, :]
+        if MASKED:
+            # One comparison per score: key n is visible to row r iff n <= limit[r], where the
+            # limit folds both the causal rule (n <= the query's position) and the end of the
+            # range (n < kv_end) into one number per row.
+            if CAUSAL:
+                limit = tl.minimum(q_pos, kv_end - 1)
+                s = tl.where(kv_pos[None, :] <= limit[:, None], s, float("-inf"))
+            else:
+                s = tl.where(in_range[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        if MASKED:
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])  # one FMA + exp2 per score
+    else:
+        # qk_scale = scale * log2(e): these are base-2 logits, ready for exp2.
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if KV_FP8:
+            s = s * k_scale[None, :]
+        if MASKED:
+            visible = kv_pos[None, :] < kv_end
+            if CAUSAL:
+                visible = visible & (kv_pos[None, :] <= q_pos[:, None])
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if MASKED:
+            # A row that has seen no visible key yet keeps m = -inf; subtract 0 instead of -inf
+            # so that its probabilities are exp2(-inf) = 0 rather than NaN.
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     if KV_FP8:
@@ -139,6 +262,8 @@ def _attend_kv_tile(
         p = p * (v_scale / v_max)[None, :]
         pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         acc = acc * alpha[:, None] + pv * v_max
+    elif FOLD_SCALE:  # accumulate in place: the MMA adds into the rescaled accumulator
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     else:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
@@ -161,7 +286,8 @@ def _paged_attention_kernel(
     BLOCK_N: tl.constexpr, SPLIT_KV: tl.constexpr,
     DECODE_ONLY: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     INT64_OFFSETS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, KV_FP8: tl.constexpr,
-    DOT_FP16: tl.constexpr,
+    DOT_FP16: tl.constexpr, PAGE_LOADS: tl.constexpr, PAGES: tl.constexpr,
+    ROW_ALIGN: tl.constexpr, FOLD_SCALE: tl.constexpr,
 ):
     # Program order matters (measured, benchmarks/RESULTS.md): the KV heads of one tile run side
     # by side, so together they read whole contiguous rows of each cache block; and tiles are
@@ -227,14 +353,14 @@ def _paged_attention_kernel(
             acc, m_i, l_i, q, qk_scale, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
             block_table, kv_head, start, kv_hi, q_pos, stride_cb, stride_ct, stride_ch,
             stride_sb, stride_st, stride_sh, dims, dim_mask, BLOCK_SIZE, BLOCK_N, False, CAUSAL,
-            DOT_PRECISION, INT64_OFFSETS, KV_FP8,
+            DOT_PRECISION, INT64_OFFSETS, KV_FP8, PAGE_LOADS, PAGES, ROW_ALIGN, FOLD_SCALE,
         )
     for start in range(full_end, kv_hi, BLOCK_N):
         acc, m_i, l_i = _attend_kv_tile(
             acc, m_i, l_i, q, qk_scale, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
             block_table, kv_head, start, kv_hi, q_pos, stride_cb, stride_ct, stride_ch,
             stride_sb, stride_st, stride_sh, dims, dim_mask, BLOCK_SIZE, BLOCK_N, True, CAUSAL,
-            DOT_PRECISION, INT64_OFFSETS, KV_FP8,
+            DOT_PRECISION, INT64_OFFSETS, KV_FP8, PAGE_LOADS, PAGES, ROW_ALIGN, FOLD_SCALE,
         )
 
     # ---- write back ---------------------------------------------------------------------
@@ -336,8 +462,21 @@ def _launch_config(decode_only: bool, block_m: int, head_dim: int, dtype: torch.
 
     Decode is memory-bound: the smallest M tile (16 rows hold the GQA group), K/V tiles of
     64 tokens and few warps, so many programs share an SM and keep loads in flight; with split-KV
-    (few, long programs) wider 128-token tiles and 4 warps stream faster. Prefill is
-    compute-bound: 128-row M tiles so that each K/V tile feeds a large MMA.
+    (few, long programs) wider 128-token tiles and 4 warps stream faster.
+
+    Prefill is compute-bound, and each choice buys MMA time per byte or per instruction:
+    * BLOCK_M = 128 rows: two warpgroups of 64-row Hopper MMAs, and 128 rows fed by every K/V
+      tile (at D = 128, 128 FLOPs per byte of K/V brought from L2; 64 rows would halve that).
+    * BLOCK_N = 128 keys: part of each step's work does not shrink with the tile (rescaling the
+      BLOCK_M x D accumulator, the loop's bookkeeping), so wide tiles spread it over more keys;
+      and in a causal prefill each 32-token query tile (GQA group 4) has exactly one masked step.
+    * 8 warps, 3 stages: K/V tiles are loaded ahead while the current one is used; at D = 128
+      in bf16 Triton keeps 2 x 64 KB of K/V buffers plus the 32 KB Q tile (160 KB of the 227 KB
+      a program may hold), and compiles 4 stages to the very same code (Triton 3.6, sm_90a).
+      Near the 255 registers a thread may have, one such program fills an SM.
+    The alternative the sweep keeps measuring: 4-warp programs small enough for two per SM, so
+    that one's softmax runs while the other's MMAs do (`tune_attn.py --only prefill` reports
+    registers, shared memory and programs per SM beside each time, for both prefill paths).
     """
     if decode_only:
         cfg = (dict(BLOCK_M=block_m, BLOCK_N=128, num_warps=4, num_stages=2) if split_kv
@@ -359,6 +498,25 @@ def _launch_config(decode_only: bool, block_m: int, head_dim: int, dtype: torch.
     return cfg
 
 
+def _prefill_path(cfg: dict, decode_only: bool, block_size: int) -> tuple[bool, bool]:
+    """(PAGE_LOADS, FOLD_SCALE) for this launch, popped from `cfg` where a caller set them.
+
+    Decode-only batches keep the token path (what was measured at the bandwidth limit); the
+    other variants follow PREFILL_PATH. Page loads need a power-of-two block size (a tile then
+    holds whole pages, or a slice of one); any other block size keeps the token gather.
+    """
+    new_path = not decode_only and PREFILL_PATH == "pages"
+    asked = "PAGE_LOADS" in cfg
+    page_loads = bool(cfg.pop("PAGE_LOADS", new_path))
+    fold_scale = bool(cfg.pop("FOLD_SCALE", new_path))
+    if page_loads and block_size & (block_size - 1):
+        if asked:
+            raise ValueError(f"config: PAGE_LOADS needs a power-of-two block size, got "
+                             f"{block_size}")
+        page_loads = False
+    return page_loads, fold_scale
+
+
 def paged_attention(
     query: torch.Tensor,
     k_cache: torch.Tensor,
@@ -377,11 +535,12 @@ def paged_attention(
 ) -> torch.Tensor:
     """Same contract as `minivllm.kernels.paged_attention` (inputs already validated).
 
-    `config` overrides the launch configuration (BLOCK_M, BLOCK_N, num_warps, num_stages); the
-    benchmarks use it to sweep tile shapes.
+    `config` overrides the launch configuration (BLOCK_M, BLOCK_N, num_warps, num_stages) and
+    the kernel's switches (PAGE_LOADS, FOLD_SCALE: the prefill path; INT64_OFFSETS; DOT_FP16);
+    the benchmarks use it to sweep tile shapes and to time both prefill paths in one run.
     """
     num_tokens, num_q_heads, head_dim = query.shape
-    num_kv_heads = k_cache.shape[2]
+    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     group = num_q_heads // num_kv_heads
     num_seqs = seq_lens.shape[0]
     if k_cache.stride() != v_cache.stride():
@@ -400,6 +559,11 @@ def paged_attention(
                          split_kv=num_splits > 1, kv_dtype=k_cache.dtype)
     cfg.update(config)
     del cfg["BLOCK_M"]
+    page_loads, fold_scale = _prefill_path(cfg, decode_only, block_size)
+    pages = max(1, cfg["BLOCK_N"] // block_size) if page_loads else 1
+    # What Triton's own key already knows of the cache strides (divisible by 16 or not), passed
+    # on as a hint the page path needs (see _attend_kv_tile); 1 (unused) on the token path.
+    row_align = 16 if page_loads and all(st % 16 == 0 for st in k_cache.stride()[:2]) else 1
     dim_pad = triton.next_power_of_2(head_dim)
     if num_splits > 1:
         partial_acc = torch.empty(num_splits, num_tokens, num_q_heads, dim_pad,
@@ -430,10 +594,11 @@ def paged_attention(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         *(k_scale.stride() if kv_fp8 else (0, 0, 0)),
         NUM_Q_HEADS=num_q_heads, GROUP=group, HEAD_DIM=head_dim, DIM_PAD=dim_pad,
-        BLOCK_SIZE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_Q=block_q,
+        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_Q=block_q,
         SPLIT_KV=num_splits > 1, DECODE_ONLY=decode_only, CAUSAL=causal,
         DOT_PRECISION=dot_precision, INT64_OFFSETS=int64_offsets, NUM_KV_HEADS=num_kv_heads,
-        KV_FP8=kv_fp8, DOT_FP16=dot_fp16, **cfg,
+        KV_FP8=kv_fp8, DOT_FP16=dot_fp16, PAGE_LOADS=page_loads, PAGES=pages,
+        ROW_ALIGN=row_align, FOLD_SCALE=fold_scale, **cfg,
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_q_heads)](
