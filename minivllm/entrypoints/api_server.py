@@ -37,7 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from minivllm.engine.llm_engine import LLMEngine
 from minivllm.engine.tokenizer import load_tokenizer
 from minivllm.entrypoints.async_llm import AsyncLLM
-from minivllm.entrypoints.engine_core import EngineStartError, freeze_heap
+from minivllm.entrypoints.engine_core import EngineStartError
 from minivllm.entrypoints.errors import OpenAIError, from_validation_error
 from minivllm.entrypoints.metrics import ServerMetrics
 from minivllm.entrypoints.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
@@ -180,7 +180,6 @@ def run_server(model: str, engine_kwargs: dict | None = None, model_name: str | 
     finally:
         signal.signal(signal.SIGTERM, previous)
     app = build_app(async_llm, model_name or model, api_key)
-    freeze_heap()  # the frontend's imports too: no full-heap collector pause while serving
     # uvicorn's own graceful timeout is the backstop: by then our drain has ended every request.
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=shutdown_timeout + 5)

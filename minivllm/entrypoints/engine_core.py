@@ -53,7 +53,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import gc
 import itertools
 import multiprocessing
 import os
@@ -212,19 +211,6 @@ class OutputDecoder:
 # ----------------------------------------------------------------------------------------------
 # The engine process
 # ----------------------------------------------------------------------------------------------
-def freeze_heap() -> None:
-    """Move every object alive now out of the garbage collector's sight (`gc.freeze`).
-
-    A process that has imported torch and transformers and built a model holds a few hundred
-    thousand long-lived Python objects. Python's cyclic collector occasionally scans all of them
-    (a full, generation-2 collection); that pause is long enough to show up as a stall in every
-    stream being served. None of those objects will ever become garbage, so they are frozen
-    once, after start-up; the collector keeps scanning only what the serving loop creates.
-    """
-    gc.collect()
-    gc.freeze()
-
-
 def run_engine_core(config: EngineConfig, commands, results) -> None:
     """The engine process's life: build the engine, say "ready", serve until told to stop (or
     until the frontend is gone), stop the engine's own workers, leave."""
@@ -240,7 +226,6 @@ def run_engine_core(config: EngineConfig, commands, results) -> None:
         with contextlib.suppress(OSError):
             results.send(("failed", (_picklable(err), traceback.format_exc())))
         _exit(1)
-    freeze_heap()
     core = EngineCore(engine)
     runner = engine.model_runner
     try:
