@@ -1,7 +1,7 @@
 """Sweep the Triton paged-attention launch configuration on the GPU.
 
 The defaults in `kernels/triton_attention.py` (`_launch_config`, `choose_num_splits`, the prefill
-path) come from this sweep, so a change of defaults is a measured decision. Three sections:
+path) come from this sweep, so a change of defaults is a measured decision. Four sections:
 
 * `decode`: every (BLOCK_M, BLOCK_N, num_warps, num_stages) of a small grid, then the split count
   for the best one, on the decode cases of attn_bench.
@@ -18,12 +18,17 @@ path) come from this sweep, so a change of defaults is a measured decision. Thre
   configuration, and prints a table last.
 * `cuda`: the split count of the C++ extension's decode kernel (`choose_num_splits` in
   csrc/paged_decode.cu) beside the Triton default, and write_kv_cache of both.
+* `static` (no GPU needed): the quick sweep's prefill variants compiled for sm_90 by the
+  installed Triton, and what each compiles to: 16-byte cp.async copies, wgmma, narrow loads,
+  registers, shared memory, programs per SM, machine instructions per tile loop. A change to
+  the inner loop can be judged this way before GPU time is spent timing it.
 
-    python benchmarks/tune_attn.py --only prefill --quick --out $OUT   # about 3 minutes of GPU
+    python benchmarks/tune_attn.py --only prefill --quick --out $OUT   # sized for ~3 GPU minutes
     python benchmarks/tune_attn.py --only prefill --out $OUT           # the full tile grid
     python benchmarks/tune_attn.py --only prefill --cases prefill_d64,chunked_fp8 --out $OUT
     python benchmarks/tune_attn.py --out results/                      # decode + prefill
     TRITON_INTERPRET=1 python benchmarks/tune_attn.py --only prefill --smoke   # CPU: no timing
+    python benchmarks/tune_attn.py --only static --out /tmp/static        # CPU: compiled code
 """
 
 from __future__ import annotations
@@ -33,11 +38,14 @@ import datetime as dt
 import itertools
 import json
 import os
+import re
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+import triton
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `minivllm` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -54,6 +62,83 @@ from benchmarks.common import device_name, measure_matmul_rate, write_json
 DECODE_CASES = [(64, 4096, 16), (256, 1024, 16), (64, 4096, 64), (256, 1024, 64), (16, 8192, 16),
                 (1, 32768, 16)]
 VARIANTS = [dict(INT64_OFFSETS=i) for i in (False, True)]
+
+def sweep(case: Case, grid: list[dict], splits: list[int | None], device, copy_gbps):
+    paged, _ = make_inputs(case, device)
+    q = paged[0]
+    scale = case.head_dim ** -0.5
+    ref = checked_attention(*paged, backend="torch")
+    rows = []
+    for cfg, num_splits in itertools.product(grid, splits):
+        out = torch.empty_like(q)
+
+        def fn(cfg=cfg, num_splits=num_splits, out=out):
+            triton_attention(*paged, scale, True, out, max_seq_len=case.context,
+                             num_splits=num_splits, config=dict(cfg))
+
+        try:
+            fn()
+            err = _rel(out, ref)
+            ms = time_ms(fn, device)
+        except Exception as exc:  # e.g. out of shared memory for a large tile: skip that point
+            print(f"  skip {cfg} splits={num_splits}: {type(exc).__name__}")
+            continue
+        gbps = kv_bytes(case) / (ms * 1e-3) / 1e9
+        rows.append(dict(cfg=cfg, num_splits=num_splits, ms=ms, frac_copy_bw=gbps / copy_gbps,
+                         rel_error=err))
+    # The default configuration, as the engine would run it.
+    out = torch.empty_like(q)
+
+    def default_fn():
+        triton_attention(*paged, scale, True, out, max_seq_len=case.context)
+
+    default_fn()
+    ms = time_ms(default_fn, device)
+    default = dict(cfg="default", num_splits=None, ms=ms,
+                   frac_copy_bw=kv_bytes(case) / (ms * 1e-3) / 1e9 / copy_gbps,
+                   rel_error=_rel(out, ref))
+    return rows, default
+
+
+def sweep_cuda_splits(case: Case, splits: list[int | None], device, copy_gbps):
+    """The extension's decode kernel at each split count (None: its heuristic), and Triton's
+    default on the same inputs, in the same run."""
+    paged, _ = make_inputs(case, device)
+    ref = checked_attention(*paged, backend="torch")
+
+    def measure(**kwargs) -> dict:
+        out = torch.empty_like(paged[0])
+
+        def fn():
+            checked_attention(*paged, out=out, max_seq_len=case.context, **kwargs)
+
+        fn()
+        ms = time_ms(fn, device)
+        return dict(ms=ms, frac_copy_bw=kv_bytes(case) / (ms * 1e-3) / 1e9 / copy_gbps,
+                    rel_error=_rel(out, ref))
+
+    rows = [dict(num_splits=n, **measure(backend="cuda", num_splits=n)) for n in splits]
+    return rows, measure(backend="triton")
+
+
+def time_write_kv(num_tokens: int, device, num_kv_heads: int = 8, head_dim: int = 128) -> dict:
+    """write_kv_cache of `num_tokens` bf16 K/V rows (strided views of one qkv tensor, as in the
+    model) into a shuffled set of slots, Triton against the extension."""
+    from minivllm.kernels import write_kv_cache
+
+    qkv = torch.randn(num_tokens, 48, head_dim, device=device, dtype=torch.bfloat16)
+    key, value = qkv[:, 32:40], qkv[:, 40:48]
+    k_cache = torch.empty(4 * num_tokens // 16 + 1, 16, num_kv_heads, head_dim, device=device,
+                          dtype=torch.bfloat16)
+    v_cache = torch.empty_like(k_cache)
+    slots = torch.randperm(k_cache.shape[0] * 16, device=device)[:num_tokens]
+    row = {"op": "write_kv_cache", "num_tokens": num_tokens}
+    for backend in ("triton", "cuda"):
+        row[f"{backend}_ms"] = time_ms(
+            lambda backend=backend: write_kv_cache(key, value, k_cache, v_cache, slots, backend=backend),
+            device)
+    return row
+
 
 # ------------------------------------------------------------------------------------------
 # Prefill: the token path against the page path, over tiles and pipeline depths
@@ -139,17 +224,13 @@ def too_much_shared_memory(tile, case: Case, kv_dtype: torch.dtype) -> str | Non
     if tile is None:
         return None
     m, n, _, stages = tile
-    dim = triton_next_power_of_2(case.head_dim)
+    dim = triton.next_power_of_2(case.head_dim)
     need = (max(stages - 1, 1) * 2 * n * dim * kv_dtype.itemsize
             + m * dim * DTYPES[case.dtype].itemsize)
     if need > SHARED_MEMORY:
         return (f"needs at least {need // 1024} KB of shared memory "
                 f"(limit {SHARED_MEMORY // 1024} KB)")
     return None
-
-
-def triton_next_power_of_2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
 
 
 def compiled_kernels() -> dict:
@@ -346,8 +427,6 @@ def run_prefill(args, device) -> int:
     if unknown:
         raise SystemExit(f"--cases: unknown {unknown}; choose from prefill, chunked, mixed, "
                          "prefill_d64, chunked_fp8")
-    import triton
-
     meta = dict(date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 device=device_name(device), torch=torch.__version__, triton=triton.__version__,
                 matmul_tflops=matmul_tflops, prefill_path_default=kernel.PREFILL_PATH,
@@ -375,83 +454,6 @@ def run_prefill(args, device) -> int:
 
 
 
-def sweep(case: Case, grid: list[dict], splits: list[int | None], device, copy_gbps):
-    paged, _ = make_inputs(case, device)
-    q = paged[0]
-    scale = case.head_dim ** -0.5
-    ref = checked_attention(*paged, backend="torch")
-    rows = []
-    for cfg, num_splits in itertools.product(grid, splits):
-        out = torch.empty_like(q)
-
-        def fn(cfg=cfg, num_splits=num_splits, out=out):
-            triton_attention(*paged, scale, True, out, max_seq_len=case.context,
-                             num_splits=num_splits, config=dict(cfg))
-
-        try:
-            fn()
-            err = _rel(out, ref)
-            ms = time_ms(fn, device)
-        except Exception as exc:  # e.g. out of shared memory for a large tile: skip that point
-            print(f"  skip {cfg} splits={num_splits}: {type(exc).__name__}")
-            continue
-        gbps = kv_bytes(case) / (ms * 1e-3) / 1e9
-        rows.append(dict(cfg=cfg, num_splits=num_splits, ms=ms, frac_copy_bw=gbps / copy_gbps,
-                         rel_error=err))
-    # The default configuration, as the engine would run it.
-    out = torch.empty_like(q)
-
-    def default_fn():
-        triton_attention(*paged, scale, True, out, max_seq_len=case.context)
-
-    default_fn()
-    ms = time_ms(default_fn, device)
-    default = dict(cfg="default", num_splits=None, ms=ms,
-                   frac_copy_bw=kv_bytes(case) / (ms * 1e-3) / 1e9 / copy_gbps,
-                   rel_error=_rel(out, ref))
-    return rows, default
-
-
-def sweep_cuda_splits(case: Case, splits: list[int | None], device, copy_gbps):
-    """The extension's decode kernel at each split count (None: its heuristic), and Triton's
-    default on the same inputs, in the same run."""
-    paged, _ = make_inputs(case, device)
-    ref = checked_attention(*paged, backend="torch")
-
-    def measure(**kwargs) -> dict:
-        out = torch.empty_like(paged[0])
-
-        def fn():
-            checked_attention(*paged, out=out, max_seq_len=case.context, **kwargs)
-
-        fn()
-        ms = time_ms(fn, device)
-        return dict(ms=ms, frac_copy_bw=kv_bytes(case) / (ms * 1e-3) / 1e9 / copy_gbps,
-                    rel_error=_rel(out, ref))
-
-    rows = [dict(num_splits=n, **measure(backend="cuda", num_splits=n)) for n in splits]
-    return rows, measure(backend="triton")
-
-
-def time_write_kv(num_tokens: int, device, num_kv_heads: int = 8, head_dim: int = 128) -> dict:
-    """write_kv_cache of `num_tokens` bf16 K/V rows (strided views of one qkv tensor, as in the
-    model) into a shuffled set of slots, Triton against the extension."""
-    from minivllm.kernels import write_kv_cache
-
-    qkv = torch.randn(num_tokens, 48, head_dim, device=device, dtype=torch.bfloat16)
-    key, value = qkv[:, 32:40], qkv[:, 40:48]
-    k_cache = torch.empty(4 * num_tokens // 16 + 1, 16, num_kv_heads, head_dim, device=device,
-                          dtype=torch.bfloat16)
-    v_cache = torch.empty_like(k_cache)
-    slots = torch.randperm(k_cache.shape[0] * 16, device=device)[:num_tokens]
-    row = {"op": "write_kv_cache", "num_tokens": num_tokens}
-    for backend in ("triton", "cuda"):
-        row[f"{backend}_ms"] = time_ms(
-            lambda backend=backend: write_kv_cache(key, value, k_cache, v_cache, slots, backend=backend),
-            device)
-    return row
-
-
 # ------------------------------------------------------------------------------------------
 # Static: what a prefill variant compiles to on Hopper, read without a GPU
 # ------------------------------------------------------------------------------------------
@@ -462,7 +464,6 @@ def compile_for_hopper(case: Case, path: str, tile=None, kv_cache_dtype: str = "
     interpreter). Arguments are specialized as a launch on attn_bench's cache would: data
     pointers 16-byte aligned, ints marked divisible by 16 or equal to 1 by their value, except
     those the kernel lists in do_not_specialize."""
-    import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -471,7 +472,7 @@ def compile_for_hopper(case: Case, path: str, tile=None, kv_cache_dtype: str = "
     dtype = DTYPES[case.dtype]
     kv_dtype = torch.float8_e4m3fn if fp8 else dtype
     hq, hkv, d, bs = case.num_q_heads, case.num_kv_heads, case.head_dim, case.block_size
-    group, dim_pad = hq // hkv, triton_next_power_of_2(d)
+    group, dim_pad = hq // hkv, triton.next_power_of_2(d)
     m, n, warps, stages = tile or _default_tile(case, kv_dtype, torch.device("cuda"))
     switches = PATHS[path]
     page = switches["PAGE_LOADS"]
@@ -523,11 +524,6 @@ def static_report(compiled) -> dict:
     through cp.async (the pipelined, vectorized loads), wgmma instructions, narrow (1-2 byte)
     global loads; registers, spills and shared memory, so programs per SM; and the number of
     machine instructions in each loop (the unmasked tiles' loop first, then the masked one)."""
-    import re
-    import subprocess
-
-    import triton
-
     ptx = compiled.asm["ptx"]
     report = dict(
         cp_async_16=len(re.findall(r"cp\.async\.cg\.shared\.global[^;]*\], 0x10\b", ptx)),
@@ -558,8 +554,6 @@ def static_report(compiled) -> dict:
 
 def _loop_sizes(sass: str) -> list[int]:
     """Machine instructions between each backward branch and its target, in program order."""
-    import re
-
     labels, lines = {}, []
     for line in sass.splitlines():
         label = re.match(r"\s*(\.L_x_\d+):", line)
@@ -581,8 +575,6 @@ def run_static(args) -> int:
     GPU time is spent on timing it."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("--only static compiles for the GPU: unset TRITON_INTERPRET")
-    import triton
-
     results = []
     # The bf16 cases all compile to one variant (batch shapes are not part of it): one per KV
     # dtype covers them.

@@ -115,14 +115,14 @@ def test_fp8_cache_matches_reference(path, layout):
     assert rel_error(out, ref) < TOLERANCE[torch.bfloat16]
 
 
-def test_block_size_not_a_power_of_two():
+def test_block_size_not_a_power_of_two(monkeypatch):
     """Pages of 24 tokens cannot be split into power-of-two tiles: the page path falls back to
-    the token gather by itself, and refuses when asked for explicitly."""
+    the token gather by itself (keeping the folded scale), and refuses when asked explicitly."""
+    monkeypatch.setattr(triton_attention, "PREFILL_PATH", "pages")
     g = torch.Generator().manual_seed(9)
     p = make_problem([30, 1], [30 + 20, 49], 4, 2, 64, 24, torch.float32, DEVICE, generator=g)
     ref = paged_attention(*p.args(), backend="torch")
-    out = _triton(p, {"FOLD_SCALE": True})  # PAGE_LOADS left to the default
-    assert rel_error(out, ref) < TOLERANCE[torch.float32]
+    assert rel_error(_triton(p, {}), ref) < TOLERANCE[torch.float32]
     with pytest.raises(ValueError, match="config: PAGE_LOADS needs a power-of-two block size"):
         _triton(p, {"PAGE_LOADS": True})
 
@@ -184,70 +184,36 @@ def test_page_path_adds_no_specialization_after_warm_up(monkeypatch):
     assert keys.new_since(warm) == {}
 
 
-# What the page path must still compile to on Hopper: its K/V loads vectorized and pipelined.
-# Triton 3.6 loses the rows' alignment through the reshape of the page offsets (ROW_ALIGN puts it
-# back); without it every K/V element is a 2-byte synchronous load.
-HOPPER_COMPILE = textwrap.dedent("""
-    import json, re, sys, triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from minivllm.kernels import triton_attention as ta
-
-    kernel = ta._paged_attention_kernel
-    names = [p.name for p in kernel.params]
-    found = {}
-    for label, fp8, page in [("tokens", False, False), ("pages", False, True),
-                             ("pages fp8", True, True)]:
-        # The benchmark's model: Hq 32, Hkv 8, D 128, block 16, bf16 queries; a prefill variant
-        # with the default tile (128 x 128, 8 warps, 3 stages; fp8 2 stages).
-        consts = dict(NUM_Q_HEADS=32, GROUP=4, HEAD_DIM=128, DIM_PAD=128, BLOCK_SIZE=16,
-                      BLOCK_M=128, BLOCK_Q=32, BLOCK_N=128, SPLIT_KV=False, DECODE_ONLY=False,
-                      CAUSAL=True, DOT_PRECISION="tf32", INT64_OFFSETS=False, NUM_KV_HEADS=8,
-                      KV_FP8=fp8, DOT_FP16=fp8, PAGE_LOADS=page, PAGES=8 if page else 1,
-                      ROW_ALIGN=int(sys.argv[1]) if page else 1, FOLD_SCALE=page)
-        kv = "*fp8e4nv" if fp8 else "*bf16"
-        types = dict(query_ptr="*bf16", out_ptr="*bf16", k_cache_ptr=kv, v_cache_ptr=kv,
-                     block_tables_ptr="*i32", seq_lens_ptr="*i32", cu_seqlens_q_ptr="*i32",
-                     partial_acc_ptr="*bf16", partial_m_ptr="*bf16", partial_l_ptr="*bf16",
-                     k_scale_ptr="*fp32" if fp8 else "*bf16",
-                     v_scale_ptr="*fp32" if fp8 else "*bf16", qk_scale="fp32")
-        signature = {p: "constexpr" if p in consts else types.get(p, "i32") for p in names}
-        # As a launch specializes: the data pointers 16-byte aligned, the strides of q, out and
-        # the cache multiples of 16; step-varying ints and metadata pointers left out.
-        aligned = [p for p in names if p.startswith(("stride_q", "stride_o", "stride_c"))
-                   or (types.get(p, "").startswith("*") and not p.startswith(
-                       ("block_tables", "seq_lens", "cu_seqlens")))]
-        attrs = {(names.index(p),): [["tt.divisibility", 16]] for p in aligned}
-        src = ASTSource(kernel, signature, {(names.index(p),): v for p, v in consts.items()},
-                        attrs)
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                  options=dict(num_warps=8, num_stages=2 if fp8 else 3))
-        ptx = compiled.asm["ptx"]
-        count = lambda pattern: len(re.findall(pattern, ptx))
-        found[label] = dict(
-            cp_async_16=count(r"cp\\.async\\.cg\\.shared\\.global[^;]*\\], 0x10\\b"),
-            wgmma=count(r"wgmma\\.mma_async"),
-            narrow_loads=count(r"ld\\.global(\\.[a-z0-9:_]+)*\\.(b8|b16|u8|u16)\\b"))
-    print(json.dumps(found))
-""")
-
-
-def _compile_for_hopper(row_align: int) -> dict:
+def test_compiles_for_hopper_with_pipelined_16_byte_loads():
+    """Compile the prefill variant of both paths for sm_90 ahead of time (no GPU needed:
+    `tune_attn.py --only static`) and read what came out: K and V must stream in through 16-byte
+    asynchronous copies (`cp.async ... 0x10`: vectorized and software-pipelined) feeding Hopper's
+    wgmma, with no 1- or 2-byte global loads (what Triton 3.6 compiles the page path to without
+    its ROW_ALIGN hint), and the page path's tile loops must be the shorter ones, as the kernel's
+    docstring says. Run on the GPU machine too: it checks that machine's Triton."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    script = textwrap.dedent("""
+        import json
+        from benchmarks import tune_attn as t
+        found = {}
+        for name, case, kv in t.prefill_cases(["prefill", "chunked_fp8"], smoke=False):
+            for path in ("tokens", "pages"):
+                found[f"{name} {path}"] = t.static_report(t.compile_for_hopper(case, path, None, kv))
+        print(json.dumps(found))
+    """)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, "-c", HOPPER_COMPILE, str(row_align)], env=env,
-                          cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def test_compiles_for_hopper_with_pipelined_16_byte_loads():
-    """Compile the prefill variant of both paths for sm_90 ahead of time (no GPU needed) and read
-    the PTX: K and V must stream in through 16-byte asynchronous copies (`cp.async ... 0x10`:
-    vectorized and software-pipelined) feeding Hopper's wgmma, with no 1- or 2-byte global
-    loads. Run on the GPU machine too: it checks that machine's Triton."""
-    pytest.importorskip("triton.backends.nvidia.compiler")
-    for label, counts in _compile_for_hopper(row_align=16).items():
-        assert counts["cp_async_16"] >= 16, (label, counts)  # >= 8 per K and V tile a thread
-        assert counts["wgmma"] > 0, (label, counts)
-        assert counts["narrow_loads"] == 0, (label, counts)
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    for label, report in found.items():
+        assert report["cp_async_16"] >= 16, (label, report)  # >= 8 per K and V tile a thread
+        assert report["wgmma"] > 0, (label, report)
+        assert report["narrow_loads"] == 0, (label, report)
+    for case in ("prefill", "chunked_fp8"):
+        tokens, pages = found[f"{case} tokens"], found[f"{case} pages"]
+        if tokens["loop_instructions"]:  # nvdisasm shipped with this Triton
+            assert len(pages["loop_instructions"]) == 2, pages  # unmasked, then masked tiles
+            assert all(p < t for p, t in zip(pages["loop_instructions"],
+                                             tokens["loop_instructions"])), (tokens, pages)
