@@ -70,12 +70,34 @@ measure before you optimise, and keep the numbers you measured next to the comma
 """
 
 
+def _fill_vocabulary(tokenizer, vocab_size: int):
+    """Give every id below `vocab_size` a token, so that every id a model can emit decodes to text.
+
+    Training stops when the text runs out of pairs worth merging (a few hundred tokens), but a
+    random-weight model samples ids from its whole embedding (151,936 rows for the Qwen3 shapes).
+    Ids the tokenizer does not know decode to nothing, so a stream would carry text for only a
+    few tokens in a hundred, and a serving benchmark, which sees tokens through their text,
+    would measure the gaps between those few. The filler tokens ("w1234", after a space) sit in
+    the BPE vocabulary without a merge that builds them: decoding knows them, encoding never
+    produces them, so what a text encodes to does not change.
+    """
+    import json
+
+    from tokenizers import Tokenizer
+
+    spec = json.loads(tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    for token_id in range(len(vocab), vocab_size):
+        vocab[f"\u0120w{token_id}"] = token_id  # byte-level "\u0120" is a space
+    return Tokenizer.from_str(json.dumps(spec))
+
+
 def build_tokenizer(vocab_size: int, model_max_length: int):
     """Train the tokenizer; returns a `transformers` fast tokenizer (save it with save_pretrained).
 
-    The trained vocabulary holds at most `vocab_size` tokens; it can be smaller (the text runs out
-    of pairs worth merging), which is fine: a model may have more embedding rows than a tokenizer
-    has tokens.
+    The trained vocabulary holds at most `vocab_size` tokens (the text runs out of pairs worth
+    merging long before a large model's vocabulary is full); filler tokens complete it, so that
+    every id decodes to some text (`_fill_vocabulary`).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -96,6 +118,7 @@ def build_tokenizer(vocab_size: int, model_max_length: int):
         show_progress=False,
     )
     tokenizer.train_from_iterator(TRAINING_TEXT.splitlines(), trainer)
+    tokenizer = _fill_vocabulary(tokenizer, vocab_size)
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, BOS_ID)]
     )
