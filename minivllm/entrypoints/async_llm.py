@@ -45,6 +45,7 @@ cancelled) has its request aborted, which frees its KV blocks at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import uuid
@@ -55,6 +56,7 @@ from functools import partial
 
 from minivllm.config import EngineConfig
 from minivllm.engine.llm_engine import LLMEngine, Prompt
+from minivllm.entrypoints import engine_core
 from minivllm.entrypoints.engine_core import (
     EngineCore,
     EngineCoreClient,
@@ -206,6 +208,8 @@ class AsyncLLM:
         `from_config` makes one).
     on_output: called (on the event loop thread) with every output the engine reports, deltas and
         final ones, aborted and failed requests included; the server's metrics hang here.
+
+    It serves one event loop: the one running when it is first used.
     """
 
     def __init__(self, engine: LLMEngine | EngineCoreClient,
@@ -240,6 +244,8 @@ class AsyncLLM:
         """
         if isinstance(config, dict):
             config = EngineConfig.from_dict(config)
+        elif not isinstance(config, EngineConfig):
+            raise TypeError(f"config must be an EngineConfig or a dict of its options, got {type(config).__name__}")
         return cls(EngineCoreClient(config, start_timeout), on_output)
 
     @classmethod
@@ -415,8 +421,12 @@ class AsyncLLM:
         await self._abort_all()
 
     async def _abort_all(self) -> None:
-        if self._live and self.is_running:  # all at once: the engine takes them in one go
-            await asyncio.gather(*(self.abort(r) for r in list(self._live)), return_exceptions=True)
+        """Abort every request in flight, all at once (the engine takes them in one go). An engine
+        stuck in a step gets STOP_TIMEOUT_S to answer; then stopping goes on without it."""
+        if self._live and self.is_running:
+            aborts = asyncio.gather(*(self.abort(r) for r in list(self._live)), return_exceptions=True)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(aborts, engine_core.STOP_TIMEOUT_S)
 
     async def shutdown(self) -> None:
         """Abort every request still running (their streams end with finish_reason "abort"), then

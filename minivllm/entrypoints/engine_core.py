@@ -314,6 +314,9 @@ class EngineCoreClient:
     def __init__(self, config: EngineConfig, start_timeout: float | None = None):
         if not isinstance(config, EngineConfig):
             raise TypeError(f"config must be an EngineConfig, got {type(config).__name__}")
+        if start_timeout is not None and (isinstance(start_timeout, bool) or not isinstance(start_timeout, (int, float))
+                                          or not start_timeout > 0):
+            raise ValueError(f"start_timeout must be a positive number of seconds or None, got {start_timeout!r}")
         self.config = config
         context = multiprocessing.get_context("spawn")
         child_commands, self._commands = context.Pipe(duplex=False)  # (receiving end, sending end)

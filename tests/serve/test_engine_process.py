@@ -291,6 +291,42 @@ def test_a_killed_engine_process_ends_every_stream_and_health_turns_503(serve_mo
     assert not _alive(pid) and doomed.num_in_flight == 0
 
 
+def test_shutdown_kills_an_engine_process_that_does_not_answer(serve_model, loop, monkeypatch):
+    from minivllm.entrypoints import engine_core
+
+    stuck = AsyncLLM.from_config({"model": str(serve_model), **ENGINE})
+    pid = stuck.engine_pid
+    monkeypatch.setattr(engine_core, "STOP_TIMEOUT_S", 1.0)
+
+    async def main():
+        stream = await stuck.add_request("Once upon a time", LONG)
+        await stream.__anext__()
+        os.kill(pid, signal.SIGSTOP)  # as if hung in a step: no answer to the aborts or to "shutdown"
+        started = time.monotonic()
+        await stuck.shutdown()
+        took = time.monotonic() - started
+        with pytest.raises(EngineDeadError, match="shut down"):
+            async for _ in stream:
+                pass
+        return took
+
+    took = run(loop, main)
+    assert took < 30 and not stuck.is_running and not _alive(pid)
+
+
+def test_bad_arguments_are_refused_before_any_process_starts(serve_model):
+    before = set(multiprocessing.active_children())
+    with pytest.raises(TypeError, match="config must be"):
+        AsyncLLM.from_config(str(serve_model))
+    with pytest.raises(ValueError, match="unknown config key 'max_num_seq'"):
+        AsyncLLM.from_config({"model": str(serve_model), "max_num_seq": 4})
+    with pytest.raises(ValueError, match="start_timeout"):
+        AsyncLLM.from_config({"model": str(serve_model), **ENGINE}, start_timeout=0)
+    with pytest.raises(TypeError, match="engine must be"):
+        AsyncLLM("not an engine")
+    assert set(multiprocessing.active_children()) == before
+
+
 def test_a_model_that_cannot_load_raises_its_error_and_leaves_no_process(serve_model, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(serve_model, broken)
