@@ -14,7 +14,7 @@ other's way.
 back to the event loop, which must hand them out and serve every open stream (JSON per chunk)
 before it gets round to starting the next step: the engine idles as long as the loop's backlog,
 and its own host code (scheduling, sampling, detokenizing) shares one GIL with all the HTTP work.
-Here the engine steps back to back on its own core, and the frontend only moves bytes.
+Here the engine steps back to back on its own core, and the frontend does only the HTTP work.
 
 **The engine's loop** (`serve`). While requests run, it takes every command already waiting
 (without blocking), runs one `step()`, and sends ONE message: the step's outputs, the replies to
@@ -24,14 +24,14 @@ shows). With nothing to run it blocks on the command pipe, so an idle engine cos
 **Commands are calls** (add, abort, stats, shutdown), answered in the next message. An add that
 the engine refuses comes back as its ValueError/TypeError, and `AsyncLLM.add_request` raises it
 before anything streams, so a server still answers 400. One set of checks, the engine's own:
-nothing is duplicated at the door, and the ack costs no latency, as the request could not be
-scheduled before the next step anyway.
+nothing is duplicated at the door, and waiting for the answer costs no time to first token, as
+the request could not be scheduled before the next step anyway.
 
 **Only what is new crosses.** A streaming request's output after a step is a delta (its new
 tokens and text), but a `RequestOutput` also carries the whole prompt, and pickling dataclasses is
-slow. For one step of 256 one-token deltas with prompts of 100-1024 tokens (a loaded 2-core CPU):
-the objects pickled in ~9 ms and unpickled in ~15 ms (600 KB); `OutputEncoder`'s plain tuples,
-which carry a request's prompt only with its first report, cost 0.3 ms to encode and 0.1 ms to
+slow. For one step of 256 one-token deltas with prompts of 100-1024 tokens, on a 2-core CPU: the
+objects took 5-9 ms to pickle and 9-15 ms to unpickle (600 KB). `OutputEncoder`'s plain tuples,
+which carry a request's prompt only with its first report, took 0.3 ms to encode and 0.2 ms to
 pickle in the engine process, 0.2 ms to unpickle and 0.4 ms to decode here (30 KB).
 
 **Failures.** A step that raises finishes its requests with finish_reason "error" (the engine
