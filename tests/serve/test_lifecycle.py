@@ -1,14 +1,17 @@
 """A client that disconnects mid-stream frees its request at once; SIGTERM stops the server
-cleanly (exit 0, no traceback), ending what is in flight with finish_reason "abort". (Ctrl-C is
+cleanly (exit 0, no traceback, its engine process gone), ending what is in flight with
+finish_reason "abort". (Ctrl-C is
 how the session's server is stopped: see conftest.py. Letting requests finish within the grace
 period is tested on AsyncLLM.drain.)"""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -87,6 +90,8 @@ def test_sigterm_aborts_what_runs_and_exits_cleanly(serve_model, tmp_path):
     client = threading.Thread(target=stream)
     try:
         process.wait_healthy()
+        children = _children(process.proc.pid)  # the engine process (and multiprocessing's helper)
+        assert children
         client.start()
         assert _wait_for(lambda: len(events) >= 2, timeout=60)
         code = process.stop(signal.SIGTERM, timeout=90)
@@ -101,6 +106,26 @@ def test_sigterm_aborts_what_runs_and_exits_cleanly(serve_model, tmp_path):
     chunks = [json.loads(e) for e in events[:-1]]
     assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "abort"
     assert 0 < chunks[-1]["usage"]["completion_tokens"] < max_tokens
-    # After the signal the server takes no new connection.
+    # After the signal the server takes no new connection, and left no process behind.
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{process.url}/health", timeout=2)
+    assert _wait_for(lambda: not any(_running(pid) for pid in children), timeout=10), children
+
+
+def _children(pid: int) -> list[int]:
+    """The processes `pid` started (psutil if installed, else Linux's /proc)."""
+    try:
+        import psutil
+    except ImportError:
+        tasks = Path(f"/proc/{pid}/task")
+        return [int(c) for t in tasks.iterdir() for c in (t / "children").read_text().split()]
+    return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")  # a zombie still answers kill(0); it runs nothing
+    return not (stat.exists() and stat.read_text().rsplit(")", 1)[-1].split()[0] == "Z")
