@@ -301,7 +301,7 @@ class AsyncLLM:
     async def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its KV blocks; returns its final output (None if unknown or
         already finished). Its stream ends with that output (finish_reason "abort")."""
-        if self._dead is not None:
+        if not self.is_running:
             return None
         self._start()
         output = await self._client.abort(request_id)
@@ -314,15 +314,19 @@ class AsyncLLM:
         """Abort without waiting: from a `finally` of a cancelled task, where awaiting is not
         possible, the abort runs as a task of its own."""
         self._streams.pop(request_id, None)
-        if request_id not in self._live or self._dead is not None:
+        if request_id not in self._live or not self.is_running:
             return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # closed outside the event loop (at exit): nothing is running anymore
             return
-        task = loop.create_task(self.abort(request_id))
+        task = loop.create_task(self._abort_quietly(request_id))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def _abort_quietly(self, request_id: str) -> None:
+        with contextlib.suppress(EngineDeadError):  # the engine died meanwhile: nothing to free
+            await self.abort(request_id)
 
     # ------------------------------------------------------------------------------------------
     # Outputs out (on the event loop thread)
