@@ -88,9 +88,11 @@ SPLITS_TILE = 64  # partials the merge kernel reads at once: MAX_SPLITS, though 
 # the token path, which is at the bandwidth limit): "tokens", the original gather, or "pages",
 # page-granular block-table reads with the softmax scale folded into exp2 (see the module
 # docstring). Read once at import, so one benchmark run can time both in two processes without
-# editing code; `config={"PAGE_LOADS": ..., "FOLD_SCALE": ...}` picks either per call.
+# editing code; `config={"PAGE_LOADS": ..., "FOLD_SCALE": ...}` picks either per call. The
+# default is "pages": on the H200 it was faster on all three prefill cases of the tuning sweep
+# (benchmarks/RESULTS.md, "Kernels, round 2").
 PREFILL_PATHS = ("tokens", "pages")
-PREFILL_PATH = os.environ.get("MINIVLLM_PREFILL_PATH", "tokens")
+PREFILL_PATH = os.environ.get("MINIVLLM_PREFILL_PATH", "pages")
 if PREFILL_PATH not in PREFILL_PATHS:
     raise ValueError(f"MINIVLLM_PREFILL_PATH must be one of {PREFILL_PATHS}, got {PREFILL_PATH!r}")
 
@@ -467,25 +469,25 @@ def _launch_config(decode_only: bool, block_m: int, head_dim: int, dtype: torch.
     Prefill is compute-bound, and each choice buys MMA time per byte or per instruction:
     * BLOCK_M = 128 rows: two warpgroups of 64-row Hopper MMAs, and 128 rows fed by every K/V
       tile (at D = 128, 128 FLOPs per byte of K/V brought from L2; 64 rows would halve that).
-    * BLOCK_N = 128 keys: part of each step's work does not shrink with the tile (rescaling the
-      BLOCK_M x D accumulator, the loop's bookkeeping), so wide tiles spread it over more keys;
-      and in a causal prefill each 32-token query tile (GQA group 4) has exactly one masked step.
-    * 8 warps, 3 stages: K/V tiles are loaded ahead while the current one is used; at D = 128
-      in bf16 Triton keeps 2 x 64 KB of K/V buffers plus the 32 KB Q tile (160 KB of the 227 KB
-      a program may hold), and compiles 4 stages to the very same code (Triton 3.6, sm_90a).
-      Near the 255 registers a thread may have, one such program fills an SM.
-    The alternative the sweep keeps measuring: 4-warp programs small enough for two per SM, so
-    that one's softmax runs while the other's MMAs do (`tune_attn.py --only prefill` reports
-    registers, shared memory and programs per SM beside each time, for both prefill paths).
+    * BLOCK_N = 64 keys, 4 warps, 3 stages: a program then needs 96 KB of shared memory, so two
+      fit on one SM, and while one program runs its softmax (CUDA cores) the other's MMAs keep
+      the tensor cores busy. The alternative, 128 keys and 8 warps (160 KB, one program per
+      SM), amortises the per-step bookkeeping over more keys but leaves the tensor cores idle
+      during each softmax. Measured on the H200 with the page path (`tune_attn.py --only prefill
+      --quick`, benchmarks/RESULTS.md): 128x64/4 warps was the fastest tile of the sweep for
+      causal prefill 4 x 2048 (0.362 ms against 0.393 ms for 128x128/8), chunked prefill
+      (0.617 against 0.658 ms) and the mixed step (0.490 against 0.535 ms).
+    * fp8 K/V keep 128-key tiles with 8 warps and two stages: the widened tiles are staged
+      again for the MMA (benchmarks/fp8_tune.py, H100); the sweep above did not cover fp8.
     """
     if decode_only:
         cfg = (dict(BLOCK_M=block_m, BLOCK_N=128, num_warps=4, num_stages=2) if split_kv
                else dict(BLOCK_M=block_m, BLOCK_N=64, num_warps=2, num_stages=3))
     else:
-        # fp8 K/V are widened in registers and staged again for the MMA: two stages measured
-        # faster than three (benchmarks/fp8_tune.py, H100).
-        stages = 2 if kv_dtype == torch.float8_e4m3fn else 3
-        cfg = dict(BLOCK_M=block_m, BLOCK_N=128, num_warps=8, num_stages=stages)
+        if kv_dtype == torch.float8_e4m3fn:
+            cfg = dict(BLOCK_M=block_m, BLOCK_N=128, num_warps=8, num_stages=2)
+        else:
+            cfg = dict(BLOCK_M=block_m, BLOCK_N=64, num_warps=4, num_stages=3)
     if device.type != "cuda":
         return dict(cfg, num_warps=1, num_stages=1)
     # Keep the pipelined K/V tiles plus the Q tile inside shared memory (227 KB a block on
