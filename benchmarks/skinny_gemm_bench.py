@@ -270,10 +270,8 @@ def print_table(records: list[dict], summary: dict) -> None:
         print(f"\n{model}: first M where F.linear is faster: {cross}")
         layer = "  ".join(f"M={m}: {v['torch']:.1f}/{v['skinny']:.1f}" for m, v in s["layer_us"].items())
         print(f"{model}: one layer's four GEMMs, torch/skinny us: {layer}")
-        best_m = s["suggested_max_m"]
-        why = ("largest M of the sweep up to which the skinny kernel wins at every M" if best_m
-               else "it loses already at the smallest M: 0 turns it off")
-        print(f"{model}: suggested SKINNY_MAX_M = {best_m} ({why})")
+        print(f"{model}: suggested SKINNY_MAX_M = {s['suggested_max_m']} "
+              f"(largest M of the sweep up to which the skinny kernel wins at every M)")
 
 
 # ------------------------------------------------------------------------------------------
