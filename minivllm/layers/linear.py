@@ -24,15 +24,9 @@ dimension and `Shard`), and a merged layer where in its own weight each projecti
 (`shard`); the loader then reads just that slice from the file (models/loader.py).
 
 With one rank every layer is the plain `nn.Linear` it replaces: same parameters, same forward.
-
-**The GEMM itself** is `linear()` below: cuBLAS through F.linear, except for the few rows of a
-decode step on CUDA, which go to the skinny-GEMM kernel (skinny_gemm.py): at a handful of rows
-a GEMM only has to read W once, and that kernel reads it at close to memory bandwidth.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn.functional as F
@@ -42,25 +36,6 @@ from minivllm.distributed import SINGLE, Shard, TensorParallel, all_reduce
 
 # (dimension of the checkpoint tensor that is split, this rank's part), or None: all of it.
 CheckpointSplit = tuple[int, Shard] | None
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x W^T (+ b), by the skinny-GEMM kernel when `skinny_gemm_applies(x)`, else by F.linear."""
-    if skinny_gemm_applies(x):
-        from minivllm.layers.skinny_gemm import skinny_linear
-
-        return skinny_linear(x, weight, bias)
-    return F.linear(x, weight, bias)
-
-
-def skinny_gemm_applies(x: torch.Tensor) -> bool:
-    """`skinny_gemm.use_skinny_gemm(x)`, asked only where Triton runs (CUDA, or the CPU under
-    TRITON_INTERPRET=1): elsewhere it is False anyway, and Triton need not be installed."""
-    if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-        return False
-    from minivllm.layers import skinny_gemm
-
-    return skinny_gemm.use_skinny_gemm(x)
 
 
 class ColumnParallelLinear(nn.Linear):
@@ -75,9 +50,6 @@ class ColumnParallelLinear(nn.Linear):
         super().__init__(in_features, out_shard.size, bias=bias)
         self.tp = tp
         self.out_shard = out_shard
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
 
     def checkpoint_split(self, kind: str, shard: str | None = None) -> CheckpointSplit:
         """Weight rows and bias entries alike: this rank's slice of dimension 0."""
@@ -178,8 +150,8 @@ class RowParallelLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return linear(x, self.weight, self.bias)
-        partial = linear(x, self.weight, self.bias if self.tp.rank == 0 else None)
+            return F.linear(x, self.weight, self.bias)
+        partial = F.linear(x, self.weight, self.bias if self.tp.rank == 0 else None)
         return all_reduce(partial, self.tp)
 
     def checkpoint_split(self, kind: str, shard: str | None = None) -> CheckpointSplit:

@@ -43,7 +43,6 @@ from minivllm.layers.linear import (
     MergedColumnParallelLinear,
     QKVParallelLinear,
     RowParallelLinear,
-    skinny_gemm_applies,
 )
 from minivllm.layers.rotary import RotaryEmbedding, apply_rotary
 from minivllm.models.inputs import check_token_inputs
@@ -155,15 +154,7 @@ class LlamaMLP(nn.Module):
                                            what="intermediate_size")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if skinny_gemm_applies(x):
-            # A decode step's few rows: gate|up GEMM and SiLU-and-mul in one kernel, which never
-            # writes the [tokens, 2 * intermediate] product (layers/skinny_gemm.py).
-            from minivllm.layers.skinny_gemm import skinny_gate_up_silu
-
-            hidden = skinny_gate_up_silu(x, self.gate_up_proj.weight, self.gate_up_proj.bias)
-        else:
-            hidden = self.act(self.gate_up_proj(x))
-        return self.down_proj(hidden)
+        return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
