@@ -1,6 +1,7 @@
 """Ways in to the engine besides the offline `LLM`: the async engine and the OpenAI server.
 
     async_llm.py           AsyncLLM: one loop steps the engine for many coroutines
+    engine_core.py         the engine in a process of its own (what the server runs), and its client
     api_server.py          the FastAPI app and `python -m minivllm serve`
     serving*.py            what the completions and chat routes do with a request
     protocol.py, errors.py the OpenAI request/response/error bodies
