@@ -36,14 +36,6 @@ CASES = {  # name: (query length, batch, context, grid of (BLOCK_N, num_warps, n
 }
 
 
-# --quick: decode only, the committed scale layout and dots, a wider grid of small tiles; the
-# question it answers is which decode launch configuration reads an fp8 cache fastest on this GPU.
-QUICK_CASES = {
-    "decode B=64 ctx 4096": (1, 64, 4096, list(itertools.product([32, 64, 128], [1, 2, 4], [2, 3, 4]))),
-    "decode B=256 ctx 1024": (1, 256, 1024, list(itertools.product([32, 64, 128], [1, 2, 4], [2, 3, 4]))),
-}
-
-
 def scales(k8, layout):
     if layout == "head-major":  # the layout fp8.empty_scales allocates
         return fp8.empty_scales(k8)
@@ -59,15 +51,10 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--quick", action="store_true",
-                        help="decode only, head-major scales and fp16 dots (the committed choices), "
-                             "a wider grid of small tiles")
     args = parser.parse_args()
     device = torch.device("cuda")
     rows = []
-    layouts = ("head-major",) if args.quick else ("token-major", "head-major")
-    dots = (True,) if args.quick else (False, True)
-    for name, (query_len, batch, context, grid) in (QUICK_CASES if args.quick else CASES).items():
+    for name, (query_len, batch, context, grid) in CASES.items():
         blocks = batch * context // BLOCK
         k = torch.randn(blocks, BLOCK, HKV, D, device=device).bfloat16()
         v = torch.randn_like(k)
@@ -85,7 +72,7 @@ def main() -> None:
         bf16_ms = triton.testing.do_bench_cudagraph(bf16_fn, rep=100, return_mode="median")
         rows.append(dict(case=name, variant="bf16 default", ms=bf16_ms, ratio=1.0))
         print(f"{name}: bf16 {bf16_ms * 1e3:.1f} us", flush=True)
-        for layout in layouts:
+        for layout in ("token-major", "head-major"):
             k8 = torch.empty(k.shape, dtype=fp8.FP8_DTYPE, device=device)
             v8 = torch.empty_like(k8)
             ks, vs = scales(k8, layout)
@@ -94,7 +81,7 @@ def main() -> None:
                            k_scale=ks, v_scale=vs)
             ref = paged_attention(q, k8, v8, *meta, backend="torch", k_scale=ks, v_scale=vs)
             configs = [None] + [dict(BLOCK_N=n, num_warps=w, num_stages=st) for n, w, st in grid]
-            for cfg, fp16_dot in itertools.product(configs, dots):
+            for cfg, fp16_dot in itertools.product(configs, (False, True)):
                 config = dict(cfg or {}, DOT_FP16=fp16_dot)
 
                 def fn(config=config):
@@ -121,8 +108,7 @@ def main() -> None:
                   flush=True)
         del k, v
         torch.cuda.empty_cache()
-    name = "fp8_tune_quick_gpu.json" if args.quick else "fp8_tune_gpu.json"
-    write_json(Path(args.out) / name, dict(environment=environment(device),
+    write_json(Path(args.out) / "fp8_tune_gpu.json", dict(environment=environment(device),
                                                            rows=rows))
 
 
