@@ -111,3 +111,26 @@ def test_existing_directory_needs_overwrite(tmp_path):
     make_random_model(directory, arch="llama", seed=1, overwrite=True)
     after = load_file(str(directory / "model.safetensors"))
     assert not torch.equal(before["model.norm.weight"], after["model.norm.weight"])
+
+
+def test_every_model_id_decodes_to_text_and_encoding_ignores_the_filler(monkeypatch):
+    # A random model samples ids from its whole embedding; each must decode to some text, or a
+    # streaming server sends nothing for it. The filler tokens must not change what text encodes to.
+    from tokenizers.decoders import DecodeStream
+
+    from minivllm.models import toy_tokenizer
+
+    full = toy_tokenizer.build_tokenizer(2048, 512)
+    monkeypatch.setattr(toy_tokenizer, "_fill_vocabulary", lambda tokenizer, vocab_size: tokenizer)
+    trained = toy_tokenizer.build_tokenizer(2048, 512)
+    assert len(trained) < 2048 == len(full)  # the text runs out of merges first: there is filler
+    for text in TEXTS + ["w1234 w1999 and w300", " w2047"]:
+        assert full(text)["input_ids"] == trained(text)["input_ids"]
+    # Stepping through every id: only byte tokens that are part of a UTF-8 sequence may hold
+    # their text back (until the next token completes or breaks it), as in any byte-level BPE.
+    stream = DecodeStream(skip_special_tokens=True)
+    backend = full.backend_tokenizer
+    first = len(toy_tokenizer.SPECIAL_TOKENS)
+    silent = [i for i in range(first, 2048) if not stream.step(backend, i)]
+    assert all(i < first + 256 for i in silent) and len(silent) <= 128
+    assert all(full.decode([i]).strip() for i in range(len(trained), 2048))
