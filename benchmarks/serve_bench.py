@@ -245,6 +245,10 @@ def summarize(label: str, rate: float, results: list[Result], wall: float, clien
         "itl_s": percentiles([g for m in per for g in m["itl"]]),
         "tpot_s": percentiles([m["tpot"] for m in per]),
         "e2e_s": percentiles([m["e2e"] for m in per]),
+        # Latencies are timed per chunk that carries text. Well above 1 at a low rate, this says
+        # that many tokens decode to no text (the toy tokenizer once knew 923 of a random Qwen3
+        # model's 151,936 ids), and TTFT/ITL then measure the tokenizer, not the server.
+        "tokens_per_text_chunk": out_tokens / chunks if (chunks := sum(len(r.chunk_times) for r in ok)) else None,
         "client_cpu_fraction": client_cpu,  # of the busiest client process
     }
 
@@ -634,16 +638,18 @@ def format_record(r: dict) -> str:
     if r.get("error"):
         return f"{r['backend']:<22} {str(r['rate']):>6}  error: {r['error'][:150]}"
     tps = f"{r['output_tokens_per_s']:.1f}" if r.get("output_tokens_per_s") else "-"
+    per_chunk = f"{r['tokens_per_text_chunk']:.2f}" if r.get("tokens_per_text_chunk") else "-"
     return (f"{r['backend']:<22} {str(r['rate']):>6} {r['num_requests']:>5} {r.get('failed_requests', 0):>6} "
             f"{tps:>10} {_ms(r.get('ttft_s'), 'p50'):>8} {_ms(r.get('ttft_s'), 'p99'):>8} "
-            f"{_ms(r.get('itl_s'), 'p50'):>7} {_ms(r.get('tpot_s'), 'p99'):>8} {_ms(r.get('e2e_s'), 'p99'):>8}")
+            f"{_ms(r.get('itl_s'), 'p50'):>7} {_ms(r.get('tpot_s'), 'p99'):>8} {_ms(r.get('e2e_s'), 'p99'):>8} "
+            f"{per_chunk:>9}")
 
 
 def format_table(payload: dict) -> str:
     lines = [f"{payload['model_config']} on {payload['device']} ({payload['dtype']}), {payload['num_requests']} "
              f"requests, in {payload['input_len']} out {payload['output_len']}, seed {payload['seed']}"]
     header = (f"{'backend':<22} {'rate':>6} {'reqs':>5} {'failed':>6} {'out tok/s':>10} {'TTFT50':>8} "
-              f"{'TTFT99':>8} {'ITL50':>7} {'TPOT99':>8} {'E2E99':>8}   (latencies in ms)")
+              f"{'TTFT99':>8} {'ITL50':>7} {'TPOT99':>8} {'E2E99':>8} {'tok/chunk':>9}   (latencies in ms)")
     lines += [header, "-" * len(header)]
     if payload.get("offline"):
         lines.append(format_record(payload["offline"]))

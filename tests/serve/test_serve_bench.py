@@ -33,6 +33,8 @@ def test_serve_bench_smoke(tmp_path, capsys):
         for key in ("ttft_s", "itl_s", "tpot_s", "e2e_s"):
             assert 0 <= r[key]["p50"] <= r[key]["p90"] <= r[key]["p99"] and r[key]["p99"] > 0
         assert r["ttft_s"]["p99"] <= r["e2e_s"]["p99"] and r["output_tokens_per_s"] > 0
+        # Every token of the toy tokenizer decodes to text; chunks merge only when a client lags.
+        assert 1.0 <= r["tokens_per_text_chunk"] <= r["num_output_tokens"] / r["num_requests"]
     summary = saved["summary"]
     ratio = records[1]["output_tokens_per_s"] / offline["output_tokens_per_s"]
     assert math.isclose(summary["ratio_vs_offline"], ratio) and summary["failed_requests"] == 0
