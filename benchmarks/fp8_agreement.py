@@ -56,7 +56,7 @@ from benchmarks.common import (
     setup_model,
     write_json,
 )
-from benchmarks.hf_agreement import agreement
+from benchmarks.hf_agreement import agreement, greedy_tokens
 
 KV_CACHE_DTYPES = ("auto", "fp8")
 BLOCK_SIZE = 16
@@ -80,11 +80,6 @@ def make_llm(model_dir: Path, kv_cache_dtype: str, dtype: torch.dtype, args):
                attention_backend=args.attention_backend, block_size=BLOCK_SIZE, num_kv_blocks=blocks,
                gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=False,
                max_num_seqs=args.num_prompts, max_model_len=args.max_model_len)
-
-
-def greedy_tokens(llm, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    outputs = llm.generate(prompts, max_tokens=max_tokens, temperature=0.0, ignore_eos=True, use_tqdm=False)
-    return [o.token_ids for o in outputs]
 
 
 @torch.inference_mode()

@@ -50,7 +50,14 @@ def hf_greedy(model, prompts: list[list[int]], max_tokens: int, device) -> list[
     return outs
 
 
+def greedy_tokens(llm, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """minivllm's greedy outputs, exactly max_tokens each (EOS ignored), as token ids."""
+    outputs = llm.generate(prompts, max_tokens=max_tokens, temperature=0.0, ignore_eos=True, use_tqdm=False)
+    return [o.token_ids for o in outputs]
+
+
 def agreement(ours: list[list[int]], theirs: list[list[int]], max_tokens: int) -> dict:
+    """Exact rows, mean common prefix as a share of max_tokens, first-token agreement."""
     prefixes = []
     for a, b in zip(ours, theirs, strict=True):
         n = 0

@@ -58,6 +58,7 @@ from benchmarks.common import (
     release_memory,
     write_json,
 )
+from benchmarks.hf_agreement import agreement, greedy_tokens
 
 PARTS = ("allreduce", "roofline", "agreement", "throughput")
 SHAPES = sorted(MODEL_CONFIGS)
@@ -169,22 +170,6 @@ def decode_rows(llm, tp: int, args, copy_bw: float, allreduce: dict) -> list[dic
               f"{1e3 * roofline:8.3f} ms  x{row['step_over_roofline']:5.2f}  replayed {m['graph_fraction']:4.0%}",
               flush=True)
     return rows
-
-
-def greedy_tokens(llm, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    outputs = llm.generate(prompts, max_tokens=max_tokens, temperature=0.0, ignore_eos=True, use_tqdm=False)
-    return [o.token_ids for o in outputs]
-
-
-def agreement(reference: list[list[int]], tokens: list[list[int]]) -> dict:
-    """How far greedy outputs agree with the reference: identical outputs, and the share of each
-    output before its first differing token."""
-    prefix = []
-    for a, b in zip(reference, tokens, strict=True):
-        same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        prefix.append(same / max(len(a), 1))
-    return {"identical_outputs": sum(a == b for a, b in zip(reference, tokens)), "num_outputs": len(tokens),
-            "mean_agreeing_prefix": statistics.mean(prefix)}
 
 
 def throughput_record(llm, prompts, out_lens, device, tp: int) -> dict:
@@ -329,7 +314,7 @@ def main(argv=None) -> dict:
                     else:
                         add({"bench": "tp_agreement", **common, "baseline_tensor_parallel_size": args.tp[0],
                              "dtype": payload["dtype"], "max_tokens": args.agreement_tokens,
-                             **agreement(reference, tokens)})
+                             **agreement(tokens, reference, args.agreement_tokens)})
                 if "throughput" in args.parts:
                     add({**throughput_record(llm, prompts, out_lens, device, tp), **common})
             finally:
@@ -406,8 +391,8 @@ def format_table(payload: dict) -> str:
                          + f", TTFT p50 {r['ttft_s']['p50']:.3f} s, {r['roofline_fraction']:.2f} of its per-GPU roofline")
         elif r["bench"] == "tp_agreement":
             lines.append(f"{r['dtype']} agreement {r['model_config']:<14} tp={r['tensor_parallel_size']} vs "
-                         f"tp={r['baseline_tensor_parallel_size']}: {r['identical_outputs']}/{r['num_outputs']} "
-                         f"identical, mean agreeing prefix {r['mean_agreeing_prefix']:.2f} of {r['max_tokens']} tokens")
+                         f"tp={r['baseline_tensor_parallel_size']}: exact {r['exact']:.2f}, mean common prefix "
+                         f"{r['prefix']:.2f} of {r['max_tokens']} tokens, first token {r['first_token']:.2f}")
         elif r["bench"] == "tp_allreduce":
             graphed = "-" if r["graphed_s"] is None else f"{1e6 * r['graphed_s']:.1f}"
             lines.append(f"all-reduce hidden {r['hidden']} B={r['batch_size']} over {r['num_gpus']} GPUs: "

@@ -6,13 +6,8 @@ import math
 import pytest
 import torch
 
-from benchmarks.fp8_agreement import (
-    greedy_tokens,
-    main,
-    make_llm,
-    parse_args,
-    teacher_forced_logits,
-)
+from benchmarks.fp8_agreement import main, make_llm, parse_args, teacher_forced_logits
+from benchmarks.hf_agreement import greedy_tokens
 
 SMOKE = ["--model-configs", "tiny", "--num-prompts", "2", "--prompt-len", "8:24", "--max-tokens", "8"]
 
