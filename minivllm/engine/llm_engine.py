@@ -98,6 +98,10 @@ class LLMEngine:
         self._max_retained = max_retained_outputs
         self._ids = itertools.count()
         self._inflight: _InFlight | None = None
+        # The final outputs of the requests the last step ended if it failed (finish_reason "error"):
+        # the step's exception carries no outputs, so a caller that serves them (a server) reads
+        # them here, with `take_failed_outputs`, instead of searching its requests.
+        self._failed_outputs: list[RequestOutput] = []
         self._num_planned = 0  # steps planned (and launched) so far
         self._busy_time = 0.0  # wall seconds inside step()
         self._num_prompt_tokens = 0
@@ -236,6 +240,7 @@ class LLMEngine:
         usable for every other request.
         """
         start = time.perf_counter()
+        self._failed_outputs = []  # only the last step's
         pending = [] if self._inflight is None else [self._inflight]  # launched, not folded in
         self._inflight = None
         outputs: list[RequestOutput] = []
@@ -335,7 +340,13 @@ class LLMEngine:
             for seq in request.seqs:
                 self.scheduler.finish_sequence(seq, SequenceStatus.FINISHED_ERROR)
                 failed.append(seq)
-        self._retire(failed)
+        self._failed_outputs += self._retire(failed)
+
+    def take_failed_outputs(self) -> list[RequestOutput]:
+        """The outputs of the requests the last step ended with finish_reason "error" if it raised
+        (once: a second call returns nothing)."""
+        outputs, self._failed_outputs = self._failed_outputs, []
+        return outputs
 
     # ------------------------------------------------------------------------------------------
     # Requests out

@@ -118,15 +118,12 @@ class EngineCore:
 
     def __init__(self, engine: LLMEngine):
         self.engine = engine
-        self.live: set[str] = set()  # requests added and not yet reported finished
 
     def add(self, prompt: Prompt, params: SamplingParams | None, request_id: str) -> None:
         """Queue a streaming request; the engine's ValueError/TypeError if it is refused."""
         self.engine.add_request(prompt, params, request_id, stream=True)
-        self.live.add(request_id)
 
     def abort(self, request_id: str) -> RequestOutput | None:
-        self.live.discard(request_id)
         return self.engine.abort(request_id)
 
     def stats(self) -> dict:
@@ -141,20 +138,9 @@ class EngineCore:
         try:
             outputs = self.engine.step()
         except Exception as err:  # noqa: BLE001 - reported to exactly the requests it ended
-            return StepResult([], self.state(), f"{type(err).__name__}: {err}", self._take_failed())
-        for output in outputs:
-            if output.finished:
-                self.live.discard(output.request_id)
+            failed = [nothing_new(o) for o in self.engine.take_failed_outputs()]
+            return StepResult([], self.state(), f"{type(err).__name__}: {err}", failed)
         return StepResult(outputs, self.state())
-
-    def _take_failed(self) -> list[RequestOutput]:
-        failed = []
-        for request_id in list(self.live):
-            output = self.engine.get_output(request_id)
-            if output.finished:
-                self.live.discard(request_id)
-                failed.append(nothing_new(output))
-        return failed
 
     def state(self) -> EngineState:
         scheduler, blocks = self.engine.scheduler, self.engine.block_manager

@@ -72,6 +72,9 @@ def test_the_requests_of_a_failed_step_finish_with_an_error(llm, monkeypatch):
     monkeypatch.undo()
     outputs = [llm.get_output(i) for i in ids]
     assert all(o.finished and o.finish_reason == "error" for o in outputs)
+    # The engine hands those outputs over once, to whoever serves the requests.
+    assert sorted(o.request_id for o in engine.take_failed_outputs()) == sorted(ids)
+    assert engine.take_failed_outputs() == []
     assert_clean(llm)
     late = llm.add_request(random_prompts([7], seed=8)[0], GREEDY)
     while llm.has_unfinished_requests():
