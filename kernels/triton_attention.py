@@ -475,7 +475,7 @@ def _launch_config(decode_only: bool, block_m: int, head_dim: int, dtype: torch.
       SM), amortises the per-step bookkeeping over more keys but leaves the tensor cores idle
       during each softmax. Measured on the H200 with the page path (`tune_attn.py --only prefill
       --quick`, benchmarks/RESULTS.md): 128x64/4 warps was the fastest tile of the sweep for
-      causal prefill 4 x 2048 (0.362 ms against 0.393 ms for 128x128/8), chunked prefill
+      causal prefill 4 x 2048 (0.362 ms against 0.387 ms for 128x128/8), chunked prefill
       (0.617 against 0.658 ms) and the mixed step (0.490 against 0.535 ms).
     * fp8 K/V keep 128-key tiles with 8 warps and two stages: the widened tiles are staged
       again for the MMA (benchmarks/fp8_tune.py, H100); the sweep above did not cover fp8.
