@@ -3,9 +3,10 @@
 One call measures everything on the same machine, in this order:
 
 1. **all-reduce** (no engine alive): `torch.distributed.all_reduce` of a [B, hidden] bf16 tensor
-   over N GPUs (NCCL), eager and replayed from a CUDA graph (as the decode graphs run it), per
-   call; times 2 x layers + 1 calls (two per decoder layer, one for the embedding), the
-   all-reduce cost of one decode step.
+   over N GPUs (NCCL), and the one-shot sum through peer memory the engine uses for decode-sized
+   tensors (minivllm/distributed/peer_all_reduce.py) where it can run, eager and replayed from a
+   CUDA graph (as the decode graphs run it), per call; times 2 x layers + 1 calls (two per
+   decoder layer, one for the embedding), the all-reduce cost of one decode step.
 2. For each model shape (--models; default the 8B and 1B Llama shapes, random weights) and each
    tensor_parallel_size (--tp; default 1 and 2), one engine (bf16, CUDA graphs, overlap on):
    * **decode roofline**, as benchmarks/roofline.py: B prompts of --context tokens prefilled,
@@ -17,8 +18,11 @@ One call measures everything on the same machine, in this order:
      the sums, and rounding may tip a near tie);
    * **throughput** on the random workload of benchmarks/throughput.py (same requests for every
      tensor_parallel_size).
+   With N > 1, one engine per --all-reduce choice (default: dist, then auto), so the two ways
+   of summing are timed side by side.
 
-Every record carries tensor_parallel_size and num_gpus. The JSON is written after each record
+Every record carries tensor_parallel_size, num_gpus and all_reduce (the engine's choice, and
+whether the peer path was really attached). The JSON is written after each record
 (benchmarks/results/tp_bench_<gpu>_<date>.json, or --out), a table is printed last with the
 targets of issue 16: the 8B step at batch 64 on 2 GPUs <= 0.6 x its 1-GPU time, the 8B
 throughput on 2 GPUs >= 1.6 x its 1-GPU throughput.
@@ -81,28 +85,44 @@ def _all_reduce_rank(rank: int, size: int, port: int, cases: list[tuple[int, int
     torch.cuda.set_device(rank)
     store = dist.TCPStore("127.0.0.1", port, size, is_master=rank == 0, timeout=dt.timedelta(minutes=5))
     dist.init_process_group("nccl", store=store, rank=rank, world_size=size)
+    from minivllm.distributed.peer_all_reduce import PeerAllReduce, unavailable_reason
+
+    methods = {"nccl": lambda x: dist.all_reduce(x)}
+    peer_reason = unavailable_reason(size, torch.device("cuda"))
+    if peer_reason is None:
+        peer = PeerAllReduce(dist.group.WORLD, torch.device("cuda", rank), torch.bfloat16)
+        methods["peer"] = peer
     rows = []
     for hidden, batch in cases:
-        x = torch.zeros(batch, hidden, dtype=torch.bfloat16, device="cuda")
-        for _ in range(10):  # the communicator, warm
-            dist.all_reduce(x)
-        torch.cuda.synchronize()
-        eager = _time_cuda(lambda x=x: dist.all_reduce(x), repeats=100)
-        graphed, error = None, None
-        try:  # `calls` all-reduces in one graph, as a decode graph holds 2L + 1 of them
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for _ in range(calls):
-                    dist.all_reduce(x)
-            graph.replay()
+        x = torch.ones(batch, hidden, dtype=torch.bfloat16, device="cuda")
+        for method, fn in methods.items():
+            if method == "peer" and not peer.fits(x):
+                continue
+            for _ in range(10):  # the communicator, warm
+                fn(x)
             torch.cuda.synchronize()
-            graphed = _time_cuda(graph.replay, repeats=20) / calls
-            del graph
-        except Exception as err:  # noqa: BLE001 - recorded: the eager numbers still stand
-            error = f"{type(err).__name__}: {err}"
-        rows.append({"bench": "tp_allreduce", "hidden": hidden, "batch_size": batch, "num_gpus": size,
-                     "tensor_parallel_size": size, "bytes": x.numel() * x.element_size(),
-                     "eager_s": eager, "graphed_s": graphed, "graph_error": error})
+            check = (methods["peer"](x) if method == "peer" else x.clone().fill_(1.0))
+            if method == "nccl":
+                dist.all_reduce(check)
+            correct = bool((check == size).all())  # a sum of ones
+            eager = _time_cuda(lambda fn=fn, x=x: fn(x), repeats=100)
+            graphed, error = None, None
+            try:  # `calls` all-reduces in one graph, as a decode graph holds 2L + 1 of them
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    for _ in range(calls):
+                        fn(x)
+                graph.replay()
+                torch.cuda.synchronize()
+                graphed = _time_cuda(graph.replay, repeats=20) / calls
+                del graph
+            except Exception as err:  # noqa: BLE001 - recorded: the eager numbers still stand
+                error = f"{type(err).__name__}: {err}"
+            x.fill_(1.0)  # the NCCL calls summed x in place
+            rows.append({"bench": "tp_allreduce", "method": method, "hidden": hidden, "batch_size": batch,
+                         "num_gpus": size, "tensor_parallel_size": size, "bytes": x.numel() * x.element_size(),
+                         "eager_s": eager, "graphed_s": graphed, "graph_error": error, "correct": correct,
+                         "peer_unavailable": peer_reason})
     if rank == 0:
         Path(out).write_text(json.dumps(rows))
     dist.destroy_process_group()
@@ -138,10 +158,10 @@ def measure_all_reduce(size: int, hiddens: list[int], batch_sizes: list[int], ca
 # ---------------------------------------------------------------------------------------------
 # 2. One engine: decode roofline, agreement, throughput
 # ---------------------------------------------------------------------------------------------
-def make_llm(model_dir: Path, tp: int, args, enforce_eager: bool = False):
+def make_llm(model_dir: Path, tp: int, args, enforce_eager: bool = False, all_reduce: str = "auto"):
     from minivllm import LLM
 
-    return LLM(str(model_dir), tensor_parallel_size=tp, max_num_seqs=args.max_num_seqs,
+    return LLM(str(model_dir), tensor_parallel_size=tp, all_reduce=all_reduce, max_num_seqs=args.max_num_seqs,
                max_model_len=args.max_model_len, max_num_batched_tokens=max(8192, args.max_num_seqs),
                gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=False,
                enforce_eager=enforce_eager)
@@ -198,6 +218,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                    "(default llama-3.1-8b,llama-3.2-1b on GPU, tiny on CPU)")
     p.add_argument("--tp", default="1,2", help="tensor_parallel_size values; the first is the baseline")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
+    p.add_argument("--all-reduce", default="dist,auto",
+                   help="with tensor_parallel_size > 1, one engine per choice (from minivllm's all_reduce: "
+                        "auto, dist, peer)")
     p.add_argument("--batch-sizes", default=None, help="decode batch sizes (default 1,16,64,128 on GPU)")
     p.add_argument("--context", type=int, default=None, help="prompt tokens per decode sequence (default 1024)")
     p.add_argument("--steps", type=int, default=16, help="timed decode steps per batch size")
@@ -217,6 +240,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = [m for m in args.models if m not in SHAPES]
     args.tp = sorted({int(t) for t in args.tp.split(",")}, key=[int(t) for t in args.tp.split(",")].index)
     args.parts = [x.strip() for x in args.parts.split(",") if x.strip()]
+    args.all_reduce = [x.strip() for x in args.all_reduce.split(",") if x.strip()]
+    if not args.all_reduce or any(x not in ("auto", "dist", "peer") for x in args.all_reduce):
+        p.error("--all-reduce: comma-separated from auto, dist, peer")
     if unknown or any(x not in PARTS for x in args.parts) or min(args.tp) < 1:
         p.error(f"--models from {SHAPES}, --parts from {PARTS}, --tp >= 1")
     if gpu and max(args.tp) > torch.cuda.device_count():
@@ -274,12 +300,15 @@ def main(argv=None) -> dict:
                 for name, (h, _) in hidden.items():
                     if row["hidden"] == h:
                         per_call = row["graphed_s"] if row["graphed_s"] is not None else row["eager_s"]
-                        allreduce_per_step[(name, size, row["batch_size"])] = per_call * step_calls[name]
+                        allreduce_per_step[(name, size, row["batch_size"], row["method"])] = per_call * step_calls[name]
                 row["calls_per_decode_step"] = {n: step_calls[n] for n, (h, _) in hidden.items() if h == row["hidden"]}
                 graphed = "-" if row["graphed_s"] is None else f"{1e6 * row['graphed_s']:7.1f} us"
-                print(f"  hidden {row['hidden']} B={row['batch_size']:>4}: eager {1e6 * row['eager_s']:7.1f} us, "
-                      f"graphed {graphed} per call {row['graph_error'] or ''}", flush=True)
+                print(f"  {row['method']:>4} hidden {row['hidden']} B={row['batch_size']:>4}: eager "
+                      f"{1e6 * row['eager_s']:7.1f} us, graphed {graphed} per call, correct {row['correct']} "
+                      f"{row['graph_error'] or ''}", flush=True)
                 add(row)
+            if rows and rows[0]["peer_unavailable"]:
+                print(f"  (no peer all-reduce: {rows[0]['peer_unavailable']})", flush=True)
     copy_bw = measure_copy_bandwidth(device)
     payload["copy_bandwidth_bytes_per_s"] = copy_bw
     for name in args.models:
@@ -289,11 +318,11 @@ def main(argv=None) -> dict:
         prompts, out_lens = make_workload(args.num_requests, args.input_range, args.output_range, vocab, args.seed)
         probe = make_workload(args.agreement_prompts, (64, 256), (1, 1), vocab, args.seed + 1)[0]
         reference = None
-        for tp in args.tp:
-            print(f"\n{name}, tensor_parallel_size={tp}", flush=True)
-            common = {"model_config": name, "tensor_parallel_size": tp, "num_gpus": tp}
+        for tp, mode in [(tp, mode) for tp in args.tp for mode in (["dist"] if tp == 1 else args.all_reduce)]:
+            print(f"\n{name}, tensor_parallel_size={tp}, all_reduce={mode}", flush=True)
+            common = {"model_config": name, "tensor_parallel_size": tp, "num_gpus": tp, "all_reduce": mode}
             try:
-                llm = make_llm(model_dirs[name], tp, args)
+                llm = make_llm(model_dirs[name], tp, args, all_reduce=mode)
             except Exception as err:  # noqa: BLE001 - e.g. a graph capture failing with NCCL: say so, go on eagerly
                 print(f"  the engine failed to start ({type(err).__name__}: {err}); retrying with enforce_eager=True",
                       flush=True)
@@ -301,15 +330,17 @@ def main(argv=None) -> dict:
                 llm = None
             if llm is None:  # outside the except block: the failed engine's memory can go now
                 release_memory(device)
-                llm = make_llm(model_dirs[name], tp, args, enforce_eager=True)
+                llm = make_llm(model_dirs[name], tp, args, enforce_eager=True, all_reduce=mode)
+            common["peer_all_reduce"] = llm.engine.model_runner.tp.peer is not None
+            method = "peer" if common["peer_all_reduce"] else "nccl"
             try:
                 if "roofline" in args.parts:
-                    per_step = {b: allreduce_per_step.get((name, tp, b)) for b in args.batch_sizes}
+                    per_step = {b: allreduce_per_step.get((name, tp, b, method)) for b in args.batch_sizes}
                     for row in decode_rows(llm, tp, args, copy_bw, per_step):
                         add({**row, **common})
                 if "agreement" in args.parts:
                     tokens = greedy_tokens(llm, probe, args.agreement_tokens)
-                    if reference is None:
+                    if tp == args.tp[0] and reference is None:
                         reference = tokens
                     else:
                         add({"bench": "tp_agreement", **common, "baseline_tensor_parallel_size": args.tp[0],
@@ -340,52 +371,62 @@ def _config(model_dir: Path) -> tuple[int, int]:
 def summarize(records: list[dict], base_tp: int) -> list[dict]:
     """tp=N against the baseline tp, per model: decode step per batch size, throughput."""
     out = []
-    decode = {(r["model_config"], r["tensor_parallel_size"], r["batch_size"]): r
+    decode = {(r["model_config"], r["tensor_parallel_size"], r.get("all_reduce", "dist"), r["batch_size"]): r
               for r in records if r["bench"] == "tp_decode_roofline"}
-    for (model, tp, batch), r in decode.items():
-        base = decode.get((model, base_tp, batch))
+    for (model, tp, mode, batch), r in decode.items():
+        base = next((b for (m, t, _, bb), b in decode.items() if (m, t, bb) == (model, base_tp, batch)), None)
         if tp == base_tp or base is None:
             continue
         ideal = base["step_time_s"] / (tp / base_tp) + (r["allreduce_per_step_s"] or 0.0)
-        out.append({"kind": "decode_step", "model_config": model, "tensor_parallel_size": tp, "batch_size": batch,
+        out.append({"kind": "decode_step", "model_config": model, "tensor_parallel_size": tp, "all_reduce": mode,
+                    "batch_size": batch,
                     "step_time_ratio": r["step_time_s"] / base["step_time_s"],
                     "ideal_ratio": ideal / base["step_time_s"],
                     "allreduce_share_of_base_step": (r["allreduce_per_step_s"] or 0.0) / base["step_time_s"]})
-    tput = {(r["model_config"], r["tensor_parallel_size"]): r for r in records if r["bench"] == "tp_throughput"}
-    for (model, tp), r in tput.items():
-        base = tput.get((model, base_tp))
+    tput = {(r["model_config"], r["tensor_parallel_size"], r.get("all_reduce", "dist")): r
+            for r in records if r["bench"] == "tp_throughput"}
+    for (model, tp, mode), r in tput.items():
+        base = next((b for (m, t, _), b in tput.items() if (m, t) == (model, base_tp)), None)
         if tp != base_tp and base is not None:
-            out.append({"kind": "throughput", "model_config": model, "tensor_parallel_size": tp,
+            out.append({"kind": "throughput", "model_config": model, "tensor_parallel_size": tp, "all_reduce": mode,
                         "output_tokens_per_s_ratio": r["output_tokens_per_s"] / base["output_tokens_per_s"]})
     return out
+
+
+def _sum_label(record: dict) -> str:
+    """How the record's engine summed: "peer" (one-shot through peer memory) or "nccl"."""
+    if record["tensor_parallel_size"] == 1:
+        return "-"
+    return "peer" if record.get("peer_all_reduce") else "nccl"
 
 
 def format_table(payload: dict) -> str:
     recs = payload["records"]
     title = (f"{payload['device']} ({payload['dtype']}), context {payload['context']}, throughput workload "
              f"{payload['num_requests']} requests in {payload['input_len']} out {payload['output_len']}")
-    header = (f"{'model':<14} {'tp':>3} {'batch':>6} {'step ms':>9} {'roofline/GPU ms':>16} {'all-reduce ms':>14} "
+    header = (f"{'model':<14} {'tp':>3} {'sum':>5} {'batch':>6} {'step ms':>9} {'roofline/GPU ms':>16} {'all-reduce ms':>14} "
               f"{'vs tp=' + str(payload['tp'][0]):>8} {'ideal':>7}")
     lines = [title, header]
-    ratio = {(s["model_config"], s["tensor_parallel_size"], s["batch_size"]): s
+    ratio = {(s["model_config"], s["tensor_parallel_size"], s["all_reduce"], s["batch_size"]): s
              for s in payload["summary"] if s["kind"] == "decode_step"}
     for r in recs:
         if r["bench"] != "tp_decode_roofline":
             continue
-        s = ratio.get((r["model_config"], r["tensor_parallel_size"], r["batch_size"]))
+        mode = r.get("all_reduce", "dist")
+        s = ratio.get((r["model_config"], r["tensor_parallel_size"], mode, r["batch_size"]))
         ar = r["allreduce_per_step_s"]
         allreduce = "-" if ar is None else f"{1e3 * ar:.3f}"
         vs_base = "-" if s is None else f"{s['step_time_ratio']:.2f}"
         ideal = "-" if s is None else f"{s['ideal_ratio']:.2f}"
-        lines.append(f"{r['model_config']:<14} {r['tensor_parallel_size']:>3} {r['batch_size']:>6} "
+        lines.append(f"{r['model_config']:<14} {r['tensor_parallel_size']:>3} {_sum_label(r):>5} {r['batch_size']:>6} "
                      f"{1e3 * r['step_time_s']:>9.3f} {1e3 * r['roofline_time_s']:>16.3f} "
                      f"{allreduce:>14} {vs_base:>8} {ideal:>7}")
     for r in recs:
         if r["bench"] == "tp_throughput":
             s = next((x for x in payload["summary"] if x["kind"] == "throughput"
-                      and (x["model_config"], x["tensor_parallel_size"]) == (r["model_config"], r["tensor_parallel_size"])),
-                     None)
-            lines.append(f"throughput {r['model_config']:<14} tp={r['tensor_parallel_size']}: "
+                      and (x["model_config"], x["tensor_parallel_size"], x["all_reduce"])
+                      == (r["model_config"], r["tensor_parallel_size"], r.get("all_reduce", "dist"))), None)
+            lines.append(f"throughput {r['model_config']:<14} tp={r['tensor_parallel_size']} ({_sum_label(r)}): "
                          f"{r['output_tokens_per_s']:.0f} output tok/s"
                          + (f" = {s['output_tokens_per_s_ratio']:.2f}x tp={payload['tp'][0]}" if s else "")
                          + f", TTFT p50 {r['ttft_s']['p50']:.3f} s, {r['roofline_fraction']:.2f} of its per-GPU roofline")
@@ -395,7 +436,7 @@ def format_table(payload: dict) -> str:
                          f"{r['prefix']:.2f} of {r['max_tokens']} tokens, first token {r['first_token']:.2f}")
         elif r["bench"] == "tp_allreduce":
             graphed = "-" if r["graphed_s"] is None else f"{1e6 * r['graphed_s']:.1f}"
-            lines.append(f"all-reduce hidden {r['hidden']} B={r['batch_size']} over {r['num_gpus']} GPUs: "
+            lines.append(f"all-reduce {r.get('method', 'nccl')} hidden {r['hidden']} B={r['batch_size']} over {r['num_gpus']} GPUs: "
                          f"eager {1e6 * r['eager_s']:.1f} us, graphed {graphed} us per call")
         elif r["bench"] == "tp_engine_error":
             lines.append(f"ENGINE ERROR {r['model_config']} tp={r['tensor_parallel_size']} (reran eagerly): {r['error']}")

@@ -24,7 +24,7 @@ import json
 import re
 import sys
 
-from minivllm.config import DEVICES, DTYPES, KV_CACHE_DTYPES
+from minivllm.config import ALL_REDUCE_CHOICES, DEVICES, DTYPES, KV_CACHE_DTYPES
 from minivllm.kernels import BACKENDS
 
 MiB = 1 << 20
@@ -95,6 +95,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
                         help="auto = the model's dtype; fp8 = e4m3 with a scale per token and head")
     engine.add_argument("--tensor-parallel-size", type=_positive_int, default=1,
                         help="split the model over this many GPUs (one process each; CPU processes with --device cpu)")
+    engine.add_argument("--all-reduce", default="auto", choices=ALL_REDUCE_CHOICES,
+                        help="how tensor-parallel ranks sum: dist = torch.distributed (NCCL/gloo); peer = small "
+                             "sums through peer GPU memory in one kernel; auto = peer for 2 linked GPUs")
     return engine
 
 
@@ -108,6 +111,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         enable_chunked_prefill=args.chunked_prefill, enable_prefix_caching=args.prefix_caching,
         kv_cache_dtype=args.kv_cache_dtype, tensor_parallel_size=args.tensor_parallel_size,
+        all_reduce=args.all_reduce,
     )
 
 

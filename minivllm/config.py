@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from minivllm.distributed.peer_all_reduce import ALL_REDUCE_CHOICES
 from minivllm.kernels import BACKENDS as ATTENTION_BACKENDS
 
 MiB = 1 << 20
@@ -100,6 +101,11 @@ class ModelConfig:
         processes with device="cpu"); the engine starts the other N - 1 itself. The model's
         query heads must divide by N, its KV heads divide by N or N by them, its MLP width
         divide by N; on CUDA there must be N GPUs. See docs/tensor_parallel.md.
+    all_reduce: how tensor-parallel ranks sum their partial results. "dist" always uses
+        `torch.distributed.all_reduce` (NCCL on GPUs, gloo on CPU); "peer" sends small
+        (decode-sized) sums through peer GPU memory in one kernel (PyTorch's symmetric memory,
+        see minivllm/distributed/peer_all_reduce.py) and raises if it cannot; "auto" does that
+        for two GPUs with a peer-to-peer link and uses "dist" otherwise.
     """
 
     model: str
@@ -109,6 +115,7 @@ class ModelConfig:
     attention_backend: str = "auto"
     enforce_eager: bool = False
     tensor_parallel_size: int = 1
+    all_reduce: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.model, os.PathLike):
@@ -124,6 +131,7 @@ class ModelConfig:
         _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         _check_bool("enforce_eager", self.enforce_eager)
         _check_int("tensor_parallel_size", self.tensor_parallel_size, minimum=1)
+        _check_choice("all_reduce", self.all_reduce, ALL_REDUCE_CHOICES)
         self._check_runnable()
         self._check_tensor_parallel()
 
@@ -170,6 +178,12 @@ class ModelConfig:
         if self.torch_device.type == "cuda" and n > torch.cuda.device_count():
             raise ValueError(f"tensor_parallel_size={n} needs {n} GPUs (one per rank), but torch sees "
                              f"{torch.cuda.device_count()}")
+        if self.all_reduce == "peer":
+            from minivllm.distributed.peer_all_reduce import unavailable_reason
+
+            reason = unavailable_reason(n, self.torch_device)
+            if reason is not None:
+                raise ValueError(f"all_reduce='peer' cannot run with tensor_parallel_size={n}: {reason}")
 
     @property
     def torch_device(self):

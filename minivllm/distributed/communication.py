@@ -29,9 +29,15 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 
 
 def all_reduce(x: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
-    """Sum `x` over the ranks, in place; returns it."""
+    """Sum `x` over the ranks; returns the sum (x itself, summed in place, or a new tensor).
+
+    Small tensors (a decode step's) go through peer GPU memory in one kernel when the ranks have
+    set that up (`tp.peer`, see peer_all_reduce.py); everything else through the process group.
+    """
     if tp.size == 1:
         return x
+    if tp.peer is not None and tp.peer.fits(x):
+        return tp.peer(x)
     dist.all_reduce(x, group=tp.group)
     return x
 

@@ -20,7 +20,7 @@ one group at a time: `torch.distributed` keeps its default group per process.
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -48,12 +48,15 @@ class TensorParallel:
     group: the layers' all-reduce and all-gather (NCCL on GPUs, gloo on CPU).
     cpu_group: gloo, for host-side agreement between ranks (the KV pool size, start-up barriers).
     Both are None when size == 1.
+    peer: a `PeerAllReduce` (peer_all_reduce.py) that small all-reduces take instead of `group`,
+    or None (see `attach_peer_all_reduce`).
     """
 
     rank: int = 0
     size: int = 1
     group: Any = None
     cpu_group: Any = None
+    peer: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.size:

@@ -39,6 +39,7 @@ import torch
 
 from minivllm.config import EngineConfig
 from minivllm.distributed import SINGLE, TensorParallel, barrier
+from minivllm.distributed.peer_all_reduce import attach_peer_all_reduce
 from minivllm.kernels import resolve_backend, warm_up
 from minivllm.layers.sampler import Sampler
 from minivllm.step import SchedulerOutput
@@ -98,10 +99,11 @@ class ModelRunner:
         from minivllm.models import load_model
 
         self.config = config
-        self.tp = tp
         model_config = config.model_config
         self.device = tp.local_device(model_config.torch_device)
         self.dtype = model_config.torch_dtype
+        # Before the layers are built, so that they all hold the same `tp` (and its peer buffer).
+        self.tp = tp = attach_peer_all_reduce(tp, model_config.all_reduce, self.dtype, self.device)
         self.block_size = config.cache_config.block_size
         self.backend = model_config.attention_backend
         self.model = load_model(model_config.model, dtype=self.dtype, device=self.device, tp=tp)

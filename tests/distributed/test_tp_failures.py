@@ -63,11 +63,37 @@ def test_tensor_parallel_size_must_be_a_positive_int(model_dir, value, error):
         LLM(str(model_dir("llama")), tensor_parallel_size=value, **CPU_ENGINE)
 
 
+@pytest.mark.parametrize("value,message", [
+    ("nccl", r"all_reduce must be one of \('auto', 'dist', 'peer'\), got 'nccl'"),
+    ("peer", r"all_reduce='peer' cannot run with tensor_parallel_size=2: it needs CUDA GPUs, not cpu"),
+])
+def test_the_all_reduce_choice_is_checked_at_the_door(model_dir, value, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(str(model_dir("llama")), device="cpu", tensor_parallel_size=2, all_reduce=value)
+
+
+def test_auto_and_dist_keep_the_process_group_all_reduce_on_cpu(model_dir):
+    """On CPU "auto" is gloo's all-reduce (what the equality tests run); one rank needs none."""
+    from minivllm.distributed import SINGLE
+    from minivllm.distributed.peer_all_reduce import attach_peer_all_reduce, unavailable_reason
+
+    assert unavailable_reason(2, torch.device("cpu")) == "it needs CUDA GPUs, not cpu"
+    for mode in ("auto", "dist", "peer"):  # one rank: nothing to sum, nothing to attach
+        assert attach_peer_all_reduce(SINGLE, mode, torch.float32, torch.device("cpu")) is SINGLE
+    with pytest.raises(ValueError, match="all_reduce must be one of"):
+        attach_peer_all_reduce(SINGLE, "ring", torch.float32, torch.device("cpu"))
+    with LLM(str(model_dir("llama")), tensor_parallel_size=2, **CPU_ENGINE) as llm:
+        assert llm.engine.model_runner.tp.peer is None
+
+
 def test_the_cli_flag_reaches_the_config_and_errors_speak_its_words(model_dir, capsys):
     from minivllm.cli import build_parser, engine_kwargs, main
 
     args = build_parser().parse_args(["generate", "--model", "m", "--tensor-parallel-size", "2"])
     assert engine_kwargs(args)["tensor_parallel_size"] == 2
+    assert engine_kwargs(args)["all_reduce"] == "auto"
+    args = build_parser().parse_args(["generate", "--model", "m", "--all-reduce", "dist"])
+    assert engine_kwargs(args)["all_reduce"] == "dist"
     assert main(["generate", "--model", str(model_dir("llama")), "--prompt-token-ids", "5,6",
                  "--device", "cpu", "--tensor-parallel-size", "3"]) == 2
     assert "error: --tensor-parallel-size 3 cannot split the model" in capsys.readouterr().err
