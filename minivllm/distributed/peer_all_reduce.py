@@ -73,8 +73,6 @@ class PeerAllReduce:
         self.group_name = group.group_name
         self.dtype = dtype
         self.max_numel = max_bytes // dtype.itemsize
-        if hasattr(symm_mem, "enable_symm_mem_for_group"):  # required by older PyTorch, harmless after
-            symm_mem.enable_symm_mem_for_group(self.group_name)
         self.buffer = symm_mem.empty(self.max_numel, dtype=dtype, device=device)
         symm_mem.rendezvous(self.buffer, self.group_name)  # collective: map every rank's buffer
 

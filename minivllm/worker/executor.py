@@ -177,6 +177,7 @@ class MultiprocExecutor:
             self.tp = init_tensor_parallel(0, size, store, device)
             self._fleet.in_group = True
             self.driver = self._fleet.runner = ModelRunner(config, self.tp)
+            self.tp = self.driver.tp  # the same groups, plus the peer all-reduce if it attached one
             for worker in self._workers:
                 self._receive(worker, "start-up", expect="ready")
         except BaseException as err:
