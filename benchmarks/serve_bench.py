@@ -395,13 +395,22 @@ def text_bodies(model: str, texts: list[str], out_lens: list[int], route: str, s
 
 def text_workload(model_dir: Path, args) -> tuple[list[str], list[int]]:
     """The first --hf-num-requests requests as text: random ids of the tokenizer's own vocabulary
-    (the model's may be larger), decoded."""
+    (the model's may be larger), decoded.
+
+    Text of random ids need not encode back to as many tokens (a token that encoding never
+    produces, like the toy tokenizer's fillers, comes back as several), so each prompt is encoded
+    again and cut to its drawn length: the servers then see prompts of about the drawn size."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     ids, out_lens = make_workload(args.hf_num_requests, args.input_range, args.output_range, len(tokenizer),
                                   args.seed)
-    return [tokenizer.decode(p, skip_special_tokens=True) for p in ids], out_lens
+    texts = []
+    for prompt in ids:
+        text = tokenizer.decode(prompt, skip_special_tokens=True)
+        again = tokenizer.encode(text, add_special_tokens=False)[:len(prompt)]
+        texts.append(tokenizer.decode(again, skip_special_tokens=True))
+    return texts, out_lens
 
 
 async def pick_route(url: str, model: str) -> str:

@@ -75,3 +75,22 @@ def test_an_sse_stream_is_read_as_the_client_sees_it():
     error = serve_bench.Result()
     serve_bench._read_event(b'data: {"error": {"message": "boom"}}', error, 0.1)
     assert "boom" in error.error
+
+
+def test_text_prompts_encode_back_to_their_drawn_length(tmp_path):
+    """The transformers-serve comparison sends text. Random ids of the toy tokenizer include its
+    filler tokens, whose text encodes back as several tokens: without the cut, prompts grew past
+    the model's context and the servers refused them (a GPU run saw 25 of 32 refused)."""
+    from transformers import AutoTokenizer
+
+    from minivllm.models import make_random_model
+
+    model_dir = make_random_model(tmp_path / "m", arch="qwen3", size="tiny", seed=0)
+    args = serve_bench.parse_args(["--smoke", "--model-dir", str(tmp_path)])
+    args.hf_num_requests, args.input_range = 6, (40, 60)
+    texts, out_lens = serve_bench.text_workload(model_dir, args)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    lengths = [len(tokenizer.encode(t, add_special_tokens=False)) for t in texts]
+    assert len(texts) == len(out_lens) == 6
+    # Decoding and encoding again may merge a pair at the cut, never grow the prompt much.
+    assert all(30 <= n <= 62 for n in lengths), lengths
