@@ -4,7 +4,8 @@
               tested against;
     "triton"  the fast GPU kernels (`triton_attention.py`, `triton_cache.py`); they also run on
               CPU tensors under TRITON_INTERPRET=1, which is how the CPU tests run them;
-    "cuda"    the optional C++ extension built from csrc/ (`cuda.py`), decode only;
+    "cuda"    the optional C++ extension built from csrc/ (`cuda.py`): tensor-core kernels for
+              decode, prefill, chunked prefill and mixed batches (fp16/bf16, head_dim 64/128);
     "auto"    Triton on a GPU (or the extension, for the ops listed in AUTO_PREFERS_CUDA),
               else the reference.
 
@@ -30,9 +31,10 @@ from . import reference
 BACKENDS = ("auto", "torch", "triton", "cuda")
 
 # Where "auto" takes the C++ extension when it is built, rather than Triton: only for ops where
-# it measured faster in the same run (benchmarks/RESULTS.md). Its decode kernel runs on CUDA
-# cores and measured 1.7-2x slower than the Triton kernel, whose GQA tile uses tensor cores, so
-# "auto" keeps Triton for attention; backend="cuda" still selects the extension.
+# it measured faster in the same run (benchmarks/RESULTS.md). The CUDA-core decode kernel it had
+# measured 1.7-2x slower than Triton; its tensor-core rewrite (mma.sync, with prefill) has not been
+# measured yet (benchmarks/cuda_mma_check.py does), so "auto" keeps Triton for attention until it
+# is; backend="cuda" selects the extension.
 AUTO_PREFERS_CUDA = {"paged_attention": False, "write_kv_cache": False}
 
 
@@ -68,7 +70,7 @@ KERNELS = {
 # and alignment only, so deciding never reads a value back from the GPU.
 CUDA_DECLINES = {
     "write_kv_cache": _cuda.write_kv_unsupported,
-    "paged_attention": _cuda.decode_unsupported,
+    "paged_attention": _cuda.attention_unsupported,
 }
 
 

@@ -11,14 +11,19 @@ There are two ways to get it, both needing nvcc and a CUDA build of PyTorch:
   csrc/ with `torch.utils.cpp_extension.load` (about a minute), cached on disk under
   `TORCH_EXTENSIONS_DIR` (default ~/.cache/torch_extensions), so later processes load it at once.
 
-What it covers: `write_kv_cache`, and `paged_attention` for decode batches (one query per
-sequence) in fp16/bf16 with head_dim 64 or 128 and a GQA group of 1, 2, 4 or 8 query heads per KV
-head, with a 16-bit cache (not fp8). Anything else is routed to the Triton kernel by
-`minivllm.kernels`; `decode_unsupported` says why a call does not fit.
+What it covers: `write_kv_cache`, and `paged_attention` for every kind of step the engine runs
+(decode, prefill, chunked prefill, mixed batches) in fp16/bf16 with head_dim 64 or 128, a GQA
+group of 1, 2, 4 or 8 query heads per KV head, a 16-bit cache (not fp8) and a block size that is
+a power of two of at least 8. A batch of decodes (one query per sequence) runs the decode kernel,
+with split-KV when the batch cannot fill the GPU (`decode_num_splits`); any other batch runs the
+prefill kernel, in which a decode is a query tile of one token. Both are tensor-core kernels
+(mma.sync, ldmatrix, cp.async); docs/cuda_extension.md explains them. Anything else is routed to
+the Triton kernel by `minivllm.kernels`; `attention_unsupported` says why a call does not fit.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from pathlib import Path
@@ -33,6 +38,18 @@ NVCC_FLAGS = ("-O3", "--use_fast_math")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_GROUPS = (1, 2, 4, 8)
+MIN_BLOCK_SIZE = 8  # a 16-key tile spans at most two pages
+
+# Split-KV for the decode kernel (csrc/paged_decode_kernel.cuh). A CTA takes one (sequence,
+# KV head, slice); its shared memory (4 warps x 3 stages x 16 keys x K and V) bounds how many fit
+# on an SM at once. The grid aims at DECODE_WAVES waves of CTAs, so that CTAs finishing early are
+# replaced and the last wave is short, but never cuts a slice below DECODE_MIN_SLICE keys: each
+# slice adds a partial output for the merge kernel and a pipeline to fill.
+DECODE_SMEM_BYTES = {64: 4 * 3 * 2 * 16 * 64 * 2, 128: 4 * 3 * 2 * 16 * 128 * 2}
+SM_SHARED_MEMORY = 227 * 1024  # usable per SM on sm_80 / sm_90, with 1 KB reserved per CTA
+DECODE_WAVES = 4
+DECODE_MIN_SLICE = 512
+MAX_SPLITS = 128
 
 _module = None
 _error: str | None = None
@@ -98,20 +115,17 @@ def supports(op: str) -> bool:
     return module is not None and hasattr(module, op)
 
 
-def decode_unsupported(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                       seq_lens: torch.Tensor, out: torch.Tensor | None = None,
-                       **_call) -> str | None:
-    """Why this paged_attention call does not fit the extension's decode kernel (None: it fits).
+def attention_unsupported(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          seq_lens: torch.Tensor, out: torch.Tensor | None = None,
+                          **_call) -> str | None:
+    """Why this paged_attention call does not fit the extension's kernels (None: it fits).
 
     Only shapes, dtypes, strides and alignment are looked at: deciding never touches GPU values.
     The dispatcher passes the whole call; the arguments not named here do not matter.
     """
-    num_tokens, num_q_heads, head_dim = query.shape
+    num_q_heads, head_dim = query.shape[1:]
     if k_cache.dtype == torch.float8_e4m3fn:
         return "an fp8 KV cache (the extension has float16 and bfloat16 kernels)"
-    if num_tokens != seq_lens.shape[0]:
-        return (f"it is not a decode batch ({num_tokens} queries for {seq_lens.shape[0]} sequences); "
-                "prefill runs on the Triton kernel")
     if query.dtype not in SUPPORTED_DTYPES:
         return f"dtype {query.dtype} (the extension has float16 and bfloat16 kernels)"
     if head_dim not in SUPPORTED_HEAD_DIMS:
@@ -119,14 +133,51 @@ def decode_unsupported(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     group = num_q_heads // k_cache.shape[2]
     if group not in SUPPORTED_GROUPS:
         return f"GQA group of {group} query heads per KV head (compiled for {SUPPORTED_GROUPS})"
+    block_size = k_cache.shape[1]
+    if block_size < MIN_BLOCK_SIZE or block_size & (block_size - 1):
+        return (f"block_size {block_size} (the extension's tiles need a power of two >= "
+                f"{MIN_BLOCK_SIZE})")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         return "a non-contiguous KV cache"
     tensors = [query, k_cache, v_cache] + ([out] if out is not None else [])
     if any(t.data_ptr() % 16 for t in tensors) or query.stride(0) % 8 or query.stride(1) % 8:
-        return "rows that are not 16-byte aligned (the kernel loads 16-byte vectors)"
+        return "rows that are not 16-byte aligned (the kernels copy 16-byte vectors)"
+    if out is not None and (out.stride(0) % 2 or out.stride(1) % 2):
+        return "an output with odd strides (the kernels store pairs of values)"
+    if k_cache.stride(0) * k_cache.element_size() >= 2**31:
+        return "KV blocks of 2 GB or more"
     if seq_lens.shape[0] > 65535:
         return f"{seq_lens.shape[0]} sequences (a launch takes at most 65535)"
     return None
+
+
+# The name from when the extension was decode only; tests/kernels/test_fp8.py and
+# benchmarks/attn_bench.py still call it so.
+decode_unsupported = attention_unsupported
+
+
+def decode_num_splits(num_seqs: int, num_kv_heads: int, head_dim: int, max_context: int,
+                      num_sms: int) -> int:
+    """How many slices the decode kernel cuts each context into, from shapes alone (so a launch
+    can be captured in a CUDA graph): enough CTAs for DECODE_WAVES waves, slices of at least
+    DECODE_MIN_SLICE keys, at most MAX_SPLITS slices."""
+    resident = num_sms * max(1, SM_SHARED_MEMORY // (DECODE_SMEM_BYTES[head_dim] + 1024))
+    target = DECODE_WAVES * resident
+    num_ctas = num_seqs * num_kv_heads
+    if num_ctas >= target:
+        return 1
+    wanted = -(-target // num_ctas)
+    by_length = max(1, max_context // DECODE_MIN_SLICE)
+    return min(wanted, by_length, MAX_SPLITS)
+
+
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def write_kv_unsupported(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
@@ -151,8 +202,17 @@ def write_kv_cache(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_s
 
 def paged_attention(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, causal,
                     out, max_seq_len=None, num_splits=None, k_scale=None, v_scale=None):
+    """One launch (decode, or prefill for any other batch), plus a merge launch when a decode is
+    split. The split count comes from shapes and `max_seq_len` (the table's capacity when None),
+    never from seq_lens' values."""
+    if num_splits is None:
+        num_splits = 1
+        if query.shape[0] == seq_lens.shape[0]:  # one query per sequence: a decode batch
+            max_context = max_seq_len or block_tables.shape[1] * k_cache.shape[1]
+            num_splits = decode_num_splits(seq_lens.shape[0], k_cache.shape[2], query.shape[2],
+                                           max_context, _num_sms(_device_index(query.device)))
     _load().paged_attention(
         query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, float(scale), bool(causal),
-        out, max_seq_len, num_splits or 0,
+        out, num_splits,
     )
     return out

@@ -1,8 +1,12 @@
 """The optional C++/CUDA extension (csrc/) against the reference, and its routing rules.
 
 The kernel tests need a GPU and the built extension (`MINIVLLM_CUDA_JIT=1` builds it on first
-use); elsewhere they are skipped with the reason. The routing tests (which calls the extension
-takes, and why it declines the others) look only at shapes and dtypes, so they run on CPU too.
+use); elsewhere they are skipped with the reason. They cover both tensor-core kernels: decode
+(with and without split-KV) and prefill (full, chunked, mixed with decodes, non-causal), on
+awkward shapes (head_dim 64/128, GQA groups 1-8, block sizes 8-64, contexts ending mid-block,
+garbage in unused block-table entries) and under CUDA-graph capture. The routing tests (which
+calls the extension takes, why it declines the others, how many KV splits a decode gets) look
+only at shapes and dtypes, so they run on CPU too.
 """
 
 import itertools
@@ -24,7 +28,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float16, torch.bfloat16]
 GQA = [(4, 4), (8, 4), (8, 2), (16, 2)]  # groups 1, 2, 4 and 8
 HEAD_DIMS = [64, 128]
-BLOCK_SIZES = [8, 16, 32]
+BLOCK_SIZES = [8, 16, 32, 64]
 
 
 def _check(problem, dtype, **kwargs):
@@ -42,7 +46,7 @@ def _check(problem, dtype, **kwargs):
 # Kernel correctness (GPU)
 # --------------------------------------------------------------------------------------------
 MATRIX = [
-    (dtype, gqa, head_dim, BLOCK_SIZES[i % 3], i)
+    (dtype, gqa, head_dim, BLOCK_SIZES[i % len(BLOCK_SIZES)], i)
     for i, (dtype, gqa, head_dim) in enumerate(itertools.product(DTYPES, GQA, HEAD_DIMS))
 ]
 
@@ -136,22 +140,95 @@ def test_write_kv_cache_matches_reference(dtype, slot_dtype):
 
 
 @needs_extension
-def test_prefill_falls_back_to_triton_with_a_warning():
-    g = torch.Generator().manual_seed(6)
-    p = make_problem([5, 1], [40, 17], 8, 2, 128, 16, torch.bfloat16, DEVICE, generator=g)
-    with pytest.warns(UserWarning, match="not a decode batch"):
-        out = paged_attention(*p.args(), backend="cuda")
-    ref = paged_attention(*p.args(), backend="torch")
+@pytest.mark.parametrize("dtype,gqa,head_dim,block_size,seed", MATRIX)
+def test_prefill_matches_reference(dtype, gqa, head_dim, block_size, seed):
+    """Whole prompts (query length = context), one shorter and one longer than a query tile, with
+    lengths that end mid-block and mid-tile."""
+    g = torch.Generator().manual_seed(100 + seed)
+    lens = [1, 5, 2 * block_size + 3, 77, 300]
+    p = make_problem(lens, lens, *gqa, head_dim, block_size, dtype, DEVICE, generator=g)
+    _check(p, dtype)
+
+
+@needs_extension
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("gqa,head_dim", [((8, 8), 128), ((16, 4), 64), ((16, 2), 128)])
+def test_chunked_prefill_matches_reference(gqa, head_dim, block_size):
+    """Queries at the end of a longer cached context: the causal diagonal sits mid-context."""
+    g = torch.Generator().manual_seed(block_size + head_dim)
+    query_lens = [1, 17, 64, 200]
+    seq_lens = [40, 17 + 3 * block_size + 5, 1000, 1200]
+    p = make_problem(query_lens, seq_lens, *gqa, head_dim, block_size, torch.bfloat16, DEVICE,
+                     generator=g)
+    _check(p, torch.bfloat16)
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gqa", GQA)
+def test_mixed_batch_matches_reference(dtype, gqa):
+    """The engine's mixed step: decodes and prefill chunks in one call (the prefill kernel)."""
+    g = torch.Generator().manual_seed(len(str(gqa)))
+    query_lens = [1, 1, 130, 1, 9, 1]
+    seq_lens = [500, 1, 900, 33, 9, 2048]
+    p = make_problem(query_lens, seq_lens, *gqa, 128, 16, dtype, DEVICE, generator=g)
+    _check(p, dtype)
+
+
+@needs_extension
+def test_non_causal_prefill_matches_reference():
+    g = torch.Generator().manual_seed(3)
+    p = make_problem([30, 7, 100], [90, 7, 100], 8, 2, 64, 16, torch.float16, DEVICE, generator=g)
+    _check(p, torch.float16, causal=False)
+
+
+@needs_extension
+@pytest.mark.parametrize("kind", ["prefill", "chunked", "mixed"])
+def test_prefill_captured_in_a_cuda_graph(kind):
+    """The prefill grid comes from tensor shapes only: one graph replays correctly for new query
+    lengths, contexts and block tables with the same token count."""
+    g = torch.Generator().manual_seed(21)
+    shapes = {  # (query lengths, contexts) at capture, then at replay (same total tokens)
+        "prefill": (([100, 60], [100, 60]), ([30, 130], [30, 130])),
+        "chunked": (([64, 64], [700, 64]), ([1, 127], [1500, 900])),
+        "mixed": (([1, 1, 98], [300, 20, 98]), ([1, 1, 98], [2000, 1, 500])),
+    }[kind]
+    (q0, s0), (q1, s1) = shapes
+    p = make_problem(q0, s0, 16, 4, 128, 16, torch.bfloat16, DEVICE, generator=g)
+    p1 = make_problem(q1, s1, 16, 4, 128, 16, torch.bfloat16, DEVICE, generator=g)
+    assert p1.block_tables.shape[1] <= 2048 // 16
+    tables = torch.full((len(q0), 2048 // 16), -1, dtype=torch.int32, device=DEVICE)
+    cache_k = torch.cat([p.k_cache, p1.k_cache])
+    cache_v = torch.cat([p.v_cache, p1.v_cache])
+    tables[:, :p.block_tables.shape[1]] = p.block_tables
+    out = torch.empty_like(p.query)
+    args = (p.query, cache_k, cache_v, tables, p.seq_lens, p.cu_seqlens_q)
+    paged_attention(*args, backend="cuda", out=out)  # warm-up
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        paged_attention(*args, backend="cuda", out=out)
+    # New values at the same addresses: the second problem's blocks sit after the first's.
+    p.query.copy_(p1.query)
+    tables.fill_(-1)
+    used = p1.block_tables >= 0
+    tables[:, :p1.block_tables.shape[1]] = torch.where(used, p1.block_tables + p.k_cache.shape[0],
+                                                       p1.block_tables)
+    p.seq_lens.copy_(p1.seq_lens)
+    p.cu_seqlens_q.copy_(p1.cu_seqlens_q)
+    out.fill_(float("nan"))
+    graph.replay()
+    ref = paged_attention(*args, backend="torch")
     assert rel_error(out, ref) < TOLERANCE[torch.bfloat16]
 
 
 @needs_extension
-@pytest.mark.parametrize("dtype,head_dim,reason", [
-    (torch.float32, 64, "dtype"), (torch.float16, 80, "head_dim"),
+@pytest.mark.parametrize("dtype,head_dim,block_size,reason", [
+    (torch.float32, 64, 16, "dtype"), (torch.float16, 80, 16, "head_dim"),
+    (torch.float16, 64, 12, "block_size 12"), (torch.bfloat16, 128, 4, "block_size 4"),
 ])
-def test_unsupported_decode_falls_back_with_its_reason(dtype, head_dim, reason):
+def test_unsupported_call_falls_back_with_its_reason(dtype, head_dim, block_size, reason):
     g = torch.Generator().manual_seed(8)
-    p = make_problem([1, 1], [40, 17], 4, 2, head_dim, 16, dtype, DEVICE, generator=g)
+    p = make_problem([1, 3], [40, 17], 4, 2, head_dim, block_size, dtype, DEVICE, generator=g)
     with pytest.warns(UserWarning, match=reason):
         out = paged_attention(*p.args(), backend="cuda")
     ref = paged_attention(*p.args(), backend="torch")
@@ -167,27 +244,60 @@ def _decode_tensors(num_tokens=2, num_seqs=2, hq=8, hkv=2, head_dim=128, dtype=t
     return query, cache, cache.clone(), torch.ones(num_seqs, dtype=torch.int32)
 
 
-def test_a_plain_decode_batch_fits():
-    assert cuda_ext.decode_unsupported(*_decode_tensors()) is None
+def test_decode_and_prefill_batches_fit():
+    assert cuda_ext.attention_unsupported(*_decode_tensors()) is None
+    assert cuda_ext.attention_unsupported(*_decode_tensors(num_tokens=300)) is None  # prefill
+
+
+@pytest.mark.parametrize("block_size,fits", [(4, False), (8, True), (12, False), (16, True),
+                                             (24, False), (64, True), (256, True)])
+def test_block_size_must_be_a_power_of_two_of_at_least_8(block_size, fits):
+    query, _, _, seq_lens = _decode_tensors()
+    cache = torch.zeros(4, block_size, 2, 128, dtype=torch.bfloat16)
+    reason = cuda_ext.attention_unsupported(query, cache, cache, seq_lens)
+    assert (reason is None) == fits
+    if not fits:
+        assert f"block_size {block_size}" in reason
 
 
 @pytest.mark.parametrize("kwargs,reason", [
-    ({"num_tokens": 5}, "not a decode batch"),
     ({"dtype": torch.float32}, "dtype"),
     ({"head_dim": 96}, "head_dim 96"),
     ({"hq": 12, "hkv": 4}, "group of 3"),
     ({"hq": 32, "hkv": 2}, "group of 16"),
 ])
-def test_decode_unsupported_names_the_reason(kwargs, reason):
-    assert reason in cuda_ext.decode_unsupported(*_decode_tensors(**kwargs))
+def test_attention_unsupported_names_the_reason(kwargs, reason):
+    assert reason in cuda_ext.attention_unsupported(*_decode_tensors(**kwargs))
 
 
-def test_decode_unsupported_sees_layout():
+def test_attention_unsupported_sees_layout():
     query, k_cache, v_cache, seq_lens = _decode_tensors()
-    strided = k_cache.transpose(0, 1)  # same data, block and token axes swapped
-    assert "non-contiguous" in cuda_ext.decode_unsupported(query, strided, strided, seq_lens)
+    strided = torch.zeros(16, 16, 2, 128, dtype=torch.bfloat16).transpose(0, 1)  # axes swapped
+    assert "non-contiguous" in cuda_ext.attention_unsupported(query, strided, strided, seq_lens)
     misaligned = torch.zeros(2 * 8 * 128 + 1, dtype=torch.bfloat16)[1:].view(2, 8, 128)
-    assert "16-byte" in cuda_ext.decode_unsupported(misaligned, k_cache, v_cache, seq_lens)
+    assert "16-byte" in cuda_ext.attention_unsupported(misaligned, k_cache, v_cache, seq_lens)
+    odd_out = torch.zeros(2, 8, 129, dtype=torch.bfloat16)[:, :, :128]  # head stride 129
+    assert "odd strides" in cuda_ext.attention_unsupported(query, k_cache, v_cache, seq_lens,
+                                                           odd_out)
+
+
+# H100 SXM: 132 SMs. At D = 128 a decode CTA has 96 KB of shared memory: 2 per SM, 264 at once,
+# and DECODE_WAVES = 4 waves are 1056 CTAs.
+@pytest.mark.parametrize("num_seqs,max_context,splits", [
+    (64, 4096, 3),     # 512 CTAs: 3 slices make 1536, at least 4 waves
+    (256, 1024, 1),    # 2048 CTAs: enough already
+    (1, 32768, 64),    # 8 CTAs want 132 slices; a slice keeps >= 512 keys: 64
+    (1, 100, 1),       # too short to cut
+    (1, 10**7, 128),   # never more than MAX_SPLITS
+])
+def test_decode_num_splits(num_seqs, max_context, splits):
+    assert cuda_ext.decode_num_splits(num_seqs, 8, 128, max_context, num_sms=132) == splits
+
+
+def test_decode_num_splits_counts_resident_ctas_by_head_dim():
+    """D = 64 tiles are half the bytes: twice the resident CTAs, so small batches split more."""
+    assert cuda_ext.decode_num_splits(4, 8, 64, 10**6, 132) == 2 * cuda_ext.decode_num_splits(
+        4, 8, 128, 10**6, 132)
 
 
 def test_write_kv_unsupported_sees_alignment():

@@ -1,0 +1,53 @@
+// The launch shapes of the attention kernels, in one place: csrc/paged_attention.cu launches
+// these instantiations, and csrc/tests/instantiate.cu compiles the same ones without PyTorch to
+// read their register counts and SASS. kernels/cuda.py repeats the split-KV constants (for the
+// tests and benchmarks/cuda_mma_check.py); keep the two in step.
+#pragma once
+
+#include "paged_decode_kernel.cuh"
+#include "paged_prefill_kernel.cuh"
+
+namespace minivllm {
+
+// Decode: 4 warps per CTA, each with a 3-stage pipeline of 16-key tiles. At D = 128 that is
+// 4 x 3 x 8 KB = 96 KB of shared memory, so two CTAs (8 warps, up to 16 tiles = 128 KB in flight)
+// fit on an SM: far more than the ~30 KB per SM that Little's law asks for at ~4.8 TB/s and
+// ~1 us of latency, so one CTA of a pair waiting at a barrier costs nothing.
+constexpr int kDecodeWarps = 4;
+constexpr int kDecodeStages = 3;
+// Split-KV: aim at this many waves of CTAs, with slices of at least this many keys, and at most
+// this many slices (see choose_decode_splits in paged_attention.cu).
+constexpr int kDecodeWaves = 4;
+constexpr int kDecodeMinSlice = 512;
+constexpr int kMaxSplits = 128;
+
+// Prefill: 4 warps = 64 (token, head) rows per CTA, 64-key K/V tiles, 2 stages. At D = 128:
+// Q 16 KB + 2 x (K 16 KB + V 16 KB) = 80 KB of shared memory, two CTAs per SM.
+constexpr int kPrefillWarps = 4;
+constexpr int kPrefillStages = 2;
+
+template <typename scalar_t, int HEAD_DIM, int GROUP>
+constexpr auto decode_kernel =
+    &paged_decode_mma_kernel<scalar_t, HEAD_DIM, GROUP, kDecodeWarps, kDecodeStages>;
+
+template <typename scalar_t, int HEAD_DIM, int GROUP>
+constexpr auto prefill_kernel =
+    &paged_prefill_mma_kernel<scalar_t, HEAD_DIM, GROUP, kPrefillWarps, kPrefillStages>;
+
+template <int HEAD_DIM>
+constexpr int decode_smem() {
+  return decode_smem_bytes<HEAD_DIM, kDecodeWarps, kDecodeStages>();
+}
+
+template <int HEAD_DIM>
+constexpr int prefill_smem() {
+  return prefill_smem_bytes<HEAD_DIM, kPrefillWarps, kPrefillStages>();
+}
+
+// Query tokens in one prefill CTA: its 16 x kPrefillWarps rows hold GROUP heads per token.
+template <int GROUP>
+constexpr int prefill_tile_tokens() {
+  return 16 * kPrefillWarps / GROUP;
+}
+
+}  // namespace minivllm
