@@ -29,12 +29,9 @@ from minivllm.entrypoints.protocol import (
     ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    ChatCompletionStreamResponse,
     ChatMessage,
-    ChatStreamChoice,
-    DeltaMessage,
 )
-from minivllm.entrypoints.serving import OpenAIServing, merged, new_id, sse
+from minivllm.entrypoints.serving import OpenAIServing, StreamChunks, merged, new_id
 from minivllm.sampling_params import SamplingParams
 
 
@@ -82,21 +79,18 @@ class OpenAIServingChat(OpenAIServing):
                      response_id: str, created: int, include_usage: bool) -> AsyncIterator[str]:
         """The chunks of a chat stream (without the closing [DONE])."""
         completion_tokens = 0
-
-        def chunk(choices, usage=None) -> str:
-            return sse(ChatCompletionStreamResponse(id=response_id, created=created, model=self.model_name,
-                                                    choices=choices, usage=usage))
-
-        for index in range(params.n):
-            yield chunk([ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))])
+        chunks = StreamChunks(response_id, "chat.completion.chunk", created, self.model_name)
+        for index in range(params.n):  # ChatStreamChoice dicts: first the role, then the text
+            yield chunks.choice({"index": index, "delta": {"role": "assistant", "content": ""},
+                                 "logprobs": None, "finish_reason": None})
         async for _, output in merged(streams):
             for c in output.outputs:
                 completion_tokens += len(c.token_ids)
                 if c.text or c.finish_reason:
-                    yield chunk([ChatStreamChoice(index=c.index, delta=DeltaMessage(content=c.text),
-                                                  finish_reason=c.finish_reason)])
+                    yield chunks.choice({"index": c.index, "delta": {"role": None, "content": c.text},
+                                         "logprobs": None, "finish_reason": c.finish_reason})
         if include_usage:
-            yield chunk([], self.usage([prompt], params, completion_tokens))
+            yield chunks.usage(self.usage([prompt], params, completion_tokens))
 
 
 def _text_of(message: ChatMessage, i: int) -> str:

@@ -26,9 +26,8 @@ from minivllm.entrypoints.protocol import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
-    CompletionStreamResponse,
 )
-from minivllm.entrypoints.serving import OpenAIServing, merged, new_id, sse
+from minivllm.entrypoints.serving import OpenAIServing, StreamChunks, merged, new_id
 from minivllm.sampling_params import SamplingParams
 
 
@@ -66,16 +65,12 @@ class OpenAIServingCompletion(OpenAIServing):
                      response_id: str, created: int, include_usage: bool) -> AsyncIterator[str]:
         """The chunks of a completion stream (without the closing [DONE])."""
         n, completion_tokens = params.n, 0
-
-        def chunk(choices, usage=None) -> str:
-            return sse(CompletionStreamResponse(id=response_id, created=created, model=self.model_name,
-                                                choices=choices, usage=usage))
-
+        chunks = StreamChunks(response_id, "text_completion", created, self.model_name)
         async for i, output in merged(streams):
             for c in output.outputs:
                 completion_tokens += len(c.token_ids)
-                if c.text or c.finish_reason:
-                    yield chunk([CompletionChoice(index=i * n + c.index, text=c.text,
-                                                  finish_reason=c.finish_reason)])
+                if c.text or c.finish_reason:  # a CompletionChoice, as a dict
+                    yield chunks.choice({"index": i * n + c.index, "text": c.text, "logprobs": None,
+                                         "finish_reason": c.finish_reason})
         if include_usage:
-            yield chunk([], self.usage(prompts, params, completion_tokens))
+            yield chunks.usage(self.usage(prompts, params, completion_tokens))
