@@ -1,7 +1,7 @@
 // The launch shapes of the attention kernels, in one place: csrc/paged_attention.cu launches
 // these instantiations, and csrc/tests/instantiate.cu compiles the same ones without PyTorch to
-// read their register counts and SASS. kernels/cuda.py repeats the split-KV constants (for the
-// tests and benchmarks/cuda_mma_check.py); keep the two in step.
+// read their register counts and SASS. kernels/cuda.py chooses the decode's split count from
+// these shapes (DECODE_SMEM_BYTES repeats the decode's shared memory): keep the two in step.
 #pragma once
 
 #include "paged_decode_kernel.cuh"
@@ -15,11 +15,6 @@ namespace minivllm {
 // ~1 us of latency, so one CTA of a pair waiting at a barrier costs nothing.
 constexpr int kDecodeWarps = 4;
 constexpr int kDecodeStages = 3;
-// Split-KV: aim at this many waves of CTAs, with slices of at least this many keys, and at most
-// this many slices (see choose_decode_splits in paged_attention.cu).
-constexpr int kDecodeWaves = 4;
-constexpr int kDecodeMinSlice = 512;
-constexpr int kMaxSplits = 128;
 
 // Prefill: 4 warps = 64 (token, head) rows per CTA, 64-key K/V tiles, 2 stages. At D = 128:
 // Q 16 KB + 2 x (K 16 KB + V 16 KB) = 80 KB of shared memory, two CTAs per SM.
