@@ -16,9 +16,9 @@
 //     keys, and starting the longest first leaves short ones to fill the tail; neighbouring CTAs
 //     then read the same KV head of the same sequence, which L2 serves once.
 //   * K/V tiles of BLOCK_N = 64 keys go through a STAGES-deep cp.async pipeline shared by the
-//     CTA: while all warps compute on tile i, the copies of tile i + STAGES - 1 are in flight.
-//     One __syncthreads per tile does two jobs: tile i is visible to every warp, and every warp
-//     is done with the buffer that the next copy overwrites.
+//     CTA: while all warps compute on tile i, the copies of tiles i + 1 .. i + STAGES - 1 are in
+//     flight. One __syncthreads per tile does two jobs: tile i is visible to every warp, and
+//     every warp is done with the buffer that the next copy overwrites.
 //   * Thread mapping inside a warp, for a K/V tile: lane = 4g + t holds rows g and g + 8 of the
 //     warp's 16 rows; of S, the keys 8n + 2t, 8n + 2t + 1 of each 8-key slice n (8 slices: 32
 //     fp32 registers); of O, the dims 8j + 2t, 8j + 2t + 1 of each 8-dim slice j (64 registers at
