@@ -84,6 +84,16 @@ FP16_MAX = tl.constexpr(65504.0)
 MIN_SCALE = tl.constexpr(_MIN_SCALE)
 MAX_SPLITS = 64  # the most slices choose_num_splits cuts a context into
 SPLITS_TILE = 64  # partials the merge kernel reads at once: MAX_SPLITS, though any count works
+# How an fp8 cache's tiles widen to fp16 for the dots (see _widen_e4m3_to_fp16): "asm", by
+# inline assembly in the layout they were loaded in (compiled kernels only: the interpreter runs
+# no assembly, so under TRITON_INTERPRET=1 the default is "cast"), or "cast", `x.to(fp16)`,
+# which Triton moves past the transpose of V. Read once at import, like MINIVLLM_PREFILL_PATH.
+FP8_WIDENS = ("asm", "cast")
+FP8_WIDEN = os.environ.get(
+    "MINIVLLM_FP8_WIDEN", "cast" if os.environ.get("TRITON_INTERPRET", "0") == "1" else "asm")
+if FP8_WIDEN not in FP8_WIDENS:
+    raise ValueError(f"MINIVLLM_FP8_WIDEN must be one of {FP8_WIDENS}, got {FP8_WIDEN!r}")
+WIDEN_IN_ASM = tl.constexpr(FP8_WIDEN == "asm")
 # Which inner loop prefill, chunked prefill and mixed batches run (decode-only batches always run
 # the token path, which is at the bandwidth limit): "tokens", the original gather, or "pages",
 # page-granular block-table reads with the softmax scale folded into exp2 (see the module
@@ -114,20 +124,18 @@ def _find_sequence(cu_seqlens_q_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
 
 @triton.jit
 def _token_block_ids(block_table_ptr, kv_pos, in_range, BLOCK_SIZE: tl.constexpr,
-                     MASKED: tl.constexpr, INT64_OFFSETS: tl.constexpr):
+                     MASKED: tl.constexpr):
     """Block id of each key `kv_pos`, token by token: one block-table read per key."""
     if MASKED:
         block_ids = tl.load(block_table_ptr + kv_pos // BLOCK_SIZE, mask=in_range, other=0)
     else:
         block_ids = tl.load(block_table_ptr + kv_pos // BLOCK_SIZE)
-    if INT64_OFFSETS:
-        block_ids = block_ids.to(tl.int64)
     return block_ids
 
 
 @triton.jit
 def _page_block_ids(block_table_ptr, start, kv_end, BLOCK_SIZE: tl.constexpr,
-                    PAGES: tl.constexpr, MASKED: tl.constexpr, INT64_OFFSETS: tl.constexpr):
+                    PAGES: tl.constexpr, MASKED: tl.constexpr):
     """Block ids of the PAGES pages under keys [start, start + BLOCK_N): one block-table read per
     page. `start` is a multiple of BLOCK_N and both are powers of two, so a tile is PAGES whole
     pages (BLOCK_N >= BLOCK_SIZE) or a slice of one page (PAGES == 1)."""
@@ -136,8 +144,6 @@ def _page_block_ids(block_table_ptr, start, kv_end, BLOCK_SIZE: tl.constexpr,
         block_ids = tl.load(block_table_ptr + pages, mask=pages * BLOCK_SIZE < kv_end, other=0)
     else:
         block_ids = tl.load(block_table_ptr + pages)
-    if INT64_OFFSETS:
-        block_ids = block_ids.to(tl.int64)
     return block_ids
 
 
@@ -149,6 +155,39 @@ def _page_offsets(block_ids, start, stride_b, stride_t, BLOCK_SIZE: tl.constexpr
     # start % BLOCK_SIZE is 0 unless the tile is a slice of one page (PAGES == 1).
     slots = start % BLOCK_SIZE + tl.arange(0, BLOCK_N // PAGES)
     return block_ids[:, None] * stride_b + slots[None, :] * stride_t
+
+
+@triton.jit
+def _row_pointers(cache_ptr, block_ids, in_block, stride_b):
+    """Pointers to the key rows of a cache of 2^31 elements or more (INT64_OFFSETS), where
+    32-bit element offsets would overflow. The 64-bit math is one multiply-add per row, on
+    byte offsets: block id x block stride + offset in the block, both non-negative 32-bit
+    values, zero-extended (sign extension would add the products of the high words); the D
+    values of a row then take 32-bit offsets from this pointer, as on the 32-bit path."""
+    elem = cache_ptr.dtype.element_ty.primitive_bitwidth // 8
+    offset = (block_ids.to(tl.uint32).to(tl.int64) * (stride_b * elem).to(tl.uint32).to(tl.int64)
+              + (in_block * elem).to(tl.uint32).to(tl.int64))
+    return (cache_ptr.to(tl.pointer_type(tl.int8)) + offset).to(cache_ptr.dtype)
+
+
+@triton.jit
+def _widen_e4m3_to_fp16(x):
+    """e4m3 -> fp16, four values per instance (two `cvt.f16x2.e4m3x2`), in the layout `x` was
+    loaded in (FP8_WIDEN "asm"; compiled kernels only: the interpreter runs no assembly).
+
+    What it changes is where the widening happens, not how. The value operand of P @ V is
+    reduced over keys, but a cache row holds one key's D values side by side: feeding it to the
+    tensor cores means transposing the tile. Written `v.to(fp16)`, Triton moves the conversion
+    past the transpose (it hoists pure elementwise ops towards the load), so it transposes the
+    *bytes*, one shared-memory load per value (`LDS.U8`), plus a multiply-add to pair them, and
+    the fp8 operand layout makes the other operand's registers move too. Marked impure, the
+    conversion stays put, and the transpose moves 16-bit values with `ldmatrix.trans`, as for a
+    bf16 cache. Compiled decode loop, sm_90, Triton 3.6: 1,041 instructions a tile -> 690
+    (benchmarks/sass_count.py)."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; "
+        "cvt.rn.f16x2.e4m3x2 $1, hi; }", "=r,=r,r", [x.to(tl.int8, bitcast=True)],
+        dtype=tl.float16, is_pure=False, pack=4)
 
 
 @triton.jit
@@ -169,8 +208,7 @@ def _attend_kv_tile(
     in_range = kv_pos < kv_end
     # The gather: each key row sits at (block id, offset in block, kv head).
     if PAGE_LOADS:
-        block_ids = _page_block_ids(block_table_ptr, start, kv_end, BLOCK_SIZE, PAGES, MASKED,
-                                    INT64_OFFSETS)
+        block_ids = _page_block_ids(block_table_ptr, start, kv_end, BLOCK_SIZE, PAGES, MASKED)
         row = tl.reshape(_page_offsets(block_ids, start, stride_cb, stride_ct, BLOCK_SIZE,
                                        BLOCK_N, PAGES), [BLOCK_N])  # pages x slots, in key order
         if ROW_ALIGN > 1:
@@ -180,21 +218,34 @@ def _attend_kv_tile(
             row = tl.multiple_of(row, ROW_ALIGN)
         row = row + kv_head * stride_ch
     else:
-        block_ids = _token_block_ids(block_table_ptr, kv_pos, in_range, BLOCK_SIZE, MASKED,
-                                     INT64_OFFSETS)
+        block_ids = _token_block_ids(block_table_ptr, kv_pos, in_range, BLOCK_SIZE, MASKED)
         row = block_ids * stride_cb + (kv_pos % BLOCK_SIZE) * stride_ct + kv_head * stride_ch
-    kv_offsets = row[:, None] + dims[None, :]
+    if INT64_OFFSETS:  # `row` would overflow: a 64-bit pointer per row, then 32-bit offsets
+        row_blocks = block_ids
+        if PAGE_LOADS:  # each row's page, in key order
+            row_blocks = tl.reshape(tl.broadcast_to(block_ids[:, None],
+                                                    [PAGES, BLOCK_N // PAGES]), [BLOCK_N])
+        in_block = (kv_pos % BLOCK_SIZE) * stride_ct + kv_head * stride_ch
+        k_rows = _row_pointers(k_cache_ptr, row_blocks, in_block, stride_cb)
+        v_rows = _row_pointers(v_cache_ptr, row_blocks, in_block, stride_cb)
+        k_ptrs = k_rows[:, None] + dims[None, :]
+        v_ptrs = v_rows[:, None] + dims[None, :]
+    else:
+        kv_offsets = row[:, None] + dims[None, :]
+        k_ptrs = k_cache_ptr + kv_offsets
+        v_ptrs = v_cache_ptr + kv_offsets
     if MASKED:
         kv_mask = in_range[:, None] & dim_mask[None, :]
     else:
         kv_mask = dim_mask[None, :]
-    k = tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
-    v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
+    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
     if KV_FP8:
         # Widening e4m3 to the dot's dtype (fp16, or fp32 for fp32 queries) is exact. The
         # scales (one per key of this KV head) multiply whole score columns and probability
         # columns below, which is the same as scaling K and V, with fewer multiplies. They sit
-        # in their own [num_blocks, block_size, Hkv] tensor, found through the same block ids.
+        # in their own [num_blocks, block_size, Hkv] tensor, found through the same block ids
+        # (D times fewer elements than the cache: 32-bit offsets even under INT64_OFFSETS).
         if PAGE_LOADS:
             # Loaded [PAGES, SLOTS] (contiguous runs when the scales are head-major), then
             # reshaped as values: nothing for the compiler to lose.
@@ -216,8 +267,12 @@ def _attend_kv_tile(
         if PAGE_LOADS:
             k_scale = tl.reshape(k_scale, [BLOCK_N])
             v_scale = tl.reshape(v_scale, [BLOCK_N])
-        k = k.to(q.dtype)
-        v = v.to(q.dtype)
+        if WIDEN_IN_ASM and q.dtype == tl.float16:
+            k = _widen_e4m3_to_fp16(k)
+            v = _widen_e4m3_to_fp16(v)
+        else:
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
 
     if FOLD_SCALE:
         # Raw scores; the softmax scale goes into the exponent's fused multiply-add below
@@ -240,9 +295,11 @@ def _attend_kv_tile(
         p = tl.math.exp2(s * qk_scale - m_new[:, None])  # one FMA + exp2 per score
     else:
         # qk_scale = scale * log2(e): these are base-2 logits, ready for exp2.
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        if KV_FP8:
-            s = s * k_scale[None, :]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if KV_FP8:  # the key's scale and qk_scale in one multiply per score
+            s = s * (k_scale * qk_scale)[None, :]
+        else:
+            s = s * qk_scale
         if MASKED:
             visible = kv_pos[None, :] < kv_end
             if CAUSAL:
@@ -261,7 +318,7 @@ def _attend_kv_tile(
         # where fp16 keeps its precision (p * v_scale alone would sink into fp16's subnormals
         # for a layer whose values are small). After l_i: the sum of probabilities is unscaled.
         v_max = tl.maximum(tl.max(v_scale, 0), MIN_SCALE)
-        p = p * (v_scale / v_max)[None, :]
+        p = p * (v_scale * (1.0 / v_max))[None, :]  # one division a tile, not one a key
         pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         acc = acc * alpha[:, None] + pv * v_max
     elif FOLD_SCALE:  # accumulate in place: the MMA adds into the rescaled accumulator
