@@ -46,7 +46,7 @@ MIN_BLOCK_SIZE = 8  # a 16-key tile spans at most two pages
 # replaced and the last wave is short, but never cuts a slice below DECODE_MIN_SLICE keys: each
 # slice adds a partial output for the merge kernel and a pipeline to fill.
 DECODE_SMEM_BYTES = {64: 4 * 3 * 2 * 16 * 64 * 2, 128: 4 * 3 * 2 * 16 * 128 * 2}
-SM_SHARED_MEMORY = 227 * 1024  # usable per SM on sm_80 / sm_90, with 1 KB reserved per CTA
+SM_SHARED_MEMORY = 227 * 1024  # per SM on sm_90 (H100, H200), with 1 KB reserved per CTA
 DECODE_WAVES = 4
 DECODE_MIN_SLICE = 512
 MAX_SPLITS = 128

@@ -45,8 +45,8 @@ def _check(problem, dtype, **kwargs):
 # --------------------------------------------------------------------------------------------
 # Kernel correctness (GPU)
 # --------------------------------------------------------------------------------------------
-MATRIX = [
-    (dtype, gqa, head_dim, BLOCK_SIZES[i % len(BLOCK_SIZES)], i)
+MATRIX = [  # block sizes rotate so that each head_dim meets each block size (in one dtype or the other)
+    (dtype, gqa, head_dim, BLOCK_SIZES[(i + i // 8) % len(BLOCK_SIZES)], i)
     for i, (dtype, gqa, head_dim) in enumerate(itertools.product(DTYPES, GQA, HEAD_DIMS))
 ]
 
