@@ -117,7 +117,8 @@ def supports(op: str) -> bool:
 
 def attention_unsupported(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           seq_lens: torch.Tensor, out: torch.Tensor | None = None,
-                          **_call) -> str | None:
+                          block_tables: torch.Tensor | None = None,
+                          cu_seqlens_q: torch.Tensor | None = None, **_call) -> str | None:
     """Why this paged_attention call does not fit the extension's kernels (None: it fits).
 
     Only shapes, dtypes, strides and alignment are looked at: deciding never touches GPU values.
@@ -146,6 +147,10 @@ def attention_unsupported(query: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         return "an output with odd strides (the kernels store pairs of values)"
     if k_cache.stride(0) * k_cache.element_size() >= 2**31:
         return "KV blocks of 2 GB or more"
+    metadata = [seq_lens] + [t for t in (cu_seqlens_q,) if t is not None]
+    if any(t.stride(0) != 1 for t in metadata) or (
+            block_tables is not None and block_tables.stride(1) != 1):
+        return "strided seq_lens, cu_seqlens_q or block-table rows (the kernels index them densely)"
     if seq_lens.shape[0] > 65535:
         return f"{seq_lens.shape[0]} sequences (a launch takes at most 65535)"
     return None

@@ -281,6 +281,19 @@ def test_attention_unsupported_sees_layout():
                                                            odd_out)
 
 
+def test_attention_unsupported_sees_strided_metadata():
+    query, k_cache, v_cache, _ = _decode_tensors()
+    seq_lens = torch.ones(4, dtype=torch.int32)[::2]
+    assert "strided" in cuda_ext.attention_unsupported(query, k_cache, v_cache, seq_lens)
+    seq_lens = torch.ones(2, dtype=torch.int32)
+    table = torch.zeros(8, 2, dtype=torch.int32).t()  # [2, 8] with entries of a row 2 apart
+    assert "strided" in cuda_ext.attention_unsupported(query, k_cache, v_cache, seq_lens,
+                                                       block_tables=table)
+    table = torch.zeros(2, 8, dtype=torch.int32)[:, :5]  # a row view of a wider table is fine
+    assert cuda_ext.attention_unsupported(query, k_cache, v_cache, seq_lens,
+                                          block_tables=table) is None
+
+
 # H100 SXM: 132 SMs. At D = 128 a decode CTA has 96 KB of shared memory: 2 per SM, 264 at once,
 # and DECODE_WAVES = 4 waves are 1056 CTAs.
 @pytest.mark.parametrize("num_seqs,max_context,splits", [
