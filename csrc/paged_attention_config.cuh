@@ -18,7 +18,7 @@ constexpr int kDecodeStages = 3;
 
 // Prefill: 8 warps = 128 (token, head) rows per CTA, 64-key K/V tiles, 3 stages. Every K/V byte a
 // CTA copies serves 128 rows: with GQA group 4 that is 32 tokens x 4 heads, and at 4 x 2048 causal
-// the CTAs copy about 1.1 GB from L2 in all (64 rows would copy twice that). A thread needs ~255
+// the CTAs copy about 1.1 GB from L2 in all (64 rows would copy twice that). A thread needs ~240
 // registers at D = 128 (O 64, S 32, Q 32), so one CTA of 8 warps fills an SM's register file; the
 // third stage keeps two tiles in flight while its warps compute. Shared memory at D = 128:
 // Q 32 KB + 3 x (K 16 KB + V 16 KB) = 128 KB.
