@@ -1,7 +1,7 @@
 // The launch shapes of the attention kernels, in one place: csrc/paged_attention.cu launches
 // these instantiations, and csrc/tests/instantiate.cu compiles the same ones without PyTorch to
-// read their register counts and SASS. kernels/cuda.py chooses the decode's split count from
-// these shapes (DECODE_SMEM_BYTES repeats the decode's shared memory): keep the two in step.
+// read their register counts and SASS. kernels/cuda.py chooses the decode's split count (about
+// one CTA per SM, whatever these shapes: measured best on an H200).
 #pragma once
 
 #include "paged_decode_kernel.cuh"

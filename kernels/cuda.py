@@ -41,13 +41,13 @@ SUPPORTED_GROUPS = (1, 2, 4, 8)
 MIN_BLOCK_SIZE = 8  # a 16-key tile spans at most two pages
 
 # Split-KV for the decode kernel (csrc/paged_decode_kernel.cuh). A CTA takes one (sequence,
-# KV head, slice); its shared memory (4 warps x 3 stages x 16 keys x K and V) bounds how many fit
-# on an SM at once. The grid aims at DECODE_WAVES waves of CTAs, so that CTAs finishing early are
-# replaced and the last wave is short, but never cuts a slice below DECODE_MIN_SLICE keys: each
-# slice adds a partial output for the merge kernel and a pipeline to fill.
-DECODE_SMEM_BYTES = {64: 4 * 3 * 2 * 16 * 64 * 2, 128: 4 * 3 * 2 * 16 * 128 * 2}
-SM_SHARED_MEMORY = 227 * 1024  # per SM on sm_90 (H100, H200), with 1 KB reserved per CTA
-DECODE_WAVES = 4
+# KV head, slice) and streams its slice through a 3-stage cp.async pipeline per warp: one such CTA
+# per SM already keeps enough bytes in flight, and every extra slice costs a partial output for
+# the merge kernel and a pipeline to fill. So the grid aims at DECODE_CTAS_PER_SM CTAs per SM, and
+# never cuts a slice below DECODE_MIN_SLICE keys. Measured on an H200 (cuda_mma_check, every
+# forced split count, benchmarks/RESULTS.md): B=64 / 4k (512 CTAs) was fastest unsplit, and
+# B=1 / 32k (8 CTAs) at 16 slices (128 CTAs), where 4 waves' worth (64 slices) was 16 % slower.
+DECODE_CTAS_PER_SM = 1
 DECODE_MIN_SLICE = 512
 MAX_SPLITS = 128
 
@@ -164,10 +164,10 @@ decode_unsupported = attention_unsupported
 def decode_num_splits(num_seqs: int, num_kv_heads: int, head_dim: int, max_context: int,
                       num_sms: int) -> int:
     """How many slices the decode kernel cuts each context into, from shapes alone (so a launch
-    can be captured in a CUDA graph): enough CTAs for DECODE_WAVES waves, slices of at least
-    DECODE_MIN_SLICE keys, at most MAX_SPLITS slices."""
-    resident = num_sms * max(1, SM_SHARED_MEMORY // (DECODE_SMEM_BYTES[head_dim] + 1024))
-    target = DECODE_WAVES * resident
+    can be captured in a CUDA graph): about DECODE_CTAS_PER_SM CTAs per SM, slices of at least
+    DECODE_MIN_SLICE keys, at most MAX_SPLITS slices. (head_dim changes neither: a CTA's rate
+    is what one SM streams, whatever the row width.)"""
+    target = DECODE_CTAS_PER_SM * num_sms
     num_ctas = num_seqs * num_kv_heads
     if num_ctas >= target:
         return 1
