@@ -84,13 +84,14 @@ FP16_MAX = tl.constexpr(65504.0)
 MIN_SCALE = tl.constexpr(_MIN_SCALE)
 MAX_SPLITS = 64  # the most slices choose_num_splits cuts a context into
 SPLITS_TILE = 64  # partials the merge kernel reads at once: MAX_SPLITS, though any count works
-# How an fp8 cache's tiles widen to fp16 for the dots (see _widen_e4m3_to_fp16): "asm", by
-# inline assembly in the layout they were loaded in (compiled kernels only: the interpreter runs
-# no assembly, so under TRITON_INTERPRET=1 the default is "cast"), or "cast", `x.to(fp16)`,
-# which Triton moves past the transpose of V. Read once at import, like MINIVLLM_PREFILL_PATH.
+# How an fp8 cache's tiles widen to fp16 for the dots (see _widen_e4m3_to_fp16): "cast",
+# `x.to(fp16)`, which Triton moves past the transpose of V, or "asm", by inline assembly in the
+# layout they were loaded in (compiled kernels only: the interpreter runs no assembly). "asm"
+# compiles to a third fewer instructions per tile, yet measured slower on an H200 (decode
+# B=64/4k: 0.961x bf16's time against 0.777x for "cast", benchmarks/RESULTS.md): fewer
+# instructions are not less time when the loop waits on memory. Read once at import.
 FP8_WIDENS = ("asm", "cast")
-FP8_WIDEN = os.environ.get(
-    "MINIVLLM_FP8_WIDEN", "cast" if os.environ.get("TRITON_INTERPRET", "0") == "1" else "asm")
+FP8_WIDEN = os.environ.get("MINIVLLM_FP8_WIDEN", "cast")
 if FP8_WIDEN not in FP8_WIDENS:
     raise ValueError(f"MINIVLLM_FP8_WIDEN must be one of {FP8_WIDENS}, got {FP8_WIDEN!r}")
 WIDEN_IN_ASM = tl.constexpr(FP8_WIDEN == "asm")
