@@ -73,7 +73,7 @@ def decode_launch(kv: str, config: dict, split_kv: bool = False) -> tuple[dict, 
                                 split_kv=split_kv, kv_dtype=kv_dtype)
     cfg.update(config)
     del cfg["BLOCK_M"]
-    page_loads, fold_scale = kernel._prefill_path(cfg, True, BLOCK)
+    page_loads, fold_scale = kernel._prefill_path(cfg, True, BLOCK, kv_fp8=kv == "fp8")
     fp8 = kv == "fp8"
     consts = dict(
         NUM_Q_HEADS=HQ, GROUP=group, HEAD_DIM=D, DIM_PAD=D, BLOCK_SIZE=BLOCK, BLOCK_M=block_m,

@@ -558,14 +558,19 @@ def _launch_config(decode_only: bool, block_m: int, head_dim: int, dtype: torch.
     return cfg
 
 
-def _prefill_path(cfg: dict, decode_only: bool, block_size: int) -> tuple[bool, bool]:
+def _prefill_path(cfg: dict, decode_only: bool, block_size: int,
+                  kv_fp8: bool = False) -> tuple[bool, bool]:
     """(PAGE_LOADS, FOLD_SCALE) for this launch, popped from `cfg` where a caller set them.
 
-    Decode-only batches keep the token path (what was measured at the bandwidth limit); the
-    other variants follow PREFILL_PATH. Page loads need a power-of-two block size (a tile then
-    holds whole pages, or a slice of one); any other block size keeps the token gather.
+    Decode-only batches on a 16-bit cache keep the token path (what was measured at the
+    bandwidth limit); on an fp8 cache, which is short of instructions rather than bytes, they
+    take the page path, which spends fewer on addresses: decode B=64 / 4k took 0.694x the bf16
+    kernel's time against 0.770x on the token path, B=256 / 1k 0.727x against 0.808x (H200,
+    fp8_tune.py --quick, benchmarks/RESULTS.md). The other variants follow PREFILL_PATH. Page
+    loads need a power-of-two block size (a tile then holds whole pages, or a slice of one);
+    any other block size keeps the token gather.
     """
-    new_path = not decode_only and PREFILL_PATH == "pages"
+    new_path = kv_fp8 if decode_only else PREFILL_PATH == "pages"
     asked = "PAGE_LOADS" in cfg
     page_loads = bool(cfg.pop("PAGE_LOADS", new_path))
     fold_scale = bool(cfg.pop("FOLD_SCALE", new_path))
@@ -619,7 +624,8 @@ def paged_attention(
                          split_kv=num_splits > 1, kv_dtype=k_cache.dtype)
     cfg.update(config)
     del cfg["BLOCK_M"]
-    page_loads, fold_scale = _prefill_path(cfg, decode_only, block_size)
+    page_loads, fold_scale = _prefill_path(cfg, decode_only, block_size,
+                                           kv_fp8=k_cache.dtype == torch.float8_e4m3fn)
     pages = max(1, cfg["BLOCK_N"] // block_size) if page_loads else 1
     # What Triton's own key already knows of the cache strides (divisible by 16 or not), passed
     # on as a hint the page path needs (see _attend_kv_tile); 1 (unused) on the token path.

@@ -132,6 +132,10 @@ def test_decode_keeps_the_token_path(monkeypatch):
     launches are what was measured at the bandwidth limit, and stay so."""
     monkeypatch.setattr(triton_attention, "PREFILL_PATH", "pages")
     assert triton_attention._prefill_path({}, decode_only=True, block_size=16) == (False, False)
+    # An fp8 cache's decode takes the page path (measured faster there; bf16 decode does not).
+    path = triton_attention._prefill_path
+    assert path({}, decode_only=True, block_size=16, kv_fp8=True) == (True, True)
+    assert path({}, decode_only=True, block_size=24, kv_fp8=True) == (False, True)
     assert triton_attention._prefill_path({}, decode_only=False, block_size=16) == (True, True)
     assert triton_attention._prefill_path({}, decode_only=False, block_size=24) == (False, True)
     monkeypatch.setattr(triton_attention, "PREFILL_PATH", "tokens")
