@@ -16,14 +16,15 @@ namespace minivllm {
 constexpr int kDecodeWarps = 4;
 constexpr int kDecodeStages = 3;
 
-// Prefill: 8 warps = 128 (token, head) rows per CTA, 64-key K/V tiles, 3 stages. Every K/V byte a
-// CTA copies serves 128 rows: with GQA group 4 that is 32 tokens x 4 heads, and at 4 x 2048 causal
-// the CTAs copy about 1.1 GB from L2 in all (64 rows would copy twice that). A thread needs ~240
-// registers at D = 128 (O 64, S 32, Q 32), so one CTA of 8 warps fills an SM's register file; the
-// third stage keeps two tiles in flight while its warps compute. Shared memory at D = 128:
-// Q 32 KB + 3 x (K 16 KB + V 16 KB) = 128 KB.
-constexpr int kPrefillWarps = 8;
-constexpr int kPrefillStages = 3;
+// Prefill: 4 warps = 64 (token, head) rows per CTA, 64-key K/V tiles, 2 stages. At D = 128:
+// Q 16 KB + 2 x (K 16 KB + V 16 KB) = 80 KB of shared memory and ~240 registers a thread, so two
+// CTAs share an SM, and while one waits at its barrier the other's MMAs run. Measured on an H200
+// (benchmarks/cuda_mma_check.py, benchmarks/RESULTS.md): causal 4 x 2048 took 0.512 ms (1.69x
+// dense SDPA) this way, and 0.538 ms (1.80x) with 8 warps = 128 rows and 3 stages, which halves
+// the K/V bytes copied from L2 but fits one CTA per SM: the L2 copies were not the limit, the
+// idle tensor cores during each CTA's softmax and barriers were.
+constexpr int kPrefillWarps = 4;
+constexpr int kPrefillStages = 2;
 
 template <typename scalar_t, int HEAD_DIM, int GROUP>
 constexpr auto decode_kernel =
