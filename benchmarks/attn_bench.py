@@ -38,7 +38,7 @@ What is counted (`bytes_moved`, `attention_flops`):
             contributes q * (L - q) + q * (q + 1) / 2 (decode: L; full prefill: L(L+1)/2).
 
 Some cases have no dense SDPA equivalent (chunked prefill, mixed, ragged decode): the table says
-why instead of giving a ratio. A backend that cannot run a case (the CUDA extension on prefill or
+why instead of giving a ratio. A backend that cannot run a case (the CUDA extension on
 fp8, Triton's fp8 below compute capability 8.9) gets a record that says so; one that raises gets
 a `failed` record, and the sweep goes on. A wrong or failed output makes the run exit with 1.
 
@@ -442,7 +442,7 @@ def _cannot_run(backend: str, kv_cache_dtype: str, call: tuple, out: torch.Tenso
     """Why `backend` cannot run this call here (None: it can)."""
     q, k, v, _, seq_lens, _ = call
     if backend == "cuda":  # it would run on Triton: no record that claims otherwise
-        reason = cuda_ext.decode_unsupported(q, k, v, seq_lens, out)
+        reason = cuda_ext.attention_unsupported(q, k, v, seq_lens, out)
         return None if reason is None else f"the CUDA extension does not cover {reason}"
     if backend == "triton" and kv_cache_dtype == "fp8":
         return triton_fp8_unsupported(device)

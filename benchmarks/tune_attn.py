@@ -16,8 +16,8 @@ path) come from this sweep, so a change of defaults is a measured decision. Four
   configuration that fails to compile or to launch (e.g. too much shared memory) is recorded with
   the reason and the sweep goes on. Writes tune_attn_prefill_<tag>.json and a .png of TFLOP/s per
   configuration, and prints a table last.
-* `cuda`: the split count of the C++ extension's decode kernel (`choose_num_splits` in
-  csrc/paged_decode.cu) beside the Triton default, and write_kv_cache of both.
+* `cuda`: the split count of the C++ extension's decode kernel (`decode_num_splits` in
+  kernels/cuda.py) beside the Triton default, and write_kv_cache of both.
 * `static` (no GPU needed): the quick sweep's prefill variants compiled for sm_90 by the
   installed Triton, and what each compiles to: 16-byte cp.async copies, wgmma, narrow loads,
   registers, shared memory, programs per SM, machine instructions per tile loop. A change to

@@ -156,11 +156,6 @@ def attention_unsupported(query: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     return None
 
 
-# The name from when the extension was decode only; tests/kernels/test_fp8.py and
-# benchmarks/attn_bench.py still call it so.
-decode_unsupported = attention_unsupported
-
-
 def decode_num_splits(num_seqs: int, num_kv_heads: int, head_dim: int, max_context: int,
                       num_sms: int) -> int:
     """How many slices the decode kernel cuts each context into, from shapes alone (so a launch

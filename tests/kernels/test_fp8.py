@@ -356,7 +356,7 @@ def test_the_cuda_extension_declines_fp8():
     query = torch.zeros(2, 8, 128, dtype=torch.bfloat16)
     cache = torch.zeros(4, 16, 2, 128, dtype=fp8.FP8_DTYPE)
     seq_lens = torch.ones(2, dtype=torch.int32)
-    assert "fp8" in cuda_ext.decode_unsupported(query, cache, cache, seq_lens)
+    assert "fp8" in cuda_ext.attention_unsupported(query, cache, cache, seq_lens)
     assert "fp8" in cuda_ext.write_kv_unsupported(query[:, :2], query[:, :2], cache, cache)
 
 
