@@ -542,10 +542,12 @@ def static_report(compiled) -> dict:
         usage = sass = ""
     finally:
         cubin.unlink(missing_ok=True)
-    found = re.search(r"REG:(\d+) STACK:\d+ SHARED:\d+ LOCAL:(\d+)", usage)
+    # Registers that do not fit spill to the per-thread stack frame (STACK), not to LOCAL.
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
     if found:
         regs = int(found.group(1))
-        report.update(regs=regs, spill_bytes=int(found.group(2)), programs_per_sm=min(
+        report.update(regs=regs, spill_bytes=int(found.group(2)) + int(found.group(3)),
+                      programs_per_sm=min(
             SM_REGISTERS // (-(-regs * 32 // 256) * 256 * report["num_warps"]),
             SM_SHARED // (compiled.metadata.shared + 1024), SM_WARPS // report["num_warps"]))
     report["loop_instructions"] = _loop_sizes(sass)
