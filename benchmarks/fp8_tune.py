@@ -10,13 +10,11 @@ dtypes the widened values can take for the dot (the query's bf16, or fp16: `DOT_
 the bf16 cache with its default configuration. Median of CUDA-graph replays; every output is
 checked against the reference on the same cache (fp8 or bf16).
 
-`--quick` (decode only, about 30 timed configurations, a few GPU minutes with compiles) answers
-what the lead needs to pick defaults in one run: for decode B=64 / 4096, B=256 / 1024 and
-B=1 / 32k, the fp8 default; the page path on decode (PAGE_LOADS + FOLD_SCALE); 64-bit offsets
-(INT64_OFFSETS, what a cache of 2^31 elements or more takes by itself) on the bf16 and the fp8
-cache; a few tiles around the default; and the fp8 default with the widening left to Triton
-(MINIVLLM_FP8_WIDEN=cast, the code before the inline-assembly widening, timed in a child process
-since the switch is read at import).
+`--quick` (decode only, about 30 timed configurations, a few GPU minutes with compiles) times,
+for decode B=64 / 4096, B=256 / 1024 and B=1 / 32k: the fp8 default (the page path) and the
+token path; 64-bit offsets (INT64_OFFSETS, what a cache of 2^31 elements or more takes by
+itself) on the bf16 and the fp8 cache, with the tiles that keep them from spilling; and the
+defaults with the other fp8 widening (MINIVLLM_FP8_WIDEN, read at import: a child process).
 
     python benchmarks/fp8_tune.py --quick --out benchmarks/results/
     python benchmarks/fp8_tune.py --out benchmarks/results/          # the full grid
@@ -52,17 +50,18 @@ CASES = {  # name: (query length, batch, context, grid of (BLOCK_N, num_warps, n
 PAGES = dict(PAGE_LOADS=True, FOLD_SCALE=True)
 # --quick: (label, config) per case, on the head-major scales with the default dots. A tile is
 # (BLOCK_N, num_warps, num_stages); None is the kernel's default.
-QUICK_FP8 = [
+QUICK_FP8 = [  # fp8 decode's default is the page path (see _prefill_path)
     ("default", {}),
-    ("pages", PAGES),
+    ("tokens", dict(PAGE_LOADS=False, FOLD_SCALE=False)),
     ("int64", dict(INT64_OFFSETS=True)),
-    ("pages int64", dict(PAGES, INT64_OFFSETS=True)),
-    ("64/2/4", dict(BLOCK_N=64, num_warps=2, num_stages=4)),
+    ("tokens int64", dict(PAGE_LOADS=False, FOLD_SCALE=False, INT64_OFFSETS=True)),
+    # 64-bit row pointers make the 2-warp, 64-key loop spill (offline sm_90 compile, Triton 3.6):
+    # 4 warps or 32-key tiles hold the same tile in fewer registers a thread, and do not spill.
+    ("int64 4w", dict(INT64_OFFSETS=True, num_warps=4)),
+    ("int64 N32", dict(INT64_OFFSETS=True, BLOCK_N=32)),
+    ("4w", dict(num_warps=4)),
+    ("N32", dict(BLOCK_N=32)),
     ("128/4/3", dict(BLOCK_N=128, num_warps=4, num_stages=3)),
-    ("128/2/3", dict(BLOCK_N=128, num_warps=2, num_stages=3)),
-    ("pages 64/2/4", dict(PAGES, BLOCK_N=64, num_warps=2, num_stages=4)),
-    ("pages 128/4/3", dict(PAGES, BLOCK_N=128, num_warps=4, num_stages=3)),
-    ("pages 256/4/2", dict(PAGES, BLOCK_N=256, num_warps=4, num_stages=2)),
 ]
 QUICK_BF16 = [("default", {}), ("int64", dict(INT64_OFFSETS=True))]
 QUICK_CASES = {  # case: how many of QUICK_FP8 (split-KV at B=1: the switches, not the tiles)
@@ -186,13 +185,14 @@ def run_quick(device, cases=QUICK_CASES, fp8_configs=QUICK_FP8, bf16_configs=QUI
     return rows
 
 
-def widen_by_cast() -> list[dict]:
-    """The bf16 and fp8 defaults in a child process with MINIVLLM_FP8_WIDEN=cast."""
-    env = dict(os.environ, MINIVLLM_FP8_WIDEN="cast")
-    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child-cast"],
+def widen_the_other_way() -> list[dict]:
+    """The bf16 and fp8 defaults in a child process with the other MINIVLLM_FP8_WIDEN."""
+    other = "asm" if triton_attention.FP8_WIDEN == "cast" else "cast"
+    env = dict(os.environ, MINIVLLM_FP8_WIDEN=other)
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child"],
                           env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        print(f"  widen=cast child failed: {done.stderr[-2000:]}", flush=True)
+        print(f"  widen={other} child failed: {done.stderr[-2000:]}", flush=True)
         return []
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -225,12 +225,12 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--quick", action="store_true",
                         help="decode only: defaults, loop switches and a few tiles (~30 configs)")
-    parser.add_argument("--child-cast", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("fp8_tune.py needs a CUDA device")
     device = torch.device("cuda")
-    if args.child_cast:  # the widening left to Triton: defaults only, JSON on the last line
+    if args.child:  # the other widening: defaults only, JSON on the last line
         rows = run_quick(device, fp8_configs=QUICK_FP8[:1], bf16_configs=QUICK_BF16[:1])
         print(json.dumps(rows))
         return
@@ -241,8 +241,8 @@ def main() -> None:
         return
     print(f"fp8 widen={triton_attention.FP8_WIDEN} (this process)", flush=True)
     rows = run_quick(device)
-    print("fp8 widen=cast (child process): defaults", flush=True)
-    rows += widen_by_cast()
+    print("fp8 widen the other way (child process): defaults", flush=True)
+    rows += widen_the_other_way()
     path = Path(args.out) / "fp8_tune_quick_gpu.json"
     write_json(path, dict(environment=environment(device), rows=rows,
                           target="decode B=64 ctx 4096: fp8 <= 0.55x bf16 time"))
