@@ -95,10 +95,10 @@ FP8_WIDEN = os.environ.get("MINIVLLM_FP8_WIDEN", "cast")
 if FP8_WIDEN not in FP8_WIDENS:
     raise ValueError(f"MINIVLLM_FP8_WIDEN must be one of {FP8_WIDENS}, got {FP8_WIDEN!r}")
 WIDEN_IN_ASM = tl.constexpr(FP8_WIDEN == "asm")
-# Which inner loop prefill, chunked prefill and mixed batches run (decode-only batches always run
-# the token path, which is at the bandwidth limit): "tokens", the original gather, or "pages",
-# page-granular block-table reads with the softmax scale folded into exp2 (see the module
-# docstring). Read once at import, so one benchmark run can time both in two processes without
+# Which inner loop prefill, chunked prefill and mixed batches run (decode-only batches on a
+# 16-bit cache always run the token path, which is at the bandwidth limit; on fp8, the page
+# path: see _prefill_path): "tokens", the original gather, or "pages", page-granular
+# block-table reads with the softmax scale folded into exp2 (see the module docstring). Read once at import, so one benchmark run can time both in two processes without
 # editing code; `config={"PAGE_LOADS": ..., "FOLD_SCALE": ...}` picks either per call. The
 # default is "pages": on the H200 it was faster on all three prefill cases of the tuning sweep
 # (benchmarks/RESULTS.md, "Kernels, round 2").
@@ -184,7 +184,9 @@ def _widen_e4m3_to_fp16(x):
     the fp8 operand layout makes the other operand's registers move too. Marked impure, the
     conversion stays put, and the transpose moves 16-bit values with `ldmatrix.trans`, as for a
     bf16 cache. Compiled decode loop, sm_90, Triton 3.6: 1,041 instructions a tile -> 690
-    (benchmarks/sass_count.py)."""
+    (benchmarks/sass_count.py). Yet it measured slower on an H200 (see FP8_WIDEN): the
+    widened tile makes an extra round trip through shared memory, and fewer of the loads are
+    asynchronous copies, so the loop waits longer on memory than it saves in issue."""
     return tl.inline_asm_elementwise(
         "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; "
         "cvt.rn.f16x2.e4m3x2 $1, hi; }", "=r,=r,r", [x.to(tl.int8, bitcast=True)],
