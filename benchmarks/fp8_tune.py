@@ -54,6 +54,7 @@ QUICK_FP8 = [  # fp8 decode's default is the page path (see _prefill_path)
     ("default", {}),
     ("tokens", dict(PAGE_LOADS=False, FOLD_SCALE=False)),
     ("int64", dict(INT64_OFFSETS=True)),
+    ("u32", dict(U32_OFFSETS=True)),
     ("tokens int64", dict(PAGE_LOADS=False, FOLD_SCALE=False, INT64_OFFSETS=True)),
     # 64-bit row pointers make the 2-warp, 64-key loop spill (offline sm_90 compile, Triton 3.6):
     # 4 warps or 32-key tiles hold the same tile in fewer registers a thread, and do not spill.
@@ -63,7 +64,7 @@ QUICK_FP8 = [  # fp8 decode's default is the page path (see _prefill_path)
     ("N32", dict(BLOCK_N=32)),
     ("128/4/3", dict(BLOCK_N=128, num_warps=4, num_stages=3)),
 ]
-QUICK_BF16 = [("default", {}), ("int64", dict(INT64_OFFSETS=True))]
+QUICK_BF16 = [("default", {}), ("int64", dict(INT64_OFFSETS=True)), ("u32", dict(U32_OFFSETS=True))]
 QUICK_CASES = {  # case: how many of QUICK_FP8 (split-KV at B=1: the switches, not the tiles)
     "decode B=64 ctx 4096": len(QUICK_FP8), "decode B=256 ctx 1024": len(QUICK_FP8),
     "decode B=1 ctx 32768": 4}

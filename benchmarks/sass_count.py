@@ -48,6 +48,8 @@ VARIANTS = {
     "bf16 int64": ("bf16", dict(INT64_OFFSETS=True)),
     "fp8": ("fp8", {}),
     "fp8 int64": ("fp8", dict(INT64_OFFSETS=True)),
+    "fp8 u32": ("fp8", dict(U32_OFFSETS=True)),
+    "bf16 u32": ("bf16", dict(U32_OFFSETS=True)),
     "fp8 tokens": ("fp8", dict(PAGE_LOADS=False, FOLD_SCALE=False)),
     "fp8 pages": ("fp8", dict(PAGE_LOADS=True, FOLD_SCALE=True)),
     "fp8 pages int64": ("fp8", dict(PAGE_LOADS=True, FOLD_SCALE=True, INT64_OFFSETS=True)),
@@ -79,6 +81,7 @@ def decode_launch(kv: str, config: dict, split_kv: bool = False) -> tuple[dict, 
         NUM_Q_HEADS=HQ, GROUP=group, HEAD_DIM=D, DIM_PAD=D, BLOCK_SIZE=BLOCK, BLOCK_M=block_m,
         BLOCK_Q=1, BLOCK_N=cfg.pop("BLOCK_N"), SPLIT_KV=split_kv, DECODE_ONLY=True, CAUSAL=True,
         DOT_PRECISION="tf32", INT64_OFFSETS=bool(cfg.pop("INT64_OFFSETS", False)),
+        U32_OFFSETS=bool(cfg.pop("U32_OFFSETS", False)),
         NUM_KV_HEADS=HKV, KV_FP8=fp8, DOT_FP16=bool(cfg.pop("DOT_FP16", fp8)),
         PAGE_LOADS=page_loads, FOLD_SCALE=fold_scale, ROW_ALIGN=16 if page_loads else 1)
     consts["PAGES"] = max(1, consts["BLOCK_N"] // BLOCK) if page_loads else 1

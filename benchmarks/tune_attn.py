@@ -481,6 +481,7 @@ def compile_for_hopper(case: Case, path: str, tile=None, kv_cache_dtype: str = "
         NUM_Q_HEADS=hq, GROUP=group, HEAD_DIM=d, DIM_PAD=dim_pad, BLOCK_SIZE=bs, BLOCK_M=m,
         BLOCK_Q=max(1, m // group), BLOCK_N=n, SPLIT_KV=False, DECODE_ONLY=False, CAUSAL=True,
         DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", INT64_OFFSETS=False,
+        U32_OFFSETS=False,
         NUM_KV_HEADS=hkv, KV_FP8=fp8, DOT_FP16=fp8 and dtype != torch.float32, PAGE_LOADS=page,
         PAGES=max(1, n // bs) if page else 1, FOLD_SCALE=switches["FOLD_SCALE"],
         ROW_ALIGN=16 if page and all(st % 16 == 0 for st in cache_strides[:2]) else 1)

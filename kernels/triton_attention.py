@@ -204,7 +204,7 @@ def _attend_kv_tile(
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     INT64_OFFSETS: tl.constexpr, KV_FP8: tl.constexpr,
     PAGE_LOADS: tl.constexpr, PAGES: tl.constexpr, ROW_ALIGN: tl.constexpr,
-    FOLD_SCALE: tl.constexpr,
+    FOLD_SCALE: tl.constexpr, U32_OFFSETS: tl.constexpr,
 ):
     """One step of the online softmax over keys [start, start + BLOCK_N)."""
     kv_pos = start + tl.arange(0, BLOCK_N)
@@ -233,6 +233,20 @@ def _attend_kv_tile(
         v_rows = _row_pointers(v_cache_ptr, row_blocks, in_block, stride_cb)
         k_ptrs = k_rows[:, None] + dims[None, :]
         v_ptrs = v_rows[:, None] + dims[None, :]
+    elif U32_OFFSETS:
+        # A cache of 2^31 to 2^32 elements: the same offsets as below, in unsigned 32-bit
+        # arithmetic (Triton zero-extends an unsigned offset when it adds it to a pointer).
+        # Nothing 64-bit stays live, so the fp8 loop, at the register limit, does not spill
+        # as it does with 64-bit row pointers (offline sm_90 compile, Triton 3.6).
+        row_blocks = block_ids
+        if PAGE_LOADS:  # each row's page, in key order
+            row_blocks = tl.reshape(tl.broadcast_to(block_ids[:, None],
+                                                    [PAGES, BLOCK_N // PAGES]), [BLOCK_N])
+        in_block = (kv_pos % BLOCK_SIZE) * stride_ct + kv_head * stride_ch
+        urow = row_blocks.to(tl.uint32) * stride_cb.to(tl.uint32) + in_block.to(tl.uint32)
+        kv_offsets = urow[:, None] + dims[None, :].to(tl.uint32)
+        k_ptrs = k_cache_ptr + kv_offsets
+        v_ptrs = v_cache_ptr + kv_offsets
     else:
         kv_offsets = row[:, None] + dims[None, :]
         k_ptrs = k_cache_ptr + kv_offsets
@@ -349,7 +363,7 @@ def _paged_attention_kernel(
     DECODE_ONLY: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     INT64_OFFSETS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, KV_FP8: tl.constexpr,
     DOT_FP16: tl.constexpr, PAGE_LOADS: tl.constexpr, PAGES: tl.constexpr,
-    ROW_ALIGN: tl.constexpr, FOLD_SCALE: tl.constexpr,
+    ROW_ALIGN: tl.constexpr, FOLD_SCALE: tl.constexpr, U32_OFFSETS: tl.constexpr,
 ):
     # Program order matters (measured, benchmarks/RESULTS.md): the KV heads of one tile run side
     # by side, so together they read whole contiguous rows of each cache block; and tiles are
@@ -416,6 +430,7 @@ def _paged_attention_kernel(
             block_table, kv_head, start, kv_hi, q_pos, stride_cb, stride_ct, stride_ch,
             stride_sb, stride_st, stride_sh, dims, dim_mask, BLOCK_SIZE, BLOCK_N, False, CAUSAL,
             DOT_PRECISION, INT64_OFFSETS, KV_FP8, PAGE_LOADS, PAGES, ROW_ALIGN, FOLD_SCALE,
+            U32_OFFSETS,
         )
     for start in range(full_end, kv_hi, BLOCK_N):
         acc, m_i, l_i = _attend_kv_tile(
@@ -423,6 +438,7 @@ def _paged_attention_kernel(
             block_table, kv_head, start, kv_hi, q_pos, stride_cb, stride_ct, stride_ch,
             stride_sb, stride_st, stride_sh, dims, dim_mask, BLOCK_SIZE, BLOCK_N, True, CAUSAL,
             DOT_PRECISION, INT64_OFFSETS, KV_FP8, PAGE_LOADS, PAGES, ROW_ALIGN, FOLD_SCALE,
+            U32_OFFSETS,
         )
 
     # ---- write back ---------------------------------------------------------------------
@@ -584,6 +600,12 @@ def _prefill_path(cfg: dict, decode_only: bool, block_size: int,
     return page_loads, fold_scale
 
 
+def offset_kind(numel: int) -> str:
+    """The offset arithmetic a cache of `numel` elements needs: "int32" below 2^31 elements,
+    "uint32" below 2^32, "int64" from there."""
+    return "int32" if numel < 2**31 else "uint32" if numel < 2**32 else "int64"
+
+
 def paged_attention(
     query: torch.Tensor,
     k_cache: torch.Tensor,
@@ -603,7 +625,8 @@ def paged_attention(
     """Same contract as `minivllm.kernels.paged_attention` (inputs already validated).
 
     `config` overrides the launch configuration (BLOCK_M, BLOCK_N, num_warps, num_stages) and
-    the kernel's switches (PAGE_LOADS, FOLD_SCALE: the prefill path; INT64_OFFSETS; DOT_FP16);
+    the kernel's switches (PAGE_LOADS, FOLD_SCALE: the prefill path; INT64_OFFSETS, U32_OFFSETS;
+    DOT_FP16);
     the benchmarks use it to sweep tile shapes and to time both prefill paths in one run.
     """
     num_tokens, num_q_heads, head_dim = query.shape
@@ -643,9 +666,13 @@ def paged_attention(
         partial_acc = partial_m = partial_l = out  # unused by the kernel
     dot_precision = "ieee" if query.dtype == torch.float32 else "tf32"
     kv_fp8 = k_cache.dtype == torch.float8_e4m3fn
-    # 32-bit offset arithmetic is measurably cheaper in the gather; one layer's cache rarely
-    # holds 2^31 elements, and when it does the kernel switches to 64-bit offsets.
-    int64_offsets = cfg.pop("INT64_OFFSETS", k_cache.numel() >= 2**31)
+    # 32-bit offset arithmetic is measurably cheaper in the gather. A layer's cache of 2^31 to
+    # 2^32 elements (an fp8 pool on a large GPU: 138,909 blocks on an H200 are 2.28e9) takes
+    # unsigned 32-bit offsets; only 2^32 or more needs 64-bit row pointers, which make the fp8
+    # decode loop spill registers (0.82x bf16's time instead of 0.70x, benchmarks/RESULTS.md).
+    kind = offset_kind(k_cache.numel())
+    int64_offsets = cfg.pop("INT64_OFFSETS", kind == "int64")
+    u32_offsets = cfg.pop("U32_OFFSETS", kind == "uint32" and not int64_offsets)
     # fp8 cache with a bf16/fp16 query: e4m3 widens to fp16 in one instruction (to bf16 in
     # several), and fp16 keeps more mantissa; the query is clamped to fp16's range (+-65504).
     # Faster and more accurate than widening to bf16 on an H100 (docs/fp8_kv_cache.md);
@@ -664,7 +691,8 @@ def paged_attention(
         NUM_Q_HEADS=num_q_heads, GROUP=group, HEAD_DIM=head_dim, DIM_PAD=dim_pad,
         BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_Q=block_q,
         SPLIT_KV=num_splits > 1, DECODE_ONLY=decode_only, CAUSAL=causal,
-        DOT_PRECISION=dot_precision, INT64_OFFSETS=int64_offsets, NUM_KV_HEADS=num_kv_heads,
+        DOT_PRECISION=dot_precision, INT64_OFFSETS=int64_offsets, U32_OFFSETS=u32_offsets,
+        NUM_KV_HEADS=num_kv_heads,
         KV_FP8=kv_fp8, DOT_FP16=dot_fp16, PAGE_LOADS=page_loads, PAGES=pages,
         ROW_ALIGN=row_align, FOLD_SCALE=fold_scale, **cfg,
     )

@@ -183,12 +183,15 @@ def test_decode_split_kv_on_fp8():
 
 
 # The inner loop's switches, as config keys: the gather (per key or per page), and the offset
-# arithmetic of caches of 2^31 elements or more (a 64-bit pointer per key row).
+# arithmetic of caches of 2^31 elements or more (unsigned 32-bit offsets below 2^32, a 64-bit
+# pointer per key row above).
 SWITCHES = {
     "tokens": dict(PAGE_LOADS=False, FOLD_SCALE=False),
     "pages": dict(PAGE_LOADS=True, FOLD_SCALE=True),
     "tokens, int64": dict(PAGE_LOADS=False, FOLD_SCALE=False, INT64_OFFSETS=True),
     "pages, int64": dict(PAGE_LOADS=True, FOLD_SCALE=True, INT64_OFFSETS=True),
+    "tokens, u32": dict(PAGE_LOADS=False, FOLD_SCALE=False, U32_OFFSETS=True),
+    "pages, u32": dict(PAGE_LOADS=True, FOLD_SCALE=True, U32_OFFSETS=True),
 }
 
 
@@ -198,8 +201,9 @@ SWITCHES = {
 @pytest.mark.parametrize("batch", ["decode", "mixed"])
 def test_each_loop_switch_matches_reference(switches, kv, batch):
     """Every switch the tuning sweep toggles (benchmarks/fp8_tune.py), on decode-only and mixed
-    batches, on a 16-bit and an fp8 cache, against the reference. INT64_OFFSETS is forced here
-    (the kernel takes it by itself only for caches of 2^31 elements, too large for a test); the
+    batches, on a 16-bit and an fp8 cache, against the reference. U32_OFFSETS and INT64_OFFSETS
+    are forced here (the kernel takes them by itself only for caches of 2^31 and 2^32 elements,
+    too large for a test); the
     page path on decode is what the sweep times for fp8. Contexts end mid-page and mid-tile;
     unused table entries are -1 (make_problem)."""
     from minivllm.kernels import triton_attention
@@ -390,3 +394,13 @@ def test_triton_fp8_on_an_older_gpu_is_a_clear_error(monkeypatch):
     with pytest.raises(ValueError, match="k_cache is float8_e4m3fn .* compute capability 8.9"):
         backends.dispatch("paged_attention", "triton", torch.device("cuda", 0), query=p.query,
                           k_cache=k8, v_cache=v8, k_scale=k_scale, v_scale=v_scale)
+
+
+def test_the_offset_arithmetic_follows_the_cache_size():
+    """32-bit signed offsets while they fit; unsigned 32-bit up to 2^32 elements (the H200's fp8
+    pool, 2.28e9 a layer, lands here); 64-bit row pointers only beyond."""
+    from minivllm.kernels.triton_attention import offset_kind
+
+    assert offset_kind(2**31 - 1) == "int32"
+    assert offset_kind(2**31) == offset_kind(138_909 * 16 * 8 * 128) == offset_kind(2**32 - 1) == "uint32"
+    assert offset_kind(2**32) == "int64"
