@@ -13,7 +13,7 @@ checked against the reference on the same cache (fp8 or bf16).
 `--quick` (decode only, about 30 timed configurations, a few GPU minutes with compiles) times,
 for decode B=64 / 4096, B=256 / 1024 and B=1 / 32k: the fp8 default (the page path) and the
 token path; 64-bit offsets (INT64_OFFSETS, what a cache of 2^31 elements or more takes by
-itself) on the bf16 and the fp8 cache, with the tiles that keep them from spilling; and the
+itself) and unsigned 32-bit ones (U32_OFFSETS, enough below 2^32) on the bf16 and the fp8 cache, with the tiles that keep them from spilling; and the
 defaults with the other fp8 widening (MINIVLLM_FP8_WIDEN, read at import: a child process).
 
     python benchmarks/fp8_tune.py --quick --out benchmarks/results/

@@ -234,10 +234,11 @@ def _attend_kv_tile(
         k_ptrs = k_rows[:, None] + dims[None, :]
         v_ptrs = v_rows[:, None] + dims[None, :]
     elif U32_OFFSETS:
-        # A cache of 2^31 to 2^32 elements: the same offsets as below, in unsigned 32-bit
-        # arithmetic (Triton zero-extends an unsigned offset when it adds it to a pointer).
-        # Nothing 64-bit stays live, so the fp8 loop, at the register limit, does not spill
-        # as it does with 64-bit row pointers (offline sm_90 compile, Triton 3.6).
+        # A cache of 2^31 to 2^32 elements (opt-in, see paged_attention): the same offsets as
+        # below, in unsigned 32-bit arithmetic (Triton zero-extends an unsigned offset when it
+        # adds it to a pointer). Nothing 64-bit stays live, so the fp8 loop, at the register
+        # limit, does not spill as it does with 64-bit row pointers (offline sm_90 compile,
+        # Triton 3.6: no local-memory traffic in the loop, against 11 spill ops).
         row_blocks = block_ids
         if PAGE_LOADS:  # each row's page, in key order
             row_blocks = tl.reshape(tl.broadcast_to(block_ids[:, None],
@@ -606,6 +607,25 @@ def offset_kind(numel: int) -> str:
     return "int32" if numel < 2**31 else "uint32" if numel < 2**32 else "int64"
 
 
+def _offset_switches(cfg: dict, numel: int) -> tuple[bool, bool]:
+    """(INT64_OFFSETS, U32_OFFSETS) for a cache of `numel` elements, popped from `cfg` where a
+    caller set them.
+
+    32-bit offset arithmetic is measurably cheaper in the gather; a layer's cache of 2^31
+    elements or more (an fp8 pool on a large GPU: 138,909 blocks on an H200 are 2.28e9) takes
+    64-bit row pointers, which make the fp8 decode loop spill registers (0.82x bf16's time
+    instead of 0.70x, benchmarks/RESULTS.md). Below 2^32 elements unsigned 32-bit offsets
+    (U32_OFFSETS) suffice and compile without the spills, but they have not run on a GPU yet:
+    until they are measured there, they are a `config` switch, not the default.
+    """
+    kind = offset_kind(numel)
+    u32_offsets = bool(cfg.pop("U32_OFFSETS", False))
+    if u32_offsets and kind == "int64":
+        raise ValueError(f"config: U32_OFFSETS addresses at most 2^32 elements, the cache has "
+                         f"{numel}")
+    return bool(cfg.pop("INT64_OFFSETS", kind != "int32" and not u32_offsets)), u32_offsets
+
+
 def paged_attention(
     query: torch.Tensor,
     k_cache: torch.Tensor,
@@ -666,13 +686,7 @@ def paged_attention(
         partial_acc = partial_m = partial_l = out  # unused by the kernel
     dot_precision = "ieee" if query.dtype == torch.float32 else "tf32"
     kv_fp8 = k_cache.dtype == torch.float8_e4m3fn
-    # 32-bit offset arithmetic is measurably cheaper in the gather. A layer's cache of 2^31 to
-    # 2^32 elements (an fp8 pool on a large GPU: 138,909 blocks on an H200 are 2.28e9) takes
-    # unsigned 32-bit offsets; only 2^32 or more needs 64-bit row pointers, which make the fp8
-    # decode loop spill registers (0.82x bf16's time instead of 0.70x, benchmarks/RESULTS.md).
-    kind = offset_kind(k_cache.numel())
-    int64_offsets = cfg.pop("INT64_OFFSETS", kind == "int64")
-    u32_offsets = cfg.pop("U32_OFFSETS", kind == "uint32" and not int64_offsets)
+    int64_offsets, u32_offsets = _offset_switches(cfg, k_cache.numel())
     # fp8 cache with a bf16/fp16 query: e4m3 widens to fp16 in one instruction (to bf16 in
     # several), and fp16 keeps more mantissa; the query is clamped to fp16's range (+-65504).
     # Faster and more accurate than widening to bf16 on an H100 (docs/fp8_kv_cache.md);

@@ -397,10 +397,18 @@ def test_triton_fp8_on_an_older_gpu_is_a_clear_error(monkeypatch):
 
 
 def test_the_offset_arithmetic_follows_the_cache_size():
-    """32-bit signed offsets while they fit; unsigned 32-bit up to 2^32 elements (the H200's fp8
-    pool, 2.28e9 a layer, lands here); 64-bit row pointers only beyond."""
-    from minivllm.kernels.triton_attention import offset_kind
+    """32-bit signed offsets while they fit; unsigned 32-bit would do up to 2^32 elements (the
+    H200's fp8 pool, 2.28e9 a layer, lands here; opt-in until timed on a GPU); beyond, only
+    64-bit row pointers. Asking for unsigned 32-bit offsets on a cache too large is an error."""
+    from minivllm.kernels.triton_attention import _offset_switches, offset_kind
 
     assert offset_kind(2**31 - 1) == "int32"
-    assert offset_kind(2**31) == offset_kind(138_909 * 16 * 8 * 128) == offset_kind(2**32 - 1) == "uint32"
+    h200_fp8_pool = 138_909 * 16 * 8 * 128  # one layer's cache, elements
+    assert offset_kind(2**31) == offset_kind(h200_fp8_pool) == offset_kind(2**32 - 1) == "uint32"
     assert offset_kind(2**32) == "int64"
+
+    assert _offset_switches({}, 2**31 - 1) == (False, False)
+    assert _offset_switches({}, 2**31) == (True, False)  # 64-bit until U32 is measured on a GPU
+    assert _offset_switches({"U32_OFFSETS": True}, 2**32 - 1) == (False, True)
+    with pytest.raises(ValueError, match=r"U32_OFFSETS addresses at most 2\^32 elements"):
+        _offset_switches({"U32_OFFSETS": True}, 2**32)
