@@ -89,30 +89,17 @@ def decode_launch(kv: str, config: dict, split_kv: bool = False) -> tuple[dict, 
     return consts, cfg
 
 
-def compile_decode(kv: str, config: dict, split_kv: bool = False, arch: int = 90):
-    """The decode variant for `kv` ("bf16" or "fp8") and `config`, compiled for sm_<arch> by
-    the installed Triton. Arguments are specialized as a launch on the attn_bench cache would:
-    data pointers 16-byte aligned, ints divisible by 16 or equal to 1 marked so, except those
-    the kernel lists in do_not_specialize."""
+def compile_paged_attention(consts: dict, pointers: dict, ints: dict, options: dict,
+                            arch: int = 90):
+    """`_paged_attention_kernel` compiled ahead of time for sm_<arch> by the installed Triton,
+    its arguments specialized as a launch would specialize them: `consts` are the constexprs,
+    `pointers` the pointer types (16-byte aligned unless the kernel exempts them), `ints` the
+    values of the int arguments (marked equal to 1 or divisible by 16, except those the kernel
+    lists in do_not_specialize). `consts` gains the ints that became constexprs (equal to 1)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     fn = kernel._paged_attention_kernel
-    consts, options = decode_launch(kv, config, split_kv)
-    fp8 = kv == "fp8"
-    kv_type = "*fp8e4nv" if fp8 else "*bf16"
-    pointers = dict(query_ptr="*bf16", k_cache_ptr=kv_type, v_cache_ptr=kv_type, out_ptr="*bf16",
-                    block_tables_ptr="*i32", seq_lens_ptr="*i32", cu_seqlens_q_ptr="*i32",
-                    partial_acc_ptr="*fp32" if split_kv else "*bf16",
-                    partial_m_ptr="*fp32" if split_kv else "*bf16",
-                    partial_l_ptr="*fp32" if split_kv else "*bf16",
-                    k_scale_ptr="*fp32" if fp8 else "*bf16",
-                    v_scale_ptr="*fp32" if fp8 else "*bf16")
-    ints = dict(stride_qt=HQ * D, stride_qh=D, stride_ot=HQ * D, stride_oh=D,
-                stride_cb=BLOCK * HKV * D, stride_ct=HKV * D, stride_ch=D,
-                # fp8.empty_scales: head-major [num_blocks, block_size, Hkv]
-                stride_sb=BLOCK * HKV if fp8 else 0, stride_st=1 if fp8 else 0,
-                stride_sh=BLOCK if fp8 else 0)
     signature, attrs = {}, {}
     for i, param in enumerate(fn.params):
         name = param.name
@@ -132,13 +119,36 @@ def compile_decode(kv: str, config: dict, split_kv: bool = False, arch: int = 90
                 attrs[(i,)] = [["tt.divisibility", 16]]
     names = [p.name for p in fn.params]
     src = ASTSource(fn, signature, {(names.index(k),): v for k, v in consts.items()}, attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def compile_decode(kv: str, config: dict, split_kv: bool = False, arch: int = 90):
+    """The decode variant for `kv` ("bf16" or "fp8") and `config`, compiled for sm_<arch> by
+    the installed Triton. Arguments are specialized as a launch on the attn_bench cache would:
+    data pointers 16-byte aligned, ints divisible by 16 or equal to 1 marked so, except those
+    the kernel lists in do_not_specialize."""
+    consts, options = decode_launch(kv, config, split_kv)
+    fp8 = kv == "fp8"
+    kv_type = "*fp8e4nv" if fp8 else "*bf16"
+    pointers = dict(query_ptr="*bf16", k_cache_ptr=kv_type, v_cache_ptr=kv_type, out_ptr="*bf16",
+                    block_tables_ptr="*i32", seq_lens_ptr="*i32", cu_seqlens_q_ptr="*i32",
+                    partial_acc_ptr="*fp32" if split_kv else "*bf16",
+                    partial_m_ptr="*fp32" if split_kv else "*bf16",
+                    partial_l_ptr="*fp32" if split_kv else "*bf16",
+                    k_scale_ptr="*fp32" if fp8 else "*bf16",
+                    v_scale_ptr="*fp32" if fp8 else "*bf16")
+    ints = dict(stride_qt=HQ * D, stride_qh=D, stride_ot=HQ * D, stride_oh=D,
+                stride_cb=BLOCK * HKV * D, stride_ct=HKV * D, stride_ch=D,
+                # fp8.empty_scales: head-major [num_blocks, block_size, Hkv]
+                stride_sb=BLOCK * HKV if fp8 else 0, stride_st=1 if fp8 else 0,
+                stride_sh=BLOCK if fp8 else 0)
+    compiled = compile_paged_attention(consts, pointers, ints, options, arch)
     return compiled, consts, options
 
 
-def sass_of(compiled) -> tuple[str, int]:
-    """The kernel's machine code, disassembled by the nvdisasm that ships with Triton, and its
-    registers per thread (cuobjdump)."""
+def disassemble(compiled) -> tuple[str, str]:
+    """(machine code, resource usage) of a compiled kernel, from the nvdisasm and cuobjdump that
+    ship with Triton (OSError if this Triton has none)."""
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     cubin = Path(os.environ.get("TMPDIR", "/tmp")) / f"sass_count_{os.getpid()}.cubin"
     cubin.write_bytes(compiled.asm["cubin"])
@@ -149,6 +159,12 @@ def sass_of(compiled) -> tuple[str, int]:
                                capture_output=True, text=True, check=True).stdout
     finally:
         cubin.unlink(missing_ok=True)
+    return sass, usage
+
+
+def sass_of(compiled) -> tuple[str, int]:
+    """The kernel's machine code and its registers per thread."""
+    sass, usage = disassemble(compiled)
     return sass, int(re.search(r"REG:(\d+)", usage).group(1))
 
 

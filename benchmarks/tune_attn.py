@@ -58,6 +58,7 @@ from benchmarks.attn_bench import (DTYPES, MIXED, REL_TOL, Case, _rel, attention
                                    copy_bandwidth_gbps, fp8_cache, kv_bytes, make_inputs,
                                    mixed_case, sdpa_fn, time_ms)
 from benchmarks.common import device_name, measure_matmul_rate, write_json
+from benchmarks.sass_count import compile_paged_attention, disassemble, loops
 
 DECODE_CASES = [(64, 4096, 16), (256, 1024, 16), (64, 4096, 64), (256, 1024, 64), (16, 8192, 16),
                 (1, 32768, 16)]
@@ -464,10 +465,6 @@ def compile_for_hopper(case: Case, path: str, tile=None, kv_cache_dtype: str = "
     interpreter). Arguments are specialized as a launch on attn_bench's cache would: data
     pointers 16-byte aligned, ints marked divisible by 16 or equal to 1 by their value, except
     those the kernel lists in do_not_specialize."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    fn = kernel._paged_attention_kernel
     fp8 = kv_cache_dtype == "fp8"
     dtype = DTYPES[case.dtype]
     kv_dtype = torch.float8_e4m3fn if fp8 else dtype
@@ -497,27 +494,8 @@ def compile_for_hopper(case: Case, path: str, tile=None, kv_cache_dtype: str = "
                 # fp8.empty_scales: head-major [num_blocks, block_size, Hkv] scales
                 stride_sb=bs * hkv if fp8 else 0, stride_st=1 if fp8 else 0,
                 stride_sh=bs if fp8 else 0)
-    signature, attrs = {}, {}
-    for i, param in enumerate(fn.params):
-        name = param.name
-        if name in consts:
-            signature[name] = "constexpr"
-        elif name in pointers:
-            signature[name] = pointers[name]
-            if not param.do_not_specialize_on_alignment:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name == "qk_scale":
-            signature[name] = "fp32"
-        elif not param.do_not_specialize and ints.get(name) == 1:
-            signature[name], consts[name] = "constexpr", 1
-        else:
-            signature[name] = "i32"
-            if not param.do_not_specialize and ints.get(name, 1) % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    names = [p.name for p in fn.params]
-    src = ASTSource(fn, signature, {(names.index(k),): v for k, v in consts.items()}, attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options=dict(num_warps=warps, num_stages=stages))
+    return compile_paged_attention(consts, pointers, ints,
+                                   dict(num_warps=warps, num_stages=stages), arch)
 
 
 def static_report(compiled) -> dict:
@@ -531,18 +509,10 @@ def static_report(compiled) -> dict:
         wgmma=len(re.findall(r"wgmma\.mma_async", ptx)),
         narrow_loads=len(re.findall(r"ld\.global(\.[a-z0-9:_]+)*\.(b8|b16|u8|u16)\b", ptx)),
         shared_kb=round(compiled.metadata.shared / 1024, 1), num_warps=compiled.metadata.num_warps)
-    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    cubin = Path(os.environ.get("TMPDIR", "/tmp")) / f"tune_attn_{os.getpid()}.cubin"
-    cubin.write_bytes(compiled.asm["cubin"])
     try:
-        usage = subprocess.run([str(tools / "cuobjdump"), "--dump-resource-usage", str(cubin)],
-                               capture_output=True, text=True, check=False).stdout
-        sass = subprocess.run([str(tools / "nvdisasm"), "-c", str(cubin)],
-                              capture_output=True, text=True, check=False).stdout
-    except OSError:  # this Triton ships no CUDA binary tools
+        sass, usage = disassemble(compiled)
+    except (OSError, subprocess.CalledProcessError):  # no CUDA binary tools in this Triton
         usage = sass = ""
-    finally:
-        cubin.unlink(missing_ok=True)
     # Registers that do not fit spill to the per-thread stack frame (STACK), not to LOCAL.
     found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
     if found:
@@ -551,25 +521,8 @@ def static_report(compiled) -> dict:
                       programs_per_sm=min(
             SM_REGISTERS // (-(-regs * 32 // 256) * 256 * report["num_warps"]),
             SM_SHARED // (compiled.metadata.shared + 1024), SM_WARPS // report["num_warps"]))
-    report["loop_instructions"] = _loop_sizes(sass)
+    report["loop_instructions"] = [len(body) for body in loops(sass)]  # the tile loops
     return report
-
-
-def _loop_sizes(sass: str) -> list[int]:
-    """Machine instructions between each backward branch and its target, in program order."""
-    labels, lines = {}, []
-    for line in sass.splitlines():
-        label = re.match(r"\s*(\.L_x_\d+):", line)
-        if label:
-            labels[label.group(1)] = len(lines)
-        elif re.match(r"\s*/\*[0-9a-f]+\*/\s+\S", line):
-            lines.append(line)
-    sizes = []
-    for end, line in enumerate(lines):
-        target = re.search(r"BRA\s+`?\((\.L_x_\d+)\)", line)
-        if target and labels.get(target.group(1), end + 1) <= end:
-            sizes.append(end + 1 - labels[target.group(1)])
-    return [n for n in sizes if n > 50]  # the tile loops; not the binary search over sequences
 
 
 def run_static(args) -> int:

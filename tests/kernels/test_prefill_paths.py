@@ -145,12 +145,16 @@ def test_decode_keeps_the_token_path(monkeypatch):
     assert cfg == {"BLOCK_N": 64}  # the switches are taken out of the launch options
 
 
-def test_environment_variable_is_checked_at_import():
-    env = dict(os.environ, MINIVLLM_PREFILL_PATH="page")
+@pytest.mark.parametrize("variable,value,message", [
+    ("MINIVLLM_PREFILL_PATH", "page", "must be one of ('tokens', 'pages'), got 'page'"),
+    ("MINIVLLM_FP8_WIDEN", "ptx", "must be one of ('asm', 'cast'), got 'ptx'"),
+])
+def test_environment_variables_are_checked_at_import(variable, value, message):
+    env = dict(os.environ, **{variable: value})
     run = subprocess.run([sys.executable, "-c", "import minivllm.kernels.triton_attention"],
                          env=env, capture_output=True, text=True, check=False)
     assert run.returncode != 0
-    assert "MINIVLLM_PREFILL_PATH must be one of ('tokens', 'pages'), got 'page'" in run.stderr
+    assert f"{variable} {message}" in run.stderr
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
