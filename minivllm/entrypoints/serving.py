@@ -184,10 +184,10 @@ class StreamChunks:
 
     A stream sends one chunk per engine delta, thousands per second per server, and the chunks of
     a response differ only in their choice. Building and validating two pydantic models per chunk
-    (`CompletionStreamResponse(...).model_dump_json()`) took about 13 us on our CPU, most of the frontend's
-    work per token; here the constant head (id, object, created, model) is encoded once per
-    response and each chunk adds only its choice, as plain `json.dumps` (about 4 us). The shape is
-    exactly the pydantic schema's (`CompletionStreamResponse` / `ChatCompletionStreamResponse`
+    (`CompletionStreamResponse(...).model_dump_json()`) took about 13 us; here the constant head
+    (id, object, created, model) is encoded once per response and each chunk adds only its
+    choice, as plain `json.dumps`: about 6 us (both timed with timeit on a 2-core CPU). The shape
+    is exactly the pydantic schema's (`CompletionStreamResponse` / `ChatCompletionStreamResponse`
     in protocol.py), which a test checks field by field.
     """
 
