@@ -7,14 +7,14 @@ extension `minivllm._C` is compiled with torch.utils.cpp_extension against the i
 
 (`--no-build-isolation`, because the build must see the torch it will run with, not a fresh copy
 pip would download into an isolated build environment.) The other way to get it, a just-in-time
-build on first use, is described in kernels/cuda.py.
+build on first use, is described in minivllm/kernels/cuda.py.
 """
 import glob
 import os
 
 from setuptools import setup
 
-SOURCES = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*.cu"))  # kernels/cuda.py JIT-builds the same
+SOURCES = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*.cu"))  # minivllm/kernels/cuda.py JIT-builds the same
 
 
 def cuda_extension_kwargs() -> dict:

@@ -219,7 +219,7 @@ def make_inputs(case: Case, device: torch.device, seed: int = 0):
 
 def fp8_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, write_backend: str):
     """The same cache in fp8 (e4m3), quantized by `write_kv_cache` as the engine writes it: every
-    slot (unused ones hold zeros) with one float32 scale per token and KV head (kernels/fp8.py).
+    slot (unused ones hold zeros) with one float32 scale per token and KV head (minivllm/kernels/fp8.py).
     Returns (k8, v8, dict(k_scale=..., v_scale=...))."""
     k8 = torch.zeros(k_cache.shape, dtype=fp8.FP8_DTYPE, device=k_cache.device)
     v8 = torch.zeros_like(k8)

@@ -1,14 +1,14 @@
 """Check and time the CUDA extension's tensor-core kernels on a GPU, in one run.
 
 1. Builds (MINIVLLM_CUDA_JIT=1, cached by torch under TORCH_EXTENSIONS_DIR) and loads csrc/.
-2. Checks every kernel against the reference (kernels/reference.py) on awkward shapes: head_dim
+2. Checks every kernel against the reference (minivllm/kernels/reference.py) on awkward shapes: head_dim
    64/128, GQA groups 1/2/4/8, block sizes 8/16/32/64, contexts ending mid-block, -1 garbage in
    unused block-table entries, split-KV forced on and off, fp16 and bf16; then prefill, chunked
    prefill, mixed batches and non-causal prefill. One PASS/FAIL line per case.
 3. Times, side by side on the same inputs (medians of CUDA-graph replays, `attn_bench.time_ms`):
    the extension against the Triton kernel and dense SDPA at decode B=64/ctx 4096 and
    B=1/ctx 32768 (bf16, Hq 32, Hkv 8, D 128, block 16), the extension's decode at every forced
-   split count (to tune kernels/cuda.py's heuristic), and causal prefill 4 x 2048, chunked
+   split count (to tune minivllm/kernels/cuda.py's heuristic), and causal prefill 4 x 2048, chunked
    prefill (512 new over 8k) and the mixed step against Triton (and SDPA for prefill), in TFLOP/s
    against the bf16 matmul rate of the same run.
 4. Writes everything to --out as JSON and prints a short table last.

@@ -11,8 +11,8 @@
    block 16, bf16): median of CUDA-graph replays (`triton.testing.do_bench_cudagraph`, as
    attn_bench times them), and the largest difference between the two outputs.
 
-With `--baseline FILE` an older `kernels/triton_attention.py` (e.g. from `git show
-<rev>:kernels/triton_attention.py`) is measured in the same run, beside the current one.
+With `--baseline FILE` an older `minivllm/kernels/triton_attention.py` (e.g. from `git show
+<rev>:minivllm/kernels/triton_attention.py`) is measured in the same run, beside the current one.
 
     python benchmarks/jit_check.py --baseline /tmp/old_triton_attention.py --out benchmarks/results/
 """
@@ -157,7 +157,7 @@ def speed(modules: dict, device) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--baseline", help="an older kernels/triton_attention.py to compare with")
+    parser.add_argument("--baseline", help="an older minivllm/kernels/triton_attention.py to compare with")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON")
     args = parser.parse_args()

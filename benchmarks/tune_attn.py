@@ -1,6 +1,6 @@
 """Sweep the Triton paged-attention launch configuration on the GPU.
 
-The defaults in `kernels/triton_attention.py` (`_launch_config`, `choose_num_splits`, the prefill
+The defaults in `minivllm/kernels/triton_attention.py` (`_launch_config`, `choose_num_splits`, the prefill
 path) come from this sweep, so a change of defaults is a measured decision. Four sections:
 
 * `decode`: every (BLOCK_M, BLOCK_N, num_warps, num_stages) of a small grid, then the split count
@@ -17,7 +17,7 @@ path) come from this sweep, so a change of defaults is a measured decision. Four
   the reason and the sweep goes on. Writes tune_attn_prefill_<tag>.json and a .png of TFLOP/s per
   configuration, and prints a table last.
 * `cuda`: the split count of the C++ extension's decode kernel (`decode_num_splits` in
-  kernels/cuda.py) beside the Triton default, and write_kv_cache of both.
+  minivllm/kernels/cuda.py) beside the Triton default, and write_kv_cache of both.
 * `static` (no GPU needed): the quick sweep's prefill variants compiled for sm_90 by the
   installed Triton, and what each compiles to: 16-byte cp.async copies, wgmma, narrow loads,
   registers, shared memory, programs per SM, machine instructions per tile loop. A change to

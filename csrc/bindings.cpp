@@ -1,6 +1,6 @@
 // Python bindings of the minivllm._C extension: the same two ops as minivllm.kernels.
 //
-// The Python entry point (kernels/__init__.py) validates every argument and decides whether a
+// The Python entry point (minivllm/kernels/__init__.py) validates every argument and decides whether a
 // call suits this extension (fp16/bf16, head_dim 64/128, GQA group 1/2/4/8, block size a power
 // of two >= 8); what reaches here is already known to fit. The TORCH_CHECKs inside the ops only
 // guard the raw pointers.

@@ -54,7 +54,7 @@ PagedAttentionParams make_params(const at::Tensor& query, const at::Tensor& k_ca
   return p;
 }
 
-// Decode, its context cut into `splits` slices (kernels/cuda.py chooses the count from shapes).
+// Decode, its context cut into `splits` slices (minivllm/kernels/cuda.py chooses the count from shapes).
 template <typename scalar_t, int HEAD_DIM, int GROUP>
 void launch_decode(PagedAttentionParams p, const at::Tensor& query, int splits) {
   const auto kernel = decode_kernel<scalar_t, HEAD_DIM, GROUP>;

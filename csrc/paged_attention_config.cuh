@@ -1,6 +1,6 @@
 // The launch shapes of the attention kernels, in one place: csrc/paged_attention.cu launches
 // these instantiations, and csrc/tests/instantiate.cu compiles the same ones without PyTorch to
-// read their register counts and SASS. kernels/cuda.py chooses the decode's split count (about
+// read their register counts and SASS. minivllm/kernels/cuda.py chooses the decode's split count (about
 // one CTA per SM, whatever these shapes: measured best on an H200).
 #pragma once
 

@@ -243,7 +243,7 @@ class CacheConfig:
         profiled forward pass.
     enable_prefix_caching: reuse the KV blocks of a previously computed identical prefix.
     kv_cache_dtype: "auto" stores K/V in the model's dtype; "fp8" in 8 bits (e4m3) with one float32
-        scale per token and KV head (kernels/fp8.py): about half the bytes, so about twice the
+        scale per token and KV head (minivllm/kernels/fp8.py): about half the bytes, so about twice the
         blocks in the same memory and half the bytes a decode step reads.
     """
 

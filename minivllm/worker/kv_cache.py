@@ -2,7 +2,7 @@
 
 Per layer one K and one V tensor, [num_blocks, block_size, kv_heads, head_dim] (the "NHD" layout
 the kernels read), in the model's dtype, or with `kv_cache_dtype="fp8"` in e4m3 plus one float32
-scale per token and KV head (kernels/fp8.py): 2 x D + 8 bytes per token and head instead of
+scale per token and KV head (minivllm/kernels/fp8.py): 2 x D + 8 bytes per token and head instead of
 4 x D, so about twice the blocks fit in the same memory. How many blocks: an explicit `num_kv_blocks`, else on CPU a byte budget, else
 on CUDA what is left of `gpu_memory_utilization` x the GPU's memory after the weights and a
 *profiled* forward pass at the largest batch the scheduler can send, so that activations never

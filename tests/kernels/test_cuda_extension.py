@@ -294,7 +294,7 @@ def test_attention_unsupported_sees_strided_metadata():
                                           block_tables=table) is None
 
 
-# H100 / H200: 132 SMs, and the rule aims at one CTA per SM (measured best, kernels/cuda.py).
+# H100 / H200: 132 SMs, and the rule aims at one CTA per SM (measured best, minivllm/kernels/cuda.py).
 @pytest.mark.parametrize("num_seqs,max_context,splits", [
     (64, 4096, 1),     # 512 CTAs: more than the SMs already
     (256, 1024, 1),    # 2048 CTAs

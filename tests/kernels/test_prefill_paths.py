@@ -1,7 +1,7 @@
 """The two inner loops of the Triton kernel's prefill path, each against the reference.
 
 "tokens" gathers K/V with one block-table read per key; "pages" reads the table once per page and
-folds the softmax scale into exp2 (kernels/triton_attention.py). Both serve prefill, chunked
+folds the softmax scale into exp2 (minivllm/kernels/triton_attention.py). Both serve prefill, chunked
 prefill and mixed batches, so every case below runs both, through `config`, on batches whose
 lengths end mid-page and mid-tile, with -1 in the unused block-table entries (make_problem).
 Tiles narrower than a page (a tile is a slice of one page), as wide as one, and spanning several

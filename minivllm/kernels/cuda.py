@@ -32,7 +32,7 @@ import torch
 
 _EXTENSION_NAME = "minivllm._C"
 JIT_ENV = "MINIVLLM_CUDA_JIT"
-SOURCE_DIR = Path(__file__).resolve().parent.parent / "csrc"
+SOURCE_DIR = Path(__file__).resolve().parents[2] / "csrc"
 NVCC_FLAGS = ("-O3", "--use_fast_math")
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
