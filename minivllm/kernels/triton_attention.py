@@ -611,19 +611,21 @@ def _offset_switches(cfg: dict, numel: int) -> tuple[bool, bool]:
     """(INT64_OFFSETS, U32_OFFSETS) for a cache of `numel` elements, popped from `cfg` where a
     caller set them.
 
-    32-bit offset arithmetic is measurably cheaper in the gather; a layer's cache of 2^31
-    elements or more (an fp8 pool on a large GPU: 138,909 blocks on an H200 are 2.28e9) takes
-    64-bit row pointers, which make the fp8 decode loop spill registers (0.82x bf16's time
-    instead of 0.70x, benchmarks/RESULTS.md). Below 2^32 elements unsigned 32-bit offsets
-    (U32_OFFSETS) suffice and compile without the spills, but they have not run on a GPU yet:
-    until they are measured there, they are a `config` switch, not the default.
+    32-bit offset arithmetic is the cheapest in the gather. A layer's cache of 2^31 elements or
+    more (an fp8 pool on a large GPU: 138,909 blocks on an H200 are 2.28e9) no longer fits signed
+    32-bit offsets. Below 2^32 unsigned ones still do, and they keep the fp8 decode loop from
+    spilling the registers that 64-bit row pointers need: on an H100 fp8 decode at B=64 / 4096
+    took 1.02x the signed 32-bit time with them and 1.07x with 64-bit offsets
+    (benchmarks/results/u32_offsets_decode_h100.json). Only beyond 2^32 elements are 64-bit
+    offsets used.
     """
     kind = offset_kind(numel)
-    u32_offsets = bool(cfg.pop("U32_OFFSETS", False))
+    u32_offsets = bool(cfg.pop("U32_OFFSETS", kind == "uint32"))
     if u32_offsets and kind == "int64":
         raise ValueError(f"config: U32_OFFSETS addresses at most 2^32 elements, the cache has "
                          f"{numel}")
-    return bool(cfg.pop("INT64_OFFSETS", kind != "int32" and not u32_offsets)), u32_offsets
+    int64_offsets = bool(cfg.pop("INT64_OFFSETS", kind == "int64"))
+    return int64_offsets, u32_offsets and not int64_offsets
 
 
 def paged_attention(

@@ -385,9 +385,9 @@ def test_triton_fp8_on_an_older_gpu_is_a_clear_error(monkeypatch):
 
 
 def test_the_offset_arithmetic_follows_the_cache_size():
-    """32-bit signed offsets while they fit; unsigned 32-bit would do up to 2^32 elements (the
-    H200's fp8 pool, 2.28e9 a layer, lands here; opt-in until timed on a GPU); beyond, only
-    64-bit row pointers. Asking for unsigned 32-bit offsets on a cache too large is an error."""
+    """32-bit signed offsets while they fit; unsigned 32-bit up to 2^32 elements (the H200's
+    fp8 pool, 2.28e9 a layer, lands here); beyond, only 64-bit row pointers. Asking for unsigned
+    32-bit offsets on a cache too large is an error; asking for 64-bit ones always works."""
     from minivllm.kernels.triton_attention import _offset_switches, offset_kind
 
     assert offset_kind(2**31 - 1) == "int32"
@@ -396,7 +396,10 @@ def test_the_offset_arithmetic_follows_the_cache_size():
     assert offset_kind(2**32) == "int64"
 
     assert _offset_switches({}, 2**31 - 1) == (False, False)
-    assert _offset_switches({}, 2**31) == (True, False)  # 64-bit until U32 is measured on a GPU
-    assert _offset_switches({"U32_OFFSETS": True}, 2**32 - 1) == (False, True)
+    assert _offset_switches({}, 2**31) == (False, True)
+    assert _offset_switches({}, 2**32 - 1) == (False, True)
+    assert _offset_switches({}, 2**32) == (True, False)
+    assert _offset_switches({"INT64_OFFSETS": True}, 2**31) == (True, False)
+    assert _offset_switches({"INT64_OFFSETS": True}, 2**20) == (True, False)
     with pytest.raises(ValueError, match=r"U32_OFFSETS addresses at most 2\^32 elements"):
         _offset_switches({"U32_OFFSETS": True}, 2**32)
