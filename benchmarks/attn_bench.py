@@ -1,4 +1,4 @@
-"""Paged attention vs dense SDPA vs the memory-bandwidth limit and the matmul rate.
+"""Paged attention vs dense SDPA, the memory-bandwidth limit and the matmul rate; and its tuning.
 
 The cases (batch x context x block size x dtype x KV-cache dtype):
 
@@ -9,58 +9,58 @@ The cases (batch x context x block size x dtype x KV-cache dtype):
                      chunks of 512 new tokens over 8k
     ragged_decode    128 decodes whose contexts are drawn uniformly from [100, 2048] (seed 0):
                      real batches are ragged, and every sequence ends somewhere inside a block
+    write            write_kv_cache of 256 tokens (a decode step) and of 8192 (a prefill chunk)
+                     into shuffled slots (not in the default sweep)
 
 For each case it
 
 1. builds a random paged KV cache (shuffled block tables, unused table entries 0 as the engine
-   pads them) and, for the uniform cases, the same K/V as contiguous tensors;
-   with `--kv-cache-dtypes auto,fp8` also an fp8 (e4m3) copy of the cache, written through
-   `write_kv_cache` exactly as the engine writes it (one float32 scale per token and KV head);
-2. checks every backend's output against the reference on the *same* cache, with the kernel
-   tests' tolerances (REL_TOL), and records the error against the reference on the model-dtype
-   cache too (`rel_error_vs_model_dtype`: what the fp8 format costs);
-3. times each backend, and dense `scaled_dot_product_attention` on the contiguous K/V
-   (median of CUDA-event timings of CUDA-graph replays after warm-up, so Python launch overhead
-   is not counted; on CPU: median wall time);
-4. reports the bytes the op must move over its time, as a fraction of a device-to-device copy
-   bandwidth measured in the same run; TFLOP/s, as a fraction of a bf16 matmul rate measured in
-   the same run; and the time ratio to dense SDPA ("time/SDPA" in the table, `ratio_vs_sdpa` in
-   the JSON; below 1 is faster than SDPA). The mixed step is also timed as its two parts, each in
-   its own call, to see what one launch for both buys.
+   pads them) and, for the uniform cases, the same K/V as contiguous tensors; with
+   `--kv-cache-dtypes auto,fp8` also an fp8 (e4m3) copy, written by `write_kv_cache` as the
+   engine writes it (one float32 scale per token and KV head);
+2. checks every backend's output against the reference on the *same* cache (REL_TOL), and
+   records the error against the reference on the model-dtype cache too
+   (`rel_error_vs_model_dtype`: what the fp8 format costs);
+3. times each backend and dense `scaled_dot_product_attention` on the contiguous K/V (median of
+   CUDA-graph replays after warm-up: `benchmarks/common.py`'s `time_ms`; on the CPU, wall time);
+4. reports bytes moved over time as a fraction of a copy bandwidth measured in the same run,
+   TFLOP/s as a fraction of a matmul rate measured in the same run, and the time over dense
+   SDPA's ("time/SDPA"; below 1 is faster). The mixed step is also timed as its two parts, each
+   in its own call, to see what one launch for both buys.
 
 What is counted (`bytes_moved`, `attention_flops`):
 
     bytes = K and V of every sequence's whole context (fp8: 1 byte per value plus the float32
             scales) + the queries read + the output written
-    FLOPs = 4 * Hq * D * sum over queries of (number of keys the query sees)
-            QK^T and PV are 2 FLOPs per multiply-add each; under the causal mask query j of a
-            chunk of q new tokens over a context of L sees L - q + j + 1 keys, so a sequence
-            contributes q * (L - q) + q * (q + 1) / 2 (decode: L; full prefill: L(L+1)/2).
+    FLOPs = 4 * Hq * D * sum over queries of the keys each query sees (query j of a chunk of q
+            new tokens over a context of L sees L - q + j + 1 keys)
 
-Some cases have no dense SDPA equivalent (chunked prefill, mixed, ragged decode): the table says
-why instead of giving a ratio. A backend that cannot run a case (the CUDA extension on
-fp8, Triton's fp8 below compute capability 8.9) gets a record that says so; one that raises gets
-a `failed` record, and the sweep goes on. A wrong or failed output makes the run exit with 1.
+**Tuning.** `--tune tiles` also times the Triton kernel at every launch configuration of a grid
+(BLOCK_M, BLOCK_N, num_warps, num_stages: decode and prefill grids differ), `--tune splits` every
+split-KV count (Triton and the CUDA extension), and `--configs '[{...}, ...]'` any list of the
+kernel's `config` dicts (launch options and switches, e.g. `{"INT64_OFFSETS": true}`). Each
+setting is checked against the reference like the default; `ratio_vs_default` is its time over
+the default's. A setting that cannot compile or launch (too much shared memory) is recorded as
+not run. The kernel's defaults (`_launch_config`, `choose_num_splits`) come from these sweeps.
 
-Writes one JSON record per case, backend and KV-cache dtype to benchmarks/results/ (saved after
-every case, so a run cut short keeps what it measured), a PNG plot, and prints a table last. On a machine without CUDA it runs small shapes with the reference
-backend: CPU timings say nothing about the GPU, so they go to benchmarks/results/cpu/, which git
-ignores.
+A backend that cannot run a case gets a record that says why; one that raises gets a `failed`
+record and the sweep goes on. A wrong or failed output makes the run exit with 1. On a machine
+without CUDA it runs small shapes with the reference backend in seconds: CPU timings say nothing
+about the GPU, so they go to benchmarks/results/cpu/, which git ignores.
 
     python benchmarks/attn_bench.py                          # default sweep on this device
-    python benchmarks/attn_bench.py --kv-cache-dtypes auto,fp8
-    python benchmarks/attn_bench.py --quick                  # a few cases
+    python benchmarks/attn_bench.py --block-sizes 16 --kv-cache-dtypes auto,fp8
+    python benchmarks/attn_bench.py --backends triton,cuda --block-sizes 16   # MINIVLLM_CUDA_JIT=1
+    python benchmarks/attn_bench.py --cases prefill,chunked,mixed --block-sizes 16 --tune tiles
     python benchmarks/attn_bench.py --smoke                  # tiny shapes, seconds (tests)
-    python benchmarks/attn_bench.py --cases decode --batch 64 --context 4096 --block-sizes 16,32,64
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
+import itertools
 import json
 import math
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -76,14 +76,13 @@ from minivllm.kernels import available_backends, fp8, paged_attention, write_kv_
 from minivllm.kernels import cuda as cuda_ext
 from minivllm.kernels.backends import triton_fp8_unsupported
 
-from benchmarks.common import device_name, measure_matmul_rate
+from benchmarks.common import (copy_bandwidth, default_out, format_table, matmul_rate, new_record,
+                               sig, time_ms, write_json)
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-CPU_RESULTS_DIR = RESULTS_DIR / "cpu"  # in .gitignore: CPU times are never results to commit
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 KV_CACHE_DTYPES = ("auto", "fp8")  # "auto": the model dtype, as the engine's kv_cache_dtype
 CASE_NAMES = {"decode": "decode", "prefill": "prefill", "chunked": "chunked_prefill",
-              "mixed": "mixed", "ragged": "ragged_decode"}
+              "mixed": "mixed", "ragged": "ragged_decode", "write": "write_kv_cache"}
 # Relative error allowed against the reference on the same cache, by query dtype (the kernel
 # tests' bounds, tests/kernels/paged_inputs.py). The reference works in float32 from the very
 # values stored in the cache (for fp8: the same e4m3 values and scales), so a correct kernel
@@ -99,6 +98,14 @@ NO_SDPA = {  # why a case has no dense SDPA time to compare with
     "ragged_decode": "one SDPA call takes one context length; ragged contexts would need padding "
                      "and a mask, and it would time the padding",
 }
+# --tune: the Triton kernel's launch configurations, (BLOCK_M, BLOCK_N, num_warps, num_stages)
+# (BLOCK_M None: the kernel's own, 16 rows in decode); and split-KV counts.
+TILES = {
+    "decode": [(None, n, w, s) for n, w, s in itertools.product([32, 64, 128, 256], [2, 4, 8], [2, 3])],
+    "prefill": list(itertools.product([64, 128], [32, 64, 128], [4, 8], [2, 3, 4])),
+}
+SMOKE_TILES = {"decode": [(None, 16, 1, 1)], "prefill": [(32, 16, 1, 1)]}
+SPLITS = [1, 2, 4, 8, 16, 32, 64]
 
 
 @dataclass(frozen=True)
@@ -139,42 +146,6 @@ def ragged_decode_case(batch: int, low: int, high: int, *rest, seed: int = 0) ->
     context_lens = tuple(torch.randint(low, high + 1, (batch,), generator=g).tolist())
     return Case("ragged_decode", batch, max(context_lens), 1, *rest, query_lens=(1,) * batch,
                 context_lens=context_lens)
-
-
-# ------------------------------------------------------------------------------------------
-# Timing
-# ------------------------------------------------------------------------------------------
-def time_ms(fn, device: torch.device, graph: bool = True, repeats: int = 5) -> float:
-    """Median time of `fn` in milliseconds, after warm-up.
-
-    On the GPU the call is captured in a CUDA graph and its replays are timed with CUDA events
-    (`triton.testing.do_bench_cudagraph`), which is how the engine runs decode steps; functions
-    that cannot be captured (the reference syncs) are timed eagerly with `do_bench`. On the CPU:
-    the median of `repeats` wall-clock timings.
-    """
-    if device.type == "cuda":
-        import triton.testing
-
-        fn()
-        torch.cuda.synchronize()
-        if graph:
-            return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
-def copy_bandwidth_gbps(device: torch.device, nbytes: int) -> float:
-    """Device-to-device copy bandwidth, counting bytes read plus bytes written."""
-    src = torch.empty(nbytes // 2, dtype=torch.float16, device=device).uniform_()
-    dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), device, graph=False)
-    return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
 # ------------------------------------------------------------------------------------------
@@ -272,7 +243,11 @@ def kv_bytes(case: Case, kv_cache_dtype: str = "auto") -> int:
 
 
 def bytes_moved(case: Case, kv_cache_dtype: str = "auto") -> int:
-    """K/V (`kv_bytes`) plus the queries read and the output written."""
+    """K/V (`kv_bytes`) plus the queries read and the output written; for a write, the K/V rows
+    read plus what is written into the cache."""
+    if case.op == "write_kv_cache":
+        return 2 * case.batch * case.num_kv_heads * case.head_dim * DTYPES[case.dtype].itemsize + kv_bytes(
+            case, kv_cache_dtype)
     num_tokens = sum(q for q, _ in case.seqs())
     q_and_out = 2 * num_tokens * case.num_q_heads * case.head_dim * DTYPES[case.dtype].itemsize
     return kv_bytes(case, kv_cache_dtype) + q_and_out
@@ -281,6 +256,8 @@ def bytes_moved(case: Case, kv_cache_dtype: str = "auto") -> int:
 def attention_flops(case: Case, prefill_only: bool = False) -> float:
     """4 * Hq * D * sum over queries of the keys each sees (causal; see the module docstring).
     `prefill_only`: count only the sequences with more than one new token."""
+    if case.op == "write_kv_cache":
+        return 0.0
     visible = sum(q * (L - q) + q * (q + 1) / 2 for q, L in case.seqs()
                   if not (prefill_only and q == 1))
     return 4 * case.num_q_heads * case.head_dim * visible
@@ -296,30 +273,29 @@ def has_prefill(case: Case) -> bool:
 # (decodes, decode context, chunks, chunk, chunk context) and (batch, low, high) per device.
 MIXED = {"gpu": (62, 2048, 2, 512, 8192), "cpu": (14, 64, 2, 32, 256), "smoke": (3, 24, 2, 8, 40)}
 RAGGED = {"gpu": (128, 100, 2048), "cpu": (16, 10, 256), "smoke": (6, 5, 40)}
+WRITES = {"gpu": (256, 8192), "cpu": (64, 1024), "smoke": (16,)}  # tokens written at once
 
 
 def build_cases(args, on_gpu: bool) -> list[Case]:
     heads = (args.num_q_heads, args.num_kv_heads, args.head_dim)
     size = "smoke" if args.smoke else ("gpu" if on_gpu else "cpu")
+    long_ones = not args.quick or on_gpu  # the CPU's --quick leaves these out
     cases = []
-    for dtype in args.dtypes.split(","):
-        for bs in [int(x) for x in args.block_sizes.split(",")]:
-            rest = (bs, dtype, *heads)
-            if "decode" in args.cases:
-                for b, L in _pairs(args, decode=True, size=size):
-                    cases.append(Case("decode", b, L, 1, *rest))
-            if "prefill" in args.cases:
-                for b, L in _pairs(args, decode=False, size=size):
-                    cases.append(Case("prefill", b, L, L, *rest))
-            long_ones = not args.quick or on_gpu  # the CPU's --quick leaves these out
-            if "chunked_prefill" in args.cases and long_ones:
-                b, L, ql = {"gpu": (4, 8192, 512), "cpu": (2, 256, 32), "smoke": (2, 40, 8)}[size]
-                cases.append(Case("chunked_prefill", args.batch or b, args.context or L,
-                                  args.chunk or ql, *rest))
-            if "mixed" in args.cases and long_ones:
-                cases.append(mixed_case(*MIXED[size], *rest))
-            if "ragged_decode" in args.cases and long_ones:
-                cases.append(ragged_decode_case(*RAGGED[size], *rest))
+    for dtype, bs in itertools.product(args.dtypes.split(","), [int(x) for x in args.block_sizes.split(",")]):
+        rest = (bs, dtype, *heads)
+        if "decode" in args.cases:
+            cases += [Case("decode", b, L, 1, *rest) for b, L in _pairs(args, decode=True, size=size)]
+        if "prefill" in args.cases:
+            cases += [Case("prefill", b, L, L, *rest) for b, L in _pairs(args, decode=False, size=size)]
+        if "chunked_prefill" in args.cases and long_ones:
+            b, L, ql = {"gpu": (4, 8192, 512), "cpu": (2, 256, 32), "smoke": (2, 40, 8)}[size]
+            cases.append(Case("chunked_prefill", args.batch or b, args.context or L, args.chunk or ql, *rest))
+        if "mixed" in args.cases and long_ones:
+            cases.append(mixed_case(*MIXED[size], *rest))
+        if "ragged_decode" in args.cases and long_ones:
+            cases.append(ragged_decode_case(*RAGGED[size], *rest))
+        if "write_kv_cache" in args.cases:
+            cases += [Case("write_kv_cache", t, 1, 1, *rest) for t in WRITES[size]]  # t tokens
     return cases
 
 
@@ -344,11 +320,31 @@ class Run:
     copy_gbps: float
     matmul_tflops: float
     repeats: int = 5
+    tune: str | None = None  # "tiles" or "splits"
+    configs: tuple = ()  # extra `config` dicts for the Triton kernel
+    smoke: bool = False
+
+
+def settings(case: Case, backend: str, run: Run) -> list[dict | None]:
+    """What to time for one backend: the default (None), then --tune's and --configs' settings,
+    each a dict of the Triton kernel's `config` keys (and `num_splits`)."""
+    out = [None]
+    if backend == "triton" and run.tune == "tiles":
+        grid = (SMOKE_TILES if run.smoke else TILES)["decode" if case.op.endswith("decode") else "prefill"]
+        out += [{k: v for k, v in zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), tile) if v}
+                for tile in grid]
+    if backend in ("triton", "cuda") and run.tune == "splits" and case.op.endswith("decode"):
+        out += [{"num_splits": n} for n in (SPLITS[:2] if run.smoke else SPLITS)]
+    if backend == "triton":
+        out += list(run.configs)
+    return out
 
 
 def run_case(case: Case, backends: list[str], kv_cache_dtypes: list[str], run: Run) -> list[dict]:
     """Every record of one case: SDPA (when it has an equivalent), then each KV-cache dtype x
-    backend, checked against the reference on the same cache."""
+    backend x setting, checked against the reference on the same cache."""
+    if case.op == "write_kv_cache":
+        return [run_write(case, backend, kv, run) for kv in kv_cache_dtypes for backend in backends]
     device = run.device
     paged, (k_dense, v_dense) = make_inputs(case, device)
     q, k_cache, v_cache, *meta = paged
@@ -357,12 +353,11 @@ def run_case(case: Case, backends: list[str], kv_cache_dtypes: list[str], run: R
     sdpa_ms = None
     sdpa, kd, vd = sdpa_fn(case, q, k_dense, v_dense)
     if sdpa is not None:
-        dense_out = sdpa().transpose(1, 2).reshape_as(q)
-        err = _rel(dense_out, model_reference)
+        err = _rel(sdpa().transpose(1, 2).reshape_as(q), model_reference)
         sdpa_ms = time_ms(sdpa, device, repeats=run.repeats)
         records.append(_record(case, "sdpa", "auto", sdpa_ms, run, sdpa_ms, err, err))
     del k_dense, v_dense, kd, vd, sdpa
-    auto_ms = {}  # backend -> time on the model-dtype cache, for fp8's ratio
+    auto_ms = {}  # backend -> default time on the model-dtype cache, for fp8's ratio
     for kv_cache_dtype in kv_cache_dtypes:
         if kv_cache_dtype == "fp8":
             write_backend = "torch" if triton_fp8_unsupported(device) else "auto"
@@ -371,42 +366,98 @@ def run_case(case: Case, backends: list[str], kv_cache_dtypes: list[str], run: R
         else:
             k, v, scales, reference = k_cache, v_cache, {}, model_reference
         for backend in backends:
-            try:
-                rec = _run_backend(case, backend, kv_cache_dtype, (q, k, v, *meta), scales,
-                                   reference, model_reference, sdpa_ms, run)
-            except Exception as exc:  # noqa: BLE001 - one failing kernel must not lose the run
-                reason = f"failed: {type(exc).__name__}: {exc}"
-                print(f"    {backend} ({kv_cache_dtype} cache): {reason}")
-                rec = _not_run(case, backend, kv_cache_dtype, reason, device, failed=True)
-            if rec["ms"] is not None and kv_cache_dtype == "auto":
-                auto_ms[backend] = rec["ms"]
-            elif rec["ms"] is not None and backend in auto_ms:
-                rec["ratio_vs_model_dtype_kv"] = rec["ms"] / auto_ms[backend]
-            records.append(rec)
+            default_ms = None
+            for setting in settings(case, backend, run):
+                try:
+                    rec = _run_backend(case, backend, kv_cache_dtype, (q, k, v, *meta), scales,
+                                       reference, model_reference, sdpa_ms, run, setting)
+                except Exception as exc:  # noqa: BLE001 - one failing kernel must not lose the run
+                    reason = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
+                    # A tuning setting that cannot launch (too much shared memory) is not a bug.
+                    rec = _not_run(case, backend, kv_cache_dtype, reason if setting else f"failed: {reason}",
+                                   device, failed=setting is None, setting=setting)
+                    print(f"    {backend} ({kv_cache_dtype} cache) {setting or ''}: {rec['not_run']}")
+                if setting is None:
+                    default_ms = rec["ms"]
+                    if rec["ms"] is not None and kv_cache_dtype == "auto":
+                        auto_ms[backend] = rec["ms"]
+                    elif rec["ms"] is not None and backend in auto_ms:
+                        rec["ratio_vs_model_dtype_kv"] = rec["ms"] / auto_ms[backend]
+                elif rec["ms"] is not None and default_ms:
+                    rec["ratio_vs_default"] = rec["ms"] / default_ms
+                records.append(rec)
         del k, v, scales, reference
     return records
 
 
 def _run_backend(case: Case, backend: str, kv_cache_dtype: str, call: tuple, scales: dict,
                  reference: torch.Tensor, model_reference: torch.Tensor, sdpa_ms: float | None,
-                 run: Run) -> dict:
-    """One backend on one cache: its record, or a record saying why it cannot run here."""
+                 run: Run, setting: dict | None = None) -> dict:
+    """One backend (with one tuning setting) on one cache: its record, or why it cannot run."""
     out = torch.empty_like(call[0])
     reason = _cannot_run(backend, kv_cache_dtype, call, out, run.device)
     if reason is not None:
-        print(f"    {backend} ({kv_cache_dtype} cache): not run: {reason}")
-        return _not_run(case, backend, kv_cache_dtype, reason, run.device)
+        return _not_run(case, backend, kv_cache_dtype, reason, run.device, setting=setting)
+    config = dict(setting or {})
+    num_splits = config.pop("num_splits", None)
 
     def fn():
+        if config:  # a launch configuration: the Triton kernel itself, past the dispatch
+            from minivllm.kernels import triton_attention
+
+            q = call[0]
+            return triton_attention.paged_attention(*call, q.shape[-1] ** -0.5, True, out, case.context,
+                                                    num_splits, dict(config), **scales)
         return paged_attention(*call, backend=backend, out=out, max_seq_len=case.context,
-                               **scales)
+                               num_splits=num_splits, **scales)
 
     fn()
     ms = time_ms(fn, run.device, graph=backend != "torch", repeats=run.repeats)
     rec = _record(case, backend, kv_cache_dtype, ms, run, sdpa_ms, _rel(out, reference),
-                  _rel(out, model_reference))
-    if case.op == "mixed":
+                  _rel(out, model_reference), setting)
+    if case.op == "mixed" and setting is None:
         rec.update(_mixed_parts(case, call, backend, kv_cache_dtype, scales, ms, run))
+    return rec
+
+
+def run_write(case: Case, backend: str, kv_cache_dtype: str, run: Run) -> dict:
+    """write_kv_cache of `case.batch` tokens' K and V (strided views of one qkv tensor, as in the
+    model) into shuffled slots of a cache four times larger, checked against the reference's
+    write of the same tokens."""
+    device, dtype = run.device, DTYPES[case.dtype]
+    hq, hkv, d, bs = case.num_q_heads, case.num_kv_heads, case.head_dim, case.block_size
+    g = torch.Generator(device=device).manual_seed(0)
+    qkv = torch.randn(case.batch, hq + 2 * hkv, d, device=device, dtype=dtype, generator=g)
+    key, value = qkv[:, hq:hq + hkv], qkv[:, hq + hkv:]
+    num_blocks = 4 * case.batch // bs + 1
+    element = fp8.FP8_DTYPE if kv_cache_dtype == "fp8" else dtype
+    slots = torch.randperm(num_blocks * bs, device=device, generator=g)[:case.batch]
+
+    def cache():
+        k = torch.zeros(num_blocks, bs, hkv, d, device=device, dtype=element)
+        scales = dict(zip(("k_scale", "v_scale"), fp8.empty_scales(k))) if kv_cache_dtype == "fp8" else {}
+        return k, torch.zeros_like(k), scales
+
+    ref_k, ref_v, ref_scales = cache()
+    write_kv_cache(key, value, ref_k, ref_v, slots, backend="torch", **ref_scales)
+    k, v, scales = cache()
+    reason = (triton_fp8_unsupported(device) if backend == "triton" and kv_cache_dtype == "fp8" else
+              cuda_ext.write_kv_unsupported(key, value, k, v, slots) if backend == "cuda" else None)
+    if reason is not None:
+        return _not_run(case, backend, kv_cache_dtype, reason, device)
+    ms = time_ms(lambda: write_kv_cache(key, value, k, v, slots, backend=backend, **scales), device,
+                 graph=backend != "torch", repeats=run.repeats)
+
+    def written(k, v, scales):  # the written rows, dequantized
+        rows = [c.flatten(0, 1)[slots].float() for c in (k, v)]
+        if scales:
+            rows = [r * s.flatten(0, 1)[slots].float()[..., None] for r, s in zip(rows, scales.values())]
+        return torch.cat(rows)
+
+    rec = _record(case, backend, kv_cache_dtype, ms, run, None,
+                  _rel(written(k, v, scales), written(ref_k, ref_v, ref_scales)), None)
+    if kv_cache_dtype == "fp8":  # a value may round to the neighbouring e4m3 step (2^-4 apart)
+        rec.update(rel_tol=2.0 ** -4, correct=bool(rec["rel_error"] <= 2.0 ** -4))
     return rec
 
 
@@ -425,15 +476,13 @@ def _mixed_parts(case: Case, call: tuple, backend: str, kv_cache_dtype: str, sca
             return paged_attention(*part, backend=backend, out=out, max_seq_len=max_len, **scales)
 
         parts[name] = time_ms(fn, run.device, graph=backend != "torch", repeats=run.repeats)
-    decodes = replace(case, op="decode", batch=num_decodes,
-                      query_lens=case.query_lens[:num_decodes],
+    decodes = replace(case, op="decode", batch=num_decodes, query_lens=case.query_lens[:num_decodes],
                       context_lens=case.context_lens[:num_decodes])
     prefill_tflops = attention_flops(case, prefill_only=True) / (parts["prefill"] * 1e-3) / 1e12
     decode_gbps = bytes_moved(decodes, kv_cache_dtype) / (parts["decode"] * 1e-3) / 1e9
     return dict(prefill_part_ms=parts["prefill"], prefill_part_tflops=prefill_tflops,
                 prefill_part_frac_matmul_rate=prefill_tflops / run.matmul_tflops,
-                decode_part_ms=parts["decode"],
-                decode_part_frac_copy_bw=decode_gbps / run.copy_gbps,
+                decode_part_ms=parts["decode"], decode_part_frac_copy_bw=decode_gbps / run.copy_gbps,
                 ratio_vs_parts=ms / (parts["prefill"] + parts["decode"]))
 
 
@@ -454,13 +503,14 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def _record(case: Case, backend: str, kv_cache_dtype: str, ms: float, run: Run,
-            sdpa_ms: float | None, err: float, err_vs_model_dtype: float) -> dict:
+            sdpa_ms: float | None, err: float, err_vs_model_dtype: float | None,
+            setting: dict | None = None) -> dict:
     nbytes, flops = bytes_moved(case, kv_cache_dtype), attention_flops(case)
     gbps = nbytes / (ms * 1e-3) / 1e9
     tflops = flops / (ms * 1e-3) / 1e12
     rel_tol = REL_TOL[case.dtype]
     return dict(
-        asdict(case), backend=backend, kv_cache_dtype=kv_cache_dtype,
+        asdict(case), backend=backend, kv_cache_dtype=kv_cache_dtype, setting=setting,
         kv_cache_element=str(_kv_element(case, kv_cache_dtype)).removeprefix("torch."),
         ms=ms, bytes=nbytes, gbps=gbps, frac_copy_bw=gbps / run.copy_gbps,
         flops=flops, tflops=tflops,
@@ -470,7 +520,6 @@ def _record(case: Case, backend: str, kv_cache_dtype: str, ms: float, run: Run,
         ratio_vs_model_dtype_kv=None,  # fp8: time / the same backend's on the model-dtype cache
         rel_error=err, rel_tol=rel_tol, correct=bool(err <= rel_tol),  # NaN fails too
         rel_error_vs_model_dtype=err_vs_model_dtype,
-        copy_gbps=run.copy_gbps, matmul_tflops=run.matmul_tflops, device=device_name(run.device),
     )
 
 
@@ -479,18 +528,18 @@ def _kv_element(case: Case, kv_cache_dtype: str) -> torch.dtype:
 
 
 def _not_run(case: Case, backend: str, kv_cache_dtype: str, reason: str, device: torch.device,
-             failed: bool = False) -> dict:
+             failed: bool = False, setting: dict | None = None) -> dict:
     """A backend that cannot run this case here (failed=True: it raised)."""
-    return dict(asdict(case), backend=backend, kv_cache_dtype=kv_cache_dtype, ms=None,
-                not_run=reason, failed=failed, device=device_name(device))
+    return dict(asdict(case), backend=backend, kv_cache_dtype=kv_cache_dtype, setting=setting, ms=None,
+                not_run=reason, failed=failed)
 
 
 # ------------------------------------------------------------------------------------------
 # Output
 # ------------------------------------------------------------------------------------------
 def shape_label(r: dict) -> str:
-    """'64 x 4096' (B x context), '4 x 512/8192' (B x new/context), and the mixed and ragged
-    batches spelled out."""
+    """'64 x 4096' (B x context), '4 x 512/8192' (B x new/context), the mixed and ragged batches
+    spelled out, '256 tokens' for a write."""
     if r["op"] == "mixed":
         groups = {}
         for q, L in zip(r["query_lens"], r["context_lens"]):
@@ -501,65 +550,65 @@ def shape_label(r: dict) -> str:
         return f"{r['batch']} x {min(lens)}..{max(lens)} (mean {sum(lens) // len(lens)})"
     if r["op"] == "chunked_prefill":
         return f"{r['batch']} x {r['query_len']}/{_k(r['context'])}"
+    if r["op"] == "write_kv_cache":
+        return f"{r['batch']} tokens"
     return f"{r['batch']} x {_k(r['context'])}"
 
 
-def print_table(records: list[dict]) -> None:
-    header = (f"{'op':<16}{'shape':<28}{'bs':>4} {'dtype':<6}{'kv':<6}{'backend':<8}{'ms':>10}"
-              f"{'GB/s':>8}{'copyBW':>7}{'TFLOP/s':>9}{'matmul':>7}{'time/SDPA':>10}{'kv/auto':>8}"
-              f"{'err':>9}{'err_auto':>9}")
-    print(header)
-    print("-" * len(header))
-    notes = {}
-    for r in records:
-        kv = r["dtype"] if r.get("kv_cache_dtype", "auto") == "auto" else r["kv_cache_dtype"]
-        start = (f"{r['op']:<16}{shape_label(r):<28}{r['block_size']:>4} {r['dtype']:<6}{kv:<6}"
-                 f"{r['backend']:<8}")
-        if r.get("ms") is None:
-            print(f"{start}  not run: {r['not_run']}")
-            continue
-        if r["ratio_vs_sdpa"]:
-            ratio = f"{r['ratio_vs_sdpa']:.2f}"
-        elif r.get("no_sdpa_reason"):
-            ratio = notes.setdefault(r["op"], f"n/a{len(notes) + 1}")
-        else:
-            ratio = "-"
-        frac_mm, vs_auto = r.get("frac_matmul_rate"), r.get("ratio_vs_model_dtype_kv")
-        err_auto = r.get("rel_error_vs_model_dtype", r["rel_error"])
-        flag = "" if r.get("correct", True) else "  WRONG"
-        print(f"{start}{r['ms']:>10.4f}{r['gbps']:>8.0f}{r['frac_copy_bw']:>7.2f}"
-              f"{r['tflops']:>9.3g}{_opt(frac_mm, 7)}{ratio:>10}{_opt(vs_auto, 8, '.3f')}"
-              f"{r['rel_error']:>9.1e}{err_auto:>9.1e}{flag}")
+def _k(n: int) -> str:
+    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+def _setting(r: dict) -> str | None:
+    s = r.get("setting")
+    if not s:
+        return None
+    short = {"BLOCK_M": "M", "BLOCK_N": "N", "num_warps": "w", "num_stages": "s", "num_splits": "splits"}
+    return " ".join(f"{short.get(k, k)}{'' if k in short and k != 'num_splits' else '='}{v}"
+                    for k, v in s.items())
+
+
+COLUMNS = [
+    ("op", "op", ""), ("shape", shape_label, ""), ("bs", "block_size", "d"), ("dtype", "dtype", ""),
+    ("kv", lambda r: r["dtype"] if r["kv_cache_dtype"] == "auto" else r["kv_cache_dtype"], ""),
+    ("backend", "backend", ""), ("setting", _setting, ""),
+    ("ms", "ms", ".4f"), ("GB/s", lambda r: sig(r.get("gbps")), ""),
+    ("copyBW", lambda r: sig(r.get("frac_copy_bw"), 2), ""),
+    ("TFLOP/s", lambda r: sig(r.get("tflops")) if r.get("flops") else None, ""),
+    ("matmul", lambda r: sig(r.get("frac_matmul_rate"), 2), ""),
+    ("time/SDPA", lambda r: r.get("ratio_vs_sdpa") or (
+        "n/a" if r.get("no_sdpa_reason") and r.get("ms") else None), ".2f"),
+    ("kv/auto", "ratio_vs_model_dtype_kv", ".3f"), ("x default", "ratio_vs_default", ".3f"),
+    ("err", "rel_error", ".1e"), ("err_auto", "rel_error_vs_model_dtype", ".1e"),
+    ("note", lambda r: r.get("not_run") or ("WRONG" if r.get("correct") is False else None), ""),
+]
+MIXED_COLUMNS = [
+    ("mixed step", shape_label, ""), ("bs", "block_size", "d"),
+    ("kv", lambda r: r["dtype"] if r["kv_cache_dtype"] == "auto" else r["kv_cache_dtype"], ""),
+    ("backend", "backend", ""), ("one call ms", "ms", ".4f"), ("decodes ms", "decode_part_ms", ".4f"),
+    ("chunks ms", "prefill_part_ms", ".4f"), ("one/parts", "ratio_vs_parts", ".2f"),
+    ("chunk TFLOP/s", lambda r: sig(r["prefill_part_tflops"]), ""),
+    ("matmul", "prefill_part_frac_matmul_rate", ".2f"), ("dec copyBW", "decode_part_frac_copy_bw", ".2f"),
+]
+
+
+def print_table(records: list[dict], record: dict) -> None:
+    print(format_table(records, COLUMNS))
     print("time/SDPA: this backend's time over dense SDPA's in the same run (below 1 = faster)")
-    for op, mark in notes.items():
-        print(f"  {mark}: no SDPA ratio for {op}: {NO_SDPA[op]}")
-    matmul = next((r["matmul_tflops"] for r in records if r.get("matmul_tflops")), None)
-    if matmul:
-        print(f"matmul: TFLOP/s over the matmul rate measured in this run ({matmul:.3g} TFLOP/s; "
-              "bf16 on a GPU, fp32 on the CPU); prefill cases only")
-    print("copyBW: bytes moved (K/V of every context, fp8 scales included, + q + out) over the "
-          "time, / copy bandwidth")
-    print("kv/auto: an fp8 cache's time over the same backend's on the model-dtype cache")
-    print("err: vs the reference on the same cache (checked against REL_TOL); err_auto: vs the "
-          "reference on the model-dtype cache (what fp8 storage costs)")
-    mixed = [r for r in records if r["op"] == "mixed" and r.get("ms") is not None]
+    for op in dict.fromkeys(r["op"] for r in records if r.get("no_sdpa_reason") and r.get("ms")):
+        print(f"  n/a: no SDPA ratio for {op}: {NO_SDPA[op]}")
+    print(f"copyBW: bytes moved (K/V of every context, fp8 scales included, + q + out) over the time, "
+          f"over the copy bandwidth of this run ({record['copy_gbps']:.4g} GB/s)")
+    print(f"matmul: TFLOP/s over the matmul rate of this run ({record['matmul_tflops']:.3g} TFLOP/s; bf16 "
+          f"on a GPU, fp32 on the CPU); prefill cases only")
+    print("kv/auto: an fp8 cache's time over the model-dtype cache's; x default: a tuning setting's time "
+          "over the default's; err: vs the reference on the same cache; err_auto: vs the reference on "
+          "the model-dtype cache (what fp8 storage costs)")
+    mixed = [r for r in records if r["op"] == "mixed" and r.get("decode_part_ms")]
     if mixed:
-        print(f"\n{'mixed step':<40}{'kv':<6}{'backend':<8}{'one call':>10}{'decodes':>10}"
-              f"{'chunks':>10}{'one/parts':>10}{'chunk TFLOP/s':>14}{'matmul':>7}"
-              f"{'dec copyBW':>11}")
-        for r in mixed:
-            kv = r["dtype"] if r["kv_cache_dtype"] == "auto" else r["kv_cache_dtype"]
-            print(f"{shape_label(r) + ' bs ' + str(r['block_size']):<40}{kv:<6}{r['backend']:<8}"
-                  f"{r['ms']:>10.4f}{r['decode_part_ms']:>10.4f}{r['prefill_part_ms']:>10.4f}"
-                  f"{r['ratio_vs_parts']:>10.2f}{r['prefill_part_tflops']:>14.3g}"
-                  f"{r['prefill_part_frac_matmul_rate']:>7.2f}"
-                  f"{r['decode_part_frac_copy_bw']:>11.2f}")
-        print("decodes / chunks: the two parts of the step, each timed in a call of its own; "
-              "one/parts: the one call's time over their sum")
-
-
-def _opt(value: float | None, width: int, spec: str = ".2f") -> str:
-    return f"{'-' if value is None else format(value, spec):>{width}}"
+        print("\n" + format_table(mixed, MIXED_COLUMNS))
+        print("decodes / chunks: the two parts of the step, each timed in a call of its own; one/parts: "
+              "the one call's time over their sum")
 
 
 def plot(records: list[dict], path: Path, title: str, matmul_tflops: float | None = None) -> None:
@@ -568,26 +617,20 @@ def plot(records: list[dict], path: Path, title: str, matmul_tflops: float | Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    timed = [r for r in records if r.get("ms") is not None]
+    timed = [r for r in records if r.get("ms") is not None and not r.get("setting")
+             and r["op"] != "write_kv_cache"]
     decode = [r for r in timed if r["op"] in ("decode", "ragged_decode")]
     other = [r for r in timed if r["op"] not in ("decode", "ragged_decode")]
     fig, axes = plt.subplots(1, 2, figsize=(18, 6), gridspec_kw={"width_ratios": [3, 2]})
     for ax, recs, key, label in ((axes[0], decode, "frac_copy_bw", "fraction of copy bandwidth"),
                                  (axes[1], other, "tflops", "TFLOP/s")):
-        # In the order of the sweep, without repeats.
-        cases = list(dict.fromkeys((r["op"], shape_label(r), r["block_size"], r["dtype"])
-                                   for r in recs))
-        series = list(dict.fromkeys((r["backend"], r.get("kv_cache_dtype", "auto"))
-                                    for r in recs))
+        cases = list(dict.fromkeys((r["op"], shape_label(r), r["block_size"], r["dtype"]) for r in recs))
+        series = list(dict.fromkeys((r["backend"], r["kv_cache_dtype"]) for r in recs))
         width = 0.8 / max(1, len(series))
         for i, (backend, kv) in enumerate(series):
-            values = []
-            for case in cases:
-                match = [r[key] for r in recs if (r["backend"], r.get("kv_cache_dtype", "auto"))
-                         == (backend, kv) and (r["op"], shape_label(r), r["block_size"],
-                                               r["dtype"]) == case]
-                values.append(match[0] if match else 0.0)
-            ax.bar([x + i * width for x in range(len(cases))], values, width,
+            values = {(r["op"], shape_label(r), r["block_size"], r["dtype"]): r[key] for r in recs
+                      if (r["backend"], r["kv_cache_dtype"]) == (backend, kv)}
+            ax.bar([x + i * width for x in range(len(cases))], [values.get(c, 0.0) for c in cases], width,
                    label=backend if kv == "auto" else f"{backend}, {kv} cache")
         ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(cases))])
         ax.set_xticklabels([f"{op.replace('_prefill', '').replace('_decode', '')}\n"
@@ -595,23 +638,17 @@ def plot(records: list[dict], path: Path, title: str, matmul_tflops: float | Non
                             for op, shape, bs, _ in cases], fontsize=7)
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
+        if recs:
+            ax.legend(fontsize=8)
     axes[0].axhline(1.0, color="gray", lw=0.8, ls="--")
     if matmul_tflops and other:
-        axes[1].axhline(matmul_tflops, color="gray", lw=0.8, ls="--",
-                        label=f"matmul rate, same run ({matmul_tflops:.3g})")
-    for ax, recs in ((axes[0], decode), (axes[1], other)):
-        if recs:  # a sweep without this kind of case leaves the panel empty
-            ax.legend(fontsize=8)
+        axes[1].axhline(matmul_tflops, color="gray", lw=0.8, ls="--")
     axes[0].set_title("decode: bytes moved / time / copy bandwidth (higher is better)")
-    axes[1].set_title("prefill, chunked, mixed: attention TFLOP/s")
+    axes[1].set_title(f"prefill, chunked, mixed: attention TFLOP/s (dashed: matmul rate)")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def _k(n: int) -> str:
-    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
 
 
 # ------------------------------------------------------------------------------------------
@@ -629,6 +666,13 @@ def _names(allowed, option: str):
     return parse
 
 
+def _configs(text: str) -> list[dict]:
+    value = json.loads(text)
+    if not isinstance(value, list) or not all(isinstance(c, dict) and c for c in value):
+        raise argparse.ArgumentTypeError("--configs: a JSON list of non-empty objects")
+    return value
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a few cases only")
@@ -636,7 +680,7 @@ def parse_args(argv=None):
                    help="tiny shapes and heads, one timing repeat: checks that everything runs")
     p.add_argument("--cases", type=_names(CASE_NAMES, "--cases"),
                    default="decode,prefill,chunked,mixed,ragged",
-                   help="comma list of decode, prefill, chunked, mixed, ragged")
+                   help="comma list of decode, prefill, chunked, mixed, ragged, write")
     p.add_argument("--kv-cache-dtypes", type=_names(KV_CACHE_DTYPES, "--kv-cache-dtypes"),
                    default="auto",
                    help="comma list of auto (the model dtype) and fp8 (e4m3 with per token-head "
@@ -644,6 +688,10 @@ def parse_args(argv=None):
     p.add_argument("--backends", default=None,
                    help="comma list of torch, triton, cuda (default: all that run here but the "
                         "slow reference on GPU)")
+    p.add_argument("--tune", choices=("tiles", "splits"), default=None,
+                   help="also time every launch configuration (tiles) or split count (splits)")
+    p.add_argument("--configs", type=_configs, default=[],
+                   help="also time these Triton `config` dicts, a JSON list")
     p.add_argument("--dtypes", default=None, help="comma list of bf16, fp16, fp32 (model dtype)")
     p.add_argument("--block-sizes", default=None, help="comma list, e.g. 16,32,64")
     p.add_argument("--batch", type=int, default=None, help="only this batch size (uniform cases)")
@@ -654,11 +702,8 @@ def parse_args(argv=None):
     p.add_argument("--num-kv-heads", type=int, default=None)
     p.add_argument("--head-dim", type=int, default=None)
     p.add_argument("--out", type=Path, default=None,
-                   help="directory for JSON and PNG (default: benchmarks/results on a GPU, "
-                        "benchmarks/results/cpu, which git ignores, on the CPU)")
-    p.add_argument("--tag", default=None, help="name of the output files (default: device)")
-    p.add_argument("--replot", type=Path, default=None, metavar="JSON",
-                   help="only redraw the plot and table of an earlier run's JSON")
+                   help="JSON path; the PNG goes beside it (default: benchmarks/results/, on the "
+                        "CPU benchmarks/results/cpu/, which git ignores)")
     args = p.parse_args(argv)  # (argparse runs `type` on the string defaults too)
     # "auto" first, so that fp8 records can give their time over the model-dtype cache's.
     args.kv_cache_dtypes = [d for d in KV_CACHE_DTYPES if d in args.kv_cache_dtypes]
@@ -667,14 +712,6 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.replot:
-        saved = json.loads(args.replot.read_text())
-        meta = saved["meta"]
-        plot(saved["records"], args.replot.with_suffix(".png"),
-             f"minivllm paged attention, {meta['device']}, {meta['date'][:10]}",
-             meta.get("matmul_tflops"))
-        print_table(saved["records"])
-        return 0
     started = time.perf_counter()
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
@@ -695,58 +732,43 @@ def main(argv=None) -> int:
         missing = [b for b in backends if b not in runnable]
         if missing:
             raise SystemExit(f"--backends: {missing} cannot run on {device} (available: {runnable})")
-    else:
-        backends = [b for b in runnable if not (on_gpu and b == "torch")]
-        if not on_gpu:
-            backends = ["torch"]  # the interpreter would time numpy, not a kernel
-
+    else:  # on the CPU the interpreter would time numpy, not a kernel
+        backends = [b for b in runnable if b != "torch"] if on_gpu else ["torch"]
+    if (args.tune or args.configs) and not {"triton", "cuda"} & set(backends):
+        raise SystemExit("--tune and --configs time the Triton kernel or the CUDA extension: "
+                         "add --backends triton (on the CPU: TRITON_INTERPRET=1)")
     if not on_gpu:
         print("NOTE: no CUDA device here: running small shapes on the CPU with the reference "
               "backend. CPU timings are not GPU claims.\n")
-    copy_gbps = copy_bandwidth_gbps(device, (2 << 30) if on_gpu else (256 << 20))
-    matmul_tflops = measure_matmul_rate(device) / 1e12
-    run = Run(device, copy_gbps, matmul_tflops, repeats=1 if args.smoke else 5)
-    print(f"device: {device_name(device)}; copy bandwidth {copy_gbps:.0f} GB/s (read + write); "
-          f"{'bf16' if on_gpu else 'fp32'} matmul {matmul_tflops:.3g} TFLOP/s")
+    run = Run(device, copy_bandwidth(device) / 1e9, matmul_rate(device) / 1e12,
+              repeats=1 if args.smoke else 5, tune=args.tune, configs=tuple(args.configs),
+              smoke=args.smoke)
+    record = new_record("attn_bench", device, args)
+    record.update(copy_gbps=run.copy_gbps, matmul_tflops=run.matmul_tflops, rel_tol=REL_TOL)
+    print(f"device: {record['environment']['device']}; copy bandwidth {run.copy_gbps:.4g} GB/s "
+          f"(read + write); {'bf16' if on_gpu else 'fp32'} matmul {run.matmul_tflops:.3g} TFLOP/s")
     cases = build_cases(args, on_gpu)
-    meta = dict(date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                torch=torch.__version__, python=sys.version.split()[0], device=device_name(device),
-                copy_gbps=copy_gbps, matmul_tflops=matmul_tflops,
-                matmul_dtype="bf16" if on_gpu else "fp32", kv_cache_dtypes=args.kv_cache_dtypes,
-                rel_tol=REL_TOL, argv=sys.argv[1:] if argv is None else list(argv))
-    try:
-        import triton
-
-        meta["triton"] = triton.__version__
-    except ImportError:
-        pass
-    out = args.out or (RESULTS_DIR if on_gpu else CPU_RESULTS_DIR)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = args.tag or ("gpu" if on_gpu else "cpu")
-    json_path, png_path = out / f"attn_bench_{tag}.json", out / f"attn_bench_{tag}.png"
-    records = []
+    out = args.out or default_out("attn_bench", f"tune-{args.tune}" if args.tune else "sweep", device)
     for i, case in enumerate(cases, 1):
         print(f"[{i}/{len(cases)}] {case.op} {shape_label(asdict(case))} bs={case.block_size} "
               f"{case.dtype} ({time.perf_counter() - started:.0f} s)", flush=True)
-        records.extend(run_case(case, backends, args.kv_cache_dtypes, run))
+        record["results"].extend(run_case(case, backends, args.kv_cache_dtypes, run))
         # Saved after every case: a run cut short (a time limit, a crash) keeps what it measured.
-        meta.update(wall_s=time.perf_counter() - started, complete=i == len(cases))
-        json_path.write_text(json.dumps({"meta": meta, "records": records}, indent=1))
+        record.update(wall_s=time.perf_counter() - started, complete=i == len(cases))
+        write_json(out, record)
         if on_gpu:
             torch.cuda.empty_cache()
-
-    plot(records, png_path, f"minivllm paged attention, {meta['device']}, {meta['date'][:10]}",
-         matmul_tflops)
-    print(f"\nwrote {json_path} and {png_path} ({meta['wall_s']:.0f} s)\n")
-    print_table(records)
-    if not on_gpu:
-        print("\n(CPU run: times are for the reference code on this CPU, not GPU claims.)")
-    bad = [r for r in records if r.get("correct") is False or r.get("failed")]
+    plot(record["results"], out.with_suffix(".png"), f"minivllm paged attention, "
+         f"{record['environment']['device']}, {record['environment']['date'][:10]}", run.matmul_tflops)
+    print(f"\nwrote {out} and its .png ({record['wall_s']:.0f} s)\n")
+    print_table(record["results"], record)
+    if record["note"]:
+        print(f"\n{record['note']}")
+    bad = [r for r in record["results"] if r.get("correct") is False or r.get("failed")]
     for r in bad:
-        what = r["not_run"] if r.get("failed") else (
-            f"rel error {r['rel_error']:.2e} > {r['rel_tol']:.0e}")
+        what = r["not_run"] if r.get("failed") else f"rel error {r['rel_error']:.2e} > {r['rel_tol']:.0e}"
         print(f"WRONG: {r['op']} {shape_label(r)} bs={r['block_size']} {r['backend']} "
-              f"{r['kv_cache_dtype']} cache: {what}")
+              f"{r['kv_cache_dtype']} cache {_setting(r) or ''}: {what}")
     return 1 if bad else 0
 
 

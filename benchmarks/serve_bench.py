@@ -1,10 +1,10 @@
 """Online serving: the OpenAI server under Poisson load, against offline `LLM.generate`, one run.
 
-The workload is the random one of `throughput.py` (`make_workload`: random prompt token ids, input
-and output lengths uniform in ranges, a fixed seed, EOS ignored so every request generates exactly
-its output length, greedy). The requests are replayed through the *streaming* completions API of a
+The workload is the random one of `throughput.py` (random prompt token ids, input and output
+lengths uniform in ranges, a fixed seed, EOS ignored so every request generates exactly its output
+length, greedy). The requests are replayed through the *streaming* completions API of a
 `python -m minivllm serve` process started here (or one given with --url), arriving as a Poisson
-process at each rate of --rates (requests per second; `inf` = all at once). Per rate it records:
+process at each rate of --rates (requests per second; `inf` = all at once). Per rate:
 
 * TTFT (request sent -> first text chunk), inter-token latency (gap between text chunks), TPOT
   ((end - first chunk) / (output tokens - 1)) and end-to-end latency: mean, p50, p90, p99;
@@ -16,26 +16,21 @@ process at each rate of --rates (requests per second; `inf` = all at once). Per 
 
 In the same run, before the server starts, offline `LLM.generate` computes the same requests with
 the same engine settings: `ratio_vs_offline` = server output tok/s at `inf` / offline output tok/s
-(the issue's target: >= 0.85, i.e. HTTP and streaming cost at most 15 %).
+(HTTP and streaming should cost at most 15 %: >= 0.85). --extra-body adds fields to every request
+(a request mix: `{"logprobs": 5}`, a `response_format`, ...).
 
-**transformers serve** (Hugging Face's OpenAI-compatible server; `--backends ...,transformers`):
-it takes text prompts only, so the comparison runs on text made from the workload (random ids of
-the tokenizer's vocabulary, decoded; prompt lengths in tokens then differ a little from the drawn
-ones and are read back from each server's `usage`), on the first --hf-num-requests requests, all at
-once, with `generation_config` asking for exactly max_tokens tokens, greedy, continuous batching
-on; minivllm's server runs the same text requests, so the two rows compare like with like. It
-needs `fastapi`, `uvicorn`, `pydantic` and `openai` (transformers' `[serving]` extra) and
-`accelerate`. If it cannot start or answer, the record says why instead of the benchmark crashing.
+**transformers serve** (`--backends minivllm,transformers`): it takes text prompts only, so the
+comparison runs on text made from the workload (random ids of the tokenizer's vocabulary, decoded
+and cut to the drawn length) on the first --hf-num-requests requests, all at once, asking for
+exactly max_tokens tokens, greedy, continuous batching on; minivllm's server runs the same text
+requests. It needs transformers' `[serving]` extra; if it cannot run, the record says why.
 
     python benchmarks/serve_bench.py                          # GPU: qwen3-0.6b, 256 reqs, 4/16/64/inf
-    python benchmarks/serve_bench.py --backends minivllm --rates 16,inf
+    python benchmarks/serve_bench.py --rates inf,inf,inf      # three waves on one server
+    python benchmarks/serve_bench.py --backends minivllm,transformers --rates 16,inf --hf-num-requests 32
     python benchmarks/serve_bench.py --url http://127.0.0.1:8000 --model-name NAME   # a running server
-    python benchmarks/serve_bench.py --smoke                  # CPU: tiny model, a few requests
 
-A machine without network access that lacks the server's packages can be given them as wheels
-(docs/serving.md lists them and the install line). JSON and a PNG (latency against rate) go to
-benchmarks/results/ (CPU runs to benchmarks/results/cpu/, not committed); a table is printed
-last. CPU numbers are no GPU claim.
+CPU runs (a tiny model, a few requests) are no GPU claim.
 """
 
 from __future__ import annotations
@@ -55,29 +50,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `minivllm` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import (
-    MODEL_CONFIGS,
-    RESULTS_DIR,
-    environment,
-    parse_range,
-    release_memory,
-    setup_model,
-    write_json,
-)
-from benchmarks.throughput import make_workload, percentiles
+from benchmarks.common import (ROOT, add_model_arguments, default_out, format_table, new_record,
+                               parse_range, percentiles, pick_device, random_requests,
+                               release_memory, resolve_model, sync, vocab_size, write_json)
 
-ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = ("minivllm", "transformers")
-GPU_DEFAULTS = {"model_config": "qwen3-0.6b", "num_requests": 256, "input_len": "100:1024",
-                "output_len": "100:1024", "rates": "4,16,64,inf", "backends": "minivllm,transformers"}
-SMOKE_DEFAULTS = {"model_config": "tiny", "num_requests": 4, "input_len": "8:16", "output_len": "4:8",
-                  "rates": "16,inf", "backends": "minivllm"}
-TARGETS = {"ratio_vs_offline_min": 0.85, "ttft_p99_at_16_max_s": 1.0, "failed_requests": 0}
+GPU_DEFAULTS = {"num_requests": 256, "input_len": "100:1024", "output_len": "100:1024",
+                "rates": "4,16,64,inf"}
+CPU_DEFAULTS = {"num_requests": 4, "input_len": "8:16", "output_len": "4:8", "rates": "16,inf"}
 
 
 # ------------------------------------------------------------------------------------------
@@ -301,17 +285,20 @@ class ServerProcess:
         return self.proc.returncode
 
 
-def engine_flags(args) -> list[str]:
-    """The server's engine settings: the same as the offline LLM's (see offline_llm)."""
-    return ["--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
-            "--max-model-len", str(args.max_model_len), "--gpu-memory-utilization", str(args.gpu_memory_utilization),
-            "--no-prefix-caching"]  # random prompts share nothing, and re-runs must not hit the cache
+def engine_flags(args, dtype: str) -> list[str]:
+    """The server's engine settings: the same as the offline LLM's (see run_offline)."""
+    return ["--dtype", dtype, "--max-num-seqs", str(args.max_num_seqs),
+            "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+            "--max-model-len", str(args.max_model_len),
+            "--gpu-memory-utilization", str(args.gpu_memory_utilization),
+            "--no-prefix-caching"]  # random prompts share nothing; re-runs must not hit the cache
 
 
-def start_minivllm(args, model_dir: Path, log_dir: Path) -> ServerProcess:
+def start_minivllm(args, model_dir: Path, dtype: str, log_dir: Path) -> ServerProcess:
     port = free_port()
     command = [sys.executable, "-m", "minivllm", "serve", "--model", str(model_dir), "--port", str(port),
-               "--served-model-name", args.model_name, "--log-level", "warning", *engine_flags(args)]
+               "--served-model-name", args.model_name, "--log-level", "warning",
+               *engine_flags(args, dtype)]
     return ServerProcess("minivllm serve", command, port, log_dir / "minivllm_serve.log")
 
 
@@ -333,46 +320,37 @@ def start_transformers(model_dir: Path, log_dir: Path) -> ServerProcess:
 
 
 # ------------------------------------------------------------------------------------------
-# Offline baseline
+# Offline baseline and request bodies
 # ------------------------------------------------------------------------------------------
-def offline_llm(model_dir: Path, args):
-    from minivllm import LLM
-
-    return LLM(str(model_dir), max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-               max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
-               enable_prefix_caching=False)
-
-
-def run_offline(model_dir: Path, prompts, out_lens, args, device) -> dict:
+def run_offline(model_dir: Path, dtype: str, prompts, out_lens, args, device) -> dict:
     """LLM.generate on the same requests (after a short untimed warm-up); the engine is freed
     afterwards so the server can have the GPU."""
-    from minivllm import SamplingParams
+    from minivllm import LLM, SamplingParams
 
-    llm = offline_llm(model_dir, args)
+    llm = LLM(str(model_dir), dtype=dtype, device=device.type, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+              gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=False)
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in out_lens]
     llm.generate([p[:16] for p in prompts[:4]], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     wall = time.perf_counter() - start
     out_tokens = sum(len(o.token_ids) for o in outputs)
+    llm.close()
     del llm, outputs
     release_memory(device)
-    return {"backend": "offline LLM.generate", "rate": "inf", "num_requests": len(prompts), "failed_requests": 0,
-            "num_output_tokens": out_tokens, "num_prompt_tokens": sum(len(p) for p in prompts),
-            "duration_s": wall, "output_tokens_per_s": out_tokens / wall,
-            "all_requests_complete": out_tokens == sum(out_lens)}
+    return {"backend": "offline LLM.generate", "rate": "inf", "prompts": "ids",
+            "num_requests": len(prompts), "failed_requests": 0, "num_output_tokens": out_tokens,
+            "num_prompt_tokens": sum(len(p) for p in prompts), "duration_s": wall,
+            "output_tokens_per_s": out_tokens / wall, "all_requests_complete": out_tokens == sum(out_lens)}
 
 
-# ------------------------------------------------------------------------------------------
-# Request bodies
-# ------------------------------------------------------------------------------------------
 def token_bodies(args, prompts, out_lens) -> list[dict]:
     return [{"model": args.model_name, "prompt": p, "max_tokens": n, "temperature": 0, "ignore_eos": True,
-             "stream": True, "stream_options": {"include_usage": True}} for p, n in zip(prompts, out_lens)]
+             "stream": True, "stream_options": {"include_usage": True}, **args.extra_body}
+            for p, n in zip(prompts, out_lens)]
 
 
 def text_bodies(model: str, texts: list[str], out_lens: list[int], route: str, server: str) -> list[dict]:
@@ -403,8 +381,8 @@ def text_workload(model_dir: Path, args) -> tuple[list[str], list[int]]:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    ids, out_lens = make_workload(args.hf_num_requests, args.input_range, args.output_range, len(tokenizer),
-                                  args.seed)
+    ids, out_lens = random_requests(args.hf_num_requests, args.input_range, args.output_range,
+                                    len(tokenizer), args.seed)
     texts = []
     for prompt in ids:
         text = tokenizer.decode(prompt, skip_special_tokens=True)
@@ -428,51 +406,53 @@ async def pick_route(url: str, model: str) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="CPU smoke run: tiny model, a few requests")
-    p.add_argument("--model-config", choices=sorted(MODEL_CONFIGS), default=None, help="default qwen3-0.6b")
-    p.add_argument("--num-requests", type=int, default=None, help="default 256")
+    add_model_arguments(p)
+    p.add_argument("--num-requests", type=int, default=None, help="default 256 (CPU 4)")
     p.add_argument("--input-len", default=None, help="prompt lengths LOW:HIGH (default 100:1024)")
     p.add_argument("--output-len", default=None, help="output lengths LOW:HIGH (default 100:1024)")
-    p.add_argument("--rates", default=None, help="requests/s, comma-separated; inf = all at once "
+    p.add_argument("--rates", default=None, help="requests/s, comma list; inf = all at once "
                                                  "(default 4,16,64,inf)")
-    p.add_argument("--backends", default=None, help=f"comma-separated subset of {BACKENDS}")
+    p.add_argument("--backends", default="minivllm", help=f"comma list from {', '.join(BACKENDS)}")
+    p.add_argument("--extra-body", type=json.loads, default={},
+                   help='JSON fields added to every minivllm request, e.g. \'{"logprobs": 5}\'')
     p.add_argument("--hf-num-requests", type=int, default=64,
                    help="requests of the transformers-serve comparison (the first K, as text)")
     p.add_argument("--url", default=None, help="use this running minivllm server instead of starting one "
                                                "(no offline baseline then)")
     p.add_argument("--model-name", default="minivllm-bench", help="the served model name")
-    p.add_argument("--model-dir", type=Path, default=None, help="where to build/reuse the random model")
-    p.add_argument("--out", type=Path, default=None, help="JSON path (the PNG goes beside it)")
+    p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-num-seqs", type=int, default=None, help="default: all requests, at most 256")
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--client-processes", type=int, default=None,
-                   help="processes sending the requests (default: half the cores, at most 8; 1 with --smoke)")
+                   help="processes sending the requests (default: half the cores, at most 8; CPU 1)")
     p.add_argument("--start-timeout", type=float, default=900.0, help="seconds for a server to become healthy")
     args = p.parse_args(argv)
-    defaults = SMOKE_DEFAULTS if args.smoke else GPU_DEFAULTS
-    for key, value in defaults.items():
+    gpu = pick_device(args.device).type == "cuda"
+    for key, value in (GPU_DEFAULTS if gpu else CPU_DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    args.input_range = parse_range(args.input_len, "--input-len")
+    args.output_range = parse_range(args.output_len, "--output-len")
     try:
-        args.input_range = parse_range(args.input_len, "--input-len")
-        args.output_range = parse_range(args.output_len, "--output-len")
         args.rate_values = [math.inf if r.strip() == "inf" else float(r) for r in args.rates.split(",")]
-    except ValueError as err:
-        p.error(str(err))
+    except ValueError:
+        p.error(f"--rates: numbers or inf, got {args.rates}")
     if any(r <= 0 for r in args.rate_values):
         p.error(f"--rates must be > 0 (or inf), got {args.rates}")
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     if not args.backends or set(args.backends) - set(BACKENDS):
         p.error(f"--backends: choose from {BACKENDS}, got {args.backends}")
+    if not isinstance(args.extra_body, dict):
+        p.error("--extra-body must be a JSON object")
     if args.num_requests < 1 or args.hf_num_requests < 1:
         p.error("--num-requests and --hf-num-requests must be >= 1")
     args.hf_num_requests = min(args.hf_num_requests, args.num_requests)
     args.max_num_seqs = args.max_num_seqs or min(args.num_requests, 256)
     if args.client_processes is None:
-        args.client_processes = 1 if args.smoke else max(1, min(8, (os.cpu_count() or 2) // 2))
+        args.client_processes = max(1, min(8, (os.cpu_count() or 2) // 2)) if gpu else 1
     if args.client_processes < 1:
         p.error(f"--client-processes must be >= 1, got {args.client_processes}")
     args.max_num_batched_tokens = max(args.max_num_batched_tokens, args.max_num_seqs)
@@ -482,46 +462,50 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model_dir, dtype, note = setup_model(args.model_config, args.model_dir, device, args.seed, "minivllm-serve-bench-")
-    from transformers import AutoConfig
+    device = pick_device(args.device)
+    model_dir, dtype = resolve_model(args, device)
+    prompts, out_lens = random_requests(args.num_requests, args.input_range, args.output_range,
+                                        vocab_size(model_dir), args.seed)
+    out = args.out or default_out("serve_bench", args.model_label, device)
+    record = new_record("serve_bench", device, args)
+    record["server_logs"] = str(log_dir := Path(tempfile.mkdtemp(prefix="serve-bench-logs-")))
 
-    vocab = AutoConfig.from_pretrained(str(model_dir)).vocab_size
-    prompts, out_lens = make_workload(args.num_requests, args.input_range, args.output_range, vocab, args.seed)
-    out_path = args.out or _default_out(args.model_config, device)
-    log_dir = Path(tempfile.mkdtemp(prefix="serve-bench-logs-"))  # the servers' own output
-    payload = {"bench": "serve", "model_config": args.model_config, "dtype": str(dtype).removeprefix("torch."),
-               "num_requests": args.num_requests, "input_len": list(args.input_range),
-               "output_len": list(args.output_range), "seed": args.seed, "rates": args.rates,
-               "sampling": "greedy, ignore_eos, streamed", "engine": vars_of(args), **environment(device),
-               "note": note, "targets": TARGETS, "server_logs": str(log_dir), "records": [], "comparison": []}
-
-    def save() -> None:
-        payload["summary"] = summary(payload)
-        write_json(out_path, payload)  # after every record: a later crash loses nothing measured
+    def save(result: dict | None = None) -> None:
+        if result is not None:
+            record["results"].append(result)
+            print(format_table([result], COLUMNS).splitlines()[-1], flush=True)
+        record["summary"] = summary(record["results"])
+        write_json(out, record)  # after every row: a later crash loses nothing measured
 
     if "minivllm" in args.backends and args.url is None:
-        payload["offline"] = run_offline(model_dir, prompts, out_lens, args, device)
-        save()
+        save(run_offline(model_dir, dtype, prompts, out_lens, args, device))
     pool = client_pool(args.client_processes)
     try:
-        run_servers(args, model_dir, prompts, out_lens, log_dir, payload, save, pool, device)
+        run_servers(args, model_dir, dtype, prompts, out_lens, log_dir, record, save, pool, device)
     finally:
         if pool is not None:
             pool.shutdown()
     save()
-    plot(payload, out_path.with_suffix(".png"))
-    print(f"\nwrote {out_path} and {out_path.with_suffix('.png')}")
-    print(format_table(payload))
-    return payload
+    print(f"\nwrote {out}\n{format_table(record['results'], COLUMNS)}")
+    s = record["summary"]
+    if s["ratio_vs_offline"] is not None:
+        print(f"server at 'inf' / offline LLM.generate: {s['ratio_vs_offline']:.3f} output tok/s")
+    if s["ttft_p99_at_16_s"] is not None:
+        print(f"p99 TTFT at 16 req/s: {s['ttft_p99_at_16_s']:.3f} s")
+    print(f"failed requests: {s['failed_requests']}")
+    if max((r.get("client_cpu_fraction") or 0 for r in record["results"]), default=0) > 0.8:
+        print("WARNING: a client process used over 80 % of a core: it may have limited the numbers")
+    if record["note"]:
+        print(record["note"])
+    return record
 
 
-def run_servers(args, model_dir, prompts, out_lens, log_dir, payload, save, pool, device) -> None:
+def run_servers(args, model_dir, dtype, prompts, out_lens, log_dir, record, save, pool, device) -> None:
     """minivllm's server at every rate (and on the text requests), then transformers serve."""
     server = None
     try:
         if args.url is None:
-            server = start_minivllm(args, model_dir, log_dir)
+            server = start_minivllm(args, model_dir, dtype, log_dir)
             server.wait_healthy(args.start_timeout)
         url = args.url or server.url
         replay(f"{url}/v1/completions", token_bodies(args, [p[:16] for p in prompts[:4]], [4] * 4), [4] * 4,
@@ -531,21 +515,16 @@ def run_servers(args, model_dir, prompts, out_lens, log_dir, payload, save, pool
             for i, rate in enumerate(args.rate_values):
                 results, wall, cpu = replay(f"{url}/v1/completions", bodies, out_lens, rate, args.seed + i,
                                             args.request_timeout, pool, args.client_processes)
-                payload["records"].append(summarize("minivllm serve", rate, results, wall, cpu))
-                save()
-                print(format_record(payload["records"][-1]), flush=True)
+                save({**summarize("minivllm serve", rate, results, wall, cpu), "prompts": "ids"})
         if "transformers" in args.backends:
             texts, text_lens = text_workload(model_dir, args)
             route = asyncio.run(pick_route(url, args.model_name))
-            payload["comparison"].append(run_text(url, "minivllm serve", args.model_name, texts, text_lens,
-                                                  route, "minivllm", args, pool))
-            save()
+            save(run_text(url, "minivllm serve", args.model_name, texts, text_lens, route, "minivllm", args, pool))
     finally:
         if server is not None:
-            payload["minivllm_server_exit_code"] = server.stop()
+            record["minivllm_server_exit_code"] = server.stop()
     if "transformers" in args.backends:
-        payload["comparison"].append(run_transformers(model_dir, texts, text_lens, log_dir, args, device, pool))
-        save()
+        save(run_transformers(model_dir, texts, text_lens, log_dir, args, device, pool))
 
 
 def run_text(url: str, label: str, model: str, texts, out_lens, route: str, server: str, args, pool) -> dict:
@@ -556,7 +535,7 @@ def run_text(url: str, label: str, model: str, texts, out_lens, route: str, serv
 
 
 def run_transformers(model_dir: Path, texts, out_lens, log_dir: Path, args, device, pool) -> dict:
-    """transformers serve on the text requests; an error record if it cannot run here."""
+    """transformers serve on the text requests; an error row if it cannot run here."""
     release_memory(device)
     server = None
     try:
@@ -566,119 +545,39 @@ def run_transformers(model_dir: Path, texts, out_lens, log_dir: Path, args, devi
         return run_text(server.url, "transformers serve", str(model_dir), texts, out_lens, route, "transformers",
                         args, pool)
     except Exception as err:  # noqa: BLE001 - an unavailable baseline is a result, not a crash
-        print(f"transformers serve could not run: {err}")
-        return {"backend": "transformers serve", "rate": "inf", "num_requests": len(texts),
-                "error": f"{type(err).__name__}: {err}"[:2000]}
+        return {"backend": "transformers serve", "rate": "inf", "prompts": "text",
+                "num_requests": len(texts), "error": f"{type(err).__name__}: {err}"[:2000]}
     finally:
         if server is not None:
             server.stop()
 
 
-def vars_of(args) -> dict:
-    return {k: getattr(args, k) for k in ("max_num_seqs", "max_num_batched_tokens", "max_model_len",
-                                          "gpu_memory_utilization", "hf_num_requests", "url")}
+def summary(results: list[dict]) -> dict:
+    """Server over offline output tok/s at "inf" (the last all-at-once wave), p99 TTFT at 16
+    req/s, failed requests (None where this run did not measure one)."""
+    offline = next((r for r in results if r["backend"].startswith("offline")), None)
+    served = [r for r in results if r["backend"] == "minivllm serve" and r["prompts"] == "ids"]
+    at_inf = [r for r in served if r["rate"] == "inf" and r.get("output_tokens_per_s")]
+    at_16 = [r for r in served if r["rate"] == 16.0 and r.get("ttft_s")]
+    return {"ratio_vs_offline": at_inf[-1]["output_tokens_per_s"] / offline["output_tokens_per_s"]
+            if at_inf and offline else None,
+            "ttft_p99_at_16_s": at_16[-1]["ttft_s"]["p99"] if at_16 else None,
+            "failed_requests": sum(r.get("failed_requests", 0) for r in served)}
 
 
-def _default_out(model_config: str, device: torch.device) -> Path:
-    import datetime as dt
-
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    folder = RESULTS_DIR if device.type == "cuda" else RESULTS_DIR / "cpu"
-    return folder / f"serve_bench_{model_config}_{device.type}_{stamp}.json"
+def _ms(key: str, q: str):
+    return lambda r: 1e3 * r[key][q] if r.get(key) else None
 
 
-# ------------------------------------------------------------------------------------------
-# Results: the targets, a plot, a table
-# ------------------------------------------------------------------------------------------
-def summary(payload: dict) -> dict:
-    """The issue's three targets, as measured (None where this run did not measure one)."""
-    by_rate = {r["rate"]: r for r in payload["records"]}
-    offline = payload.get("offline")
-    ratio = None
-    if offline and "inf" in by_rate and by_rate["inf"].get("output_tokens_per_s"):
-        ratio = by_rate["inf"]["output_tokens_per_s"] / offline["output_tokens_per_s"]
-    ttft16 = (by_rate.get(16.0) or {}).get("ttft_s")
-    failed = sum(r.get("failed_requests", 0) for r in payload["records"])
-    return {"ratio_vs_offline": ratio,
-            "ttft_p99_at_16_s": ttft16["p99"] if ttft16 else None,
-            "failed_requests": failed,
-            "meets_ratio": None if ratio is None else ratio >= TARGETS["ratio_vs_offline_min"],
-            "meets_ttft": None if not ttft16 else ttft16["p99"] <= TARGETS["ttft_p99_at_16_max_s"],
-            "meets_no_failures": failed == 0}
-
-
-def plot(payload: dict, path: Path) -> None:
-    """Latency percentiles (TTFT, TPOT, end to end) and output tok/s against the arrival rate."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [r for r in payload["records"] if r.get("ttft_s")]
-    labels = [str(r["rate"]) if r["rate"] == "inf" else f"{r['rate']:g}" for r in records]
-    x = range(len(records))
-    fig, axes = plt.subplots(1, 4, figsize=(17, 4))
-    for ax, key, title in zip(axes, ("ttft_s", "tpot_s", "e2e_s"), ("time to first token", "time per output token",
-                                                                   "end-to-end latency")):
-        for q, style in (("p50", "o-"), ("p90", "s--"), ("p99", "^:")):
-            ax.plot(x, [r[key][q] for r in records], style, label=q)
-        ax.set(title=title, xlabel="arrival rate (requests/s)", ylabel="seconds", yscale="log")
-        ax.legend()
-    axes[3].bar(x, [r["output_tokens_per_s"] for r in records], label="server (streamed)")
-    if payload.get("offline"):
-        axes[3].axhline(payload["offline"]["output_tokens_per_s"], color="k", ls="--", label="offline LLM.generate")
-    axes[3].set(title="output tokens/s", xlabel="arrival rate (requests/s)")
-    axes[3].legend()
-    for ax in axes:
-        ax.set_xticks(list(x), labels)
-    fig.suptitle(f"minivllm serve: {payload['model_config']} on {payload['device']}, {payload['num_requests']} "
-                 f"requests, in {payload['input_len']} out {payload['output_len']}")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _ms(stats: dict | None, q: str) -> str:
-    return f"{1e3 * stats[q]:.0f}" if stats else "-"
-
-
-def format_record(r: dict) -> str:
-    if r.get("error"):
-        return f"{r['backend']:<22} {str(r['rate']):>6}  error: {r['error'][:150]}"
-    tps = f"{r['output_tokens_per_s']:.1f}" if r.get("output_tokens_per_s") else "-"
-    per_chunk = f"{r['tokens_per_text_chunk']:.2f}" if r.get("tokens_per_text_chunk") else "-"
-    return (f"{r['backend']:<22} {str(r['rate']):>6} {r['num_requests']:>5} {r.get('failed_requests', 0):>6} "
-            f"{tps:>10} {_ms(r.get('ttft_s'), 'p50'):>8} {_ms(r.get('ttft_s'), 'p99'):>8} "
-            f"{_ms(r.get('itl_s'), 'p50'):>7} {_ms(r.get('tpot_s'), 'p99'):>8} {_ms(r.get('e2e_s'), 'p99'):>8} "
-            f"{per_chunk:>9}")
-
-
-def format_table(payload: dict) -> str:
-    lines = [f"{payload['model_config']} on {payload['device']} ({payload['dtype']}), {payload['num_requests']} "
-             f"requests, in {payload['input_len']} out {payload['output_len']}, seed {payload['seed']}"]
-    header = (f"{'backend':<22} {'rate':>6} {'reqs':>5} {'failed':>6} {'out tok/s':>10} {'TTFT50':>8} "
-              f"{'TTFT99':>8} {'ITL50':>7} {'TPOT99':>8} {'E2E99':>8} {'tok/chunk':>9}   (latencies in ms)")
-    lines += [header, "-" * len(header)]
-    if payload.get("offline"):
-        lines.append(format_record(payload["offline"]))
-    lines += [format_record(r) for r in payload["records"]]
-    if payload["comparison"]:
-        lines.append("text prompts, all at once (same requests for both servers):")
-        lines += [format_record(r) for r in payload["comparison"]]
-    s = payload.get("summary") or {}
-    if s.get("ratio_vs_offline") is not None:
-        lines.append(f"server at 'inf' / offline LLM.generate: {s['ratio_vs_offline']:.3f} output tok/s "
-                     f"(target >= {TARGETS['ratio_vs_offline_min']})")
-    if s.get("ttft_p99_at_16_s") is not None:
-        lines.append(f"p99 TTFT at 16 req/s: {s['ttft_p99_at_16_s']:.3f} s (target <= 1 s)")
-    lines.append(f"failed requests: {s.get('failed_requests', 0)} (target 0)")
-    clients = [r.get("client_cpu_fraction") for r in payload["records"] if r.get("client_cpu_fraction") is not None]
-    if clients and max(clients) > 0.8:
-        lines.append(f"WARNING: the client used {max(clients):.0%} of a CPU core: it may have limited the numbers")
-    if payload.get("note"):
-        lines.append(payload["note"])
-    return "\n".join(lines)
+COLUMNS = [
+    ("backend", "backend", ""), ("prompts", "prompts", ""), ("rate", "rate", ""),
+    ("reqs", "num_requests", "d"), ("failed", "failed_requests", "d"),
+    ("out tok/s", "output_tokens_per_s", ",.1f"),
+    ("TTFT p50 ms", _ms("ttft_s", "p50"), ".0f"), ("TTFT p99 ms", _ms("ttft_s", "p99"), ".0f"),
+    ("ITL p50 ms", _ms("itl_s", "p50"), ".1f"), ("TPOT p99 ms", _ms("tpot_s", "p99"), ".1f"),
+    ("E2E p99 ms", _ms("e2e_s", "p99"), ".0f"), ("tok/chunk", "tokens_per_text_chunk", ".2f"),
+    ("error", lambda r: (r.get("error") or "")[:120] or None, ""),
+]
 
 
 if __name__ == "__main__":

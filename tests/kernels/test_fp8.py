@@ -200,12 +200,11 @@ SWITCHES = {
 @pytest.mark.parametrize("kv", ["bf16", "fp8"])
 @pytest.mark.parametrize("batch", ["decode", "mixed"])
 def test_each_loop_switch_matches_reference(switches, kv, batch):
-    """Every switch the tuning sweep toggles (benchmarks/fp8_tune.py), on decode-only and mixed
-    batches, on a 16-bit and an fp8 cache, against the reference. U32_OFFSETS and INT64_OFFSETS
-    are forced here (the kernel takes them by itself only for caches of 2^31 and 2^32 elements,
-    too large for a test); the
-    page path on decode is what the sweep times for fp8. Contexts end mid-page and mid-tile;
-    unused table entries are -1 (make_problem)."""
+    """Every switch a tuning sweep toggles (`benchmarks/attn_bench.py --configs`), on decode-only
+    and mixed batches, on a 16-bit and an fp8 cache, against the reference. U32_OFFSETS and
+    INT64_OFFSETS are forced here (the kernel takes them by itself only for caches of 2^31 and
+    2^32 elements, too large for a test); the page path on decode is what the sweep times for fp8.
+    Contexts end mid-page and mid-tile; unused table entries are -1 (make_problem)."""
     from minivllm.kernels import triton_attention
 
     query_lens = [1, 1, 1] if batch == "decode" else [1, 37, 1]
@@ -224,7 +223,7 @@ def test_each_loop_switch_matches_reference(switches, kv, batch):
 
 def test_compiled_decode_loop_widens_before_the_transpose():
     """Compile the decode loop for sm_90 (no GPU needed: Triton ships ptxas and nvdisasm;
-    benchmarks/sass_count.py) and read its machine code. With MINIVLLM_FP8_WIDEN=asm (an
+    tests/kernels/hopper_compile.py) and read its machine code. With MINIVLLM_FP8_WIDEN=asm (an
     option: "cast", the default, measured faster on the GPU), on an fp8 cache no value may be
     loaded from shared memory one byte at a time (`LDS.U8`: what transposing e4m3 tiles for the
     tensor cores compiles to when the widening is left to Triton), and a tile must cost well
@@ -242,12 +241,12 @@ def test_compiled_decode_loop_widens_before_the_transpose():
     root = Path(__file__).resolve().parents[2]
     script = textwrap.dedent("""
         import json
-        from benchmarks import sass_count as s
+        from tests.kernels import hopper_compile as h
         found = {}
-        for name in ("bf16", "bf16 int64", "fp8"):
-            compiled, _, _ = s.compile_decode(*s.VARIANTS[name])
-            body = s.loops(s.sass_of(compiled)[0])[0]
-            found[name] = dict(loop=len(body), byte_loads=sum("LDS.U8" in i for i in body))
+        for name, kv, config in (("bf16", "bf16", {}), ("bf16 int64", "bf16", {"INT64_OFFSETS": True}),
+                                 ("fp8", "fp8", {})):
+            report = h.static_report(h.compile_launch(h.attention_call(1, 4096, kv=kv, config=config)))
+            found[name] = dict(loop=report["loop_instructions"][0], byte_loads=report["loop_byte_loads"][0])
         print(json.dumps(found))
     """)
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET",)}

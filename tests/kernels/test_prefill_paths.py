@@ -37,7 +37,7 @@ PATHS = {
 
 
 def _triton(p, config, num_splits=None, causal=True, scales=None, cache=None):
-    """The Triton kernel with a forced launch configuration (what tune_attn.py sweeps)."""
+    """The Triton kernel with a forced launch configuration (what attn_bench.py --tune sweeps)."""
     scales = scales or {}
     k_cache, v_cache = cache or (p.k_cache, p.v_cache)
     out = torch.empty_like(p.query)
@@ -77,7 +77,7 @@ def test_mixed_batch_matches_reference(path, dtype, gqa, head_dim, block_size, b
 
 @pytest.mark.parametrize("flag", ["PAGE_LOADS", "FOLD_SCALE"])
 def test_each_change_alone_matches_reference(flag):
-    """The page loads and the folded scale are independent switches (tune_attn times each)."""
+    """The page loads and the folded scale are independent switches (attn_bench.py --configs times each)."""
     g = torch.Generator().manual_seed(1)
     p = make_problem([70, 9, 1], [70, 9 + 77, 40], 8, 2, 64, 16, torch.bfloat16, DEVICE,
                      generator=g)
@@ -194,7 +194,7 @@ def test_page_path_adds_no_specialization_after_warm_up(monkeypatch):
 
 def test_compiles_for_hopper_with_pipelined_16_byte_loads():
     """Compile the prefill variant of both paths for sm_90 ahead of time (no GPU needed:
-    `tune_attn.py --only static`) and read what came out: K and V must stream in through 16-byte
+    tests/kernels/hopper_compile.py) and read what came out: K and V must stream in through 16-byte
     asynchronous copies (`cp.async ... 0x10`: vectorized and software-pipelined) feeding Hopper's
     wgmma, with no 1- or 2-byte global loads (what Triton 3.6 compiles the page path to without
     its ROW_ALIGN hint), and the page path's tile loops must be the shorter ones, as the kernel's
@@ -202,11 +202,12 @@ def test_compiles_for_hopper_with_pipelined_16_byte_loads():
     pytest.importorskip("triton.backends.nvidia.compiler")
     script = textwrap.dedent("""
         import json
-        from benchmarks import tune_attn as t
+        from tests.kernels import hopper_compile as h
         found = {}
-        for name, case, kv in t.prefill_cases(["prefill", "chunked_fp8"], smoke=False):
-            for path in ("tokens", "pages"):
-                found[f"{name} {path}"] = t.static_report(t.compile_for_hopper(case, path, None, kv))
+        for name, query_len, context, kv in (("prefill", 2048, 2048, "bf16"), ("chunked_fp8", 512, 8192, "fp8")):
+            for path, config in (("tokens", dict(PAGE_LOADS=False, FOLD_SCALE=False)), ("pages", {})):
+                call = h.attention_call(query_len, context, batch=4, kv=kv, config=config)
+                found[f"{name} {path}"] = h.static_report(h.compile_launch(call))
         print(json.dumps(found))
     """)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

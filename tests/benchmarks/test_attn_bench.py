@@ -1,5 +1,6 @@
-"""benchmarks/attn_bench.py on the CPU: where it writes, what its table calls its columns, and that
-the mixed and ragged cases, the fp8 cache and the bytes/FLOPs it reports are what they claim."""
+"""benchmarks/attn_bench.py on the CPU: where it writes, what its table calls its columns, that
+the mixed and ragged cases, the fp8 cache and the bytes/FLOPs it reports are what they claim, and
+that its tuning modes time every setting, checked, beside the default."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 from minivllm.kernels import available_backends
 from minivllm.kernels.reference import causal_mask
 
-from benchmarks import attn_bench
+from benchmarks import attn_bench, common
 
 ROOT = Path(__file__).resolve().parents[2]
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU smoke test; on a GPU run the benchmark")
@@ -24,9 +25,8 @@ needs_interpreter = pytest.mark.skipif("triton" not in available_backends("cpu")
 
 
 def _run(tmp_path, *argv) -> tuple[int, list[dict]]:
-    code = attn_bench.main([*argv, "--out", str(tmp_path)])
-    saved = json.loads((tmp_path / "attn_bench_cpu.json").read_text())
-    return code, saved["records"]
+    code = attn_bench.main([*argv, "--out", str(tmp_path / "a.json")])
+    return code, json.loads((tmp_path / "a.json").read_text())["results"]
 
 
 def _visible_keys(record: dict) -> int:
@@ -38,42 +38,47 @@ def _visible_keys(record: dict) -> int:
 
 @cpu_only
 def test_cpu_run_writes_outside_git_and_labels_the_time_ratio(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(attn_bench, "CPU_RESULTS_DIR", tmp_path / "cpu")
+    monkeypatch.setattr(common, "CPU_RESULTS_DIR", tmp_path / "cpu")
     assert attn_bench.main(["--cases", "decode", "--batch", "2", "--context", "40"]) == 0
-    saved = json.loads((tmp_path / "cpu" / "attn_bench_cpu.json").read_text())
-    assert (tmp_path / "cpu" / "attn_bench_cpu.png").stat().st_size > 5_000
+    (json_path,) = (tmp_path / "cpu").glob("attn_bench_*.json")
+    saved = json.loads(json_path.read_text())
+    assert json_path.with_suffix(".png").stat().st_size > 5_000
+    assert saved["bench"] == "attn_bench" and saved["environment"]["device"].startswith("cpu")
+    assert saved["copy_gbps"] > 0 and saved["matmul_tflops"] > 0
 
-    by_backend = {r["backend"]: r for r in saved["records"]}
+    by_backend = {r["backend"]: r for r in saved["results"]}
     assert set(by_backend) == {"sdpa", "torch"}
     mine, sdpa = by_backend["torch"], by_backend["sdpa"]
     assert mine["ratio_vs_sdpa"] == pytest.approx(mine["ms"] / sdpa["ms"])  # a time ratio, not a speed-up
     assert mine["rel_error"] < 1e-5
-    assert {r["kv_cache_dtype"] for r in saved["records"]} == {"auto"}  # the default: model dtype
+    assert {r["kv_cache_dtype"] for r in saved["results"]} == {"auto"}  # the default: model dtype
 
-    table = capsys.readouterr().out.split("time/SDPA")
-    assert len(table) >= 2 and "vs sdpa" not in "".join(table)
-    row = next(line for line in table[1].splitlines() if line.startswith("decode") and " torch " in line)
-    assert f"{mine['ratio_vs_sdpa']:.2f}" in row.split()
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("op ") and "time/SDPA" in line)
+    row = next(line for line in lines if line.startswith("decode") and " torch " in line)
+
+    def cell(title):  # numbers are right-aligned under their title
+        return row[:header.index(title) + len(title)].split()[-1]
+
+    assert cell("time/SDPA") == f"{mine['ratio_vs_sdpa']:.2f}"
+    # Even the slow reference on a CPU moves a measurable number of bytes: never "GB/s 0".
+    assert float(cell("GB/s")) == pytest.approx(mine["gbps"], rel=1e-2)
 
 
-def test_default_cpu_output_is_ignored_by_git():
+def test_cpu_output_is_ignored_by_git_and_gpu_output_is_not():
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("needs the git checkout")
-    for name in ("attn_bench_cpu.json", "attn_bench_cpu.png"):
-        path = (attn_bench.CPU_RESULTS_DIR / name).relative_to(ROOT)
-        done = subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=ROOT, check=False)
-        assert done.returncode == 0, f"{path} would show up in git status"
-    # The GPU results beside it are what RESULTS.md cites: never ignored.
-    done = subprocess.run(["git", "check-ignore", "-q", "benchmarks/results/attn_bench_gpu.json"], cwd=ROOT,
-                          check=False)
-    assert done.returncode == 1
+    for path, ignored in (("benchmarks/results/cpu/attn_bench_sweep_cpu_1.json", 0),
+                          ("benchmarks/results/attn_bench_sweep_cuda_1.json", 1)):
+        done = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT, check=False)
+        assert done.returncode == ignored, path
 
 
 def test_default_gpu_sweep_has_the_issue_shapes():
     args = attn_bench.parse_args(["--num-q-heads", "32", "--num-kv-heads", "8", "--head-dim", "128",
                                   "--dtypes", "bf16", "--block-sizes", "16"])
     cases = {c.op: c for c in attn_bench.build_cases(args, on_gpu=True)}
-    assert set(cases) == {"decode", "prefill", "chunked_prefill", "mixed", "ragged_decode"}
+    assert set(cases) == {"decode", "prefill", "chunked_prefill", "mixed", "ragged_decode"}  # no write
     mixed = cases["mixed"].seqs()
     assert sorted(set(mixed)) == [(1, 2048), (512, 8192)]
     assert mixed.count((512, 8192)) == 2 and mixed.count((1, 2048)) == 62
@@ -103,6 +108,7 @@ def test_kv_cache_dtypes_option_rejects_unknown_names(capsys):
 def test_new_cases_and_fp8_cache_on_triton_and_reference(tmp_path, capsys):
     code, records = _run(tmp_path, "--smoke", "--cases", "prefill,mixed,ragged", "--kv-cache-dtypes",
                          "auto,fp8", "--backends", "torch,triton", "--dtypes", "bf16")
+    saved = json.loads((tmp_path / "a.json").read_text())
     assert code == 0
     by_key = {(r["op"], r["backend"], r["kv_cache_dtype"]): r for r in records}
     for op in ("prefill", "mixed", "ragged_decode"):
@@ -133,7 +139,7 @@ def test_new_cases_and_fp8_cache_on_triton_and_reference(tmp_path, capsys):
         expected = 2 * tokens * hkv * (d * per_value + per_scale) + 2 * r["batch"] * hq * d * 2
         assert r["bytes"] == expected
         assert r["gbps"] * r["ms"] * 1e6 == pytest.approx(expected)
-        assert r["frac_copy_bw"] == pytest.approx(r["gbps"] / r["copy_gbps"])
+        assert r["frac_copy_bw"] == pytest.approx(r["gbps"] / saved["copy_gbps"])
         assert r["ratio_vs_sdpa"] is None and r["frac_matmul_rate"] is None
 
     # FLOPs: 4 * Hq * D * (keys each query sees), against the reference's causal mask.
@@ -141,7 +147,7 @@ def test_new_cases_and_fp8_cache_on_triton_and_reference(tmp_path, capsys):
         r = by_key[(op, "triton", "auto")]
         assert r["flops"] == 4 * hq * d * _visible_keys(r)
         assert r["tflops"] == pytest.approx(r["flops"] / (r["ms"] * 1e-3) / 1e12)
-        assert r["frac_matmul_rate"] == pytest.approx(r["tflops"] / r["matmul_tflops"])
+        assert r["frac_matmul_rate"] == pytest.approx(r["tflops"] / saved["matmul_tflops"])
     prefill = by_key[("prefill", "triton", "auto")]
     assert prefill["ratio_vs_sdpa"] == pytest.approx(prefill["ms"] / by_key[("prefill", "sdpa", "auto")]["ms"])
 
@@ -213,10 +219,59 @@ def test_a_backend_that_raises_is_recorded_and_fails_the_run(tmp_path, monkeypat
 @cpu_only
 def test_script_smoke_runs_every_case(tmp_path):
     env = dict(os.environ, PYTHONPATH="")  # as a user runs it: the script finds the repo itself
-    done = subprocess.run([sys.executable, "benchmarks/attn_bench.py", "--smoke", "--out", str(tmp_path)],
+    done = subprocess.run([sys.executable, "benchmarks/attn_bench.py", "--smoke", "--out", str(tmp_path / "a.json")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
-    records = json.loads((tmp_path / "attn_bench_cpu.json").read_text())["records"]
+    records = json.loads((tmp_path / "a.json").read_text())["results"]
     assert {r["op"] for r in records} == {"decode", "prefill", "chunked_prefill", "mixed", "ragged_decode"}
     assert all(r["kv_cache_dtype"] == "auto" and r["correct"] for r in records)
     assert {r["backend"] for r in records} == {"sdpa", "torch"}
+
+
+@cpu_only
+@needs_interpreter
+def test_tuning_times_every_setting_checked_beside_the_default(tmp_path, monkeypatch):
+    """--tune tiles and --configs on the Triton kernel (interpreter): every setting gets a record
+    checked against the reference and its time over the default's; a setting that cannot launch
+    is recorded as not run, and does not fail the run."""
+    monkeypatch.setattr(attn_bench, "SMOKE_TILES", {"decode": [(None, 16, 1, 1)], "prefill": [(32, 16, 1, 1)]})
+    configs = '[{"INT64_OFFSETS": true}, {"BLOCK_N": 24}]'  # 24 keys: not a power of two
+    code, records = _run(tmp_path, "--smoke", "--cases", "decode", "--backends", "triton",
+                         "--tune", "tiles", "--configs", configs)
+    assert code == 0
+    default, tile, int64, bad = records[1:]  # after SDPA
+    assert default["setting"] is None and "ratio_vs_default" not in default
+    assert tile["setting"] == {"BLOCK_N": 16, "num_warps": 1, "num_stages": 1}
+    assert int64["setting"] == {"INT64_OFFSETS": True}
+    for r in (tile, int64):
+        assert r["correct"] and r["ratio_vs_default"] == pytest.approx(r["ms"] / default["ms"])
+    assert bad["ms"] is None and not bad["failed"] and "power of 2" in bad["not_run"]
+
+
+@cpu_only
+@needs_interpreter
+def test_split_sweep_forces_each_split_count(tmp_path, monkeypatch):
+    monkeypatch.setattr(attn_bench, "SPLITS", [1, 2])
+    code, records = _run(tmp_path, "--smoke", "--cases", "decode", "--backends", "triton", "--tune", "splits")
+    assert code == 0
+    mine = [r for r in records if r["backend"] == "triton"]
+    assert [r["setting"] for r in mine] == [None, {"num_splits": 1}, {"num_splits": 2}]
+    assert all(r["correct"] for r in mine)
+
+
+def test_tuning_needs_a_kernel_backend():
+    with pytest.raises(SystemExit, match="--backends triton"):
+        attn_bench.main(["--smoke", "--backends", "torch", "--tune", "tiles"])
+
+
+@cpu_only
+@needs_interpreter
+def test_write_case_checks_each_backend_against_the_reference(tmp_path):
+    code, records = _run(tmp_path, "--smoke", "--cases", "write", "--backends", "torch,triton",
+                         "--kv-cache-dtypes", "auto,fp8")
+    assert code == 0 and len(records) == 4
+    hkv, d = 2, 32  # smoke heads; 16 tokens
+    for r in records:
+        assert r["op"] == "write_kv_cache" and r["correct"] and r["flops"] == 0
+        written = 16 * 2 * hkv * (d + 4 if r["kv_cache_dtype"] == "fp8" else 4 * d)
+        assert r["bytes"] == 16 * 2 * hkv * d * 4 + written  # fp32 rows read, the cache written
