@@ -96,8 +96,12 @@ def time_decode_steps(llm, batch: int, context: int, steps: int, seed: int,
     room = engine.config.scheduler_config.max_model_len - context
     ids = engine.add_requests(prompts, SamplingParams(temperature=0.0, max_tokens=room, ignore_eos=True))
     history = engine.stats.history
-    while not (history and history[-1].num_prefill_seqs == 0 and history[-1].num_decode_seqs == batch):
+    for _ in range(100 * batch + 1000):  # prefill, chunked, until one step decodes the whole batch
+        if history and history[-1].num_prefill_seqs == 0 and history[-1].num_decode_seqs == batch:
+            break
         engine.step()
+    else:
+        raise RuntimeError(f"the {batch} sequences never decoded together (max_num_seqs too small?)")
     for _ in range(2):  # warm-up
         engine.step()
     times, records, contexts = [], [], []
@@ -211,7 +215,7 @@ def measure(model_dir: Path, dtype: str, args, device: torch.device, record: dic
     runner = runner_of(llm)
     weights = weight_bytes(runner.model)  # this rank's shard
     kv_per_token = runner.kv_bytes_per_block // runner.block_size
-    time_decode_steps(llm, 2, min(args.context, 64), 2, args.seed)  # warm-up
+    time_decode_steps(llm, min(2, max_batch), min(args.context, 64), 2, args.seed)  # warm-up
     for batch in args.batch_sizes:
         profile = None
         if batch in args.profile_batches:

@@ -1,104 +1,111 @@
-"""benchmarks/throughput.py and roofline.py on the CPU: a tiny case end to end, JSON checked."""
+"""benchmarks/throughput.py on the CPU: minivllm against HF `generate` at two concurrency levels,
+minivllm's attention inside HF against sdpa, variants in child processes, and the arithmetic of
+the workload roofline and the ratios."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
-
 import torch
 
-from benchmarks import roofline, throughput
+from benchmarks import throughput
 
-# These smoke tests pin the CPU path (eager steps, the CPU disclaimer). On a GPU machine the
-# benchmarks themselves are the test: benchmarks/RESULTS.md.
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU smoke test; on a GPU run the benchmark")
-
-REQUIRED = {"bench", "backend", "model_config", "num_requests", "output_tokens_per_s", "total_tokens_per_s",
-            "device"}
+TINY = ["--device", "cpu", "--num-requests", "3", "--input-len", "8:16", "--output-len", "6"]
 
 
 @cpu_only
-def test_throughput_smoke_writes_one_record_per_backend(tmp_path):
-    out = tmp_path / "tp.json"
-    payload = throughput.main([
-        "--device", "cpu", "--model-config", "tiny", "--num-requests", "3", "--input-len", "8:16",
-        "--output-len", "3:6", "--backends", "minivllm,hf_generate", "--hf-batch-size", "2",
-        "--model-dir", str(tmp_path / "models"), "--out", str(out),
-    ])
+def test_minivllm_against_hf_generate_at_each_concurrency(tmp_path, model_cache, capsys):
+    """The CPU case of issue 24 in small: the same requests, the same process, 1 and then 3 at
+    once; HF's batch is one left-padded call. minivllm's kernel inside HF (float32) must give
+    sdpa's greedy tokens exactly."""
+    out = tmp_path / "t.json"
+    record = throughput.main([*TINY, "--concurrency", "1,3", "--backends", "minivllm,hf_generate",
+                              "--hf-attn", "sdpa,minivllm", "--model-cache", str(model_cache),
+                              "--out", str(out)])
     saved = json.loads(out.read_text())
-    assert saved == json.loads(json.dumps(payload))
-    records = {r["backend"]: r for r in saved["records"]}
-    assert set(records) == {"minivllm", "hf_generate"}
-    for r in records.values():
-        assert REQUIRED <= set(r) and r["bench"] == "throughput" and r["model_config"] == "tiny"
-        assert r["num_requests"] == 3 and r["output_tokens_per_s"] > 0 and r["device"].startswith("cpu")
-    mine = records["minivllm"]
-    assert mine["all_requests_complete"] and mine["num_output_tokens"] == records["hf_generate"]["num_output_tokens"]
-    assert mine["ttft_s"]["p50"] > 0 and mine["cuda_graphs"] is False
-    assert "no GPU claim" in saved["note"]
-    assert [q["baseline"] for q in saved["ratios"]] == ["hf_generate"]
-
-
-def test_throughput_rejects_bad_ranges():
-    with pytest.raises(SystemExit):
-        throughput.resolve(throughput.parse_args(["--device", "cpu", "--input-len", "9:3"]))
-    with pytest.raises(SystemExit):
-        throughput.parse_args(["--backends", "vllm"])
-
-
-@cpu_only
-def test_roofline_smoke(tmp_path, capsys):
-    out = tmp_path / "roof.json"
-    payload = roofline.main(["--batch-sizes", "1,2", "--context", "8", "--steps", "2", "--profile", "2",
-                             "--model-dir", str(tmp_path / "models"), "--out", str(out)])
-    saved = json.loads(out.read_text())
-    rows = saved["rows"]
-    assert [r["batch_size"] for r in rows] == [1, 2] and payload["copy_bandwidth_bytes_per_s"] > 0
-    assert all(r["step_time_s"] > 0 and r["roofline_time_s"] > 0 for r in rows)
-    for r in rows:  # CPU: eager by necessity, not by accident, so no warning
-        assert r["graph_fraction"] == 0.0 and r["graph_batch_sizes"] == [] and r["graph_warning"] is None
-        phases = [r[f"{p}_time_s"] for p in ("schedule", "prepare", "forward", "sample", "wait", "update")]
-        # (With overlap a step's phases span two engine.step() calls, so they are not bounded by
-        # one call's time; on CPU the forward runs inside `forward`, so the host time is real work.)
-        assert all(t >= 0 for t in phases) and r["forward_time_s"] > 0 and r["host_time_s"] >= r["forward_time_s"]
-    # --profile 2: the tables next to the JSON, the top ops in it (CPU only here), a table printed.
-    profile = saved["profile"]
-    assert profile["batch_size"] == 2 and profile["mode"] == "eager" and "error" not in profile
-    text = (tmp_path / "roof_profile_b2.txt").read_text()
-    assert profile["file"] == str(tmp_path / "roof_profile_b2.txt") and "self CPU time" in text
-    top = profile["top_self_cpu"]
-    assert 0 < len(top) <= 30 and any(op["name"].startswith("aten::") for op in top)
-    assert top[0]["self_cpu_us_per_step"] >= top[-1]["self_cpu_us_per_step"] and "top_self_cuda" not in profile
+    assert saved == json.loads(json.dumps(record, default=str))
+    assert saved["bench"] == "throughput" and saved["environment"]["device"].startswith("cpu")
+    rows = {(r["backend"], r.get("attn"), r["concurrency"]): r for r in saved["results"]}
+    assert set(rows) == {(b, a, c) for b, a in (("minivllm", None), ("hf_generate", "sdpa"),
+                                                ("hf_generate", "minivllm")) for c in (1, 3)}
+    for r in rows.values():
+        assert r["variant"] == "base" and r["output_tokens_per_s"] > 0
+        assert r["num_output_tokens"] == 6 * r["concurrency"]  # exactly the asked tokens, everywhere
+    mine = rows[("minivllm", None, 3)]
+    assert mine["all_requests_complete"] and mine["jit_compiles_during_run"] in (0, None)
+    assert mine["roofline_fraction"] == pytest.approx(mine["workload_roofline_s"] / mine["wall_time_s"])
+    assert mine["tensor_parallel_size"] == 1 and mine["ttft_s"]["p50"] > 0
+    assert rows[("hf_generate", "sdpa", 3)]["hf_batch_size"] == 3  # one batched call
+    for c in (1, 3):
+        assert rows[("hf_generate", "minivllm", c)]["agreement_with_first_attn"]["exact"] == 1.0
+    ratios = {(q["subject"], q["baseline"], q["concurrency"]): q["output_tokens_per_s_ratio"]
+              for q in saved["ratios"]}
+    for c in (1, 3):
+        expected = rows[("minivllm", None, c)]["output_tokens_per_s"] / rows[("hf_generate", "sdpa", c)]["output_tokens_per_s"]
+        assert ratios[("base/minivllm", "base/hf_generate[sdpa]", c)] == pytest.approx(expected)
     printed = capsys.readouterr().out
-    assert "top 15 ops by self CPU time" in printed and "replay" in printed
+    assert "base/minivllm / base/hf_generate[sdpa] at concurrency 1:" in printed
+    assert "no GPU claim" in printed
 
 
-def test_roofline_profile_batch_must_be_measured(tmp_path):
+@cpu_only
+def test_a_variant_child_applies_its_engine_and_sampling_settings(tmp_path, model_cache):
+    """What each child process of --variants runs (here in this process: run_variants itself is
+    tested in test_common.py): the named variant, its engine and sampling settings applied."""
+    record = throughput.main([*TINY, "--model-cache", str(model_cache), "--out", str(tmp_path / "v.json"),
+                              "--variants", "overlap:,sync:async_scheduling=false sampling.top_k=1",
+                              "--child-variant", "sync"])
+    (row,) = record["results"]
+    assert row["variant"] == "sync" and row["async_scheduling"] is False
+    assert row["num_output_tokens"] == 18 and row["all_requests_complete"]
+
+
+def test_workload_roofline_adds_decode_bytes_and_prefill_flops():
+    class Model(torch.nn.Module):  # 1,000 bf16 parameters; K/V of 2 layers x 1 head x 4 dims
+        num_layers, num_kv_heads, head_dim = 2, 1, 4
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1000, dtype=torch.bfloat16))
+
+    prompts, out_lens = [[1] * 10, [1] * 20], [3, 1]
+    got = throughput.workload_roofline(prompts, out_lens, Model(), copy_bw=1e3, matmul=1e4)
+    kv_per_token = 2 * 2 * 1 * 4 * 2
+    context_tokens = (3 * 10 + 3) + (1 * 20 + 0)  # token j of a request reads prompt + j tokens
+    assert got["decode_bytes"] == 3 * 2000 + context_tokens * kv_per_token
+    assert got["prefill_flops"] == 2 * 1000 * 30
+    assert got["workload_roofline_s"] == pytest.approx(got["decode_bytes"] / 1e3 + got["prefill_flops"] / 1e4)
+
+
+def test_ratios_pair_rows_of_the_same_requests():
+    def row(variant, backend, c, tps, attn=None):
+        return {"variant": variant, "backend": backend, "concurrency": c, "output_tokens_per_s": tps,
+                **({"attn": attn} if attn else {})}
+
+    rows = [row("a", "minivllm", 8, 80.0), row("a", "hf_generate", 8, 40.0, "sdpa"),
+            row("a", "hf_generate", 8, 20.0, "minivllm"), row("a", "minivllm", 1, 10.0),
+            row("b", "minivllm", 8, 120.0), row("a", "hf_generate_batch", 8, None, "sdpa")]
+    got = {(q["subject"], q["baseline"], q["concurrency"]): q["output_tokens_per_s_ratio"]
+           for q in throughput.compare(rows)}
+    assert got == {("a/minivllm", "a/hf_generate[sdpa]", 8): 2.0,
+                   ("a/minivllm", "a/hf_generate[minivllm]", 8): 4.0,
+                   ("a/hf_generate[minivllm]", "a/hf_generate[sdpa]", 8): 0.5,
+                   ("b/minivllm", "a/minivllm", 8): 1.5}  # a timed-out row (None) is never a baseline
+
+
+@pytest.mark.parametrize("argv", [["--input-len", "9:3"], ["--backends", "vllm"], ["--hf-attn", "flash"],
+                                  ["--num-requests", "2", "--concurrency", "4"], ["--concurrency", "0"]])
+def test_bad_arguments_are_refused(argv):
     with pytest.raises(SystemExit):
-        roofline.main(["--batch-sizes", "1,2", "--profile", "4", "--out", str(tmp_path / "r.json")])
+        throughput.parse_args(["--device", "cpu", *argv])
 
 
-def test_roofline_warns_when_a_requested_graph_did_not_replay():
-    class Runner:  # what graph_warning reads from a ModelRunner
-        graphs_off_reason = None
+def test_the_random_workload_draws_ids_of_the_models_vocabulary(model_cache):
+    from benchmarks.common import build_model, vocab_size
 
-    row = {"batch_size": 32, "graph_fraction": 0.25, "graph_miss_reasons": ["no bucket for 33 sequences"]}
-    warning = roofline.graph_warning(Runner(), row, steps=8)
-    assert warning.startswith("WARNING") and "6 of 8" in warning and "no bucket for 33" in warning
-    Runner.graphs_off_reason = "enforce_eager=True"
-    assert "enforce_eager" in roofline.graph_warning(Runner(), {**row, "graph_miss_reasons": []}, steps=8)
-    assert roofline.graph_warning(Runner(), {**row, "graph_fraction": 1.0}, steps=8) is None
-
-
-def test_kv_cache_dtypes_option_and_the_fp8_ratio():
-    assert throughput.parse_args(["--kv-cache-dtypes", "auto,fp8"]).kv_cache_dtypes == ["auto", "fp8"]
-    with pytest.raises(SystemExit):
-        throughput.parse_args(["--kv-cache-dtypes", "int8"])
-    records = [
-        {"backend": "minivllm", "num_requests": 8, "kv_cache_dtype": "bfloat16", "output_tokens_per_s": 100.0,
-         "total_tokens_per_s": 200.0},
-        {"backend": "minivllm", "num_requests": 8, "kv_cache_dtype": "fp8_e4m3", "output_tokens_per_s": 150.0,
-         "total_tokens_per_s": 300.0},
-        {"backend": "hf_generate", "num_requests": 8, "output_tokens_per_s": 10.0, "total_tokens_per_s": 20.0},
-    ]
-    by_baseline = {(q["subject"], q["baseline"]): q["output_tokens_per_s_ratio"] for q in throughput.ratios(records)}
-    assert by_baseline == {("minivllm (fp8_e4m3 KV)", "minivllm (bfloat16 KV)"): 1.5, ("minivllm", "hf_generate"): 10.0}
+    model_dir = build_model("tiny", model_cache, torch.float32)
+    args = SimpleNamespace(num_requests=4, input_range=(5, 7), output_range=(2, 3), seed=1)
+    prompts, out_lens = throughput.WORKLOADS["random"](args, model_dir)
+    assert len(prompts) == 4 and all(5 <= len(p) <= 7 and max(p) < vocab_size(model_dir) for p in prompts)
+    assert (prompts, out_lens) == throughput.WORKLOADS["random"](args, model_dir)
