@@ -644,7 +644,7 @@ def plot(records: list[dict], path: Path, title: str, matmul_tflops: float | Non
     if matmul_tflops and other:
         axes[1].axhline(matmul_tflops, color="gray", lw=0.8, ls="--")
     axes[0].set_title("decode: bytes moved / time / copy bandwidth (higher is better)")
-    axes[1].set_title(f"prefill, chunked, mixed: attention TFLOP/s (dashed: matmul rate)")
+    axes[1].set_title("prefill, chunked, mixed: attention TFLOP/s (dashed: matmul rate)")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -27,6 +27,11 @@ synchronized before and after, so the window holds exactly those steps' kernels:
 so eager steps show kernels = launches, graphed ones a few launches for hundreds of kernels. On the
 CPU there are no kernels (None). The profiler's top ops go to <json stem>_profile_b<B>.txt.
 
+**Tensor parallelism** (`-tp N`, or a variant `tensor_parallel_size=N`): on N GPUs the all-reduce
+is also timed alone before the engine starts (`all_reduce` in the JSON), [B, hidden] bf16 per batch
+size, through NCCL and through peer memory (the engine's one-shot sum, where it can run), eager and
+replayed from a CUDA graph of 2 x layers + 1 calls (what one decode step makes), each sum checked.
+
     python benchmarks/roofline.py                                  # GPU: qwen3-0.6b, context 1024
     python benchmarks/roofline.py --batch-sizes 1,64 --variants "graphs:,eager:enforce_eager=true"
     python benchmarks/roofline.py --variants "base:,nofused:MINIVLLM_FUSED_OPS=0"
@@ -39,6 +44,8 @@ its step time over the first variant's at the same batch size. CPU runs are no G
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
 import statistics
 import sys
 import time
@@ -53,7 +60,7 @@ from benchmarks.common import (add_model_arguments, add_variant_arguments, copy_
                                default_out, format_table, int_list, new_record, pick_device,
                                random_requests, ratio_to_first_variant, release_memory,
                                resolve_model, run_variants, runner_of, sync, this_variant,
-                               vocab_size, write_json)
+                               write_json)
 
 BLOCK_SIZE = 16
 
@@ -197,6 +204,77 @@ def write_profile_tables(averages, path: Path, steps: int, device: torch.device)
 # ------------------------------------------------------------------------------------------
 # Driver
 # ------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------
+# The all-reduce alone (tensor parallelism)
+# ------------------------------------------------------------------------------------------
+def time_all_reduce(size: int, hidden: int, calls: int, batch_sizes: list[int]) -> list[dict]:
+    """Per call, [B, hidden] bf16 over `size` GPUs: NCCL and the peer one-shot sum (rows of rank 0)."""
+    import socket
+    import tempfile
+
+    with socket.socket() as sock:  # a free port for the ranks' rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "rows.json"
+        torch.multiprocessing.spawn(_all_reduce_rank, args=(size, port, hidden, calls, batch_sizes, str(out)),
+                                    nprocs=size, join=True)
+        return json.loads(out.read_text())
+
+
+def _all_reduce_rank(rank: int, size: int, port: int, hidden: int, calls: int, batch_sizes, out: str):
+    import datetime as dt
+
+    import torch.distributed as dist
+
+    from minivllm.distributed.peer_all_reduce import PeerAllReduce, unavailable_reason
+
+    torch.cuda.set_device(rank)
+    store = dist.TCPStore("127.0.0.1", port, size, is_master=rank == 0, timeout=dt.timedelta(minutes=5))
+    dist.init_process_group("nccl", store=store, rank=rank, world_size=size)
+    methods = {"nccl": dist.all_reduce}
+    peer_reason = unavailable_reason(size, torch.device("cuda"))
+    if peer_reason is None:
+        methods["peer"] = PeerAllReduce(dist.group.WORLD, torch.device("cuda", rank), torch.bfloat16)
+    rows = []
+    for batch, (method, fn) in itertools.product(batch_sizes, methods.items()):
+        x = torch.ones(batch, hidden, dtype=torch.bfloat16, device="cuda")
+        if method == "peer" and not fn.fits(x):
+            continue
+        summed = fn(x.clone()) if method == "peer" else x.clone()
+        if method == "nccl":
+            fn(summed)
+        eager = _median_cuda_s(lambda fn=fn, x=x: fn(x), repeats=100)
+        graph = torch.cuda.CUDAGraph()  # `calls` all-reduces in one graph, as a decode graph has
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn(x)
+        graphed = _median_cuda_s(graph.replay, repeats=20) / calls
+        rows.append({"method": method, "batch_size": batch, "hidden": hidden, "num_gpus": size,
+                     "bytes": x.numel() * x.element_size(), "correct": bool((summed == size).all()),
+                     "eager_s": eager, "graphed_s": graphed, "calls_per_step": calls,
+                     "graphed_per_step_s": graphed * calls, "peer_unavailable": peer_reason})
+    if rank == 0:
+        Path(out).write_text(json.dumps(rows))
+    dist.destroy_process_group()
+
+
+def _median_cuda_s(fn, repeats: int) -> float:
+    """Median seconds of `fn` by CUDA events, after a warm-up: a fixed count of calls, as every
+    rank must make the same collective calls (an adaptive timer could pick different counts)."""
+    for _ in range(10):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
 def measure(model_dir: Path, dtype: str, args, device: torch.device, record: dict, out: Path) -> None:
     """One engine (this process's variant), every batch size: rows into `record`."""
     from minivllm import LLM
@@ -211,6 +289,12 @@ def measure(model_dir: Path, dtype: str, args, device: torch.device, record: dic
         max_num_batched_tokens=max(8192, max_batch), block_size=BLOCK_SIZE,
         num_kv_blocks=max_batch * -(-max_model_len // BLOCK_SIZE) + 16, enable_prefix_caching=False,
         tensor_parallel_size=args.tensor_parallel_size, **variant.engine)
+    tp = engine_args["tensor_parallel_size"]
+    if tp > 1 and device.type == "cuda":
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        calls = 2 * config["num_hidden_layers"] + 1  # two per layer, one for the embedding
+        record["all_reduce"] = time_all_reduce(tp, config["hidden_size"], calls, args.batch_sizes)
+        print(format_table(record["all_reduce"], ALL_REDUCE_COLUMNS), flush=True)
     llm = LLM(str(model_dir), **engine_args)
     runner = runner_of(llm)
     weights = weight_bytes(runner.model)  # this rank's shard
@@ -224,7 +308,7 @@ def measure(model_dir: Path, dtype: str, args, device: torch.device, record: dic
         row = {"variant": variant.name, **roofline_row(measured, batch, weights, kv_per_token, copy_bw),
                "context": args.context, "cuda_graphs": runner.graphs is not None,
                "async_scheduling": llm.engine.overlap, "kv_cache_dtype": str(llm.engine.kv_cache_dtype),
-               "tensor_parallel_size": engine_args["tensor_parallel_size"]}
+               "tensor_parallel_size": tp}
         row["graph_warning"] = graph_warning(runner, row, args.steps) if row["cuda_graphs"] else None
         print(format_table([row], COLUMNS).splitlines()[-1], flush=True)
         if row["graph_warning"]:
@@ -245,6 +329,13 @@ COLUMNS = [
     ("tok/s", "decode_tokens_per_s", ",.0f"), ("replayed", "graph_fraction", ".0%"),
     ("kernels/step", "kernels_per_step", ".0f"), ("launches/step", "kernel_launches_per_step", ".0f"),
     ("host ms", lambda r: 1e3 * r["host_time_s"], ".3f"), ("wait ms", lambda r: 1e3 * r["wait_time_s"], ".3f"),
+]
+
+
+ALL_REDUCE_COLUMNS = [
+    ("all-reduce", "method", ""), ("batch", "batch_size", "d"), ("bytes", "bytes", ",d"),
+    ("eager us", lambda r: 1e6 * r["eager_s"], ".1f"), ("graphed us", lambda r: 1e6 * r["graphed_s"], ".1f"),
+    ("per step ms", lambda r: 1e3 * r["graphed_per_step_s"], ".3f"), ("correct", "correct", ""),
 ]
 
 
@@ -287,6 +378,8 @@ def main(argv=None) -> dict:
     write_json(out, record)
     measured = [r for r in record["results"] if "error" not in r]
     print(f"\nwrote {out}\n{format_table(measured, COLUMNS)}")
+    if record.get("all_reduce"):
+        print(format_table(record["all_reduce"], ALL_REDUCE_COLUMNS))
     for row in record["results"]:
         if row.get("graph_warning") or row.get("error"):
             print(row.get("graph_warning") or f"variant {row['variant']}: {row['error']}")
