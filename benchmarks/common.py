@@ -430,22 +430,23 @@ def run_variants(script: Path, argv: list[str], args, record: dict, out: Path) -
     extra = [] if args.model is not None else ["--model-cache", str(args.model_cache)]
     for variant in parse_variants(args.variants):
         record["variants"].append(dataclasses.asdict(variant))
-        with tempfile.TemporaryDirectory(prefix="minivllm-variant-") as tmp:
-            child_out = Path(tmp) / "child.json"
-            command = [sys.executable, str(script), *argv, *extra, "--child-variant", variant.name,
-                       "--out", str(child_out)]
-            print(f"\n=== variant {variant.name}: {variant.env or ''} {variant.engine or ''} "
-                  f"{variant.sampling or ''}", flush=True)
-            done = subprocess.run(command, env={**os.environ, **variant.env}, cwd=ROOT, check=False)
-            if done.returncode == 0 and child_out.is_file():
-                child = json.loads(child_out.read_text())
-                record["results"] += child["results"]
-                for key, value in child.items():  # measured context, e.g. the copy bandwidth
-                    if key not in record or record[key] in (None, [], {}):
-                        record[key] = value
-            else:
-                record["results"].append({"variant": variant.name,
-                                          "error": f"child exited with {done.returncode}"})
+        # The child writes beside `out` (its side files too, e.g. profiles); its rows move here.
+        child_out = Path(out).with_name(f"{Path(out).stem}_{variant.name}.json")
+        command = [sys.executable, str(script), *argv, *extra, "--child-variant", variant.name,
+                   "--out", str(child_out)]
+        print(f"\n=== variant {variant.name}: {variant.env or ''} {variant.engine or ''} "
+              f"{variant.sampling or ''}", flush=True)
+        done = subprocess.run(command, env={**os.environ, **variant.env}, cwd=ROOT, check=False)
+        if done.returncode == 0 and child_out.is_file():
+            child = json.loads(child_out.read_text())
+            record["results"] += child["results"]
+            for key, value in child.items():  # measured context, e.g. the copy bandwidth
+                if key not in record or record[key] in (None, [], {}):
+                    record[key] = value
+        else:
+            record["results"].append({"variant": variant.name,
+                                      "error": f"child exited with {done.returncode}"})
+        child_out.unlink(missing_ok=True)
         write_json(out, record)
 
 

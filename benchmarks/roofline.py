@@ -25,7 +25,7 @@ synchronized before and after, so the window holds exactly those steps' kernels:
     graph_launches_per_step  host calls that replay a graph (cudaGraphLaunch)
 
 so eager steps show kernels = launches, graphed ones a few launches for hundreds of kernels. On the
-CPU there are no kernels (None). The profiler's top ops go to <json stem>_profile_b<B>.txt.
+CPU there are no kernels (None). The profiler's top ops go to <json stem>[_<variant>]_profile_b<B>.txt.
 
 **Tensor parallelism** (`-tp N`, or a variant `tensor_parallel_size=N`): on N GPUs the all-reduce
 is also timed alone before the engine starts (`all_reduce` in the JSON), [B, hidden] bf16 per batch
@@ -91,7 +91,7 @@ def roofline_row(measured: dict, batch: int, weights: int, kv_per_token: int,
 # Timing the decode steps
 # ------------------------------------------------------------------------------------------
 def time_decode_steps(llm, batch: int, context: int, steps: int, seed: int,
-                      profile: tuple[int, Path] | None = None) -> dict:
+                      profile: tuple[int, Path] | None = None, sampling: dict | None = None) -> dict:
     """Prefill `batch` prompts of `context` tokens, then time `steps` all-decode engine steps;
     `profile` = (steps, file): then profile that many more (module docstring)."""
     from minivllm import SamplingParams
@@ -101,7 +101,8 @@ def time_decode_steps(llm, batch: int, context: int, steps: int, seed: int,
     # Sequences prefilled early decode while the others still prefill: give them all the room
     # the model length allows, and abort them once measured.
     room = engine.config.scheduler_config.max_model_len - context
-    ids = engine.add_requests(prompts, SamplingParams(temperature=0.0, max_tokens=room, ignore_eos=True))
+    params = SamplingParams(**{"temperature": 0.0, "max_tokens": room, "ignore_eos": True, **(sampling or {})})
+    ids = engine.add_requests(prompts, params)
     history = engine.stats.history
     for _ in range(100 * batch + 1000):  # prefill, chunked, until one step decodes the whole batch
         if history and history[-1].num_prefill_seqs == 0 and history[-1].num_decode_seqs == batch:
@@ -284,11 +285,11 @@ def measure(model_dir: Path, dtype: str, args, device: torch.device, record: dic
     print(f"copy bandwidth (read + write): {copy_bw / 1e9:.1f} GB/s", flush=True)
     max_batch = max(args.batch_sizes)
     max_model_len = args.context + args.steps + args.profile_steps + 128
-    engine_args = dict(
+    engine_args = {**dict(
         dtype=dtype, device=device.type, max_num_seqs=max_batch, max_model_len=max_model_len,
         max_num_batched_tokens=max(8192, max_batch), block_size=BLOCK_SIZE,
         num_kv_blocks=max_batch * -(-max_model_len // BLOCK_SIZE) + 16, enable_prefix_caching=False,
-        tensor_parallel_size=args.tensor_parallel_size, **variant.engine)
+        tensor_parallel_size=args.tensor_parallel_size), **variant.engine}
     tp = engine_args["tensor_parallel_size"]
     if tp > 1 and device.type == "cuda":
         config = json.loads((Path(model_dir) / "config.json").read_text())
@@ -303,8 +304,9 @@ def measure(model_dir: Path, dtype: str, args, device: torch.device, record: dic
     for batch in args.batch_sizes:
         profile = None
         if batch in args.profile_batches:
-            profile = (args.profile_steps, out.with_name(f"{out.stem}_{variant.name}_profile_b{batch}.txt"))
-        measured = time_decode_steps(llm, batch, args.context, args.steps, args.seed + batch, profile)
+            profile = (args.profile_steps, out.with_name(f"{out.stem}_profile_b{batch}.txt"))
+        measured = time_decode_steps(llm, batch, args.context, args.steps, args.seed + batch, profile,
+                                     variant.sampling)
         row = {"variant": variant.name, **roofline_row(measured, batch, weights, kv_per_token, copy_bw),
                "context": args.context, "cuda_graphs": runner.graphs is not None,
                "async_scheduling": llm.engine.overlap, "kv_cache_dtype": str(llm.engine.kv_cache_dtype),
@@ -328,6 +330,7 @@ COLUMNS = [
     ("vs first", lambda r: next((v for k, v in r.items() if k.startswith("step_time_s_vs_")), None), ".3f"),
     ("tok/s", "decode_tokens_per_s", ",.0f"), ("replayed", "graph_fraction", ".0%"),
     ("kernels/step", "kernels_per_step", ".0f"), ("launches/step", "kernel_launches_per_step", ".0f"),
+    ("graphs/step", "graph_launches_per_step", ".1f"),
     ("host ms", lambda r: 1e3 * r["host_time_s"], ".3f"), ("wait ms", lambda r: 1e3 * r["wait_time_s"], ".3f"),
 ]
 
@@ -376,6 +379,8 @@ def main(argv=None) -> dict:
         measure(model_dir, dtype, args, device, record, out)
     ratio_to_first_variant(record["results"], lambda r: r["batch_size"], "step_time_s")
     write_json(out, record)
+    if args.child_variant is not None:
+        return record
     measured = [r for r in record["results"] if "error" not in r]
     print(f"\nwrote {out}\n{format_table(measured, COLUMNS)}")
     if record.get("all_reduce"):

@@ -103,13 +103,14 @@ def row(backend: str, prompts, out_tokens: int, wall: float, device, **extra) ->
 def make_llm(model_dir: Path, dtype: str, args, device, variant):
     from minivllm import LLM
 
-    return LLM(str(model_dir), dtype=dtype, device=device.type,
-               max_num_seqs=args.max_num_seqs,
-               max_num_batched_tokens=max(args.max_num_batched_tokens, args.max_num_seqs),
-               max_model_len=args.input_range[1] + args.output_range[1],
-               gpu_memory_utilization=args.gpu_memory_utilization,
-               enable_prefix_caching=False,  # random prompts share nothing; re-runs must not hit
-               tensor_parallel_size=args.tensor_parallel_size, **variant.engine)
+    engine_args = dict(
+        dtype=dtype, device=device.type, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=max(args.max_num_batched_tokens, args.max_num_seqs),
+        max_model_len=args.input_range[1] + args.output_range[1],
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enable_prefix_caching=False,  # random prompts share nothing; re-runs must not hit
+        tensor_parallel_size=args.tensor_parallel_size)
+    return LLM(str(model_dir), **{**engine_args, **variant.engine})
 
 
 def run_minivllm(llm, prompts, out_lens, device, sampling: dict) -> dict:
@@ -120,7 +121,7 @@ def run_minivllm(llm, prompts, out_lens, device, sampling: dict) -> dict:
     from minivllm.observe import kv_cache_stats
 
     engine = llm.engine
-    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, **sampling)
+    params = [SamplingParams(**{"temperature": 0.0, "max_tokens": n, "ignore_eos": True, **sampling})
               for n in out_lens]
     before = engine.stats.step_stats()
     release_memory(device)

@@ -35,7 +35,7 @@ def test_decode_steps_against_the_roofline_with_a_profile(tmp_path, model_cache,
     # The profiled batch: no CUDA kernels on a CPU (None, not 0), the top ops next to the JSON.
     assert two["kernels_per_step"] is None and two["profiled_steps"] == 2
     assert two["kernel_launches_per_step"] == 0 and two["graph_launches_per_step"] == 0
-    assert "self CPU time" in (tmp_path / "roof_base_profile_b2.txt").read_text()
+    assert "self CPU time" in (tmp_path / "roof_profile_b2.txt").read_text()
     printed = capsys.readouterr().out
     assert "step/roofline" in printed and "no GPU claim" in printed
 
