@@ -229,8 +229,9 @@ def run_hf_generate_batch(model, attn: str, prompts, out_lens, device, time_limi
                 results[result.request_id] = list(result.generated_tokens)
         sync(device)
         wall = time.perf_counter() - start
-        for rid in set(ids) - set(results):
-            manager.cancel_request(rid)
+        for rid in set(ids) - set(results):  # cut by the time limit
+            if hasattr(manager, "cancel_request"):
+                manager.cancel_request(rid)
     tokens = [results.get(rid) for rid in ids]
     record = row("hf_generate_batch", prompts, sum(len(t or []) for t in tokens), wall, device,
                  attn=attn, token_ids=tokens)
@@ -278,32 +279,34 @@ def measure(model_dir: Path, dtype: str, args, device, record: dict, out: Path) 
         del llm
         release_memory(device)
     first_tokens = {}  # (api, concurrency) -> the first attention's greedy tokens
-    for attn in args.hf_attn:
-        for api in (b for b in args.backends if b.startswith("hf_")):
+    for attn, api in ((a, b) for a in args.hf_attn for b in args.backends if b.startswith("hf_")):
+        try:
             name = hf_attn_names(attn, api)
             if name is None:
-                add({"backend": api, "attn": attn, "error": "this transformers cannot run a "
-                     "registered attention in continuous batching (docs/hf_backend.md)"})
-                continue
+                raise RuntimeError("this transformers runs no registered attention in continuous "
+                                   "batching (docs/hf_backend.md)")
             model = load_hf(model_dir, device, dtype, name)
-            for c in args.concurrency:
-                try:
-                    if api == "hf_generate":
-                        result = run_hf_generate(model, attn, prompts[:c], out_lens[:c],
-                                                 args.hf_batch_size or c, device)
-                    else:
-                        result = run_hf_generate_batch(model, attn, prompts[:c], out_lens[:c],
-                                                       device, args.hf_time_limit)
-                    tokens = result.pop("token_ids")
-                    first = first_tokens.setdefault((api, c), tokens)
-                    if first is not tokens and None not in tokens + first:
-                        result["agreement_with_first_attn"] = agreement(tokens, first)
-                    add(result)
-                except Exception as err:  # noqa: BLE001 - a baseline that cannot run is a result
-                    add({"backend": api, "attn": attn, "concurrency": c,
-                         "error": f"{type(err).__name__}: {err}"})
-            del model
-            release_memory(device)
+        except Exception as err:  # noqa: BLE001 - a baseline that cannot run is a result
+            add({"backend": api, "attn": attn, "error": f"{type(err).__name__}: {err}"})
+            continue
+        for c in args.concurrency:
+            try:
+                if api == "hf_generate":
+                    result = run_hf_generate(model, attn, prompts[:c], out_lens[:c],
+                                             args.hf_batch_size or c, device)
+                else:
+                    result = run_hf_generate_batch(model, attn, prompts[:c], out_lens[:c], device,
+                                                   args.hf_time_limit)
+            except Exception as err:  # noqa: BLE001 - as above
+                add({"backend": api, "attn": attn, "concurrency": c, "error": f"{type(err).__name__}: {err}"})
+                continue
+            tokens = result.pop("token_ids")
+            first = first_tokens.setdefault((api, c), tokens)
+            if first is not tokens and None not in tokens + first:
+                result["agreement_with_first_attn"] = agreement(tokens, first)
+            add(result)
+        del model
+        release_memory(device)
 
 
 def compare(results: list[dict]) -> list[dict]:
