@@ -5,11 +5,34 @@
     out.outputs[i]                                      # each of the n completions
     out.metrics.ttft, out.metrics.tpot, out.metrics.tokens_per_s
     print(out.metrics)                                  # (ttft 12.1 ms, tpot 3.4 ms, 210.5 tok/s)
+
+With `SamplingParams(logprobs=k)` each completion also has `logprobs`: one entry per token of
+`token_ids`, a dict {token id: Logprob} holding the token itself and the k most likely tokens
+(k or k + 1 entries). `prompt_logprobs=k` gives `out.prompt_logprobs` the same way, one entry per
+prompt token, the first None. What the numbers mean: docs/sampling.md.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+
+
+@dataclass(slots=True)
+class Logprob:
+    """One token's log-probability at one position.
+
+    rank: 1 for the most likely token, 2 for the next, ... (1 + the number of tokens strictly
+    more likely). decoded_token: the token alone as text (None without a tokenizer).
+    """
+
+    logprob: float
+    rank: int
+    decoded_token: str | None = None
+
+
+# One position: {token id: Logprob} for the chosen (or prompt) token and the top-k, the chosen
+# token first, then by rank.
+PositionLogprobs = dict[int, Logprob]
 
 
 @dataclass
@@ -21,6 +44,7 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str | None  # "stop", "length", "abort", or None while running
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    logprobs: list[PositionLogprobs] | None = None  # one per token_ids entry, if asked for
 
 
 def _ms(seconds: float | None) -> str:
@@ -75,6 +99,9 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics
+    # One per prompt token (the first None), if asked for; a streaming request gets them in
+    # its first delta after the prompt is computed, later deltas have None.
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
 
     # The first completion, for the common n = 1 case.
     @property

@@ -20,6 +20,11 @@ INT64_LIMIT = 2**63
 # Beyond these the penalty only says "never" or "always" for a seen token, and dividing a logit
 # by a penalty near 0 overflows float32 to inf, which turns the row's probabilities into NaN.
 REPETITION_PENALTY_RANGE = (0.01, 100.0)
+# How many most likely tokens a request may ask to see per position (OpenAI's and vLLM's limit).
+MAX_LOGPROBS = 20
+# OpenAI's range for a logit_bias value: -100 bans a token in practice, 100 all but forces it.
+LOGIT_BIAS_LIMIT = 100.0
+LOGPROBS_MODES = ("raw", "processed")
 
 
 def _is_number(value) -> bool:
@@ -55,13 +60,36 @@ class SamplingParams:
         the request (i < n) seeds its own torch.Generator with seed + i, so the seed must satisfy
         0 <= seed and seed + n - 1 < 2**64 (the generator's unsigned 64-bit range; torch would
         also take a negative seed and wrap it around, so -1 and 2**64 - 1 would be the same seed).
-    stop: strings that end the output when generated (not included unless
-        include_stop_str_in_output).
-    stop_token_ids: token ids that end the output (kept in the token ids); each must also be
-        below the model's vocabulary size, which is only known when the request is submitted.
-    max_tokens: most tokens to generate (None = up to the model's max length).
-    min_tokens: tokens to generate before EOS, stop_token_ids or stop strings may end the output.
-    ignore_eos: keep generating after the end-of-sequence token.
+    logit_bias: {token id: bias} added to those tokens' logits before anything else chooses
+        (OpenAI's field): each bias in [-100, 100], each id below the vocabulary size (checked
+        when the request is submitted). -100 bans a token in practice, +100 all but forces it.
+    logprobs: per generated token, return its log-probability, its rank, and the `logprobs`
+        most likely tokens with theirs (0..20; 0 = the chosen token's own only; None = off).
+    prompt_logprobs: the same for every prompt token after the first (the first has nothing
+        before it to be predicted from: its entry is None). Always the model's own distribution.
+        Such a request takes no prompt tokens from the prefix cache (no logits exist for them).
+    logprobs_mode: which distribution `logprobs` reports. "raw" (the default, as vLLM's): the
+        model's own, log_softmax of the logits as the model gave them. "processed": the one the
+        token was actually drawn from, after penalties, logit_bias, the min_tokens bans,
+        temperature and top-k/top-p/min-p (tokens those filters drop have -inf); a greedy row
+        reports the distribution its argmax was taken of (no temperature, no filters).
+
+    How an output ends (the first rule that fires decides; see engine/stopping.py):
+
+    stop: strings that end the output when generated. The text is cut before the stop string
+        (kept with include_stop_str_in_output); token_ids still hold every token generated.
+    stop_token_ids: token ids that end the output; the stop token is kept in token_ids, and in
+        the text unless it is a special token and skip_special_tokens. Each id must be below the
+        model's vocabulary size, which is only known when the request is submitted.
+        The model's EOS ends the output the same way (finish_reason "stop") unless ignore_eos;
+        EOS is checked before stop_token_ids, then stop strings, then the length limits.
+    max_tokens: most tokens to generate (None = up to the model's max length); finish_reason
+        "length". 0 generates nothing and only scores the prompt: it needs prompt_logprobs
+        (the answer is the prompt's log-probabilities) and n = 1.
+    min_tokens: until this many tokens are out, EOS and stop_token_ids cannot be drawn (the
+        sampler bans them) and stop strings do not end the output; only max_tokens /
+        max_model_len can.
+    ignore_eos: keep generating after the end-of-sequence token (stop_token_ids still stop).
     skip_special_tokens: leave special tokens out of the text.
 
     Floats must be finite, and stay finite as float32 (the sampler's dtype): a temperature of 1e39
@@ -84,6 +112,10 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    logprobs_mode: str = "raw"
     # Filled in by __post_init__ from `stop`: always a list, possibly empty.
     stop_strings: list[str] = field(init=False, repr=False)
 
@@ -113,8 +145,8 @@ class SamplingParams:
             if not _is_number(value) or not -2 <= value <= 2:
                 raise ValueError(f"{name} must be in [-2, 2], got {value!r}")
         self._check_seed()
-        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
-            raise ValueError(f"max_tokens must be an int >= 1 or None, got {self.max_tokens!r}")
+        self._check_logprobs()
+        self._check_max_tokens()
         if not _is_int(self.min_tokens) or self.min_tokens < 0:
             raise ValueError(f"min_tokens must be an int >= 0, got {self.min_tokens!r}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
@@ -126,6 +158,27 @@ class SamplingParams:
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        self.logit_bias = self._normalize_logit_bias(self.logit_bias)
+
+    def _check_max_tokens(self) -> None:
+        if self.max_tokens is None:
+            return
+        if not _is_int(self.max_tokens) or self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be an int >= 1 or None, got {self.max_tokens!r}")
+        if self.max_tokens == 0 and (self.prompt_logprobs is None or self.n != 1):
+            raise ValueError(
+                "max_tokens must be >= 1 unless the request only scores its prompt (max_tokens=0 needs "
+                f"prompt_logprobs and n=1), got max_tokens=0 with prompt_logprobs={self.prompt_logprobs!r}, "
+                f"n={self.n}"
+            )
+
+    def _check_logprobs(self) -> None:
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be an int in [0, {MAX_LOGPROBS}] or None, got {value!r}")
+        if self.logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {self.logprobs_mode!r}")
 
     def _check_seed(self) -> None:
         """Every sample's generator seed, seed + i for i < n, must fit the 64-bit range."""
@@ -162,6 +215,19 @@ class SamplingParams:
             raise ValueError(f"stop_token_ids must be a list of ints >= 0, got {ids!r}")
         return list(ids)
 
+    @staticmethod
+    def _normalize_logit_bias(bias) -> dict[int, float] | None:
+        if bias is None:
+            return None
+        if not isinstance(bias, dict):
+            raise ValueError(f"logit_bias must be a dict {{token id: bias}}, got {type(bias).__name__}")
+        for token_id, value in bias.items():
+            if not _is_int(token_id) or token_id < 0:
+                raise ValueError(f"logit_bias keys must be token ids (ints >= 0), got {token_id!r}")
+            if not _is_number(value) or not -LOGIT_BIAS_LIMIT <= value <= LOGIT_BIAS_LIMIT:
+                raise ValueError(f"logit_bias[{token_id}] must be a number in [-100, 100], got {value!r}")
+        return {token_id: float(value) for token_id, value in bias.items()} or None
+
     # ------------------------------------------------------------------------------------------
     # What the sampler needs to know, in words.
     # ------------------------------------------------------------------------------------------
@@ -180,6 +246,11 @@ class SamplingParams:
     @property
     def has_top_k(self) -> bool:
         return self.top_k > 0
+
+    @property
+    def scores_prompt_only(self) -> bool:
+        """max_tokens=0: the request computes its prompt (for prompt_logprobs) and samples nothing."""
+        return self.max_tokens == 0
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> SamplingParams:

@@ -23,6 +23,19 @@ from minivllm.sampling_params import SamplingParams
 
 
 @dataclass(slots=True)
+class PromptLogprobRows:
+    """Prompt positions of a scheduled chunk whose logits score the prompt token after them.
+
+    Positions start, start + 1, ... score target_ids[0], target_ids[1], ... (the prompt tokens at
+    start + 1, ...), with the num_logprobs most likely tokens beside each.
+    """
+
+    start: int
+    target_ids: list[int]
+    num_logprobs: int
+
+
+@dataclass(slots=True)
 class ScheduledSeq:
     """One sequence's share of a step.
 
@@ -41,6 +54,7 @@ class ScheduledSeq:
     block_table: list[int]
     num_samples: int
     is_decode: bool = False  # computes one output token (else prompt tokens, or a recompute)
+    prompt_logprobs: PromptLogprobRows | None = None  # only for requests that asked for them
 
     @property
     def num_new_tokens(self) -> int:
@@ -62,6 +76,31 @@ class SampleRow:
     banned_token_ids: tuple[int, ...] = ()
     prompt_token_ids: list[int] = field(default_factory=list)
     output_token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class TokenLogprobs:
+    """What the runner returns for one scored position: the token there, its log-probability and
+    rank (1 = most likely), and the most likely tokens with theirs, best first. Ids only: the
+    engine adds the text."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
+@dataclass
+class StepLogprobs:
+    """The log-probabilities a step computed, for the rows and chunks that asked.
+
+    sampled: sample row index (in `SchedulerOutput.sample_rows`) -> its sampled token's.
+    prompt: seq id -> one record per position of its chunk's `PromptLogprobRows`, in order.
+    """
+
+    sampled: dict[int, TokenLogprobs] = field(default_factory=dict)
+    prompt: dict[int, list[TokenLogprobs]] = field(default_factory=dict)
 
 
 @dataclass

@@ -67,7 +67,7 @@ def main() -> None:
         hidden = model_runner.model(batch.input_ids, batch.positions, meta)  # writes K/V, attends
         logits = model_runner.model.compute_logits(hidden[batch.logits_indices])
         seqs = plan.sampled
-        tokens = model_runner.sampler.sample(logits, plan.output.sample_rows).tolist()
+        tokens = model_runner.sampler.sample(logits, plan.output.sample_rows).tokens.tolist()
     print(f"hidden states {tuple(hidden.shape)}: one row per new token ({batch.num_tokens})")
     print(f"logits {tuple(logits.shape)}: only {len(seqs)} rows go through the LM head, not {batch.num_tokens}")
     print(f"greedy sampling = argmax per row: {logits.argmax(-1).tolist()} -> sampled {tokens}")

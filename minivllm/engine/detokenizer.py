@@ -28,6 +28,15 @@ class Detokenizer:
         self.tokenizer = tokenizer
         # The Rust tokenizer behind a transformers "fast" tokenizer; DecodeStream steps through it.
         self._backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._token_texts: dict[int, str] = {}  # token id -> its text alone (log-probabilities)
+
+    def token_text(self, token_id: int) -> str:
+        """One token decoded alone, special tokens included; each id is decoded once, then
+        remembered (a vocabulary is finite, and log-probabilities name the same tokens often)."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
+        return text
 
     def update(self, seq: Sequence) -> str:
         """Decode the output tokens of `seq` not decoded yet; append and return the new text."""

@@ -199,9 +199,10 @@ class LLMEngine:
             raise ValueError(f"request_id {request_id!r} is already in use")
         if params.stop_strings and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer, and this model directory has none")
-        outside = [t for t in params.stop_token_ids if t >= self.vocab_size]
-        if outside:
-            raise ValueError(f"stop_token_ids holds {outside[0]}, outside the vocabulary [0, {self.vocab_size})")
+        for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias or ())):
+            outside = [t for t in ids if t >= self.vocab_size]
+            if outside:
+                raise ValueError(f"{name} holds {outside[0]}, outside the vocabulary [0, {self.vocab_size})")
         text, token_ids = self._tokenize(prompt)
         self.scheduler.check_request(len(token_ids), params)
         return Request(request_id, text, token_ids, params, self.eos_token_ids, stream)
@@ -293,7 +294,7 @@ class LLMEngine:
         waited = time.perf_counter()
         token_ids = inflight.tokens.wait()
         arrived = time.perf_counter()
-        finished = self.scheduler.update(inflight.step, token_ids)
+        finished = self.scheduler.update(inflight.step, token_ids, inflight.tokens.logprobs())
         outputs = self._retire(finished) + self._stream_outputs(inflight.step)
         record = inflight.record
         if record is not None:
@@ -365,9 +366,9 @@ class LLMEngine:
             self._finished[request_id] = request
             if len(self._finished) > self._max_retained:
                 self._finished.popitem(last=False)
-            output = request.to_output(self._text_of)
+            output = request.to_output(self._text_of, self._token_text)
             self.stats.add_request(output)
-            outputs.append(request.delta_output(self._text_of) if request.stream else output)
+            outputs.append(request.delta_output(self._text_of, self._token_text) if request.stream else output)
         return outputs
 
     def _stream_outputs(self, step: ScheduledStep) -> list[RequestOutput]:
@@ -376,13 +377,17 @@ class LLMEngine:
         for request_id in dict.fromkeys(s.request_id for s in step.sampled):
             request = self._unfinished.get(request_id)
             if request is not None and request.stream:
-                delta = request.delta_output(self._stream_text)
+                delta = request.delta_output(self._stream_text, self._token_text)
                 if delta is not None:
                     outputs.append(delta)
         return outputs
 
     def _decode(self, seq: Sequence) -> str:
         return self.detokenizer.decode(seq) if self.detokenizer is not None else ""
+
+    def _token_text(self, token_id: int) -> str | None:
+        """One token alone as text, for log-probability entries (None without a tokenizer)."""
+        return self.detokenizer.token_text(token_id) if self.detokenizer is not None else None
 
     def _text_of(self, seq: Sequence) -> str:
         """Final text of a finished sequence, the current decode of a running one."""
@@ -414,7 +419,7 @@ class LLMEngine:
         request = self._unfinished.get(request_id) or self._finished.get(request_id)
         if request is None:
             raise KeyError(f"unknown request id {request_id!r} (never added, or no longer retained)")
-        return request.to_output(self._text_of)
+        return request.to_output(self._text_of, self._token_text)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._unfinished)

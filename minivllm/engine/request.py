@@ -5,6 +5,9 @@ computed once) and gains the others when that sequence forks, just before its fi
 
 A *streaming* request is reported after every step that gave it tokens, as a delta: only the
 tokens and text added since its last report (`delta_output`); the others once, when finished.
+
+Log-probabilities arrive from the runner as ids and numbers (`TokenLogprobs`); they become the
+user's {token id: Logprob} entries, with each token's text, only when an output is made.
 """
 
 from __future__ import annotations
@@ -12,8 +15,28 @@ from __future__ import annotations
 from typing import Callable
 
 from minivllm.engine.sequence import Sequence
-from minivllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from minivllm.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
 from minivllm.sampling_params import SamplingParams
+from minivllm.step import TokenLogprobs
+
+TokenText = Callable[[int], "str | None"]
+
+
+def _no_text(token_id: int) -> None:
+    return None
+
+
+def position_logprobs(entry: TokenLogprobs, token_text: TokenText) -> PositionLogprobs:
+    """{token id: Logprob}: the position's own token first, then the top-k by rank."""
+    out = {entry.token_id: Logprob(entry.logprob, entry.rank, token_text(entry.token_id))}
+    for rank, (token_id, logprob) in enumerate(zip(entry.top_ids, entry.top_logprobs), start=1):
+        if token_id not in out:
+            out[token_id] = Logprob(logprob, rank, token_text(token_id))
+    return out
+
+
+def logprobs_list(entries, token_text: TokenText) -> list:
+    return [None if e is None else position_logprobs(e, token_text) for e in entries]
 
 
 class Request:
@@ -29,6 +52,7 @@ class Request:
         ]
         # seq id -> (tokens, characters) reported so far; None once its finish was reported.
         self._sent: dict[int, tuple[int, int] | None] = {}
+        self._sent_prompt_logprobs = False
 
     @property
     def is_finished(self) -> bool:
@@ -45,14 +69,23 @@ class Request:
             self.seqs.append(child)
         parent.num_pending_forks = 0
 
-    def to_output(self, text_of: Callable[[Sequence], str]) -> RequestOutput:
-        """The user-facing snapshot; `text_of(seq)` gives a sequence's text."""
+    def to_output(self, text_of: Callable[[Sequence], str], token_text: TokenText = _no_text) -> RequestOutput:
+        """The user-facing snapshot; `text_of(seq)` gives a sequence's text, `token_text(id)` a
+        token's own text (for log-probabilities)."""
         seqs = sorted(self.seqs, key=lambda s: s.index)
-        completions = [CompletionOutput(s.index, text_of(s), s.output_token_ids, s.finish_reason,
-                                        s.stop_reason) for s in seqs]
-        return self._output(completions)
+        completions = [CompletionOutput(s.index, text_of(s), s.output_token_ids, s.finish_reason, s.stop_reason,
+                                        _logprobs(s, 0, token_text)) for s in seqs]
+        return self._output(completions, self._prompt_logprobs(token_text))
 
-    def delta_output(self, text_of: Callable[[Sequence], str]) -> RequestOutput | None:
+    def _prompt_logprobs(self, token_text: TokenText):
+        """The prompt's entries once every prompt token is scored (None before, or if not asked)."""
+        seq = self.seqs[0]
+        if seq.prompt_logprobs is None or seq.num_prompt_logprobs_owed:
+            return None
+        return logprobs_list(seq.prompt_logprobs, token_text)
+
+    def delta_output(self, text_of: Callable[[Sequence], str], token_text: TokenText = _no_text
+                     ) -> RequestOutput | None:
         """What is new since the last delta: per sequence, its new tokens and text, and its finish
         reason once it has one. None when nothing is new."""
         completions = []
@@ -65,12 +98,16 @@ class Request:
             if num_tokens == s.num_output_tokens and num_chars == len(text) and not s.is_finished:
                 continue
             completions.append(CompletionOutput(s.index, text[num_chars:], s.output_token_ids[num_tokens:],
-                                                s.finish_reason, s.stop_reason))
+                                                s.finish_reason, s.stop_reason, _logprobs(s, num_tokens, token_text)))
             # A finished sequence is reported once more, with its finish reason, then never again.
             self._sent[s.seq_id] = None if s.is_finished else (s.num_output_tokens, len(text))
-        return self._output(completions) if completions else None
+        prompt_logprobs = None
+        if completions and not self._sent_prompt_logprobs:
+            prompt_logprobs = self._prompt_logprobs(token_text)
+            self._sent_prompt_logprobs = prompt_logprobs is not None
+        return self._output(completions, prompt_logprobs) if completions else None
 
-    def _output(self, completions: list[CompletionOutput]) -> RequestOutput:
+    def _output(self, completions: list[CompletionOutput], prompt_logprobs=None) -> RequestOutput:
         return RequestOutput(
             request_id=self.request_id,
             prompt=self.prompt,
@@ -78,6 +115,7 @@ class Request:
             outputs=completions,
             finished=self.is_finished,
             metrics=self._metrics(self.seqs),
+            prompt_logprobs=prompt_logprobs,
         )
 
     def _metrics(self, seqs: list[Sequence]) -> RequestMetrics:
@@ -105,3 +143,10 @@ class Request:
             e2e_latency=e2e,
             tokens_per_s=num_output / e2e if e2e else None,
         )
+
+
+def _logprobs(seq: Sequence, start: int, token_text: TokenText):
+    """A sequence's output entries from token `start` on (None if it did not ask)."""
+    if seq.output_logprobs is None:
+        return None
+    return logprobs_list(seq.output_logprobs[start:], token_text)

@@ -21,6 +21,12 @@ One step, in order:
 
 3. **Parallel sampling**: a request with n > 1 forks its other samples when its prompt is done.
 
+**Prompt log-probabilities.** A request with `prompt_logprobs` needs the logits at its prompt
+positions: each chunk names the positions it must score (`PromptLogprobRows`), those not scored
+yet, so a recompute after a preemption scores nothing twice. Until every prompt token is scored,
+the request takes nothing from the prefix cache (a cached block has no logits). With
+`max_tokens=0` it samples nothing and finishes, "length", when its prompt is computed.
+
 `num_computed_tokens` advances here, when a step is *planned*: the GPU runs steps in order, so the
 next plan can already count on this one's K/V. A decode's new token may be *pending*, sampled by
 a step still on the GPU (overlap); a sequence whose pending token is bound to end it by length is
@@ -41,7 +47,7 @@ from minivllm.config import SchedulerConfig
 from minivllm.engine.block_manager import BlockManager
 from minivllm.engine.sequence import Sequence, SequenceStatus
 from minivllm.engine.stopping import StopChecker
-from minivllm.step import SampleRow, ScheduledSeq, SchedulerOutput
+from minivllm.step import PromptLogprobRows, SampleRow, ScheduledSeq, SchedulerOutput, StepLogprobs
 
 
 @dataclass
@@ -167,7 +173,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             i += 1
-            if self.stopping.ends_by_length(seq):
+            # Nothing to compute: its last token ends it by length, or it only scores its prompt
+            # and the prompt is all scheduled; either way it waits for its fold-in.
+            if self.stopping.ends_by_length(seq) or not seq.num_uncomputed_tokens:
                 continue
             num_new = self._num_new_tokens(seq.num_uncomputed_tokens, budget)
             seq_copies = self._allocate_or_preempt(seq, num_new, preemptions)
@@ -234,7 +242,8 @@ class Scheduler:
         """Admit the head of the queue if budgets and the pool allow: (num_new, copies, hits)."""
         if self.running_width + seq.width > self.config.max_num_seqs:
             return None
-        cached_blocks = self.block_manager.find_cached_prefix(seq)
+        # A cached block has K/V but no logits: prompt tokens still to score must be computed.
+        cached_blocks = [] if seq.num_prompt_logprobs_owed else self.block_manager.find_cached_prefix(seq)
         num_cached = len(cached_blocks) * self.block_manager.block_size
         uncomputed = seq.num_tokens - num_cached
         if self.config.enable_chunked_prefill:
@@ -268,7 +277,8 @@ class Scheduler:
             start = seq.num_computed_tokens
             pending = seq.num_pending_tokens > 0  # then this is a decode of that very token
             samples = []
-            if start + num_new == seq.num_tokens + seq.num_pending_tokens:
+            if (start + num_new == seq.num_tokens + seq.num_pending_tokens
+                    and not seq.sampling_params.scores_prompt_only):
                 children = self._fork(seq) if seq.num_pending_forks else []
                 step.forks += children
                 samples = [seq, *children]
@@ -281,7 +291,7 @@ class Scheduler:
                 step.num_prefill_tokens += num_new
             step.output.seqs.append(ScheduledSeq(
                 seq.seq_id, start, seq.token_ids[start:start + num_new - pending], pending,
-                seq.block_table, len(samples), is_decode))
+                seq.block_table, len(samples), is_decode, self._prompt_logprob_rows(seq, start, num_new)))
             step.seqs.append(seq)
             seq.num_computed_tokens = start + num_new
             for sampled in samples:
@@ -290,6 +300,18 @@ class Scheduler:
                 sampled.num_computed_tokens = seq.num_computed_tokens
                 sampled.num_pending_tokens += 1
         return step
+
+    @staticmethod
+    def _prompt_logprob_rows(seq: Sequence, start: int, num_new: int) -> PromptLogprobRows | None:
+        """The positions of this chunk whose logits score a prompt token not scored yet: position
+        p scores prompt token p + 1, so p runs up to the second to last prompt token."""
+        if not seq.num_prompt_logprobs_owed:
+            return None
+        first = max(start, len(seq.prompt_logprobs) - 1)
+        end = min(start + num_new, seq.num_prompt_tokens - 1)
+        if first >= end:
+            return None
+        return PromptLogprobRows(first, seq.token_ids[first + 1:end + 1], seq.sampling_params.prompt_logprobs)
 
     def _sample_row(self, seq: Sequence) -> SampleRow:
         params = seq.sampling_params
@@ -312,8 +334,10 @@ class Scheduler:
     # ------------------------------------------------------------------------------------------
     # After the forward pass
     # ------------------------------------------------------------------------------------------
-    def update(self, step: ScheduledStep, sampled_token_ids: list[int]) -> list[Sequence]:
-        """Fold a step's sampled tokens back in; returns the sequences that finished.
+    def update(self, step: ScheduledStep, sampled_token_ids: list[int],
+               logprobs: StepLogprobs | None = None) -> list[Sequence]:
+        """Fold a step's sampled tokens (and the log-probabilities it computed) back in; returns
+        the sequences that finished.
 
         sampled_token_ids: one token per `step.sampled` sequence, in that order. A sequence that
         finished (or was aborted) after the step was planned drops its token.
@@ -323,17 +347,31 @@ class Scheduler:
                 f"expected {len(step.sampled)} sampled tokens (one per sampled sequence), "
                 f"got {len(sampled_token_ids)}"
             )
-        for seq in step.seqs:
-            if not seq.is_finished:
-                self.block_manager.cache_full_blocks(seq)
-        now = time.perf_counter()
         finished = []
-        for seq, token_id in zip(step.sampled, sampled_token_ids):
+        for seq, scheduled in zip(step.seqs, step.output.seqs):
+            if seq.is_finished:
+                continue
+            self.block_manager.cache_full_blocks(seq)
+            if logprobs is not None and scheduled.prompt_logprobs is not None:
+                self._store_prompt_logprobs(seq, scheduled.prompt_logprobs.start, logprobs.prompt[seq.seq_id])
+            if seq.sampling_params.scores_prompt_only and scheduled.start + scheduled.num_new_tokens == seq.num_tokens:
+                self.finish_sequence(seq, SequenceStatus.FINISHED_LENGTH)
+                finished.append(seq)
+        now = time.perf_counter()
+        for row, (seq, token_id) in enumerate(zip(step.sampled, sampled_token_ids)):
             if seq.is_finished:
                 continue
             seq.append_token(int(token_id), now)
+            if seq.output_logprobs is not None:
+                seq.output_logprobs.append(logprobs.sampled[row])
             decision = self.stopping.check(seq)
             if decision is not None:
                 self.finish_sequence(seq, *decision)
                 finished.append(seq)
         return finished
+
+    @staticmethod
+    def _store_prompt_logprobs(seq: Sequence, start: int, entries) -> None:
+        """Entries for prompt tokens start + 1, ...; any already stored are not stored again."""
+        have = len(seq.prompt_logprobs)
+        seq.prompt_logprobs += entries[max(0, have - (start + 1)):]

@@ -31,6 +31,7 @@ import time
 from typing import Any
 
 from minivllm.sampling_params import SamplingParams
+from minivllm.step import TokenLogprobs
 
 
 class SequenceStatus(enum.Enum):
@@ -105,6 +106,12 @@ class Sequence:
         # Samples of this request not yet forked off this one (n - 1 until its prompt is done).
         self.num_pending_forks = sampling_params.n - 1 if index == 0 else 0
 
+        # --- log-probabilities, for requests that asked (else None) ---
+        # One per output token; one per prompt token scored so far, the first (unscored) None.
+        self.output_logprobs: list[TokenLogprobs] | None = [] if sampling_params.logprobs is not None else None
+        self.prompt_logprobs: list[TokenLogprobs | None] | None = (
+            [None] if sampling_params.prompt_logprobs is not None else None)
+
         # --- detokenized output (the engine's Detokenizer; None until it is needed) ---
         self.output_text = ""
         self.detokenizer = None
@@ -148,6 +155,13 @@ class Sequence:
     def num_generated_tokens(self) -> int:
         """Output tokens including a pending one: what max_tokens and min_tokens count."""
         return self.num_output_tokens + self.num_pending_tokens
+
+    @property
+    def num_prompt_logprobs_owed(self) -> int:
+        """Prompt tokens whose log-probability was asked for and has not arrived yet."""
+        if self.prompt_logprobs is None:
+            return 0
+        return self.num_prompt_tokens - len(self.prompt_logprobs)
 
     @property
     def width(self) -> int:
@@ -198,6 +212,10 @@ class Sequence:
         child.token_ids = list(self.token_ids)
         child.block_table = []
         child.block_hashes = list(self.block_hashes)
+        if self.output_logprobs is not None:
+            child.output_logprobs = list(self.output_logprobs)
+        # prompt_logprobs stays shared: one list for the request, still filling in if the
+        # prompt's last chunk is in flight.
         child.num_pending_forks = 0
         child.detokenizer = None
         return child

@@ -3,11 +3,16 @@
 Each row goes through the same pipeline, with its own request's settings:
 
 1. penalties    repetition (prompt + output tokens), presence and frequency (output tokens)
-2. bans         EOS and stop tokens are forbidden until `min_tokens` tokens were generated
-3. greedy rows  take the argmax here and skip the rest
-4. temperature  logits / T
-5. filters      top-k, top-p (nucleus), min-p: drop unlikely tokens (their logit becomes -inf)
-6. sample       one draw from softmax(logits)
+2. logit_bias   the request's {token id: bias} added to those logits
+3. bans         EOS and stop tokens are forbidden until `min_tokens` tokens were generated
+4. greedy rows  take the argmax here and skip the rest
+5. temperature  logits / T
+6. filters      top-k, top-p (nucleus), min-p: drop unlikely tokens (their logit becomes -inf)
+7. sample       one draw from softmax(logits)
+
+Then, for the rows that asked for `logprobs`, the log-probabilities of the chosen tokens and the
+top-k (layers/logprobs.py), of the raw logits (the model's own distribution) or of the processed
+ones (what step 7 drew from; for a greedy row, what step 4 took the argmax of).
 
 Drawing: instead of `torch.multinomial` we use the "exponential race": with E_i ~ Exp(1)
 independent, argmax_i p_i / E_i is distributed exactly like a draw from p. It needs exactly one
@@ -17,7 +22,8 @@ reproducible regardless of batch composition.
 
 `Sampler.sample(logits, rows)` is what the model runner calls each step: it takes the step's
 plain `SampleRow`s, keeps the seeded generators of live sequences between steps, and skips the
-pipeline altogether (one argmax) when every row is plain greedy.
+pipeline altogether (one argmax) when every row is plain greedy: a step in which no row asks
+for penalties, bans, a bias or log-probabilities does no more than that.
 """
 
 from __future__ import annotations
@@ -26,8 +32,21 @@ from dataclasses import dataclass
 
 import torch
 
+from minivllm.layers.logprobs import logprobs_payload
 from minivllm.sampling_params import SamplingParams
 from minivllm.step import SampleRow
+
+
+@dataclass
+class SamplerOutput:
+    """One step's draws, on the device.
+
+    logprobs: the payload (layers/logprobs.py) of the rows whose request set `logprobs`, in row
+    order; None when no row asked.
+    """
+
+    tokens: torch.Tensor  # [B] int64
+    logprobs: torch.Tensor | None = None
 
 
 @dataclass
@@ -52,6 +71,9 @@ class SamplingBatch:
     any_penalties: bool
     any_bans: bool
     any_filters: bool
+    # (rows, token ids, biases) of every logit_bias entry, flat; None when no row has one.
+    logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    any_processed_logprobs: bool = False  # some row reports the processed distribution
 
     @classmethod
     def build(
@@ -90,7 +112,21 @@ class SamplingBatch:
             any_penalties=any_penalties,
             any_bans=any(banned_token_ids),
             any_filters=any(p.has_top_k or p.top_p < 1.0 or p.min_p > 0.0 for p in params),
+            logit_bias=_pack_logit_bias(params, device),
+            any_processed_logprobs=any(p.logprobs is not None and p.logprobs_mode == "processed" for p in params),
         )
+
+
+def _pack_logit_bias(params: list[SamplingParams], device):
+    """Every row's logit_bias as three flat tensors (row, token id, bias), or None."""
+    entries = [(row, token_id, bias) for row, p in enumerate(params) if p.logit_bias
+               for token_id, bias in p.logit_bias.items()]
+    if not entries:
+        return None
+    rows, token_ids, biases = zip(*entries)
+    return (torch.tensor(rows, dtype=torch.int64, device=device),
+            torch.tensor(token_ids, dtype=torch.int64, device=device),
+            torch.tensor(biases, dtype=torch.float32, device=device))
 
 
 def _token_counts(rows: list[list[int]], vocab_size: int, device) -> torch.Tensor:
@@ -118,6 +154,12 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     logits = logits - batch.frequency_penalty[:, None] * output_counts
     logits = logits - batch.presence_penalty[:, None] * (output_counts > 0).float()
     return logits
+
+
+def apply_logit_bias(logits: torch.Tensor, bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Add each (row, token id, bias) entry to that logit, on a copy: one scatter for the step."""
+    rows, token_ids, biases = bias
+    return logits.index_put((rows, token_ids), biases, accumulate=True)
 
 
 def apply_bans(logits: torch.Tensor, banned_token_ids: list[list[int]]) -> torch.Tensor:
@@ -166,8 +208,10 @@ def _exponential_noise(shape, generators: list[torch.Generator | None], device) 
 
 
 def _plain_greedy(row: SampleRow) -> bool:
-    """Greedy, no penalties, nothing banned: the pipeline would reduce to an argmax."""
-    return row.params.is_greedy and not row.params.has_penalties and not row.banned_token_ids
+    """Greedy, no penalties, no bias, nothing banned: the pipeline would reduce to an argmax (and
+    the row's processed distribution is its raw one)."""
+    params = row.params
+    return params.is_greedy and not params.has_penalties and not row.banned_token_ids and not params.logit_bias
 
 
 class Sampler:
@@ -178,11 +222,34 @@ class Sampler:
         self.device = torch.device(device)
         self._generators: dict[int, torch.Generator] = {}  # seq id -> its seeded RNG
 
-    def sample(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
-        """One token per row of `logits` ([len(rows), V]), as a device tensor (no host sync)."""
+    def sample(self, logits: torch.Tensor, rows: list[SampleRow]) -> SamplerOutput:
+        """One token per row of `logits` ([len(rows), V]), and the log-probabilities of the rows
+        that asked, as device tensors (no host sync)."""
         if all(_plain_greedy(row) for row in rows):
-            return logits.argmax(dim=-1)
-        return self(logits, self.batch(rows))
+            tokens = logits.argmax(dim=-1)
+            return SamplerOutput(tokens, self.logprobs(rows, logits, None, tokens))
+        tokens, processed = self.run(logits, self.batch(rows))
+        return SamplerOutput(tokens, self.logprobs(rows, logits, processed, tokens))
+
+    def logprobs(self, rows: list[SampleRow], raw: torch.Tensor, processed: torch.Tensor | None,
+                 tokens: torch.Tensor) -> torch.Tensor | None:
+        """The payload of the rows that asked for logprobs, each from its own distribution:
+        `raw` (the logits as the model gave them) or `processed` (None: same as raw)."""
+        asked = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
+        if not asked:
+            return None
+        num_top = max(rows[i].params.logprobs for i in asked)
+        index = None if len(asked) == len(rows) else torch.tensor(asked, device=raw.device)
+
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            return t if index is None else t.index_select(0, index)
+
+        source = pick(raw)
+        wants_processed = [rows[i].params.logprobs_mode == "processed" for i in asked]
+        if processed is not None and any(wants_processed):
+            mask = torch.tensor(wants_processed, device=raw.device)
+            source = torch.where(mask[:, None], pick(processed), source)
+        return logprobs_payload(source, pick(tokens), num_top)
 
     def batch(self, rows: list[SampleRow]) -> SamplingBatch:
         """The step's rows as a SamplingBatch (settings as tensors, the seeded generators)."""
@@ -213,6 +280,12 @@ class Sampler:
             self._generators.pop(seq_id, None)
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """[B, V] logits -> [B] tokens."""
+        return self.run(logits, batch)[0]
+
+    def run(self, logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The pipeline: (tokens [B], the processed logits [B, V] each row's token came from, or
+        None when no row reports the processed distribution)."""
         if logits.dim() != 2:
             raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
         if logits.shape[0] != batch.temperature.shape[0]:
@@ -222,19 +295,24 @@ class Sampler:
         logits = logits.float()
         if batch.any_penalties:
             logits = apply_penalties(logits, batch)
+        if batch.logit_bias is not None:
+            logits = apply_logit_bias(logits, batch.logit_bias)
         if batch.any_bans:
             logits = apply_bans(logits, batch.banned_token_ids)
         greedy_tokens = logits.argmax(dim=-1)
         if batch.all_greedy:
-            return greedy_tokens
+            return greedy_tokens, logits if batch.any_processed_logprobs else None
 
         is_greedy = batch.temperature == 0
         # Greedy rows divide by 1 (their result is replaced by the argmax anyway).
         temperature = torch.where(is_greedy, torch.ones_like(batch.temperature), batch.temperature)
-        logits = logits / temperature[:, None]
+        scaled = logits / temperature[:, None]
         if batch.any_filters:
-            logits = apply_top_k_top_p_min_p(logits, batch.top_k, batch.top_p, batch.min_p)
-        probs = logits.softmax(dim=-1)
+            scaled = apply_top_k_top_p_min_p(scaled, batch.top_k, batch.top_p, batch.min_p)
+        probs = scaled.softmax(dim=-1)
         noise = _exponential_noise(probs.shape, batch.generators, probs.device)
         sampled_tokens = (probs / noise).argmax(dim=-1)
-        return torch.where(is_greedy, greedy_tokens, sampled_tokens)
+        tokens = torch.where(is_greedy, greedy_tokens, sampled_tokens)
+        if not batch.any_processed_logprobs:
+            return tokens, None
+        return tokens, torch.where(is_greedy[:, None], logits, scaled)

@@ -337,6 +337,9 @@ class _TensorParallelTokens:
     def wait(self) -> list[int]:
         return self._executor._wait(self._tokens, self._step)
 
+    def logprobs(self):
+        return self._tokens.logprobs()
+
 
 def _shutdown(fleet: _Fleet) -> None:
     """Ask every worker to stop, terminate the ones that do not within STOP_TIMEOUT_S (after a

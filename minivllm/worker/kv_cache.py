@@ -137,7 +137,8 @@ def _profile_forward(config, model, device, dtype, num_tokens: int, num_logit_ro
     hidden = model(torch.zeros(num_tokens, dtype=torch.int32, device=device), positions, meta)
     # The sampler's sorts and softmaxes over [rows, vocab] count too, with every option on.
     logits = model.compute_logits(hidden[:num_logit_rows])
-    params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, min_p=0.05, repetition_penalty=1.1)
+    params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, min_p=0.05, repetition_penalty=1.1,
+                            logit_bias={0: 1.0}, logprobs=20, logprobs_mode="processed")
     Sampler(model.config.vocab_size, device).sample(
         logits, [SampleRow(i, params, prompt_token_ids=[0]) for i in range(num_logit_rows)])
     scratch_bytes = sum(blocks_per_seq) * kv_bytes_per_block(model, block_size, cache_dtype(config, dtype))

@@ -6,9 +6,10 @@ It knows nothing about queues or policies. Given a plain `SchedulerOutput` (mini
 2. packs all scheduled sequences into one batch (`input_batch.py`),
 3. runs ONE forward pass for all of them — prefill chunks and decodes together,
 4. computes logits only at the rows that sample, and samples one token per row,
+5. for the rows and prompt chunks that asked, computes log-probabilities from the same logits,
 
 and returns at once: the tokens come back as `SampledTokens`, a handle whose `wait()` gives them
-when the GPU is done. Nothing in between waits for the GPU, so the engine can plan and launch
+when the GPU is done (and `logprobs()` the log-probabilities, which rode on the same copy). Nothing in between waits for the GPU, so the engine can plan and launch
 the next step while this one runs (overlap); the next step's decodes take their pending tokens
 from `last_sampled` on the device.
 
@@ -41,8 +42,9 @@ from minivllm.config import EngineConfig
 from minivllm.distributed import SINGLE, TensorParallel, barrier
 from minivllm.distributed.peer_all_reduce import attach_peer_all_reduce
 from minivllm.kernels import resolve_backend, warm_up
+from minivllm.layers.logprobs import decode_row, logprobs_payload, pad_payload
 from minivllm.layers.sampler import Sampler
-from minivllm.step import SchedulerOutput
+from minivllm.step import SchedulerOutput, StepLogprobs
 from minivllm.worker.block_table import BlockTables
 from minivllm.worker.cuda_graph import DecodeGraphs, GraphStep, graph_batch_sizes
 from minivllm.worker.input_batch import InputBatch, exact_layout, pack_step
@@ -68,19 +70,30 @@ class RunnerTimings:
     graph_miss: str | None = None
 
 
-class SampledTokens:
-    """The sampled tokens of a launched step, on their way to the host."""
+@dataclass
+class LogprobsLayout:
+    """Whose rows a step's logprobs payload holds, in order: first the sample rows that asked
+    (`sampled`: (sample row index, its k)), then each chunk's prompt positions (`prompt`:
+    (seq id, the prompt tokens scored, k))."""
 
-    def __init__(self, tokens: torch.Tensor, timings: RunnerTimings):
+    sampled: list[tuple[int, int]]
+    prompt: list[tuple[int, list[int], int]]
+
+
+class SampledTokens:
+    """The sampled tokens of a launched step (and its logprobs payload), on their way to the host."""
+
+    def __init__(self, tokens: torch.Tensor, timings: RunnerTimings, logprobs: torch.Tensor | None = None,
+                 layout: LogprobsLayout | None = None):
         self.timings = timings
         self._event = None
-        if tokens.is_cuda:  # an asynchronous copy into pinned memory, and an event to wait on
-            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            self._host.copy_(tokens, non_blocking=True)
+        self._layout = layout
+        self._host, self._host_logprobs = tokens, logprobs
+        if tokens.is_cuda:  # asynchronous copies into pinned memory, and one event to wait on
+            self._host = _to_pinned(tokens)
+            self._host_logprobs = None if logprobs is None else _to_pinned(logprobs)
             self._event = torch.cuda.Event()
             self._event.record()
-        else:
-            self._host = tokens
 
     def done(self) -> bool:
         """Whether the tokens are on the host already (`wait` would not block)."""
@@ -91,6 +104,26 @@ class SampledTokens:
         if self._event is not None:
             self._event.synchronize()
         return self._host.tolist()
+
+    def logprobs(self) -> StepLogprobs | None:
+        """After `wait`: the log-probabilities of the rows and chunks that asked (None: none did)."""
+        if self._host_logprobs is None:
+            return None
+        rows, tokens, layout = self._host_logprobs.tolist(), self._host.tolist(), self._layout
+        out = StepLogprobs()
+        for r, (sample_row, k) in enumerate(layout.sampled):
+            out.sampled[sample_row] = decode_row(rows[r], tokens[sample_row], k)
+        r = len(layout.sampled)
+        for seq_id, targets, k in layout.prompt:
+            out.prompt[seq_id] = [decode_row(rows[r + i], t, k) for i, t in enumerate(targets)]
+            r += len(targets)
+        return out
+
+
+def _to_pinned(tensor: torch.Tensor) -> torch.Tensor:
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    return host
 
 
 class ModelRunner:
@@ -188,10 +221,10 @@ class ModelRunner:
         else:
             hidden, batch = self.model(prepared.input_ids, prepared.positions, prepared.attn_metadata), prepared
         launched = time.perf_counter()
-        tokens = self._sample(output, hidden, batch.logits_indices)
+        tokens, logprobs, layout = self._sample(output, hidden, batch.logits_indices)
         timings.prepare, timings.forward = launch - start, launched - launch
         timings.sample = time.perf_counter() - launched
-        return SampledTokens(tokens, timings)
+        return SampledTokens(tokens, timings, logprobs, layout)
 
     def _prepare(self, output: SchedulerOutput, timings: RunnerTimings) -> GraphStep | InputBatch:
         """Pack the step into the graphs' static buffers when a graph fits, else eagerly; then
@@ -222,15 +255,49 @@ class ModelRunner:
         return prepared
 
     def _sample(self, output: SchedulerOutput, hidden: torch.Tensor, logits_indices: torch.Tensor):
-        """Logits at the sampled rows only, one token each; remembered for the next step."""
+        """Logits at the sampled rows only, one token each (remembered for the next step); and the
+        log-probabilities that were asked for: (tokens, logprobs payload or None, its layout)."""
         rows = output.sample_rows
+        sampled_logprobs = None
         if rows:  # else only partial prefill chunks this step: nothing to sample yet
             logits = self.model.compute_logits(hidden[logits_indices])
-            self.last_sampled = self.sampler.sample(logits, rows)
+            sampled = self.sampler.sample(logits, rows)
+            self.last_sampled, sampled_logprobs = sampled.tokens, sampled.logprobs
         else:
             self.last_sampled = torch.zeros(0, dtype=torch.int64, device=self.device)
         self._last_sampled_row = {row.seq_id: i for i, row in enumerate(rows)}
-        return self.last_sampled
+        layout = LogprobsLayout([(i, row.params.logprobs) for i, row in enumerate(rows)
+                                 if row.params.logprobs is not None], [])
+        payloads = [] if sampled_logprobs is None else [sampled_logprobs]
+        payloads += self._prompt_logprobs(output, hidden, layout)
+        if not payloads:
+            return self.last_sampled, None, None
+        width = max([k for _, k in layout.sampled] + [k for *_, k in layout.prompt])
+        return self.last_sampled, torch.cat([pad_payload(p, width) for p in payloads]), layout
+
+    def _prompt_logprobs(self, output: SchedulerOutput, hidden: torch.Tensor, layout: LogprobsLayout):
+        """Payloads of the prompt positions that chunks asked to score (none in most steps).
+
+        Their logits are computed `max_num_seqs` rows at a time: never more at once than the
+        sampled rows of a full step, which the start-up memory profile accounts for."""
+        rows, targets = [], []
+        offset = 0
+        for s in output.seqs:
+            asked = s.prompt_logprobs
+            if asked is not None:
+                first = offset + asked.start - s.start
+                rows += range(first, first + len(asked.target_ids))
+                targets += asked.target_ids
+                layout.prompt.append((s.seq_id, asked.target_ids, asked.num_logprobs))
+            offset += s.num_new_tokens
+        if not rows:
+            return []
+        num_top = max(k for *_, k in layout.prompt)
+        rows_t = torch.tensor(rows, device=self.device)
+        targets_t = torch.tensor(targets, device=self.device)
+        size = self.config.scheduler_config.max_num_seqs
+        return [logprobs_payload(self.model.compute_logits(hidden[rows_t[i:i + size]]), targets_t[i:i + size], num_top)
+                for i in range(0, len(rows), size)]
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate whole KV blocks (every layer) before anyone writes to them.
