@@ -119,21 +119,27 @@ class RequestStream:
 
 
 def coalesce(outputs: list[RequestOutput]) -> RequestOutput:
-    """Consecutive deltas of one request as one: per completion, the texts and token ids joined,
-    the finish reason of its last delta; the request's finished state and metrics of the last."""
+    """Consecutive deltas of one request as one: per completion, the texts, token ids and
+    log-probabilities joined, the finish reason of its last delta; the request's finished state
+    and metrics of the last, its prompt log-probabilities from whichever delta had them."""
     if len(outputs) == 1:
         return outputs[0]
     texts: dict[int, list[str]] = {}
     token_ids: dict[int, list[int]] = {}
+    logprobs: dict[int, list] = {}
     last: dict[int, CompletionOutput] = {}
     for output in outputs:
         for c in output.outputs:
             texts.setdefault(c.index, []).append(c.text)
             token_ids.setdefault(c.index, []).extend(c.token_ids)
+            if c.logprobs is not None:
+                logprobs.setdefault(c.index, []).extend(c.logprobs)
             last[c.index] = c
-    merged = [CompletionOutput(i, "".join(texts[i]), token_ids[i], last[i].finish_reason, last[i].stop_reason)
-              for i in sorted(last)]
-    return dataclasses.replace(outputs[-1], outputs=merged)
+    merged = [CompletionOutput(i, "".join(texts[i]), token_ids[i], last[i].finish_reason, last[i].stop_reason,
+                               logprobs.get(i)) for i in sorted(last)]
+    # Prompt log-probabilities come in one delta only.
+    prompt_logprobs = next((o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None), None)
+    return dataclasses.replace(outputs[-1], outputs=merged, prompt_logprobs=prompt_logprobs)
 
 
 class InProcessClient:

@@ -70,7 +70,7 @@ import torch
 
 from minivllm.config import EngineConfig
 from minivllm.engine.llm_engine import LLMEngine, Prompt
-from minivllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from minivllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from minivllm.sampling_params import SamplingParams
 
 STOP_TIMEOUT_S = 10.0  # how long a stopping engine process may take before it is killed
@@ -150,8 +150,9 @@ class EngineCore:
 
 def nothing_new(output: RequestOutput) -> RequestOutput:
     """A finished request's last report as a delta: its finish reasons, no new text or tokens."""
-    empty = [dataclasses.replace(c, text="", token_ids=[]) for c in output.outputs]
-    return dataclasses.replace(output, outputs=empty)
+    empty = [dataclasses.replace(c, text="", token_ids=[], logprobs=None if c.logprobs is None else [])
+             for c in output.outputs]
+    return dataclasses.replace(output, outputs=empty, prompt_logprobs=None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,8 +161,12 @@ def nothing_new(output: RequestOutput) -> RequestOutput:
 class OutputEncoder:
     """Engine side: a RequestOutput as plain tuples (see "Only what is new crosses" above)
 
-        (request_id, finished, [(index, text, token_ids, finish_reason, stop_reason), ...],
-         metrics as a tuple of its fields, (prompt, prompt_token_ids) on the first report or None)
+        (request_id, finished, [(index, text, token_ids, finish_reason, stop_reason, logprobs), ...],
+         metrics as a tuple of its fields, (prompt, prompt_token_ids) on the first report or None,
+         prompt_logprobs)
+
+    Log-probabilities travel as tuples too: one per position, ((token id, logprob, rank, text), ...),
+    or None where the position has none (the first prompt token), and None when not asked for.
     """
 
     def __init__(self):
@@ -175,8 +180,10 @@ class OutputEncoder:
             self._reported.add(request_id)
         if output.finished:
             self._reported.discard(request_id)
-        completions = [(c.index, c.text, c.token_ids, c.finish_reason, c.stop_reason) for c in output.outputs]
-        return request_id, output.finished, completions, tuple(vars(output.metrics).values()), prompt
+        completions = [(c.index, c.text, c.token_ids, c.finish_reason, c.stop_reason, _encode_logprobs(c.logprobs))
+                       for c in output.outputs]
+        return (request_id, output.finished, completions, tuple(vars(output.metrics).values()), prompt,
+                _encode_logprobs(output.prompt_logprobs))
 
 
 class OutputDecoder:
@@ -186,12 +193,27 @@ class OutputDecoder:
         self._prompts: dict[str, tuple[str | None, list[int]]] = {}  # unfinished requests' prompts
 
     def decode(self, wire: tuple) -> RequestOutput:
-        request_id, finished, completions, metrics, prompt = wire
+        request_id, finished, completions, metrics, prompt, prompt_logprobs = wire
         if prompt is not None:
             self._prompts[request_id] = prompt
         text, token_ids = (self._prompts.pop if finished else self._prompts.get)(request_id, (None, []))
-        return RequestOutput(request_id, text, token_ids, [CompletionOutput(*c) for c in completions], finished,
-                             RequestMetrics(*metrics))
+        outputs = [CompletionOutput(*c[:5], _decode_logprobs(c[5])) for c in completions]
+        return RequestOutput(request_id, text, token_ids, outputs, finished, RequestMetrics(*metrics),
+                             _decode_logprobs(prompt_logprobs))
+
+
+def _encode_logprobs(positions):
+    if positions is None:
+        return None
+    return [None if p is None else tuple((t, lp.logprob, lp.rank, lp.decoded_token) for t, lp in p.items())
+            for p in positions]
+
+
+def _decode_logprobs(positions):
+    if positions is None:
+        return None
+    return [None if p is None else {t: Logprob(logprob, rank, text) for t, logprob, rank, text in p}
+            for p in positions]
 
 
 # ----------------------------------------------------------------------------------------------

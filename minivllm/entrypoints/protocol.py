@@ -10,6 +10,11 @@ Besides OpenAI's fields, requests take vLLM's extra sampling fields (`top_k`, `m
 sends through `extra_body`. Fields of the OpenAI API that this server does not implement are
 refused by name (`UNSUPPORTED_FIELDS`) rather than silently ignored.
 
+Log-probabilities (`logprobs`, `echo` and `top_logprobs`) are the model's own distribution:
+log_softmax of its logits, before temperature, penalties, `logit_bias` and top-k/top-p; the
+extra field `logprobs_mode: "processed"` asks for the distribution each token was drawn from
+instead (docs/sampling.md). Their response shapes are built in logprobs.py.
+
 Responses are the shapes the `openai` client parses: a whole `CompletionResponse` /
 `ChatCompletionResponse`, or, when streaming, one `...StreamResponse` chunk per server-sent event.
 """
@@ -23,9 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 # OpenAI fields with a meaning this server does not implement: a request that sets one gets a 400
 # naming it, instead of an answer that quietly ignores what was asked.
-UNSUPPORTED_FIELDS = ("logprobs", "top_logprobs", "echo", "best_of", "suffix", "logit_bias", "tools",
-                      "tool_choice", "functions", "function_call", "response_format", "audio",
-                      "modalities", "prediction")
+UNSUPPORTED_FIELDS = ("best_of", "suffix", "tools", "tool_choice", "functions", "function_call",
+                      "response_format", "audio", "modalities", "prediction")
 
 
 class OpenAIBaseModel(BaseModel):
@@ -39,7 +43,21 @@ class StreamOptions(OpenAIBaseModel):
 
 
 class SamplingRequest(OpenAIBaseModel):
-    """Fields shared by completions and chat completions."""
+    """Fields shared by completions and chat completions.
+
+    How a choice ends (finish_reason), the first rule that fires deciding, after each token:
+
+    1. min_tokens: before that many tokens, EOS and stop_token_ids cannot even be drawn, and
+       stop strings do not end the choice;
+    2. the model's EOS token (unless ignore_eos), then a stop_token_ids token: "stop"; the token
+       is counted in completion_tokens, and its text is left out if it is a special token;
+    3. a stop string completed by the new text: "stop"; the text is cut before it (the stop
+       string is not included), even if it ends inside a token;
+    4. max_tokens (max_completion_tokens for chat), then the model's context: "length".
+
+    logit_bias: {token id: bias in [-100, 100]}, added to those logits before sampling (so a
+    bias changes what is drawn, not the raw logprobs reported); ids must be in the vocabulary.
+    """
 
     model: str | None = None  # None = the one model this server serves
     temperature: float | None = Field(None, ge=0)  # None = 1.0
@@ -58,6 +76,9 @@ class SamplingRequest(OpenAIBaseModel):
     min_tokens: int | None = Field(None, ge=0)
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None
+    logit_bias: dict[int, float] | None = None
+    # minivllm's extra: "processed" reports the distribution each token was drawn from instead.
+    logprobs_mode: Literal["raw", "processed"] | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -69,7 +90,12 @@ class CompletionRequest(SamplingRequest):
 
     # One prompt (text or token ids) or several (a list of texts or of token-id lists).
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+    # OpenAI's default for completions; 0 only with echo: the answer is the prompt, scored.
+    max_tokens: int | None = Field(16, ge=0)
+    # The log-probability of each token and of the `logprobs` most likely ones (0..20).
+    logprobs: int | None = Field(None, ge=0, le=20)
+    # Put the prompt before the completion, in the text and (with logprobs) in the logprobs.
+    echo: bool | None = False
 
 
 class TextPart(OpenAIBaseModel):
@@ -88,6 +114,8 @@ class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)  # None = up to the model's length
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer name; wins over max_tokens
+    logprobs: bool | None = False  # each generated token's log-probability ...
+    top_logprobs: int | None = Field(None, ge=0, le=20)  # ... and its top alternatives (needs logprobs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,10 +127,17 @@ class UsageInfo(OpenAIBaseModel):
     total_tokens: int = 0
 
 
+class CompletionLogprobs(OpenAIBaseModel):
+    text_offset: list[int]
+    token_logprobs: list[float | None]
+    tokens: list[str]
+    top_logprobs: list[dict[str, float] | None]
+
+
 class CompletionChoice(OpenAIBaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -115,6 +150,20 @@ class CompletionResponse(OpenAIBaseModel):
     usage: UsageInfo | None = None
 
 
+class ChatTopLogprob(OpenAIBaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob]
+
+
+class ChatLogprobs(OpenAIBaseModel):
+    content: list[ChatTokenLogprob] | None = None
+
+
 class AssistantMessage(OpenAIBaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -123,7 +172,7 @@ class AssistantMessage(OpenAIBaseModel):
 class ChatChoice(OpenAIBaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -144,7 +193,7 @@ class DeltaMessage(OpenAIBaseModel):
 class ChatStreamChoice(OpenAIBaseModel):
     index: int
     delta: DeltaMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 

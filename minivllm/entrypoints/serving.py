@@ -37,7 +37,8 @@ from minivllm.sampling_params import SamplingParams
 
 # Request fields -> SamplingParams fields of the same meaning (max_tokens is handled apart).
 _SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-                    "repetition_penalty", "seed", "stop", "stop_token_ids", "min_tokens", "ignore_eos")
+                    "repetition_penalty", "seed", "stop", "stop_token_ids", "min_tokens", "ignore_eos",
+                    "logit_bias", "logprobs_mode")
 
 
 class ClientGone(Exception):
@@ -49,8 +50,14 @@ class Choice:
 
     def __init__(self):
         self.text: list[str] = []
-        self.num_tokens = 0
+        self.token_ids: list[int] = []
+        self.logprobs: list | None = None  # one entry per token, if asked for
+        self.prompt_logprobs: list | None = None  # its prompt's, if asked for
         self.finish_reason: str | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
 
 
 class OpenAIServing:
@@ -64,6 +71,7 @@ class OpenAIServing:
         self.model_name = model_name
         self.max_model_len = engine.config.scheduler_config.max_model_len
         self.tokenizer = tokenizer
+        self._token_texts: dict[int, str] = {}
 
     # ------------------------------------------------------------------------------------------
     # 1-2. check and prepare
@@ -79,6 +87,15 @@ class OpenAIServing:
             if not harmless:
                 raise OpenAIError(f"{name} is not supported by this server", param=name)
 
+    def token_text(self, token_id: int) -> str:
+        """A token decoded alone (log-probabilities name tokens), each id decoded once. A model
+        without a tokenizer names it by id, as `token_id:123`."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = f"token_id:{token_id}" if self.tokenizer is None else self.tokenizer.decode([token_id])
+            self._token_texts[token_id] = text
+        return text
+
     def tokenize(self, text: str, param: str) -> list[int]:
         """A text prompt as the engine would tokenize it (so outputs equal LLM.generate's)."""
         if self.tokenizer is None:
@@ -86,10 +103,11 @@ class OpenAIServing:
                               "token ids, not text", param=param)
         return list(self.tokenizer(text).input_ids)
 
-    def sampling_params(self, request: SamplingRequest, max_tokens: int | None) -> SamplingParams:
+    def sampling_params(self, request: SamplingRequest, max_tokens: int | None, **endpoint) -> SamplingParams:
+        """The request's SamplingParams; `endpoint`: what the endpoint adds (logprobs, ...)."""
         kwargs = {name: getattr(request, name) for name in _SAMPLING_FIELDS if getattr(request, name) is not None}
         try:
-            return SamplingParams(max_tokens=max_tokens, **kwargs)
+            return SamplingParams(max_tokens=max_tokens, **kwargs, **endpoint)
         except (ValueError, TypeError) as err:
             raise from_value_error(err, type(request).model_fields) from None
 
@@ -129,16 +147,22 @@ class OpenAIServing:
     # 4. answer
     # ------------------------------------------------------------------------------------------
     async def gather(self, streams: list[RequestStream], n: int, raw: Request) -> tuple[list[Choice], int]:
-        """Run the requests to the end; returns each choice's text, tokens and finish reason, and
-        the number of completion tokens. A client that disconnects meanwhile aborts them."""
+        """Run the requests to the end; returns each choice's text, tokens, log-probabilities and
+        finish reason, and the number of completion tokens. A client that disconnects meanwhile aborts them."""
         choices = [Choice() for _ in range(len(streams) * n)]
 
         async def collect() -> None:
             async for i, output in merged(streams):
+                if output.prompt_logprobs is not None:
+                    for choice in choices[i * n:(i + 1) * n]:
+                        choice.prompt_logprobs = output.prompt_logprobs
                 for c in output.outputs:
                     choice = choices[i * n + c.index]
                     choice.text.append(c.text)
-                    choice.num_tokens += len(c.token_ids)
+                    choice.token_ids += c.token_ids
+                    if c.logprobs is not None:
+                        choice.logprobs = choice.logprobs or []
+                        choice.logprobs += c.logprobs
                     choice.finish_reason = c.finish_reason or choice.finish_reason
 
         try:

@@ -13,6 +13,9 @@ A stream opens each choice with its role, then sends the text as it comes:
     ...
     data: {... "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "stop"}]}
     data: [DONE]
+
+With `logprobs: true` (and `top_logprobs: k`, 0..20), each choice, and each chunk of a stream,
+carries `logprobs.content`: one entry per generated token (entrypoints/logprobs.py).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from fastapi.responses import JSONResponse, Response
 
 from minivllm.entrypoints.async_llm import RequestStream
 from minivllm.entrypoints.errors import OpenAIError
+from minivllm.entrypoints.logprobs import chat_logprobs
 from minivllm.entrypoints.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -42,17 +46,21 @@ class OpenAIServingChat(OpenAIServing):
         max_tokens, field = request.max_tokens, "max_tokens"
         if request.max_completion_tokens is not None:
             max_tokens, field = request.max_completion_tokens, "max_completion_tokens"
-        params = self.sampling_params(request, max_tokens)
+        if request.top_logprobs is not None and not request.logprobs:
+            raise OpenAIError("top_logprobs needs logprobs=true", param="top_logprobs")
+        params = self.sampling_params(request, max_tokens,
+                                      logprobs=(request.top_logprobs or 0) if request.logprobs else None)
         self.check_length(prompt, max_tokens, "messages", field)
         response_id, created = new_id("chatcmpl")
         streams = await self.start([prompt], params, ChatCompletionRequest.model_fields, response_id)
         if request.stream:
-            events = self.events(streams, prompt, params, response_id, created, request.include_usage)
+            events = self.events(streams, prompt, params, response_id, created, request)
             return self.sse_response(streams, events)
         choices, completion_tokens = await self.gather(streams, params.n, raw)
         body = ChatCompletionResponse(
             id=response_id, created=created, model=self.model_name,
             choices=[ChatChoice(index=i, message=AssistantMessage(content="".join(c.text)),
+                                logprobs=self.logprobs(c.token_ids, c.logprobs, request),
                                 finish_reason=c.finish_reason) for i, c in enumerate(choices)],
             usage=self.usage([prompt], params, completion_tokens))
         return JSONResponse(body.model_dump())
@@ -76,7 +84,7 @@ class OpenAIServingChat(OpenAIServing):
         return list(tokenizer(text, add_special_tokens=False).input_ids)
 
     async def events(self, streams: list[RequestStream], prompt: list[int], params: SamplingParams,
-                     response_id: str, created: int, include_usage: bool) -> AsyncIterator[str]:
+                     response_id: str, created: int, request: ChatCompletionRequest) -> AsyncIterator[str]:
         """The chunks of a chat stream (without the closing [DONE])."""
         completion_tokens = 0
         chunks = StreamChunks(response_id, "chat.completion.chunk", created, self.model_name)
@@ -86,11 +94,18 @@ class OpenAIServingChat(OpenAIServing):
         async for _, output in merged(streams):
             for c in output.outputs:
                 completion_tokens += len(c.token_ids)
-                if c.text or c.finish_reason:
+                logprobs = self.logprobs(c.token_ids, c.logprobs, request)
+                if c.text or c.finish_reason or (logprobs and logprobs["content"]):
                     yield chunks.choice({"index": c.index, "delta": {"role": None, "content": c.text},
-                                         "logprobs": None, "finish_reason": c.finish_reason})
-        if include_usage:
+                                         "logprobs": logprobs, "finish_reason": c.finish_reason})
+        if request.include_usage:
             yield chunks.usage(self.usage([prompt], params, completion_tokens))
+
+    def logprobs(self, token_ids: list[int], positions, request: ChatCompletionRequest) -> dict | None:
+        """The chat shape of these tokens' log-probabilities, or None if not asked for."""
+        if positions is None:
+            return None
+        return chat_logprobs(token_ids, positions, request.top_logprobs or 0, self.token_text)
 
 
 def _text_of(message: ChatMessage, i: int) -> str:
