@@ -9,7 +9,9 @@ position's own token first, then the top-k (minivllm/outputs.py). The API wants:
        "top_logprobs": [{" the": -1.2, " a": -1.9}, ...], "text_offset": [0, 4, ...]}
 
   `top_logprobs` holds the position's entries: the top `logprobs` tokens and the token itself;
-  with `echo` the prompt comes first, and its first token has None for both values.
+  two tokens with the same text (pieces of one character both show as U+FFFD) share a key, which
+  keeps the likelier value, so the first value is always the most likely token's. With `echo` the
+  prompt comes first, and its first token has None for both values.
   `text_offset` is where each token's text starts in the choice's text.
 
 * chat, per choice: `{"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}`, with
@@ -56,7 +58,10 @@ def completion_logprobs(token_ids: list[int], positions: list[PositionLogprobs |
             out["top_logprobs"].append(None)
             continue
         out["token_logprobs"].append(_clamp(position[token_id].logprob))
-        out["top_logprobs"].append({_text(t, position, fallback): _clamp(lp.logprob) for t, lp in position.items()})
+        top: dict[str, float] = {}
+        for t, lp in sorted(position.items(), key=lambda item: item[1].rank):
+            top.setdefault(_text(t, position, fallback), _clamp(lp.logprob))  # the likelier wins a shared text
+        out["top_logprobs"].append(top)
     return out
 
 
