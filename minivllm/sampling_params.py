@@ -163,14 +163,11 @@ class SamplingParams:
     def _check_max_tokens(self) -> None:
         if self.max_tokens is None:
             return
-        if not _is_int(self.max_tokens) or self.max_tokens < 0:
+        # 0 only scores the prompt, which a request without prompt_logprobs does not ask for.
+        if not _is_int(self.max_tokens) or self.max_tokens < (0 if self.prompt_logprobs is not None else 1):
             raise ValueError(f"max_tokens must be an int >= 1 or None, got {self.max_tokens!r}")
-        if self.max_tokens == 0 and (self.prompt_logprobs is None or self.n != 1):
-            raise ValueError(
-                "max_tokens must be >= 1 unless the request only scores its prompt (max_tokens=0 needs "
-                f"prompt_logprobs and n=1), got max_tokens=0 with prompt_logprobs={self.prompt_logprobs!r}, "
-                f"n={self.n}"
-            )
+        if self.max_tokens == 0 and self.n != 1:
+            raise ValueError(f"max_tokens=0 only scores the prompt, once: it needs n=1, got n={self.n}")
 
     def _check_logprobs(self) -> None:
         for name in ("logprobs", "prompt_logprobs"):

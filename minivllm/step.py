@@ -119,6 +119,7 @@ class SchedulerOutput:
     block_copies: list[tuple[int, int]] = field(default_factory=list)
     finished_seq_ids: list[int] = field(default_factory=list)
     preempted_seq_ids: list[int] = field(default_factory=list)
+    scores_prompts: bool = False  # some seq has `prompt_logprobs` rows (the runner looks only then)
 
     @property
     def is_empty(self) -> bool:

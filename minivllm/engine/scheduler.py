@@ -289,9 +289,11 @@ class Scheduler:
             else:
                 step.num_prefill_seqs += 1
                 step.num_prefill_tokens += num_new
+            prompt_rows = self._prompt_logprob_rows(seq, start, num_new) if seq.num_prompt_logprobs_owed else None
+            step.output.scores_prompts |= prompt_rows is not None
             step.output.seqs.append(ScheduledSeq(
                 seq.seq_id, start, seq.token_ids[start:start + num_new - pending], pending,
-                seq.block_table, len(samples), is_decode, self._prompt_logprob_rows(seq, start, num_new)))
+                seq.block_table, len(samples), is_decode, prompt_rows))
             step.seqs.append(seq)
             seq.num_computed_tokens = start + num_new
             for sampled in samples:
@@ -305,8 +307,6 @@ class Scheduler:
     def _prompt_logprob_rows(seq: Sequence, start: int, num_new: int) -> PromptLogprobRows | None:
         """The positions of this chunk whose logits score a prompt token not scored yet: position
         p scores prompt token p + 1, so p runs up to the second to last prompt token."""
-        if not seq.num_prompt_logprobs_owed:
-            return None
         first = max(start, len(seq.prompt_logprobs) - 1)
         end = min(start + num_new, seq.num_prompt_tokens - 1)
         if first >= end:

@@ -9,9 +9,9 @@ It knows nothing about queues or policies. Given a plain `SchedulerOutput` (mini
 5. for the rows and prompt chunks that asked, computes log-probabilities from the same logits,
 
 and returns at once: the tokens come back as `SampledTokens`, a handle whose `wait()` gives them
-when the GPU is done (and `logprobs()` the log-probabilities, which rode on the same copy). Nothing in between waits for the GPU, so the engine can plan and launch
-the next step while this one runs (overlap); the next step's decodes take their pending tokens
-from `last_sampled` on the device.
+when the GPU is done (and `logprobs()` the log-probabilities, which came with them). Nothing in
+between waits for the GPU, so the engine can plan and launch the next step while this one runs
+(overlap); the next step's decodes take their pending tokens from `last_sampled` on the device.
 
 On CUDA a step is kept lean, because at decode the GPU is fast enough to wait on the host; each
 choice is named and can be turned off to measure it:
@@ -266,12 +266,14 @@ class ModelRunner:
         else:
             self.last_sampled = torch.zeros(0, dtype=torch.int64, device=self.device)
         self._last_sampled_row = {row.seq_id: i for i, row in enumerate(rows)}
-        layout = LogprobsLayout([(i, row.params.logprobs) for i, row in enumerate(rows)
-                                 if row.params.logprobs is not None], [])
-        payloads = [] if sampled_logprobs is None else [sampled_logprobs]
-        payloads += self._prompt_logprobs(output, hidden, layout)
-        if not payloads:
+        if sampled_logprobs is None and not output.scores_prompts:  # most steps: nothing more to do
             return self.last_sampled, None, None
+        layout = LogprobsLayout([], [])
+        payloads = []
+        if sampled_logprobs is not None:
+            layout.sampled = [(i, row.params.logprobs) for i, row in enumerate(rows) if row.params.logprobs is not None]
+            payloads.append(sampled_logprobs)
+        payloads += self._prompt_logprobs(output, hidden, layout)
         width = max([k for _, k in layout.sampled] + [k for *_, k in layout.prompt])
         return self.last_sampled, torch.cat([pad_payload(p, width) for p in payloads]), layout
 

@@ -169,7 +169,7 @@ def test_a_ban_wins_over_a_bias():
     (dict(logit_bias={-1: 1.0}), "logit_bias keys must be token ids"),
     (dict(logit_bias={5: 100.5}), "logit_bias\\[5\\] must be a number in \\[-100, 100\\]"),
     (dict(logit_bias={5: float("nan")}), "logit_bias\\[5\\]"),
-    (dict(max_tokens=0), "max_tokens must be >= 1 unless the request only scores its prompt"),
+    (dict(max_tokens=0), "max_tokens must be an int >= 1 or None, got 0"),
     (dict(max_tokens=0, prompt_logprobs=0, n=2), "n=1"),
 ])
 def test_bad_logprobs_and_bias_arguments_name_themselves(kwargs, match):
