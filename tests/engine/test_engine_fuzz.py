@@ -1,7 +1,8 @@
 """The whole engine under random pressure: nothing lost, nothing leaked, nothing changed.
 
 Each scenario (a seed) draws requests that share prompt prefixes, arrive at random steps, ask for
-n = 1..3 samples, stop tokens and min_tokens, and are sometimes aborted; the engine runs them on a
+n = 1..3 samples, stop tokens and min_tokens, log-probabilities of their tokens and of their
+prompts (some only score their prompt, max_tokens=0), and are sometimes aborted; the engine runs them on a
 KV pool so small that it must preempt, with a token budget that forces chunked prefill, prefix
 caching on, and overlap on or off. Then:
 
@@ -9,11 +10,13 @@ caching on, and overlap on or off. Then:
   exactly its length limit, "stop" only at an allowed stop token, "abort" only if we aborted it;
 * every KV block is free again;
 * every request we did not abort produced exactly the tokens of a run with a pool and budget
-  that never constrain anything (greedy decoding).
+  that never constrain anything (greedy decoding), and the same log-probabilities: one per token,
+  one per prompt token (none lost, none repeated by a preemption), equal to 1e-4.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -30,6 +33,7 @@ def model(model_dir):
 
 def draw_scenario(seed: int):
     rng = random.Random(seed)
+    logprob_rng = random.Random(seed + 1000)
     prefixes = [[rng.randrange(4, 500) for _ in range(rng.randint(4, 12))] for _ in range(2)]
     requests = []
     for i in range(rng.randint(7, 10)):
@@ -40,8 +44,20 @@ def draw_scenario(seed: int):
                                 stop_token_ids=rng.sample(range(4, 500), 40) if rng.random() < 0.3 else None)
         arrival = rng.randint(0, 10)
         abort_at = arrival + rng.randint(0, 8) if rng.random() < 0.2 else None
-        requests.append((f"r{i}", prompt, params, arrival, abort_at))
+        requests.append((f"r{i}", prompt, with_logprobs(params, logprob_rng), arrival, abort_at))
     return requests, rng.random() < 0.5
+
+
+def with_logprobs(params: SamplingParams, rng: random.Random) -> SamplingParams:
+    """Some requests ask for log-probabilities; some of those only score their prompt. (A second
+    generator, so the scenarios' other draws stay what they were.)"""
+    kind = rng.choice(["none", "none", "tokens", "prompt", "score"])
+    if kind == "none":
+        return params
+    if kind == "score":
+        return dataclasses.replace(params, max_tokens=0, min_tokens=0, n=1, prompt_logprobs=rng.randint(0, 2))
+    return dataclasses.replace(params, logprobs=rng.randint(0, 3),
+                               prompt_logprobs=rng.randint(0, 2) if kind == "prompt" else None)
 
 
 def run(model, requests, overlap: bool, constrained: bool, aborts: bool = True):
@@ -79,6 +95,23 @@ def check_finish(output, params, prompt, aborted: bool, eos: frozenset[int]) -> 
             assert c.finish_reason == "abort" and aborted, c.finish_reason
 
 
+def check_logprobs(out, reference, params: SamplingParams) -> None:
+    """The same log-probabilities as the unconstrained run: one per token, one per prompt token."""
+    def values(positions, ids):
+        return [None if p is None else p[t].logprob for p, t in zip(positions, ids, strict=True)]
+
+    if params.prompt_logprobs is None:
+        assert out.prompt_logprobs is None
+    else:
+        assert values(out.prompt_logprobs, out.prompt_token_ids) == pytest.approx(
+            values(reference.prompt_logprobs, out.prompt_token_ids), abs=1e-4)
+    for c, ref in zip(out.outputs, reference.outputs):
+        if params.logprobs is None:
+            assert c.logprobs is None
+        else:
+            assert values(c.logprobs, c.token_ids) == pytest.approx(values(ref.logprobs, c.token_ids), abs=1e-4)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_random_workloads_lose_nothing_leak_nothing_change_nothing(model, seed):
     requests, overlap = draw_scenario(seed)
@@ -99,6 +132,7 @@ def test_random_workloads_lose_nothing_leak_nothing_change_nothing(model, seed):
             assert all(g == e[: len(g)] for g, e in zip(got, expected))
         else:
             assert got == expected, request_id
+            check_logprobs(out, reference[request_id][0], params)
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     assert not engine.scheduler.running and not engine.scheduler.waiting
     if seed == 0:  # the pool is small enough to matter (checked on one seed, not assumed)
