@@ -72,3 +72,23 @@ def test_replicated_kv_head_padded_vocabulary_and_sampling_without_overlap(model
     one = LLM(path, **engine)
     one.generate(prompts, max_tokens=MAX_TOKENS, temperature=0, use_tqdm=False)
     assert sampled(one, prompts) == draws_two
+
+
+def test_two_ranks_give_one_process_log_probabilities(model_dir):
+    """Token and prompt log-probabilities (the prompt's logits computed chunk by chunk, an
+    all-gather each) come out of two ranks as out of one."""
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=3, prompt_logprobs=2)
+    engine = dict(max_num_seqs=4, max_num_batched_tokens=8, **CPU_ENGINE)
+
+    def run(**tp):
+        with LLM(str(model_dir("qwen2")), **engine, **tp) as llm:
+            return llm.generate(PROMPTS, params, use_tqdm=False)
+
+    def flat(out):
+        entries = out.prompt_logprobs[1:] + out.outputs[0].logprobs
+        return [(t, lp.rank) for e in entries for t, lp in e.items()], [lp.logprob for e in entries for lp in e.values()]
+
+    for two, one in zip(run(tensor_parallel_size=2), run(), strict=True):
+        assert two.token_ids == one.token_ids
+        (ids_two, values_two), (ids_one, values_one) = flat(two), flat(one)
+        assert ids_two == ids_one and values_two == pytest.approx(values_one, abs=1e-4)
