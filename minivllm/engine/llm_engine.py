@@ -366,9 +366,12 @@ class LLMEngine:
             self._finished[request_id] = request
             if len(self._finished) > self._max_retained:
                 self._finished.popitem(last=False)
-            output = request.to_output(self._text_of, self._token_text)
-            self.stats.add_request(output)
-            outputs.append(request.delta_output(self._text_of, self._token_text) if request.stream else output)
+            if request.stream:  # the statistics need no log-probabilities: none are made for them
+                self.stats.add_request(request.to_output(self._text_of))
+                outputs.append(request.delta_output(self._text_of, self._token_text))
+            else:
+                outputs.append(request.to_output(self._text_of, self._token_text))
+                self.stats.add_request(outputs[-1])
         return outputs
 
     def _stream_outputs(self, step: ScheduledStep) -> list[RequestOutput]:

@@ -22,10 +22,6 @@ from minivllm.step import TokenLogprobs
 TokenText = Callable[[int], "str | None"]
 
 
-def _no_text(token_id: int) -> None:
-    return None
-
-
 def position_logprobs(entry: TokenLogprobs, token_text: TokenText) -> PositionLogprobs:
     """{token id: Logprob}: the position's own token first, then the top-k by rank."""
     out = {entry.token_id: Logprob(entry.logprob, entry.rank, token_text(entry.token_id))}
@@ -69,22 +65,22 @@ class Request:
             self.seqs.append(child)
         parent.num_pending_forks = 0
 
-    def to_output(self, text_of: Callable[[Sequence], str], token_text: TokenText = _no_text) -> RequestOutput:
+    def to_output(self, text_of: Callable[[Sequence], str], token_text: TokenText | None = None) -> RequestOutput:
         """The user-facing snapshot; `text_of(seq)` gives a sequence's text, `token_text(id)` a
-        token's own text (for log-probabilities)."""
+        token's own text for the log-probabilities (None: leave them out, e.g. for statistics)."""
         seqs = sorted(self.seqs, key=lambda s: s.index)
         completions = [CompletionOutput(s.index, text_of(s), s.output_token_ids, s.finish_reason, s.stop_reason,
                                         _logprobs(s, 0, token_text)) for s in seqs]
         return self._output(completions, self._prompt_logprobs(token_text))
 
-    def _prompt_logprobs(self, token_text: TokenText):
+    def _prompt_logprobs(self, token_text: TokenText | None):
         """The prompt's entries once every prompt token is scored (None before, or if not asked)."""
         seq = self.seqs[0]
-        if seq.prompt_logprobs is None or seq.num_prompt_logprobs_owed:
+        if token_text is None or seq.prompt_logprobs is None or seq.num_prompt_logprobs_owed:
             return None
         return logprobs_list(seq.prompt_logprobs, token_text)
 
-    def delta_output(self, text_of: Callable[[Sequence], str], token_text: TokenText = _no_text
+    def delta_output(self, text_of: Callable[[Sequence], str], token_text: TokenText | None = None
                      ) -> RequestOutput | None:
         """What is new since the last delta: per sequence, its new tokens and text, and its finish
         reason once it has one. None when nothing is new."""
@@ -145,8 +141,8 @@ class Request:
         )
 
 
-def _logprobs(seq: Sequence, start: int, token_text: TokenText):
+def _logprobs(seq: Sequence, start: int, token_text: TokenText | None):
     """A sequence's output entries from token `start` on (None if it did not ask)."""
-    if seq.output_logprobs is None:
+    if token_text is None or seq.output_logprobs is None:
         return None
     return logprobs_list(seq.output_logprobs[start:], token_text)
