@@ -78,6 +78,7 @@ import triton
 import triton.language as tl
 
 from .fp8 import MIN_SCALE as _MIN_SCALE
+from .pdl import pdl_launch, wait_and_release
 
 LOG2E = 1.4426950408889634  # softmax runs on exp2: exp(x) = exp2(x * log2(e))
 FP16_MAX = tl.constexpr(65504.0)
@@ -365,6 +366,7 @@ def _paged_attention_kernel(
     INT64_OFFSETS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, KV_FP8: tl.constexpr,
     DOT_FP16: tl.constexpr, PAGE_LOADS: tl.constexpr, PAGES: tl.constexpr,
     ROW_ALIGN: tl.constexpr, FOLD_SCALE: tl.constexpr, U32_OFFSETS: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     # Program order matters (measured, benchmarks/RESULTS.md): the KV heads of one tile run side
     # by side, so together they read whole contiguous rows of each cache block; and tiles are
@@ -384,9 +386,12 @@ def _paged_attention_kernel(
         first_query = (tile - (tl.load(cu_seqlens_q_ptr + seq) // BLOCK_Q + seq)) * BLOCK_Q
     q_start = tl.load(cu_seqlens_q_ptr + seq)
     q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
+    seq_len = tl.load(seq_lens_ptr + seq)
+    # Up to here only the step's metadata was read; from here on the queries and the cache,
+    # which the previous kernels wrote (programmatic dependent launch, pdl.py).
+    wait_and_release(USE_PDL)
     if first_query >= q_len:  # a spare tile of the shape-sized grid
         return
-    seq_len = tl.load(seq_lens_ptr + seq)
     context_before = seq_len - q_len  # tokens cached before this step's queries
 
     rows = tl.arange(0, BLOCK_M)
@@ -461,7 +466,7 @@ def _merge_splits_kernel(
     out_ptr, partial_acc_ptr, partial_m_ptr, partial_l_ptr,
     num_tokens, num_splits, stride_ot, stride_oh,
     NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
-    SPLITS_TILE: tl.constexpr,
+    SPLITS_TILE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """out = sum_s w_s * acc_s / sum_s w_s * l_s with w_s = 2^(m_s - max_s m_s).
 
@@ -472,6 +477,7 @@ def _merge_splits_kernel(
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     dims = tl.arange(0, DIM_PAD)
+    wait_and_release(USE_PDL)
     m_run = tl.full([], float("-inf"), dtype=tl.float32)
     numerator = tl.zeros([DIM_PAD], dtype=tl.float32)
     denominator = tl.full([], 0.0, dtype=tl.float32)
@@ -695,6 +701,7 @@ def paged_attention(
     # `config` can force either, for benchmarks/fp8_tune.py.
     dot_fp16 = cfg.pop("DOT_FP16", kv_fp8 and query.dtype != torch.float32)
     grid = (num_tiles * num_kv_heads, num_splits)
+    pdl = pdl_launch(query.device)
     _paged_attention_kernel[grid](
         query, k_cache, v_cache, out,
         block_tables, seq_lens, cu_seqlens_q,
@@ -710,14 +717,13 @@ def paged_attention(
         DOT_PRECISION=dot_precision, INT64_OFFSETS=int64_offsets, U32_OFFSETS=u32_offsets,
         NUM_KV_HEADS=num_kv_heads,
         KV_FP8=kv_fp8, DOT_FP16=dot_fp16, PAGE_LOADS=page_loads, PAGES=pages,
-        ROW_ALIGN=row_align, FOLD_SCALE=fold_scale, **cfg,
+        ROW_ALIGN=row_align, FOLD_SCALE=fold_scale, **pdl, **cfg,
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_q_heads)](
             out, partial_acc, partial_m, partial_l, num_tokens, num_splits,
             out.stride(0), out.stride(1),
             NUM_Q_HEADS=num_q_heads, HEAD_DIM=head_dim, DIM_PAD=dim_pad,
-            SPLITS_TILE=SPLITS_TILE,
-            num_warps=4 if query.device.type == "cuda" else 1,
+            SPLITS_TILE=SPLITS_TILE, num_warps=4 if query.device.type == "cuda" else 1, **pdl,
         )
     return out

@@ -25,6 +25,7 @@ import triton.language as tl
 from .fp8 import E4M3_MAX as _E4M3_MAX
 from .fp8 import FP8_DTYPE
 from .fp8 import MIN_SCALE as _MIN_SCALE
+from .pdl import pdl_launch, wait_and_release
 
 E4M3_MAX = tl.constexpr(_E4M3_MAX)
 MIN_SCALE = tl.constexpr(_MIN_SCALE)
@@ -48,10 +49,11 @@ def _write_kv_cache_kernel(
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_cb, stride_ct, stride_ch, stride_sb, stride_st, stride_sh,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    HEADS_PAD: tl.constexpr, DIM_PAD: tl.constexpr, KV_FP8: tl.constexpr,
+    HEADS_PAD: tl.constexpr, DIM_PAD: tl.constexpr, KV_FP8: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     token = tl.program_id(0)
-    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)  # step metadata: before the wait
+    wait_and_release(USE_PDL)  # programmatic dependent launch (pdl.py)
     if slot < 0:
         return
     block = slot // BLOCK_SIZE
@@ -92,5 +94,5 @@ def write_kv_cache(
         *(k_scale.stride() if kv_fp8 else (0, 0, 0)),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
         HEADS_PAD=triton.next_power_of_2(num_kv_heads), DIM_PAD=triton.next_power_of_2(head_dim),
-        KV_FP8=kv_fp8,
+        KV_FP8=kv_fp8, **pdl_launch(key.device),
     )

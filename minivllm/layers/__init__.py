@@ -1,11 +1,51 @@
-"""The layers of the models: attention over the paged cache, norms, RoPE, MLP pieces, sampler."""
+"""The layers of the models: attention over the paged cache, norms, RoPE, MLP pieces, sampler.
+
+The fused Triton kernels of the layers are switched here, without importing Triton. Each has its
+own environment variable, read at every call, so that a benchmark can run the same code with one
+technique on and off side by side; all of them need the fused ops on:
+
+    MINIVLLM_FUSED_OPS=0       PyTorch ops instead of fused_ops.py (add+RMSNorm, q/k norm+RoPE,
+                               SiLU-and-mul), and none of the fusions below
+    MINIVLLM_FUSED_KV_WRITE=0  the KV-cache write as its own kernel, not inside q/k norm+RoPE
+    MINIVLLM_FUSED_LINEAR=0    cuBLAS and separate norm / SiLU kernels for decode-sized batches
+                               instead of fused_linear.py
+
+(`MINIVLLM_PDL`, programmatic dependent launch of every Triton kernel, is the kernels' own
+switch: minivllm/kernels/pdl.py.)
+"""
 
 import os
 
 import torch
 
+FUSED_LINEAR_DTYPES = (torch.float16, torch.bfloat16)
+FUSED_LINEAR_MAX_ROWS = 16  # fused_linear.MAX_ROWS, without importing Triton
+
+
+def triton_device(device: torch.device) -> bool:
+    """Where the fused kernels run natively: CUDA. (The tests patch this to run them on the CPU
+    under TRITON_INTERPRET=1.)"""
+    return device.type == "cuda"
+
+
+def _on(name: str) -> bool:
+    return os.environ.get(name, "1") != "0"
+
 
 def use_fused_ops(device: torch.device) -> bool:
     """Whether the layers run the fused Triton kernels of `fused_ops.py` for tensors on `device`:
     on CUDA, unless MINIVLLM_FUSED_OPS=0 (to measure what they bring). On CPU the PyTorch ops run."""
-    return device.type == "cuda" and os.environ.get("MINIVLLM_FUSED_OPS", "1") != "0"
+    return triton_device(device) and _on("MINIVLLM_FUSED_OPS")
+
+
+def use_fused_kv_write(device: torch.device) -> bool:
+    """Whether q/k norm + RoPE also writes the new keys and values into the paged cache."""
+    return use_fused_ops(device) and _on("MINIVLLM_FUSED_KV_WRITE")
+
+
+def use_fused_linear(x: torch.Tensor) -> bool:
+    """Whether the projections of x [rows, features] run as fused_linear.py's kernels: fused ops
+    on, float16/bfloat16, 1 to FUSED_LINEAR_MAX_ROWS rows, unless MINIVLLM_FUSED_LINEAR=0.
+    Looks at shapes and dtypes only, so deciding never waits for the GPU."""
+    return (x.dtype in FUSED_LINEAR_DTYPES and 1 <= x.shape[0] <= FUSED_LINEAR_MAX_ROWS
+            and use_fused_ops(x.device) and _on("MINIVLLM_FUSED_LINEAR"))

@@ -7,6 +7,11 @@ hands them to `PagedAttention`, which:
    (one slot per token, computed by the model runner from each sequence's block table), and
 2. runs `paged_attention` of the new queries over everything the sequences have cached so far.
 
+Step 1 can be done by the kernel that computes the keys instead: on CUDA the q/k norm + RoPE
+kernel holds each rotated key in registers and stores it, with its value, straight into the
+cache (layers/fused_ops.py); the model then asks `fused_write_target` where to write and calls
+the layer with `kv_written=True`.
+
 The caches are bound by the model runner after it has sized the KV pool (`bind_kv_cache`); before
 that (e.g. a warm-up pass that measures activation memory) the layer is unbound and refuses to run.
 """
@@ -14,11 +19,14 @@ that (e.g. a warm-up pass that measures activation memory) the layer is unbound 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from minivllm.kernels import paged_attention, write_kv_cache
+from minivllm.kernels.backends import triton_fp8_unsupported
+from minivllm.kernels.fp8 import FP8_DTYPE
 
 
 @dataclass
@@ -38,6 +46,18 @@ class AttentionMetadata:
     cu_seqlens_q: torch.Tensor
     max_seq_len: int | None = None
     backend: str = "auto"
+
+
+class KVCacheWrite(NamedTuple):
+    """Where a kernel that computes the keys writes them, and the values: one layer's paged
+    cache [num_blocks, block_size, Hkv, D], the slot of each token (negative: skip), and for an
+    fp8 cache its float32 scales [num_blocks, block_size, Hkv] (see kernels/fp8.py)."""
+
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    slot_mapping: torch.Tensor
+    k_scale: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
 
 
 class PagedAttention(nn.Module):
@@ -68,18 +88,31 @@ class PagedAttention(nn.Module):
             )
         self.k_cache, self.v_cache, self.k_scale, self.v_scale = k_cache, v_cache, k_scale, v_scale
 
+    def fused_write_target(self, meta: AttentionMetadata) -> KVCacheWrite | None:
+        """This step's cache write for a Triton kernel that does it itself, or None where the
+        layer must write (no cache bound yet, or an fp8 cache Triton cannot write on this GPU:
+        `forward` then raises the clear error)."""
+        if self.k_cache is None:
+            return None
+        if self.k_cache.dtype == FP8_DTYPE and triton_fp8_unsupported(self.k_cache.device):
+            return None
+        return KVCacheWrite(self.k_cache, self.v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
+
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+        kv_written: bool = False,
     ) -> torch.Tensor:
-        """q [T, Hq*D] or [T, Hq, D]; k, v [T, Hkv*D] or [T, Hkv, D] -> [T, Hq*D]."""
+        """q [T, Hq*D] or [T, Hq, D]; k, v [T, Hkv*D] or [T, Hkv, D] -> [T, Hq*D].
+        kv_written: k and v are in the cache already (`fused_write_target`)."""
         if self.k_cache is None:
             raise RuntimeError("PagedAttention has no KV cache bound; call bind_kv_cache first")
         num_tokens = q.shape[0]
         q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping, backend=meta.backend,
-                       k_scale=self.k_scale, v_scale=self.v_scale)
+        if not kv_written:
+            k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+            v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+            write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping,
+                           backend=meta.backend, k_scale=self.k_scale, v_scale=self.v_scale)
         out = paged_attention(
             q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens, meta.cu_seqlens_q,
             scale=self.scale, backend=meta.backend, max_seq_len=meta.max_seq_len,

@@ -24,6 +24,8 @@ dimension and `Shard`), and a merged layer where in its own weight each projecti
 (`shard`); the loader then reads just that slice from the file (models/loader.py).
 
 With one rank every layer is the plain `nn.Linear` it replaces: same parameters, same forward.
+For decode-sized batches on CUDA the product runs as fused_linear.py's kernel instead of cuBLAS
+(`linear` below), so that the step's chain of Triton kernels is not broken (kernels/pdl.py).
 """
 
 from __future__ import annotations
@@ -33,9 +35,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from minivllm.distributed import SINGLE, Shard, TensorParallel, all_reduce
+from minivllm.layers import use_fused_linear
 
 # (dimension of the checkpoint tensor that is split, this rank's part), or None: all of it.
 CheckpointSplit = tuple[int, Shard] | None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear; for a decode-sized batch on CUDA, fused_linear.py's kernel (`use_fused_linear`)."""
+    if x.dim() == 2 and use_fused_linear(x):
+        from minivllm.layers import fused_linear
+
+        return fused_linear.linear(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 class ColumnParallelLinear(nn.Linear):
@@ -50,6 +62,9 @@ class ColumnParallelLinear(nn.Linear):
         super().__init__(in_features, out_shard.size, bias=bias)
         self.tp = tp
         self.out_shard = out_shard
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
     def checkpoint_split(self, kind: str, shard: str | None = None) -> CheckpointSplit:
         """Weight rows and bias entries alike: this rank's slice of dimension 0."""
@@ -95,7 +110,11 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
     def forward_split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Apply the layer and return the projections' outputs separately (views into one result)."""
-        return self(x).split(list(self.shard_sizes.values()), dim=-1)
+        return self.split_output(self(x))
+
+    def split_output(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """This layer's output [..., out] cut into the projections' outputs (views)."""
+        return y.split(list(self.shard_sizes.values()), dim=-1)
 
 
 class QKVParallelLinear(MergedColumnParallelLinear):
@@ -150,8 +169,8 @@ class RowParallelLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return F.linear(x, self.weight, self.bias)
-        partial = F.linear(x, self.weight, self.bias if self.tp.rank == 0 else None)
+            return linear(x, self.weight, self.bias)
+        partial = linear(x, self.weight, self.bias if self.tp.rank == 0 else None)
         return all_reduce(partial, self.tp)
 
     def checkpoint_split(self, kind: str, shard: str | None = None) -> CheckpointSplit:

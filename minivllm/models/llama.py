@@ -9,6 +9,12 @@ gathered in `AttentionFlavor`: Qwen2 adds a bias to the q/k/v projections, Qwen3
 query and key head (RMSNorm over head_dim) before RoPE and sets head_dim explicitly. Mistral is
 Llama plus a sliding window, which we do not implement (see `_warn_about_sliding_window`).
 
+Each sublayer takes the residual stream and its norm, and returns its output and the stream: the
+pre-norm seam "add the last output to the stream, normalise, project" is one call
+(`_norm_then_project`), which for decode-sized batches on CUDA is one kernel together with the
+projection (layers/fused_linear.py). A layer is then six kernels at small batch: add + norm +
+q|k|v, q/k norm + RoPE + KV-cache write, attention, o_proj, add + norm + gate|up + SwiGLU, down.
+
 A forward pass sees the *packed* tokens of one engine step: prompts being prefilled and sequences
 being decoded side by side, `input_ids` and `positions` both [T]. Every layer here works per token,
 except attention, which goes through `PagedAttention` with the step's `AttentionMetadata` and
@@ -34,12 +40,13 @@ import torch
 from torch import nn
 
 from minivllm.distributed import SINGLE, TensorParallel
-from minivllm.layers import use_fused_ops
+from minivllm.layers import use_fused_kv_write, use_fused_linear, use_fused_ops
 from minivllm.layers.activation import SiluAndMul
 from minivllm.layers.attention import AttentionMetadata, PagedAttention
 from minivllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from minivllm.layers.layernorm import RMSNorm
 from minivllm.layers.linear import (
+    ColumnParallelLinear,
     MergedColumnParallelLinear,
     QKVParallelLinear,
     RowParallelLinear,
@@ -90,6 +97,27 @@ class RopeInputs:
         return cls(positions, *tables, *rotary(positions, dtype))
 
 
+def _norm_then_project(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
+                       proj: ColumnParallelLinear, swiglu: SiluAndMul | None = None):
+    """(proj(norm(h)), h) with h = x + residual, the residual stream (h = x before the first
+    layer); with `swiglu`, its activation applied to the gate|up projection.
+
+    For a decode-sized batch on CUDA this is one kernel (fused_linear.norm_linear); otherwise the
+    fused add + RMSNorm (which updates the residual in place), the GEMM and the activation.
+    """
+    if use_fused_linear(x):
+        from minivllm.layers.fused_linear import norm_linear
+
+        return norm_linear(x, residual, norm.weight, norm.eps, proj.weight, proj.bias,
+                           swiglu=swiglu is not None)
+    if residual is None:
+        residual, normed = x, norm(x)
+    else:
+        normed, residual = norm(x, residual)
+    out = proj(normed)
+    return (out if swiglu is None else swiglu(out)), residual
+
+
 class LlamaAttention(nn.Module):
     """Project to q, k, v; (Qwen3: normalise q, k); rotate q, k; attend over the paged cache.
 
@@ -114,27 +142,35 @@ class LlamaAttention(nn.Module):
             self.num_heads, self.num_kv_heads, self.head_dim, scale=self.head_dim**-0.5
         )
 
-    def forward(self, hidden: torch.Tensor, rope: RopeInputs, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
+                rope: RopeInputs, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of norm(hidden + residual); returns (its output, the residual stream)."""
         num_tokens = hidden.shape[0]
-        q, k, v = self.qkv_proj.forward_split(hidden)
+        qkv, residual = _norm_then_project(hidden, residual, norm, self.qkv_proj)
+        q, k, v = self.qkv_proj.split_output(qkv)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        cache = None
         if rope.cos is None:
-            # Fused (CUDA): Qwen3's per-head norm and the rotation of q and k, one kernel, in place.
+            # Fused (CUDA): Qwen3's per-head norm, the rotation of q and k and (unless switched
+            # off) the write of k and v into the paged cache, one kernel.
             from minivllm.layers.fused_ops import qk_norm_rope
 
+            if use_fused_kv_write(q.device):
+                cache = self.attn.fused_write_target(meta)
             qk_norm_rope(q, k, rope.positions, rope.cos_table, rope.sin_table,
                          self.q_norm.weight if self.qk_norm else None,
                          self.k_norm.weight if self.qk_norm else None,
-                         self.q_norm.eps if self.qk_norm else 0.0)
+                         self.q_norm.eps if self.qk_norm else 0.0, v=v, cache=cache)
         else:
             if self.qk_norm:
                 q = self.q_norm(q)
                 k = self.k_norm(k)
             q = apply_rotary(q, rope.cos, rope.sin)
             k = apply_rotary(k, rope.cos, rope.sin)
-        return self.o_proj(self.attn(q, k, v, meta))
+        out = self.attn(q, k, v, meta, kv_written=cache is not None)
+        return self.o_proj(out), residual
 
 
 class LlamaMLP(nn.Module):
@@ -153,8 +189,11 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(size, config.hidden_size, bias=bias, tp=tp,
                                            what="intermediate_size")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor,
+                norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """The MLP of norm(hidden + residual); returns (its output, the residual stream)."""
+        act, residual = _norm_then_project(hidden, residual, norm, self.gate_up_proj, self.act)
+        return self.down_proj(act), residual
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -171,17 +210,11 @@ class LlamaDecoderLayer(nn.Module):
         """hidden: the previous layer's MLP output; residual: the stream it is added to (None
         before the first layer). Returns this layer's (MLP output, residual stream).
 
-        Each "add to the stream, normalise for the next sublayer" is one RMSNorm call given the
-        residual, which a fused kernel does in one pass on CUDA (layernorm.py).
+        Each sublayer adds its input to the stream and normalises it for itself, one fused step
+        (`_norm_then_project`).
         """
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(hidden, rope, meta)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        hidden, residual = self.self_attn(hidden, residual, self.input_layernorm, rope, meta)
+        return self.mlp(hidden, residual, self.post_attention_layernorm)
 
 
 class LlamaModel(nn.Module):

@@ -94,3 +94,51 @@ def test_the_switch(monkeypatch):
     assert use_fused_ops(torch.device("cuda"))
     monkeypatch.setenv("MINIVLLM_FUSED_OPS", "0")
     assert not use_fused_ops(torch.device("cuda"))
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn])
+@pytest.mark.parametrize("with_norm", [False, True])
+def test_qk_norm_rope_writes_the_cache_as_write_kv_cache_does(cache_dtype, with_norm):
+    """With `cache`, the rotation kernel stores rotated k and v at each token's slot (skipping
+    negative slots) bit for bit as rotating and then calling write_kv_cache would; fp8 caches
+    quantized with the same per-head scales. head_dim 48: half a head is 24, a masked block."""
+    from minivllm.kernels import write_kv_cache
+    from minivllm.kernels.fp8 import empty_scales
+    from minivllm.layers.attention import KVCacheWrite
+
+    fp8 = cache_dtype == torch.float8_e4m3fn
+    dtype = torch.bfloat16 if fp8 else cache_dtype
+    tokens, hq, hkv, d, num_blocks, block_size = 5, 4, 2, 48, 6, 3
+    qkv = randn(tokens, hq + 2 * hkv, d, dtype=dtype, seed=11)
+    positions = torch.tensor([4, 0, 9, 2, 5], device=DEVICE)
+    slots = torch.tensor([7, -1, 0, 17, 3], device=DEVICE)  # -1: a padding token
+    rotary = RotaryEmbedding(d, 16, inverse_frequencies(d, {"rope_type": "default", "rope_theta": 1e4}))
+    rotary = rotary.to(DEVICE)
+    norms = (randn(d, dtype=dtype, seed=12), randn(d, dtype=dtype, seed=13)) if with_norm else (None, None)
+
+    def caches():
+        k_cache = torch.zeros(num_blocks, block_size, hkv, d, device=DEVICE).to(cache_dtype)
+        scales = empty_scales(k_cache) if fp8 else (None, None)
+        for s in scales:
+            if s is not None:
+                s.fill_(-1.0)
+        return k_cache, k_cache.clone(), *scales
+
+    fused, separate = caches(), caches()
+    qkv_fused, qkv_separate = qkv.clone(), qkv.clone()
+    for t, cache in ((qkv_fused, fused), (qkv_separate, None)):
+        q, k, v = t[:, :hq], t[:, hq:hq + hkv], t[:, hq + hkv:]
+        target = KVCacheWrite(cache[0], cache[1], slots, cache[2], cache[3]) if cache else None
+        fused_ops.qk_norm_rope(q, k, positions, rotary.cos_cached, rotary.sin_cached, *norms,
+                               eps=1e-6, v=v, cache=target)
+    q, k, v = qkv_separate[:, :hq], qkv_separate[:, hq:hq + hkv], qkv_separate[:, hq + hkv:]
+    write_kv_cache(k, v, separate[0], separate[1], slots, backend="triton",
+                   k_scale=separate[2], v_scale=separate[3])
+    assert torch.equal(qkv_fused, qkv_separate)  # q and k rotated in place, v untouched
+    for got, want in zip(fused, separate):
+        if want is not None:
+            assert torch.equal(got.view(torch.uint8) if fp8 and got.dtype == cache_dtype else got,
+                               want.view(torch.uint8) if fp8 and want.dtype == cache_dtype else want)
+    written = fused[0].flatten(0, 1)[slots[slots >= 0]].float()
+    assert written.abs().sum() > 0  # the slots were written, the rest left as they were
+    assert fused[0].flatten(0, 1).float().abs().sum() == written.abs().sum()

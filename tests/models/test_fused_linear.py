@@ -1,0 +1,206 @@
+"""The small-batch fused linear kernels (minivllm/layers/fused_linear.py) against the unfused
+layers, and the decoder layer built from them against the PyTorch path.
+
+On CPU the kernels run in the Triton interpreter (tests/conftest.py), on a GPU natively. Row
+counts cover both products: 1, 2, 3, 4 rows on the CUDA cores, 5 and 16 on tl.dot; sizes that
+are not powers of two leave masked columns in every tile; a forced narrow BLOCK_K walks K in
+several tiles. float32 agrees to float32 rounding; half precision to the dtype's rounding (the
+interpreter converts float32 -> bfloat16 by truncation, not rounding, so bfloat16 gets a wider
+bound on CPU than on a GPU).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minivllm.layers import fused_linear
+from minivllm.layers.fused_linear import LinearConfig
+from tests.kernels.paged_inputs import rel_error
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BF16_TOL = 1e-2 if DEVICE == "cuda" else 4e-2  # interpreter: truncating bf16 casts
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: BF16_TOL}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ROWS = [1, 2, 3, 4, 5, 16]
+NARROW = LinearConfig(BLOCK_N=8, BLOCK_K=32, num_warps=4, num_stages=2)  # K in several tiles
+
+
+def randn(*shape, dtype, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(dtype).to(DEVICE)
+
+
+def reference_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as the layers round it (layernorm.py), computed in float32 where they do."""
+    h32 = h.float()
+    normed = (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
+    return (normed.float() * weight.float()).to(h.dtype)
+
+
+def reference_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The GEMM in float32 from the same (rounded) operands, rounded once."""
+    return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("config", [None, NARROW], ids=["default", "narrow"])
+def test_linear_matches_f_linear(dtype, rows, config):
+    n, k = 72, 200  # neither a power of two
+    x = randn(rows, k, dtype=dtype, seed=rows)
+    weight = randn(n, k, dtype=dtype, seed=100, scale=k ** -0.5)
+    bias = randn(n, dtype=dtype, seed=101)
+    out = fused_linear.linear(x, weight, bias, config=config)
+    assert out.shape == (rows, n) and out.dtype == dtype
+    assert rel_error(out, reference_linear(x, weight, bias)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("swiglu", [False, True], ids=["qkv", "gate_up"])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["first_layer", "add"])
+def test_norm_linear_matches_the_unfused_layers(dtype, rows, swiglu, with_residual):
+    n, k, eps = 40, 48, 1e-6
+    x = randn(rows, k, dtype=dtype, seed=rows)
+    residual = randn(rows, k, dtype=dtype, seed=50 + rows) if with_residual else None
+    residual_before = residual.clone() if with_residual else None
+    norm_weight = randn(k, dtype=dtype, seed=7, scale=0.1) + 1
+    weight = randn(2 * n if swiglu else n, k, dtype=dtype, seed=8, scale=k ** -0.5)
+    bias = randn(weight.shape[0], dtype=dtype, seed=9)
+
+    out, new_residual = fused_linear.norm_linear(x, residual, norm_weight, eps, weight, bias,
+                                                 swiglu=swiglu)
+
+    h = x if residual is None else (x.float() + residual.float()).to(dtype)
+    expected = reference_linear(reference_norm(h, norm_weight, eps), weight, bias)
+    if swiglu:
+        expected = F.silu(expected[:, :n].float()).to(dtype).float() * expected[:, n:].float()
+    assert out.shape == (rows, n)
+    assert rel_error(out, expected) < TOL[dtype]
+    if with_residual:
+        assert rel_error(new_residual, h) < TOL[dtype] / 4  # one rounding of one sum
+        assert torch.equal(residual, residual_before)  # read only: programs read it concurrently
+    else:
+        assert new_residual is x
+
+
+def test_norm_linear_over_several_k_tiles_and_column_blocks():
+    """K = 200 in tiles of 32 (the norm's first pass and the product both loop), N = 72 in
+    blocks of 8 (a partial last block): every program, every tile."""
+    dtype, rows, eps = torch.float32, 3, 1e-5
+    x, residual = randn(rows, 200, dtype=dtype, seed=1), randn(rows, 200, dtype=dtype, seed=2)
+    norm_weight = randn(200, dtype=dtype, seed=3)
+    weight = randn(144, 200, dtype=dtype, seed=4)
+    out, new_residual = fused_linear.norm_linear(x, residual, norm_weight, eps, weight,
+                                                 swiglu=True, config=NARROW)
+    gate_up = F.linear(reference_norm(x + residual, norm_weight, eps), weight)
+    assert rel_error(out, F.silu(gate_up[:, :72]) * gate_up[:, 72:]) < TOL[dtype]
+    assert torch.equal(new_residual, x + residual)
+
+
+def test_choose_config_depends_on_the_shape_only():
+    """The launch shape of the one-row kernel keeps the whole of K in one tile (loaded before
+    the wait) for the Qwen3-0.6B projections, and never gives N = 1024 fewer than 128 programs."""
+    for n, k, swiglu in [(4096, 1024, False), (3072, 1024, True), (1024, 2048, False)]:
+        cfg = fused_linear.choose_config(n, k, 1, swiglu)
+        assert cfg.BLOCK_K >= k
+        assert cfg.BLOCK_N * cfg.BLOCK_K * (2 if swiglu else 1) <= fused_linear.TILE_ELEMENTS
+    assert -(-1024 // fused_linear.choose_config(1024, 3072, 1, False).BLOCK_N) >= 128
+    assert fused_linear.block_rows(1) == 1 and fused_linear.block_rows(3) == 4
+    assert fused_linear.block_rows(5) == fused_linear.block_rows(16) == fused_linear.DOT_ROWS
+
+
+def test_bad_rows_are_refused():
+    weight = torch.zeros(8, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="1 to 16 rows"):
+        fused_linear.linear(torch.zeros(17, 16, device=DEVICE), weight)
+    with pytest.raises(ValueError, match="contiguous"):
+        fused_linear.linear(torch.zeros(16, 4, device=DEVICE).t(), weight)  # [4, 16], stride 4
+    assert fused_linear.linear(torch.zeros(0, 16, device=DEVICE), weight).shape == (0, 8)
+
+
+def test_the_switch(monkeypatch):
+    from minivllm.layers import use_fused_linear
+
+    def rows(n, dtype=torch.bfloat16):
+        return torch.empty(n, 8, dtype=dtype, device="meta")
+
+    monkeypatch.setattr("minivllm.layers.triton_device", lambda device: True)
+    assert use_fused_linear(rows(1)) and use_fused_linear(rows(16))
+    assert not use_fused_linear(rows(17)) and not use_fused_linear(rows(0))
+    assert not use_fused_linear(rows(4, torch.float32))  # float32 keeps cuBLAS (exact HF match)
+    monkeypatch.setenv("MINIVLLM_FUSED_LINEAR", "0")
+    assert not use_fused_linear(rows(1))
+    monkeypatch.setenv("MINIVLLM_FUSED_LINEAR", "1")
+    monkeypatch.setenv("MINIVLLM_FUSED_OPS", "0")  # the fused ops' switch turns every fusion off
+    assert not use_fused_linear(rows(1))
+    monkeypatch.setattr("minivllm.layers.triton_device", lambda device: device.type == "cuda")
+    monkeypatch.delenv("MINIVLLM_FUSED_OPS")
+    assert not use_fused_linear(torch.empty(1, 8, dtype=torch.bfloat16))  # CPU
+
+
+# --------------------------------------------------------------------------------------------
+# The decoder layers on the fused path
+# --------------------------------------------------------------------------------------------
+class KernelLog:
+    """The names of the Triton kernels launched while active, in order (interpreter only)."""
+
+    def __enter__(self):
+        from triton.runtime import interpreter
+
+        self.names, self._run = [], interpreter.InterpretedFunction.run
+        log, original = self.names, self._run
+
+        def run(function, *args, **kwargs):
+            log.append(function.fn.__name__)
+            return original(function, *args, **kwargs)
+
+        interpreter.InterpretedFunction.run = run
+        return self
+
+    def __exit__(self, *exc):
+        from triton.runtime import interpreter
+
+        interpreter.InterpretedFunction.run = self._run
+
+
+def _run_model(model_dir, fused: bool, monkeypatch, steps):
+    """Logits of `steps` (PagedRunner chunks) through a float16 model, the fused kernels on
+    (run by the interpreter on CPU) or off (PyTorch), and the Triton kernels each step ran."""
+    from minivllm.models import load_model
+    from tests.models.model_harness import PagedRunner
+
+    monkeypatch.setattr("minivllm.layers.triton_device",
+                        (lambda device: True) if fused else (lambda device: device.type == "cuda"))
+    model = load_model(model_dir, dtype=torch.float16, device=DEVICE)
+    runner = PagedRunner(model, num_blocks=16, block_size=8, seed=1)
+    logits, kernels = [], []
+    for chunks in steps:
+        with KernelLog() as log:
+            logits.append(torch.cat(runner.step(chunks, backend="triton")))
+        kernels.append(log.names)
+    return logits, kernels
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="patches the CPU path onto the interpreter")
+@pytest.mark.parametrize("variant", ["qwen3", "llama-biases-tied-llama3-rope"])
+def test_fused_decode_layers_match_the_pytorch_path(variant, model_dir, monkeypatch):
+    """A prefill too large for the fused linear kernels (17 tokens), one small enough (5), then
+    decode steps of 2 and of 1 sequence: the logits agree with the unfused model to float16
+    rounding, and a decode layer is the six kernels of the fused path: no separate norm, cache
+    write or SiLU kernel."""
+    a, b = list(range(3, 20)), list(range(30, 35))
+    steps = [[("a", a)], [("b", b)], [("a", [7]), ("b", [8])], [("b", [9])], [("b", [10])]]
+    ref, _ = _run_model(model_dir(variant), False, monkeypatch, steps)
+    got, kernels = _run_model(model_dir(variant), True, monkeypatch, steps)
+    for step, (x, y) in enumerate(zip(got, ref)):
+        assert rel_error(x, y) < 1e-2, f"step {step}"
+        assert torch.equal(x.argmax(-1), y.argmax(-1)), f"step {step}"
+    layer = ["_fused_linear_kernel", "_qk_norm_rope_kernel", "_paged_attention_kernel",
+             "_fused_linear_kernel", "_fused_linear_kernel", "_fused_linear_kernel"]
+    for step in kernels[1:]:
+        assert step == layer * 2 + ["_add_rms_norm_kernel"]  # two layers, the final norm
+    assert "_fused_linear_kernel" not in kernels[0]  # 17 rows: cuBLAS and the fused ops
+    assert "_write_kv_cache_kernel" not in kernels[0]  # the cache write stays fused
