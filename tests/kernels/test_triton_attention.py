@@ -73,6 +73,49 @@ def test_more_splits_than_the_merge_tile(num_splits, monkeypatch):
     _check(p, torch.float32, num_splits=num_splits)
 
 
+@pytest.mark.parametrize("fused_merge", ["1", "0"], ids=["merged_in_kernel", "merge_kernel"])
+@pytest.mark.parametrize("gqa,head_dim", [((12, 4), 80), ((8, 1), 64)])
+def test_decode_split_kv_merge_in_kernel_and_apart(fused_merge, gqa, head_dim, monkeypatch):
+    """In decode the last split of each (token, KV head) merges the partials itself; with
+    MINIVLLM_FUSED_MERGE=0 the merge kernel does. Both agree with the reference, for a group of
+    3 (a padded row of heads) and of 8, and every arrival counter is back at zero afterwards."""
+    from minivllm.kernels import triton_attention
+
+    monkeypatch.setenv("MINIVLLM_FUSED_MERGE", fused_merge)
+    g = torch.Generator().manual_seed(head_dim)
+    p = make_problem([1] * 3, [1, 45, 130], *gqa, head_dim, 8, torch.float32, DEVICE, generator=g)
+    with KernelNames() as names:
+        _check(p, torch.float32, num_splits=6)
+    if DEVICE == "cpu":
+        assert ("_merge_splits_kernel" in names) == (fused_merge == "0")
+    counters = triton_attention._counters.get(p.query.device)
+    assert counters is None or not counters.any()
+
+
+class KernelNames(list):
+    """The Triton kernels launched while active (interpreter only; on a GPU, nothing)."""
+
+    def __enter__(self):
+        if DEVICE == "cuda":
+            return self
+        from triton.runtime import interpreter
+
+        self._run = original = interpreter.InterpretedFunction.run
+
+        def run(function, *args, **kwargs):
+            self.append(function.fn.__name__)
+            return original(function, *args, **kwargs)
+
+        interpreter.InterpretedFunction.run = run
+        return self
+
+    def __exit__(self, *exc):
+        if DEVICE != "cuda":
+            from triton.runtime import interpreter
+
+            interpreter.InterpretedFunction.run = self._run
+
+
 @pytest.mark.parametrize("num_splits", [None, 2, 5])
 def test_chunked_prefill_split_kv_matches_reference(num_splits):
     g = torch.Generator().manual_seed(7)
