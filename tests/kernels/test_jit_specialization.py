@@ -216,3 +216,41 @@ def _run_fused_ops(token_counts, offset):
         fused_ops.qk_norm_rope(qkv[:, :hq], qkv[:, hq:hq + hkv], positions, cos, sin,
                                norm_weight, norm_weight, 1e-6)
         fused_ops.silu_and_mul(torch.randn(t, 2 * inter, device=DEVICE).to(DTYPE))
+
+
+@interpreter
+def test_fused_decode_kernels_add_no_specialization_after_the_graph_buckets():
+    """The small-batch kernels (fused_linear.py, and q/k norm + RoPE writing the cache): once
+    the CUDA-graph buckets 1, 2, 4, 16 have run, no row count up to 16 and no offset of the
+    step's metadata compiles anything new."""
+    from tests._triton_interpreter import PredictedSpecializations
+
+    with PredictedSpecializations() as keys:
+        _run_fused_decode([1, 2, 4, 16], offset=0)
+        warm = keys.snapshot()
+        _run_fused_decode([3, 5, 8, 11], offset=1)
+    assert keys.new_since(warm) == {}
+
+
+def _run_fused_decode(token_counts, offset):
+    from minivllm.layers import fused_linear, fused_ops
+    from minivllm.layers.attention import KVCacheWrite
+
+    hidden, hq, hkv, d, inter = 64, 4, 2, 16, 48
+    norm = torch.ones(hidden, dtype=DTYPE, device=DEVICE)
+    qkv_weight = torch.randn((hq + 2 * hkv) * d, hidden, device=DEVICE).to(DTYPE)
+    gate_up = torch.randn(2 * inter, hidden, device=DEVICE).to(DTYPE)
+    k_cache = torch.zeros(8, BLOCK, hkv, d, dtype=DTYPE, device=DEVICE)
+    angles = torch.randn(64, d // 2, device=DEVICE)
+    for t in token_counts:
+        x = torch.randn(t, hidden, device=DEVICE).to(DTYPE)
+        residual = torch.randn(t, hidden, device=DEVICE).to(DTYPE)
+        qkv, residual = fused_linear.norm_linear(x, residual, norm, 1e-6, qkv_weight)
+        qkv = qkv.view(t, hq + 2 * hkv, d)
+        positions, slots = _metadata_at(offset, torch.arange(t, dtype=torch.int32, device=DEVICE),
+                                        torch.arange(t, dtype=torch.int32, device=DEVICE))
+        fused_ops.qk_norm_rope(qkv[:, :hq], qkv[:, hq:hq + hkv], positions, angles.cos(),
+                               angles.sin(), v=qkv[:, hq + hkv:],
+                               cache=KVCacheWrite(k_cache, k_cache.clone(), slots))
+        act, _ = fused_linear.norm_linear(x, residual, norm, 1e-6, gate_up, swiglu=True)
+        fused_linear.linear(act, qkv_weight[:hidden, :inter])
