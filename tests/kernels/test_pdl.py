@@ -1,0 +1,141 @@
+"""Programmatic dependent launch (minivllm/kernels/pdl.py): when it is on, and what every kernel
+of the decode step compiles to with it.
+
+The interpreter runs no `griddepcontrol`, so the tests compile the kernels ahead of time for
+sm_90 with the installed Triton (which ships ptxas; no GPU needed) and read the PTX: each kernel
+waits for its predecessor before it stores anything, signals its dependents right after, and the
+small-batch linear kernel issues its weight loads before the wait (the point of it). Built for
+sm_80, the same kernels carry none of it. The compiling runs in a subprocess without
+TRITON_INTERPRET (under it, `triton.jit` makes interpreted functions, which do not compile).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from minivllm.kernels import pdl
+
+ROOT = Path(__file__).resolve().parents[2]
+WAIT, RELEASE = "griddepcontrol.wait", "griddepcontrol.launch_dependents"
+
+
+def test_on_only_for_cuda_hopper_and_not_interpreting(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(pdl, "_capability", lambda index: (9, 0))
+    cuda = torch.device("cuda", 0)
+    assert pdl.use_pdl(cuda) and pdl.pdl_launch(cuda) == {"USE_PDL": True, "launch_pdl": True}
+    assert not pdl.use_pdl(torch.device("cpu"))
+    monkeypatch.setenv("MINIVLLM_PDL", "0")
+    assert not pdl.use_pdl(cuda)
+    monkeypatch.delenv("MINIVLLM_PDL")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not pdl.use_pdl(cuda)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setattr(pdl, "_capability", lambda index: (8, 0))  # an A100: no griddepcontrol
+    assert pdl.pdl_launch(cuda) == {"USE_PDL": False, "launch_pdl": False}
+
+
+def _compile(fn, consts, floats=(), ints=None, arch=90, **pointer_types):
+    """`fn` for sm_<arch>, every `*_ptr` argument bf16 unless named, ints = 64."""
+    from benchmarks.sass_count import compile_kernel
+
+    pointers = {p.name: pointer_types.get(p.name, "*bf16") for p in fn.params
+                if p.name.endswith("_ptr")}
+    ints = {p.name: 64 for p in fn.params} | (ints or {})
+    return compile_kernel(fn, dict(consts, USE_PDL=arch >= 90), pointers, ints,
+                          dict(num_warps=4), arch, floats=floats)
+
+
+def _kernels():
+    """name -> (arch -> compiled kernel), each as the decode step launches it."""
+    from benchmarks.sass_count import compile_decode
+    from minivllm.kernels import triton_cache
+    from minivllm.layers import fused_linear, fused_ops
+
+    linear = dict(NORM=True, ADD_RESIDUAL=True, SWIGLU=True, HAS_BIAS=True, DOT=False,
+                  DOT_PRECISION="tf32", BLOCK_M=1, BLOCK_N=8, BLOCK_K=1024)
+    rope = dict(HAS_NORM=True, HALF=64, HALF_BLOCK=64, BLOCK_SIZE=16, WRITE_CACHE=True,
+                KV_FP8=False)
+    cache = dict(NUM_KV_HEADS=8, HEAD_DIM=128, BLOCK_SIZE=16, HEADS_PAD=8, DIM_PAD=128,
+                 KV_FP8=False)
+    scales = dict(k_scale_ptr="*fp32", v_scale_ptr="*fp32", slot_mapping_ptr="*i32")
+    return {
+        "fused_linear": lambda arch: _compile(fused_linear._fused_linear_kernel, linear,
+                                              ("eps",), dict(K=1024), arch),
+        "add_rms_norm": lambda arch: _compile(fused_ops._add_rms_norm_kernel,
+                                              dict(HAS_RESIDUAL=True, BLOCK=1024), ("eps",),
+                                              arch=arch),
+        "qk_norm_rope+cache write": lambda arch: _compile(
+            fused_ops._qk_norm_rope_kernel, rope, ("eps",), arch=arch, positions_ptr="*i64",
+            cos_ptr="*fp32", sin_ptr="*fp32", **scales),
+        "silu_and_mul": lambda arch: _compile(fused_ops._silu_and_mul_kernel, dict(BLOCK=1024),
+                                              arch=arch),
+        "write_kv_cache": lambda arch: _compile(triton_cache._write_kv_cache_kernel, cache,
+                                                arch=arch, **scales),
+        "attention (decode, split-KV merged)": lambda arch: compile_decode(
+            "bf16", {}, split_kv=True, arch=arch)[0],
+    }
+
+
+def compiled_ptx() -> dict[str, str]:
+    """name -> PTX for sm_90, and "name sm_80" for two of them (run by the fixture below)."""
+    kernels = _kernels()
+    ptx = {name: build(90).asm["ptx"] for name, build in kernels.items()}
+    ptx.update({f"{name} sm_80": kernels[name](80).asm["ptx"]
+                for name in ("fused_linear", "write_kv_cache")})
+    return ptx
+
+
+NAMES = ["fused_linear", "add_rms_norm", "qk_norm_rope+cache write", "silu_and_mul",
+         "write_kv_cache", "attention (decode, split-KV merged)"]
+
+
+@pytest.fixture(scope="module")
+def ptx():
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    script = ("import json; from tests.kernels.test_pdl import compiled_ptx; "
+              "print(json.dumps(compiled_ptx()))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _lines(ptx: str, pattern: str) -> list[int]:
+    return [i for i, line in enumerate(ptx.splitlines()) if re.search(pattern, line)]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_each_kernel_waits_before_it_writes_and_releases_after(name, ptx):
+    ptx = ptx[name]
+    waits, releases = _lines(ptx, WAIT), _lines(ptx, RELEASE)
+    assert len(waits) == 1 and len(releases) == 1, (waits, releases)
+    assert waits[0] < releases[0]
+    stores = _lines(ptx, r"\b(st|red|atom)\.global")
+    assert stores and min(stores) > waits[0], "a store before the wait races the previous kernel"
+
+
+def test_the_linear_kernel_loads_its_weights_before_the_wait(ptx):
+    ptx = ptx["fused_linear"]
+    loads = _lines(ptx, r"\bld\.global")
+    waits = _lines(ptx, WAIT)
+    before = [i for i in loads if i < waits[0]]
+    # BLOCK_N = 8 rows of gate and 8 of up, 1024 columns each, 4 warps: 16-byte loads.
+    assert len(before) >= 2 * 8 * 1024 * 2 // 16 // 128, len(before)
+    assert all(re.search(r"\.v4\.b32", ptx.splitlines()[i]) for i in before)
+
+
+@pytest.mark.parametrize("name", ["fused_linear", "write_kv_cache"])
+def test_without_hopper_nothing_is_compiled_in(name, ptx):
+    ptx = ptx[f"{name} sm_80"]
+    assert WAIT not in ptx and RELEASE not in ptx
