@@ -226,7 +226,12 @@ def choose_config(n: int, k: int, block_m: int, swiglu: bool) -> LinearConfig:
     k_pad = triton.next_power_of_2(k)
     budget = TILE_ELEMENTS // per_column
     block_n = min(64, max(4, _pow2_floor(budget // k_pad)))
-    return LinearConfig(block_n, min(k_pad, max(16, _pow2_floor(budget // block_n))))
+    # Warps: as many programs resident at once as the grid has, at Qwen3-0.6B's shapes (sm_90,
+    # Triton 3.6, registers from the compiled kernels): 8 warps for one weight tile (q|k|v:
+    # 106 registers, 2 programs an SM, 256 programs), 4 for SwiGLU's two (gate|up: 128
+    # registers, 4 an SM, 384 programs; 8 warps would leave them 1.45 waves).
+    return LinearConfig(block_n, min(k_pad, max(16, _pow2_floor(budget // block_n))),
+                        num_warps=4 if swiglu else 8)
 
 
 def _pow2_floor(n: int) -> int:
