@@ -16,7 +16,8 @@ mapping. Its one-shot all-reduce is the simplest possible algorithm:
     3. every rank reads *all* N buffers, adds them, and writes the sum to its output;
     4. a second barrier says everyone has finished reading, so the buffers may be reused.
 
-One kernel, one hop: each rank reads (N - 1) x the tensor over NVLink, which for a few hundred
+One kernel, one hop (step 1 included, where PyTorch offers the kernel that copies the rank's
+tensor in itself, `_copy_in_kernel`): each rank reads (N - 1) x the tensor over NVLink, which for a few hundred
 KB is far cheaper than NCCL's round trips. For large tensors (prefill) the ring's bandwidth wins
 again, so only tensors up to `max_bytes` take this path; the rest go through
 `torch.distributed.all_reduce` as before. The kernels capture into CUDA graphs like NCCL's.
@@ -29,6 +30,8 @@ differently. So `"auto"` uses this path only for two ranks.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 # Tensors up to this size take the one-shot path: a decode step of 256 sequences at hidden 8192
@@ -36,6 +39,20 @@ import torch
 MAX_BYTES = 4 * 1024 * 1024
 # The dtypes PyTorch's one-shot kernel adds (it has no fp16 version); others use the group.
 DTYPES = (torch.bfloat16, torch.float32)
+
+
+def _copy_in_kernel(x: torch.Tensor) -> bool:
+    """Whether step 1 runs inside the one-shot kernel (`one_shot_all_reduce_copy_out`): one
+    kernel per sum instead of a copy and then the sum. Where this PyTorch has it, for x aligned
+    like the buffer (16 bytes, which the kernel requires of both), unless
+    MINIVLLM_PEER_COPY_IN_KERNEL=0 (to measure it).
+
+    In a small-batch decode step the residual add and RMSNorm after the sum are fused into the
+    next GEMM's prologue (layers/fused_linear.py), so a layer boundary is three kernels:
+    [o_proj] [this sum] [add + norm + GEMM]."""
+    return (os.environ.get("MINIVLLM_PEER_COPY_IN_KERNEL", "1") != "0"
+            and x.data_ptr() % 16 == 0 and x.numel() * x.element_size() % 16 == 0
+            and hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy_out"))
 
 
 def unavailable_reason(size: int, device: torch.device) -> str | None:
@@ -84,8 +101,12 @@ class PeerAllReduce:
         """The sum of every rank's `x`, as a new tensor of x's shape (x itself is left as it was)."""
         n = x.numel()
         staged = self.buffer[:n]
-        staged.copy_(x.view(-1))  # step 1: into this rank's symmetric buffer
         out = torch.empty_like(x)
+        if _copy_in_kernel(x):  # all four steps in one kernel, which copies x in itself
+            torch.ops.symm_mem.one_shot_all_reduce_copy_out(staged, x.view(-1), "sum",
+                                                             self.group_name, out.view(-1))
+            return out
+        staged.copy_(x.view(-1))  # step 1: into this rank's symmetric buffer
         # Steps 2-4 in one kernel: barrier, read and add all N buffers, barrier.
         torch.ops.symm_mem.one_shot_all_reduce_out(staged, "sum", self.group_name, out.view(-1))
         return out
