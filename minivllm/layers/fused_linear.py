@@ -111,12 +111,25 @@ def _input_tile(x_ptr, residual_ptr, residual_out_ptr, norm_ptr, rows, row_mask,
 
 
 @triton.jit
+def _weight_tile(w_rows, k0, ks, col_mask, K, DOT: tl.constexpr):
+    """Columns [k0, k0 + BLOCK_K) of this program's weight rows: [BLOCK_N, BLOCK_K] for tl.dot;
+    for the CUDA cores [1, BLOCK_N, BLOCK_K], loaded straight into the layout of the product
+    with the input rows (a 2-D tile would be moved there through shared memory)."""
+    mask = col_mask[:, None] & ((k0 + ks) < K)[None, :]
+    ptrs = w_rows + k0 + ks[None, :]
+    if DOT:
+        return tl.load(ptrs, mask=mask, other=0.0)
+    return tl.load(ptrs[None, :, :], mask=mask[None, :, :], other=0.0)
+
+
+@triton.jit
 def _times_weights(a, w, acc, DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """acc [BLOCK_M, BLOCK_N] + a [BLOCK_M, BLOCK_K] @ w [BLOCK_N, BLOCK_K]^T, in float32."""
+    """acc [BLOCK_M, BLOCK_N] + a [BLOCK_M, BLOCK_K] @ w^T, w as `_weight_tile` loads it, in
+    float32."""
     if DOT:
         return tl.dot(a, tl.trans(w), acc, input_precision=DOT_PRECISION)
     # A few rows: every row times every weight row, reduced along K on the CUDA cores.
-    return acc + tl.sum(a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    return acc + tl.sum(a.to(tl.float32)[:, None, :] * w.to(tl.float32), axis=2)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -136,12 +149,12 @@ def _fused_linear_kernel(
     ks = tl.arange(0, BLOCK_K)
     # 64-bit row offsets: a weight (an LM head) may hold 2^31 elements or more.
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
-    w_mask = col_mask[:, None] & (ks < K)[None, :]
+    u_rows = w_rows + N * stride_wn  # SWIGLU: the up rows
     # Prologue: the first weight tile (often all of this program's weights) does not depend on
     # the previous kernel, so it is in flight before the wait.
-    w = tl.load(w_rows + ks[None, :], mask=w_mask, other=0.0)
+    w = _weight_tile(w_rows, 0, ks, col_mask, K, DOT)
     if SWIGLU:
-        u = tl.load(w_rows + N * stride_wn + ks[None, :], mask=w_mask, other=0.0)
+        u = _weight_tile(u_rows, 0, ks, col_mask, K, DOT)
     wait_and_release(USE_PDL)
 
     rows = tl.arange(0, BLOCK_M)
@@ -159,14 +172,13 @@ def _fused_linear_kernel(
     if SWIGLU:
         acc_up = _times_weights(a, u, acc_up, DOT, DOT_PRECISION)
     for k0 in range(BLOCK_K, K, BLOCK_K):  # the rest of K, when the strip is wider than a tile
-        k_mask = col_mask[:, None] & ((k0 + ks) < K)[None, :]
-        w = tl.load(w_rows + k0 + ks[None, :], mask=k_mask, other=0.0)
+        w = _weight_tile(w_rows, k0, ks, col_mask, K, DOT)
         a = _input_tile(x_ptr, residual_ptr, residual_out_ptr, norm_ptr, rows, row_mask, k0, K,
                         inv_rms, stride_xm, stride_rm, stride_rom, residual_rows, NORM,
                         ADD_RESIDUAL, BLOCK_K)
         acc = _times_weights(a, w, acc, DOT, DOT_PRECISION)
         if SWIGLU:
-            u = tl.load(w_rows + N * stride_wn + k0 + ks[None, :], mask=k_mask, other=0.0)
+            u = _weight_tile(u_rows, k0, ks, col_mask, K, DOT)
             acc_up = _times_weights(a, u, acc_up, DOT, DOT_PRECISION)
 
     dtype = out_ptr.dtype.element_ty
