@@ -58,7 +58,6 @@ import triton.language as tl
 from minivllm.kernels.pdl import pdl_launch, wait_and_release
 
 MAX_ROWS = 16  # rows (tokens) up to which the fused kernels replace cuBLAS
-CUDA_CORE_ROWS = 4  # up to this many rows the product runs on the CUDA cores, beyond on tl.dot
 DOT_ROWS = 16  # rows of the tl.dot tile, its smallest efficient M; rows past M are masked
 TILE_ELEMENTS = 16384  # weight elements a program holds in registers at once (32 KB in bf16)
 
@@ -117,9 +116,10 @@ def _weight_tile(w_rows, k0, ks, col_mask, K, DOT: tl.constexpr):
     with the input rows (a 2-D tile would be moved there through shared memory)."""
     mask = col_mask[:, None] & ((k0 + ks) < K)[None, :]
     ptrs = w_rows + k0 + ks[None, :]
-    if DOT:
-        return tl.load(ptrs, mask=mask, other=0.0)
-    return tl.load(ptrs[None, :, :], mask=mask[None, :, :], other=0.0)
+    if not DOT:
+        ptrs = ptrs[None, :, :]
+        mask = mask[None, :, :]
+    return tl.load(ptrs, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -127,9 +127,10 @@ def _times_weights(a, w, acc, DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """acc [BLOCK_M, BLOCK_N] + a [BLOCK_M, BLOCK_K] @ w^T, w as `_weight_tile` loads it, in
     float32."""
     if DOT:
-        return tl.dot(a, tl.trans(w), acc, input_precision=DOT_PRECISION)
-    # A few rows: every row times every weight row, reduced along K on the CUDA cores.
-    return acc + tl.sum(a.to(tl.float32)[:, None, :] * w.to(tl.float32), axis=2)
+        acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    else:  # one row: times every weight row, reduced along K on the CUDA cores
+        acc += tl.sum(a.to(tl.float32)[:, None, :] * w.to(tl.float32), axis=2)
+    return acc
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -216,18 +217,23 @@ class LinearConfig:
 
 
 def block_rows(m: int) -> int:
-    """Rows of the program's tile for m rows: 1, 2 or 4 on the CUDA cores; 16 for tl.dot."""
-    return triton.next_power_of_2(m) if m <= CUDA_CORE_ROWS else DOT_ROWS
+    """Rows of the program's tile for m rows: 1 on the CUDA cores, else 16 for tl.dot.
+
+    Counted in the sm_90 code (Triton 3.6, Qwen3-0.6B's q|k|v): the CUDA-core product costs
+    968 instructions a thread for one row, 1,432 for two and 2,328 for four (it redoes the
+    multiply-adds per row), against about 1,600 for the whole of K through tl.dot at any row
+    count, with half the warps."""
+    return 1 if m == 1 else DOT_ROWS
 
 
 @functools.cache
 def choose_config(n: int, k: int, block_m: int, swiglu: bool) -> LinearConfig:
     """From the shape only (and the row tile: CUDA cores or tl.dot).
 
-    CUDA cores (1 to 4 rows): a program holds at most TILE_ELEMENTS weights (SwiGLU programs
+    CUDA cores (one row): a program holds at most TILE_ELEMENTS weights (SwiGLU programs
     read gate and up rows: half as many columns), as few columns as 4 so that N = 1024 still
     gives every SM of an H100 one or two programs, and as many as fit with the whole of K in one
-    tile, which is then loaded before the wait. tl.dot (5 to 16 rows): 16 columns, its smallest
+    tile, which is then loaded before the wait. tl.dot (2 to 16 rows): 16 columns, its smallest
     N, and K in pipelined steps of 256 (128 with SwiGLU) columns: within the registers at 16 rows
 (sm_90, Triton 3.6: 152 registers for q|k|v at 256, 140 for gate|up at 128, no spills).
     """

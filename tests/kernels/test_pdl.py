@@ -85,17 +85,46 @@ def _kernels():
     }
 
 
+def _linear_variants():
+    """Every variant of the small-batch linear kernel the model launches: one row or tl.dot,
+    q|k|v (norm, residual, bias), gate|up (SwiGLU), o_proj/down_proj (plain)."""
+    from minivllm.layers import fused_linear
+
+    variants = {}
+    for rows in (1, 16):
+        block_m = fused_linear.block_rows(rows)
+        for name, (n, k, swiglu, norm) in {"qkv": (4096, 1024, False, True),
+                                          "gate_up": (3072, 1024, True, True),
+                                          "down": (1024, 3072, False, False)}.items():
+            cfg = fused_linear.choose_config(n, k, block_m, swiglu)
+            consts = dict(NORM=norm, ADD_RESIDUAL=norm, SWIGLU=swiglu, HAS_BIAS=name == "qkv",
+                          DOT=block_m > 1, DOT_PRECISION="tf32", BLOCK_M=block_m,
+                          BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K)
+            variants[f"fused_linear {name} M={rows}"] = (fused_linear._fused_linear_kernel, consts,
+                                                        dict(N=n, K=k), cfg)
+    return variants
+
+
 def compiled_ptx() -> dict[str, str]:
     """name -> PTX for sm_90, and "name sm_80" for two of them (run by the fixture below)."""
+    from benchmarks.sass_count import compile_kernel
+
     kernels = _kernels()
     ptx = {name: build(90).asm["ptx"] for name, build in kernels.items()}
+    for name, (fn, consts, ints, cfg) in _linear_variants().items():
+        pointers = {p.name: "*bf16" for p in fn.params if p.name.endswith("_ptr")}
+        ptx[name] = compile_kernel(fn, dict(consts, USE_PDL=True), pointers,
+                                   {p.name: 64 for p in fn.params} | ints,
+                                   dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+                                   floats=("eps",)).asm["ptx"]
     ptx.update({f"{name} sm_80": kernels[name](80).asm["ptx"]
                 for name in ("fused_linear", "write_kv_cache")})
     return ptx
 
 
 NAMES = ["fused_linear", "add_rms_norm", "qk_norm_rope+cache write", "silu_and_mul",
-         "write_kv_cache", "attention (decode, split-KV merged)"]
+         "write_kv_cache", "attention (decode, split-KV merged)",
+         *(f"fused_linear {name} M={rows}" for rows in (1, 16) for name in ("qkv", "gate_up", "down"))]
 
 
 @pytest.fixture(scope="module")
