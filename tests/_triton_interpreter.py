@@ -13,7 +13,8 @@
   and saturates at +-448 (`cvt.rn.satfinite`), which is what torch's cast does too, so we route
   that one conversion through torch.
 
-`PredictedSpecializations` (below) is the CPU stand-in for `minivllm.kernels.JitCounter`.
+`PredictedSpecializations` (below) is the CPU stand-in for `minivllm.kernels.JitCounter`, and
+`LaunchLog` lists the kernels a piece of code launches.
 """
 
 import numpy as np
@@ -131,3 +132,31 @@ class PredictedSpecializations:
 
     def snapshot(self) -> dict[str, set]:
         return {name: set(keys) for name, keys in self.keys.items()}
+
+
+class LaunchLog(list):
+    """The names of the Triton kernels launched while active, in order. Only the interpreter
+    can be watched: on a GPU (TRITON_INTERPRET unset) it stays empty."""
+
+    def __enter__(self):
+        import os
+
+        self._run = None
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return self
+        from triton.runtime import interpreter
+
+        self._run = original = interpreter.InterpretedFunction.run
+
+        def run(function, *args, **kwargs):
+            self.append(function.fn.__name__)
+            return original(function, *args, **kwargs)
+
+        interpreter.InterpretedFunction.run = run
+        return self
+
+    def __exit__(self, *exc):
+        if self._run is not None:
+            from triton.runtime import interpreter
+
+            interpreter.InterpretedFunction.run = self._run

@@ -168,3 +168,31 @@ def test_the_linear_kernel_loads_its_weights_before_the_wait(ptx):
 def test_without_hopper_nothing_is_compiled_in(name, ptx):
     ptx = ptx[f"{name} sm_80"]
     assert WAIT not in ptx and RELEASE not in ptx
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_pdl_changes_no_bit_of_the_output(tmp_path, monkeypatch, dtype):
+    """PDL only changes when kernels start, never what they compute: greedy tokens through CUDA
+    graphs (every small-batch fusion on) are identical with it and without it. A kernel that
+    read its predecessor's output before its wait would make them differ."""
+    import random
+
+    from minivllm import LLM
+    from minivllm.models import make_random_model
+
+    model = make_random_model(tmp_path / "m", arch="qwen3", size="small", seed=3)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(4, 1024) for _ in range(rng.randint(3, 60))] for _ in range(11)]
+    outputs = {}
+    for pdl_on in ("1", "0"):
+        monkeypatch.setenv("MINIVLLM_PDL", pdl_on)
+        llm = LLM(str(model), device="cuda", dtype=dtype, max_num_seqs=16, max_model_len=512,
+                  num_kv_blocks=256, block_size=16, enable_prefix_caching=False)
+        assert llm.engine.model_runner.graphs is not None
+        outs = llm.generate(prompts, temperature=0.0, max_tokens=40, ignore_eos=True,
+                            use_tqdm=False)
+        outputs[pdl_on] = [o.token_ids for o in outs]
+        del llm
+        torch.cuda.empty_cache()
+    assert outputs["1"] == outputs["0"]

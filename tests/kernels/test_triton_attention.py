@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from minivllm.kernels import available_backends, paged_attention, write_kv_cache
+from tests._triton_interpreter import LaunchLog
 from tests.kernels.paged_inputs import TOLERANCE, make_problem, rel_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -84,36 +85,12 @@ def test_decode_split_kv_merge_in_kernel_and_apart(fused_merge, gqa, head_dim, m
     monkeypatch.setenv("MINIVLLM_FUSED_MERGE", fused_merge)
     g = torch.Generator().manual_seed(head_dim)
     p = make_problem([1] * 3, [1, 45, 130], *gqa, head_dim, 8, torch.float32, DEVICE, generator=g)
-    with KernelNames() as names:
+    with LaunchLog() as names:
         _check(p, torch.float32, num_splits=6)
     if DEVICE == "cpu":
         assert ("_merge_splits_kernel" in names) == (fused_merge == "0")
     counters = triton_attention._counters.get(p.query.device)
     assert counters is None or not counters.any()
-
-
-class KernelNames(list):
-    """The Triton kernels launched while active (interpreter only; on a GPU, nothing)."""
-
-    def __enter__(self):
-        if DEVICE == "cuda":
-            return self
-        from triton.runtime import interpreter
-
-        self._run = original = interpreter.InterpretedFunction.run
-
-        def run(function, *args, **kwargs):
-            self.append(function.fn.__name__)
-            return original(function, *args, **kwargs)
-
-        interpreter.InterpretedFunction.run = run
-        return self
-
-    def __exit__(self, *exc):
-        if DEVICE != "cuda":
-            from triton.runtime import interpreter
-
-            interpreter.InterpretedFunction.run = self._run
 
 
 @pytest.mark.parametrize("num_splits", [None, 2, 5])

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from minivllm.layers import fused_linear
 from minivllm.layers.fused_linear import LinearConfig
+from tests._triton_interpreter import LaunchLog
 from tests.kernels.paged_inputs import rel_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -144,53 +145,33 @@ def test_the_switch(monkeypatch):
 # --------------------------------------------------------------------------------------------
 # The decoder layers on the fused path
 # --------------------------------------------------------------------------------------------
-class KernelLog:
-    """The names of the Triton kernels launched while active, in order (interpreter only)."""
-
-    def __enter__(self):
-        from triton.runtime import interpreter
-
-        self.names, self._run = [], interpreter.InterpretedFunction.run
-        log, original = self.names, self._run
-
-        def run(function, *args, **kwargs):
-            log.append(function.fn.__name__)
-            return original(function, *args, **kwargs)
-
-        interpreter.InterpretedFunction.run = run
-        return self
-
-    def __exit__(self, *exc):
-        from triton.runtime import interpreter
-
-        interpreter.InterpretedFunction.run = self._run
-
-
-def _run_model(model_dir, fused: bool, monkeypatch, steps):
-    """Logits of `steps` (PagedRunner chunks) through a float16 model, the fused kernels on
-    (run by the interpreter on CPU) or off (PyTorch), and the Triton kernels each step ran."""
+def _run_model(model_dir, fused: bool, monkeypatch, steps, dtype=torch.float16):
+    """Logits of `steps` (PagedRunner chunks) through the model, the fused kernels on (on CPU:
+    run by the interpreter) or off (PyTorch), and the Triton kernels each step ran (CPU only)."""
     from minivllm.models import load_model
     from tests.models.model_harness import PagedRunner
 
-    monkeypatch.setattr("minivllm.layers.triton_device",
-                        (lambda device: True) if fused else (lambda device: device.type == "cuda"))
-    model = load_model(model_dir, dtype=torch.float16, device=DEVICE)
+    if DEVICE == "cpu":
+        monkeypatch.setattr("minivllm.layers.triton_device",
+                            (lambda device: True) if fused else (lambda device: False))
+    else:
+        monkeypatch.setenv("MINIVLLM_FUSED_OPS", "1" if fused else "0")
+    model = load_model(model_dir, dtype=dtype, device=DEVICE)
     runner = PagedRunner(model, num_blocks=16, block_size=8, seed=1)
     logits, kernels = [], []
     for chunks in steps:
-        with KernelLog() as log:
+        with LaunchLog() as log:
             logits.append(torch.cat(runner.step(chunks, backend="triton")))
-        kernels.append(log.names)
+        kernels.append(list(log))
     return logits, kernels
 
 
-@pytest.mark.skipif(DEVICE != "cpu", reason="patches the CPU path onto the interpreter")
 @pytest.mark.parametrize("variant", ["qwen3", "llama-biases-tied-llama3-rope"])
 def test_fused_decode_layers_match_the_pytorch_path(variant, model_dir, monkeypatch):
     """A prefill too large for the fused linear kernels (17 tokens), one small enough (5), then
     decode steps of 2 and of 1 sequence: the logits agree with the unfused model to float16
-    rounding, and a decode layer is the six kernels of the fused path: no separate norm, cache
-    write or SiLU kernel."""
+    rounding, and (in the interpreter, where launches can be listed) a decode layer is the six
+    kernels of the fused path: no separate norm, cache write or SiLU kernel."""
     a, b = list(range(3, 20)), list(range(30, 35))
     steps = [[("a", a)], [("b", b)], [("a", [7]), ("b", [8])], [("b", [9])], [("b", [10])]]
     ref, _ = _run_model(model_dir(variant), False, monkeypatch, steps)
@@ -198,6 +179,8 @@ def test_fused_decode_layers_match_the_pytorch_path(variant, model_dir, monkeypa
     for step, (x, y) in enumerate(zip(got, ref)):
         assert rel_error(x, y) < 1e-2, f"step {step}"
         assert torch.equal(x.argmax(-1), y.argmax(-1)), f"step {step}"
+    if DEVICE != "cpu":
+        return
     layer = ["_fused_linear_kernel", "_qk_norm_rope_kernel", "_paged_attention_kernel",
              "_fused_linear_kernel", "_fused_linear_kernel", "_fused_linear_kernel"]
     for step in kernels[1:]:
