@@ -219,10 +219,10 @@ class LinearConfig:
 def block_rows(m: int) -> int:
     """Rows of the program's tile for m rows: 1 on the CUDA cores, else 16 for tl.dot.
 
-    Counted in the sm_90 code (Triton 3.6, Qwen3-0.6B's q|k|v): the CUDA-core product costs
-    968 instructions a thread for one row, 1,432 for two and 2,328 for four (it redoes the
-    multiply-adds per row), against about 1,600 for the whole of K through tl.dot at any row
-    count, with half the warps."""
+    Counted in the sm_90 code (Triton 3.6, Qwen3-0.6B's q|k|v; instructions a thread times the
+    loops' trip counts, times the warps an SM holds): the CUDA-core product issues about 15,500
+    warp instructions an SM for one row, 22,900 for two, 37,000 for four (it redoes the
+    multiply-adds per row), tl.dot about 20,600 at any row count."""
     return 1 if m == 1 else DOT_ROWS
 
 
@@ -235,7 +235,7 @@ def choose_config(n: int, k: int, block_m: int, swiglu: bool) -> LinearConfig:
     gives every SM of an H100 one or two programs, and as many as fit with the whole of K in one
     tile, which is then loaded before the wait. tl.dot (2 to 16 rows): 16 columns, its smallest
     N, and K in pipelined steps of 256 (128 with SwiGLU) columns: within the registers at 16 rows
-(sm_90, Triton 3.6: 152 registers for q|k|v at 256, 140 for gate|up at 128, no spills).
+    (sm_90, Triton 3.6: 152 registers for q|k|v at 256, 140 for gate|up at 128, no spills).
     """
     per_column = 2 if swiglu else 1
     if block_m == DOT_ROWS:
@@ -244,10 +244,10 @@ def choose_config(n: int, k: int, block_m: int, swiglu: bool) -> LinearConfig:
     k_pad = triton.next_power_of_2(k)
     budget = TILE_ELEMENTS // per_column
     block_n = min(64, max(4, _pow2_floor(budget // k_pad)))
-    # Warps: as many programs resident at once as the grid has, at Qwen3-0.6B's shapes (sm_90,
-    # Triton 3.6, registers from the compiled kernels): 8 warps for one weight tile (q|k|v:
-    # 106 registers, 2 programs an SM, 256 programs), 4 for SwiGLU's two (gate|up: 128
-    # registers, 4 an SM, 384 programs; 8 warps would leave them 1.45 waves).
+    # Warps: every program of the grid resident at once, at Qwen3-0.6B's shapes on an H100
+    # (registers of the sm_90 code, Triton 3.6): 8 warps for one weight tile (q|k|v: 122
+    # registers, 2 programs an SM, 256 programs), 4 for SwiGLU's two (gate|up: 168 registers,
+    # 3 an SM, 384 programs in 396 places; with 8 warps they would take 1.45 waves).
     return LinearConfig(block_n, min(k_pad, max(16, _pow2_floor(budget // block_n))),
                         num_warps=4 if swiglu else 8)
 
