@@ -73,7 +73,8 @@ def make_layers(shape: dict, batch: int, context: int, block_size: int, device, 
         block_tables=tables.to(device),
         seq_lens=torch.full((batch,), context + 1, dtype=torch.int32, device=device),
         cu_seqlens_q=torch.arange(batch + 1, dtype=torch.int32, device=device),
-        slot_mapping=(tables[:, context // block_size] * block_size + context % block_size).to(device),
+        slot_mapping=(tables[:, context // block_size] * block_size
+                      + context % block_size).to(device),
         positions=torch.full((batch,), context, device=device))
     return layers, meta
 
@@ -293,7 +294,8 @@ def main(argv=None) -> int:
                   f"warps={r['num_warps']}  {r['us']:7.2f}{' *' if r['default'] else ''}")
     print(f"\n{name}, context {context}, us per layer ({'CUDA graph replays' if on_gpu else 'CPU'});"
           f" JSON: {out}")
-    print(f"{'op':18s} {'batch':>5s} {'unfused':>9s} {'+pdl':>9s} {'fused':>9s} {'+pdl':>9s}  rel err")
+    print(f"{'op':18s} {'batch':>5s} {'unfused':>9s} {'+pdl':>9s} {'fused':>9s} "
+          f"{'+pdl':>9s}  rel err")
     for r in rows:
         err = f"{r['rel_error']:.1e}" if "rel_error" in r else ""
         print(f"{r['op']:18s} {r['batch']:5d} {us(r['unfused_pdl0_us']):>9s} "

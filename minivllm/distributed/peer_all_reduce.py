@@ -17,8 +17,8 @@ mapping. Its one-shot all-reduce is the simplest possible algorithm:
     4. a second barrier says everyone has finished reading, so the buffers may be reused.
 
 One kernel, one hop (step 1 included, where PyTorch offers the kernel that copies the rank's
-tensor in itself, `_copy_in_kernel`): each rank reads (N - 1) x the tensor over NVLink, which for a few hundred
-KB is far cheaper than NCCL's round trips. For large tensors (prefill) the ring's bandwidth wins
+tensor in itself, `_copy_in_kernel`): each rank reads (N - 1) x the tensor over NVLink, which
+for a few hundred KB is far cheaper than NCCL's round trips. For large tensors (prefill) the ring's bandwidth wins
 again, so only tensors up to `max_bytes` take this path; the rest go through
 `torch.distributed.all_reduce` as before. The kernels capture into CUDA graphs like NCCL's.
 

@@ -67,7 +67,8 @@ def use_pdl(device: torch.device) -> bool:
         return False
     if os.environ.get("MINIVLLM_PDL", "1") == "0":
         return False
-    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _capability(index) >= (9, 0)
 
 
 @functools.lru_cache(maxsize=None)

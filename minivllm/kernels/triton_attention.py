@@ -66,10 +66,11 @@ a reader meets them in the code:
   metadata pointers (`block_tables`, `seq_lens`, `cu_seqlens_q`), which an engine may pass as
   views at varying offsets of one buffer, are only read element by element, so they are left out
   of it (`do_not_specialize_on_alignment`), and so are the merge counters, for which a launch
-  without them passes `seq_lens`; q, the caches and out are fresh allocations or fixed views. What remains per model (head dim, GQA group, block size, dtypes, cache size, and the
-  prefill path) is a short list: the attention kernel has four variants, (DECODE_ONLY, SPLIT_KV)
-  in {0, 1}^2, each with its own tile shape, and the merge kernel one. `warm_up` compiles all
-  of them.
+  without them passes `seq_lens`; q, the caches and out are fresh allocations or fixed views.
+  What remains per model (head dim, GQA group, block size, dtypes, cache size, and the prefill
+  path) is a short list: the attention kernel has four variants, (DECODE_ONLY, SPLIT_KV) in
+  {0, 1}^2, each with its own tile shape, and the merge kernel one. `warm_up` compiles all of
+  them.
 """
 
 from __future__ import annotations
@@ -467,9 +468,9 @@ def _paged_attention_kernel(
         tl.store(partial_acc_ptr + stat[:, None] * DIM_PAD + dims[None, :], acc, mask=out_mask)
         if MERGE_SPLITS:  # decode: the last split of this (token, KV head) merges them all
             _merge_if_last(counters_ptr + pid, out_ptr, partial_acc_ptr, partial_m_ptr,
-                           partial_l_ptr, q_start.to(tl.int64), kv_head, num_tokens, num_splits, stride_ot,
-                           stride_oh, NUM_Q_HEADS, GROUP, GROUP_PAD, HEAD_DIM, DIM_PAD,
-                           SPLITS_CHUNK)
+                           partial_l_ptr, q_start.to(tl.int64), kv_head, num_tokens, num_splits,
+                           stride_ot, stride_oh, NUM_Q_HEADS, GROUP, GROUP_PAD, HEAD_DIM,
+                           DIM_PAD, SPLITS_CHUNK)
 
 
 @triton.jit
@@ -498,7 +499,8 @@ def _merge_if_last(counter_ptr, out_ptr, partial_acc_ptr, partial_m_ptr, partial
             splits = first + tl.arange(0, SPLITS_CHUNK)
             valid = (splits < num_splits)[:, None] & (group < GROUP)[None, :]  # [S, G]
             stat = (splits[:, None] * num_tokens + token) * NUM_Q_HEADS + heads[None, :]
-            m = tl.load(partial_m_ptr + stat, mask=valid, other=float("-inf"), cache_modifier=".cg")
+            m = tl.load(partial_m_ptr + stat, mask=valid, other=float("-inf"),
+                        cache_modifier=".cg")
             l = tl.load(partial_l_ptr + stat, mask=valid, other=0.0, cache_modifier=".cg")
             acc = tl.load(partial_acc_ptr + stat[:, :, None] * DIM_PAD + dims[None, None, :],
                           mask=valid[:, :, None], other=0.0, cache_modifier=".cg")
