@@ -9,7 +9,8 @@ off, and checks that fused and unfused outputs agree:
     o_proj             F.linear                            |  fused_linear.linear
     add+norm+gate_up   rms_norm + F.linear + silu_and_mul  |  norm_linear(swiglu=True)
     down_proj          F.linear                            |  fused_linear.linear
-    layer              the above and paged attention, in the engine's order
+    layer              the above and paged attention (split-KV merge kernel | merged in the
+                       attention kernel), in the engine's order
 
 Each row is a CUDA graph of the op repeated over the model's layers, each with its own weights
 and cache (so they stream from memory as in a real step), replayed; the time is the median
@@ -49,13 +50,13 @@ OPS = ("add+norm+qkv", "rope+kv write", "o_proj", "add+norm+gate_up", "down_proj
 
 def make_layers(shape: dict, batch: int, context: int, block_size: int, device, dtype, seed=0):
     """Per layer: random weights and a paged cache holding `context` tokens per sequence."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
     hidden, inter, d = shape["hidden_size"], shape["intermediate_size"], shape["head_dim"]
     hq, hkv = shape["num_attention_heads"], shape["num_key_value_heads"]
     blocks_per_seq = -(-(context + 1) // block_size)
 
-    def rand(*size, scale=1.0):
-        return (torch.randn(*size, generator=g) * scale).to(dtype).to(device)
+    def rand(*size, scale=1.0):  # drawn on the device: the caches of 28 layers are gigabytes
+        return (torch.randn(*size, generator=g, device=device, dtype=dtype) * scale)
 
     layers = []
     for _ in range(shape["num_hidden_layers"]):
@@ -207,9 +208,11 @@ def run_batch(shape, batch, context, device, dtype, replays):
                     row[key] = None
                     continue
                 os.environ["MINIVLLM_PDL"] = pdl
+                os.environ["MINIVLLM_FUSED_MERGE"] = "1" if kind == "fused" else "0"
                 seconds, outputs[kind] = time_per_call(variants[kind], device, replays)
                 row[key] = seconds / num_layers * 1e6
         os.environ.pop("MINIVLLM_PDL", None)
+        os.environ.pop("MINIVLLM_FUSED_MERGE", None)
         if "fused" in outputs:
             row["rel_error"] = rel_error(outputs["fused"], outputs["unfused"])
         rows.append(row)
