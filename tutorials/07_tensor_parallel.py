@@ -63,7 +63,8 @@ def check_the_sums(whole: torch.nn.Module, ranks: list[torch.nn.Module]) -> torc
     heading("2. Column then row: the partial sums add up to the unsplit MLP")
     torch.manual_seed(0)
     x = torch.randn(3, whole.config.hidden_size)
-    full = whole.model.layers[0].mlp(x)
+    unsplit = whole.model.layers[0].mlp
+    full = unsplit.down_proj(unsplit.act(unsplit.gate_up_proj(x)))  # down(silu(gate) * up)
     partials = []
     for r, model in enumerate(ranks):
         mlp = model.model.layers[0].mlp
