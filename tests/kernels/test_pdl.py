@@ -171,11 +171,10 @@ def test_without_hopper_nothing_is_compiled_in(name, ptx):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_pdl_changes_no_bit_of_the_output(tmp_path, monkeypatch, dtype):
+def test_pdl_changes_no_bit_of_the_output(tmp_path, monkeypatch):
     """PDL only changes when kernels start, never what they compute: greedy tokens through CUDA
-    graphs (every small-batch fusion on) are identical with it and without it. A kernel that
-    read its predecessor's output before its wait would make them differ."""
+    graphs (bfloat16, so every small-batch fusion is on) are identical with it and without it.
+    A kernel that read its predecessor's output before its wait would make them differ."""
     import random
 
     from minivllm import LLM
@@ -187,7 +186,7 @@ def test_pdl_changes_no_bit_of_the_output(tmp_path, monkeypatch, dtype):
     outputs = {}
     for pdl_on in ("1", "0"):
         monkeypatch.setenv("MINIVLLM_PDL", pdl_on)
-        llm = LLM(str(model), device="cuda", dtype=dtype, max_num_seqs=16, max_model_len=512,
+        llm = LLM(str(model), device="cuda", dtype="bfloat16", max_num_seqs=8, max_model_len=512,
                   num_kv_blocks=256, block_size=16, enable_prefix_caching=False)
         assert llm.engine.model_runner.graphs is not None
         outs = llm.generate(prompts, temperature=0.0, max_tokens=40, ignore_eos=True,
