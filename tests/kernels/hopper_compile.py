@@ -3,10 +3,12 @@
 Triton ships ptxas, nvdisasm and cuobjdump, so a kernel can be compiled ahead of time for a GPU
 this machine does not have. `compile_launch` runs `triton_attention.paged_attention` on CPU
 tensors with the kernel swapped for a recorder, so the launch is exactly the one the wrapper
-would make on a GPU (its `_launch_config` is asked for the GPU's configuration): the recorded
-constexprs, launch options and argument values are then compiled the way Triton's launcher
-specializes them (pointers 16-byte aligned, ints equal to 1 or divisible by 16 marked so, except
-the arguments the kernel exempts). A change to the kernel's switches needs no change here.
+would make on a GPU (its `_launch_config` is asked for the GPU's configuration, and programmatic
+dependent launch is on, as on Hopper): the recorded constexprs, launch options and argument
+values are then compiled the way Triton's launcher specializes them (pointers 16-byte aligned,
+ints equal to 1 or divisible by 16 marked so, except the arguments the kernel exempts). A change
+to the kernel's switches needs no change here. `record` and `compile_kernel` do the same for any
+kernel module (the fused layers' kernels: tests/kernels/test_pdl.py).
 
 Needs a process without TRITON_INTERPRET=1 (under it `@triton.jit` makes an interpreted function
 that cannot be compiled): the tests run it in a subprocess.
@@ -38,31 +40,49 @@ class _Recorder:
         self.args, self.kwargs = args, kwargs
 
 
-def record_launch(call) -> tuple[tuple, dict]:
+def record(module, kernel: str, call, pdl: bool = True, **swaps) -> tuple[tuple, dict]:
+    """(args, kwargs) of the launch of `module.<kernel>` that `call()` makes (CPU tensors), as the
+    wrapper makes it on a Hopper GPU: with programmatic dependent launch (`pdl`, the module's
+    `pdl_launch` answering as on sm_90), and `swaps` (module attributes) replaced meanwhile."""
+    recorder = _Recorder()
+    replaced = {kernel: recorder, "pdl_launch": lambda device: {"USE_PDL": pdl, "launch_pdl": pdl},
+                **swaps}
+    saved = {name: getattr(module, name) for name in replaced}
+    for name, value in replaced.items():
+        setattr(module, name, value)
+    try:
+        call()
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+    return recorder.args, recorder.kwargs
+
+
+def record_launch(call, pdl: bool = True) -> tuple[tuple, dict]:
     """(args, kwargs) of the attention kernel's launch made by `call()` (CPU tensors), with the
     launch configuration the wrapper chooses on a GPU."""
-    real_kernel, real_config = triton_attention._paged_attention_kernel, triton_attention._launch_config
-    recorder = _Recorder()
+    real_config = triton_attention._launch_config
 
     def gpu_config(decode_only, block_m, head_dim, dtype, device, *rest, **kwargs):
         return real_config(decode_only, block_m, head_dim, dtype, torch.device("cuda"), *rest, **kwargs)
 
-    triton_attention._paged_attention_kernel, triton_attention._launch_config = recorder, gpu_config
-    try:
-        call()
-    finally:
-        triton_attention._paged_attention_kernel, triton_attention._launch_config = real_kernel, real_config
-    return recorder.args, recorder.kwargs
+    return record(triton_attention, "_paged_attention_kernel", call, pdl, _launch_config=gpu_config)
 
 
 def compile_launch(call, arch: int = 90):
     """The kernel of `call()`'s launch, compiled for sm_<arch> by the installed Triton."""
+    args, kwargs = record_launch(call, pdl=arch >= 90)
+    return compile_kernel(triton_attention._paged_attention_kernel, args, kwargs, arch)
+
+
+def compile_kernel(fn, args: tuple, kwargs: dict, arch: int = 90):
+    """`fn` compiled for sm_<arch> with the arguments of a recorded launch, specialized as the
+    launcher would specialize them."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    args, kwargs = record_launch(call)
-    fn = triton_attention._paged_attention_kernel
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    kwargs = dict(kwargs)
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "launch_pdl") if k in kwargs}
     signature, consts, attrs = {}, {}, {}
     for i, param in enumerate(fn.params):
         value = args[i] if i < len(args) else kwargs[param.name]

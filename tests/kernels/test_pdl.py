@@ -43,87 +43,70 @@ def test_on_only_for_cuda_hopper_and_not_interpreting(monkeypatch):
     assert pdl.pdl_launch(cuda) == {"USE_PDL": False, "launch_pdl": False}
 
 
-def _compile(fn, consts, floats=(), ints=None, arch=90, **pointer_types):
-    """`fn` for sm_<arch>, every `*_ptr` argument bf16 unless named, ints = 64."""
-    from benchmarks.sass_count import compile_kernel
-
-    pointers = {p.name: pointer_types.get(p.name, "*bf16") for p in fn.params
-                if p.name.endswith("_ptr")}
-    ints = {p.name: 64 for p in fn.params} | (ints or {})
-    return compile_kernel(fn, dict(consts, USE_PDL=arch >= 90), pointers, ints,
-                          dict(num_warps=4), arch, floats=floats)
-
-
-def _kernels():
-    """name -> (arch -> compiled kernel), each as the decode step launches it."""
-    from benchmarks.sass_count import compile_decode
-    from minivllm.kernels import triton_cache
+def _calls(arch: int) -> dict:
+    """name -> the kernel and the launch its wrapper makes for Qwen3-0.6B's decode shapes
+    (CPU tensors: nothing runs), recorded as on sm_<arch>."""
+    from minivllm.kernels import triton_attention, triton_cache
     from minivllm.layers import fused_linear, fused_ops
+    from minivllm.layers.attention import KVCacheWrite
+    from tests.kernels.hopper_compile import attention_call, record, record_launch
 
-    linear = dict(NORM=True, ADD_RESIDUAL=True, SWIGLU=True, HAS_BIAS=True, DOT=False,
-                  DOT_PRECISION="tf32", BLOCK_M=1, BLOCK_N=8, BLOCK_K=1024)
-    rope = dict(HAS_NORM=True, HALF=64, HALF_BLOCK=64, BLOCK_SIZE=16, WRITE_CACHE=True,
-                KV_FP8=False)
-    cache = dict(NUM_KV_HEADS=8, HEAD_DIM=128, BLOCK_SIZE=16, HEADS_PAD=8, DIM_PAD=128,
-                 KV_FP8=False)
-    scales = dict(k_scale_ptr="*fp32", v_scale_ptr="*fp32", slot_mapping_ptr="*i32")
-    return {
-        "fused_linear": lambda arch: _compile(fused_linear._fused_linear_kernel, linear,
-                                              ("eps",), dict(K=1024), arch),
-        "add_rms_norm": lambda arch: _compile(fused_ops._add_rms_norm_kernel,
-                                              dict(HAS_RESIDUAL=True, BLOCK=1024), ("eps",),
-                                              arch=arch),
-        "qk_norm_rope+cache write": lambda arch: _compile(
-            fused_ops._qk_norm_rope_kernel, rope, ("eps",), arch=arch, positions_ptr="*i64",
-            cos_ptr="*fp32", sin_ptr="*fp32", **scales),
-        "silu_and_mul": lambda arch: _compile(fused_ops._silu_and_mul_kernel, dict(BLOCK=1024),
-                                              arch=arch),
-        "write_kv_cache": lambda arch: _compile(triton_cache._write_kv_cache_kernel, cache,
-                                                arch=arch, **scales),
-        "attention (decode, split-KV merged)": lambda arch: compile_decode(
-            "bf16", {}, split_kv=True, arch=arch)[0],
+    pdl = arch >= 90
+    bf16 = dict(dtype=torch.bfloat16)
+    hidden, hq, hkv, d, inter = 1024, 16, 8, 128, 3072
+    x, norm = torch.zeros(1, hidden, **bf16), torch.ones(hidden, **bf16)
+    qkv = torch.zeros(1, hq + 2 * hkv, d, **bf16)
+    q, k, v = qkv[:, :hq], qkv[:, hq:hq + hkv], qkv[:, hq + hkv:]
+    cache = torch.zeros(4, 16, hkv, d, **bf16)
+    slots, positions = torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int64)
+    angles = torch.zeros(64, d // 2)
+    calls = {
+        "add_rms_norm": (fused_ops, "_add_rms_norm_kernel",
+                         lambda: fused_ops.rms_norm(x, norm, 1e-6, x.clone())),
+        "qk_norm_rope+cache write": (fused_ops, "_qk_norm_rope_kernel", lambda: fused_ops.qk_norm_rope(
+            q, k, positions, angles, angles, norm[:d], norm[:d], 1e-6, v=v,
+            cache=KVCacheWrite(cache, cache.clone(), slots))),
+        "silu_and_mul": (fused_ops, "_silu_and_mul_kernel",
+                         lambda: fused_ops.silu_and_mul(torch.zeros(1, 2 * inter, **bf16))),
+        "write_kv_cache": (triton_cache, "_write_kv_cache_kernel",
+                           lambda: triton_cache.write_kv_cache(k, v, cache, cache.clone(), slots)),
     }
-
-
-def _linear_variants():
-    """Every variant of the small-batch linear kernel the model launches: one row or tl.dot,
-    q|k|v (norm, residual, bias), gate|up (SwiGLU), o_proj/down_proj (plain)."""
-    from minivllm.layers import fused_linear
-
-    variants = {}
     for rows in (1, 16):
-        block_m = fused_linear.block_rows(rows)
-        for name, (n, k, swiglu, norm) in {"qkv": (4096, 1024, False, True),
-                                          "gate_up": (3072, 1024, True, True),
-                                          "down": (1024, 3072, False, False)}.items():
-            cfg = fused_linear.choose_config(n, k, block_m, swiglu)
-            consts = dict(NORM=norm, ADD_RESIDUAL=norm, SWIGLU=swiglu, HAS_BIAS=name == "qkv",
-                          DOT=block_m > 1, DOT_PRECISION="tf32", BLOCK_M=block_m,
-                          BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K)
-            variants[f"fused_linear {name} M={rows}"] = (fused_linear._fused_linear_kernel, consts,
-                                                        dict(N=n, K=k), cfg)
-    return variants
+        x_rows = torch.zeros(rows, hidden, **bf16)
+        calls[f"fused_linear qkv M={rows}"] = (fused_linear, "_fused_linear_kernel", (
+            lambda x_rows=x_rows: fused_linear.norm_linear(
+                x_rows, x_rows.clone(), norm, 1e-6, torch.zeros((hq + 2 * hkv) * d, hidden, **bf16),
+                torch.zeros((hq + 2 * hkv) * d, **bf16))))
+        calls[f"fused_linear gate_up M={rows}"] = (fused_linear, "_fused_linear_kernel", (
+            lambda x_rows=x_rows: fused_linear.norm_linear(
+                x_rows, x_rows.clone(), norm, 1e-6, torch.zeros(2 * inter, hidden, **bf16),
+                swiglu=True)))
+        calls[f"fused_linear down M={rows}"] = (fused_linear, "_fused_linear_kernel", (
+            lambda rows=rows: fused_linear.linear(torch.zeros(rows, inter, **bf16),
+                                                  torch.zeros(hidden, inter, **bf16))))
+    recorded = {name: (getattr(module, kernel), *record(module, kernel, call, pdl))
+                for name, (module, kernel, call) in calls.items()}
+    recorded["attention (decode, split-KV merged)"] = (
+        triton_attention._paged_attention_kernel,
+        *record_launch(attention_call(1, 1024, num_splits=4), pdl))
+    return recorded
 
 
 def compiled_ptx() -> dict[str, str]:
     """name -> PTX for sm_90, and "name sm_80" for two of them (run by the fixture below)."""
-    from benchmarks.sass_count import compile_kernel
+    from tests.kernels.hopper_compile import compile_kernel
 
-    kernels = _kernels()
-    ptx = {name: build(90).asm["ptx"] for name, build in kernels.items()}
-    for name, (fn, consts, ints, cfg) in _linear_variants().items():
-        pointers = {p.name: "*bf16" for p in fn.params if p.name.endswith("_ptr")}
-        ptx[name] = compile_kernel(fn, dict(consts, USE_PDL=True), pointers,
-                                   {p.name: 64 for p in fn.params} | ints,
-                                   dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-                                   floats=("eps",)).asm["ptx"]
-    ptx.update({f"{name} sm_80": kernels[name](80).asm["ptx"]
-                for name in ("fused_linear", "write_kv_cache")})
+    ptx = {name: compile_kernel(fn, args, kwargs).asm["ptx"]
+           for name, (fn, args, kwargs) in _calls(90).items()}
+    ampere = _calls(80)
+    for name in ("fused_linear down M=1", "write_kv_cache"):
+        fn, args, kwargs = ampere[name]
+        ptx[f"{name} sm_80"] = compile_kernel(fn, args, kwargs, arch=80).asm["ptx"]
     return ptx
 
 
-NAMES = ["fused_linear", "add_rms_norm", "qk_norm_rope+cache write", "silu_and_mul",
-         "write_kv_cache", "attention (decode, split-KV merged)",
+NAMES = ["add_rms_norm", "qk_norm_rope+cache write", "silu_and_mul", "write_kv_cache",
+         "attention (decode, split-KV merged)",
          *(f"fused_linear {name} M={rows}" for rows in (1, 16) for name in ("qkv", "gate_up", "down"))]
 
 
@@ -155,16 +138,17 @@ def test_each_kernel_waits_before_it_writes_and_releases_after(name, ptx):
 
 
 def test_the_linear_kernel_loads_its_weights_before_the_wait(ptx):
-    ptx = ptx["fused_linear"]
+    """One row of gate|up: BLOCK_N = 8 rows of gate and 8 of up, all 1,024 columns, 4 warps:
+    every thread's share of the 32 KB in 16-byte loads, all issued before the wait."""
+    ptx = ptx["fused_linear gate_up M=1"]
     loads = _lines(ptx, r"\bld\.global")
     waits = _lines(ptx, WAIT)
     before = [i for i in loads if i < waits[0]]
-    # BLOCK_N = 8 rows of gate and 8 of up, 1024 columns each, 4 warps: 16-byte loads.
     assert len(before) >= 2 * 8 * 1024 * 2 // 16 // 128, len(before)
     assert all(re.search(r"\.v4\.b32", ptx.splitlines()[i]) for i in before)
 
 
-@pytest.mark.parametrize("name", ["fused_linear", "write_kv_cache"])
+@pytest.mark.parametrize("name", ["fused_linear down M=1", "write_kv_cache"])
 def test_without_hopper_nothing_is_compiled_in(name, ptx):
     ptx = ptx[f"{name} sm_80"]
     assert WAIT not in ptx and RELEASE not in ptx
