@@ -10,8 +10,11 @@
   (e4m3 -> fp16/bf16/fp32) are exact, but the narrowing cast fp32 -> e4m3 rounds ties away from
   zero, can drop the carry of a mantissa that rounds up, and flushes subnormals (seen in triton
   3.9: 7.75 -> 4, 200 -> 208, 2^-9 -> 0). The GPU rounds to nearest even, subnormals included,
-  and saturates at +-448 (`cvt.rn.satfinite`), which is what torch's cast does too, so we route
-  that one conversion through torch.
+  and saturates at +-448 (`cvt.rn.satfinite`). We replace that one conversion by `e4m3_bits`, the
+  GPU's rule written out in numpy. It is deliberately not torch's cast: the reference backend
+  quantizes with torch, so the tests that compare Triton's fp8 writes with the reference's bit
+  for bit compare two independent roundings (tests/kernels/test_fp8.py checks `e4m3_bits` against
+  hand-computed values too).
 
 `PredictedSpecializations` (below) is the CPU stand-in for `minivllm.kernels.JitCounter`, and
 `LaunchLog` lists the kernels a piece of code launches.
@@ -52,8 +55,41 @@ def _float32_values(handle) -> np.ndarray:
     return handle.data.astype(np.float32)
 
 
+E4M3_MAX = 448.0  # 1.75 * 2^8: the largest finite e4m3 value
+E4M3_MIN_NORMAL_EXP = -6  # exponents below this are subnormal: steps of 2^-9
+E4M3_MANTISSA_BITS = 3
+E4M3_BIAS = 7
+
+
+def e4m3_bits(x: np.ndarray) -> np.ndarray:
+    """float32 values -> their e4m3 (float8_e4m3fn) bit patterns, uint8, as a GPU converts them:
+    round to nearest, ties to even, subnormals kept, saturated at +-448, NaN to NaN (0x7f).
+
+    Every value is a count of steps of its binade: a step is 2^(e - 3) for |x| in [2^e, 2^(e+1))
+    (3 mantissa bits), and 2^-9 for everything below the smallest normal, 2^-6. So rounding is
+    rounding that count to an integer, ties to even (`np.rint`); a count that rounds up to 16
+    is the next binade's 8, which the encoding below handles like any other value.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    magnitude = np.abs(x).astype(np.float64)  # float64 holds every float32 and every step exactly
+    nan = np.isnan(magnitude)
+    magnitude[nan] = 0.0
+    _, exponent = np.frexp(magnitude)  # magnitude = m * 2^exponent with m in [0.5, 1)
+    binade = np.maximum(exponent - 1, E4M3_MIN_NORMAL_EXP)
+    step = np.ldexp(1.0, binade - E4M3_MANTISSA_BITS)
+    rounded = np.minimum(np.rint(magnitude / step) * step, E4M3_MAX)
+    # Encode: subnormals are multiples of 2^-9 with exponent field 0; normals 1.mmm * 2^e.
+    _, exponent = np.frexp(rounded)
+    normal = rounded >= 2.0 ** E4M3_MIN_NORMAL_EXP
+    e = np.where(normal, exponent - 1, E4M3_MIN_NORMAL_EXP)
+    mantissa = np.where(normal, np.ldexp(rounded, -e) - 1.0, np.ldexp(rounded, -E4M3_MIN_NORMAL_EXP))
+    fields = np.where(normal, e + E4M3_BIAS, 0).astype(np.uint8) << E4M3_MANTISSA_BITS
+    bits = fields | np.rint(np.ldexp(mantissa, E4M3_MANTISSA_BITS)).astype(np.uint8)
+    bits[nan] = 0x7F
+    return bits | (np.signbit(x).astype(np.uint8) << 7)
+
+
 def patch_fp8_rounding() -> None:
-    import torch
     import triton.language as tl
     from triton.runtime import interpreter
 
@@ -65,9 +101,7 @@ def patch_fp8_rounding() -> None:
     def create_fp_to_fp(self, src, dst_type, rounding_mode):
         if dst_type.scalar == tl.float8e4nv and src.dtype.scalar in (
                 tl.float32, tl.float16, tl.bfloat16):
-            values = torch.from_numpy(np.ascontiguousarray(_float32_values(src)))
-            bits = values.to(torch.float8_e4m3fn).view(torch.uint8).numpy()
-            return interpreter.TensorHandle(bits, tl.float8e4nv)
+            return interpreter.TensorHandle(e4m3_bits(_float32_values(src)), tl.float8e4nv)
         return original(self, src, dst_type, rounding_mode)
 
     builder.create_fp_to_fp = create_fp_to_fp

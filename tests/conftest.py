@@ -2,14 +2,19 @@
 
 On a machine without CUDA, Triton kernels run in the interpreter (TRITON_INTERPRET=1, numpy on
 the CPU). The variable must be set before triton is imported, hence here, at the top of the root
-conftest. On a GPU machine nothing is set and the same tests run the real kernels.
+conftest. On a GPU machine the same tests run the real kernels, and the C++/CUDA extension is
+compiled from csrc/ on first use (MINIVLLM_CUDA_JIT=1, cached under TORCH_EXTENSIONS_DIR), so a
+GPU run tests it too; MINIVLLM_CUDA_JIT=0 opts out. tests/devices.py says which tests are GPU
+tests (`pytest -m gpu`).
 """
 
 import os
 
 import torch
 
-if not torch.cuda.is_available():
+if torch.cuda.is_available():
+    os.environ.setdefault("MINIVLLM_CUDA_JIT", "1")
+else:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 if os.environ.get("TRITON_INTERPRET") == "1":

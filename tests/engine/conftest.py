@@ -1,22 +1,27 @@
 """Fixtures for the end-to-end engine tests: tiny random-weight HF model directories and the
 Hugging Face greedy oracle, both built once per test session (per xdist worker).
 
-The engine runs on the CPU with the reference attention by default; on a GPU machine
-`MINIVLLM_TEST_DEVICE=cuda` (and optionally `MINIVLLM_TEST_BACKEND=triton|cuda`) runs the
-HF-equality tests there, still in float32, against transformers on the CPU.
+`engine_device` runs a test twice: on the CPU with the reference attention, and on the GPU
+(marked `gpu`: skipped where there is no CUDA) with what "auto" picks there, the Triton kernels,
+still in float32 and against transformers on the CPU. So `pytest -m gpu` on a GPU machine runs
+the Hugging Face equality on the GPU, and CI runs it on the CPU.
 """
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
 import torch
 
 ARCHS = ("llama", "qwen2", "qwen3", "opt")
-ENGINE_DEVICE = os.environ.get("MINIVLLM_TEST_DEVICE", "cpu")
-ENGINE_BACKEND = os.environ.get("MINIVLLM_TEST_BACKEND", "torch" if ENGINE_DEVICE == "cpu" else "auto")
+BACKEND_ON = {"cpu": "torch", "cuda": "auto"}
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def engine_device(request) -> str:
+    """The device an engine test runs on: "cpu", then "cuda" where there is a GPU."""
+    return request.param
 
 
 @pytest.fixture(scope="session")

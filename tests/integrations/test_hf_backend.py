@@ -18,6 +18,7 @@ import torch
 
 from minivllm import kernels
 from minivllm.integrations import hf
+from tests.devices import DEVICE, ON_GPU, on_device
 from tests.integrations.conftest import ARCHS, left_pad
 
 PROMPT = [17, 203, 95, 311, 48, 150, 77, 402, 9]
@@ -214,16 +215,16 @@ def test_kernel_reads_the_cache_in_place(tiny_model, kernel_calls):
         assert call["k_cache"].shape[1] == 1  # one-token blocks
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+@pytest.mark.skipif(not (ON_GPU or os.environ.get("TRITON_INTERPRET") == "1"),
                     reason="the Triton kernel needs a GPU or the Triton interpreter")
+@on_device
 def test_triton_kernel_on_the_strided_view(tiny_dir, fallback_warnings):
     """The GPU path: the Triton kernel reads the strided page view (here in the interpreter on CPU)."""
     from transformers import AutoModelForCausalLM
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_dir("qwen3")), dtype=torch.float32).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_dir("qwen3")), dtype=torch.float32).to(DEVICE).eval()
     name = hf.register("minivllm-triton", backend="triton")
-    ids, mask = (t.to(device) for t in left_pad(BATCH[:2]))
+    ids, mask = (t.to(DEVICE) for t in left_pad(BATCH[:2]))
     assert greedy(model, name, ids, mask, 3) == greedy(model, "sdpa", ids, mask, 3)
     assert fallback_warnings() == []
 
@@ -279,12 +280,12 @@ def _generate_batch(model, prompts, new_tokens):
 
 @pytest.mark.skipif(not hf.supports_continuous_batching(),
                     reason="this transformers accepts no registered name in continuous batching")
+@on_device
 def test_generate_batch_through_the_kernel(tiny_dir, kernel_calls):
     from transformers import AutoModelForCausalLM
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(str(tiny_dir("qwen3")), dtype=torch.float32,
-                                                 attn_implementation=hf.register()).to(device).eval()
+                                                 attn_implementation=hf.register()).to(DEVICE).eval()
     # The batching name, set explicitly: transformers would otherwise prefer an installed flash.
     assert hf.continuous_batching_name() == "paged|minivllm"
     model.set_attn_implementation(hf.continuous_batching_name())
@@ -293,7 +294,7 @@ def test_generate_batch_through_the_kernel(tiny_dir, kernel_calls):
     got = _generate_batch(model, prompts, 6)
     model.set_attn_implementation("sdpa")
     with torch.no_grad():
-        expected = [model.generate(torch.tensor([p], device=device), do_sample=False, max_new_tokens=6,
+        expected = [model.generate(torch.tensor([p], device=DEVICE), do_sample=False, max_new_tokens=6,
                                    min_new_tokens=6, pad_token_id=0)[0, len(p):].tolist() for p in prompts]
     assert got == expected
     # The kernel read transformers' paged cache itself: [slots, 1, Hkv, D], slots = (blocks + 2) x 16.

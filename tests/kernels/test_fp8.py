@@ -2,21 +2,25 @@
 the unquantized reference, the argument checks, and the backends that cannot do it.
 
 On CPU the Triton kernels run in the interpreter, whose own fp32 -> e4m3 rounding is not the
-GPU's: tests/_triton_interpreter.py routes that one cast through torch (round to nearest even,
-as the GPU does). Loads of e4m3 and the widening casts are the interpreter's own.
+GPU's: tests/_triton_interpreter.py replaces that one cast by `e4m3_bits`, the GPU's rounding
+written out in numpy (checked here against hand-computed values), independent of torch's cast,
+which the reference uses. Loads of e4m3 and the widening casts are the interpreter's own.
 """
 
+import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
 from minivllm.kernels import available_backends, backends, fp8, paged_attention, write_kv_cache
 from minivllm.kernels import cuda as cuda_ext
-from tests._triton_interpreter import patch_fp8_rounding
+from tests._triton_interpreter import e4m3_bits, patch_fp8_rounding
+from tests.devices import DEVICE, ON_DEVICE
 from tests.kernels.paged_inputs import TOLERANCE, make_problem, rel_error
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = ON_DEVICE
 HAS_TRITON = "triton" in available_backends(DEVICE)
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton cannot run here")
 if DEVICE == "cpu" and HAS_TRITON:
@@ -81,6 +85,50 @@ def test_round_trip_bounds(dtype):
     top = (back.abs().amax(-1) / x.abs().amax(-1).clamp(min=1e-38))[x.abs().amax(-1) > 0]
     assert torch.allclose(top, torch.ones_like(top), atol=1e-6)
     assert torch.equal(back[0, 0], torch.zeros(128))
+
+
+# e4m3 as a GPU rounds to it (cvt.rn.satfinite), worked out by hand: 3 mantissa bits, so a step
+# of 2^(e-3) in the binade [2^e, 2^(e+1)) and 2^-9 below 2^-6 (subnormals); ties to even.
+E4M3_CASES = [
+    (1.0, 0x38, 1.0),  # exponent field 7 (the bias), mantissa 0
+    (-1.0, 0xB8, -1.0),
+    (0.0, 0x00, 0.0),
+    (-0.0, 0x80, -0.0),
+    (7.75, 0x50, 8.0),  # a tie between 7.5 (mantissa 111) and 8: even wins, with the carry
+    (200.0, 0x74, 192.0),  # a tie between 192 (100) and 208 (101): even
+    (201.0, 0x75, 208.0),  # past the tie: up
+    (448.0, 0x7E, 448.0),  # the largest finite value
+    (470.0, 0x7E, 448.0),  # above it: saturated, never NaN
+    (float("inf"), 0x7E, 448.0),
+    (2.0 ** -9, 0x01, 2.0 ** -9),  # the smallest subnormal, kept
+    (2.0 ** -10, 0x00, 0.0),  # half of it: a tie with 0, even
+    (3 * 2.0 ** -10, 0x02, 2.0 ** -8),  # 1.5 steps: a tie between 1 and 2, even
+    (7 * 2.0 ** -9, 0x07, 7 * 2.0 ** -9),  # the largest subnormal
+    (15 * 2.0 ** -10, 0x08, 2.0 ** -6),  # rounds up into the smallest normal
+]
+
+
+@pytest.mark.parametrize("value,bits,decoded", E4M3_CASES)
+def test_the_interpreters_e4m3_rounding_is_the_gpus(value, bits, decoded):
+    """The rounding the CPU tests give Triton's fp32 -> e4m3 cast, against values worked out by
+    hand, and decoded back by torch."""
+    got = e4m3_bits(np.array([value], dtype=np.float32))
+    assert got.dtype == np.uint8 and int(got[0]) == bits
+    back = torch.from_numpy(got).view(torch.float8_e4m3fn).float().item()
+    assert back == decoded and math.copysign(1, back) == math.copysign(1, decoded)
+    assert int(e4m3_bits(np.array([float("nan")], dtype=np.float32))[0]) & 0x7F == 0x7F
+
+
+def test_the_interpreters_e4m3_rounding_agrees_with_torch_everywhere_in_range():
+    """Two independent roundings (numpy's here, torch's in the reference) agree on every float16
+    value of e4m3's range and on a million float32 values across 40 binades."""
+    every_half = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16).float()
+    g = torch.Generator().manual_seed(0)
+    spread = (torch.randn(1_000_000, generator=g) * torch.logspace(-12, 2.6, 1_000_000)).clamp(-448, 448)
+    for x in (every_half[every_half.abs() <= fp8.E4M3_MAX], spread):
+        ours = e4m3_bits(x.numpy())
+        torchs = x.to(fp8.FP8_DTYPE).view(torch.uint8).numpy()
+        assert np.array_equal(ours, torchs), x[torch.from_numpy(ours != torchs)][:5]
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,13 +22,12 @@ import pytest
 import torch
 from minivllm.kernels import available_backends, paged_attention, triton_attention, warm_up
 
+from tests.devices import DEVICE, ON_DEVICE
 from tests.kernels.paged_inputs import TOLERANCE, make_problem, rel_error
 
 ROOT = Path(__file__).resolve().parents[2]
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(
-    "triton" not in available_backends(DEVICE), reason="Triton cannot run here"
-)
+pytestmark = [*ON_DEVICE,
+              pytest.mark.skipif("triton" not in available_backends(DEVICE), reason="Triton cannot run here")]
 
 PATHS = {
     "tokens": dict(PAGE_LOADS=False, FOLD_SCALE=False),

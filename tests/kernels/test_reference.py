@@ -68,15 +68,28 @@ def test_causal_mask_puts_queries_at_the_end():
     assert mask.tolist() == [[True, True, True, False], [True, True, True, True]]
 
 
+def _token(cache: torch.Tensor, table: torch.Tensor, i: int) -> torch.Tensor:
+    """Token i of a sequence, found by the paging rule itself: block table[i // block_size],
+    offset i % block_size."""
+    block_size = cache.shape[1]
+    return cache[int(table[i // block_size]), i % block_size]
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_reference_half_precision_close_to_float64(dtype):
-    """Half-precision inputs: the reference upcasts to fp32, so only output rounding remains."""
+    """Half-precision inputs: the reference upcasts to fp32, so only the rounding of its output
+    to the dtype remains, against float64 SDPA on the same (rounded) inputs."""
     from tests.kernels.paged_inputs import make_problem, rel_error
 
-    p = make_problem([3, 1], [20, 7], 8, 2, 32, 4, dtype=dtype,
-                     generator=torch.Generator().manual_seed(1))
+    query_lens, seq_lens = [3, 1], [20, 7]
+    p = make_problem(query_lens, seq_lens, 8, 2, 32, 4, dtype=dtype, generator=torch.Generator().manual_seed(1))
     out = paged_attention(*p.args(), backend="torch")
-    exact = paged_attention(p.query.double().float(), p.k_cache.float(), p.v_cache.float(),
-                            *p.args()[3:], backend="torch")
-    # Rounding the fp32 result to the output dtype: ~2^-11 relative for fp16, ~2^-8 for bf16.
-    assert rel_error(out, exact) < {torch.float16: 1e-3, torch.bfloat16: 6e-3}[dtype]
+    expected, start = [], 0
+    for b, (q_len, seq_len) in enumerate(zip(query_lens, seq_lens)):
+        k = torch.stack([_token(p.k_cache, p.block_tables[b], i) for i in range(seq_len)])
+        v = torch.stack([_token(p.v_cache, p.block_tables[b], i) for i in range(seq_len)])
+        expected.append(_dense_attention(p.query[start:start + q_len], k, v, causal=True))
+        start += q_len
+    assert out.dtype == dtype
+    # Rounding the result to the output dtype: ~2^-11 relative for fp16, ~2^-8 for bf16.
+    assert rel_error(out, torch.cat(expected)) < {torch.float16: 1e-3, torch.bfloat16: 6e-3}[dtype]

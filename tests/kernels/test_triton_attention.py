@@ -13,12 +13,11 @@ import torch
 
 from minivllm.kernels import available_backends, paged_attention, write_kv_cache
 from tests._triton_interpreter import LaunchLog
+from tests.devices import DEVICE, ON_DEVICE
 from tests.kernels.paged_inputs import TOLERANCE, make_problem, rel_error
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(
-    "triton" not in available_backends(DEVICE), reason="Triton cannot run here"
-)
+pytestmark = [*ON_DEVICE,
+              pytest.mark.skipif("triton" not in available_backends(DEVICE), reason="Triton cannot run here")]
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 GQA = [(4, 4), (8, 2), (8, 1)]  # (Hq, Hkv): group size 1, 4 and 8

@@ -13,9 +13,10 @@ from minivllm.layers import fused_ops
 from minivllm.layers.activation import SiluAndMul
 from minivllm.layers.layernorm import RMSNorm
 from minivllm.layers.rotary import RotaryEmbedding, apply_rotary, inverse_frequencies
+from tests.devices import DEVICE, ON_DEVICE
 from tests.kernels.paged_inputs import rel_error
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = ON_DEVICE
 TOL = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
