@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -131,20 +130,30 @@ def test_an_exception_in_a_worker_reaches_the_driver_and_stops_the_group(model_d
     assert not pid_alive(pid)
 
 
-def test_a_worker_killed_mid_run_makes_the_driver_raise_and_finishes_its_requests(model_dir):
+def test_a_worker_killed_mid_step_makes_the_driver_raise_and_finishes_its_requests(model_dir, monkeypatch):
     llm = LLM(str(model_dir("qwen3")), tensor_parallel_size=2, **CPU_ENGINE)
-    [pid] = llm.engine.model_runner.worker_pids
+    executor = llm.engine.model_runner
+    [pid] = executor.worker_pids
     request_ids = [llm.add_request(p, GREEDY) for p in random_prompts([7, 12, 4], seed=3)]
     for _ in range(3):
         llm.step()
-    killer = threading.Timer(0.05, os.kill, (pid, signal.SIGKILL))  # lands somewhere in a step
-    killer.start()
-    started = time.monotonic()
-    with pytest.raises(TensorParallelError, match=r"worker rank 1 \(pid \d+\) died .*exit code -9"):
-        for _ in range(200):
-            llm.step()
-    assert time.monotonic() - started < 60, "the driver was meant to notice, not to wait for a timeout"
-    killer.join()
+    # Mid-step, by construction: the worker has been sent step 4 and is computing its half when
+    # it is killed, before the driver computes its own (whose all-reduces need the worker).
+    execute = executor.driver.execute
+
+    def kill_the_worker_then_execute(step_output):
+        os.kill(pid, signal.SIGKILL)
+        while pid_alive(pid):
+            time.sleep(0.01)
+        return execute(step_output)
+
+    monkeypatch.setattr(executor.driver, "execute", kill_the_worker_then_execute)
+    with pytest.raises(TensorParallelError, match=r"worker rank 1 \(pid \d+\) died during step 4 .*exit code -9") as err:
+        llm.step()
+    # The driver noticed the death (the peer's sockets closed under its all-reduce), rather than
+    # waiting for the collective's timeout (10 minutes) to expire.
+    assert "timed out" not in str(err.value.__cause__).lower(), err.value.__cause__
+    monkeypatch.undo()
     assert {llm.get_output(r).finish_reason for r in request_ids} == {"error"}
     with pytest.raises(TensorParallelError, match="stopped after a failure"):
         llm.generate(random_prompts([5]), GREEDY, use_tqdm=False)

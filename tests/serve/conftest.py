@@ -45,13 +45,15 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """A `python -m minivllm serve` child process and its address."""
+    """A `python -m minivllm serve` child process and its address. lockstep: an engine that, once
+    it has reported tokens, steps again only when the server sends it a command (lockstep_server.py)."""
 
-    def __init__(self, model: Path, *extra: str, log_dir: Path):
+    def __init__(self, model: Path, *extra: str, log_dir: Path, lockstep: bool = False):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log_dir / f"server-{self.port}.log"
-        args = [sys.executable, "-m", "minivllm", "serve", "--model", str(model), "--port", str(self.port),
+        launcher = [str(Path(__file__).with_name("lockstep_server.py"))] if lockstep else ["-m", "minivllm"]
+        args = [sys.executable, *launcher, "serve", "--model", str(model), "--port", str(self.port),
                 "--served-model-name", MODEL_NAME, "--attention-backend", "torch", "--kv-cache-memory-mib", "8",
                 "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", str(MAX_NUM_SEQS), *extra]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
