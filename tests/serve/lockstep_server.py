@@ -1,8 +1,8 @@
 """`python -m minivllm serve`, with an engine that steps only when its frontend has spoken.
 
 The lifecycle tests need a request that is still running when its client disconnects or when
-SIGTERM arrives, however fast the machine is: 240 tokens of a tiny model take 0.4 s on a CPU,
-less than a timeout or a signal may need to land. Here that holds by construction. Once a step
+SIGTERM arrives, however fast the machine is (a tiny model streamed 240 tokens in 0.4 s on a
+2-core CPU, less than a fixed timeout in a test). Here that holds by construction. Once a step
 has reported tokens, the engine process steps again only after the frontend has sent it a
 command. So a request that has streamed its first tokens cannot finish: it waits until the
 frontend sends an abort (the client went away, the server is shutting down), which lets the
@@ -19,29 +19,37 @@ from minivllm.entrypoints import engine_core
 
 WAIT_S = 120.0  # a bound on every wait, so a test that never sends a command cannot hang here
 
-serve, answer = engine_core.serve, engine_core._answer
+serve = engine_core.serve
+
+
+class CommandPipe:
+    """The engine's end of the command pipe, noting whether a command came since the last report."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.spoke = True
+
+    def recv(self):
+        self.spoke = True
+        return self.conn.recv()
+
+    def __getattr__(self, name):  # poll, close, ...: the pipe's own
+        return getattr(self.conn, name)
 
 
 def lockstep_serve(core, commands, results) -> None:
+    pipe = CommandPipe(commands)
     step = core.step
-    may_step = [True]  # no report since the frontend last spoke
-
-    def answer_and_allow(*args):
-        may_step[0] = True
-        return answer(*args)
 
     def step_when_told():
-        if not may_step[0]:
-            commands.poll(WAIT_S)  # the next command (served right after this step) allows it
-            may_step[0] = True
+        if not pipe.spoke:
+            pipe.poll(WAIT_S)  # the next command (served right after this step) allows it
         result = step()
-        if result.outputs or result.failed:
-            may_step[0] = False
+        pipe.spoke = not (result.outputs or result.failed)
         return result
 
-    engine_core._answer = answer_and_allow
     core.step = step_when_told
-    serve(core, commands, results)
+    serve(core, pipe, results)
 
 
 engine_core.serve = lockstep_serve
