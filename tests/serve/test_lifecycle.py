@@ -131,7 +131,7 @@ def test_sigterm_aborts_what_runs_and_exits_cleanly(serve_model, tmp_path):
     # After the signal the server takes no new connection, and left no process behind.
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{process.url}/health", timeout=2)
-    assert _wait_for(lambda: not any(_running(pid) for pid in children), timeout=10), children
+    assert _wait_for(lambda: not any(_running(pid) for pid in children)), children
 
 
 def _children(pid: int) -> list[int]:
