@@ -20,7 +20,7 @@ GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 # --------------------------------------------------------------------------------------------
 ACCURACY_PROMPTS = random_prompts([6, 7, 7, 16, 31, 10, 28, 30, 26, 14, 13, 24, 11, 24, 6, 23], seed=2)
 NEW_TOKENS = 8
-# Measured on the CPU (reference attention, tiny llama): the float32 cache 6e-7 and 16 of 16; fp8
+# Measured on the CPU (reference attention, tiny llama): the float32 cache 5e-7 and 16 of 16; fp8
 # 0.042 and 13 of 16. With fp8's V scales 20 % too large: 0.16 and 3 of 16 (tests/test_faults.py
 # injects that bug); K scales 20 % too large: 0.18 and 3 of 16.
 ERROR_BOUNDS = {"auto": (0.0, 1e-4), "fp8": (0.02, 0.06)}  # relative |logit| error, (low, high)
@@ -70,6 +70,8 @@ def test_what_the_kv_cache_dtype_costs_the_logits_and_the_tokens(model_dir, engi
     a few percent and most of them for fp8. A scale or a cache read gone wrong costs far more."""
     from transformers import AutoModelForCausalLM
 
+    if engine_device == "cuda" and kv_cache_dtype == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("an fp8 cache needs a GPU with e4m3 support (compute capability 8.9 or newer)")
     path = str(model_dir("llama"))
     hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     continuations, expected = hf_teacher_forced(hf_model, ACCURACY_PROMPTS, NEW_TOKENS)
