@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from minivllm.layers import fused_linear
 from minivllm.layers.fused_linear import LinearConfig
 from tests._triton_interpreter import LaunchLog
+from tests.devices import DEVICE, ON_DEVICE
 from tests.kernels.paged_inputs import rel_error
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = ON_DEVICE
 BF16_TOL = 1e-2 if DEVICE == "cuda" else 4e-2  # interpreter: truncating bf16 casts
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: BF16_TOL}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
