@@ -97,7 +97,7 @@ def _seeded_draws(sampler: Sampler, seed: int, seed_offset: int, n: int = 1, ste
     params = SamplingParams(seed=seed, n=n, temperature=1.0)
     logits = torch.zeros(1, sampler.vocab_size, device=sampler.device)
     row = SampleRow(seq_id=7, params=params, seed_offset=seed_offset)
-    return [int(sampler.sample(logits, [row])) for _ in range(steps)]
+    return [int(sampler.sample(logits, [row]).tokens) for _ in range(steps)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
