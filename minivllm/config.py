@@ -6,6 +6,8 @@ fills in what can only be known from the model directory (the context length of 
 
     EngineConfig.from_dict({"model": "path/to/dir", "block_size": 16, "max_num_seqs": 32})
     EngineConfig.from_dict({"model": {"model": "dir"}, "cache": {"block_size": 8}})
+    EngineConfig.from_dict({"model": "dir", "speculative_config": {"method": "ngram",
+                                                                   "num_speculative_tokens": 4}})
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ DEVICES = ("auto", "cpu", "cuda")
 _CONTEXT_LENGTH_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
 # torch.manual_seed takes a 64-bit seed.
 SEED_LIMIT = 2**64
+SPECULATIVE_METHODS = ("ngram", "draft")
+# Above this many running sequences a step does not speculate (SpeculativeConfig). PROVISIONAL:
+# to be replaced by the crossover that `benchmarks/spec_bench.py --sweep` measures on the GPU.
+DISABLE_BY_BATCH_SIZE = 16
 
 
 def read_config_json(model_dir: str | os.PathLike) -> dict[str, Any]:
@@ -345,6 +351,82 @@ class SchedulerConfig:
         return self.max_model_len is not None and self.max_num_batched_tokens is not None
 
 
+@dataclass
+class SpeculativeConfig:
+    """Speculative decoding: a proposer guesses a sequence's next tokens, and one forward pass of
+    the model checks them all (docs/speculative_decoding.md).
+
+    method: "ngram" (prompt lookup: the tokens that followed the latest earlier occurrence of
+        the sequence's last n tokens, in its prompt or its output) or "draft" (a smaller model
+        with the same vocabulary, run by the same engine on its own KV cache).
+    num_speculative_tokens: k, the most draft tokens one sequence verifies in one step.
+    prompt_lookup_max / prompt_lookup_min: "ngram" only: the longest and the shortest n tried,
+        longest first (defaults 4 and 2).
+    model: "draft" only: the draft model's directory. It must share the target's vocabulary
+        (checked when the engine loads it).
+    disable_by_batch_size: a step planned while more sequences than this are running does not
+        speculate: a large batch keeps the GPU busy already, and verifying guesses then costs
+        more than it saves. None: never off.
+    """
+
+    method: str
+    num_speculative_tokens: int
+    prompt_lookup_max: int | None = None
+    prompt_lookup_min: int | None = None
+    model: str | None = None
+    disable_by_batch_size: int | None = DISABLE_BY_BATCH_SIZE
+
+    def __post_init__(self) -> None:
+        _check_choice("speculative_config.method", self.method, SPECULATIVE_METHODS)
+        _check_int("speculative_config.num_speculative_tokens", self.num_speculative_tokens, minimum=1)
+        _check_int("speculative_config.disable_by_batch_size", self.disable_by_batch_size, minimum=1,
+                   allow_none=True)
+        if self.method == "ngram":
+            self._check_ngram()
+        else:
+            self._check_draft()
+
+    def _check_ngram(self) -> None:
+        if self.model is not None:
+            raise ValueError("speculative_config.model is for method 'draft'; 'ngram' needs no model")
+        if self.prompt_lookup_max is None:
+            self.prompt_lookup_max = max(4, self.prompt_lookup_min or 0)
+        if self.prompt_lookup_min is None:
+            self.prompt_lookup_min = min(2, self.prompt_lookup_max)
+        _check_int("speculative_config.prompt_lookup_max", self.prompt_lookup_max, minimum=1)
+        _check_int("speculative_config.prompt_lookup_min", self.prompt_lookup_min, minimum=1)
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(f"speculative_config.prompt_lookup_min ({self.prompt_lookup_min}) must be <= "
+                             f"prompt_lookup_max ({self.prompt_lookup_max})")
+
+    def _check_draft(self) -> None:
+        for name in ("prompt_lookup_max", "prompt_lookup_min"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"speculative_config.{name} is for method 'ngram', not 'draft'")
+        if isinstance(self.model, os.PathLike):
+            self.model = os.fspath(self.model)
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError("speculative_config.model: method 'draft' needs the draft model's directory, "
+                             f"got {self.model!r}")
+        read_config_json(self.model)
+
+    @classmethod
+    def from_value(cls, value: Any) -> SpeculativeConfig | None:
+        """None, a SpeculativeConfig, or a dict of its fields (a JSON object on the command line)."""
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if not isinstance(value, dict):
+            raise TypeError(f"speculative_config must be a dict (or None), got {type(value).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown} in speculative_config; known: {sorted(known)}")
+        for name in ("method", "num_speculative_tokens"):
+            if name not in value:
+                raise ValueError(f"speculative_config needs {name!r}")
+        return cls(**value)
+
+
 def check_kv_cache_dtype(kv_cache_dtype: str, attention_backend: str, device) -> None:
     """An fp8 cache needs a backend that reads it: the reference (any device) or Triton on a GPU
     that has e4m3 (compute capability 8.9 or newer); the CUDA extension does not."""
@@ -367,20 +449,38 @@ def check_kv_cache_dtype(kv_cache_dtype: str, attention_backend: str, device) ->
 
 @dataclass
 class EngineConfig:
-    """Model + cache + scheduler configuration of one engine."""
+    """Model + cache + scheduler (+ speculative decoding) configuration of one engine."""
 
     model_config: ModelConfig
     cache_config: CacheConfig = field(default_factory=CacheConfig)
     scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
+    speculative_config: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
         for name, cls in (("model_config", ModelConfig), ("cache_config", CacheConfig),
                           ("scheduler_config", SchedulerConfig)):
             if not isinstance(getattr(self, name), cls):
                 raise TypeError(f"{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}")
+        self.speculative_config = SpeculativeConfig.from_value(self.speculative_config)
         self._resolve_max_model_len()
         check_kv_cache_dtype(self.cache_config.kv_cache_dtype, self.model_config.attention_backend,
                              self.model_config.torch_device)
+        self._check_speculative()
+
+    def _check_speculative(self) -> None:
+        """A draft model runs in the target's process on its KV cache: one rank only, for now,
+        and it must reach as far as the target's max_model_len."""
+        spec = self.speculative_config
+        if spec is None or spec.method != "draft":
+            return
+        if self.model_config.tensor_parallel_size > 1:
+            raise ValueError("speculative_config: method 'draft' does not run with tensor_parallel_size > 1 "
+                             "yet; use method 'ngram'")
+        draft = ModelConfig(spec.model, device=self.model_config.device)
+        reach = draft.hf_context_length()
+        if reach is not None and reach < self.scheduler_config.max_model_len:
+            raise ValueError(f"speculative_config.model: the draft's context length ({reach}) is shorter than "
+                             f"max_model_len ({self.scheduler_config.max_model_len})")
 
     def _resolve_max_model_len(self) -> None:
         """Take max_model_len from the model when unset; refuse one longer than it was trained for."""
@@ -407,10 +507,13 @@ class EngineConfig:
 
         Nested form: {"model": {...} or "path", "cache": {...}, "scheduler": {...}} (the keys
         "model_config", "cache_config" and "scheduler_config" work too). A key that belongs to no
-        config is an error, so a typo never passes silently.
+        config is an error, so a typo never passes silently. Speculative decoding is always the
+        one key "speculative_config", a dict of `SpeculativeConfig` fields (or None).
         """
         if not isinstance(values, dict):
             raise TypeError(f"from_dict expects a dict, got {type(values).__name__}")
+        values = dict(values)
+        speculative = values.pop("speculative_config", None)
         sections: dict[str, dict[str, Any]] = {"model": {}, "cache": {}, "scheduler": {}}
         owners = {
             **{f.name: "model" for f in dataclasses.fields(ModelConfig)},
@@ -429,7 +532,7 @@ class EngineConfig:
             else:
                 raise ValueError(
                     f"unknown config key {key!r}; known keys: {sorted(owners)} (or the sections "
-                    "'model', 'cache', 'scheduler')"
+                    "'model', 'cache', 'scheduler', and 'speculative_config')"
                 )
         if "model" not in sections["model"]:
             raise ValueError("the config needs 'model', the path to a model directory")
@@ -437,12 +540,15 @@ class EngineConfig:
             model_config=ModelConfig(**sections["model"]),
             cache_config=CacheConfig(**sections["cache"]),
             scheduler_config=SchedulerConfig(**sections["scheduler"]),
+            speculative_config=speculative,
         )
 
-    def to_dict(self) -> dict[str, dict[str, Any]]:
+    def to_dict(self) -> dict[str, Any]:
         """The nested form, suitable for from_dict, JSON and logs."""
+        spec = self.speculative_config
         return {
             "model": dataclasses.asdict(self.model_config),
             "cache": dataclasses.asdict(self.cache_config),
             "scheduler": dataclasses.asdict(self.scheduler_config),
+            "speculative_config": None if spec is None else dataclasses.asdict(spec),
         }
