@@ -195,7 +195,7 @@ def apply_top_k_top_p_min_p(
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
-def _exponential_noise(shape, generators: list[torch.Generator | None], device) -> torch.Tensor:
+def exponential_noise(shape, generators: list[torch.Generator | None], device) -> torch.Tensor:
     """Exp(1) noise per row; a row with a generator draws from it alone."""
     noise = torch.empty(shape, dtype=torch.float32, device=device)
     seeded = [i for i, g in enumerate(generators) if g is not None]
@@ -310,7 +310,7 @@ class Sampler:
         if batch.any_filters:
             scaled = apply_top_k_top_p_min_p(scaled, batch.top_k, batch.top_p, batch.min_p)
         probs = scaled.softmax(dim=-1)
-        noise = _exponential_noise(probs.shape, batch.generators, probs.device)
+        noise = exponential_noise(probs.shape, batch.generators, probs.device)
         sampled_tokens = (probs / noise).argmax(dim=-1)
         tokens = torch.where(is_greedy, greedy_tokens, sampled_tokens)
         if not batch.any_processed_logprobs:
