@@ -13,6 +13,18 @@ reads "sequence 7 computes position 40, whose token is the one the previous step
 the host schedule step n+1 while the GPU still runs step n (see docs/architecture.md, "Overlap"):
 the scheduler knows that a decoding sequence *will* have a new token without knowing its value,
 and the runner copies the value from device to device.
+
+With speculative decoding a decoding sequence also verifies draft tokens, guesses of the tokens
+that follow its last one:
+
+    ScheduledSeq(seq_id=7, start=40, token_ids=[812], pending=False, block_table=[3, 9, 4],
+                 num_samples=1, draft_token_ids=[5, 77], num_draft_tokens=2)
+
+computes positions 40, 41, 42 (inputs 812, 5, 77) and samples at all three: the model's token
+after 812 decides whether 5 is accepted, and so on (see layers/rejection_sampler.py). An n-gram
+proposer's drafts are known on the host (`draft_token_ids`); a draft model's are made by the
+runner on the device, so only their number is planned (`num_draft_tokens`, `draft_token_ids`
+empty), as a pending token's value is not known either.
 """
 
 from __future__ import annotations
@@ -45,6 +57,8 @@ class ScheduledSeq:
     block_table: the sequence's whole block table (the runner uploads only what changed).
     num_samples: rows sampled from this sequence's last new token: 0 (a prefill chunk that is not
         the last), 1, or 1 + the parallel samples forked from it this step.
+    draft_token_ids / num_draft_tokens: the guesses verified after the known tokens; their ids
+        when the host knows them, else (a draft model on the device) empty, with their number.
     """
 
     seq_id: int
@@ -55,10 +69,18 @@ class ScheduledSeq:
     num_samples: int
     is_decode: bool = False  # computes one output token (else prompt tokens, or a recompute)
     prompt_logprobs: PromptLogprobRows | None = None  # only for requests that asked for them
+    draft_token_ids: list[int] = field(default_factory=list)
+    num_draft_tokens: int = 0
 
     @property
     def num_new_tokens(self) -> int:
-        return len(self.token_ids) + self.pending
+        return len(self.token_ids) + self.pending + self.num_draft_tokens
+
+    @property
+    def num_logits_rows(self) -> int:
+        """Rows of logits the step computes for this sequence: one per sample of its last token,
+        or, verifying drafts, one per position from its last known token on (1 + drafts)."""
+        return 1 + self.num_draft_tokens if self.num_draft_tokens else self.num_samples
 
 
 @dataclass(slots=True)
@@ -128,3 +150,7 @@ class SchedulerOutput:
     @property
     def num_batched_tokens(self) -> int:
         return sum(s.num_new_tokens for s in self.seqs)
+
+    @property
+    def num_logits_rows(self) -> int:
+        return sum(s.num_logits_rows for s in self.seqs)

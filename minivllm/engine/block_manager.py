@@ -17,7 +17,11 @@ Three ideas live here:
    block keeps its hash and stays findable until the pool needs it for something else; the free
    list is LRU ordered, so the blocks evicted first are the ones unused the longest.
 
-3. **Fork and copy-on-write.** Parallel sampling (n > 1) forks a sequence: the child's table
+3. **Speculative decoding** computes draft tokens into slots like any token's; when drafts are
+   rejected, `trim` returns the blocks past the sequence's known tokens, which held only them.
+   They were never hashed: only blocks full of known (accepted) tokens enter the prefix cache.
+
+4. **Fork and copy-on-write.** Parallel sampling (n > 1) forks a sequence: the child's table
    points at the parent's blocks, whose ref counts go up; nothing is copied. The first time a
    sequence must write into a shared block (the partly filled last block of the prompt), it gets
    a fresh block and a (src, dst) copy order that the model runner carries out before the forward.
@@ -276,15 +280,28 @@ class BlockManager:
         its first blocks (the prefix most likely to be shared) stay cached the longest.
         """
         for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
-            if block.ref_count <= 0:
-                raise RuntimeError(f"double free of block {block_id} by sequence {seq.seq_id}")
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self._free[block_id] = None
-                self._num_cached_free += block.hash is not None
+            self._release(block_id, seq)
         seq.block_table = []
         self._num_registered.pop(seq.seq_id, None)
+
+    def trim(self, seq: Sequence) -> None:
+        """Release the blocks at the end of `seq`'s table that hold none of its known tokens
+        (the slots of rejected drafts), back to front, as `free` would."""
+        keep = self.blocks_for(seq.num_tokens)
+        for block_id in reversed(seq.block_table[keep:]):
+            self._release(block_id, seq)
+        del seq.block_table[keep:]
+
+    def _release(self, block_id: int, seq: Sequence) -> None:
+        """Drop one reference; a block nobody holds goes back to the free list (and stays
+        findable in the prefix cache, if it was in it, until it is handed out again)."""
+        block = self.blocks[block_id]
+        if block.ref_count <= 0:
+            raise RuntimeError(f"double free of block {block_id} by sequence {seq.seq_id}")
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self._free[block_id] = None
+            self._num_cached_free += block.hash is not None
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """Make `child` share every block of `parent` (no copy; ref counts go up)."""

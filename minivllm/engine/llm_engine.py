@@ -23,8 +23,10 @@ and only then waits for step n's tokens and folds them in, while the GPU already
 Step n+1's decodes need the tokens step n sampled: the scheduler counts them as *pending*, the
 runner copies them on the device. A sequence that step n stops (EOS, a stop string) has computed
 one token too many in step n+1, which is dropped. A request with penalties needs its previous
-token on the host, so a step that samples one is waited for before the next is planned. With
-`async_scheduling=False` every step runs start to finish; the outputs are the same.
+token on the host, so a step that samples one is waited for before the next is planned. So is a
+step that speculates (verifies drafts, or may propose for its sequences next): how many drafts a
+sequence accepted decides where its next step starts, and the n-gram proposer reads its tokens.
+With `async_scheduling=False` every step runs start to finish; the outputs are the same.
 
 The engine owns the tokenizer and the requests; the scheduler owns the queues; the model runner
 owns the tensors. None of them reaches into another's state.
@@ -45,6 +47,7 @@ from minivllm.engine.detokenizer import Detokenizer
 from minivllm.engine.request import Request
 from minivllm.engine.scheduler import Scheduler, ScheduledStep
 from minivllm.engine.sequence import Sequence, SequenceStatus
+from minivllm.engine.speculation import Speculation, check_draft_vocabulary
 from minivllm.engine.stopping import StopChecker
 from minivllm.engine.tokenizer import eos_token_ids, load_tokenizer
 from minivllm.observe.block_map import kv_cache_stats
@@ -67,7 +70,7 @@ class _InFlight:
     tokens: SampledTokens
     record: StepRecord | None  # None for an empty step (nothing ran)
     event: dict | None = None  # its trace event, when tracing
-    needs_sync: bool = False  # it samples with penalties: the next plan needs its tokens first
+    needs_sync: bool = False  # penalties or speculation: the next plan needs its tokens first
 
 
 class LLMEngine:
@@ -81,8 +84,9 @@ class LLMEngine:
         self.config = config
         model_dir = config.model_config.model
         sched = config.scheduler_config
-        self.model_runner = make_executor(config)  # the ModelRunner, or N ranks' (worker/executor.py)
         self.tokenizer = load_tokenizer(model_dir)
+        check_draft_vocabulary(config, self.tokenizer)
+        self.model_runner = make_executor(config)  # the ModelRunner, or N ranks' (worker/executor.py)
         self.detokenizer = Detokenizer(self.tokenizer) if self.tokenizer is not None else None
         self.eos_token_ids = eos_token_ids(model_dir, self.model_runner.hf_config, self.tokenizer)
         self.vocab_size = self.model_runner.vocab_size
@@ -91,7 +95,10 @@ class LLMEngine:
             config.cache_config.block_size,
             enable_prefix_caching=config.cache_config.enable_prefix_caching,
         )
-        self.scheduler = Scheduler(sched, self.block_manager, StopChecker(sched.max_model_len, self.detokenizer))
+        spec = config.speculative_config
+        speculation = Speculation(spec, sched.max_model_len) if spec is not None else None
+        self.scheduler = Scheduler(sched, self.block_manager, StopChecker(sched.max_model_len, self.detokenizer),
+                                   speculation)
         self.overlap = sched.async_scheduling
         self._unfinished: dict[str, Request] = {}
         self._finished: OrderedDict[str, Request] = OrderedDict()
@@ -286,7 +293,7 @@ class LLMEngine:
                                      graph_batch_size=tokens.timings.graph_batch_size,
                                      graph_miss=tokens.timings.graph_miss)
         event = trace.start(self.scheduler, step, record, held_before) if trace is not None else None
-        needs_sync = any(row.params.has_penalties for row in step.output.sample_rows)
+        needs_sync = step.speculative or any(row.params.has_penalties for row in step.output.sample_rows)
         return _InFlight(step, tokens, record, event, needs_sync)
 
     def _complete(self, inflight: _InFlight) -> list[RequestOutput]:

@@ -32,6 +32,11 @@ next plan can already count on this one's K/V. A decode's new token may be *pend
 a step still on the GPU (overlap); a sequence whose pending token is bound to end it by length is
 left out, since nothing after that token is ever needed.
 
+With speculative decoding (`speculation.py`), a decoding sequence also computes the drafts a
+proposer guessed for it: they take slots and budget like any token (after every running sequence
+has its one token), and `update` keeps the accepted ones, moves `num_computed_tokens` back over
+the rejected ones and returns the blocks that only held those (`BlockManager.trim`).
+
 Pure Python, no tensors: it can be tested and drawn without a model. The model runner receives a
 plain `SchedulerOutput` (minivllm/step.py); `update()` then folds the sampled tokens back in and
 applies the stop rules of `stopping.py`.
@@ -46,6 +51,7 @@ from dataclasses import dataclass, field
 from minivllm.config import SchedulerConfig
 from minivllm.engine.block_manager import BlockManager
 from minivllm.engine.sequence import Sequence, SequenceStatus
+from minivllm.engine.speculation import Speculation, may_speculate
 from minivllm.engine.stopping import StopChecker
 from minivllm.step import PromptLogprobRows, SampleRow, ScheduledSeq, SchedulerOutput, StepLogprobs
 
@@ -71,8 +77,14 @@ class ScheduledStep:
     num_prefill_tokens: int = 0
     num_decode_tokens: int = 0
     num_prefix_hit_tokens: int = 0  # prompt tokens taken from the prefix cache by admissions
+    num_draft_tokens: int = 0  # drafts planned for verification (part of num_decode_tokens)
     forks: list[Sequence] = field(default_factory=list)
     preemptions: list[Preemption] = field(default_factory=list)
+    # The next plan needs this step's tokens on the host: it verifies drafts, or its sequences
+    # may speculate next (the engine waits for it before planning, even with overlap on).
+    speculative: bool = False
+    # (drafts, accepted) of each sequence that verified drafts, filled in by `update`.
+    acceptance: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
@@ -83,7 +95,7 @@ class Scheduler:
     """Continuous batching with chunked prefill, prefix caching and preemption by recompute."""
 
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
-                 stopping: StopChecker | None = None):
+                 stopping: StopChecker | None = None, speculation: Speculation | None = None):
         if not config.is_resolved:
             raise ValueError(
                 "the SchedulerConfig needs max_model_len (EngineConfig fills it in from the model)"
@@ -91,6 +103,7 @@ class Scheduler:
         self.config = config
         self.block_manager = block_manager
         self.stopping = stopping or StopChecker(config.max_model_len)
+        self.speculation = speculation  # None: no speculative decoding
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last is the newest
         # Told to the runner with the next step, so it can drop their per-sequence state.
@@ -148,6 +161,8 @@ class Scheduler:
         seq.num_pending_forks = 0
         seq.finish(status)
         self._finished_ids.append(seq.seq_id)
+        if self.speculation is not None:
+            self.speculation.release(seq.seq_id)
 
     def has_unfinished_sequences(self) -> bool:
         return bool(self.waiting or self.running)
@@ -163,9 +178,11 @@ class Scheduler:
     def schedule(self) -> ScheduledStep:
         """Plan the next step: who computes which tokens; allocates their KV blocks."""
         budget = self.config.max_num_batched_tokens
-        planned: list[tuple[Sequence, int]] = []
+        planned: list[tuple[Sequence, int, list[int], int]] = []  # seq, known tokens, drafts
         copies: list[tuple[int, int]] = []
         preemptions: list[Preemption] = []
+        spec = self.speculation
+        speculate = spec is not None and spec.enabled(len(self.running))
 
         # 1. Running sequences, oldest first. Iterating by index because preemption removes
         #    sequences from the *end* of the list, which this loop has not reached yet.
@@ -178,12 +195,21 @@ class Scheduler:
             if self.stopping.ends_by_length(seq) or not seq.num_uncomputed_tokens:
                 continue
             num_new = self._num_new_tokens(seq.num_uncomputed_tokens, budget)
-            seq_copies = self._allocate_or_preempt(seq, num_new, preemptions)
+            # Drafts only from the budget left once every running sequence has its one token.
+            spare = budget - num_new - (len(self.running) - i)
+            drafts, num_drafts = ([], 0)
+            if (speculate and spare > 0 and seq.num_uncomputed_tokens == 1 and not seq.num_pending_tokens
+                    and may_speculate(seq)):
+                drafts, num_drafts = spec.plan_drafts(seq, spare)
+            seq_copies = self.block_manager.allocate(seq, num_new + num_drafts) if num_drafts else None
+            if seq_copies is None:  # no drafts, or no free block for them: no speculation
+                drafts, num_drafts = [], 0
+                seq_copies = self._allocate_or_preempt(seq, num_new, preemptions)
             if seq_copies is None:  # seq had to preempt itself: it was the newest
                 break
             copies += seq_copies
-            planned.append((seq, num_new))
-            budget -= num_new
+            planned.append((seq, num_new, drafts, num_drafts))
+            budget -= num_new + num_drafts
 
         # 2. Waiting sequences, first come first served. Not after a preemption: memory is
         #    short right now, and admitting more would only cause more preemptions.
@@ -193,11 +219,14 @@ class Scheduler:
             if admitted is None:
                 break
             num_new, seq_copies, num_cached = admitted
-            planned.append((self.waiting.popleft(), num_new))
+            planned.append((self.waiting.popleft(), num_new, [], 0))
             copies += seq_copies
             budget -= num_new
             hit_tokens += num_cached
-        return self._build_step(planned, copies, preemptions, hit_tokens)
+        step = self._build_step(planned, copies, preemptions, hit_tokens)
+        step.speculative = step.num_draft_tokens > 0 or (
+            speculate and any(may_speculate(seq) for seq in step.sampled))
+        return step
 
     def _num_new_tokens(self, uncomputed: int, budget: int) -> int:
         """How many of a sequence's uncomputed tokens fit this step (chunking if it is allowed)."""
@@ -269,11 +298,12 @@ class Scheduler:
         A sequence that computes all its tokens samples the next one, which is *pending* from
         now until `update` appends it. A parent about to sample its first token forks its
         siblings here, so that all n samples draw their first token from the same logits.
+        `num_computed_tokens` counts the drafts too, until `update` takes back the rejected.
         """
         step = ScheduledStep(SchedulerOutput([], [], copies, self._finished_ids, self._preempted_ids),
                              seqs=[], sampled=[], num_prefix_hit_tokens=hit_tokens, preemptions=preemptions)
         self._finished_ids, self._preempted_ids = [], []
-        for seq, num_new in planned:
+        for seq, num_new, drafts, num_drafts in planned:
             start = seq.num_computed_tokens
             pending = seq.num_pending_tokens > 0  # then this is a decode of that very token
             samples = []
@@ -285,7 +315,8 @@ class Scheduler:
             is_decode = num_new == 1 and start >= seq.num_prompt_tokens  # one output token
             if is_decode:
                 step.num_decode_seqs += 1
-                step.num_decode_tokens += 1
+                step.num_decode_tokens += 1 + num_drafts
+                step.num_draft_tokens += num_drafts
             else:
                 step.num_prefill_seqs += 1
                 step.num_prefill_tokens += num_new
@@ -293,9 +324,9 @@ class Scheduler:
             step.output.scores_prompts |= prompt_rows is not None
             step.output.seqs.append(ScheduledSeq(
                 seq.seq_id, start, seq.token_ids[start:start + num_new - pending], pending,
-                seq.block_table, len(samples), is_decode, prompt_rows))
+                seq.block_table, len(samples), is_decode, prompt_rows, drafts, num_drafts))
             step.seqs.append(seq)
-            seq.num_computed_tokens = start + num_new
+            seq.num_computed_tokens = start + num_new + num_drafts
             for sampled in samples:
                 step.output.sample_rows.append(self._sample_row(sampled))
                 step.sampled.append(sampled)
@@ -339,14 +370,18 @@ class Scheduler:
         """Fold a step's sampled tokens (and the log-probabilities it computed) back in; returns
         the sequences that finished.
 
-        sampled_token_ids: one token per `step.sampled` sequence, in that order. A sequence that
-        finished (or was aborted) after the step was planned drops its token.
+        sampled_token_ids: one entry per `step.sampled` sequence, in that order: its token, or,
+        for a sequence that verified drafts, the list of tokens it gained (the accepted drafts,
+        then the model's own token). They are appended one at a time, each checked by the stop
+        rules, so a stop inside an accepted run ends the sequence there. A sequence that
+        finished (or was aborted) after the step was planned drops its tokens.
         """
         if len(sampled_token_ids) != len(step.sampled):
             raise ValueError(
                 f"expected {len(step.sampled)} sampled tokens (one per sampled sequence), "
                 f"got {len(sampled_token_ids)}"
             )
+        drafts = {s.seq_id: s.num_draft_tokens for s in step.output.seqs if s.num_draft_tokens}
         finished = []
         for seq, scheduled in zip(step.seqs, step.output.seqs):
             if seq.is_finished:
@@ -358,16 +393,25 @@ class Scheduler:
                 self.finish_sequence(seq, SequenceStatus.FINISHED_LENGTH)
                 finished.append(seq)
         now = time.perf_counter()
-        for row, (seq, token_id) in enumerate(zip(step.sampled, sampled_token_ids)):
+        for row, (seq, tokens) in enumerate(zip(step.sampled, sampled_token_ids)):
+            tokens = list(tokens) if isinstance(tokens, (list, tuple)) else [tokens]
+            num_drafts = drafts.get(seq.seq_id, 0)
+            if num_drafts:
+                step.acceptance.append((num_drafts, len(tokens) - 1))
             if seq.is_finished:
                 continue
-            seq.append_token(int(token_id), now)
-            if seq.output_logprobs is not None:
-                seq.output_logprobs.append(logprobs.sampled[row])
-            decision = self.stopping.check(seq)
-            if decision is not None:
-                self.finish_sequence(seq, *decision)
-                finished.append(seq)
+            for token_id in tokens:
+                seq.append_token(int(token_id), now)
+                if seq.output_logprobs is not None:  # never speculating (may_speculate)
+                    seq.output_logprobs.append(logprobs.sampled[row])
+                decision = self.stopping.check(seq)
+                if decision is not None:
+                    self.finish_sequence(seq, *decision)
+                    finished.append(seq)
+                    break
+            else:
+                if num_drafts:
+                    self._reject_drafts(seq, num_drafts - (len(tokens) - 1))
         return finished
 
     @staticmethod
@@ -375,3 +419,9 @@ class Scheduler:
         """Entries for prompt tokens start + 1, ...; any already stored are not stored again."""
         have = len(seq.prompt_logprobs)
         seq.prompt_logprobs += entries[max(0, have - (start + 1)):]
+
+    def _reject_drafts(self, seq: Sequence, num_rejected: int) -> None:
+        """Forget the K/V of rejected drafts: their positions are computed again (with the
+        right tokens) by later steps, and blocks that held nothing else go back to the pool."""
+        seq.num_computed_tokens -= num_rejected
+        self.block_manager.trim(seq)

@@ -14,6 +14,11 @@ What a graph needs, and how this file provides it:
   with dummy sequences (see `input_batch.pack_step(pad_to=...)`). Only decode-only steps are
   graphed: every sequence has one new token, so "batch size" is the only shape that varies.
   Steps with prefill chunks run eagerly; they are big enough that launches do not dominate.
+  Speculative decoding adds a second set for *verification* steps, where a sequence computes its
+  token and up to k drafts: every sequence gets exactly `query_len = 1 + k` query rows, those
+  with fewer drafts padded by dummy rows that write nothing and that no real query sees
+  (`pack_step(query_len=...)`). A set may hold graphs of several models over the same inputs:
+  a draft model mirrors every forward of the target to keep its own KV cache in step.
 * **Fixed addresses.** Replay reads its inputs from the memory it read during capture. The
   inputs therefore live in one static device buffer (`StepBuffers` with a fixed `StepLayout`)
   plus a static block-table tensor, and each step writes its metadata *into* them (one
@@ -39,7 +44,8 @@ from typing import NamedTuple
 
 import torch
 
-from minivllm.worker.input_batch import InputBatch, PackedStep, StepLayout, pack_step
+from minivllm.worker.block_table import BlockTables
+from minivllm.worker.input_batch import InputBatch, PackedStep, StepLayout, exact_layout, pack_step
 from minivllm.worker.step_buffers import StepBuffers
 
 
@@ -75,17 +81,20 @@ def is_decode_only(new_token_counts: Iterable[int]) -> bool:
     return all(n == 1 for n in new_token_counts)
 
 
-def graph_miss_reason(seqs, num_sampled: int, batch_sizes: list[int], layout: StepLayout) -> str | None:
-    """Why a step cannot replay a decode graph, or None when it can.
+def graph_miss_reason(seqs, num_sampled: int, batch_sizes: list[int], layout: StepLayout,
+                      query_len: int = 1) -> str | None:
+    """Why a step cannot replay a graph of `query_len` tokens per sequence, or None when it can.
 
-    seqs: the step's `ScheduledSeq`s; batch_sizes: the captured buckets, sorted; layout: the
-    static buffer's capacities. A pure function of plain data, so every reason can be tested
-    without a GPU. The conditions, in the order they are checked:
+    seqs: the step's `ScheduledSeq`s; num_sampled: its rows of logits; batch_sizes: the captured
+    buckets, sorted; layout: the static buffer's capacities. A pure function of plain data, so
+    every reason can be tested without a GPU. The conditions, in the order they are checked:
     """
-    # 1. Graphs are captured for one new token per sequence; a prefill chunk changes the shapes.
-    if not is_decode_only(s.num_new_tokens for s in seqs):
-        multi = sum(1 for s in seqs if s.num_new_tokens != 1)
-        return f"not decode-only: {multi} of {len(seqs)} sequences compute more than one token"
+    # 1. Graphs are captured for query_len new tokens per sequence (1: decode; 1 + k: verify);
+    #    a longer prefill chunk changes the shapes.
+    longer = sum(1 for s in seqs if s.num_new_tokens > query_len)
+    if longer:
+        what = "one token" if query_len == 1 else f"{query_len} tokens"
+        return f"not decode-only: {longer} of {len(seqs)} sequences compute more than {what}"
     # 2. A bucket must hold the batch: more sequences than the largest bucket run eagerly.
     if bucket_for(len(seqs), batch_sizes) is None:
         return f"no bucket for {len(seqs)} sequences (buckets {batch_sizes[0]}..{batch_sizes[-1]})"
@@ -96,37 +105,44 @@ def graph_miss_reason(seqs, num_sampled: int, batch_sizes: list[int], layout: St
 
 
 class GraphStep(NamedTuple):
-    """A step loaded into the static buffers, ready to replay: its bucket and its inputs."""
+    """A step loaded into the static buffers of `graphs`, ready to replay: its bucket and inputs."""
 
     batch_size: int
     packed: PackedStep
     inputs: InputBatch
+    graphs: DecodeGraphs
 
 
 class DecodeGraphs:
-    """One captured forward pass per batch-size bucket, replayed for decode-only steps.
+    """One captured forward pass per batch-size bucket (and model), replayed for steps in which
+    every sequence computes at most `query_len` tokens.
 
-    model: the engine's model (`forward(input_ids, positions, meta)` -> hidden [T, H]).
-    batch_sizes: the buckets; max_sampled: most sampled rows a step can have (max_num_seqs).
-    block_table_width: blocks of the longest sequence, ceil(max_model_len / block_size).
-    max_seq_len: the host-side bound on seq_lens baked into the graphs (max_model_len).
+    models: the models whose forwards run on these inputs (`forward(input_ids, positions, meta)`
+    -> hidden [T, H]): the engine's model, and a draft model that mirrors it, if any.
+    batch_sizes: the buckets; max_sampled: most rows of logits a step can have.
+    block_table_width: blocks of the longest sequence the graphs may see.
+    max_seq_len: the host-side bound on seq_lens baked into the graphs (max_model_len, plus the
+    padded query rows of a verification).
+    query_len: query rows per sequence: 1 for decode steps, 1 + k for verification steps.
     """
 
-    def __init__(self, model, batch_sizes: list[int], max_sampled: int, block_table_width: int,
-                 max_seq_len: int, device: torch.device, backend: str = "auto"):
+    def __init__(self, models, batch_sizes: list[int], max_sampled: int, block_table_width: int,
+                 max_seq_len: int, device: torch.device, backend: str = "auto", query_len: int = 1):
         if device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
-        self.model = model
+        self.models = list(models)
         self.batch_sizes = sorted(batch_sizes)
         self.max_seq_len = max_seq_len
         self.backend = backend
+        self.query_len = query_len
         largest = self.batch_sizes[-1]
-        self.layout = StepLayout(max_tokens=largest, max_sampled=max(max_sampled, largest), max_seqs=largest)
+        tokens = largest * query_len
+        self.layout = StepLayout(max_tokens=tokens, max_sampled=max(max_sampled, tokens), max_seqs=largest)
         # Never reallocated: the graphs hold pointers into them.
         self.buffers = StepBuffers(self.layout.size, device, growable=False)
         self.block_tables = torch.zeros(largest, block_table_width, dtype=torch.int32, device=device)
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._outputs: dict[int, torch.Tensor] = {}
+        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (model, bucket) -> graph
+        self._outputs: dict[tuple[int, int], torch.Tensor] = {}
 
     @property
     def max_batch_size(self) -> int:
@@ -141,50 +157,82 @@ class DecodeGraphs:
     def _pack(self, seqs, rows, tables, block_size, last_sampled_row, pad_to, pad_row) -> PackedStep:
         buf = self.buffers.host(self.layout.size)
         packed = pack_step(buf, self.layout, seqs, rows, tables, block_size, last_sampled_row,
-                           pad_to=pad_to, pad_row=pad_row)
+                           pad_to=pad_to, pad_row=pad_row, query_len=self.query_len)
         self.buffers.upload(self.layout.size)
         return packed
 
     @torch.inference_mode()
-    def capture(self) -> None:
-        """Capture every bucket, largest first. Call once, after the KV cache is bound."""
-        pool = None
+    def capture(self, pool=None):
+        """Capture every bucket of every model, largest first. Call once, after the KV caches are
+        bound. pool: a memory pool to share (another set's); returns the pool."""
         for batch_size in reversed(self.batch_sizes):
             # An all-padding batch: valid for the kernels, writes nothing into the KV cache.
             packed = self._pack([], [], self.block_tables.new_zeros(1, 1).cpu().numpy(), 1, {},
                                 pad_to=batch_size, pad_row=0)
             inputs = self._static_inputs(packed)
-            self.model(inputs.input_ids, inputs.positions, inputs.attn_metadata)  # warm-up: compiles
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                output = self.model(inputs.input_ids, inputs.positions, inputs.attn_metadata)
-            pool = graph.pool()
-            self._graphs[batch_size] = graph
-            self._outputs[batch_size] = output
+            for index, model in enumerate(self.models):
+                model(inputs.input_ids, inputs.positions, inputs.attn_metadata)  # warm-up: compiles
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    output = model(inputs.input_ids, inputs.positions, inputs.attn_metadata)
+                pool = graph.pool()
+                self._graphs[index, batch_size] = graph
+                self._outputs[index, batch_size] = output
         torch.cuda.synchronize()
+        return pool
 
     def bucket(self, num_seqs: int) -> int | None:
         return bucket_for(num_seqs, self.batch_sizes)
 
     def why_not(self, seqs, num_sampled: int) -> str | None:
         """Which condition keeps this step from replaying a graph (None: it can replay)."""
-        return graph_miss_reason(seqs, num_sampled, self.batch_sizes, self.layout)
+        return graph_miss_reason(seqs, num_sampled, self.batch_sizes, self.layout, self.query_len)
 
     def load(self, seqs, rows, tables, block_size: int, last_sampled_row, pad_row: int) -> GraphStep:
-        """Pack a decode-only step into the static buffer, padded to its bucket, and upload it.
+        """Pack a step into the static buffer, padded to its bucket (and to `query_len` rows per
+        sequence), and upload it.
 
         The caller checked `why_not`; the block tables and pending tokens are filled on the
         device by the caller (they are the same for the eager path).
         """
         batch_size = self.bucket(len(seqs))
         packed = self._pack(seqs, rows, tables, block_size, last_sampled_row, batch_size, pad_row)
-        return GraphStep(batch_size, packed, self._static_inputs(packed))
+        return GraphStep(batch_size, packed, self._static_inputs(packed), self)
 
-    def replay(self, step: GraphStep) -> torch.Tensor:
-        """Replay the bucket's graph on the loaded step: one launch for the whole forward.
-
-        Returns the hidden states [bucket, H]; rows past the real batch are padding.
+    def replay(self, step: GraphStep, model: int = 0) -> torch.Tensor:
+        """Replay the bucket's graph of `models[model]` on the loaded step: one launch for the
+        whole forward. Returns the hidden states [bucket x query_len, H]; rows past the real
+        tokens are padding.
         """
-        self._graphs[step.batch_size].replay()
-        return self._outputs[step.batch_size]
+        self._graphs[model, step.batch_size].replay()
+        return self._outputs[model, step.batch_size]
+
+
+def load_step(seqs, num_sampled: int, rows, tables: BlockTables, block_size: int, last_sampled_row,
+              graph_sets: list[DecodeGraphs], eager: StepBuffers, backend: str):
+    """Load a step into the first graph set that can replay it, else into `eager`'s buffer for an
+    eager forward; then send the changed block-table entries and gather the step's rows.
+
+    Returns (the GraphStep or the eager InputBatch, its InputBatch, why no graph set could run
+    it: None if one does, or if there are none).
+    """
+    miss = None
+    for graphs in graph_sets:
+        miss = graphs.why_not(seqs, num_sampled)
+        if miss is None:
+            prepared = graphs.load(seqs, rows, tables.host, block_size, last_sampled_row, tables.pad_row)
+            batch = prepared.inputs
+            break
+    else:
+        layout = exact_layout(seqs, num_sampled)
+        packed = pack_step(eager.host(layout.size), layout, seqs, rows, tables.host, block_size, last_sampled_row)
+        eager.upload(layout.size)
+        prepared = batch = InputBatch.view(eager.device_tensor, layout, packed, backend=backend)
+    tables.commit()
+    meta = batch.attn_metadata
+    if meta.block_tables is None:
+        meta.block_tables = tables.device.index_select(0, batch.rows)
+    else:  # the graph's static tensor
+        torch.index_select(tables.device, 0, batch.rows, out=meta.block_tables)
+    return prepared, batch, miss

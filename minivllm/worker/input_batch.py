@@ -25,12 +25,25 @@ would compile the kernel again mid-run. Besides the forward's inputs the buffer 
 * `rows`: the block-table row of each sequence; the step's tables are gathered from them on the
   device;
 * `pending_dst` / `pending_src`: a decode whose token was sampled by the previous step, still on
-  the device (overlap), gets it by a device copy: input_ids[dst] = last_sampled[src].
+  the device (overlap), gets it by a device copy: input_ids[dst] = last_sampled[src];
+* `draft_dst`: the rows of draft tokens a draft model makes on the device this step (speculative
+  decoding), filled in by the runner before the forward: input_ids[draft_dst] = drafts.
+
+**Speculative decoding.** A sequence that verifies d drafts computes 1 + d tokens and takes
+logits at every one of them: `logits_indices` lists its last 1 + d rows. In the example, if B
+verified drafts 31 and 8 after its token b5, its rows would be [b5 31 8] at positions 5, 6, 7,
+and logits_indices [.., 6, 7, 8].
 
 **Padding** (for CUDA graphs, see `cuda_graph.py`): `pack_step(..., pad_to=b)` appends dummy
 decode rows until the batch has `b` sequences: token 0 at position 0, seq_len 1, the all-zero
 padding row of the block tables, and slot -1, which the cache writer skips. The kernels run on
 it without reading or writing anything that matters, and its output row is never used.
+`pack_step(..., query_len=q)` gives *every* sequence q query rows (verification graphs: 1 + k
+tokens each): a sequence with fewer new tokens gets dummy rows after its real ones, with slot -1
+and the position of its last real token, and its seq_len counts them. Queries sit at the end of
+their context, so query j of a sequence sees keys `< seq_len - q + j + 1 = start + j + 1`: a real
+query never sees the dummy rows' keys (which are not written anyway), and the dummy rows' outputs
+are never read.
 """
 
 from __future__ import annotations
@@ -48,15 +61,15 @@ from minivllm.step import ScheduledSeq
 ALIGN = 16  # int32 elements = 64 bytes
 PAD_SLOT = -1  # the slot of a padding token: negative means "do not write this token's K/V"
 FIELDS = ("input_ids", "positions", "slot_mapping", "seq_lens", "cu_seqlens_q", "logits_indices",
-          "rows", "pending_dst", "pending_src")
+          "rows", "pending_dst", "pending_src", "draft_dst")
 
 
 @dataclass(frozen=True)
 class StepLayout:
     """Where each field of a step lives in the flat int32 buffer, sized by capacities.
 
-    T tokens, B sequences, S sampled rows: input_ids, positions, slot_mapping hold T;
-    seq_lens, rows, pending_dst, pending_src hold B; cu_seqlens_q B + 1; logits_indices S.
+    T tokens, B sequences, S rows of logits: input_ids, positions, slot_mapping, draft_dst hold
+    T; seq_lens, rows, pending_dst, pending_src hold B; cu_seqlens_q B + 1; logits_indices S.
     """
 
     max_tokens: int
@@ -68,7 +81,7 @@ class StepLayout:
             if getattr(self, name) < 0:
                 raise ValueError(f"StepLayout.{name} must be >= 0, got {getattr(self, name)}")
         t, b = self.max_tokens, self.max_seqs
-        sizes = (t, t, t, b, b + 1, self.max_sampled, b, b, b)
+        sizes = (t, t, t, b, b + 1, self.max_sampled, b, b, b, t)
         offsets, at = {}, 0
         for name, size in zip(FIELDS, sizes):
             offsets[name] = at
@@ -88,40 +101,47 @@ class PackedStep:
 
     num_tokens: int  # incl. padding tokens
     num_seqs: int  # incl. padding sequences
-    num_sampled: int
+    num_sampled: int  # rows of logits
     num_pending: int
     max_seq_len: int  # a host-side bound for the kernels, so they never read seq_lens back
+    num_device_drafts: int = 0  # draft tokens the runner fills in (draft_dst)
 
 
 def exact_layout(seqs: SequenceType[ScheduledSeq], num_sampled: int) -> StepLayout:
-    """The smallest layout that holds these sequences (the eager path, no padding)."""
+    """The smallest layout that holds these sequences (the eager path, no padding);
+    num_sampled: the step's rows of logits (`SchedulerOutput.num_logits_rows`)."""
     return StepLayout(max_tokens=sum(s.num_new_tokens for s in seqs), max_sampled=num_sampled,
                       max_seqs=len(seqs))
 
 
 def pack_step(buf: np.ndarray, layout: StepLayout, seqs: SequenceType[ScheduledSeq],
               rows: SequenceType[int], tables: np.ndarray, block_size: int,
-              last_sampled_row: dict[int, int], pad_to: int | None = None, pad_row: int = 0) -> PackedStep:
+              last_sampled_row: dict[int, int], pad_to: int | None = None, pad_row: int = 0,
+              query_len: int | None = None) -> PackedStep:
     """Write one step into `buf` (int32, at least `layout.size` long) following `layout`.
 
     seqs: the scheduled sequences in batch order; rows: each one's row in `tables`, the host
     mirror of the block tables. last_sampled_row: seq id -> its row in the previous step's
-    sampled tokens, where a pending token is found. pad_to: append dummy 1-token sequences until
-    there are `pad_to` sequences (CUDA graphs), whose table row is `pad_row`.
+    sampled tokens, where a pending token is found. pad_to: append dummy sequences until there
+    are `pad_to` sequences (CUDA graphs), whose table row is `pad_row`. query_len: give every
+    sequence exactly this many query rows, dummy rows after the real ones (verification graphs).
     Pure numpy on the host: no tensors, no device, easy to test.
     """
     num_real = len(seqs)
     num_seqs = num_real if pad_to is None else pad_to
     if num_seqs < num_real:
         raise ValueError(f"pad_to={pad_to} is smaller than the {num_real} scheduled sequences")
-    q_lens = np.ones(num_seqs, dtype=np.int64)
+    real_lens = np.ones(num_seqs, dtype=np.int64)  # the new tokens of each sequence
     starts = np.zeros(num_seqs, dtype=np.int64)
     for b, s in enumerate(seqs):
-        q_lens[b], starts[b] = s.num_new_tokens, s.start
-    if (q_lens < 1).any():
+        real_lens[b], starts[b] = s.num_new_tokens, s.start
+    if (real_lens < 1).any():
         raise ValueError("every scheduled sequence needs at least one new token")
+    q_lens = real_lens if query_len is None else np.full(num_seqs, query_len, dtype=np.int64)
+    if (real_lens > q_lens).any():
+        raise ValueError(f"query_len={query_len} is shorter than a sequence's {real_lens.max()} new tokens")
     num_tokens = int(q_lens.sum())
-    num_sampled = sum(s.num_samples for s in seqs)
+    num_sampled = sum(s.num_logits_rows for s in seqs)
     for what, need, have in (("tokens", num_tokens, layout.max_tokens),
                              ("sequences", num_seqs, layout.max_seqs),
                              ("sampled rows", num_sampled, layout.max_sampled)):
@@ -134,15 +154,20 @@ def pack_step(buf: np.ndarray, layout: StepLayout, seqs: SequenceType[ScheduledS
     cu = layout.field(buf, "cu_seqlens_q", num_seqs + 1)
     cu[0] = 0
     np.cumsum(q_lens, out=cu[1:])
-    # A pending first token is a placeholder 0 here, filled on the device from last_sampled.
-    ids = itertools.chain.from_iterable([0] * s.pending + s.token_ids for s in seqs)
+    # A pending first token and a draft model's drafts are placeholders 0 here, filled in on
+    # the device; so are the dummy rows.
+    ids = itertools.chain.from_iterable(
+        [0] * s.pending + s.token_ids + (s.draft_token_ids or [0] * s.num_draft_tokens)
+        + [0] * int(q_lens[b] - real_lens[b]) for b, s in enumerate(seqs))
     input_ids = layout.field(buf, "input_ids", num_tokens)
     input_ids[:] = 0
-    real_tokens = int(cu[num_real])
-    input_ids[:real_tokens] = np.fromiter(ids, dtype=np.int32, count=real_tokens)
-    # Token i of sequence b sits at position start_b + (i - cu_b).
+    real_end = int(cu[num_real])
+    input_ids[:real_end] = np.fromiter(ids, dtype=np.int32, count=real_end)
+    # Row i of sequence b is its query j = i - cu_b, at position start_b + j; a dummy row
+    # (j >= its real length) repeats the position of the last real one.
     row_seq = np.repeat(np.arange(num_seqs), q_lens)
-    positions = np.arange(num_tokens) + (starts - cu[:-1])[row_seq]
+    j = np.arange(num_tokens) - cu[:-1][row_seq]
+    positions = starts[row_seq] + np.minimum(j, real_lens[row_seq] - 1)
     layout.field(buf, "positions", num_tokens)[:] = positions
     seq_lens = starts + q_lens
     layout.field(buf, "seq_lens", num_seqs)[:] = seq_lens
@@ -152,16 +177,24 @@ def pack_step(buf: np.ndarray, layout: StepLayout, seqs: SequenceType[ScheduledS
     # Slot of token p: block_table[p // block_size] * block_size + p % block_size.
     slots = layout.field(buf, "slot_mapping", num_tokens)
     slots[:] = tables[table_rows[row_seq], positions // block_size] * block_size + positions % block_size
-    slots[real_tokens:] = PAD_SLOT
-    # Each sampled row reads the hidden state of its sequence's last new token.
-    counts = np.fromiter((s.num_samples for s in seqs), dtype=np.int64, count=num_real)
-    layout.field(buf, "logits_indices", num_sampled)[:] = np.repeat(cu[1:num_real + 1] - 1, counts)
+    slots[(j >= real_lens[row_seq]) | (row_seq >= num_real)] = PAD_SLOT
+    # Logits rows: a sequence's last real row, once per sample; with drafts, its last 1 + d rows.
+    counts = np.fromiter((s.num_logits_rows for s in seqs), dtype=np.int64, count=num_real)
+    verifies = np.fromiter((s.num_draft_tokens > 0 for s in seqs), dtype=bool, count=num_real)
+    last = cu[:num_real] + real_lens[:num_real] - 1
+    back = np.arange(num_sampled) - np.repeat(np.cumsum(counts) - 1, counts)  # -(count-1) .. 0
+    layout.field(buf, "logits_indices", num_sampled)[:] = (
+        np.repeat(last, counts) + np.where(np.repeat(verifies, counts), back, 0))
     pending = [(int(cu[b]), last_sampled_row[s.seq_id]) for b, s in enumerate(seqs) if s.pending]
     if pending:
         layout.field(buf, "pending_dst", len(pending))[:] = [dst for dst, _ in pending]
         layout.field(buf, "pending_src", len(pending))[:] = [src for _, src in pending]
+    device_drafts = [int(cu[b]) + s.pending + len(s.token_ids) + i for b, s in enumerate(seqs)
+                     if not s.draft_token_ids for i in range(s.num_draft_tokens)]
+    layout.field(buf, "draft_dst", len(device_drafts))[:] = device_drafts
     return PackedStep(num_tokens=num_tokens, num_seqs=num_seqs, num_sampled=num_sampled,
-                      num_pending=len(pending), max_seq_len=int(seq_lens.max()) if num_seqs else 0)
+                      num_pending=len(pending), max_seq_len=int(seq_lens.max()) if num_seqs else 0,
+                      num_device_drafts=len(device_drafts))
 
 
 @dataclass
@@ -173,6 +206,7 @@ class InputBatch:
     rows: torch.Tensor  # [B] int32: each sequence's row of the block tables
     pending_dst: torch.Tensor  # [P] int32: input_ids rows whose token is still on the device ...
     pending_src: torch.Tensor  # [P] int32: ... at these rows of the previous step's samples
+    draft_dst: torch.Tensor  # [D] int32: input_ids rows of the drafts a draft model makes
 
     @property
     def num_tokens(self) -> int:
@@ -205,6 +239,7 @@ class InputBatch:
             rows=layout.field(buf, "rows", b),
             pending_dst=layout.field(buf, "pending_dst", packed.num_pending),
             pending_src=layout.field(buf, "pending_src", packed.num_pending),
+            draft_dst=layout.field(buf, "draft_dst", packed.num_device_drafts),
         )
 
 
@@ -223,7 +258,7 @@ def build_input_batch(output, block_size: int, device: torch.device, backend: st
     tables = BlockTables(max(len(seqs), 1), width, torch.device("cpu"))
     rows = [tables.sync(s.seq_id, s.block_table) for s in seqs]
     pending = [s.seq_id for s in seqs if s.pending]
-    layout = exact_layout(seqs, len(output.sample_rows))
+    layout = exact_layout(seqs, output.num_logits_rows)
     buffers = StepBuffers(layout.size, device)
     packed = pack_step(buffers.host(layout.size), layout, seqs, rows, tables.host, block_size,
                        {seq_id: i for i, seq_id in enumerate(pending)})

@@ -43,11 +43,12 @@ def kv_bytes_per_block(model, block_size: int, dtype: torch.dtype) -> int:
 
 
 def num_kv_blocks(config: EngineConfig, model, device: torch.device, dtype: torch.dtype,
-                  tp: TensorParallel = SINGLE) -> int:
+                  tp: TensorParallel = SINGLE, block_bytes: int | None = None) -> int:
     """The pool size: explicit, or the memory budget divided by the size of a block (the
-    smallest over the tensor-parallel ranks)."""
+    smallest over the tensor-parallel ranks). block_bytes: what one block costs, when more than
+    the model's K/V (a draft model's cache has a block for every block of the target's)."""
     cache = config.cache_config
-    block_bytes = kv_bytes_per_block(model, cache.block_size, cache_dtype(config, dtype))
+    block_bytes = block_bytes or kv_bytes_per_block(model, cache.block_size, cache_dtype(config, dtype))
     if cache.num_kv_blocks is not None:
         num_blocks = cache.num_kv_blocks
     else:
@@ -100,12 +101,13 @@ def _gpu_kv_budget_bytes(config: EngineConfig, model, device: torch.device, dtyp
     may send records the peak of activation memory. Memory used outside PyTorch's allocator
     (the CUDA context, other processes) is counted too.
     """
-    sched = config.scheduler_config
+    sched, spec = config.scheduler_config, config.speculative_config
     num_tokens = sched.max_num_batched_tokens
+    # A sequence that verifies k drafts takes logits at 1 + k rows.
+    logit_rows = sched.max_num_seqs * (1 + (spec.num_speculative_tokens if spec is not None else 0))
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
-    scratch_bytes = _profile_forward(config, model, device, dtype, num_tokens,
-                                     min(sched.max_num_seqs, num_tokens))
+    scratch_bytes = _profile_forward(config, model, device, dtype, num_tokens, min(logit_rows, num_tokens))
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - scratch_bytes
     torch.cuda.empty_cache()

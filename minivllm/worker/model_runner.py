@@ -9,8 +9,11 @@ It knows nothing about queues or policies. Given a plain `SchedulerOutput` (mini
 5. for the rows and prompt chunks that asked, computes log-probabilities from the same logits,
 
 and returns at once: the tokens come back as `SampledTokens`, a handle whose `wait()` gives them
-when the GPU is done (and `logprobs()` the log-probabilities, which came with them). Nothing in
-between waits for the GPU, so the engine can plan and launch the next step while this one runs
+when the GPU is done (and `logprobs()` the log-probabilities, which came with them). With
+speculative decoding (speculative_decoding.md), a sequence that verifies drafts takes logits at
+each of them and the rejection sampler keeps the accepted ones; a draft model (`draft_model.py`)
+makes its drafts here, before the forward, and mirrors the forward after it. Nothing in between
+waits for the GPU, so the engine can plan and launch the next step while this one runs
 (overlap); the next step's decodes take their pending tokens from `last_sampled` on the device.
 
 On CUDA a step is kept lean, because at decode the GPU is fast enough to wait on the host; each
@@ -19,7 +22,8 @@ choice is named and can be turned off to measure it:
 * the step's metadata goes to the GPU in ONE asynchronous copy (`step_buffers.py`), and block
   tables stay on the device, updated only where they changed (`block_table.py`);
 * decode-only steps replay a CUDA graph per batch-size bucket (`cuda_graph.py`), so ~400 kernel
-  launches become one; `enforce_eager=True` turns this off;
+  launches become one; so do verification steps, in a second set of 1 + k tokens per sequence;
+  `enforce_eager=True` turns this off;
 * nothing inside the forward reads a GPU value back: the kernels get `max_seq_len` as a Python
   int; the sampled tokens come back by an asynchronous copy;
 * an all-greedy batch without penalties or bans is sampled with one argmax (`Sampler.sample`).
@@ -43,11 +47,13 @@ from minivllm.distributed import SINGLE, TensorParallel, barrier
 from minivllm.distributed.peer_all_reduce import attach_peer_all_reduce
 from minivllm.kernels import resolve_backend, warm_up
 from minivllm.layers.logprobs import decode_row, logprobs_payload, pad_payload
+from minivllm.layers.rejection_sampler import NO_TOKEN, rejection_sample
 from minivllm.layers.sampler import Sampler
 from minivllm.step import SchedulerOutput, StepLogprobs
 from minivllm.worker.block_table import BlockTables
-from minivllm.worker.cuda_graph import DecodeGraphs, GraphStep, graph_batch_sizes
-from minivllm.worker.input_batch import InputBatch, exact_layout, pack_step
+from minivllm.worker.cuda_graph import DecodeGraphs, GraphStep, graph_batch_sizes, load_step
+from minivllm.worker.draft_model import DraftModel
+from minivllm.worker.input_batch import InputBatch
 from minivllm.worker.kv_cache import allocate_kv_cache, cache_dtype, kv_bytes_per_block, num_kv_blocks
 from minivllm.worker.step_buffers import StepBuffers
 
@@ -99,10 +105,13 @@ class SampledTokens:
         """Whether the tokens are on the host already (`wait` would not block)."""
         return self._event is None or self._event.query()
 
-    def wait(self) -> list[int]:
-        """Block until the step is done; one token id per sample row."""
+    def wait(self) -> list[int] | list[list[int]]:
+        """Block until the step is done; one token id per sample row, or, in a step that
+        verified drafts, the list of tokens each sample row gained."""
         if self._event is not None:
             self._event.synchronize()
+        if self._host.dim() == 2:
+            return [[t for t in row if t != NO_TOKEN] for row in self._host.tolist()]
         return self._host.tolist()
 
     def logprobs(self) -> StepLogprobs | None:
@@ -110,6 +119,8 @@ class SampledTokens:
         if self._host_logprobs is None:
             return None
         rows, tokens, layout = self._host_logprobs.tolist(), self._host.tolist(), self._layout
+        if self._host.dim() == 2:  # a step that verified drafts: a row that asked sampled one token
+            tokens = [row[0] for row in tokens]
         out = StepLogprobs()
         for r, (sample_row, k) in enumerate(layout.sampled):
             out.sampled[sample_row] = decode_row(rows[r], tokens[sample_row], k)
@@ -144,24 +155,35 @@ class ModelRunner:
         self.hf_config = self.model.config
         self.vocab_size = self.hf_config.vocab_size
         self.sampler = Sampler(self.vocab_size, self.device)
-        self.num_kv_blocks = num_kv_blocks(config, self.model, self.device, self.dtype, tp)
+        spec = config.speculative_config
+        self.num_speculative_tokens = spec.num_speculative_tokens if spec is not None else 0
+        self.draft = (DraftModel(config, self.device, self.dtype)
+                      if spec is not None and spec.method == "draft" else None)
         self.kv_cache_dtype = cache_dtype(config, self.dtype)  # the model's, or fp8 (e4m3)
         self.kv_bytes_per_block = kv_bytes_per_block(self.model, self.block_size, self.kv_cache_dtype)
+        if self.draft is not None:  # a block holds the draft's K/V too
+            self.kv_bytes_per_block += self.draft.bytes_per_block(self.kv_cache_dtype)
+        self.num_kv_blocks = num_kv_blocks(config, self.model, self.device, self.dtype, tp,
+                                           self.kv_bytes_per_block)
         # kv_scales: per layer (k_scale, v_scale) of an fp8 cache, else None.
         self.kv_caches, self.kv_scales = allocate_kv_cache(self.model, self.num_kv_blocks, self.block_size,
                                                            self.kv_cache_dtype, self.device)
+        if self.draft is not None:
+            self.draft.allocate_cache(self.num_kv_blocks, self.kv_cache_dtype)
         sched = config.scheduler_config
-        self.block_tables = BlockTables(sched.max_num_seqs, -(-sched.max_model_len // self.block_size),
-                                        self.device)
+        # A verification graph's dummy rows may reach k positions past max_model_len.
+        width = -(-(sched.max_model_len + self.num_speculative_tokens) // self.block_size)
+        self.block_tables = BlockTables(sched.max_num_seqs, width, self.device)
         self._step_buffers = StepBuffers(4096, self.device)  # the eager path's; grows when needed
         # The previous step's sampled tokens, on the device, and which row holds whose token.
         self.last_sampled = torch.zeros(0, dtype=torch.int64, device=self.device)
         self._last_sampled_row: dict[int, int] = {}
+        self._draft_probs: torch.Tensor | None = None  # the draft model's q of this step's drafts
         if self.device.type == "cuda":  # compile every kernel variant now, not mid-serving
-            k_cache, v_cache = self.kv_caches[0]
-            k_scale, v_scale = self.kv_scales[0] if self.kv_scales else (None, None)
-            warm_up(k_cache, v_cache, self.model.attention_layers()[0].num_heads, dtype=self.dtype,
-                    backend=self.backend, k_scale=k_scale, v_scale=v_scale)
+            for model, caches, scales in self._kv_models():
+                k_scale, v_scale = scales[0] if scales else (None, None)
+                warm_up(*caches[0], model.attention_layers()[0].num_heads, dtype=self.dtype,
+                        backend=self.backend, k_scale=k_scale, v_scale=v_scale)
         self.graphs = self._capture_graphs()
         # For requests that bring no seed of their own. Seeded last, after everything that might
         # draw random numbers at start-up, so every rank of a tensor-parallel group starts
@@ -188,16 +210,37 @@ class ModelRunner:
             return f"attention backend {self.backend!r} resolves to 'torch', which graphs cannot capture"
         return None
 
-    def _capture_graphs(self) -> DecodeGraphs | None:
-        """Capture the decode graphs (CUDA only, unless enforce_eager), after the KV pool exists."""
+    def _kv_models(self):
+        """(model, its KV caches, its fp8 scales) of the target and of the draft model, if any."""
+        yield self.model, self.kv_caches, self.kv_scales
+        if self.draft is not None:
+            yield self.draft.model, self.draft.kv_caches, self.draft.kv_scales
+
+    def _capture_graphs(self) -> list[DecodeGraphs] | None:
+        """Capture the graphs (CUDA only, unless enforce_eager), after the KV pool exists: the
+        decode set, and with speculation the verification set (1 + k tokens per sequence, up to
+        the batch size where speculation turns off) and the draft model's proposing forwards.
+        Returns the sets, fewest tokens per sequence first."""
         if self.graphs_off_reason is not None:
             return None
-        sched = self.config.scheduler_config
-        graphs = DecodeGraphs(self.model, graph_batch_sizes(sched.max_num_seqs),
-                              max_sampled=sched.max_num_seqs, block_table_width=self.block_tables.width,
-                              max_seq_len=sched.max_model_len, device=self.device, backend=self.backend)
-        graphs.capture()
-        return graphs
+        sched, spec = self.config.scheduler_config, self.config.speculative_config
+        models = [self.model] + ([self.draft.model] if self.draft is not None else [])
+        width = self.block_tables.width
+        sets = [DecodeGraphs(models, graph_batch_sizes(sched.max_num_seqs), max_sampled=sched.max_num_seqs,
+                             block_table_width=width, max_seq_len=sched.max_model_len, device=self.device,
+                             backend=self.backend)]
+        if spec is not None:
+            k = self.num_speculative_tokens
+            speculating = min(sched.max_num_seqs, spec.disable_by_batch_size or sched.max_num_seqs)
+            sets.append(DecodeGraphs(models, graph_batch_sizes(speculating), max_sampled=sched.max_num_seqs,
+                                     block_table_width=width, max_seq_len=sched.max_model_len + k,
+                                     device=self.device, backend=self.backend, query_len=1 + k))
+        pool = None
+        for graphs in sets:
+            pool = graphs.capture(pool)
+        if self.draft is not None:
+            self.draft.capture_graphs(graph_batch_sizes(speculating), width, sched.max_model_len + k, pool)
+        return sets
 
     # ------------------------------------------------------------------------------------------
     # One step
@@ -214,60 +257,69 @@ class ModelRunner:
         if output.is_empty:  # nothing to compute (every sequence awaits a pending last token)
             return SampledTokens(torch.zeros(0, dtype=torch.int64, device=self.device), timings)
         self._copy_blocks(output.block_copies)
-        prepared = self._prepare(output, timings)
+        prepared, batch = self._prepare(output, timings)
+        if batch.draft_dst.numel():
+            self._propose(output, batch)
         launch = time.perf_counter()
         if isinstance(prepared, GraphStep):
-            hidden, batch = self.graphs.replay(prepared), prepared.inputs
+            hidden = prepared.graphs.replay(prepared)
         else:
-            hidden, batch = self.model(prepared.input_ids, prepared.positions, prepared.attn_metadata), prepared
+            hidden = self.model(batch.input_ids, batch.positions, batch.attn_metadata)
         launched = time.perf_counter()
-        tokens, logprobs, layout = self._sample(output, hidden, batch.logits_indices)
+        tokens, logprobs, layout = self._sample(output, hidden, batch)
+        if self.draft is not None:  # after the tokens' copy is queued, which need not wait for it
+            self.draft.mirror(prepared)
         timings.prepare, timings.forward = launch - start, launched - launch
         timings.sample = time.perf_counter() - launched
         return SampledTokens(tokens, timings, logprobs, layout)
 
-    def _prepare(self, output: SchedulerOutput, timings: RunnerTimings) -> GraphStep | InputBatch:
-        """Pack the step into the graphs' static buffers when a graph fits, else eagerly; then
+    def _prepare(self, output: SchedulerOutput, timings: RunnerTimings) -> tuple[GraphStep | InputBatch, InputBatch]:
+        """Pack the step into a graph set's static buffers when one fits, else eagerly; then
         finish it on the device: block tables gathered, pending tokens filled in."""
         seqs = output.seqs
         rows = [self.block_tables.sync(s.seq_id, s.block_table) for s in seqs]
-        tables, bs, last = self.block_tables.host, self.block_size, self._last_sampled_row
-        if self.graphs is not None:
-            timings.graph_miss = self.graphs.why_not(seqs, len(output.sample_rows))
-        if self.graphs is not None and timings.graph_miss is None:
-            prepared = self.graphs.load(seqs, rows, tables, bs, last, self.block_tables.pad_row)
+        prepared, batch, timings.graph_miss = load_step(
+            seqs, output.num_logits_rows, rows, self.block_tables, self.block_size, self._last_sampled_row,
+            self.graphs or [], self._step_buffers, self.backend)
+        if isinstance(prepared, GraphStep):
             timings.graph_batch_size = prepared.batch_size
-            batch = prepared.inputs
-        else:
-            layout = exact_layout(seqs, len(output.sample_rows))
-            packed = pack_step(self._step_buffers.host(layout.size), layout, seqs, rows, tables, bs, last)
-            self._step_buffers.upload(layout.size)
-            prepared = batch = InputBatch.view(self._step_buffers.device_tensor, layout, packed,
-                                               backend=self.backend)
-        self.block_tables.commit()
-        meta = batch.attn_metadata
-        if meta.block_tables is None:
-            meta.block_tables = self.block_tables.device.index_select(0, batch.rows)
-        else:  # the graph's static tensor
-            torch.index_select(self.block_tables.device, 0, batch.rows, out=meta.block_tables)
         if batch.pending_dst.numel():
             batch.input_ids[batch.pending_dst] = self.last_sampled[batch.pending_src].to(torch.int32)
-        return prepared
+        return prepared, batch
 
-    def _sample(self, output: SchedulerOutput, hidden: torch.Tensor, logits_indices: torch.Tensor):
-        """Logits at the sampled rows only, one token each (remembered for the next step); and the
-        log-probabilities that were asked for: (tokens, logprobs payload or None, its layout)."""
+    def _propose(self, output: SchedulerOutput, batch: InputBatch) -> None:
+        """The draft model's drafts for the sequences that verify device drafts, written into
+        their input rows; its q is kept for the rejection sampler."""
+        seqs = [s for s in output.seqs if s.num_draft_tokens and not s.draft_token_ids]
+        ids = {s.seq_id for s in seqs}
+        rows = [row for row in output.sample_rows if row.seq_id in ids]
+        dst = batch.draft_dst.view(len(seqs), self.num_speculative_tokens)
+        first_tokens = batch.input_ids[dst[:, 0] - 1]  # each one's token before its drafts
+        drafts, self._draft_probs = self.draft.propose(seqs, first_tokens, self.block_tables,
+                                                       self.sampler.batch(rows))
+        batch.input_ids[batch.draft_dst] = drafts.view(-1).to(torch.int32)
+
+    def _sample(self, output: SchedulerOutput, hidden: torch.Tensor, batch: InputBatch):
+        """Logits at the sampled rows only, one token each (or, verifying drafts, the tokens
+        each row gained), remembered for the next step; and the log-probabilities that were
+        asked for: (tokens, logprobs payload or None, its layout)."""
         rows = output.sample_rows
         sampled_logprobs = None
-        if rows:  # else only partial prefill chunks this step: nothing to sample yet
-            logits = self.model.compute_logits(hidden[logits_indices])
-            sampled = self.sampler.sample(logits, rows)
-            self.last_sampled, sampled_logprobs = sampled.tokens, sampled.logprobs
+        if not rows:  # only partial prefill chunks this step: nothing to sample yet
+            self.last_sampled = tokens = torch.zeros(0, dtype=torch.int64, device=self.device)
         else:
-            self.last_sampled = torch.zeros(0, dtype=torch.int64, device=self.device)
+            logits = self.model.compute_logits(hidden[batch.logits_indices])
+            if any(s.num_draft_tokens for s in output.seqs):
+                tokens, sampled_logprobs = self._verify(output, logits, batch)
+                gained = (tokens != NO_TOKEN).sum(dim=1, keepdim=True)
+                self.last_sampled = tokens.gather(1, gained - 1).squeeze(1)
+            else:
+                sampled = self.sampler.sample(logits, rows)
+                self.last_sampled, sampled_logprobs = sampled.tokens, sampled.logprobs
+                tokens = self.last_sampled
         self._last_sampled_row = {row.seq_id: i for i, row in enumerate(rows)}
         if sampled_logprobs is None and not output.scores_prompts:  # most steps: nothing more to do
-            return self.last_sampled, None, None
+            return tokens, None, None
         layout = LogprobsLayout([], [])
         payloads = []
         if sampled_logprobs is not None:
@@ -275,7 +327,7 @@ class ModelRunner:
             payloads.append(sampled_logprobs)
         payloads += self._prompt_logprobs(output, hidden, layout)
         width = max([k for _, k in layout.sampled] + [k for *_, k in layout.prompt])
-        return self.last_sampled, torch.cat([pad_payload(p, width) for p in payloads]), layout
+        return tokens, torch.cat([pad_payload(p, width) for p in payloads]), layout
 
     def _prompt_logprobs(self, output: SchedulerOutput, hidden: torch.Tensor, layout: LogprobsLayout):
         """Payloads of the prompt positions that chunks asked to score (none in most steps).
@@ -301,13 +353,46 @@ class ModelRunner:
         return [logprobs_payload(self.model.compute_logits(hidden[rows_t[i:i + size]]), targets_t[i:i + size], num_top)
                 for i in range(0, len(rows), size)]
 
+    def _verify(self, output: SchedulerOutput, logits: torch.Tensor, batch: InputBatch):
+        """[S, 1 + k] tokens of a step in which some rows verify drafts: those through the
+        rejection sampler, the others (forks, penalties, no drafts found) through the sampler;
+        and the plain rows' logprobs payload (a row that verifies drafts never asks for one)."""
+        k, rows = self.num_speculative_tokens, output.sample_rows
+        plain, verifying, first, drafts = [], [], [], []  # sample rows by kind; their logits
+        logits_row = 0
+        for s in output.seqs:
+            for _ in range(s.num_samples):
+                (verifying if s.num_draft_tokens else plain).append(len(plain) + len(verifying))
+                first.append(logits_row)
+                drafts.append(s.num_draft_tokens)
+                logits_row += 1 + s.num_draft_tokens if s.num_draft_tokens else 1
+        index = torch.tensor([plain + verifying, first, drafts], dtype=torch.int64).to(self.device, non_blocking=True)
+        order, first, drafts = index
+        tokens = torch.full((len(rows), 1 + k), NO_TOKEN, dtype=torch.int64, device=self.device)
+        plain_logprobs = None
+        if plain:
+            where = order[:len(plain)]
+            sampled = self.sampler.sample(logits[first[where]], [rows[i] for i in plain])
+            tokens[where, 0], plain_logprobs = sampled.tokens, sampled.logprobs
+        where = order[len(plain):]
+        f, d = first[where], drafts[where]
+        positions = torch.arange(k + 1, device=self.device)
+        target = logits[f[:, None] + torch.minimum(positions, d[:, None])]  # [n, 1 + k, V]
+        # The draft verified at logits row r is the input token right after row r's.
+        draft_rows = batch.logits_indices[f[:, None] + torch.minimum(positions[:k], d[:, None] - 1)]
+        draft_ids = batch.input_ids[draft_rows + 1].long()
+        tokens[where] = rejection_sample(target, draft_ids, d, self.sampler.batch([rows[i] for i in verifying]),
+                                         self._draft_probs)
+        self._draft_probs = None
+        return tokens, plain_logprobs
+
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate whole KV blocks (every layer) before anyone writes to them.
 
         Done one pair at a time, in order, so a block freed and reused within the step is always
         read before it is overwritten. An fp8 cache's scales are copied with their values.
         """
-        tensors = [t for pair in self.kv_caches + (self.kv_scales or []) for t in pair]
+        tensors = [t for _, caches, scales in self._kv_models() for pair in caches + (scales or []) for t in pair]
         for src, dst in copies:
             for t in tensors:
                 t[dst].copy_(t[src])

@@ -145,7 +145,7 @@ def test_decode_graphs_why_not_reads_only_buckets_and_layout():
     from minivllm.worker.cuda_graph import DecodeGraphs
 
     graphs = object.__new__(DecodeGraphs)
-    graphs.batch_sizes, graphs.layout = graph_batch_sizes(8), _layout()
+    graphs.batch_sizes, graphs.layout, graphs.query_len = graph_batch_sizes(8), _layout(), 1
     assert graphs.why_not(_decode(5), 5) is None
     assert "no bucket" in graphs.why_not(_decode(9), 9)
     assert "sampled rows" in graphs.why_not(_decode(1), 12)

@@ -1,0 +1,148 @@
+"""Speculative decoding, the scheduler's half: who speculates, with how many drafts, and the
+n-gram proposer.
+
+A decode step computes one token per sequence, and at small batch that step costs about as much
+as one computing several: it is bound by reading the weights, not by arithmetic. Speculation
+spends that idle arithmetic. A *proposer* guesses the next tokens (drafts); the scheduler plans
+them as ordinary tokens of the step (KV slots, the token budget); the model computes the last
+known token and the drafts in one forward, and the rejection sampler (layers/rejection_sampler.py)
+keeps the drafts that agree with the model plus one token of the model's own. Greedy output is
+exactly what decoding one token at a time gives; sampled output follows the same distribution.
+
+Two proposers, behind one interface (`Speculation.plan_drafts`):
+
+* **n-gram** (prompt lookup, on the host): find the latest earlier place where the sequence's last
+  n tokens occurred, in its prompt or its output, and propose the tokens that followed there.
+  Rewriting, editing or quoting a text given in the prompt repeats long runs of it. n goes from
+  `prompt_lookup_max` down to `prompt_lookup_min`; no match, no drafts.
+* **draft model** (on the device): the runner runs a small model k times before the verifying
+  forward (worker/draft_model.py); here only their number is planned. A model on the device
+  proposes all k or none, so that its forward passes keep one shape. EAGLE-style heads would be
+  one more device proposer.
+
+One rule says which sequences may speculate (`may_speculate`), and one threshold turns
+speculation off for large batches (`SpeculativeConfig.disable_by_batch_size`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from minivllm.config import EngineConfig, SpeculativeConfig, read_config_json
+from minivllm.engine.sequence import Sequence
+from minivllm.engine.tokenizer import load_tokenizer
+
+
+def may_speculate(seq: Sequence) -> bool:
+    """Whether the requests of `seq` allow speculation once its newest token is known: the one
+    rule. Not with penalties, which need the exact output before each verified position; not
+    before `min_tokens` (the sampler bans EOS and stop tokens per position until then).
+
+    (The scheduler also waits for a sequence's newest token to be on the host: the n-gram
+    proposer reads it, and how many drafts the step that made it accepted decides where the
+    next step starts.)
+    """
+    params = seq.sampling_params
+    return not params.has_penalties and seq.num_generated_tokens >= params.min_tokens
+
+
+def check_draft_vocabulary(config: EngineConfig, tokenizer) -> None:
+    """A draft model must speak the target's vocabulary: the same logits width, and the same
+    token for every id when both directories have a tokenizer. Checked before any weight loads.
+    tokenizer: the target's (None if its directory has none)."""
+    spec = config.speculative_config
+    if spec is None or spec.method != "draft":
+        return
+    target_dir = config.model_config.model
+    sizes = [read_config_json(d).get("vocab_size") for d in (target_dir, spec.model)]
+    if sizes[0] != sizes[1]:
+        raise ValueError(f"speculative_config.model: the draft's vocabulary has {sizes[1]} tokens, the "
+                         f"target's {sizes[0]}; a draft model must share the target's vocabulary")
+    draft_tokenizer = load_tokenizer(spec.model)
+    if tokenizer is not None and draft_tokenizer is not None and tokenizer.get_vocab() != draft_tokenizer.get_vocab():
+        raise ValueError("speculative_config.model: the draft's tokenizer maps tokens to other ids than "
+                         "the target's; a draft model must share the target's vocabulary")
+
+
+class NgramProposer:
+    """Prompt lookup over each sequence's tokens, kept as a numpy array per sequence.
+
+    The array grows by the tokens appended since the last call, so a proposal costs a search,
+    not a conversion of the whole history; `release` forgets a finished sequence.
+    """
+
+    def __init__(self, min_n: int, max_n: int):
+        self.min_n, self.max_n = min_n, max_n
+        self._tokens: dict[int, tuple[np.ndarray, int]] = {}  # seq id -> (buffer, length)
+
+    def propose(self, seq: Sequence, max_drafts: int) -> list[int]:
+        """Up to `max_drafts` tokens that followed the latest earlier occurrence of the last n
+        tokens, for the longest n in [min_n, max_n] that occurs; [] when none does."""
+        tokens = self._history(seq)
+        for n in range(min(self.max_n, len(tokens) - 1), self.min_n - 1, -1):
+            pattern = tokens[-n:]
+            # Windows ending at the last token's value, before the last token itself, latest
+            # first: a cheap filter on one token, then the whole pattern.
+            ends = np.flatnonzero(tokens[n - 1:-1] == pattern[-1])
+            for start in ends[::-1]:
+                if np.array_equal(tokens[start:start + n], pattern):
+                    return tokens[start + n:start + n + max_drafts].tolist()
+        return []
+
+    def _history(self, seq: Sequence) -> np.ndarray:
+        buf, length = self._tokens.get(seq.seq_id, (np.empty(0, dtype=np.int64), 0))
+        if seq.num_tokens > len(buf):
+            grown = np.empty(max(2 * len(buf), seq.num_tokens, 64), dtype=np.int64)
+            grown[:length] = buf[:length]
+            buf = grown
+        buf[length:seq.num_tokens] = seq.token_ids[length:]
+        self._tokens[seq.seq_id] = (buf, seq.num_tokens)
+        return buf[:seq.num_tokens]
+
+    def release(self, seq_id: int) -> None:
+        self._tokens.pop(seq_id, None)
+
+
+class Speculation:
+    """The scheduler's speculation policy: whether a step speculates, and each sequence's drafts."""
+
+    def __init__(self, config: SpeculativeConfig, max_model_len: int):
+        self.config = config
+        self.num_speculative_tokens = config.num_speculative_tokens
+        self.max_model_len = max_model_len
+        self.ngram = (NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
+                      if config.method == "ngram" else None)
+
+    @property
+    def on_device(self) -> bool:
+        """Drafts are made by the runner (a draft model), not known when the step is planned."""
+        return self.ngram is None
+
+    def enabled(self, num_running: int) -> bool:
+        """Speculation is on for a step planned while `num_running` sequences run."""
+        limit = self.config.disable_by_batch_size
+        return limit is None or num_running <= limit
+
+    def room(self, seq: Sequence, budget: int) -> int:
+        """The most drafts `seq` may verify: k, what the token budget spares, and what its
+        max_tokens and max_model_len leave after the step's own token."""
+        room = min(self.num_speculative_tokens, budget,
+                   self.max_model_len - seq.num_tokens - 1)
+        max_tokens = seq.sampling_params.max_tokens
+        if max_tokens is not None:
+            room = min(room, max_tokens - seq.num_output_tokens - 1)
+        return max(room, 0)
+
+    def plan_drafts(self, seq: Sequence, budget: int) -> tuple[list[int], int]:
+        """(draft ids known on the host, number of drafts) for a decoding `seq` that
+        `may_speculate`, with `budget` tokens to spare. A device proposer makes all k or none."""
+        room = self.room(seq, budget)
+        if self.ngram is None:
+            return [], self.num_speculative_tokens if room == self.num_speculative_tokens else 0
+        drafts = self.ngram.propose(seq, room) if room else []
+        return drafts, len(drafts)
+
+    def release(self, seq_id: int) -> None:
+        """Forget a finished sequence."""
+        if self.ngram is not None:
+            self.ngram.release(seq_id)
