@@ -5,6 +5,8 @@
     python -m minivllm generate --model /tmp/tiny-llama --prompt "Hi" --trace /tmp/trace.jsonl
     python -m minivllm visualize /tmp/trace.jsonl --out /tmp/figures
     python -m minivllm serve --model /tmp/tiny-llama --port 8000
+    python -m minivllm generate --model /tmp/tiny-llama --prompt "a b a b a" \
+        --speculative-config '{"method": "ngram", "num_speculative_tokens": 4}'
 
 `make-model` writes a random-weight Hugging Face directory (weights, config, tokenizer), so the
 engine can be tried with no download. `generate` runs prompts through the engine and prints the
@@ -54,6 +56,16 @@ def _token_ids(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated token ids, got {text!r}") from None
 
 
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({err.msg})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object ({{...}}), got {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -98,6 +110,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     engine.add_argument("--all-reduce", default="auto", choices=ALL_REDUCE_CHOICES,
                         help="how tensor-parallel ranks sum: dist = torch.distributed (NCCL/gloo); peer = small "
                              "sums through peer GPU memory in one kernel; auto = peer for 2 linked GPUs")
+    engine.add_argument("--speculative-config", type=_json_object, default=None, metavar="JSON",
+                        help='speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '
+                             'or \'{"method": "draft", "model": "DIR", "num_speculative_tokens": 4}\' '
+                             "(docs/speculative_decoding.md)")
     return engine
 
 
@@ -111,7 +127,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         enable_chunked_prefill=args.chunked_prefill, enable_prefix_caching=args.prefix_caching,
         kv_cache_dtype=args.kv_cache_dtype, tensor_parallel_size=args.tensor_parallel_size,
-        all_reduce=args.all_reduce,
+        all_reduce=args.all_reduce, speculative_config=args.speculative_config,
     )
 
 

@@ -305,11 +305,12 @@ class LLMEngine:
         outputs = self._retire(finished) + self._stream_outputs(inflight.step)
         record = inflight.record
         if record is not None:
+            record.add_acceptance(inflight.step.acceptance.values())
             record.finish_time = time.perf_counter()
             record.timings.wait, record.timings.update = arrived - waited, record.finish_time - arrived
             self.stats.add_step(record)
             if self.trace is not None and inflight.event is not None:
-                self.trace.finish(inflight.event, self.scheduler, finished, record)
+                self.trace.finish(inflight.event, self.scheduler, finished, record, inflight.step.acceptance)
         return outputs
 
     def _record(self, step: ScheduledStep, planned: float) -> StepRecord:
@@ -333,6 +334,7 @@ class LLMEngine:
             num_prefix_hit_tokens=step.num_prefix_hit_tokens,
             num_partial_prefills=sum(1 for s in out.seqs if not s.num_samples),
             preemptions=step.preemptions,
+            num_draft_tokens=step.num_draft_tokens,
         )
 
     def _fail(self, inflight: list[_InFlight]) -> None:
@@ -467,10 +469,13 @@ class LLMEngine:
         return trace
 
     def get_stats(self) -> dict:
-        """Plain-data statistics in four sections: engine, scheduler, kv_cache, requests.
+        """Plain-data statistics in four sections: engine, scheduler, kv_cache, requests (and a
+        fifth, speculative, with speculative decoding on).
 
         "scheduler" holds the step totals of the `StatsCollector` (tokens, batch sizes, budget,
         preemptions, graph replays, `step_phases_ms`: mean host milliseconds per step phase).
+        "speculative": drafts verified and accepted, the acceptance rate in all and per draft
+        position, the mean acceptance length.
         "requests" summarizes TTFT / TPOT / end-to-end latency / tokens/s over the finished
         requests still retained (see max_retained_outputs). Computed here, never per step.
         """
@@ -481,7 +486,7 @@ class LLMEngine:
         kv["prefix_cache_hit_tokens"] = steps["num_prefix_hit_tokens"]
         kv["prefix_cache_hit_rate"] = (steps["num_prefix_hit_tokens"] / self._num_prompt_tokens
                                        if self._num_prompt_tokens else 0.0)
-        return {
+        stats = {
             "engine": {
                 "num_steps": steps["num_steps"],
                 "num_finished_requests": totals["finished_requests"],
@@ -508,6 +513,12 @@ class LLMEngine:
                 r.to_output(self._text_of).metrics for r in self._finished.values()
             ),
         }
+        spec = self.config.speculative_config
+        if spec is not None:
+            stats["speculative"] = {"method": spec.method, "num_speculative_tokens": spec.num_speculative_tokens,
+                                    "disable_by_batch_size": spec.disable_by_batch_size,
+                                    **self.stats.speculative_stats()}
+        return stats
 
     @property
     def kv_cache_dtype(self) -> str:

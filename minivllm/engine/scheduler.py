@@ -83,8 +83,8 @@ class ScheduledStep:
     # The next plan needs this step's tokens on the host: it verifies drafts, or its sequences
     # may speculate next (the engine waits for it before planning, even with overlap on).
     speculative: bool = False
-    # (drafts, accepted) of each sequence that verified drafts, filled in by `update`.
-    acceptance: list[tuple[int, int]] = field(default_factory=list)
+    # seq id -> (drafts, accepted) of each sequence that verified drafts, filled in by `update`.
+    acceptance: dict[int, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:
@@ -397,7 +397,7 @@ class Scheduler:
             tokens = list(tokens) if isinstance(tokens, (list, tuple)) else [tokens]
             num_drafts = drafts.get(seq.seq_id, 0)
             if num_drafts:
-                step.acceptance.append((num_drafts, len(tokens) - 1))
+                step.acceptance[seq.seq_id] = (num_drafts, len(tokens) - 1)
             if seq.is_finished:
                 continue
             for token_id in tokens:

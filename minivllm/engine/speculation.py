@@ -76,17 +76,24 @@ class NgramProposer:
         self._tokens: dict[int, tuple[np.ndarray, int]] = {}  # seq id -> (buffer, length)
 
     def propose(self, seq: Sequence, max_drafts: int) -> list[int]:
-        """Up to `max_drafts` tokens that followed the latest earlier occurrence of the last n
-        tokens, for the longest n in [min_n, max_n] that occurs; [] when none does."""
+        """Up to `max_drafts` tokens that followed an earlier occurrence of the last n tokens,
+        for the longest n in [min_n, max_n] that occurs; [] when none does.
+
+        Of the occurrences, the latest that is followed by `max_drafts` tokens (nearby text
+        predicts best), else the earliest (followed by the most): in a loop of period p, the
+        latest occurrence is p tokens back and followed by only p tokens.
+        """
         tokens = self._history(seq)
         for n in range(min(self.max_n, len(tokens) - 1), self.min_n - 1, -1):
             pattern = tokens[-n:]
-            # Windows ending at the last token's value, before the last token itself, latest
-            # first: a cheap filter on one token, then the whole pattern.
-            ends = np.flatnonzero(tokens[n - 1:-1] == pattern[-1])
-            for start in ends[::-1]:
-                if np.array_equal(tokens[start:start + n], pattern):
-                    return tokens[start + n:start + n + max_drafts].tolist()
+            # Windows that end in the last token's value, before the last token itself: a cheap
+            # filter on one token, then the whole pattern.
+            starts = np.flatnonzero(tokens[n - 1:-1] == pattern[-1])
+            found = starts[(tokens[starts[:, None] + np.arange(n)] == pattern).all(axis=1)]
+            if found.size:
+                full = found[found + n + max_drafts <= len(tokens)]
+                follow = (full[-1] if full.size else found[0]) + n
+                return tokens[follow:follow + max_drafts].tolist()
         return []
 
     def _history(self, seq: Sequence) -> np.ndarray:

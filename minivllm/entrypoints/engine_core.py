@@ -70,6 +70,7 @@ import torch
 
 from minivllm.config import EngineConfig
 from minivllm.engine.llm_engine import LLMEngine, Prompt
+from minivllm.observe.stats import SpecDecodeCounts
 from minivllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from minivllm.sampling_params import SamplingParams
 
@@ -94,6 +95,7 @@ class EngineState(NamedTuple):
     num_running: int
     num_waiting: int
     kv_cache_usage: float  # used KV blocks / all KV blocks, 0 to 1
+    spec_decode: SpecDecodeCounts | None = None  # totals so far, with speculative decoding on
 
 
 @dataclass
@@ -144,8 +146,9 @@ class EngineCore:
 
     def state(self) -> EngineState:
         scheduler, blocks = self.engine.scheduler, self.engine.block_manager
+        spec = self.engine.stats.spec_decode_counts() if scheduler.speculation is not None else None
         return EngineState(len(scheduler.running), len(scheduler.waiting),
-                           blocks.num_used_blocks / blocks.num_blocks)
+                           blocks.num_used_blocks / blocks.num_blocks, spec)
 
 
 def nothing_new(output: RequestOutput) -> RequestOutput:

@@ -9,6 +9,8 @@ Two kinds of numbers, read in two ways:
 * **Events** (counters of prompt and generated tokens, finished requests by reason; histograms of
   time to first token, time per output token and end-to-end latency) are recorded as the outputs
   go by: `AsyncLLM` calls `record(output)` for every output the engine reports.
+* **Speculative decoding's counters** (drafts verified, accepted, accepted per draft position)
+  are the engine's own totals, carried in its state and read at scrape time like the gauges.
 
 Names follow vLLM's (`vllm:` becomes `minivllm:`), so existing dashboards read them. Each server
 has its own `CollectorRegistry`, so two servers in one process (tests) never share a counter.
@@ -19,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 from minivllm.entrypoints.engine_core import EngineState
 from minivllm.outputs import RequestOutput
@@ -62,6 +65,7 @@ class ServerMetrics:
                               buckets=TPOT_BUCKETS, registry=self.registry)
         self.e2e = Histogram("minivllm:e2e_request_latency_seconds", "Arrival to finish of a request.",
                              buckets=E2E_BUCKETS, registry=self.registry)
+        self.registry.register(SpecDecodeCollector(state))
         self._started: set[str] = set()  # requests whose prompt and first token were counted
 
     def record(self, output: RequestOutput) -> None:
@@ -86,3 +90,27 @@ class ServerMetrics:
     def render(self) -> tuple[bytes, str]:
         """(body, content type) of the Prometheus text format."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class SpecDecodeCollector:
+    """Speculative decoding's counters, read from the engine's state when Prometheus scrapes
+    (nothing at all when the engine does not speculate)."""
+
+    def __init__(self, state: Callable[[], EngineState]):
+        self._state = state
+
+    def collect(self):
+        counts = self._state().spec_decode
+        if counts is None:
+            return
+        for name, doc, value in (
+                ("num_drafts", "Sequence-steps that verified draft tokens.", counts.num_verifications),
+                ("num_draft_tokens", "Draft tokens verified.", counts.num_draft_tokens),
+                ("num_accepted_tokens", "Draft tokens accepted.", counts.num_accepted_tokens)):
+            yield CounterMetricFamily(f"minivllm:spec_decode_{name}", doc, value=value)
+        per_position = CounterMetricFamily("minivllm:spec_decode_num_accepted_tokens_per_pos",
+                                           "Draft tokens accepted at each draft position (0 = first).",
+                                           labels=["position"])
+        for position, value in enumerate(counts.accepted_per_position):
+            per_position.add_metric([str(position)], value)
+        yield per_position

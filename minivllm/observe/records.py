@@ -75,6 +75,13 @@ class StepRecord:
     num_prefix_hit_tokens: int  # tokens taken from the prefix cache by admissions of this step
     num_partial_prefills: int  # prefill chunks that did not reach the end of their prompt
     preemptions: list = field(default_factory=list)  # Preemption records of the scheduler
+    # Speculative decoding (counted in num_decode_tokens): drafts verified, and once the tokens
+    # are back, how many were accepted, in all and at each draft position (1st, 2nd, ...).
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_verifications: int = 0  # sequences that verified at least one draft
+    drafts_per_position: list[int] = field(default_factory=list)
+    accepted_per_position: list[int] = field(default_factory=list)
     finish_time: float = 0.0  # when its tokens were back and folded in (perf_counter)
     timings: StepTimings = field(default_factory=StepTimings)
 
@@ -92,6 +99,17 @@ class StepRecord:
         if self.num_prefill_tokens and self.num_decode_tokens:
             return "mixed"
         return "prefill" if self.num_prefill_tokens else "decode"
+
+    def add_acceptance(self, acceptance) -> None:
+        """Count the (drafts, accepted) pairs of the sequences that verified drafts this step."""
+        for num_drafts, num_accepted in acceptance:
+            self.num_verifications += 1
+            self.num_accepted_tokens += num_accepted
+            for counts, upto in ((self.drafts_per_position, num_drafts),
+                                 (self.accepted_per_position, num_accepted)):
+                counts.extend([0] * (upto - len(counts)))
+                for i in range(upto):
+                    counts[i] += 1
 
     def to_dict(self) -> dict:
         return {**asdict(self), "num_batched_tokens": self.num_batched_tokens,

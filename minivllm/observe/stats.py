@@ -20,11 +20,21 @@ import math
 from collections.abc import Iterable
 
 from collections import Counter, deque
+from typing import NamedTuple
 
 from minivllm.observe.records import STEP_PHASES, StepRecord
 from minivllm.outputs import RequestMetrics, RequestOutput
 
 STEP_KINDS = ("prefill", "decode", "mixed")
+
+
+class SpecDecodeCounts(NamedTuple):
+    """Speculative decoding's running totals, as counters (what a server's /metrics shows)."""
+
+    num_verifications: int  # sequence-steps that verified drafts
+    num_draft_tokens: int
+    num_accepted_tokens: int
+    accepted_per_position: tuple[int, ...]  # accepted drafts at the 1st, 2nd, ... position
 
 
 class StatsCollector:
@@ -36,6 +46,8 @@ class StatsCollector:
         self.phase_time = dict.fromkeys(STEP_PHASES, 0.0)  # host seconds per step phase
         self.kind_time = dict.fromkeys(STEP_KINDS, 0.0)  # wall seconds per kind of step
         self.kind_steps = dict.fromkeys(STEP_KINDS, 0)
+        self.drafts_per_position: list[int] = []  # speculative decoding, summed over steps
+        self.accepted_per_position: list[int] = []
         self._last_finish: float | None = None
 
     def add_step(self, record: StepRecord) -> None:
@@ -55,6 +67,15 @@ class StatsCollector:
         t["budget_tokens"] += record.token_budget
         t["prefix_hit_tokens"] += record.num_prefix_hit_tokens
         t["graph_steps" if record.timings.cuda_graph else "eager_steps"] += 1
+        if record.num_verifications:
+            t["draft_tokens"] += record.num_draft_tokens
+            t["accepted_tokens"] += record.num_accepted_tokens
+            t["verifications"] += record.num_verifications
+            for total, counts in ((self.drafts_per_position, record.drafts_per_position),
+                                  (self.accepted_per_position, record.accepted_per_position)):
+                total.extend([0] * (len(counts) - len(total)))
+                for i, n in enumerate(counts):
+                    total[i] += n
         for phase, seconds in record.timings.phases().items():
             self.phase_time[phase] += seconds
         start = record.time if self._last_finish is None else max(record.time, self._last_finish)
@@ -96,6 +117,29 @@ class StatsCollector:
             "step_kind_time_s": dict(self.kind_time),
             "step_kind_steps": dict(self.kind_steps),
         }
+
+    def spec_decode_counts(self) -> SpecDecodeCounts:
+        t = self.totals
+        return SpecDecodeCounts(t["verifications"], t["draft_tokens"], t["accepted_tokens"],
+                                tuple(self.accepted_per_position))
+
+    def speculative_stats(self) -> dict:
+        """Speculative decoding since start: drafts verified and accepted, the acceptance rate in
+        all and at each draft position, and the mean acceptance length (tokens a verifying
+        sequence gained per step: its accepted drafts plus the model's own token)."""
+        t = self.totals
+        drafts, accepted, verifications = t["draft_tokens"], t["accepted_tokens"], t["verifications"]
+        return {
+            "num_verifications": verifications,
+            "num_draft_tokens": drafts,
+            "num_accepted_tokens": accepted,
+            "acceptance_rate": accepted / drafts if drafts else 0.0,
+            "mean_acceptance_length": 1 + accepted / verifications if verifications else 0.0,
+            "acceptance_rate_per_position": {
+                str(i + 1): a / d for i, (d, a) in enumerate(zip(self.drafts_per_position,
+                                                                  self.accepted_per_position))},
+        }
+
 
 # Metrics summarized per request, with the RequestMetrics field each one reads.
 _REQUEST_METRICS = ("ttft", "tpot", "e2e_latency", "tokens_per_s")
@@ -140,7 +184,7 @@ def summarize_requests(metrics: Iterable[RequestMetrics]) -> dict:
 # ---------------------------------------------------------------------------------------------
 # The table
 # ---------------------------------------------------------------------------------------------
-_RATIO_WORDS = ("utilization", "fragmentation", "hit_rate")
+_RATIO_WORDS = ("utilization", "fragmentation", "hit_rate", "acceptance_rate")
 
 
 def _format_value(key: str, value) -> str:

@@ -7,7 +7,8 @@
 One event per step, built on the step's `StepRecord` (token counts, queue lengths, block counts,
 preemptions with their reason, phase timings) plus what only the engine sees around it:
 
-* `seqs`: which sequences ran, with their prefill and decode tokens and where they started;
+* `seqs`: which sequences ran, with their prefill and decode tokens and where they started (and,
+  speculating, the drafts each verified and how many it accepted);
 * `blocks_allocated` / `blocks_freed`: physical blocks that became held / free during the step
   (net: a block freed by a preemption and handed out again in the same step appears in neither);
 * `num_shared_blocks`, `finished`, `num_sampled`, `step_time` (planned until folded in: with
@@ -77,6 +78,7 @@ class StepTrace:
                 "start": s.start,
                 "prefill": 0 if s.is_decode else s.num_new_tokens,
                 "decode": 1 if s.is_decode else 0,
+                "drafts": s.num_draft_tokens,
                 "forks": [child.seq_id for child in step.forks if child.request_id == seq.request_id],
             }
             for seq, s in zip(step.seqs, step.output.seqs)
@@ -90,9 +92,11 @@ class StepTrace:
         event["_record"] = record
         return event
 
-    def finish(self, event: dict, scheduler, finished: list, record) -> None:
+    def finish(self, event: dict, scheduler, finished: list, record, step_acceptance=None) -> None:
         """After `update()`: the record's final numbers; what finished; blocks the finished ones
-        gave back count as freed."""
+        gave back count as freed; the drafts each sequence accepted (`step_acceptance`: seq id ->
+        (drafts, accepted), as `ScheduledStep.acceptance`)."""
+        step_acceptance = step_acceptance or {}
         event.update(record.to_dict())
         event.pop("_record", None)
         event["t"] = event.pop("time") - self._t0
@@ -100,6 +104,9 @@ class StepTrace:
         freed_now = event.pop("_held") - held
         event["blocks_freed"] = sorted(set(event["blocks_freed"]) | freed_now)
         event["finished"] = [seq.seq_id for seq in finished]
+        for entry in event["seqs"]:
+            if entry["drafts"]:
+                entry["accepted"] = step_acceptance.get(entry["seq_id"], (0, 0))[1]
         event["step_time"] = record.finish_time - record.time
         event["execute_time"] = record.timings.prepare + record.timings.forward + record.timings.sample + record.timings.wait
         self.events.append(event)
