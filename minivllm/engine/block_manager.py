@@ -18,8 +18,8 @@ Three ideas live here:
    list is LRU ordered, so the blocks evicted first are the ones unused the longest.
 
 3. **Speculative decoding** computes draft tokens into slots like any token's; when drafts are
-   rejected, `trim` returns the blocks past the sequence's known tokens, which held only them.
-   They were never hashed: only blocks full of known (accepted) tokens enter the prefix cache.
+   rejected, `trim` returns the blocks past the sequence's computed tokens, which held only
+   them. They were never hashed: only blocks full of known (accepted) tokens enter the cache.
 
 4. **Fork and copy-on-write.** Parallel sampling (n > 1) forks a sequence: the child's table
    points at the parent's blocks, whose ref counts go up; nothing is copied. The first time a
@@ -285,9 +285,9 @@ class BlockManager:
         self._num_registered.pop(seq.seq_id, None)
 
     def trim(self, seq: Sequence) -> None:
-        """Release the blocks at the end of `seq`'s table that hold none of its known tokens
-        (the slots of rejected drafts), back to front, as `free` would."""
-        keep = self.blocks_for(seq.num_tokens)
+        """Release the blocks at the end of `seq`'s table past its computed tokens (they held
+        only rejected drafts), back to front, as `free` would."""
+        keep = self.blocks_for(seq.num_computed_tokens)
         for block_id in reversed(seq.block_table[keep:]):
             self._release(block_id, seq)
         del seq.block_table[keep:]

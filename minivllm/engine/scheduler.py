@@ -199,7 +199,7 @@ class Scheduler:
             spare = budget - num_new - (len(self.running) - i)
             drafts, num_drafts = ([], 0)
             if (speculate and spare > 0 and seq.num_uncomputed_tokens == 1 and not seq.num_pending_tokens
-                    and may_speculate(seq)):
+                    and not seq.num_pending_forks and may_speculate(seq)):
                 drafts, num_drafts = spec.plan_drafts(seq, spare)
             seq_copies = self.block_manager.allocate(seq, num_new + num_drafts) if num_drafts else None
             if seq_copies is None:  # no drafts, or no free block for them: no speculation
@@ -315,13 +315,14 @@ class Scheduler:
             is_decode = num_new == 1 and start >= seq.num_prompt_tokens  # one output token
             if is_decode:
                 step.num_decode_seqs += 1
-                step.num_decode_tokens += 1 + num_drafts
-                step.num_draft_tokens += num_drafts
+                step.num_decode_tokens += 1
             else:
                 step.num_prefill_seqs += 1
                 step.num_prefill_tokens += num_new
             prompt_rows = self._prompt_logprob_rows(seq, start, num_new) if seq.num_prompt_logprobs_owed else None
             step.output.scores_prompts |= prompt_rows is not None
+            step.num_decode_tokens += num_drafts  # (after a prompt's last token too)
+            step.num_draft_tokens += num_drafts
             step.output.seqs.append(ScheduledSeq(
                 seq.seq_id, start, seq.token_ids[start:start + num_new - pending], pending,
                 seq.block_table, len(samples), is_decode, prompt_rows, drafts, num_drafts))

@@ -14,13 +14,20 @@ Like the real runner it remembers the tokens it sampled, because with overlap a 
 
 The next token is a deterministic function of (prefix, sample index): a request's outputs must
 then be the same however it was batched, chunked, preempted, overlapped or served from the
-prefix cache.
+prefix cache, or sped up by speculation. A sequence that verifies drafts keeps those equal to
+that function's tokens, then adds one of its own (as greedy verification does); drafts a draft
+model would make on the device are guessed here, right about two times in three.
 """
 
 from __future__ import annotations
 
+import json
+import tempfile
 from collections import Counter
+from functools import cache
+from pathlib import Path
 
+from minivllm.config import SpeculativeConfig
 from minivllm.engine.scheduler import Scheduler, ScheduledStep
 from minivllm.engine.sequence import Sequence, SequenceStatus
 from minivllm.observe.block_map import kv_cache_stats
@@ -29,6 +36,25 @@ from minivllm.observe.block_map import kv_cache_stats
 def prefix_key(token_ids: list[int], position: int) -> int:
     """The shadow K/V of token `position`: it stands for the token and everything before it."""
     return hash(tuple(token_ids[: position + 1]))
+
+
+def next_token(prefix: list[int], seed_offset: int, vocab_size: int) -> int:
+    """The shadow model: the token after `prefix`, for sample `seed_offset`."""
+    return hash((tuple(prefix), seed_offset)) % vocab_size
+
+
+@cache
+def draft_model_dir() -> str:
+    """A directory that passes for a draft model's (config.json only): the scheduler never loads it."""
+    path = Path(tempfile.mkdtemp(prefix="shadow-draft-"))
+    (path / "config.json").write_text(json.dumps({"vocab_size": 5}))
+    return str(path)
+
+
+def speculative_config(method: str, k: int, **extra) -> SpeculativeConfig:
+    if method == "draft":
+        extra["model"] = draft_model_dir()
+    return SpeculativeConfig(method, k, **extra)
 
 
 class ShadowRunner:
@@ -41,7 +67,7 @@ class ShadowRunner:
     def slot(self, table: list[int], position: int) -> int:
         return table[position // self.block_size] * self.block_size + position % self.block_size
 
-    def execute(self, step: ScheduledStep) -> list[int]:
+    def execute(self, step: ScheduledStep) -> list[int | list[int]]:
         out, bs = step.output, self.block_size
         for src, dst in out.block_copies:
             self.kv[dst * bs: (dst + 1) * bs] = self.kv[src * bs: (src + 1) * bs]
@@ -50,6 +76,7 @@ class ShadowRunner:
             # The prefix is known on the host (test-only knowledge: a real runner needs none of
             # it, its K/V is cached); a pending token is the one this runner sampled last.
             new = [self.last[s.seq_id]] if s.pending else list(s.token_ids)
+            new += s.draft_token_ids or self._guess(seq.token_ids[: s.start] + new, s.num_draft_tokens)
             tokens = seq.token_ids[: s.start] + new
             assert len(new) == s.num_new_tokens and len(s.block_table) * bs >= len(tokens), s
             for p in range(s.start, len(tokens)):
@@ -64,10 +91,36 @@ class ShadowRunner:
         for s, tokens in contexts:
             for _ in range(s.num_samples):
                 row = next(rows)
-                token = hash((tuple(tokens), row.seed_offset)) % self.vocab_size
-                self.last[row.seq_id] = token
-                sampled.append(token)
+                if s.num_draft_tokens:
+                    gained = self._verify(tokens, s.num_draft_tokens, row.seed_offset)
+                    sampled.append(gained)
+                else:
+                    gained = [next_token(tokens, row.seed_offset, self.vocab_size)]
+                    sampled.append(gained[0])
+                self.last[row.seq_id] = gained[-1]
         return sampled
+
+    def _verify(self, tokens: list[int], num_drafts: int, seed_offset: int) -> list[int]:
+        """Keep the drafts (the last `num_drafts` of `tokens`) that the shadow model agrees
+        with, then add its own next token."""
+        known = tokens[: len(tokens) - num_drafts]
+        for draft in tokens[len(known):]:
+            if draft != next_token(known, seed_offset, self.vocab_size):
+                break
+            known = known + [draft]
+        return tokens[len(tokens) - num_drafts: len(known)] + [next_token(known, seed_offset, self.vocab_size)]
+
+    def _guess(self, prefix: list[int], num_drafts: int) -> list[int]:
+        """A draft model's drafts: the shadow model's tokens (sample 0), each wrong when its
+        prefix hashes to 0 mod 3."""
+        guesses = []
+        for _ in range(num_drafts):
+            token = next_token(prefix, 0, self.vocab_size)
+            if hash(tuple(prefix)) % 3 == 0:
+                token = (token + 1) % self.vocab_size
+            guesses.append(token)
+            prefix = prefix + [token]
+        return guesses
 
 
 def abort(scheduler: Scheduler, sequences: list[Sequence], request_id: str) -> list[Sequence]:
@@ -151,7 +204,7 @@ def run_to_completion(scheduler, runner, arrivals, aborts=None, max_steps=10_000
             scheduler.update(*inflight)
             inflight = None
         if step is not None:
-            if overlap:
+            if overlap and not step[0].speculative:  # the engine waits for a speculative step
                 inflight = step
             else:
                 scheduler.update(*step)

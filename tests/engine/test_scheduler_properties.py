@@ -7,7 +7,8 @@ block tables, free list = unreferenced blocks, every sequence reads its own cont
 end: every request that was not aborted finished, and its outputs equal those of a run with an
 unlimited pool and budget (so preemption, chunking and prefix hits never change a result). Half
 the runs overlap (step n+1 planned before step n's tokens are folded in, as the engine does by
-default): the outputs must still be the same.
+default): the outputs must still be the same. And a third speculate (n-gram drafts, or drafts
+a draft model would make), rolling rejected drafts back: the outputs must still be the same.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from minivllm.engine.scheduler import Scheduler
 from minivllm.engine.sequence import Sequence, SequenceStatus
 from minivllm.sampling_params import SamplingParams
 
-from .sim import ShadowRunner, run_to_completion
+from minivllm.engine.speculation import Speculation
+
+from .sim import ShadowRunner, run_to_completion, speculative_config
 
 VOCAB = 5
 EOS = 4
@@ -60,11 +63,18 @@ def workloads(draw):
     min_blocks = -(-(longest - 1) // block_size)
     num_blocks = draw(st.integers(min_blocks, min_blocks + 6))
     prefix_caching = draw(st.booleans())
-    return config, block_size, num_blocks, prefix_caching, requests, draw(st.booleans())
+    speculative = draw(st.sampled_from([None, None, "ngram", "draft"]))
+    if speculative is not None:
+        speculative = speculative_config(speculative, draw(st.integers(1, 4)),
+                                         disable_by_batch_size=draw(st.sampled_from([None, 2])),
+                                         **({"prompt_lookup_min": 1} if speculative == "ngram" else {}))
+    return config, block_size, num_blocks, prefix_caching, requests, draw(st.booleans()), speculative
 
 
-def run(config, block_size, num_blocks, prefix_caching, requests, with_aborts=True, overlap=False):
-    scheduler = Scheduler(config, BlockManager(num_blocks, block_size, prefix_caching))
+def run(config, block_size, num_blocks, prefix_caching, requests, with_aborts=True, overlap=False,
+        speculative=None):
+    speculation = Speculation(speculative, config.max_model_len) if speculative is not None else None
+    scheduler = Scheduler(config, BlockManager(num_blocks, block_size, prefix_caching), speculation=speculation)
     runner = ShadowRunner(num_blocks, block_size, VOCAB)
     arrivals, aborts = {}, {}
     for request_id, prompt, params, arrival, abort_at in requests:
@@ -83,8 +93,9 @@ def outputs_by_sample(sequences):
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(workloads())
 def test_random_workloads_keep_every_invariant(workload):
-    config, block_size, num_blocks, prefix_caching, requests, overlap = workload
-    scheduler, sequences, _ = run(config, block_size, num_blocks, prefix_caching, requests, overlap=overlap)
+    config, block_size, num_blocks, prefix_caching, requests, overlap, speculative = workload
+    scheduler, sequences, _ = run(config, block_size, num_blocks, prefix_caching, requests, overlap=overlap,
+                                  speculative=speculative)
     bm = scheduler.block_manager
     assert bm.num_free_blocks == num_blocks, "blocks leaked after every request finished"
     assert not scheduler.running and not scheduler.waiting
