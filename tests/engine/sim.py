@@ -166,8 +166,8 @@ def check_step_budgets(scheduler: Scheduler, step: ScheduledStep) -> None:
     for s in out.seqs:
         assert s.num_new_tokens >= 1
         assert not s.pending or s.num_new_tokens == 1, "a pending token is only ever a decode"
-        if config.prefill_chunk_size is not None:
-            assert s.num_new_tokens <= config.prefill_chunk_size
+        if config.prefill_chunk_size is not None:  # caps prompt chunks, not drafts
+            assert s.num_new_tokens - s.num_draft_tokens <= config.prefill_chunk_size
         if not config.enable_chunked_prefill:
             assert s.num_samples, "without chunked prefill every scheduled sequence samples"
 
