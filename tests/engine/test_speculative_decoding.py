@@ -1,0 +1,210 @@
+"""Speculative decoding on the real engine (CPU, float32): it changes the speed, never the output.
+
+Greedy output with speculation must be token for token the output without it, on every
+architecture, for the n-gram proposer (prompts that repeat themselves, so that drafts are made
+and accepted: each test checks that acceptances happened) and for a draft model (the target
+itself as its own draft accepts every draft; a different random model rejects most). Then the
+corners: stops inside an accepted run, n > 1, mixed batches, the batch size where speculation
+turns off, overlap on and off, statistics, and nothing leaked.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from minivllm import LLM, SamplingParams
+from minivllm.models import make_random_model
+
+ENGINE = dict(dtype="float32", attention_backend="torch", block_size=4, max_model_len=96, num_kv_blocks=160)
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4}
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "opt")
+
+
+def repetitive_prompts(count: int = 2, seed: int = 1) -> list[list[int]]:
+    """A phrase said three times and begun a fourth: prompt lookup finds it again."""
+    rng = random.Random(seed)
+    phrases = [[rng.randrange(4, 500) for _ in range(8)] for _ in range(count)]
+    return [p * 3 + p[:3] for p in phrases]
+
+
+def greedy(llm: LLM, prompts, max_tokens: int = 24, **params) -> list[list[list[int]]]:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **params)
+    return [[c.token_ids for c in out.outputs] for out in llm.generate(prompts, params, use_tqdm=False)]
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    """reference(arch, prompts, **params) -> greedy outputs without speculation (memoized)."""
+    engines, memo = {}, {}
+
+    def run(arch, prompts, max_tokens=24, **params):
+        key = (arch, repr(prompts), max_tokens, repr(sorted(params.items())))
+        if key not in memo:
+            if arch not in engines:
+                engines[arch] = LLM(str(model_dir(arch)), **ENGINE)
+            memo[key] = greedy(engines[arch], prompts, max_tokens, **params)
+        return memo[key]
+
+    return run
+
+
+def check_speculation(llm: LLM, min_rate: float = 0.0, max_rate: float = 1.0) -> dict:
+    """Speculation happened, at an acceptance rate in [min_rate, max_rate]; every block is free."""
+    stats = llm.get_stats()
+    spec = stats["speculative"]
+    assert spec["num_draft_tokens"] > 0, "no drafts were verified: the test would pass vacuously"
+    assert min_rate <= spec["acceptance_rate"] <= max_rate, spec
+    assert stats["kv_cache"]["num_used_blocks"] == 0 and not llm.has_unfinished_requests()
+    return spec
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_ngram_greedy_output_equals_no_speculation(model_dir, reference, arch):
+    prompts = repetitive_prompts()
+    llm = LLM(str(model_dir(arch)), speculative_config=NGRAM, **ENGINE)
+    assert greedy(llm, prompts) == reference(arch, prompts)
+    spec = check_speculation(llm)
+    assert spec["num_accepted_tokens"] > 0, "no draft was accepted: the test would pass vacuously"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_draft_model_greedy_output_equals_no_speculation(model_dir, reference, tmp_path_factory, arch):
+    """The target as its own draft accepts everything; another random model rejects most."""
+    target = str(model_dir(arch))
+    prompts = [p[:9] for p in repetitive_prompts(seed=2)]
+    other = make_random_model(tmp_path_factory.mktemp(f"draft-{arch}"), arch=arch, size="tiny", seed=7)
+    for draft, rates in ((target, (1.0, 1.0)), (str(other), (0.0, 0.5))):
+        llm = LLM(target, speculative_config={"method": "draft", "model": draft, "num_speculative_tokens": 3},
+                  **ENGINE)
+        assert greedy(llm, prompts) == reference(arch, prompts), draft
+        check_speculation(llm, *rates)
+
+
+def test_a_stop_inside_an_accepted_run_ends_it_there(model_dir, reference):
+    """With every draft accepted (the target drafts for itself), a step gains up to 5 tokens:
+    a stop token, a stop string or max_tokens in the middle of them must end the output exactly
+    where decoding one token at a time ends it."""
+    target = str(model_dir("qwen3"))
+    llm = LLM(target, speculative_config={"method": "draft", "model": target, "num_speculative_tokens": 4},
+              **ENGINE)
+    prompts = [p[:10] for p in repetitive_prompts(seed=3)]
+    full = reference("qwen3", prompts, max_tokens=30)
+    stop_id = full[0][0][7]  # a token of the first answer, its first occurrence cut there
+    cut = full[0][0].index(stop_id) + 1
+    got = llm.generate(prompts[0], SamplingParams(max_tokens=30, temperature=0.0, stop_token_ids=[stop_id]),
+                       use_tqdm=False)[0]
+    assert got.token_ids == full[0][0][:cut] and got.finish_reason == "stop"
+    for max_tokens in (6, 7, 13):  # not multiples of the 5 tokens a step can gain
+        assert greedy(llm, prompts, max_tokens=max_tokens) == reference("qwen3", prompts, max_tokens=max_tokens)
+    off = LLM(target, **ENGINE)
+    text = off.generate(prompts[1], max_tokens=30, temperature=0.0, ignore_eos=True, use_tqdm=False)[0].text
+    stop = text[12:15]
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True, stop=[stop])
+    want = off.generate(prompts[1], params, use_tqdm=False)[0]
+    got = llm.generate(prompts[1], params, use_tqdm=False)[0]
+    assert (got.text, got.token_ids, got.finish_reason) == (want.text, want.token_ids, "stop")
+    check_speculation(llm, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_mixed_batches_n_samples_and_penalties_equal_no_speculation(model_dir, reference, overlap):
+    """Requests arrive at different steps with a budget that chunks their prompts, so steps mix
+    prefill chunks, plain decodes and verifications; n = 2 forks; a request with penalties
+    never speculates. Greedy, so every output is known. A pool of 40 blocks forces preemption."""
+    path = str(model_dir("qwen2"))
+    prompts = repetitive_prompts(4, seed=4) + [[9, 8, 7] * 9]
+    params = [SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True),
+              SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, n=2),
+              SamplingParams(max_tokens=18, temperature=0.0, ignore_eos=True, repetition_penalty=1.3),
+              SamplingParams(max_tokens=22, temperature=0.0, ignore_eos=True, min_tokens=4),
+              SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)]
+    config = dict(ENGINE, num_kv_blocks=40, max_num_seqs=8, max_num_batched_tokens=24, async_scheduling=overlap)
+
+    def run(speculative_config):
+        llm = LLM(path, speculative_config=speculative_config, **config)
+        ids = []
+        for step in range(10_000):
+            if step < len(prompts):
+                ids.append(llm.add_request(prompts[step], params[step]))
+            if step >= len(prompts) and not llm.has_unfinished_requests():
+                return [[c.token_ids for c in llm.get_output(i).outputs] for i in ids], llm
+            llm.step()
+
+    want, _ = run(None)
+    got, llm = run(NGRAM)
+    assert got == want
+    spec = check_speculation(llm)
+    assert spec["num_accepted_tokens"] > 0
+    assert llm.get_stats()["scheduler"]["num_preemptions"] > 0, "the pool was meant to force preemptions"
+    records = list(llm.engine.stats.history)
+    assert any(r.num_draft_tokens and r.num_prefill_tokens for r in records), "no step mixed them"
+
+
+def test_speculation_turns_off_above_the_batch_size(model_dir):
+    """disable_by_batch_size=2: no step planned while 3 or more sequences run has drafts; once
+    requests finish and two remain, they speculate."""
+    path = str(model_dir("qwen3"))
+    llm = LLM(path, speculative_config={**NGRAM, "disable_by_batch_size": 2}, **ENGINE)
+    prompts = repetitive_prompts(4, seed=5)
+    llm.generate(prompts, [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (4, 5, 30, 30)],
+                 use_tqdm=False)
+    records = list(llm.engine.stats.history)
+    assert all(r.num_running <= 2 for r in records if r.num_draft_tokens)
+    assert any(r.num_draft_tokens for r in records)
+    assert any(r.num_running > 2 and r.num_decode_seqs for r in records)
+
+
+def test_sampled_speculation_is_reproducible_with_a_seed(model_dir):
+    """Sampling with a seed gives the same tokens twice, with drafts verified."""
+    target = str(model_dir("qwen3"))
+    other = str(model_dir("qwen2"))  # a draft of the same vocabulary and another mind
+    prompts = repetitive_prompts(2, seed=6)
+    # Cool enough for the random model's loops, where prompt lookup finds drafts.
+    params = SamplingParams(max_tokens=20, temperature=0.5, top_k=3, seed=123, ignore_eos=True)
+    for spec in (NGRAM, {"method": "draft", "model": other, "num_speculative_tokens": 3}):
+        runs = []
+        for _ in range(2):
+            llm = LLM(target, speculative_config=spec, **ENGINE)
+            runs.append([o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
+            check_speculation(llm, 0.0, 1.0)
+        assert runs[0] == runs[1] and all(len(t) == 20 for t in runs[0])
+
+
+def test_statistics_and_the_trace_count_drafts_per_position(model_dir):
+    path = str(model_dir("qwen3"))
+    llm = LLM(path, speculative_config={"method": "draft", "model": path, "num_speculative_tokens": 3}, **ENGINE)
+    trace = llm.enable_trace()
+    llm.generate(repetitive_prompts(1, seed=7), max_tokens=13, temperature=0.0, ignore_eos=True, use_tqdm=False)
+    spec = llm.get_stats()["speculative"]
+    # Every step after the prompt verifies 3 drafts and accepts them all: 1 + 4 + 4 + 4 tokens.
+    assert spec["num_verifications"] == 3 and spec["num_draft_tokens"] == 9 == spec["num_accepted_tokens"]
+    assert spec["mean_acceptance_length"] == 4.0
+    assert spec["acceptance_rate_per_position"] == {"1": 1.0, "2": 1.0, "3": 1.0}
+    events = [e for e in trace if e["num_draft_tokens"]]
+    assert [e["accepted_per_position"] for e in events] == [[1, 1, 1]] * 3
+    assert [e["seqs"][0]["accepted"] for e in events] == [3, 3, 3]
+
+
+def test_bad_speculative_configs_are_refused_naming_the_field(model_dir, tmp_path):
+    path = str(model_dir("qwen3"))
+    bad = [({"method": "medusa", "num_speculative_tokens": 2}, "speculative_config.method"),
+           ({"method": "ngram"}, "num_speculative_tokens"),
+           ({"method": "ngram", "num_speculative_tokens": 2, "model": path}, "speculative_config.model"),
+           ({"method": "draft", "num_speculative_tokens": 2}, "speculative_config.model"),
+           ({"method": "draft", "model": path, "num_speculative_tokens": 2, "prompt_lookup_max": 3},
+            "prompt_lookup_max"),
+           ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 5, "prompt_lookup_max": 3},
+            "prompt_lookup_min"),
+           ({"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": 0}, "disable_by_batch_size"),
+           ({"method": "ngram", "num_speculative_tokens": 2, "typo": 1}, "typo")]
+    for config, field in bad:
+        with pytest.raises(ValueError, match=field):
+            LLM(path, speculative_config=config, **ENGINE)
+    with pytest.raises(TypeError, match="speculative_config"):
+        LLM(path, speculative_config="ngram", **ENGINE)
+    other_vocab = make_random_model(tmp_path / "v", arch="qwen3", size="tiny", overrides={"vocab_size": 300})
+    with pytest.raises(ValueError, match="share the target's vocabulary"):
+        LLM(path, speculative_config={"method": "draft", "model": str(other_vocab), "num_speculative_tokens": 2},
+            **ENGINE)
