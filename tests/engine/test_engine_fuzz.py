@@ -12,6 +12,10 @@ caching on, and overlap on or off. Then:
 * every request we did not abort produced exactly the tokens of a run with a pool and budget
   that never constrain anything (greedy decoding), and the same log-probabilities: one per token,
   one per prompt token (none lost, none repeated by a preemption), equal to 1e-4.
+
+Two more scenarios speculate (n-gram, or a draft model that is the target's first layer alone,
+so that most drafts are rejected and rolled back, and some accepted) against the same reference
+without speculation.
 """
 
 from __future__ import annotations
@@ -29,6 +33,15 @@ MAX_MODEL_LEN = 64
 @pytest.fixture(scope="module")
 def model(model_dir):
     return str(model_dir("qwen3"))
+
+
+@pytest.fixture(scope="module")
+def draft(tmp_path_factory):
+    """The fuzz model's first layer alone (same seed): a draft that agrees with it now and then."""
+    from minivllm.models import make_random_model
+
+    return str(make_random_model(tmp_path_factory.mktemp("draft"), arch="qwen3", size="tiny", seed=0,
+                                 overrides={"num_hidden_layers": 1}))
 
 
 def draw_scenario(seed: int):
@@ -60,12 +73,12 @@ def with_logprobs(params: SamplingParams, rng: random.Random) -> SamplingParams:
                                prompt_logprobs=rng.randint(0, 2) if kind == "prompt" else None)
 
 
-def run(model, requests, overlap: bool, constrained: bool, aborts: bool = True):
+def run(model, requests, overlap: bool, constrained: bool, aborts: bool = True, speculative_config=None):
     """Drive the step API; returns ({request id: the outputs seen for it}, the engine)."""
     config = dict(num_kv_blocks=16, max_num_seqs=5, max_num_batched_tokens=16) if constrained else \
         dict(num_kv_blocks=512, max_num_seqs=64, max_num_batched_tokens=4096)
     llm = LLM(model, dtype="float32", attention_backend="torch", block_size=4, max_model_len=MAX_MODEL_LEN,
-              async_scheduling=overlap, **config)
+              async_scheduling=overlap, speculative_config=speculative_config, **config)
     seen: dict[str, list] = {}
     for step in range(10_000):
         for request_id, prompt, params, arrival, abort_at in requests:
@@ -112,10 +125,16 @@ def check_logprobs(out, reference, params: SamplingParams) -> None:
             assert values(c.logprobs, c.token_ids) == pytest.approx(values(ref.logprobs, c.token_ids), abs=1e-4)
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_random_workloads_lose_nothing_leak_nothing_change_nothing(model, seed):
+@pytest.mark.parametrize("seed, speculative", [(0, None), (1, None), (2, None), (3, None),
+                                               (4, "ngram"), (5, "draft")])
+def test_random_workloads_lose_nothing_leak_nothing_change_nothing(model, draft, seed, speculative):
     requests, overlap = draw_scenario(seed)
-    seen, engine = run(model, requests, overlap, constrained=True)
+    spec = None
+    if speculative == "ngram":
+        spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}
+    elif speculative == "draft":
+        spec = {"method": "draft", "model": draft, "num_speculative_tokens": 2}
+    seen, engine = run(model, requests, overlap, constrained=True, speculative_config=spec)
     reference, _ = run(model, requests, overlap=False, constrained=False, aborts=False)
     preempted = engine.get_stats()["scheduler"]["num_preemptions"]
     for request_id, prompt, params, _, abort_at in requests:
@@ -135,5 +154,8 @@ def test_random_workloads_lose_nothing_leak_nothing_change_nothing(model, seed):
             check_logprobs(out, reference[request_id][0], params)
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     assert not engine.scheduler.running and not engine.scheduler.waiting
-    if seed == 0:  # the pool is small enough to matter (checked on one seed, not assumed)
+    if seed in (0, 4, 5):  # the pool is small enough to matter (checked, not assumed)
         assert preempted > 0
+    if spec is not None:  # drafts were verified, and some rejected and rolled back
+        stats = engine.get_stats()["speculative"]
+        assert 0 < stats["num_accepted_tokens"] < stats["num_draft_tokens"], stats
