@@ -209,6 +209,17 @@ class DecodeGraphs:
         return self._outputs[model, step.batch_size]
 
 
+def choose_graphs(graph_sets: list[DecodeGraphs], seqs, num_sampled: int) -> tuple[DecodeGraphs | None, str | None]:
+    """The first set (fewest tokens per sequence first) that can replay the step, or None and
+    why the last one cannot (None too when there are no sets)."""
+    miss = None
+    for graphs in graph_sets:
+        miss = graphs.why_not(seqs, num_sampled)
+        if miss is None:
+            return graphs, None
+    return None, miss
+
+
 def load_step(seqs, num_sampled: int, rows, tables: BlockTables, block_size: int, last_sampled_row,
               graph_sets: list[DecodeGraphs], eager: StepBuffers, backend: str):
     """Load a step into the first graph set that can replay it, else into `eager`'s buffer for an
@@ -217,13 +228,10 @@ def load_step(seqs, num_sampled: int, rows, tables: BlockTables, block_size: int
     Returns (the GraphStep or the eager InputBatch, its InputBatch, why no graph set could run
     it: None if one does, or if there are none).
     """
-    miss = None
-    for graphs in graph_sets:
-        miss = graphs.why_not(seqs, num_sampled)
-        if miss is None:
-            prepared = graphs.load(seqs, rows, tables.host, block_size, last_sampled_row, tables.pad_row)
-            batch = prepared.inputs
-            break
+    graphs, miss = choose_graphs(graph_sets, seqs, num_sampled)
+    if graphs is not None:
+        prepared = graphs.load(seqs, rows, tables.host, block_size, last_sampled_row, tables.pad_row)
+        batch = prepared.inputs
     else:
         layout = exact_layout(seqs, num_sampled)
         packed = pack_step(eager.host(layout.size), layout, seqs, rows, tables.host, block_size, last_sampled_row)

@@ -170,3 +170,104 @@ def test_a_differently_shaped_batch_compiles_nothing(tmp_path):
     assert jit.count == 0, jit.summary()
     del llm
     torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------
+# Speculative decoding: which set replays which step (pure logic, no GPU)
+# ---------------------------------------------------------------------------------------------
+def _graph_set(max_batch: int, query_len: int):
+    """A DecodeGraphs without its CUDA set-up: enough for why_not and choose_graphs."""
+    from minivllm.worker.cuda_graph import DecodeGraphs
+    from minivllm.worker.input_batch import StepLayout
+
+    graphs = object.__new__(DecodeGraphs)
+    graphs.batch_sizes, graphs.query_len = graph_batch_sizes(max_batch), query_len
+    largest = graphs.batch_sizes[-1]
+    graphs.layout = StepLayout(max_tokens=largest * query_len, max_sampled=max(8, largest * query_len),
+                               max_seqs=largest)
+    return graphs
+
+
+def test_a_verification_step_replays_the_graphs_of_1_plus_k_tokens():
+    from minivllm.step import ScheduledSeq
+    from minivllm.worker.cuda_graph import choose_graphs
+
+    decode, verify = _graph_set(8, 1), _graph_set(4, 4)  # k = 3, speculation up to 4 sequences
+    sets = [decode, verify]
+
+    def spec(i, drafts):
+        return ScheduledSeq(i, 5, [7], False, [0, 1], 1, True, [9] * drafts, drafts)
+
+    plain = [spec(i, 0) for i in range(6)]
+    assert choose_graphs(sets, plain, 6) == (decode, None)
+    verifying = [spec(0, 3), spec(1, 1), spec(2, 0)]  # fewer drafts are padded to 1 + k rows
+    assert choose_graphs(sets, verifying, 4 + 2 + 1) == (verify, None)
+    too_many = [spec(i, 1) for i in range(5)]  # above the batch where speculation turns off
+    assert choose_graphs(sets, too_many, 10)[1].startswith("no bucket for 5 sequences")
+    prefill = [spec(0, 3), ScheduledSeq(9, 0, [1] * 5, False, [0, 1], 1)]
+    graphs, miss = choose_graphs(sets, prefill, 5)
+    assert graphs is None and miss == "not decode-only: 1 of 2 sequences compute more than 4 tokens"
+    assert choose_graphs([], plain, 6) == (None, None)
+
+
+def test_speculative_steps_of_a_real_schedule_go_to_the_right_graphs():
+    """Replay counts on the CPU: a scheduler speculating with the shadow model of sim.py; every
+    step is sent where `load_step` would send it. Verification steps replay the 1 + k set,
+    plain decodes the decode set, prompt chunks run eagerly; no step is lost between them."""
+    from minivllm.config import SchedulerConfig
+    from minivllm.engine.block_manager import BlockManager
+    from minivllm.engine.scheduler import Scheduler
+    from minivllm.engine.sequence import Sequence
+    from minivllm.engine.speculation import Speculation
+    from minivllm.sampling_params import SamplingParams
+    from minivllm.worker.cuda_graph import choose_graphs
+    from tests.engine.sim import ShadowRunner, run_to_completion, speculative_config
+
+    k = 3
+    config = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64)
+    spec = speculative_config("draft", k, disable_by_batch_size=4)
+    scheduler = Scheduler(config, BlockManager(64, 4), speculation=Speculation(spec, 64))
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (6, 9, 14, 20, 30, 30)]
+    arrivals = {0: [Sequence(f"r{i}", [1 + i] * (5 + i), p) for i, p in enumerate(params)]}
+    _, steps = run_to_completion(scheduler, ShadowRunner(64, 4), arrivals)
+    sets = [_graph_set(8, 1), _graph_set(4, 1 + k)]
+    replays = {"decode": 0, "verify": 0, "eager": 0}
+    for step in steps:
+        graphs, miss = choose_graphs(sets, step.output.seqs, step.output.num_logits_rows)
+        kind = "eager" if graphs is None else "decode" if graphs is sets[0] else "verify"
+        replays[kind] += 1
+        assert (kind == "verify") == (step.num_draft_tokens > 0), (kind, step.output.seqs)
+        assert kind != "eager" or miss.startswith("not decode-only")
+    assert replays["verify"] > 0 and replays["decode"] > 0 and replays["eager"] >= 1, replays
+
+
+@needs_cuda
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_speculative_steps_replay_graphs_and_give_the_eager_outputs(tmp_path, method):
+    """On a GPU, verification steps (and the draft model's forwards) replay graphs; greedy
+    outputs equal those of eager speculation and of no speculation at all."""
+    from minivllm import LLM
+    from minivllm.models import make_random_model
+
+    model = make_random_model(tmp_path / "m", arch="qwen3", size="tiny", seed=1)
+    spec = {"method": method, "num_speculative_tokens": 3}
+    if method == "draft":
+        spec["model"] = str(make_random_model(tmp_path / "d", arch="qwen3", size="tiny", seed=1,
+                                              overrides={"num_hidden_layers": 1}))
+    prompts = [[5 + i, 6, 7, 8] * (3 + i) for i in range(6)]
+    config = {"max_num_seqs": 8, "max_model_len": 128, "num_kv_blocks": 128, "block_size": 16,
+              "enable_prefix_caching": False}
+    plain = _greedy(model, True, prompts, 24, **config)
+    outputs = {}
+    for eager in (True, False):
+        llm = LLM(str(model), device="cuda", dtype="float32", enforce_eager=eager, speculative_config=spec,
+                  **config)
+        outs = llm.generate(prompts, temperature=0.0, max_tokens=24, ignore_eos=True, use_tqdm=False)
+        outputs[eager] = [o.token_ids for o in outs]
+        verifying = [r for r in llm.engine.stats.history if r.num_draft_tokens and not r.num_prefill_tokens]
+        assert verifying, "nothing was verified"
+        if not eager:
+            assert all(r.timings.cuda_graph for r in verifying), [r.timings.graph_miss for r in verifying]
+        del llm
+        torch.cuda.empty_cache()
+    assert outputs[False] == outputs[True] == plain

@@ -169,3 +169,88 @@ def test_padding_leaves_the_real_rows_of_a_forward_unchanged(tmp_path):
                 torch.testing.assert_close(k, b)
     assert hidden[8].shape[0] == 8
     torch.testing.assert_close(hidden[8][:3], hidden[None])
+
+
+# ---------------------------------------------------------------------------------------------
+# Speculative decoding: drafts, their logits rows, and verification graphs' padded queries
+# ---------------------------------------------------------------------------------------------
+def spec_seq(seq_id, start, token, table, drafts=(), num_device_drafts=0):
+    return ScheduledSeq(seq_id, start, [token], False, list(table), 1, True, list(drafts),
+                        len(drafts) or num_device_drafts)
+
+
+def test_drafts_are_verified_tokens_with_a_logits_row_each():
+    a = spec_seq(0, 9, 50, [1, 5, 6], drafts=[5, 6])  # positions 9, 10, 11
+    b = seq(1, 2, [60], [3], samples=2)  # a plain decode, forked
+    c = spec_seq(2, 4, 70, [2, 7], num_device_drafts=3)  # a draft model fills in 3 drafts
+    packed, f = packed_fields([a, b, c], layout=StepLayout(16, 16, 8))
+    assert f["ids"] == [50, 5, 6, 60, 70, 0, 0, 0]
+    assert f["pos"] == [9, 10, 11, 2, 4, 5, 6, 7]
+    assert f["slots"] == [6 * BS + 1, 6 * BS + 2, 6 * BS + 3, 3 * BS + 2, 7 * BS, 7 * BS + 1, 7 * BS + 2, 7 * BS + 3]
+    assert f["seq_lens"] == [12, 3, 8] and f["cu"] == [0, 3, 4, 8]
+    assert f["logits"] == [0, 1, 2, 3, 3, 4, 5, 6, 7]  # 1 + drafts rows each; the fork twice
+    assert packed.num_sampled == 9 and packed.num_device_drafts == 3
+
+
+def test_query_len_pads_each_sequence_with_rows_that_write_nothing():
+    a = spec_seq(0, 9, 50, [1, 5, 6], drafts=[5, 6])
+    b = seq(1, 2, [60], [3])
+    _, exact = packed_fields([a, b], layout=StepLayout(16, 16, 4))
+    layout = StepLayout(16, 16, 4)
+    tables = BlockTables(8, 6, torch.device("cpu"))
+    rows = [tables.sync(s.seq_id, s.block_table) for s in (a, b)]
+    buf = np.full(layout.size, 777, dtype=np.int32)
+    packed = pack_step(buf, layout, [a, b], rows, tables.host, BS, {}, pad_to=3, pad_row=tables.pad_row,
+                       query_len=3)
+    batch = InputBatch.view(torch.from_numpy(buf), layout, packed)
+    m = batch.attn_metadata
+    assert packed.num_tokens == 9 and packed.num_seqs == 3
+    assert batch.input_ids.tolist() == [50, 5, 6, 60, 0, 0, 0, 0, 0]
+    assert batch.positions.tolist() == [9, 10, 11, 2, 2, 2, 0, 0, 0]  # dummy rows repeat the last
+    assert m.slot_mapping.tolist() == exact["slots"][:3] + [exact["slots"][3]] + [PAD_SLOT] * 5
+    assert m.seq_lens.tolist() == [12, 5, 3] and m.cu_seqlens_q.tolist() == [0, 3, 6, 9]
+    assert batch.logits_indices.tolist() == [0, 1, 2, 3]  # the real rows, not the padded ends
+    with pytest.raises(ValueError, match="query_len=2 is shorter"):
+        pack_step(buf, layout, [a, b], rows, tables.host, BS, {}, query_len=2)
+
+
+def test_verification_padding_leaves_the_real_rows_and_the_cache_unchanged(tmp_path):
+    """A verification graph gives every sequence 1 + k query rows: the real queries of a
+    sequence with fewer drafts must see exactly what they see unpadded, and the dummy rows
+    must write nothing (CPU, the reference attention)."""
+    from minivllm.config import EngineConfig
+    from minivllm.models import make_random_model
+    from minivllm.worker.model_runner import ModelRunner
+
+    model = make_random_model(tmp_path / "m", arch="llama", size="tiny")
+    runner = ModelRunner(EngineConfig.from_dict({"model": str(model), "device": "cpu", "num_kv_blocks": 16,
+                                                 "block_size": 4, "max_model_len": 64,
+                                                 "attention_backend": "torch"}))
+    for k, v in runner.kv_caches:
+        k.normal_()
+        v.normal_()
+    initial = [(k.clone(), v.clone()) for k, v in runner.kv_caches]
+    seqs = [spec_seq(0, 5, 7, [3, 9], drafts=[11, 12]), seq(1, 0, [8], [1]),
+            spec_seq(2, 10, 9, [2, 4, 6, 8], drafts=[13, 14, 15, 16])]
+    tables = BlockTables(8, 5, torch.device("cpu"))
+    rows = [tables.sync(s.seq_id, s.block_table) for s in seqs]
+    logits, caches = {}, {}
+    for query_len in (None, 5):
+        for (k, v), (k0, v0) in zip(runner.kv_caches, initial):
+            k.copy_(k0)
+            v.copy_(v0)
+        layout = StepLayout(max_tokens=20, max_sampled=20, max_seqs=4)
+        buf = np.zeros(layout.size, dtype=np.int32)
+        packed = pack_step(buf, layout, seqs, rows, tables.host, 4, {}, pad_to=4 if query_len else None,
+                           pad_row=tables.pad_row, query_len=query_len)
+        batch = InputBatch.view(torch.from_numpy(buf), layout, packed, backend="torch", max_seq_len=64)
+        batch.attn_metadata.block_tables = tables.device.index_select(0, batch.rows)
+        with torch.inference_mode():
+            hidden = runner.model(batch.input_ids, batch.positions, batch.attn_metadata)
+            logits[query_len] = runner.model.compute_logits(hidden[batch.logits_indices])
+        caches[query_len] = [(k.clone(), v.clone()) for k, v in runner.kv_caches]
+    assert logits[5].shape[0] == 3 + 1 + 5
+    torch.testing.assert_close(logits[5], logits[None])
+    for (k, v), (k_exact, v_exact) in zip(caches[5], caches[None]):
+        torch.testing.assert_close(k, k_exact)
+        torch.testing.assert_close(v, v_exact)
