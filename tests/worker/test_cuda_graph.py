@@ -255,13 +255,12 @@ def test_speculative_steps_replay_graphs_and_give_the_eager_outputs(tmp_path, me
         spec["model"] = str(make_random_model(tmp_path / "d", arch="qwen3", size="tiny", seed=1,
                                               overrides={"num_hidden_layers": 1}))
     prompts = [[5 + i, 6, 7, 8] * (3 + i) for i in range(6)]
-    config = {"max_num_seqs": 8, "max_model_len": 128, "num_kv_blocks": 128, "block_size": 16,
-              "enable_prefix_caching": False}
+    config = {"max_num_seqs": 8, "max_model_len": 128, "num_kv_blocks": 128, "block_size": 16}
     plain = _greedy(model, True, prompts, 24, **config)
     outputs = {}
     for eager in (True, False):
         llm = LLM(str(model), device="cuda", dtype="float32", enforce_eager=eager, speculative_config=spec,
-                  **config)
+                  enable_prefix_caching=False, **config)
         outs = llm.generate(prompts, temperature=0.0, max_tokens=24, ignore_eos=True, use_tqdm=False)
         outputs[eager] = [o.token_ids for o in outs]
         verifying = [r for r in llm.engine.stats.history if r.num_draft_tokens and not r.num_prefill_tokens]
