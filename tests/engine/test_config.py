@@ -256,3 +256,21 @@ def test_model_seed_fits_torch(config_dir):
     assert ModelConfig(model=config_dir, seed=2**64 - 1).seed == 2**64 - 1
     with pytest.raises(ValueError, match="seed must be < 2\\*\\*64"):
         ModelConfig(model=config_dir, seed=2**64)
+
+
+def test_speculative_config_round_trips_and_checks_the_draft(config_dir, tmp_path):
+    config = EngineConfig.from_dict({"model": config_dir, "max_model_len": 256,
+                                     "speculative_config": {"method": "ngram", "num_speculative_tokens": 3}})
+    spec = config.speculative_config
+    assert (spec.prompt_lookup_min, spec.prompt_lookup_max) == (2, 4)
+    assert EngineConfig.from_dict(config.to_dict()).to_dict() == config.to_dict()
+    assert EngineConfig.from_dict({"model": config_dir}).to_dict()["speculative_config"] is None
+    draft = tmp_path / "draft"
+    draft.mkdir()
+    (draft / "config.json").write_text(json.dumps({"max_position_embeddings": 128}))
+    with pytest.raises(ValueError, match="draft's context length .128. is shorter than max_model_len .256."):
+        EngineConfig.from_dict({"model": config_dir, "max_model_len": 256, "speculative_config": {
+            "method": "draft", "model": str(draft), "num_speculative_tokens": 3}})
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        EngineConfig.from_dict({"model": config_dir, "speculative_config": {
+            "method": "draft", "model": str(tmp_path / "nowhere"), "num_speculative_tokens": 3}})
