@@ -71,9 +71,10 @@ class DraftModel:
 
     @torch.inference_mode()
     def propose(self, seqs: list[ScheduledSeq], first_tokens: torch.Tensor, tables: BlockTables,
-                batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+                batch: SamplingBatch | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """k drafts for each of `seqs` (each verifies k device drafts; batch order), starting
         from `first_tokens` [n] (their first new token, at position `start`), on the device.
+        batch: their sampling settings, None when every one is greedy.
 
         Returns (drafts [n, k] int64, q [n, k, V] float32, or None when every row is greedy:
         then each draft is the draft model's argmax, a point mass).
@@ -82,7 +83,7 @@ class DraftModel:
         rows = [tables.sync(s.seq_id, s.block_table) for s in seqs]
         graph_sets = [self.graphs] if self.graphs is not None else []
         drafts = torch.empty(n, k, dtype=torch.int64, device=self.device)
-        probs = None if batch.all_greedy else torch.empty(n, k, self.vocab_size, device=self.device)
+        probs = None if batch is None else torch.empty(n, k, self.vocab_size, device=self.device)
         tokens = first_tokens
         for i in range(k):
             # Forward i computes the token at position start + i and guesses the one after it.

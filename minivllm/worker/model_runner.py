@@ -47,7 +47,7 @@ from minivllm.distributed import SINGLE, TensorParallel, barrier
 from minivllm.distributed.peer_all_reduce import attach_peer_all_reduce
 from minivllm.kernels import resolve_backend, warm_up
 from minivllm.layers.logprobs import decode_row, logprobs_payload, pad_payload
-from minivllm.layers.rejection_sampler import NO_TOKEN, rejection_sample
+from minivllm.layers.rejection_sampler import NO_TOKEN, greedy_verify, rejection_sample
 from minivllm.layers.sampler import Sampler
 from minivllm.step import SchedulerOutput, StepLogprobs
 from minivllm.worker.block_table import BlockTables
@@ -295,8 +295,8 @@ class ModelRunner:
         rows = [row for row in output.sample_rows if row.seq_id in ids]
         dst = batch.draft_dst.view(len(seqs), self.num_speculative_tokens)
         first_tokens = batch.input_ids[dst[:, 0] - 1]  # each one's token before its drafts
-        drafts, self._draft_probs = self.draft.propose(seqs, first_tokens, self.block_tables,
-                                                       self.sampler.batch(rows))
+        settings = None if all(row.params.is_greedy for row in rows) else self.sampler.batch(rows)
+        drafts, self._draft_probs = self.draft.propose(seqs, first_tokens, self.block_tables, settings)
         batch.input_ids[batch.draft_dst] = drafts.view(-1).to(torch.int32)
 
     def _sample(self, output: SchedulerOutput, hidden: torch.Tensor, batch: InputBatch):
@@ -381,8 +381,11 @@ class ModelRunner:
         # The draft verified at logits row r is the input token right after row r's.
         draft_rows = batch.logits_indices[f[:, None] + torch.minimum(positions[:k], d[:, None] - 1)]
         draft_ids = batch.input_ids[draft_rows + 1].long()
-        tokens[where] = rejection_sample(target, draft_ids, d, self.sampler.batch([rows[i] for i in verifying]),
-                                         self._draft_probs)
+        verifying = [rows[i] for i in verifying]
+        if all(row.params.is_greedy for row in verifying):
+            tokens[where] = greedy_verify(target, draft_ids, d)
+        else:
+            tokens[where] = rejection_sample(target, draft_ids, d, self.sampler.batch(verifying), self._draft_probs)
         self._draft_probs = None
         return tokens, plain_logprobs
 

@@ -92,3 +92,26 @@ def test_two_ranks_give_one_process_log_probabilities(model_dir):
         assert two.token_ids == one.token_ids
         (ids_two, values_two), (ids_one, values_one) = flat(two), flat(one)
         assert ids_two == ids_one and values_two == pytest.approx(values_one, abs=1e-4)
+
+
+def test_two_ranks_speculate_with_ngram_drafts_like_one(model_dir, hf_greedy):
+    """Every rank verifies the same drafts and draws the same tokens: greedy equals Hugging
+    Face, and seeded sampling with speculation equals one process's (a draft model would run
+    on one rank only, so speculative_config 'draft' is refused with two)."""
+    from tests.engine.test_speculative_decoding import repetitive_prompts
+
+    prompts = repetitive_prompts(2, seed=1)
+    ngram = {"method": "ngram", "num_speculative_tokens": 3}
+    engine = dict(max_num_seqs=4, max_model_len=96, speculative_config=ngram, **CPU_ENGINE)
+    params = SamplingParams(max_tokens=14, temperature=0.5, top_k=3, seed=9, ignore_eos=True)
+    with LLM(str(model_dir("qwen3")), tensor_parallel_size=2, **engine) as two:
+        greedy = two.generate(prompts, max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, use_tqdm=False)
+        draws_two = [o.token_ids for o in two.generate(prompts, params, use_tqdm=False)]
+        assert two.get_stats()["speculative"]["num_accepted_tokens"] > 0
+    for prompt, out in zip(prompts, greedy):
+        assert out.token_ids == hf_greedy("qwen3", prompt, MAX_TOKENS)
+    one = LLM(str(model_dir("qwen3")), **engine)
+    assert [o.token_ids for o in one.generate(prompts, params, use_tqdm=False)] == draws_two
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        LLM(str(model_dir("qwen3")), tensor_parallel_size=2, **dict(engine, speculative_config={
+            "method": "draft", "model": str(model_dir("qwen3")), "num_speculative_tokens": 2}))
