@@ -124,9 +124,11 @@ class StatsCollector:
                                 tuple(self.accepted_per_position))
 
     def speculative_stats(self) -> dict:
-        """Speculative decoding since start: drafts verified and accepted, the acceptance rate in
-        all and at each draft position, and the mean acceptance length (tokens a verifying
-        sequence gained per step: its accepted drafts plus the model's own token)."""
+        """Speculative decoding since start: drafts verified and accepted; the acceptance rate
+        (accepted / drafts); the mean acceptance length (tokens a verifying sequence gained per
+        step: its accepted drafts plus the model's own token); and per draft position i, the
+        fraction of verifications that accepted a draft there (non-increasing in i; 1 plus their
+        sum is the mean acceptance length)."""
         t = self.totals
         drafts, accepted, verifications = t["draft_tokens"], t["accepted_tokens"], t["verifications"]
         return {
@@ -136,8 +138,8 @@ class StatsCollector:
             "acceptance_rate": accepted / drafts if drafts else 0.0,
             "mean_acceptance_length": 1 + accepted / verifications if verifications else 0.0,
             "acceptance_rate_per_position": {
-                str(i + 1): a / d for i, (d, a) in enumerate(zip(self.drafts_per_position,
-                                                                  self.accepted_per_position))},
+                str(i + 1): a / verifications for i, a in enumerate(self.accepted_per_position)},
+            "drafts_per_position": {str(i + 1): d for i, d in enumerate(self.drafts_per_position)},
         }
 
 

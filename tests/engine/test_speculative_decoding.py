@@ -56,6 +56,9 @@ def check_speculation(llm: LLM, min_rate: float = 0.0, max_rate: float = 1.0) ->
     spec = stats["speculative"]
     assert spec["num_draft_tokens"] > 0, "no drafts were verified: the test would pass vacuously"
     assert min_rate <= spec["acceptance_rate"] <= max_rate, spec
+    rates = list(spec["acceptance_rate_per_position"].values())
+    assert rates == sorted(rates, reverse=True)
+    assert 1 + sum(rates) == pytest.approx(spec["mean_acceptance_length"])
     assert stats["kv_cache"]["num_used_blocks"] == 0 and not llm.has_unfinished_requests()
     return spec
 

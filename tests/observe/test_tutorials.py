@@ -13,10 +13,11 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = sorted((ROOT / "tutorials").glob("[0-9][0-9]_*.py")) + [ROOT / "examples" / "basic_usage.py"]
 
 
-def test_all_seven_tutorials_exist():
-    assert [p.name for p in SCRIPTS[:7]] == ["01_paged_kv_cache.py", "02_scheduler.py", "03_engine_step.py",
+def test_all_eight_tutorials_exist():
+    assert [p.name for p in SCRIPTS[:8]] == ["01_paged_kv_cache.py", "02_scheduler.py", "03_engine_step.py",
                                              "04_complete_workflow.py", "05_performance_comparison.py",
-                                             "06_serving.py", "07_tensor_parallel.py"]
+                                             "06_serving.py", "07_tensor_parallel.py",
+                                             "08_speculative_decoding.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.stem)
