@@ -460,6 +460,7 @@ class LLMEngine:
             "enable_prefix_caching": self.block_manager.enable_prefix_caching,
             "async_scheduling": self.overlap,
             "kv_cache_dtype": self.kv_cache_dtype,
+            "speculative_config": self.config.to_dict()["speculative_config"],
         })
         return self.trace
 

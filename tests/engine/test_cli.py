@@ -171,3 +171,18 @@ def test_serve_binds_to_loopback_by_default_and_checks_the_port(capsys):
 def test_serve_reports_a_missing_model_in_flag_words(tmp_path, capsys):
     assert main(["serve", "--model", str(tmp_path / "missing"), "--max-num-seqs", "2"]) == 2
     assert "serve: error:" in capsys.readouterr().err
+
+
+def test_speculative_config_flag_takes_a_json_object(model_dir, capsys):
+    from minivllm.cli import engine_kwargs
+
+    args = build_parser().parse_args(["generate", "--model", "m", "--speculative-config",
+                                      '{"method": "ngram", "num_speculative_tokens": 3}'])
+    assert engine_kwargs(args)["speculative_config"] == {"method": "ngram", "num_speculative_tokens": 3}
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--model", "m", "--speculative-config", "ngram"])
+    assert "--speculative-config: expected a JSON object" in capsys.readouterr().err
+    code = main(["generate", "--model", str(model_dir("llama")), "--prompt-token-ids", "5,6,7,5,6,7,5,6",
+                 "--max-tokens", "6", "--no-progress", "--attention-backend", "torch", "--max-model-len", "64",
+                 "--speculative-config", '{"method": "ngram"}'])
+    assert code == 2 and "--speculative-config needs 'num_speculative_tokens'" in capsys.readouterr().err
