@@ -67,16 +67,14 @@ def _uniform(shape, generators: list[torch.Generator | None], device) -> torch.T
     return u
 
 
-def greedy_verify(target_logits: torch.Tensor, draft_ids: torch.Tensor,
-                  num_drafts: torch.Tensor) -> torch.Tensor:
+def greedy_verify(target_ids: torch.Tensor, draft_ids: torch.Tensor, num_drafts: torch.Tensor) -> torch.Tensor:
     """Greedy rows only: keep drafts while they equal the model's argmax, then the argmax.
 
-    target_logits [S, K + 1, V]; draft_ids [S, K]; num_drafts [S]. Returns [S, K + 1] tokens,
-    NO_TOKEN after each row's last.
+    target_ids [S, K + 1]: the model's argmax after the last token and after each draft;
+    draft_ids [S, K]; num_drafts [S]. Returns [S, K + 1] tokens, NO_TOKEN after each row's last.
     """
-    argmax = target_logits.argmax(dim=-1)
-    num_accepted = _num_accepted(draft_ids == argmax[:, :-1], num_drafts)
-    return _assemble(draft_ids, num_accepted, argmax.gather(1, num_accepted[:, None]).squeeze(1))
+    num_accepted = _num_accepted(draft_ids == target_ids[:, :-1], num_drafts)
+    return _assemble(draft_ids, num_accepted, target_ids.gather(1, num_accepted[:, None]).squeeze(1))
 
 
 def rejection_sample(target_logits: torch.Tensor, draft_ids: torch.Tensor, num_drafts: torch.Tensor,
@@ -90,7 +88,7 @@ def rejection_sample(target_logits: torch.Tensor, draft_ids: torch.Tensor, num_d
     q, or None for a point mass on each draft (n-gram).
     """
     if batch.all_greedy:  # p and q are point masses: no draws at all
-        return greedy_verify(target_logits, draft_ids, num_drafts)
+        return greedy_verify(target_logits.argmax(dim=-1), draft_ids, num_drafts)
     num_rows, positions, _ = target_logits.shape
     probs = sampling_probs(target_logits, batch)
     rows = torch.arange(num_rows, device=probs.device)

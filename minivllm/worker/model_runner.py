@@ -40,6 +40,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from minivllm.config import EngineConfig
@@ -356,38 +357,47 @@ class ModelRunner:
     def _verify(self, output: SchedulerOutput, logits: torch.Tensor, batch: InputBatch):
         """[S, 1 + k] tokens of a step in which some rows verify drafts: those through the
         rejection sampler, the others (forks, penalties, no drafts found) through the sampler;
-        and the plain rows' logprobs payload (a row that verifies drafts never asks for one)."""
+        and the plain rows' logprobs payload (a row that verifies drafts never asks for one).
+
+        Row r of `logits` is the model's distribution after input row `logits_indices[r]`; a
+        verifying sample row owns 1 + d consecutive rows, and the draft verified at its row i is
+        the input token right after row i's. The indices are made on the host and sent at once.
+        """
         k, rows = self.num_speculative_tokens, output.sample_rows
-        plain, verifying, first, drafts = [], [], [], []  # sample rows by kind; their logits
+        plain, verifying = [], []  # sample rows by kind, and where their logits rows start
         logits_row = 0
         for s in output.seqs:
             for _ in range(s.num_samples):
-                (verifying if s.num_draft_tokens else plain).append(len(plain) + len(verifying))
-                first.append(logits_row)
-                drafts.append(s.num_draft_tokens)
+                kind = verifying if s.num_draft_tokens else plain
+                kind.append((len(plain) + len(verifying), logits_row, s.num_draft_tokens))
                 logits_row += 1 + s.num_draft_tokens if s.num_draft_tokens else 1
-        index = torch.tensor([plain + verifying, first, drafts], dtype=torch.int64).to(self.device, non_blocking=True)
-        order, first, drafts = index
-        tokens = torch.full((len(rows), 1 + k), NO_TOKEN, dtype=torch.int64, device=self.device)
-        plain_logprobs = None
-        if plain:
-            where = order[:len(plain)]
-            sampled = self.sampler.sample(logits[first[where]], [rows[i] for i in plain])
-            tokens[where, 0], plain_logprobs = sampled.tokens, sampled.logprobs
-        where = order[len(plain):]
-        f, d = first[where], drafts[where]
-        positions = torch.arange(k + 1, device=self.device)
-        target = logits[f[:, None] + torch.minimum(positions, d[:, None])]  # [n, 1 + k, V]
-        # The draft verified at logits row r is the input token right after row r's.
-        draft_rows = batch.logits_indices[f[:, None] + torch.minimum(positions[:k], d[:, None] - 1)]
-        draft_ids = batch.input_ids[draft_rows + 1].long()
-        verifying = [rows[i] for i in verifying]
-        if all(row.params.is_greedy for row in verifying):
-            tokens[where] = greedy_verify(target, draft_ids, d)
+        first = np.array([f for _, f, _ in verifying], dtype=np.int64)[:, None]
+        drafts = np.array([d for _, _, d in verifying], dtype=np.int64)
+        steps = np.arange(k + 1)
+        index = np.concatenate([
+            (first + np.minimum(steps, drafts[:, None])).ravel(),  # [n, 1 + k]: rows past d repeat
+            (first + np.minimum(steps[:k], drafts[:, None] - 1)).ravel(),  # [n, k]: their drafts
+            drafts, *(np.array(column, dtype=np.int64) for column in (
+                [i for i, _, _ in verifying], [i for i, _, _ in plain], [f for _, f, _ in plain]))])
+        index = torch.from_numpy(index).to(self.device, non_blocking=True)
+        n, m = len(verifying), len(plain)
+        target_rows, draft_rows, d, where, plain_where, plain_rows = index.split(
+            [n * (k + 1), n * k, n, n, m, m])
+        draft_ids = batch.input_ids[batch.logits_indices[draft_rows] + 1].long().view(n, k)
+        settings = [rows[i] for i, _, _ in verifying]
+        if all(row.params.is_greedy for row in settings):
+            verified = greedy_verify(logits.argmax(dim=-1)[target_rows].view(n, k + 1), draft_ids, d)
         else:
-            tokens[where] = rejection_sample(target, draft_ids, d, self.sampler.batch(verifying), self._draft_probs)
+            verified = rejection_sample(logits[target_rows].view(n, k + 1, -1), draft_ids, d,
+                                        self.sampler.batch(settings), self._draft_probs)
         self._draft_probs = None
-        return tokens, plain_logprobs
+        if not plain:  # every row verified drafts
+            return verified, None
+        tokens = torch.full((len(rows), 1 + k), NO_TOKEN, dtype=torch.int64, device=self.device)
+        tokens[where] = verified
+        sampled = self.sampler.sample(logits[plain_rows], [rows[i] for i, _, _ in plain])
+        tokens[plain_where, 0] = sampled.tokens
+        return tokens, sampled.logprobs
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate whole KV blocks (every layer) before anyone writes to them.

@@ -97,13 +97,13 @@ def test_fewer_drafts_than_the_padding_and_greedy_rows():
     drafts = torch.tensor([[3, 4], [3, 2], [0, 0]])
     num_drafts = torch.tensor([2, 2, 0])
     expected = [[3, 4, 6], [3, 1, NO_TOKEN], [7, NO_TOKEN, NO_TOKEN]]
-    assert greedy_verify(logits, drafts, num_drafts).tolist() == expected
+    assert greedy_verify(argmax, drafts, num_drafts).tolist() == expected
     # The general path with greedy settings agrees (a greedy row is a point mass).
     batch = batch_of(3, temperature=0.0)
     batch.all_greedy = False
     assert rejection_sample(logits, drafts, num_drafts, batch).tolist() == expected
     one_draft = torch.tensor([1, 1, 1])
-    assert greedy_verify(logits, drafts, one_draft).tolist() == [[3, 4, NO_TOKEN], [3, 1, NO_TOKEN],
+    assert greedy_verify(argmax, drafts, one_draft).tolist() == [[3, 4, NO_TOKEN], [3, 1, NO_TOKEN],
                                                                  [7, NO_TOKEN, NO_TOKEN]]
 
 
