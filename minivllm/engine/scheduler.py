@@ -181,8 +181,7 @@ class Scheduler:
         planned: list[tuple[Sequence, int, list[int], int]] = []  # seq, known tokens, drafts
         copies: list[tuple[int, int]] = []
         preemptions: list[Preemption] = []
-        spec = self.speculation
-        speculate = spec is not None and spec.enabled(len(self.running))
+        speculate = self.speculation is not None and self.speculation.enabled(len(self.running))
 
         # 1. Running sequences, oldest first. Iterating by index because preemption removes
         #    sequences from the *end* of the list, which this loop has not reached yet.
@@ -197,10 +196,7 @@ class Scheduler:
             num_new = self._num_new_tokens(seq.num_uncomputed_tokens, budget)
             # Drafts only from the budget left once every running sequence has its one token.
             spare = budget - num_new - (len(self.running) - i)
-            drafts, num_drafts = ([], 0)
-            if (speculate and spare > 0 and seq.num_uncomputed_tokens == 1 and not seq.num_pending_tokens
-                    and not seq.num_pending_forks and may_speculate(seq)):
-                drafts, num_drafts = spec.plan_drafts(seq, spare)
+            drafts, num_drafts = self._plan_drafts(seq, spare) if speculate else ([], 0)
             seq_copies = self.block_manager.allocate(seq, num_new + num_drafts) if num_drafts else None
             if seq_copies is None:  # no drafts, or no free block for them: no speculation
                 drafts, num_drafts = [], 0
@@ -227,6 +223,15 @@ class Scheduler:
         step.speculative = step.num_draft_tokens > 0 or (
             speculate and any(may_speculate(seq) for seq in step.sampled))
         return step
+
+    def _plan_drafts(self, seq: Sequence, spare: int) -> tuple[list[int], int]:
+        """The drafts `seq` verifies this step, (ids known on the host, number): none unless it
+        computes just its newest token, that token is known, no fork is due, and the rule of
+        `may_speculate` allows it."""
+        if (spare < 1 or seq.num_uncomputed_tokens != 1 or seq.num_pending_tokens or seq.num_pending_forks
+                or not may_speculate(seq)):
+            return [], 0
+        return self.speculation.plan_drafts(seq, spare)
 
     def _num_new_tokens(self, uncomputed: int, budget: int) -> int:
         """How many of a sequence's uncomputed tokens fit this step (chunking if it is allowed)."""

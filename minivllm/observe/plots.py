@@ -104,8 +104,9 @@ def plot_throughput(events, path, num_blocks: int | None = None, title: str = "T
     fig = new_figure(figsize=(10, 6))
     top, bottom = fig.subplots(2, 1, sharex=True)
     top.plot(t, computed, color=PREFILL_COLOUR, label="tokens computed / s (prefill + decode)")
-    if all("num_sampled" in e for e in events):
-        generated = _moving_average([e["num_sampled"] / dt for e, dt in zip(events, times)], window)
+    if all("num_sampled" in e for e in events):  # (accepted drafts too, in traces that have them)
+        generated = _moving_average([e.get("num_generated_tokens", e["num_sampled"]) / dt
+                                     for e, dt in zip(events, times)], window)
         top.plot(t, generated, color=DECODE_COLOUR, label="tokens generated / s")
     top.set_ylabel("tokens / s")
     note = f" (moving average over {window} steps)" if window > 1 else ""

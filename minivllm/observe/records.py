@@ -94,6 +94,11 @@ class StepRecord:
         return self.num_prefill_tokens + self.num_decode_tokens
 
     @property
+    def num_generated_tokens(self) -> int:
+        """Tokens the step gave its sequences: one per sampled row, plus accepted drafts."""
+        return self.num_sampled + self.num_accepted_tokens
+
+    @property
     def kind(self) -> str:
         """"prefill", "decode" or "mixed": which work the step's forward did."""
         if self.num_prefill_tokens and self.num_decode_tokens:
@@ -113,4 +118,5 @@ class StepRecord:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "num_batched_tokens": self.num_batched_tokens,
-                "num_scheduled_seqs": self.num_scheduled_seqs, "kind": self.kind}
+                "num_scheduled_seqs": self.num_scheduled_seqs, "kind": self.kind,
+                "num_generated_tokens": self.num_generated_tokens}

@@ -58,7 +58,7 @@ class StatsCollector:
         t["steps"] += 1
         t["prefill_tokens"] += record.num_prefill_tokens
         t["decode_tokens"] += record.num_decode_tokens
-        t["sampled_tokens"] += record.num_sampled
+        t["sampled_tokens"] += record.num_generated_tokens
         t["scheduled_seqs"] += record.num_scheduled_seqs
         t["prefill_chunks"] += record.num_prefill_seqs
         t["preemptions"] += len(record.preemptions)

@@ -180,7 +180,9 @@ def test_statistics_and_the_trace_count_drafts_per_position(model_dir):
     llm = LLM(path, speculative_config={"method": "draft", "model": path, "num_speculative_tokens": 3}, **ENGINE)
     trace = llm.enable_trace()
     llm.generate(repetitive_prompts(1, seed=7), max_tokens=13, temperature=0.0, ignore_eos=True, use_tqdm=False)
-    spec = llm.get_stats()["speculative"]
+    stats = llm.get_stats()
+    assert stats["engine"]["num_generated_tokens"] == 13  # accepted drafts are generated tokens too
+    spec = stats["speculative"]
     # Every step after the prompt verifies 3 drafts and accepts them all: 1 + 4 + 4 + 4 tokens.
     assert spec["num_verifications"] == 3 and spec["num_draft_tokens"] == 9 == spec["num_accepted_tokens"]
     assert spec["mean_acceptance_length"] == 4.0
@@ -188,6 +190,7 @@ def test_statistics_and_the_trace_count_drafts_per_position(model_dir):
     events = [e for e in trace if e["num_draft_tokens"]]
     assert [e["accepted_per_position"] for e in events] == [[1, 1, 1]] * 3
     assert [e["seqs"][0]["accepted"] for e in events] == [3, 3, 3]
+    assert [e["num_generated_tokens"] for e in events] == [4, 4, 4]
 
 
 def test_bad_speculative_configs_are_refused_naming_the_field(model_dir, tmp_path):

@@ -25,7 +25,7 @@ import pytest
 from minivllm import SamplingParams
 from minivllm.entrypoints import AsyncLLM, EngineDeadError, EngineStepError, RequestStream
 from minivllm.entrypoints.async_llm import coalesce
-from minivllm.entrypoints.engine_core import EngineCore, OutputDecoder, serve
+from minivllm.entrypoints.engine_core import EngineCore, EngineState, OutputDecoder, serve
 from minivllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from tests.serve.conftest import MAX_MODEL_LEN, make_engine
 from tests.serve.test_async_llm import PROMPTS, joined
@@ -116,7 +116,7 @@ def test_abort_frees_the_blocks_in_the_engine_process(llm, loop):
     assert final.finished and final.finish_reason == "abort" and rest[-1].finish_reason == "abort"
     assert after["kv_cache"]["num_used_blocks"] == 0 and after["engine"]["num_unfinished_requests"] == 0
     assert after["engine"]["num_aborted_requests"] - stats["engine"]["num_aborted_requests"] == 2
-    assert tuple(llm.state) == (0, 0, 0.0)  # what /metrics shows, as the engine process reported it
+    assert llm.state == EngineState(0, 0, 0.0)  # what /metrics shows, as the engine process reported it
 
 
 def test_bad_input_raises_at_add_request_and_queues_nothing(llm, loop):
