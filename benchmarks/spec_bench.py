@@ -4,7 +4,8 @@ Two parts (docs/speculative_decoding.md):
 
 * `e2e` (a real model, `--model DIR`, e.g. SmolLM2-135M-Instruct): a prompt-lookup-friendly
   workload (rewrite, continue or edit a passage or code given in the prompt), greedy, so both
-  variants produce the same tokens. For each batch size, output tokens/s with n-gram speculation
+  variants produce the same tokens (up to bf16 rounding: the share of identical outputs is
+  recorded). For each batch size, output tokens/s with n-gram speculation
   always on and with it off, their ratio, and the acceptance (mean acceptance length, rate per
   draft position). The largest batch at which speculation still pays is what
   `disable_by_batch_size` should be; at the largest batch the engine's default threshold is
@@ -137,23 +138,22 @@ def e2e(args, device: torch.device) -> list[dict]:
             results[name][0]["disable_by_batch_size"] = llm.get_stats()["speculative"]["disable_by_batch_size"]
         del llm
         release_memory(device)
-    records = []
-    for off, on in zip(results["off"], results["on"]):
-        assert on["outputs"] == off["outputs"], "greedy outputs differ with speculation on"
-        records.append(_e2e_record("always_on", off, on, args))
+    records = [_e2e_record("always_on", off, on, args) for off, on in zip(results["off"], results["on"])]
     if "default" in results:
-        default, off = results["default"][0], results["off"][-1]
-        assert default["outputs"] == off["outputs"], "greedy outputs differ with speculation on"
-        records.append(_e2e_record("default_threshold", off, default, args))
+        records.append(_e2e_record("default_threshold", results["off"][-1], results["default"][0], args))
     return records
 
 
 def _e2e_record(variant: str, off: dict, on: dict, args) -> dict:
+    """One batch size, on against off. Greedy outputs are the same token for token in float32
+    (the tests); in bf16 a verification's other shapes may round a near tie the other way, so
+    the share of identical outputs is recorded, not assumed."""
     keep = {k: v for k, v in on.items() if k not in ("outputs", "elapsed_s")}
+    same = sum(a == b for a, b in zip(on["outputs"], off["outputs"])) / len(off["outputs"])
     return {"bench": "spec_e2e", "variant": variant, "model": str(args.model),
             "num_speculative_tokens": args.num_speculative_tokens, **keep,
-            "off_output_tokens_per_s": off["output_tokens_per_s"],
-            "speedup": on["output_tokens_per_s"] / off["output_tokens_per_s"]}
+            "off_output_tokens": off["output_tokens"], "off_output_tokens_per_s": off["output_tokens_per_s"],
+            "identical_outputs": same, "speedup": on["output_tokens_per_s"] / off["output_tokens_per_s"]}
 
 
 def threshold_from(records: list[dict]) -> int | None:
@@ -271,7 +271,7 @@ def print_table(records: list[dict]) -> None:
             print(f"  e2e {r['variant']:<17} B={r['batch_size']:>3}  off {r['off_output_tokens_per_s']:9.1f} tok/s  "
                   f"on {r['output_tokens_per_s']:9.1f} tok/s  x{r['speedup']:.2f}  "
                   f"acceptance length {acc if acc is None else round(acc, 2)}  "
-                  f"rate {r.get('acceptance_rate', 0):.2f}")
+                  f"rate {r.get('acceptance_rate', 0):.2f}  identical outputs {r['identical_outputs']:.0%}")
         else:
             print(f"  step {r['shape']:<13} B={r['batch_size']:>3}  decode {1e3 * r['decode_step_s']:7.3f} ms  "
                   f"verify k={r['num_speculative_tokens']} {1e3 * r['verify_step_s']:7.3f} ms "
