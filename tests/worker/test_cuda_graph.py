@@ -196,7 +196,8 @@ def test_a_verification_step_replays_the_graphs_of_1_plus_k_tokens():
     sets = [decode, verify]
 
     def spec(i, drafts):
-        return ScheduledSeq(i, 5, [7], False, [0, 1], 1, True, [9] * drafts, drafts)
+        return ScheduledSeq(i, 5, [7], False, [0, 1], 1, is_decode=True, draft_token_ids=[9] * drafts,
+                            num_draft_tokens=drafts)
 
     plain = [spec(i, 0) for i in range(6)]
     assert choose_graphs(sets, plain, 6) == (decode, None)

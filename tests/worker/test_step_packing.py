@@ -175,8 +175,8 @@ def test_padding_leaves_the_real_rows_of_a_forward_unchanged(tmp_path):
 # Speculative decoding: drafts, their logits rows, and verification graphs' padded queries
 # ---------------------------------------------------------------------------------------------
 def spec_seq(seq_id, start, token, table, drafts=(), num_device_drafts=0):
-    return ScheduledSeq(seq_id, start, [token], False, list(table), 1, True, list(drafts),
-                        len(drafts) or num_device_drafts)
+    return ScheduledSeq(seq_id, start, [token], False, list(table), 1, is_decode=True, draft_token_ids=list(drafts),
+                        num_draft_tokens=len(drafts) or num_device_drafts)
 
 
 def test_drafts_are_verified_tokens_with_a_logits_row_each():
