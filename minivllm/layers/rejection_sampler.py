@@ -15,8 +15,10 @@ al., 2023): P(x) = q(x) min(1, p(x)/q(x)) + (1 - sum_y min(p(y), q(y))) * max(p(
 step gains between 1 and d + 1 tokens and the output follows the model's distribution;
 tests/engine/test_rejection_sampler.py checks it with a chi-square test.
 
-p is the distribution the plain sampler draws from: temperature, top-k, top-p, min-p applied;
-for a greedy request it is a point mass on the argmax. Then a draft is accepted exactly when it
+p is the distribution the plain sampler draws from: logit_bias, temperature, top-k, top-p,
+min-p applied; for a greedy request it is a point mass on the (biased) argmax. (Penalties and
+min_tokens bans depend on the tokens before each position: such requests do not speculate,
+engine/speculation.py.) Then a draft is accepted exactly when it
 is the argmax, and the token drawn at the first rejection is the argmax: greedy output is the
 model's own, token for token.
 
@@ -28,17 +30,30 @@ from __future__ import annotations
 
 import torch
 
-from minivllm.layers.sampler import SamplingBatch, apply_top_k_top_p_min_p, exponential_noise
+from minivllm.layers.sampler import SamplingBatch, apply_logit_bias, apply_top_k_top_p_min_p, exponential_noise
 
 NO_TOKEN = -1  # marks the positions of an output row after its last token
 
 
-def sampling_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """The distribution the sampler draws from at each position: [S, P, V] logits of S rows
-    (P positions each, settings per row in `batch`) -> probabilities, float32. Temperature, then
-    top-k / top-p / min-p, then softmax; a greedy row is a point mass on its argmax."""
+def biased_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """[S, P, V] logits -> [S * P, V] float32, each row's logit_bias added at every position."""
     num_rows, positions, vocab = logits.shape
     flat = logits.reshape(num_rows * positions, vocab).float()
+    if batch.logit_bias is None:
+        return flat
+    rows, token_ids, biases = batch.logit_bias
+    at = torch.arange(positions, device=flat.device)
+    return apply_logit_bias(flat, ((rows[:, None] * positions + at).ravel(), token_ids.repeat_interleave(positions),
+                                   biases.repeat_interleave(positions)))
+
+
+def sampling_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """The distribution the sampler draws from at each position: [S, P, V] logits of S rows
+    (P positions each, settings per row in `batch`) -> probabilities, float32. logit_bias, then
+    temperature, then top-k / top-p / min-p, then softmax; a greedy row is a point mass on its
+    argmax."""
+    num_rows, positions, vocab = logits.shape
+    flat = biased_logits(logits, batch)
 
     def per_position(column: torch.Tensor) -> torch.Tensor:
         return column.repeat_interleave(positions)
@@ -88,7 +103,8 @@ def rejection_sample(target_logits: torch.Tensor, draft_ids: torch.Tensor, num_d
     q, or None for a point mass on each draft (n-gram).
     """
     if batch.all_greedy:  # p and q are point masses: no draws at all
-        return greedy_verify(target_logits.argmax(dim=-1), draft_ids, num_drafts)
+        target_ids = biased_logits(target_logits, batch).argmax(dim=-1).view(target_logits.shape[:2])
+        return greedy_verify(target_ids, draft_ids, num_drafts)
     num_rows, positions, _ = target_logits.shape
     probs = sampling_probs(target_logits, batch)
     rows = torch.arange(num_rows, device=probs.device)

@@ -267,7 +267,8 @@ class ModelRunner:
         else:
             hidden = self.model(batch.input_ids, batch.positions, batch.attn_metadata)
         launched = time.perf_counter()
-        tokens, logprobs, layout = self._sample(output, hidden, batch)
+        query_len = prepared.graphs.query_len if isinstance(prepared, GraphStep) else None
+        tokens, logprobs, layout = self._sample(output, hidden, batch, query_len)
         if self.draft is not None:  # after the tokens' copy is queued, which need not wait for it
             self.draft.mirror(prepared)
         timings.prepare, timings.forward = launch - start, launched - launch
@@ -300,7 +301,7 @@ class ModelRunner:
         drafts, self._draft_probs = self.draft.propose(seqs, first_tokens, self.block_tables, settings)
         batch.input_ids[batch.draft_dst] = drafts.view(-1).to(torch.int32)
 
-    def _sample(self, output: SchedulerOutput, hidden: torch.Tensor, batch: InputBatch):
+    def _sample(self, output: SchedulerOutput, hidden: torch.Tensor, batch: InputBatch, query_len: int | None):
         """Logits at the sampled rows only, one token each (or, verifying drafts, the tokens
         each row gained), remembered for the next step; and the log-probabilities that were
         asked for: (tokens, logprobs payload or None, its layout)."""
@@ -326,12 +327,15 @@ class ModelRunner:
         if sampled_logprobs is not None:
             layout.sampled = [(i, row.params.logprobs) for i, row in enumerate(rows) if row.params.logprobs is not None]
             payloads.append(sampled_logprobs)
-        payloads += self._prompt_logprobs(output, hidden, layout)
+        payloads += self._prompt_logprobs(output, hidden, layout, query_len)
         width = max([k for _, k in layout.sampled] + [k for *_, k in layout.prompt])
         return tokens, torch.cat([pad_payload(p, width) for p in payloads]), layout
 
-    def _prompt_logprobs(self, output: SchedulerOutput, hidden: torch.Tensor, layout: LogprobsLayout):
+    def _prompt_logprobs(self, output: SchedulerOutput, hidden: torch.Tensor, layout: LogprobsLayout,
+                         query_len: int | None):
         """Payloads of the prompt positions that chunks asked to score (none in most steps).
+        query_len: the rows each sequence has in `hidden` when a verification graph padded them
+        (a short prompt chunk fits one), None when each has its new tokens' alone.
 
         Their logits are computed `max_num_seqs` rows at a time: never more at once than the
         sampled rows of a full step, which the start-up memory profile accounts for."""
@@ -344,7 +348,7 @@ class ModelRunner:
                 rows += range(first, first + len(asked.target_ids))
                 targets += asked.target_ids
                 layout.prompt.append((s.seq_id, asked.target_ids, asked.num_logprobs))
-            offset += s.num_new_tokens
+            offset += query_len or s.num_new_tokens
         if not rows:
             return []
         num_top = max(k for *_, k in layout.prompt)
@@ -385,7 +389,7 @@ class ModelRunner:
             [n * (k + 1), n * k, n, n, m, m])
         draft_ids = batch.input_ids[batch.logits_indices[draft_rows] + 1].long().view(n, k)
         settings = [rows[i] for i, _, _ in verifying]
-        if all(row.params.is_greedy for row in settings):
+        if all(row.params.is_greedy and not row.params.logit_bias for row in settings):
             verified = greedy_verify(logits.argmax(dim=-1)[target_rows].view(n, k + 1), draft_ids, d)
         else:
             verified = rejection_sample(logits[target_rows].view(n, k + 1, -1), draft_ids, d,

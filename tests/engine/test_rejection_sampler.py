@@ -76,6 +76,26 @@ def test_draft_model_distributions_keep_the_target_distribution(target_logits):
     assert all(p > P_THRESHOLD for p in check_distribution(out, probs, drafts))
 
 
+def test_logit_bias_is_part_of_the_target_distribution(target_logits):
+    """p is softmax(logits + bias): sampled rows follow it, greedy rows keep the biased argmax."""
+    torch.manual_seed(5)
+    bias = {2: 1.5, 5: -2.0, 6: 1.0}
+    vector = torch.zeros(V)
+    vector[list(bias)] = torch.tensor(list(bias.values()))
+    drafts = torch.tensor([[2, 5]]).expand(N, K)
+    out = rejection_sample(target_logits.expand(N, K + 1, V), drafts, torch.full((N,), K),
+                           batch_of(N, temperature=1.0, logit_bias=bias))
+    assert all(p > P_THRESHOLD for p in check_distribution(out, torch.softmax(target_logits + vector, -1), drafts))
+    # Greedy: a bias that moves the argmax at every position moves the kept tokens with it.
+    top = target_logits.argmax(-1)
+    flip = {int(t): -100.0 for t in top.unique()}
+    greedy = rejection_sample(target_logits[None], top[None, :K], torch.tensor([K]),
+                              batch_of(1, temperature=0.0, logit_bias=flip))
+    biased_first = target_logits[0] + torch.tensor([flip.get(i, 0.0) for i in range(V)])
+    assert greedy[0, 0].item() == biased_first.argmax().item()
+    assert greedy[0, 1].item() == NO_TOKEN
+
+
 def test_the_test_rejects_wrong_rules(target_logits):
     """With the same N, always accepting, or resampling from p on a rejection, fails."""
     torch.manual_seed(4)

@@ -145,6 +145,37 @@ def test_mixed_batches_n_samples_and_penalties_equal_no_speculation(model_dir, r
     assert any(r.num_draft_tokens and r.num_prefill_tokens for r in records), "no step mixed them"
 
 
+def test_logprobs_requests_decode_plainly_and_logit_bias_is_verified(model_dir, reference):
+    """A request asking for logprobs does not speculate: its tokens and log-probabilities are
+    those without speculation, while its neighbour in the batch speculates. A greedy request
+    with logit_bias speculates against the biased argmax: the bias makes one token the argmax
+    everywhere, so prompt lookup proposes it again and again, and a verification that ignored
+    the bias would take the model's own argmax instead."""
+    path = str(model_dir("qwen3"))
+    prompts = repetitive_prompts(2, seed=8)
+    with_logprobs = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, logprobs=2)
+    plain = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+
+    def values(c):
+        return [entry[t].logprob for entry, t in zip(c.logprobs, c.token_ids, strict=True)]
+
+    want = LLM(path, **ENGINE).generate(prompts, [with_logprobs, plain], use_tqdm=False)
+    llm = LLM(path, speculative_config=NGRAM, **ENGINE)
+    got = llm.generate(prompts, [with_logprobs, plain], use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    assert values(got[0].outputs[0]) == pytest.approx(values(want[0].outputs[0]), abs=1e-5)
+    assert got[1].outputs[0].logprobs is None
+    spec = check_speculation(llm)
+    # Only the plain request verified drafts: one verification per step at most.
+    assert all(r.num_draft_tokens <= NGRAM["num_speculative_tokens"] for r in llm.engine.stats.history)
+
+    favoured = prompts[0][1]
+    biased = reference("qwen3", prompts[:1], 16, logit_bias={favoured: 100.0})
+    assert biased == [[[favoured] * 16]] != reference("qwen3", prompts[:1], 16)
+    assert greedy(llm, prompts[:1], 16, logit_bias={favoured: 100.0}) == biased
+    assert llm.get_stats()["speculative"]["num_draft_tokens"] > spec["num_draft_tokens"]
+
+
 def test_speculation_turns_off_above_the_batch_size(model_dir):
     """disable_by_batch_size=2: no step planned while 3 or more sequences run has drafts; once
     requests finish and two remain, they speculate."""
