@@ -2,41 +2,48 @@
 
 Two parts (docs/speculative_decoding.md):
 
-* `e2e` (a real model, `--model DIR`, e.g. SmolLM2-135M-Instruct): a prompt-lookup-friendly
-  workload (rewrite, continue or edit a passage or code given in the prompt), greedy, so both
-  variants produce the same tokens (up to bf16 rounding: the share of identical outputs is
-  recorded). For each batch size, output tokens/s with n-gram speculation
-  always on and with it off, their ratio, and the acceptance (mean acceptance length, rate per
-  draft position). The largest batch at which speculation still pays is what
-  `disable_by_batch_size` should be; at the largest batch the engine's default threshold is
-  timed too (speculation then turns itself off).
-* `step` (random weights of a named shape, `--shapes qwen3-0.6b,llama-3.1-8b`): the model
-  runner's step, launched and waited for, at batch 1 (and --batch-sizes): a plain decode step, a
-  verification step of k drafts (the target alone), and a draft-model step (a 2-layer draft of
-  the same shape family proposes k drafts, the target verifies them, the draft mirrors the
-  forward). Same engine, same sequence, same context; only the step differs.
+* `--part e2e` (a real model, `--model DIR`, e.g. SmolLM2-135M-Instruct; random weights make
+  acceptance meaningless): a prompt-lookup-friendly workload (rewrite, correct, continue or
+  document a passage or code given in the prompt), greedy. For each batch size, output tokens/s
+  with n-gram speculation always on and with it off (two engines, one after the other), their
+  ratio, the acceptance (mean acceptance length, rate per draft position) and the share of
+  identical outputs (float32 gives 1.0, the tests check it; in bf16 a verification's other
+  shapes may round a near tie the other way). `disable_by_batch_size_measured` in the JSON is the
+  largest batch up to which speculation paid: the value `DISABLE_BY_BATCH_SIZE` in
+  minivllm/config.py should take. At the largest batch the engine's default threshold is timed
+  too (above it speculation turns itself off), the row `default_threshold`.
+* `--part step` (random weights of a named shape, `--model-config`): the model runner's step,
+  launched and waited for, at batch 1 (and --batch-sizes), one engine holding the target and a
+  2-layer draft of the same shape and vocabulary: the plain decode step (the target alone, as an
+  engine without speculation runs it), the verification of k drafts (the target alone), and the
+  draft-model step (the draft proposes k drafts, the target verifies them, the draft mirrors the
+  forward). Same sequence, same context, same slots; only the step differs.
 
-    python benchmarks/spec_bench.py --part e2e --model DIR           # real model: tok/s, acceptance
-    python benchmarks/spec_bench.py --part step --shapes qwen3-0.6b   # random weights: step times
+    python benchmarks/spec_bench.py --part e2e --model DIR                  # tok/s, acceptance
+    python benchmarks/spec_bench.py --part e2e --model DIR --batch-sizes 1,64
+    python benchmarks/spec_bench.py --part step --model-config llama-3.1-8b --model-cache /tmp/models
 
-JSON goes to benchmarks/results/ (or --out); the table is printed last. On the CPU it runs tiny
-cases (`--smoke`): CPU numbers are no GPU claim.
+The model, the JSON record, the table and `--variants` (each variant a child process running
+the whole part, e.g. `"k4:,k2:speculative_config={...}"` for e2e) are benchmarks/common.py's.
+CPU runs are no GPU claim.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):
+if __package__ in (None, ""):  # run as a script: make `benchmarks` and `minivllm` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import cpu_disclaimer, default_out, environment, release_memory, write_json
+from benchmarks.common import (DTYPES, MODEL_CONFIGS, add_model_arguments, add_variant_arguments,
+                               agreement, default_out, format_table, int_list, new_record,
+                               pick_device, release_memory, resolve_model, run_variants, runner_of,
+                               this_variant, time_ms, write_json)
 
 # The workload: each task hands the model a text to give back changed a little, so most of the
 # answer is in the prompt already. Written for this benchmark.
@@ -86,81 +93,87 @@ def workload_prompts(tokenizer, count: int) -> list:
 # ---------------------------------------------------------------------------------------------
 # e2e: output tokens/s with and without speculation
 # ---------------------------------------------------------------------------------------------
-def run_batches(llm, batch_sizes: list[int], max_tokens: int, rounds_for_one: int) -> list[dict]:
+def run_batches(llm, batch_sizes: list[int], max_tokens: int, rounds_for_one: int, sampling: dict) -> list[dict]:
     """Each batch size: rounds of `batch` requests submitted at once, greedy; tokens/s over all."""
     from minivllm import SamplingParams
 
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    params = SamplingParams(**{"temperature": 0.0, "max_tokens": max_tokens, **sampling})
     rows = []
     for batch in batch_sizes:
         rounds = max(1, rounds_for_one // batch)
         prompts = workload_prompts(llm.tokenizer, batch * rounds)
         before = llm.get_stats().get("speculative", {})
         start = time.perf_counter()
-        tokens, outputs = 0, []
+        outputs = []
         for r in range(rounds):
-            outs = llm.generate(prompts[r * batch:(r + 1) * batch], params, use_tqdm=False)
-            tokens += sum(len(o.token_ids) for o in outs)
-            outputs += [o.token_ids for o in outs]
+            outputs += [o.token_ids for o in llm.generate(prompts[r * batch:(r + 1) * batch], params,
+                                                          use_tqdm=False)]
         elapsed = time.perf_counter() - start
-        after = llm.get_stats().get("speculative", {})
+        tokens = sum(len(o) for o in outputs)
         row = {"batch_size": batch, "num_requests": batch * rounds, "output_tokens": tokens,
-               "elapsed_s": elapsed, "output_tokens_per_s": tokens / elapsed, "outputs": outputs}
+               "output_tokens_per_s": tokens / elapsed, "outputs": outputs}
+        after = llm.get_stats().get("speculative", {})
         if after:
             drafts = after["num_draft_tokens"] - before["num_draft_tokens"]
             accepted = after["num_accepted_tokens"] - before["num_accepted_tokens"]
             verifications = after["num_verifications"] - before["num_verifications"]
             row.update(num_draft_tokens=drafts, num_accepted_tokens=accepted, num_verifications=verifications,
                        acceptance_rate=accepted / drafts if drafts else 0.0,
-                       mean_acceptance_length=1 + accepted / verifications if verifications else None)
+                       mean_acceptance_length=1 + accepted / verifications if verifications else None,
+                       disable_by_batch_size=after["disable_by_batch_size"])
         rows.append(row)
     return rows
 
 
-def e2e(args, device: torch.device) -> list[dict]:
+def e2e(model_dir: Path, dtype: str, args, device: torch.device, record: dict, out: Path) -> None:
+    """Speculation off, always on, and (at the largest batch) with the default threshold: one
+    engine each, the same requests; rows into `record`."""
     from minivllm import LLM
 
-    batch_sizes = args.batch_sizes
+    variant = this_variant(args)
+    sizes = args.batch_sizes
     ngram = {"method": "ngram", "num_speculative_tokens": args.num_speculative_tokens}
-    variants = [("off", None), ("on", {**ngram, "disable_by_batch_size": None})]
-    if max(batch_sizes) > 1:
-        variants.append(("default", ngram))  # the engine's own threshold, at the largest batch only
-    engine = dict(max_num_seqs=max(batch_sizes), max_model_len=args.max_model_len)
+    spec = variant.engine.get("speculative_config", ngram)  # a variant may set its own
+    engine = {**dict(dtype=dtype, device=device.type, max_num_seqs=max(sizes), max_model_len=args.max_model_len),
+              **{k: v for k, v in variant.engine.items() if k != "speculative_config"}}
     if device.type == "cpu":
-        engine.update(dtype="float32", num_kv_blocks=256)
-    results = {}
-    for name, spec in variants:
-        llm = LLM(str(args.model), speculative_config=spec, **engine)
-        sizes = batch_sizes if name != "default" else [max(batch_sizes)]
-        run_batches(llm, [1], min(16, args.max_tokens), 1)  # warm-up
-        results[name] = run_batches(llm, sizes, args.max_tokens, args.rounds)
-        if spec is not None:
-            results[name][0]["disable_by_batch_size"] = llm.get_stats()["speculative"]["disable_by_batch_size"]
+        engine.setdefault("num_kv_blocks", 256)
+    modes = [("off", None, sizes), ("always_on", {**spec, "disable_by_batch_size": None}, sizes)]
+    if max(sizes) > 1:
+        modes.append(("default_threshold", {k: v for k, v in spec.items() if k != "disable_by_batch_size"},
+                      [max(sizes)]))
+    measured = {}
+    for mode, speculative_config, batch_sizes in modes:
+        llm = LLM(str(model_dir), speculative_config=speculative_config, **engine)
+        run_batches(llm, [1], 16, 1, variant.sampling)  # warm-up
+        measured[mode] = {r["batch_size"]: r for r in run_batches(llm, batch_sizes, args.max_tokens, args.rounds,
+                                                                   variant.sampling)}
+        llm.close()
         del llm
         release_memory(device)
-    records = [_e2e_record("always_on", off, on, args) for off, on in zip(results["off"], results["on"])]
-    if "default" in results:
-        records.append(_e2e_record("default_threshold", results["off"][-1], results["default"][0], args))
-    return records
+    for mode, _, batch_sizes in modes[1:]:
+        for batch in batch_sizes:
+            row = e2e_row(mode, measured["off"][batch], measured[mode][batch], args)
+            record["results"].append({"variant": variant.name, **row})
+            write_json(out, record)
 
 
-def _e2e_record(variant: str, off: dict, on: dict, args) -> dict:
-    """One batch size, on against off. Greedy outputs are the same token for token in float32
-    (the tests); in bf16 a verification's other shapes may round a near tie the other way, so
-    the share of identical outputs is recorded, not assumed."""
-    keep = {k: v for k, v in on.items() if k not in ("outputs", "elapsed_s")}
-    same = sum(a == b for a, b in zip(on["outputs"], off["outputs"])) / len(off["outputs"])
-    return {"bench": "spec_e2e", "variant": variant, "model": str(args.model),
-            "num_speculative_tokens": args.num_speculative_tokens, **keep,
+def e2e_row(mode: str, off: dict, on: dict, args) -> dict:
+    """One batch size, speculation on against off."""
+    same = agreement(on["outputs"], off["outputs"])
+    return {"part": "e2e", "mode": mode, "model": str(args.model_label),
+            "num_speculative_tokens": args.num_speculative_tokens,
+            **{k: v for k, v in on.items() if k != "outputs"},
             "off_output_tokens": off["output_tokens"], "off_output_tokens_per_s": off["output_tokens_per_s"],
-            "identical_outputs": same, "speedup": on["output_tokens_per_s"] / off["output_tokens_per_s"]}
+            "speedup": on["output_tokens_per_s"] / off["output_tokens_per_s"],
+            "identical_outputs": same["exact"], "common_prefix": same["prefix"]}
 
 
-def threshold_from(records: list[dict]) -> int | None:
-    """The largest batch size up to which speculation always paid (speedup >= 1): what
-    `disable_by_batch_size` should be. None if it never paid."""
+def threshold_from(rows: list[dict]) -> int | None:
+    """The largest batch size up to which always-on speculation paid at every measured size
+    (speedup >= 1): what `disable_by_batch_size` should be. None if it never paid."""
     paying = None
-    for r in sorted((r for r in records if r["variant"] == "always_on"), key=lambda r: r["batch_size"]):
+    for r in sorted((r for r in rows if r.get("mode") == "always_on"), key=lambda r: r["batch_size"]):
         if r["speedup"] < 1.0:
             break
         paying = r["batch_size"]
@@ -170,18 +183,32 @@ def threshold_from(records: list[dict]) -> int | None:
 # ---------------------------------------------------------------------------------------------
 # step: the runner's plain decode, verification and draft-model steps
 # ---------------------------------------------------------------------------------------------
-def time_runner_steps(llm, batch: int, context: int, k: int, steps: int, with_draft: bool) -> dict:
+def draft_for(args, dtype: str) -> Path:
+    """The 2-layer random draft of the --model-config shape (same vocabulary and width), built
+    beside the target in --model-cache (reused when there)."""
+    from minivllm.models import make_random_model
+
+    arch, size = MODEL_CONFIGS[args.model_label]
+    out = Path(args.model_cache) / f"{args.model_label}-2-layer-draft-{dtype}"
+    if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
+        return out
+    print(f"building the 2-layer draft of {args.model_label} in {out} ...", flush=True)
+    return make_random_model(out, arch=arch, size=size, seed=1, dtype=DTYPES[dtype],
+                             overrides={"num_hidden_layers": 2}, overwrite=True)
+
+
+def time_runner_steps(llm, batch: int, context: int, k: int, device: torch.device) -> dict:
     """Prefill `batch` sequences of about `context` tokens, then time the runner launching and
     waiting for one step of each kind, repeated at the same positions (rewriting the same slots).
 
     The step recomputes each sequence's last prompt token and, when speculating, verifies k
-    drafts after it; the prompt length leaves room for them in its last block.
+    drafts after it; the prompt length leaves room for them in its last block. The plain steps
+    run with the draft model set aside (no mirror), as an engine without speculation runs them.
     """
     from minivllm import SamplingParams
     from minivllm.step import SampleRow, ScheduledSeq, SchedulerOutput
 
-    engine = llm.engine
-    runner = engine.model_runner
+    engine, runner = llm.engine, runner_of(llm)
     bs = runner.block_size
     length = -(-context // bs) * bs - k  # the last block has room for k drafts
     room = engine.config.scheduler_config.max_model_len - length  # never finishes while timed
@@ -193,133 +220,121 @@ def time_runner_steps(llm, batch: int, context: int, k: int, steps: int, with_dr
     seqs = list(engine.scheduler.running)
     assert len(seqs) == batch and all(s.num_computed_tokens == length for s in seqs)
 
-    def step(drafts: bool, device_drafts: bool) -> SchedulerOutput:
+    def step(num_drafts: int, on_device: bool) -> SchedulerOutput:
         scheduled = [ScheduledSeq(s.seq_id, length - 1, [s.token_ids[length - 1]], False, s.block_table, 1,
-                                  True, [] if device_drafts or not drafts else [11] * k, k if drafts else 0)
-                     for s in seqs]
+                                  is_decode=True, draft_token_ids=[] if on_device else [11] * num_drafts,
+                                  num_draft_tokens=num_drafts) for s in seqs]
         return SchedulerOutput(scheduled, [SampleRow(s.seq_id, params) for s in seqs])
 
-    kinds = {"decode": step(False, False), "verify": step(True, False)}
-    if with_draft:
-        kinds = {"decode": kinds["decode"], "draft": step(True, True)}
-    times = {}
-    for name, output in kinds.items():
-        for _ in range(3):  # warm-up
-            runner.execute(output).wait()
-        samples = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            runner.execute(output).wait()
-            samples.append(time.perf_counter() - t0)
-        times[name] = statistics.median(samples)
+    def timed(output: SchedulerOutput) -> float:
+        return time_ms(lambda: runner.execute(output).wait(), device, graph=False) * 1e-3
+
+    draft, runner.draft = runner.draft, None
+    times = {"decode_step_s": timed(step(0, False)), "verify_step_s": timed(step(k, False))}
+    runner.draft = draft
+    times["draft_step_s"] = timed(step(k, True))
     for request_id in ids:
         engine.abort(request_id)
     runner.execute(SchedulerOutput([], [], finished_seq_ids=[s.seq_id for s in seqs]))  # free their rows
-    return {"cuda_graphs": runner.graphs is not None, **{f"{name}_step_s": t for name, t in times.items()}}
+    return {"cuda_graphs": runner.graphs is not None, **times}
 
 
-def step_part(args, device: torch.device) -> list[dict]:
-    from benchmarks.common import MODEL_CONFIGS, build_model
+def step_part(model_dir: Path, dtype: str, args, device: torch.device, record: dict, out: Path) -> None:
     from minivllm import LLM
-    from minivllm.models import make_random_model
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    root = args.model_dir or Path("/tmp/minivllm-spec-bench")
-    k = args.num_speculative_tokens
-    records = []
-    for shape in args.shapes:
-        print(f"building the {shape} target and its 2-layer draft (random weights) in {root} ...", flush=True)
-        target = build_model(shape, root, dtype)
-        arch, size = MODEL_CONFIGS[shape]
-        draft_dir = root / f"{shape}-2-layer-draft-{str(dtype).removeprefix('torch.')}"
-        if not (draft_dir / "config.json").is_file():
-            make_random_model(draft_dir, arch=arch, size=size, seed=1, dtype=dtype,
-                              overrides={"num_hidden_layers": 2}, overwrite=True)
-        batch = max(args.batch_sizes)
-        engine = dict(max_num_seqs=batch, max_model_len=args.context + 64, async_scheduling=False,
-                      max_num_batched_tokens=max(2048, batch * (args.context + 16)), enable_prefix_caching=False)
-        if device.type == "cpu":
-            engine.update(dtype="float32", num_kv_blocks=batch * (args.context // 16 + 8))
-        measured: dict[int, dict] = {}
-        for name, spec in (("ngram", {"method": "ngram", "num_speculative_tokens": k}),
-                           ("draft", {"method": "draft", "model": str(draft_dir), "num_speculative_tokens": k})):
-            llm = LLM(str(target), speculative_config=spec, **engine)
-            for b in args.batch_sizes:
-                timed = time_runner_steps(llm, b, args.context, k, args.steps, with_draft=name == "draft")
-                measured.setdefault(b, {}).update({f"{name}_{key}": v for key, v in timed.items()})
-            del llm
-            release_memory(device)
-        for b, m in measured.items():
-            plain = m["ngram_decode_step_s"]  # the decode step of an engine without a draft model
-            records.append({
-                "bench": "spec_step", "shape": shape, "batch_size": b, "context": args.context,
-                "num_speculative_tokens": k, "cuda_graphs": m["ngram_cuda_graphs"],
-                "decode_step_s": plain, "verify_step_s": m["ngram_verify_step_s"],
-                "draft_step_s": m["draft_draft_step_s"],
-                "decode_step_with_draft_mirror_s": m["draft_decode_step_s"],
-                "verify_over_decode": m["ngram_verify_step_s"] / plain,
-                "draft_step_over_decode": m["draft_draft_step_s"] / plain,
-            })
-    return records
+    if args.model is not None:
+        raise SystemExit("--part step times random-weight shapes: use --model-config, not --model")
+    variant = this_variant(args)
+    k, batch = args.num_speculative_tokens, max(args.batch_sizes)
+    spec = {"method": "draft", "model": str(draft_for(args, dtype)), "num_speculative_tokens": k}
+    engine = {**dict(dtype=dtype, device=device.type, max_num_seqs=batch, max_model_len=args.context + 64,
+                     async_scheduling=False, max_num_batched_tokens=max(2048, batch * (args.context + 16)),
+                     enable_prefix_caching=False, speculative_config=spec), **variant.engine}
+    if device.type == "cpu":
+        engine.setdefault("num_kv_blocks", batch * (args.context // 16 + 8))
+    llm = LLM(str(model_dir), **engine)
+    for b in args.batch_sizes:
+        m = time_runner_steps(llm, b, args.context, k, device)
+        record["results"].append({
+            "variant": variant.name, "part": "step", "model": args.model_label, "batch_size": b,
+            "context": args.context, "num_speculative_tokens": k, **m,
+            "verify_over_decode": m["verify_step_s"] / m["decode_step_s"],
+            "draft_step_over_decode": m["draft_step_s"] / m["decode_step_s"]})
+        write_json(out, record)
+    llm.close()
+    del llm
+    release_memory(device)
 
 
 # ---------------------------------------------------------------------------------------------
-def print_table(records: list[dict]) -> None:
-    for r in records:
-        if r["bench"] == "spec_e2e":
-            acc = r.get("mean_acceptance_length")
-            print(f"  e2e {r['variant']:<17} B={r['batch_size']:>3}  off {r['off_output_tokens_per_s']:9.1f} tok/s  "
-                  f"on {r['output_tokens_per_s']:9.1f} tok/s  x{r['speedup']:.2f}  "
-                  f"acceptance length {acc if acc is None else round(acc, 2)}  "
-                  f"rate {r.get('acceptance_rate', 0):.2f}  identical outputs {r['identical_outputs']:.0%}")
-        else:
-            print(f"  step {r['shape']:<13} B={r['batch_size']:>3}  decode {1e3 * r['decode_step_s']:7.3f} ms  "
-                  f"verify k={r['num_speculative_tokens']} {1e3 * r['verify_step_s']:7.3f} ms "
-                  f"(x{r['verify_over_decode']:.2f})  draft step {1e3 * r['draft_step_s']:7.3f} ms "
-                  f"(x{r['draft_step_over_decode']:.2f})  graphs={r['cuda_graphs']}")
+E2E_COLUMNS = [
+    ("variant", "variant", ""), ("mode", "mode", ""), ("batch", "batch_size", "d"),
+    ("off tok/s", "off_output_tokens_per_s", ".1f"), ("on tok/s", "output_tokens_per_s", ".1f"),
+    ("speedup", "speedup", ".2f"), ("accept len", "mean_acceptance_length", ".2f"),
+    ("accept rate", "acceptance_rate", ".2f"), ("identical", "identical_outputs", ".0%"),
+]
+STEP_COLUMNS = [
+    ("variant", "variant", ""), ("model", "model", ""), ("batch", "batch_size", "d"),
+    ("decode ms", lambda r: 1e3 * r["decode_step_s"], ".3f"),
+    ("verify k ms", lambda r: 1e3 * r["verify_step_s"], ".3f"), ("verify/decode", "verify_over_decode", ".2f"),
+    ("draft step ms", lambda r: 1e3 * r["draft_step_s"], ".3f"),
+    ("draft/decode", "draft_step_over_decode", ".2f"), ("graphs", "cuda_graphs", ""),
+]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_arguments(p)
+    add_variant_arguments(p)
+    p.add_argument("--part", choices=("e2e", "step"), required=True)
+    p.add_argument("--batch-sizes", default=None, help="e2e default 1,2,4,8,16,32,64; step default 1")
+    p.add_argument("--num-speculative-tokens", "-k", type=int, default=4)
+    p.add_argument("--max-tokens", type=int, default=256, help="e2e: output tokens per request")
+    p.add_argument("--max-model-len", type=int, default=1024, help="e2e")
+    p.add_argument("--rounds", type=int, default=8, help="e2e: requests at batch 1 (fewer rounds at larger batches)")
+    p.add_argument("--context", type=int, default=None, help="step: context per sequence (default 1024; CPU 40)")
+    p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
+    args = p.parse_args(argv)
+    gpu = pick_device(args.device).type == "cuda"
+    args.batch_sizes = sorted(set(int_list(args.batch_sizes or ("1,2,4,8,16,32,64" if args.part == "e2e" else "1"),
+                                           "--batch-sizes")))
+    args.context = args.context or (1024 if gpu else 40)
+    if args.part == "e2e" and args.model is None:
+        p.error("--part e2e needs --model DIR (a real model: random weights make acceptance meaningless)")
+    if min(args.num_speculative_tokens, args.max_tokens, args.rounds, args.context) < 1:
+        p.error("-k, --max-tokens, --rounds and --context must be >= 1")
+    return args
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", choices=("e2e", "step"), required=True)
-    p.add_argument("--model", type=Path, default=None, help="e2e: the model directory (a real model)")
-    p.add_argument("--batch-sizes", default=None,
-                   help="comma-separated (e2e default 1,2,4,8,16,32,64; step default 1)")
-    p.add_argument("--num-speculative-tokens", type=int, default=4, help="k")
-    p.add_argument("--max-tokens", type=int, default=256, help="e2e: output tokens per request")
-    p.add_argument("--max-model-len", type=int, default=2048, help="e2e")
-    p.add_argument("--rounds", type=int, default=8, help="e2e: requests at batch 1 (fewer rounds at larger batches)")
-    p.add_argument("--shapes", default="qwen3-0.6b,llama-3.1-8b", help="step: named random-weight shapes")
-    p.add_argument("--context", type=int, default=1024, help="step: tokens of context per sequence")
-    p.add_argument("--steps", type=int, default=50, help="step: timed steps per kind")
-    p.add_argument("--model-dir", type=Path, default=None, help="step: where the random models are built")
-    p.add_argument("--smoke", action="store_true", help="tiny sizes, for a CPU check of the code")
-    p.add_argument("--out", type=Path, default=None)
-    args = p.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    default_sizes = "1,2,4,8,16,32,64" if args.part == "e2e" else "1"
-    args.batch_sizes = [int(b) for b in (args.batch_sizes or default_sizes).split(",")]
-    args.shapes = args.shapes.split(",")
-    if args.smoke:
-        args.max_tokens, args.rounds, args.max_model_len = min(args.max_tokens, 24), min(args.rounds, 2), 512
-        args.context, args.steps = min(args.context, 40), min(args.steps, 3)
-    if args.part == "e2e" and args.model is None:
-        p.error("--part e2e needs --model DIR (a real model: random weights make acceptance meaningless)")
-    note = cpu_disclaimer(device)
-    if note:
-        print(note)
-    records = e2e(args, device) if args.part == "e2e" else step_part(args, device)
-    payload = {"environment": environment(device), "note": note, "records": records}
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    model_dir, dtype = resolve_model(args, device)
+    bench = f"spec_{args.part}"
+    out = args.out or default_out(bench, args.model_label, device)
+    record = new_record(bench, device, args)
+    if args.variants and args.child_variant is None:
+        run_variants(Path(__file__), argv, args, record, out)
+    else:
+        (e2e if args.part == "e2e" else step_part)(model_dir, dtype, args, device, record, out)
+    measured = [r for r in record["results"] if "error" not in r]
+    if args.part == "e2e" and measured:  # of the first variant: what config.py's default should be
+        record["disable_by_batch_size_measured"] = threshold_from(
+            [r for r in measured if r["variant"] == measured[0]["variant"]])
+    write_json(out, record)
+    if args.child_variant is not None:
+        return record
+    print(f"\nwrote {out}\n{format_table(measured, E2E_COLUMNS if args.part == 'e2e' else STEP_COLUMNS)}")
     if args.part == "e2e":
-        payload["disable_by_batch_size_measured"] = threshold_from(records)
-    out = args.out or default_out(f"spec_{args.part}", "spec", device)
-    write_json(out, payload)
-    print(f"wrote {out}")
-    print_table(records)
-    if args.part == "e2e":
-        print(f"  speculation pays up to batch {payload['disable_by_batch_size_measured']} "
-              "(the value for disable_by_batch_size)")
-    return payload
+        print(f"speculation paid up to batch {record.get('disable_by_batch_size_measured')}: "
+              "the value for DISABLE_BY_BATCH_SIZE (minivllm/config.py)")
+    for row in record["results"]:
+        if row.get("error"):
+            print(f"variant {row['variant']}: {row['error']}")
+    if record["note"]:
+        print(record["note"])
+    return record
 
 
 if __name__ == "__main__":

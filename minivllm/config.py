@@ -33,7 +33,8 @@ _CONTEXT_LENGTH_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len",
 SEED_LIMIT = 2**64
 SPECULATIVE_METHODS = ("ngram", "draft")
 # Above this many running sequences a step does not speculate (SpeculativeConfig). PROVISIONAL:
-# to be replaced by the crossover that `benchmarks/spec_bench.py --sweep` measures on the GPU.
+# to be replaced by `disable_by_batch_size_measured` of `benchmarks/spec_bench.py --part e2e` on
+# the GPU (the largest batch up to which speculation paid).
 DISABLE_BY_BATCH_SIZE = 16
 
 
