@@ -271,3 +271,36 @@ def test_speculative_steps_replay_graphs_and_give_the_eager_outputs(tmp_path, me
         del llm
         torch.cuda.empty_cache()
     assert outputs[False] == outputs[True] == plain
+
+
+@needs_cuda
+def test_a_short_prompt_chunk_scored_inside_a_verification_graph(tmp_path):
+    """A 3-token prompt that asks for prompt_logprobs arrives while others verify 3 drafts: the
+    step fits a verification graph (4 rows per sequence, padded), and the prompt's positions are
+    found at their padded rows: the same log-probabilities as eagerly."""
+    from minivllm import LLM, SamplingParams
+    from minivllm.models import make_random_model
+
+    model = make_random_model(tmp_path / "m", arch="qwen3", size="tiny", seed=1)
+    spec = {"method": "ngram", "num_speculative_tokens": 3}
+    repeating = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    scored = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True, prompt_logprobs=2)
+    results = {}
+    for eager in (True, False):
+        llm = LLM(str(model), device="cuda", dtype="float32", enforce_eager=eager, speculative_config=spec,
+                  enable_prefix_caching=False, async_scheduling=False, max_num_seqs=8, max_model_len=128,
+                  num_kv_blocks=128, block_size=16)
+        for i in range(2):
+            llm.add_request([5 + i, 6, 7, 8] * 4, repeating)
+        while not any(r.num_draft_tokens for r in llm.engine.stats.history):
+            llm.step()
+        request = llm.add_request([40, 41, 42], scored)
+        while llm.has_unfinished_requests():
+            llm.step()
+        [step] = [r for r in llm.engine.stats.history if r.num_draft_tokens and r.num_prefill_tokens]
+        assert step.timings.cuda_graph is not eager, step.timings.graph_miss
+        out = llm.get_output(request)
+        results[eager] = [entry[t].logprob for entry, t in zip(out.prompt_logprobs[1:], [41, 42], strict=True)]
+        del llm
+        torch.cuda.empty_cache()
+    assert results[False] == pytest.approx(results[True], abs=1e-4)
