@@ -72,7 +72,7 @@ def test_ngram_greedy_output_equals_no_speculation(model_dir, reference, arch):
     assert spec["num_accepted_tokens"] > 0, "no draft was accepted: the test would pass vacuously"
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ["qwen3", "opt"])  # the two model files; n-gram covers every architecture
 def test_draft_model_greedy_output_equals_no_speculation(model_dir, reference, tmp_path_factory, arch):
     """The target as its own draft accepts everything; another random model rejects most."""
     target = str(model_dir(arch))
