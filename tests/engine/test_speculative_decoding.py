@@ -1,9 +1,10 @@
 """Speculative decoding on the real engine (CPU, float32): it changes the speed, never the output.
 
-Greedy output with speculation must be token for token the output without it, on every
-architecture, for the n-gram proposer (prompts that repeat themselves, so that drafts are made
-and accepted: each test checks that acceptances happened) and for a draft model (the target
-itself as its own draft accepts every draft; a different random model rejects most). Then the
+Greedy output with speculation must be token for token the output without it: for the n-gram
+proposer on every architecture (prompts that repeat themselves, so that drafts are made and
+accepted: each test checks that acceptances happened), and for a draft model on both model files
+(the target itself as its own draft accepts every draft; a different random model rejects most).
+Then the
 corners: stops inside an accepted run, n > 1, mixed batches, the batch size where speculation
 turns off, overlap on and off, statistics, and nothing leaked.
 """
