@@ -42,7 +42,7 @@ def empty_scales(k_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """k_scale, v_scale for an fp8 cache [num_blocks, block_size, Hkv, D]: float32
     [num_blocks, block_size, Hkv], laid out head-major (each head's block_size scales side by
     side, a transposed view of [num_blocks, Hkv, block_size]): the kernel then reads a key
-    tile's scales from a few contiguous runs; faster for prefill on an H100 (fp8_tune.py)."""
+    tile's scales from a few contiguous runs; faster for prefill on an H100 (docs/fp8_kv_cache.md)."""
     num_blocks, block_size, num_kv_heads = k_cache.shape[:3]
 
     def empty():
