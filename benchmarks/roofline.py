@@ -309,7 +309,7 @@ def measure(model_dir: Path, dtype: str, args, device: torch.device, record: dic
                                      variant.sampling)
         row = {"variant": variant.name, **roofline_row(measured, batch, weights, kv_per_token, copy_bw),
                "context": args.context, "cuda_graphs": runner.graphs is not None,
-               "async_scheduling": llm.engine.overlap, "kv_cache_dtype": str(llm.engine.kv_cache_dtype),
+               "async_scheduling": llm.engine.overlap, "kv_cache_dtype": llm.engine.config.kv_cache_spec.name,
                "tensor_parallel_size": tp}
         row["graph_warning"] = graph_warning(runner, row, args.steps) if row["cuda_graphs"] else None
         print(format_table([row], COLUMNS).splitlines()[-1], flush=True)

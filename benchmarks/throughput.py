@@ -153,7 +153,7 @@ def run_minivllm(llm, prompts, out_lens, device, sampling: dict) -> dict:
                num_steps=steps, step_kinds=kinds, kv_waste_fraction=percentiles(waste),
                jit_compiles_during_run=jit.count if jit.available else None,
                cuda_graphs=runner_of(llm).graphs is not None, async_scheduling=engine.overlap,
-               kv_cache_dtype=str(engine.kv_cache_dtype),
+               kv_cache_dtype=engine.config.kv_cache_spec.name,
                tensor_parallel_size=engine.config.model_config.tensor_parallel_size)
 
 

@@ -450,7 +450,7 @@ class LLMEngine:
             "enable_chunked_prefill": sched.enable_chunked_prefill,
             "enable_prefix_caching": self.block_manager.enable_prefix_caching,
             "async_scheduling": self.overlap,
-            "kv_cache_dtype": self.kv_cache_dtype,
+            "kv_cache_dtype": self.config.kv_cache_spec.name,
         })
         return self.trace
 
@@ -491,7 +491,7 @@ class LLMEngine:
                 "async_scheduling": self.overlap,
                 "device": str(runner.device),
                 "dtype": str(runner.dtype).removeprefix("torch."),
-                "kv_cache_dtype": self.kv_cache_dtype,
+                "kv_cache_dtype": self.config.kv_cache_spec.name,
                 "num_kv_blocks": runner.num_kv_blocks,
                 "kv_cache_bytes": runner.num_kv_blocks * runner.kv_bytes_per_block,
             },
@@ -502,16 +502,9 @@ class LLMEngine:
             ),
         }
 
-    @property
-    def kv_cache_dtype(self) -> str:
-        """What a KV block holds: the model's dtype, or "fp8_e4m3" (with a scale per token and head)."""
-        if self.config.cache_config.kv_cache_dtype == "fp8":
-            return "fp8_e4m3"
-        return str(self.model_runner.dtype).removeprefix("torch.")
-
     def render_block_map(self) -> str:
         """The KV pool by owner, as text (see observe/block_map.py)."""
         from minivllm.observe.block_map import snapshot_blocks, text_block_map
 
         text = text_block_map(snapshot_blocks(self.block_manager, self.scheduler.running))
-        return f"KV cache dtype {self.kv_cache_dtype}: {text}"
+        return f"KV cache dtype {self.config.kv_cache_spec.name}: {text}"

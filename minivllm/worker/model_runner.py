@@ -48,7 +48,7 @@ from minivllm.step import SchedulerOutput, StepLogprobs
 from minivllm.worker.block_table import BlockTables
 from minivllm.worker.cuda_graph import DecodeGraphs, GraphStep, graph_batch_sizes
 from minivllm.worker.input_batch import InputBatch, exact_layout, pack_step
-from minivllm.worker.kv_cache import allocate_kv_cache, cache_dtype, kv_bytes_per_block, num_kv_blocks
+from minivllm.worker.kv_cache import allocate_kv_cache, kv_bytes_per_block, num_kv_blocks
 from minivllm.worker.step_buffers import StepBuffers
 
 
@@ -144,12 +144,11 @@ class ModelRunner:
         self.hf_config = self.model.config
         self.vocab_size = self.hf_config.vocab_size
         self.sampler = Sampler(self.vocab_size, self.device)
-        self.num_kv_blocks = num_kv_blocks(config, self.model, self.device, self.dtype, tp)
-        self.kv_cache_dtype = cache_dtype(config, self.dtype)  # the model's, or fp8 (e4m3)
-        self.kv_bytes_per_block = kv_bytes_per_block(self.model, self.block_size, self.kv_cache_dtype)
+        self.num_kv_blocks = num_kv_blocks(config, self.model, self.device, tp)
+        self.kv_bytes_per_block = kv_bytes_per_block(self.model, self.block_size, config.kv_cache_spec)
         # kv_scales: per layer (k_scale, v_scale) of an fp8 cache, else None.
         self.kv_caches, self.kv_scales = allocate_kv_cache(self.model, self.num_kv_blocks, self.block_size,
-                                                           self.kv_cache_dtype, self.device)
+                                                           config.kv_cache_spec, self.device)
         sched = config.scheduler_config
         self.block_tables = BlockTables(sched.max_num_seqs, -(-sched.max_model_len // self.block_size),
                                         self.device)

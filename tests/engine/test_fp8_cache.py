@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from minivllm import LLM, SamplingParams
-from minivllm.config import check_kv_cache_dtype
+from minivllm.config import resolve_kv_cache_spec
+from minivllm.kernels import KVCacheSpec
 
 from .conftest import BACKEND_ON, random_prompts
 
@@ -131,17 +132,20 @@ def test_an_fp8_run_with_preemption_forks_and_prefix_hits_finishes_and_frees_eve
 
 
 def test_fp8_on_a_backend_that_cannot_read_it_is_refused_naming_kv_cache_dtype(monkeypatch):
-    check_kv_cache_dtype("auto", "cuda", torch.device("cpu"))  # nothing to check for 16-bit caches
-    check_kv_cache_dtype("fp8", "torch", torch.device("cpu"))  # the reference reads fp8 anywhere
-    with pytest.raises(ValueError, match="kv_cache_dtype='fp8'.*attention_backend='cuda'"):
-        monkeypatch.setattr("minivllm.kernels.resolve_backend", lambda backend, device, *a, **k: "cuda")
-        check_kv_cache_dtype("fp8", "cuda", torch.device("cuda"))
-    monkeypatch.setattr("minivllm.kernels.resolve_backend", lambda backend, device, *a, **k: "triton")
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    spec = resolve_kv_cache_spec("auto", torch.bfloat16, "cuda", gpu)  # 16-bit: nothing to check
+    assert spec == KVCacheSpec(torch.bfloat16) and not spec.scaled and spec.name == "bfloat16"
+    spec = resolve_kv_cache_spec("fp8", torch.float32, "torch", cpu)  # the reference reads fp8 anywhere
+    assert spec.scaled and spec.name == "fp8_e4m3" and spec.bytes_per_token_head(64) == 64 + 4
+    with pytest.raises(ValueError, match="kv_cache_dtype='fp8' cannot run with attention_backend='cuda'"
+                                         ".*extension reads 16-bit caches only"):
+        resolve_kv_cache_spec("fp8", torch.bfloat16, "cuda", gpu)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
-    with pytest.raises(ValueError, match="kv_cache_dtype='fp8' needs a GPU with e4m3 support.*8.0"):
-        check_kv_cache_dtype("fp8", "auto", torch.device("cuda"))
+    with pytest.raises(ValueError, match="kv_cache_dtype='fp8' cannot run with attention_backend='triton'"
+                                         ".*compute capability 8.9 or newer .* 8.0"):
+        resolve_kv_cache_spec("fp8", torch.bfloat16, "triton", gpu)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    check_kv_cache_dtype("fp8", "auto", torch.device("cuda"))
+    assert resolve_kv_cache_spec("fp8", torch.bfloat16, "triton", gpu).scaled
 
 
 def test_an_unknown_kv_cache_dtype_is_refused(model_dir):

@@ -7,6 +7,7 @@ written out in numpy (checked here against hand-computed values), independent of
 which the reference uses. Loads of e4m3 and the widening casts are the interpreter's own.
 """
 
+import functools
 import math
 import warnings
 
@@ -414,8 +415,11 @@ def test_triton_fp8_on_an_older_gpu_is_a_clear_error(monkeypatch):
     """Triton's e4m3 needs compute capability 8.9 (Ada, Hopper); an A100 is 8.0."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(backends, "resolve_backend", lambda backend, device, op: "triton")
-    assert "8.9" in backends.triton_fp8_unsupported(torch.device("cuda", 0))
-    assert backends.triton_fp8_unsupported(torch.device("cpu")) is None
+    fp8_unsupported = functools.partial(backends.kv_cache_unsupported, fp8.FP8_DTYPE, "triton")
+    assert "8.9" in fp8_unsupported(torch.device("cuda", 0))
+    assert fp8_unsupported(torch.device("cpu")) is None
+    assert backends.kv_cache_unsupported(torch.bfloat16, "triton", torch.device("cuda", 0)) is None
+    assert "16-bit" in backends.kv_cache_unsupported(fp8.FP8_DTYPE, "cuda", torch.device("cuda", 0))
     p, (k8, v8, k_scale, v_scale) = _cpu_problem()
     with pytest.raises(ValueError, match="k_cache is float8_e4m3fn .* compute capability 8.9"):
         backends.dispatch("paged_attention", "triton", torch.device("cuda", 0), query=p.query,
