@@ -128,8 +128,7 @@ def vocab_size(model_dir: Path) -> int:
 
 def runner_of(llm):
     """The engine's rank-0 model runner (with tensor parallelism, the driver's)."""
-    executor = llm.engine.model_runner
-    return getattr(executor, "driver", executor)
+    return llm.engine.executor.runner
 
 
 def release_memory(device: torch.device) -> None:

@@ -110,7 +110,7 @@ def part2_real_cache(out, model: str) -> None:
     # Where does token 5 of the first sequence keep its key? Layer 0's K cache, at its slot.
     seq = seqs[0]
     block, offset = seq.block_table[5 // BLOCK_SIZE], 5 % BLOCK_SIZE
-    k_cache, _ = engine.model_runner.kv_caches[0]
+    k_cache, _ = engine.executor.runner.kv_caches[0]
     print(f"\n   k_cache of layer 0 has shape {tuple(k_cache.shape)} = [blocks, block_size, kv_heads, head_dim]")
     print(f"   token 5 -> block {block}, offset {offset}; its key (head 0, first 6 dims):")
     print("  ", k_cache[block, offset, 0, :6])

@@ -27,7 +27,8 @@ token on the host, so a step that samples one is waited for before the next is p
 `async_scheduling=False` every step runs start to finish; the outputs are the same.
 
 The engine owns the tokenizer and the requests; the scheduler owns the queues; the model runner
-owns the tensors. None of them reaches into another's state.
+owns the tensors, and the executor runs it in this process or in one per GPU. None of them
+reaches into another's state.
 """
 
 from __future__ import annotations
@@ -81,13 +82,14 @@ class LLMEngine:
         self.config = config
         model_dir = config.model_config.model
         sched = config.scheduler_config
-        self.model_runner = make_executor(config)  # the ModelRunner, or N ranks' (worker/executor.py)
+        self.executor = make_executor(config)  # one ModelRunner here, or one per rank
+        runner = self.executor.runner  # rank 0's: it describes the model for every rank
         self.tokenizer = load_tokenizer(model_dir)
         self.detokenizer = Detokenizer(self.tokenizer) if self.tokenizer is not None else None
-        self.eos_token_ids = eos_token_ids(model_dir, self.model_runner.hf_config, self.tokenizer)
-        self.vocab_size = self.model_runner.vocab_size
+        self.eos_token_ids = eos_token_ids(model_dir, runner.hf_config, self.tokenizer)
+        self.vocab_size = runner.vocab_size
         self.block_manager = BlockManager(
-            self.model_runner.num_kv_blocks,
+            runner.num_kv_blocks,
             config.cache_config.block_size,
             enable_prefix_caching=config.cache_config.enable_prefix_caching,
         )
@@ -274,7 +276,7 @@ class LLMEngine:
         for child in step.forks:
             self._unfinished[child.request_id].seqs.append(child)
         try:
-            tokens = self.model_runner.execute(step.output)
+            tokens = self.executor.execute(step.output)
         except BaseException:
             self._fail([_InFlight(step, None, None)])
             raise
@@ -430,7 +432,7 @@ class LLMEngine:
     def close(self) -> None:
         """Stop what the engine started besides itself: the tensor-parallel worker processes
         (nothing with one GPU). The engine cannot step afterwards."""
-        self.model_runner.close()
+        self.executor.close()
 
     def get_num_unfinished_requests(self) -> int:
         return len(self._unfinished)
@@ -469,7 +471,7 @@ class LLMEngine:
         """
         totals, busy = self.stats.totals, self._busy_time
         steps = self.stats.step_stats()
-        runner = self.model_runner
+        runner = self.executor.runner
         kv = kv_cache_stats(self.block_manager, self.scheduler.running)
         kv["prefix_cache_hit_tokens"] = steps["num_prefix_hit_tokens"]
         kv["prefix_cache_hit_rate"] = (steps["num_prefix_hit_tokens"] / self._num_prompt_tokens

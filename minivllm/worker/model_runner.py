@@ -167,9 +167,6 @@ class ModelRunner:
         # sampling from the same state, and draws the same tokens.
         torch.manual_seed(model_config.seed)
 
-    def close(self) -> None:
-        """Nothing to stop in one process (the multi-process executor's `close` stops its workers)."""
-
     # ------------------------------------------------------------------------------------------
     # CUDA graphs
     # ------------------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ def test_replicated_kv_head_padded_vocabulary_and_sampling_without_overlap(model
     # Two ranks first, then one: each engine seeds the process's RNG when it starts, and the
     # unseeded request draws from it, so both must run in the same order from a fresh start.
     two = LLM(path, tensor_parallel_size=2, **engine)
-    pids = two.engine.model_runner.worker_pids
+    pids = two.engine.executor.worker_pids
     greedy = two.generate(prompts, max_tokens=MAX_TOKENS, temperature=0, use_tqdm=False)
     draws_two = sampled(two, prompts)
     assert two.get_stats()["engine"]["async_scheduling"] is False

@@ -96,19 +96,19 @@ def test_fp8_blocks_cost_their_bytes_and_more_of_them_fit(model_dir):
     # this count runs on the CPU wherever the suite runs.
     engines = {kv: LLM(path, device="cpu", kv_cache_memory_bytes=1 << 20, kv_cache_dtype=kv, **ENGINE)
                for kv in ("auto", "fp8")}
-    model = engines["auto"].engine.model_runner.model
+    model = engines["auto"].engine.executor.runner.model
     per_token_head = {"auto": 4 * model.head_dim, "fp8": model.head_dim + 4}  # float32 vs e4m3 + scale
     for kv, llm in engines.items():
-        runner = llm.engine.model_runner
+        runner = llm.engine.executor.runner
         expected = 2 * model.num_layers * 4 * model.num_kv_heads * per_token_head[kv]
         assert runner.kv_bytes_per_block == expected
         assert runner.num_kv_blocks == (1 << 20) // expected
         assert llm.get_stats()["engine"]["kv_cache_dtype"] == ("fp8_e4m3" if kv == "fp8" else "float32")
-    k, _ = engines["fp8"].engine.model_runner.kv_caches[0]
+    k, _ = engines["fp8"].engine.executor.runner.kv_caches[0]
     assert k.dtype == torch.float8_e4m3fn
-    k_scale, v_scale = engines["fp8"].engine.model_runner.kv_scales[0]
+    k_scale, v_scale = engines["fp8"].engine.executor.runner.kv_scales[0]
     assert k_scale.shape == k.shape[:3] and k_scale.dtype == torch.float32
-    assert engines["auto"].engine.model_runner.kv_scales is None
+    assert engines["auto"].engine.executor.runner.kv_scales is None
     assert engines["fp8"].render_block_map().startswith("KV cache dtype fp8_e4m3")
 
 

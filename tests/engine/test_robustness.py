@@ -50,7 +50,7 @@ def test_generate_aborts_its_requests_when_a_step_fails_and_the_engine_stays_usa
     prompts = random_prompts([5, 9, 13, 6, 20], seed=4)  # 5 requests, 4 at a time: one waits
     expected = llm.generate(prompts, GREEDY, use_tqdm=False)
     if where == "launch":
-        fail_on_call(monkeypatch, llm.engine.model_runner, "execute", call=3)
+        fail_on_call(monkeypatch, llm.engine.executor, "execute", call=3)
     else:
         fail_on_call(monkeypatch, SampledTokens, "wait", call=3)
     with pytest.raises(RuntimeError, match="injected failure"):
@@ -66,7 +66,7 @@ def test_the_requests_of_a_failed_step_finish_with_an_error(llm, monkeypatch):
     engine = llm.engine
     ids = [llm.add_request(p, GREEDY) for p in random_prompts([5, 9], seed=6)]
     llm.step()
-    fail_on_call(monkeypatch, engine.model_runner, "execute", call=1)
+    fail_on_call(monkeypatch, engine.executor, "execute", call=1)
     with pytest.raises(RuntimeError, match="injected failure"):
         llm.step()
     monkeypatch.undo()

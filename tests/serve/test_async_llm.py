@@ -134,7 +134,7 @@ def test_leaving_early_aborts_the_request(engine, how):
 
 def test_a_failing_step_errors_its_requests_and_the_loop_keeps_serving(one_seq_engine, offline_llm, monkeypatch):
     engine = one_seq_engine
-    execute = engine.model_runner.execute
+    execute = engine.executor.execute
     fail_next = threading.Event()
 
     def flaky_execute(*args, **kwargs):
@@ -143,7 +143,7 @@ def test_a_failing_step_errors_its_requests_and_the_loop_keeps_serving(one_seq_e
             raise RuntimeError("injected failure")
         return execute(*args, **kwargs)
 
-    monkeypatch.setattr(engine.model_runner, "execute", flaky_execute)
+    monkeypatch.setattr(engine.executor, "execute", flaky_execute)
     waiting_params = SamplingParams(max_tokens=8, temperature=0)
     expected = offline_llm.generate([PROMPTS[1], PROMPTS[3]], waiting_params, use_tqdm=False)
     seen = []

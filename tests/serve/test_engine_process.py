@@ -211,7 +211,7 @@ def test_a_failing_step_errors_its_requests_and_the_engine_loop_keeps_serving(se
     """`serve` as the engine process runs it, here in a thread (so the engine can be patched):
     the step's error and the requests it ended come in one message; the others go on."""
     engine = make_engine(serve_model, max_num_seqs=1)
-    execute, fail = engine.model_runner.execute, threading.Event()
+    execute, fail = engine.executor.execute, threading.Event()
 
     def flaky_execute(*args, **kwargs):
         if fail.is_set():
@@ -219,7 +219,7 @@ def test_a_failing_step_errors_its_requests_and_the_engine_loop_keeps_serving(se
             raise RuntimeError("injected failure")
         return execute(*args, **kwargs)
 
-    monkeypatch.setattr(engine.model_runner, "execute", flaky_execute)
+    monkeypatch.setattr(engine.executor, "execute", flaky_execute)
     commands_in, commands = multiprocessing.Pipe(duplex=False)
     results, results_out = multiprocessing.Pipe(duplex=False)
     loop_thread = threading.Thread(target=serve, args=(EngineCore(engine), commands_in, results_out), daemon=True)

@@ -36,8 +36,8 @@ def test_cpu_runner_never_captures(tmp_path):
 
     model = make_random_model(tmp_path / "m", arch="qwen3", size="tiny")
     llm = LLM(str(model), device="cpu", num_kv_blocks=32, max_model_len=128)
-    assert llm.engine.model_runner.graphs is None
-    assert "CUDA device" in llm.engine.model_runner.graphs_off_reason
+    assert llm.engine.executor.runner.graphs is None
+    assert "CUDA device" in llm.engine.executor.runner.graphs_off_reason
 
 
 def _greedy(model_dir, enforce_eager, prompts, max_tokens, **config):
@@ -45,7 +45,7 @@ def _greedy(model_dir, enforce_eager, prompts, max_tokens, **config):
 
     llm = LLM(str(model_dir), device="cuda", dtype="float32", enforce_eager=enforce_eager,
               enable_prefix_caching=False, **config)
-    assert (llm.engine.model_runner.graphs is not None) == (not enforce_eager)
+    assert (llm.engine.executor.runner.graphs is not None) == (not enforce_eager)
     outs = llm.generate(prompts, temperature=0.0, max_tokens=max_tokens, ignore_eos=True, use_tqdm=False)
     del llm
     torch.cuda.empty_cache()
