@@ -49,7 +49,7 @@ from minivllm.engine.sequence import Sequence, SequenceStatus
 from minivllm.engine.stopping import StopChecker
 from minivllm.engine.tokenizer import eos_token_ids, load_tokenizer
 from minivllm.observe.block_map import kv_cache_stats
-from minivllm.observe.records import StepRecord, StepTimings
+from minivllm.observe.records import StepRecord
 from minivllm.observe.stats import StatsCollector, summarize_requests
 from minivllm.observe.trace import StepTrace, blocks_held
 from minivllm.outputs import RequestOutput
@@ -283,10 +283,8 @@ class LLMEngine:
         if step.is_empty:  # e.g. every running sequence awaits its last, pending token
             return _InFlight(step, tokens, None)
         record = self._record(step, planned)
-        record.timings = StepTimings(schedule=scheduled - planned, prepare=tokens.timings.prepare,
-                                     forward=tokens.timings.forward, sample=tokens.timings.sample,
-                                     graph_batch_size=tokens.timings.graph_batch_size,
-                                     graph_miss=tokens.timings.graph_miss)
+        record.timings = tokens.timings  # the runner's phases, to which the engine adds its own
+        record.timings.schedule = scheduled - planned
         event = trace.start(self.scheduler, step, record, held_before) if trace is not None else None
         needs_sync = any(row.params.has_penalties for row in step.output.sample_rows)
         return _InFlight(step, tokens, record, event, needs_sync)

@@ -44,30 +44,13 @@ from minivllm.distributed.peer_all_reduce import attach_peer_all_reduce
 from minivllm.kernels import resolve_backend, warm_up
 from minivllm.layers.logprobs import decode_row, logprobs_payload, pad_payload
 from minivllm.layers.sampler import Sampler
+from minivllm.observe.records import StepTimings
 from minivllm.step import SchedulerOutput, StepLogprobs
 from minivllm.worker.block_table import BlockTables
 from minivllm.worker.cuda_graph import DecodeGraphs, GraphStep, graph_batch_sizes
 from minivllm.worker.input_batch import InputBatch, exact_layout, pack_step
 from minivllm.worker.kv_cache import allocate_kv_cache, kv_bytes_per_block, num_kv_blocks
 from minivllm.worker.step_buffers import StepBuffers
-
-
-@dataclass
-class RunnerTimings:
-    """Host seconds of the runner's phases of one step (clock reads only, no GPU sync).
-
-    prepare: block copies, packing and uploading the metadata; forward: launching the forward
-    (or replaying its graph); sample: LM head and sampler launches. On a GPU these are launch
-    costs: the GPU time shows up wherever the host next waits (`SampledTokens.wait`).
-    graph_batch_size: the bucket whose graph ran the forward (None: eager); graph_miss: why a
-    runner with graphs ran this step eagerly (None otherwise).
-    """
-
-    prepare: float = 0.0
-    forward: float = 0.0
-    sample: float = 0.0
-    graph_batch_size: int | None = None
-    graph_miss: str | None = None
 
 
 @dataclass
@@ -81,9 +64,11 @@ class LogprobsLayout:
 
 
 class SampledTokens:
-    """The sampled tokens of a launched step (and its logprobs payload), on their way to the host."""
+    """The sampled tokens of a launched step (and its logprobs payload), on their way to the host,
+    and the step's timings so far: the runner's phases (prepare, forward, sample; clock reads
+    only, no GPU sync), and the CUDA graph that ran it, if one did."""
 
-    def __init__(self, tokens: torch.Tensor, timings: RunnerTimings, logprobs: torch.Tensor | None = None,
+    def __init__(self, tokens: torch.Tensor, timings: StepTimings, logprobs: torch.Tensor | None = None,
                  layout: LogprobsLayout | None = None):
         self.timings = timings
         self._event = None
@@ -202,7 +187,7 @@ class ModelRunner:
     def execute(self, output: SchedulerOutput) -> SampledTokens:
         """Launch the step; returns its sampled tokens (one per `output.sample_rows` entry),
         still on their way: `wait()` for them. Nothing here waits for the GPU."""
-        timings = RunnerTimings()
+        timings = StepTimings()
         start = time.perf_counter()
         self.sampler.release(output.finished_seq_ids)
         self.block_tables.release(output.finished_seq_ids)
@@ -222,7 +207,7 @@ class ModelRunner:
         timings.sample = time.perf_counter() - launched
         return SampledTokens(tokens, timings, logprobs, layout)
 
-    def _prepare(self, output: SchedulerOutput, timings: RunnerTimings) -> GraphStep | InputBatch:
+    def _prepare(self, output: SchedulerOutput, timings: StepTimings) -> GraphStep | InputBatch:
         """Pack the step into the graphs' static buffers when a graph fits, else eagerly; then
         finish it on the device: block tables gathered, pending tokens filled in."""
         seqs = output.seqs
