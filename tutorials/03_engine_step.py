@@ -32,9 +32,9 @@ def main() -> None:
     greedy = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
 
     # Sequence A: prompt of 6 tokens, run one step so it is decoding when B arrives.
-    llm.add_request([11, 12, 13, 14, 15, 16], greedy)
-    llm.step()
-    llm.add_request([21, 22, 23, 24, 25], greedy)
+    engine.add_request([11, 12, 13, 14, 15, 16], greedy)
+    engine.step()
+    engine.add_request([21, 22, 23, 24, 25], greedy)
 
     heading("1. Scheduler.schedule(): the plan (pure Python, no tensors)")
     plan = engine.scheduler.schedule()
@@ -84,9 +84,9 @@ def main() -> None:
     print(f"finished this step: {[s.seq_id for s in finished]}")
 
     heading("Check: the engine's own steps compute the same tokens")
-    while llm.has_unfinished_requests():  # the rest of both requests, by the engine itself
-        llm.step()
-    by_hand = llm.get_output("1").token_ids
+    while engine.has_unfinished_requests():  # the rest of both requests, by the engine itself
+        engine.step()
+    by_hand = engine.get_output("1").token_ids
     again = llm.generate([[21, 22, 23, 24, 25]], greedy, use_tqdm=False)[0].token_ids
     print(f"prompt B, first token by hand then engine steps: {by_hand}")
     print(f"prompt B, run again entirely by llm.generate:    {again}")

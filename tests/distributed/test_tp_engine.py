@@ -36,7 +36,7 @@ def test_two_ranks_match_hf_through_preemption_chunking_and_prefix_caching(varia
     with LLM(str(model_dir(variant)), tensor_parallel_size=2, num_kv_blocks=14, max_num_batched_tokens=8,
              max_num_seqs=4, enable_prefix_caching=True, **CPU_ENGINE) as llm:
         outputs = llm.generate(SHARED, max_tokens=MAX_TOKENS, temperature=0, use_tqdm=False)
-        stats = llm.get_stats()
+        stats = llm.engine.get_stats()
     assert_matches_hf(outputs, SHARED, variant, hf_greedy)
     assert stats["scheduler"]["num_preemptions"] > 0, "the pool was meant to force preemptions"
     assert stats["scheduler"]["num_partial_prefills"] > 0, "the budget was meant to chunk prompts"
@@ -64,7 +64,7 @@ def test_replicated_kv_head_padded_vocabulary_and_sampling_without_overlap(model
     pids = two.engine.executor.worker_pids
     greedy = two.generate(prompts, max_tokens=MAX_TOKENS, temperature=0, use_tqdm=False)
     draws_two = sampled(two, prompts)
-    assert two.get_stats()["engine"]["async_scheduling"] is False
+    assert two.engine.get_stats()["engine"]["async_scheduling"] is False
     del two  # no close(): the garbage collector must stop the worker
     gc.collect()
     assert pids and not any(pid_alive(pid) for pid in pids)

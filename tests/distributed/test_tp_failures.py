@@ -123,10 +123,10 @@ def test_an_exception_in_a_worker_reaches_the_driver_and_stops_the_group(model_d
         bad_step = SchedulerOutput(seqs=[], sample_rows=[], finished_seq_ids=[Bomb()])
         with pytest.raises(TensorParallelError, match=r"(?s)worker rank 1 .*failed.*a worker could not read this step"):
             executor.execute(bad_step).wait()
-        request_id = llm.add_request(random_prompts([5])[0], GREEDY)
+        request_id = llm.engine.add_request(random_prompts([5])[0], GREEDY)
         with pytest.raises(TensorParallelError, match="stopped after a failure in step"):
-            llm.step()  # every later step is refused: the ranks are out of step
-        assert llm.get_output(request_id).finish_reason == "error"
+            llm.engine.step()  # every later step is refused: the ranks are out of step
+        assert llm.engine.get_output(request_id).finish_reason == "error"
     assert not pid_alive(pid)
 
 
@@ -134,9 +134,9 @@ def test_a_worker_killed_mid_step_makes_the_driver_raise_and_finishes_its_reques
     llm = LLM(str(model_dir("qwen3")), tensor_parallel_size=2, **CPU_ENGINE)
     executor = llm.engine.executor
     [pid] = executor.worker_pids
-    request_ids = [llm.add_request(p, GREEDY) for p in random_prompts([7, 12, 4], seed=3)]
+    request_ids = [llm.engine.add_request(p, GREEDY) for p in random_prompts([7, 12, 4], seed=3)]
     for _ in range(3):
-        llm.step()
+        llm.engine.step()
     # Mid-step, by construction: the worker has been sent step 4 and is computing its half when
     # it is killed, before the driver computes its own (whose all-reduces need the worker).
     execute = executor.runner.execute
@@ -149,12 +149,12 @@ def test_a_worker_killed_mid_step_makes_the_driver_raise_and_finishes_its_reques
 
     monkeypatch.setattr(executor.runner, "execute", kill_the_worker_then_execute)
     with pytest.raises(TensorParallelError, match=r"worker rank 1 \(pid \d+\) died during step 4 .*exit code -9") as err:
-        llm.step()
+        llm.engine.step()
     # The driver noticed the death (the peer's sockets closed under its all-reduce), rather than
     # waiting for the collective's timeout (10 minutes) to expire.
     assert "timed out" not in str(err.value.__cause__).lower(), err.value.__cause__
     monkeypatch.undo()
-    assert {llm.get_output(r).finish_reason for r in request_ids} == {"error"}
+    assert {llm.engine.get_output(r).finish_reason for r in request_ids} == {"error"}
     with pytest.raises(TensorParallelError, match="stopped after a failure"):
         llm.generate(random_prompts([5]), GREEDY, use_tqdm=False)
     llm.close()

@@ -103,13 +103,13 @@ def test_fp8_blocks_cost_their_bytes_and_more_of_them_fit(model_dir):
         expected = 2 * model.num_layers * 4 * model.num_kv_heads * per_token_head[kv]
         assert runner.kv_bytes_per_block == expected
         assert runner.num_kv_blocks == (1 << 20) // expected
-        assert llm.get_stats()["engine"]["kv_cache_dtype"] == ("fp8_e4m3" if kv == "fp8" else "float32")
+        assert llm.engine.get_stats()["engine"]["kv_cache_dtype"] == ("fp8_e4m3" if kv == "fp8" else "float32")
     k, _ = engines["fp8"].engine.executor.runner.kv_caches[0]
     assert k.dtype == torch.float8_e4m3fn
     k_scale, v_scale = engines["fp8"].engine.executor.runner.kv_scales[0]
     assert k_scale.shape == k.shape[:3] and k_scale.dtype == torch.float32
     assert engines["auto"].engine.executor.runner.kv_scales is None
-    assert engines["fp8"].render_block_map().startswith("KV cache dtype fp8_e4m3")
+    assert engines["fp8"].engine.render_block_map().startswith("KV cache dtype fp8_e4m3")
 
 
 def test_an_fp8_run_with_preemption_forks_and_prefix_hits_finishes_and_frees_everything(model_dir):
@@ -126,9 +126,9 @@ def test_an_fp8_run_with_preemption_forks_and_prefix_hits_finishes_and_frees_eve
         assert out.outputs[0].token_ids == out.outputs[1].token_ids == out.outputs[2].token_ids
     single = llm.generate(prompts[0], GREEDY, use_tqdm=False)[0]
     assert single.token_ids == outputs[0].token_ids[:10]
-    stats = llm.get_stats()
+    stats = llm.engine.get_stats()
     assert stats["scheduler"]["num_block_copies"] > 0 and stats["scheduler"]["num_preemptions"] > 0
-    assert stats["kv_cache"]["num_used_blocks"] == 0 and not llm.has_unfinished_requests()
+    assert stats["kv_cache"]["num_used_blocks"] == 0 and not llm.engine.has_unfinished_requests()
 
 
 def test_fp8_on_a_backend_that_cannot_read_it_is_refused_naming_kv_cache_dtype(monkeypatch):

@@ -86,7 +86,7 @@ def test_decode_steps_are_recorded_as_graph_replays(tmp_path):
     assert all(r.timings.graph_batch_size >= r.num_decode_seqs for r in decodes)
     prefills = [r for r in records if r.num_prefill_tokens > r.num_prefill_seqs]
     assert all(r.timings.graph_miss.startswith("not decode-only") for r in prefills)
-    stats = llm.get_stats()["scheduler"]
+    stats = llm.engine.get_stats()["scheduler"]
     assert stats["num_graph_steps"] == len(decodes) and stats["num_eager_steps"] == len(records) - len(decodes)
     del llm
     torch.cuda.empty_cache()
