@@ -691,22 +691,8 @@ def _offset_switches(cfg: dict, numel: int) -> tuple[bool, bool]:
     return int64_offsets, u32_offsets and not int64_offsets
 
 
-def paged_attention(
-    query: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    scale: float,
-    causal: bool,
-    out: torch.Tensor,
-    max_seq_len: int | None = None,
-    num_splits: int | None = None,
-    config: dict | None = None,
-    k_scale: torch.Tensor | None = None,
-    v_scale: torch.Tensor | None = None,
-) -> torch.Tensor:
+def paged_attention(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, causal,
+                    out, max_seq_len=None, num_splits=None, config=None, k_scale=None, v_scale=None):
     """Same contract as `minivllm.kernels.paged_attention` (inputs already validated).
 
     `config` overrides the launch configuration (BLOCK_M, BLOCK_N, num_warps, num_stages) and

@@ -27,7 +27,7 @@ from minivllm.entrypoints import AsyncLLM, EngineDeadError, EngineStepError, Req
 from minivllm.entrypoints.async_llm import coalesce
 from minivllm.entrypoints.engine_core import EngineCore, OutputDecoder, serve
 from minivllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from tests.serve.conftest import MAX_MODEL_LEN, make_engine
+from tests.serve.conftest import MAX_MODEL_LEN, fail_when_set, make_engine
 from tests.serve.test_async_llm import PROMPTS, joined
 
 pytestmark = pytest.mark.xdist_group("engine_process")  # one worker, so one shared engine process
@@ -211,15 +211,7 @@ def test_a_failing_step_errors_its_requests_and_the_engine_loop_keeps_serving(se
     """`serve` as the engine process runs it, here in a thread (so the engine can be patched):
     the step's error and the requests it ended come in one message; the others go on."""
     engine = make_engine(serve_model, max_num_seqs=1)
-    execute, fail = engine.executor.execute, threading.Event()
-
-    def flaky_execute(*args, **kwargs):
-        if fail.is_set():
-            fail.clear()
-            raise RuntimeError("injected failure")
-        return execute(*args, **kwargs)
-
-    monkeypatch.setattr(engine.executor, "execute", flaky_execute)
+    fail = fail_when_set(engine, monkeypatch)
     commands_in, commands = multiprocessing.Pipe(duplex=False)
     results, results_out = multiprocessing.Pipe(duplex=False)
     loop_thread = threading.Thread(target=serve, args=(EngineCore(engine), commands_in, results_out), daemon=True)
