@@ -32,10 +32,9 @@ from .fp8 import FP8_DTYPE
 BACKENDS = ("auto", "torch", "triton", "cuda")
 
 # Where "auto" takes the C++ extension when it is built, rather than Triton: only for ops where
-# it measured faster in the same run (benchmarks/RESULTS.md). The CUDA-core decode kernel it had
-# measured 1.7-2x slower than Triton; its tensor-core rewrite (mma.sync, with prefill) has not been
-# measured yet (benchmarks/cuda_mma_check.py does), so "auto" keeps Triton for attention until it
-# is; backend="cuda" selects the extension.
+# it measured faster in the same run. Its tensor-core attention (mma.sync) matches Triton in
+# decode (0.99x) and is slower in prefill (1.42x causal 4 x 2048, H200; benchmarks/RESULTS.md,
+# `attn_bench.py --backends triton,cuda`), so "auto" keeps Triton; backend="cuda" selects it.
 AUTO_PREFERS_CUDA = {"paged_attention": False, "write_kv_cache": False}
 
 

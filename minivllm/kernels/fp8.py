@@ -15,7 +15,7 @@ kernel itself) and stored beside the page in `k_scale` / `v_scale`, float32
 [num_blocks, block_size, Hkv] (any strides; `empty_scales` allocates the layout the kernel reads
 fastest): 4 bytes per D bytes, 3 % more at head_dim 128. Per-tensor and per-head scales cost
 nothing but need a calibration and were 2x less accurate on keys with outlier channels; the
-measurement is in docs/fp8_kv_cache.md (benchmarks/fp8_scales.py).
+measurement is in docs/fp8_kv_cache.md (`benchmarks/agreement.py scales`).
 
 The kernels dequantize in registers and never materialise a wider copy: the scores of a key
 column are multiplied by its scale after q @ k^T, and the probabilities by the value's scale

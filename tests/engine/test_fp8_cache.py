@@ -46,7 +46,7 @@ def engine_teacher_forced(llm, prompts, continuations, monkeypatch) -> list[torc
     """The engine's logits at the same positions, each from a one-token generation of the prompt
     followed by the continuation's first j tokens: its prefill writes every K/V into the cache
     and attention reads them back from there, in the cache's dtype."""
-    model = llm.engine.model_runner.model
+    model = llm.engine.executor.runner.model
     compute_logits, captured = model.compute_logits, []
     monkeypatch.setattr(model, "compute_logits", lambda hidden: captured.append(compute_logits(hidden)) or captured[-1])
     one_token = SamplingParams(max_tokens=1, temperature=0.0)

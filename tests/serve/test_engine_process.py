@@ -289,13 +289,13 @@ def test_shutdown_kills_an_engine_process_that_does_not_answer(serve_model, loop
     stuck = AsyncLLM.from_config({"model": str(serve_model), **ENGINE})
     pid = stuck.engine_pid
     monkeypatch.setattr(engine_core, "STOP_TIMEOUT_S", 1.0)
-    stop, stops = engine_core._stop, []
+    stop, stops = engine_core.stop_children, []
 
-    def watched_stop(process, commands, timeout):
-        stop(process, commands, timeout)
-        stops.append((timeout, process.exitcode))
+    def watched_stop(children, message, timeout):
+        stop(children, message, timeout)
+        stops.extend((timeout, child.process.exitcode) for child in children)
 
-    monkeypatch.setattr(engine_core, "_stop", watched_stop)
+    monkeypatch.setattr(engine_core, "stop_children", watched_stop)
 
     async def main():
         stream = await stuck.add_request("Once upon a time", LONG)
