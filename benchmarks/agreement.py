@@ -127,9 +127,7 @@ def teacher_forced_logits(llm, prompts: list[list[int]], continuations: list[lis
     from minivllm.step import SampleRow, ScheduledSeq, SchedulerOutput
     from minivllm.worker.input_batch import build_input_batch
 
-    from benchmarks.common import runner_of
-
-    runner, blocks = runner_of(llm), llm.engine.block_manager
+    runner, blocks = llm.engine.executor.runner, llm.engine.block_manager
     num_new = len(continuations[0])
     need = [blocks.blocks_for(len(p) + num_new) for p in prompts]
     free = blocks.free_block_ids()

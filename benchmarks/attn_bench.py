@@ -74,10 +74,17 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `minivll
 
 from minivllm.kernels import available_backends, fp8, paged_attention, write_kv_cache
 from minivllm.kernels import cuda as cuda_ext
-from minivllm.kernels.backends import triton_fp8_unsupported
+from minivllm.kernels.backends import kv_cache_unsupported
+from minivllm.kernels.fp8 import FP8_DTYPE
 
 from benchmarks.common import (copy_bandwidth, default_out, format_table, matmul_rate, new_record,
                                sig, time_ms, write_json)
+
+
+def triton_fp8_unsupported(device: torch.device) -> str | None:
+    """Why Triton cannot read an fp8 cache on `device` (None: it can)."""
+    return kv_cache_unsupported(FP8_DTYPE, "triton", device)
+
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 KV_CACHE_DTYPES = ("auto", "fp8")  # "auto": the model dtype, as the engine's kv_cache_dtype

@@ -126,12 +126,6 @@ def vocab_size(model_dir: Path) -> int:
     return json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
 
 
-def runner_of(llm):
-    """The engine's rank-0 model runner (with tensor parallelism, the driver's)."""
-    executor = llm.engine.model_runner
-    return getattr(executor, "driver", executor)
-
-
 def release_memory(device: torch.device) -> None:
     """Free what the last engine or model left behind, so the next one starts from a clean pool."""
     gc.collect()

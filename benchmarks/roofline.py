@@ -59,8 +59,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `minivll
 from benchmarks.common import (add_model_arguments, add_variant_arguments, copy_bandwidth,
                                default_out, format_table, int_list, new_record, pick_device,
                                random_requests, ratio_to_first_variant, release_memory,
-                               resolve_model, run_variants, runner_of, sync, this_variant,
-                               write_json)
+                               resolve_model, run_variants, sync, this_variant, write_json)
 
 BLOCK_SIZE = 16
 
@@ -297,7 +296,7 @@ def measure(model_dir: Path, dtype: str, args, device: torch.device, record: dic
         record["all_reduce"] = time_all_reduce(tp, config["hidden_size"], calls, args.batch_sizes)
         print(format_table(record["all_reduce"], ALL_REDUCE_COLUMNS), flush=True)
     llm = LLM(str(model_dir), **engine_args)
-    runner = runner_of(llm)
+    runner = llm.engine.executor.runner
     weights = weight_bytes(runner.model)  # this rank's shard
     kv_per_token = runner.kv_bytes_per_block // runner.block_size
     time_decode_steps(llm, min(2, max_batch), min(args.context, 64), 2, args.seed)  # warm-up
@@ -309,7 +308,7 @@ def measure(model_dir: Path, dtype: str, args, device: torch.device, record: dic
                                      variant.sampling)
         row = {"variant": variant.name, **roofline_row(measured, batch, weights, kv_per_token, copy_bw),
                "context": args.context, "cuda_graphs": runner.graphs is not None,
-               "async_scheduling": llm.engine.overlap, "kv_cache_dtype": str(llm.engine.kv_cache_dtype),
+               "async_scheduling": llm.engine.overlap, "kv_cache_dtype": llm.engine.config.kv_cache_spec.name,
                "tensor_parallel_size": tp}
         row["graph_warning"] = graph_warning(runner, row, args.steps) if row["cuda_graphs"] else None
         print(format_table([row], COLUMNS).splitlines()[-1], flush=True)

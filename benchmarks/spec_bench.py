@@ -42,7 +42,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `minivll
 
 from benchmarks.common import (DTYPES, MODEL_CONFIGS, add_model_arguments, add_variant_arguments,
                                agreement, default_out, format_table, int_list, new_record,
-                               pick_device, release_memory, resolve_model, run_variants, runner_of,
+                               pick_device, release_memory, resolve_model, run_variants,
                                this_variant, time_ms, write_json)
 
 # The workload: each task hands the model a text to give back changed a little, so most of the
@@ -101,8 +101,8 @@ def run_batches(llm, batch_sizes: list[int], max_tokens: int, rounds_for_one: in
     rows = []
     for batch in batch_sizes:
         rounds = max(1, rounds_for_one // batch)
-        prompts = workload_prompts(llm.tokenizer, batch * rounds)
-        before = llm.get_stats().get("speculative", {})
+        prompts = workload_prompts(llm.engine.tokenizer, batch * rounds)
+        before = llm.engine.get_stats().get("speculative", {})
         start = time.perf_counter()
         outputs = []
         for r in range(rounds):
@@ -112,7 +112,7 @@ def run_batches(llm, batch_sizes: list[int], max_tokens: int, rounds_for_one: in
         tokens = sum(len(o) for o in outputs)
         row = {"batch_size": batch, "num_requests": batch * rounds, "output_tokens": tokens,
                "output_tokens_per_s": tokens / elapsed, "outputs": outputs}
-        after = llm.get_stats().get("speculative", {})
+        after = llm.engine.get_stats().get("speculative", {})
         if after:
             drafts = after["num_draft_tokens"] - before["num_draft_tokens"]
             accepted = after["num_accepted_tokens"] - before["num_accepted_tokens"]
@@ -208,7 +208,8 @@ def time_runner_steps(llm, batch: int, context: int, k: int, device: torch.devic
     from minivllm import SamplingParams
     from minivllm.step import SampleRow, ScheduledSeq, SchedulerOutput
 
-    engine, runner = llm.engine, runner_of(llm)
+    engine = llm.engine
+    runner = engine.executor.runner
     bs = runner.block_size
     length = -(-context // bs) * bs - k  # the last block has room for k drafts
     room = engine.config.scheduler_config.max_model_len - length  # never finishes while timed

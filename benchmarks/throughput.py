@@ -56,7 +56,7 @@ from benchmarks.common import (DTYPES, add_model_arguments, add_variant_argument
                                copy_bandwidth, default_out, format_table, int_list, matmul_rate,
                                new_record, parse_range, peak_memory, percentiles, pick_device,
                                random_requests, release_memory, resolve_model, run_variants,
-                               runner_of, sync, this_variant, vocab_size, write_json)
+                               sync, this_variant, vocab_size, write_json)
 
 BACKENDS = ("minivllm", "hf_generate", "hf_generate_batch")
 GPU_DEFAULTS = {"num_requests": 256, "input_len": "100:1024", "output_len": "100:1024"}
@@ -152,8 +152,8 @@ def run_minivllm(llm, prompts, out_lens, device, sampling: dict) -> dict:
                tpot_s=percentiles([o.metrics.tpot for o in done]),
                num_steps=steps, step_kinds=kinds, kv_waste_fraction=percentiles(waste),
                jit_compiles_during_run=jit.count if jit.available else None,
-               cuda_graphs=runner_of(llm).graphs is not None, async_scheduling=engine.overlap,
-               kv_cache_dtype=str(engine.kv_cache_dtype),
+               cuda_graphs=llm.engine.executor.runner.graphs is not None, async_scheduling=engine.overlap,
+               kv_cache_dtype=engine.config.kv_cache_spec.name,
                tensor_parallel_size=engine.config.model_config.tensor_parallel_size)
 
 
@@ -272,7 +272,7 @@ def measure(model_dir: Path, dtype: str, args, device, record: dict, out: Path) 
         run_minivllm(llm, [p[:16] for p in prompts[:warm]], [4] * warm, device, variant.sampling)
         for c in args.concurrency:
             result = run_minivllm(llm, prompts[:c], out_lens[:c], device, variant.sampling)
-            result.update(workload_roofline(prompts[:c], out_lens[:c], runner_of(llm).model, copy_bw, matmul))
+            result.update(workload_roofline(prompts[:c], out_lens[:c], llm.engine.executor.runner.model, copy_bw, matmul))
             result["roofline_fraction"] = result["workload_roofline_s"] / result["wall_time_s"]
             add(result)
         llm.close()

@@ -35,7 +35,7 @@ def main() -> None:
         # 1. Build the engine: any EngineConfig field can be given as a keyword.
         # (A small KV pool, 128 blocks of 16 tokens, keeps the block map picture readable.)
         llm = LLM(model, max_num_seqs=8, max_model_len=256, num_kv_blocks=128)
-        llm.enable_trace()  # record every step, for the pictures at the end
+        llm.engine.enable_trace()  # record every step, for the pictures at the end
 
         # 2. Generate. Sampling options as keywords (or a SamplingParams per prompt).
         prompts = ["Hello, my name is", "The capital of France is", "The future of AI is"]

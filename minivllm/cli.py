@@ -278,7 +278,7 @@ def generate(args) -> int:
     )
     llm = LLM(args.model, **engine_kwargs(args))
     if args.trace:
-        llm.enable_trace()
+        llm.engine.enable_trace()
     outputs = llm.generate(prompts, params, use_tqdm=not args.no_progress)
     if args.trace:
         print(f"trace of {len(llm.engine.trace)} steps written to {llm.save_trace(args.trace)}",
@@ -295,7 +295,7 @@ def generate(args) -> int:
                 print(f"    token ids: {completion.token_ids}  (finish: {completion.finish_reason})")
             print(f"    {out.metrics}")
     if args.stats:
-        print(format_stats(llm.get_stats()), file=sys.stderr if args.json else sys.stdout)
+        print(format_stats(llm.engine.get_stats()), file=sys.stderr if args.json else sys.stdout)
     return 0
 
 

@@ -21,6 +21,8 @@ from typing import Any
 
 from minivllm.distributed.peer_all_reduce import ALL_REDUCE_CHOICES
 from minivllm.kernels import BACKENDS as ATTENTION_BACKENDS
+from minivllm.kernels import KVCacheSpec
+from minivllm.kernels.fp8 import FP8_DTYPE
 
 MiB = 1 << 20
 
@@ -251,7 +253,8 @@ class CacheConfig:
     enable_prefix_caching: reuse the KV blocks of a previously computed identical prefix.
     kv_cache_dtype: "auto" stores K/V in the model's dtype; "fp8" in 8 bits (e4m3) with one float32
         scale per token and KV head (minivllm/kernels/fp8.py): about half the bytes, so about twice the
-        blocks in the same memory and half the bytes a decode step reads.
+        blocks in the same memory and half the bytes a decode step reads. EngineConfig resolves it
+        into `kv_cache_spec`, which is what the engine below the config reads.
     """
 
     block_size: int = 16
@@ -352,6 +355,19 @@ class SchedulerConfig:
         return self.max_model_len is not None and self.max_num_batched_tokens is not None
 
 
+def resolve_kv_cache_spec(kv_cache_dtype: str, model_dtype, attention_backend: str,
+                          device) -> KVCacheSpec:
+    """The cache format `kv_cache_dtype` names: the model's dtype ("auto"), or e4m3 with its
+    scales ("fp8"). The kernels say whether the attention backend can read it on `device` (the
+    extension reads 16-bit caches only; Triton's e4m3 needs compute capability 8.9)."""
+    spec = KVCacheSpec(FP8_DTYPE if kv_cache_dtype == "fp8" else model_dtype)
+    reason = spec.unsupported_reason(attention_backend, device)
+    if reason is not None:
+        raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} cannot run with "
+                         f"attention_backend={attention_backend!r} here: {reason}")
+    return spec
+
+
 @dataclass
 class SpeculativeConfig:
     """Speculative decoding: a proposer guesses a sequence's next tokens, and one forward pass of
@@ -428,34 +444,19 @@ class SpeculativeConfig:
         return cls(**value)
 
 
-def check_kv_cache_dtype(kv_cache_dtype: str, attention_backend: str, device) -> None:
-    """An fp8 cache needs a backend that reads it: the reference (any device) or Triton on a GPU
-    that has e4m3 (compute capability 8.9 or newer); the CUDA extension does not."""
-    if kv_cache_dtype != "fp8":
-        return
-    from minivllm.kernels import resolve_backend
-
-    backend = resolve_backend(attention_backend, device)
-    if backend == "cuda":
-        raise ValueError("kv_cache_dtype='fp8' is not supported by attention_backend='cuda' (the CUDA "
-                         "extension reads 16-bit caches only); use 'triton' or 'auto'")
-    if device.type == "cuda" and backend == "triton":
-        import torch
-
-        capability = torch.cuda.get_device_capability(device)
-        if capability < (8, 9):
-            raise ValueError(f"kv_cache_dtype='fp8' needs a GPU with e4m3 support (compute capability "
-                             f">= 8.9), this one has {capability[0]}.{capability[1]}")
 
 
 @dataclass
 class EngineConfig:
-    """Model + cache + scheduler (+ speculative decoding) configuration of one engine."""
+    """Model + cache + scheduler (+ speculative decoding) configuration of one engine, and what
+    it resolves to once: `kv_cache_spec`, the format of the KV cache
+    (minivllm/kernels/kv_cache_spec.py)."""
 
     model_config: ModelConfig
     cache_config: CacheConfig = field(default_factory=CacheConfig)
     scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
     speculative_config: SpeculativeConfig | None = None
+    kv_cache_spec: KVCacheSpec = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         for name, cls in (("model_config", ModelConfig), ("cache_config", CacheConfig),
@@ -464,8 +465,9 @@ class EngineConfig:
                 raise TypeError(f"{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}")
         self.speculative_config = SpeculativeConfig.from_value(self.speculative_config)
         self._resolve_max_model_len()
-        check_kv_cache_dtype(self.cache_config.kv_cache_dtype, self.model_config.attention_backend,
-                             self.model_config.torch_device)
+        model = self.model_config
+        self.kv_cache_spec = resolve_kv_cache_spec(self.cache_config.kv_cache_dtype, model.torch_dtype,
+                                                   model.attention_backend, model.torch_device)
         self._check_speculative()
 
     def _check_speculative(self) -> None:

@@ -9,8 +9,18 @@
 
 Prompts are text (tokenized with the model directory's tokenizer) or lists of token ids.
 Sampling options come either as a `SamplingParams` (one for all prompts, or one per prompt) or
-as keyword arguments that build one. For finer control there is the step-level API:
-`add_request` / `step` / `get_output` / `abort`.
+as keyword arguments that build one.
+
+For finer control, `llm.engine` is the `LLMEngine` underneath, and its API is the step-level one:
+
+    request_id = llm.engine.add_request("Hello", SamplingParams(max_tokens=16))
+    while llm.engine.has_unfinished_requests():
+        for output in llm.engine.step():          # the requests that finished in this step
+            print(output.request_id, output.text)
+    llm.engine.get_output(request_id)             # also while it runs; llm.engine.abort(...)
+
+`LLM` itself keeps what it adds to the engine: the batch call, statistics printed and drawn, and
+the engine's lifetime (`close`, or `with LLM(...) as llm:`).
 """
 
 from __future__ import annotations
@@ -32,10 +42,6 @@ class LLM:
     def __init__(self, model: str, **config):
         """Load `model` (a Hugging Face model directory) with EngineConfig options as keywords."""
         self.engine = LLMEngine(EngineConfig.from_dict({"model": model, **config}))
-
-    @property
-    def tokenizer(self):
-        return self.engine.tokenizer
 
     def close(self) -> None:
         """Stop the engine's worker processes (tensor_parallel_size > 1; nothing to do with one).
@@ -100,59 +106,16 @@ class LLM:
         return [results[request_id] for request_id in request_ids]
 
     # ------------------------------------------------------------------------------------------
-    # Step-level API
-    # ------------------------------------------------------------------------------------------
-    def add_request(
-        self, prompt: Prompt, sampling_params: SamplingParams | None = None, request_id: str | None = None,
-        **kwargs,
-    ) -> str:
-        """Queue one request without running it; returns its id (see `step`, `get_output`)."""
-        if kwargs:
-            if sampling_params is not None:
-                raise TypeError("pass either sampling_params or sampling keywords, not both")
-            sampling_params = SamplingParams.from_kwargs(**kwargs)
-        return self.engine.add_request(prompt, sampling_params, request_id)
-
-    generate_async = add_request  # the seed design's name for it
-
-    def step(self) -> list[RequestOutput]:
-        """Run one engine step; returns the requests that finished in it."""
-        return self.engine.step()
-
-    def get_output(self, request_id: str) -> RequestOutput:
-        return self.engine.get_output(request_id)
-
-    def abort(self, request_id: str) -> RequestOutput | None:
-        return self.engine.abort(request_id)
-
-    def has_unfinished_requests(self) -> bool:
-        return self.engine.has_unfinished_requests()
-
-    def get_num_unfinished_requests(self) -> int:
-        return self.engine.get_num_unfinished_requests()
-
-    # ------------------------------------------------------------------------------------------
     # Looking inside
     # ------------------------------------------------------------------------------------------
-    def get_stats(self) -> dict:
-        """Engine, scheduler, KV-cache and per-request statistics as plain data (dicts)."""
-        return self.engine.get_stats()
-
     def print_stats(self) -> None:
-        print(format_stats(self.get_stats()))
-
-    def render_block_map(self) -> str:
-        """The KV pool as text: a letter per owning sequence (see observe/block_map.py)."""
-        return self.engine.render_block_map()
-
-    def enable_trace(self, max_steps: int = 10_000, block_snapshots: bool = True):
-        """Record every following step (see observe/trace.py); returns the StepTrace."""
-        return self.engine.enable_trace(max_steps, block_snapshots)
+        """`engine.get_stats()` as a table: engine, scheduler, KV cache, request latencies."""
+        print(format_stats(self.engine.get_stats()))
 
     def save_trace(self, path) -> str:
         """Write the recorded steps as JSON lines (for `python -m minivllm visualize`)."""
         if self.engine.trace is None:
-            raise ValueError("no trace is being recorded: call enable_trace() before generating")
+            raise ValueError("no trace is being recorded: call engine.enable_trace() before generating")
         return str(self.engine.trace.save(path))
 
     def visualize(self, out_dir) -> dict:
@@ -171,7 +134,7 @@ class LLM:
             events = events_from_history(engine.stats.history)
             snapshot = snapshot_blocks(engine.block_manager, engine.scheduler.running)
         if not events:
-            raise ValueError("nothing to draw yet: run generate() or step() first")
+            raise ValueError("nothing to draw yet: run generate() or engine.step() first")
         if snapshot is None and not any(e.get("blocks") for e in events):
             snapshot = snapshot_blocks(engine.block_manager, engine.scheduler.running)
         paths = visualize(events, out_dir, snapshot=snapshot, num_blocks=engine.block_manager.num_blocks)

@@ -78,21 +78,21 @@ def part1_bookkeeping(out) -> None:
 
 def part2_real_cache(out, model: str) -> None:
     heading("Part 2: the same thing inside the real engine")
-    # async_scheduling=False: each llm.step() runs one step start to finish, so what we print
+    # async_scheduling=False: each engine.step() runs one step start to finish, so what we print
     # between steps is that step's complete result (the engine's default overlaps steps).
     llm = LLM(model, device="cpu", block_size=BLOCK_SIZE, num_kv_blocks=32, max_num_seqs=4, max_model_len=64,
               async_scheduling=False)
     engine = llm.engine
     prompt = list(range(10, 23))  # 13 token ids
-    llm.add_request(prompt, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
-    llm.add_request(prompt[:8] + [5, 6, 7], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
-    llm.step()  # one step: both prompts prefilled, each samples its first token
-    print(f"   after step 1, prefix-cache hits: {llm.get_stats()['kv_cache']['prefix_cache_hit_tokens']} tokens "
+    engine.add_request(prompt, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    engine.add_request(prompt[:8] + [5, 6, 7], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    engine.step()  # one step: both prompts prefilled, each samples its first token
+    print(f"   after step 1, prefix-cache hits: {engine.get_stats()['kv_cache']['prefix_cache_hit_tokens']} tokens "
           "(both prompts were prefilled in the same step, so neither could reuse the other)")
     # A request arriving now finds the first two blocks of the first prompt in the cache.
-    llm.add_request(prompt[:8] + [9, 9], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
-    llm.step()
-    print(f"   after step 2, prefix-cache hits: {llm.get_stats()['kv_cache']['prefix_cache_hit_tokens']} tokens "
+    engine.add_request(prompt[:8] + [9, 9], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    engine.step()
+    print(f"   after step 2, prefix-cache hits: {engine.get_stats()['kv_cache']['prefix_cache_hit_tokens']} tokens "
           "(the third prompt reused 2 blocks = 8 tokens of the first)")
     seqs = list(engine.scheduler.running)
     # A step samples a token from the model's output at the last position, so the token it sampled
@@ -110,15 +110,15 @@ def part2_real_cache(out, model: str) -> None:
     # Where does token 5 of the first sequence keep its key? Layer 0's K cache, at its slot.
     seq = seqs[0]
     block, offset = seq.block_table[5 // BLOCK_SIZE], 5 % BLOCK_SIZE
-    k_cache, _ = engine.model_runner.kv_caches[0]
+    k_cache, _ = engine.executor.runner.kv_caches[0]
     print(f"\n   k_cache of layer 0 has shape {tuple(k_cache.shape)} = [blocks, block_size, kv_heads, head_dim]")
     print(f"   token 5 -> block {block}, offset {offset}; its key (head 0, first 6 dims):")
     print("  ", k_cache[block, offset, 0, :6])
     untouched = [b for b in range(engine.block_manager.num_blocks)
                  if all(b not in s.block_table for s in seqs) and torch.count_nonzero(k_cache[b]) == 0]
     print(f"   blocks no sequence has touched are still all zeros: {len(untouched)} of them")
-    while llm.has_unfinished_requests():
-        llm.step()
+    while engine.has_unfinished_requests():
+        engine.step()
 
 
 def main() -> None:

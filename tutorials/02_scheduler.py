@@ -49,7 +49,7 @@ def main() -> None:
               num_kv_blocks=32,              # 128 token slots for everyone: memory will run out
               max_num_batched_tokens=16,     # a small per-step token budget
               max_num_seqs=4, max_model_len=96, enable_prefix_caching=False)
-    trace = llm.enable_trace()
+    trace = llm.engine.enable_trace()
 
     rng = random.Random(0)
     prompts = [[rng.randrange(4, 500) for _ in range(rng.choice([6, 12, 40]))] for _ in range(num_requests)]
@@ -62,7 +62,7 @@ def main() -> None:
     for event in trace:
         print(describe(event))
 
-    stats = llm.get_stats()["scheduler"]
+    stats = llm.engine.get_stats()["scheduler"]
     heading("What happened")
     print(f"* {stats['num_steps']} steps, {stats['avg_batch_size']:.2f} sequences per step on average: "
           "requests joined as soon as others left (continuous batching).")

@@ -32,9 +32,9 @@ def main() -> None:
     greedy = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
 
     # Sequence A: prompt of 6 tokens, run one step so it is decoding when B arrives.
-    llm.add_request([11, 12, 13, 14, 15, 16], greedy)
-    llm.step()
-    llm.add_request([21, 22, 23, 24, 25], greedy)
+    engine.add_request([11, 12, 13, 14, 15, 16], greedy)
+    engine.step()
+    engine.add_request([21, 22, 23, 24, 25], greedy)
 
     heading("1. Scheduler.schedule(): the plan (pure Python, no tensors)")
     plan = engine.scheduler.schedule()
@@ -62,16 +62,16 @@ def main() -> None:
         print(f"{name:<15} {tensor.tolist()!s:<38} {meaning}")
 
     heading("3. model forward + LM head + sampler")
-    model_runner = engine.model_runner
+    runner = engine.executor.runner  # the one ModelRunner of a single-process engine
     with torch.inference_mode():
-        hidden = model_runner.model(batch.input_ids, batch.positions, meta)  # writes K/V, attends
-        logits = model_runner.model.compute_logits(hidden[batch.logits_indices])
+        hidden = runner.model(batch.input_ids, batch.positions, meta)  # writes K/V, attends
+        logits = runner.model.compute_logits(hidden[batch.logits_indices])
         seqs = plan.sampled
-        tokens = model_runner.sampler.sample(logits, plan.output.sample_rows).tokens.tolist()
+        tokens = runner.sampler.sample(logits, plan.output.sample_rows).tokens.tolist()
     print(f"hidden states {tuple(hidden.shape)}: one row per new token ({batch.num_tokens})")
     print(f"logits {tuple(logits.shape)}: only {len(seqs)} rows go through the LM head, not {batch.num_tokens}")
     print(f"greedy sampling = argmax per row: {logits.argmax(-1).tolist()} -> sampled {tokens}")
-    k_cache, _ = model_runner.kv_caches[0]
+    k_cache, _ = runner.kv_caches[0]
     slot = int(meta.slot_mapping[-1])
     print(f"the last new token's key is now in layer 0's cache at block {slot // BLOCK_SIZE}, "
           f"offset {slot % BLOCK_SIZE}: {[round(x, 4) for x in k_cache[slot // BLOCK_SIZE, slot % BLOCK_SIZE, 0, :4].tolist()]}")
@@ -84,9 +84,9 @@ def main() -> None:
     print(f"finished this step: {[s.seq_id for s in finished]}")
 
     heading("Check: the engine's own steps compute the same tokens")
-    while llm.has_unfinished_requests():  # the rest of both requests, by the engine itself
-        llm.step()
-    by_hand = llm.get_output("1").token_ids
+    while engine.has_unfinished_requests():  # the rest of both requests, by the engine itself
+        engine.step()
+    by_hand = engine.get_output("1").token_ids
     again = llm.generate([[21, 22, 23, 24, 25]], greedy, use_tqdm=False)[0].token_ids
     print(f"prompt B, first token by hand then engine steps: {by_hand}")
     print(f"prompt B, run again entirely by llm.generate:    {again}")

@@ -19,7 +19,7 @@ def main() -> None:
     args = parse_args(__doc__.split("\n")[0], "04_complete_workflow")
     llm = LLM(tiny_model(args.model), device="cpu", block_size=8, num_kv_blocks=64,
               max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256)
-    llm.enable_trace()
+    llm.engine.enable_trace()
 
     system = "You are a helpful assistant. Answer briefly. "  # shared prefix: prefix caching reuses it
     questions = ["What is paged attention?", "Why batch requests?", "What is a KV cache?",

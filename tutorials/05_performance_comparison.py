@@ -53,26 +53,26 @@ def run(model: str, prompts, params, static_batch: int | None = None, **engine_k
         previous one has finished (static batching); None admits all at once (continuous).
     Drives the step API so that KV utilization and fragmentation can be sampled after each step.
     """
-    llm = LLM(model, device="cpu", **engine_kwargs)
+    engine = LLM(model, device="cpu", **engine_kwargs).engine
     groups = [list(range(len(prompts)))] if static_batch is None else [
         list(range(i, min(i + static_batch, len(prompts)))) for i in range(0, len(prompts), static_batch)]
     utilization, fragmentation, request_ids = [], [], []
     start = time.perf_counter()
     for group in groups:
         for i in group:
-            request_ids.append(llm.add_request(prompts[i], params[i]))
-        while llm.has_unfinished_requests():
-            llm.step()
-            kv = kv_cache_stats(llm.engine.block_manager, llm.engine.scheduler.running)
+            request_ids.append(engine.add_request(prompts[i], params[i]))
+        while engine.has_unfinished_requests():
+            engine.step()
+            kv = kv_cache_stats(engine.block_manager, engine.scheduler.running)
             if kv["num_used_blocks"]:
                 utilization.append(kv["utilization"])
                 fragmentation.append(kv["fragmentation"])
     wall = time.perf_counter() - start
-    stats = llm.get_stats()
+    stats = engine.get_stats()
     generated = stats["engine"]["num_generated_tokens"]
     # Every request counts as arriving at the start: under static batching a request "added"
     # late has really been waiting all along, and that wait belongs in its time to first token.
-    ttft = [llm.get_output(r).metrics.first_token_time - start for r in request_ids]
+    ttft = [engine.get_output(r).metrics.first_token_time - start for r in request_ids]
     return {
         "wall_s": wall,
         "throughput": generated / wall,

@@ -89,7 +89,7 @@ def run_two_processes(model: str, max_tokens: int) -> None:
         # The driver (this process) schedules; each step it sends the SchedulerOutput to the
         # worker process, both run the same forward on their shard, and the all-reduces meet.
         got = [o.outputs[0].token_ids for o in two.generate(PROMPTS, greedy, use_tqdm=False)]
-        layers = len(two.engine.model_runner.driver.model.model.layers)
+        layers = len(two.engine.executor.runner.model.model.layers)
     print(f"a decode step runs 2 x {layers} + 1 = {2 * layers + 1} all-reduces: after attention, after "
           "the MLP, and one for the vocabulary-split embedding")
     for prompt, a, b in zip(PROMPTS, expected, got):

@@ -114,7 +114,7 @@ def run_engine(model: str, max_tokens: int, draft_model: str) -> dict:
         llm = LLM(model, speculative_config=spec, **ENGINE)
         got = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         assert got == expected, f"{name}: speculation changed the greedy output"
-        stats = llm.get_stats()
+        stats = llm.engine.get_stats()
         s = stats["speculative"]
         per_position[name] = s["acceptance_rate_per_position"]
         print(f"{name:<31} {stats['engine']['num_steps']:>3} steps, same tokens; drafts {s['num_draft_tokens']}, "

@@ -29,7 +29,8 @@ sequence accepted decides where its next step starts, and the n-gram proposer re
 With `async_scheduling=False` every step runs start to finish; the outputs are the same.
 
 The engine owns the tokenizer and the requests; the scheduler owns the queues; the model runner
-owns the tensors. None of them reaches into another's state.
+owns the tensors, and the executor runs it in this process or in one per GPU. None of them
+reaches into another's state.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from minivllm.engine.speculation import Speculation, check_draft_vocabulary
 from minivllm.engine.stopping import StopChecker
 from minivllm.engine.tokenizer import eos_token_ids, load_tokenizer
 from minivllm.observe.block_map import kv_cache_stats
-from minivllm.observe.records import StepRecord, StepTimings
+from minivllm.observe.records import StepRecord
 from minivllm.observe.stats import StatsCollector, summarize_requests
 from minivllm.observe.trace import StepTrace, blocks_held
 from minivllm.outputs import RequestOutput
@@ -85,13 +86,14 @@ class LLMEngine:
         model_dir = config.model_config.model
         sched = config.scheduler_config
         self.tokenizer = load_tokenizer(model_dir)
-        check_draft_vocabulary(config, self.tokenizer)
-        self.model_runner = make_executor(config)  # the ModelRunner, or N ranks' (worker/executor.py)
+        check_draft_vocabulary(config, self.tokenizer)  # before any weight loads
+        self.executor = make_executor(config)  # one ModelRunner here, or one per rank
+        runner = self.executor.runner  # rank 0's: it describes the model for every rank
         self.detokenizer = Detokenizer(self.tokenizer) if self.tokenizer is not None else None
-        self.eos_token_ids = eos_token_ids(model_dir, self.model_runner.hf_config, self.tokenizer)
-        self.vocab_size = self.model_runner.vocab_size
+        self.eos_token_ids = eos_token_ids(model_dir, runner.hf_config, self.tokenizer)
+        self.vocab_size = runner.vocab_size
         self.block_manager = BlockManager(
-            self.model_runner.num_kv_blocks,
+            runner.num_kv_blocks,
             config.cache_config.block_size,
             enable_prefix_caching=config.cache_config.enable_prefix_caching,
         )
@@ -281,17 +283,15 @@ class LLMEngine:
         for child in step.forks:
             self._unfinished[child.request_id].seqs.append(child)
         try:
-            tokens = self.model_runner.execute(step.output)
+            tokens = self.executor.execute(step.output)
         except BaseException:
             self._fail([_InFlight(step, None, None)])
             raise
         if step.is_empty:  # e.g. every running sequence awaits its last, pending token
             return _InFlight(step, tokens, None)
         record = self._record(step, planned)
-        record.timings = StepTimings(schedule=scheduled - planned, prepare=tokens.timings.prepare,
-                                     forward=tokens.timings.forward, sample=tokens.timings.sample,
-                                     graph_batch_size=tokens.timings.graph_batch_size,
-                                     graph_miss=tokens.timings.graph_miss)
+        record.timings = tokens.timings  # the runner's phases, to which the engine adds its own
+        record.timings.schedule = scheduled - planned
         event = trace.start(self.scheduler, step, record, held_before) if trace is not None else None
         needs_sync = step.speculative or any(row.params.has_penalties for row in step.output.sample_rows)
         return _InFlight(step, tokens, record, event, needs_sync)
@@ -439,7 +439,7 @@ class LLMEngine:
     def close(self) -> None:
         """Stop what the engine started besides itself: the tensor-parallel worker processes
         (nothing with one GPU). The engine cannot step afterwards."""
-        self.model_runner.close()
+        self.executor.close()
 
     def get_num_unfinished_requests(self) -> int:
         return len(self._unfinished)
@@ -459,7 +459,7 @@ class LLMEngine:
             "enable_chunked_prefill": sched.enable_chunked_prefill,
             "enable_prefix_caching": self.block_manager.enable_prefix_caching,
             "async_scheduling": self.overlap,
-            "kv_cache_dtype": self.kv_cache_dtype,
+            "kv_cache_dtype": self.config.kv_cache_spec.name,
             "speculative_config": self.config.to_dict()["speculative_config"],
         })
         return self.trace
@@ -482,7 +482,7 @@ class LLMEngine:
         """
         totals, busy = self.stats.totals, self._busy_time
         steps = self.stats.step_stats()
-        runner = self.model_runner
+        runner = self.executor.runner
         kv = kv_cache_stats(self.block_manager, self.scheduler.running)
         kv["prefix_cache_hit_tokens"] = steps["num_prefix_hit_tokens"]
         kv["prefix_cache_hit_rate"] = (steps["num_prefix_hit_tokens"] / self._num_prompt_tokens
@@ -504,7 +504,7 @@ class LLMEngine:
                 "async_scheduling": self.overlap,
                 "device": str(runner.device),
                 "dtype": str(runner.dtype).removeprefix("torch."),
-                "kv_cache_dtype": self.kv_cache_dtype,
+                "kv_cache_dtype": self.config.kv_cache_spec.name,
                 "num_kv_blocks": runner.num_kv_blocks,
                 "kv_cache_bytes": runner.num_kv_blocks * runner.kv_bytes_per_block,
             },
@@ -521,16 +521,9 @@ class LLMEngine:
                                     **self.stats.speculative_stats()}
         return stats
 
-    @property
-    def kv_cache_dtype(self) -> str:
-        """What a KV block holds: the model's dtype, or "fp8_e4m3" (with a scale per token and head)."""
-        if self.config.cache_config.kv_cache_dtype == "fp8":
-            return "fp8_e4m3"
-        return str(self.model_runner.dtype).removeprefix("torch.")
-
     def render_block_map(self) -> str:
         """The KV pool by owner, as text (see observe/block_map.py)."""
         from minivllm.observe.block_map import snapshot_blocks, text_block_map
 
         text = text_block_map(snapshot_blocks(self.block_manager, self.scheduler.running))
-        return f"KV cache dtype {self.kv_cache_dtype}: {text}"
+        return f"KV cache dtype {self.config.kv_cache_spec.name}: {text}"

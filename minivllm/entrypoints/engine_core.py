@@ -45,7 +45,8 @@ whole process group, but only the frontend decides when to stop (it drains the r
 then sends "shutdown", waits, and kills the process if it does not leave in time). Tensor
 parallelism works unchanged: the engine process starts its worker processes itself, which is why
 it cannot be a daemon process (those may not have children); `multiprocessing.util.Finalize`
-stops it if the frontend forgets to.
+stops it if the frontend forgets to. Starting, watching and stopping the process is
+minivllm/distributed/process.py's, as for the tensor-parallel workers.
 """
 
 from __future__ import annotations
@@ -54,27 +55,31 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
-import multiprocessing
 import os
 import pickle
 import signal
-import sys
 import threading
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from multiprocessing import connection, util
+from multiprocessing import util
 from typing import NamedTuple
 
 import torch
 
 from minivllm.config import EngineConfig
+from minivllm.distributed.process import ChildDied, ChildProcess, exit_now, stop_children
 from minivllm.engine.llm_engine import LLMEngine, Prompt
 from minivllm.observe.stats import SpecDecodeCounts
 from minivllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from minivllm.sampling_params import SamplingParams
 
 STOP_TIMEOUT_S = 10.0  # how long a stopping engine process may take before it is killed
+SHUTDOWN = (None, "shutdown", ())  # the command that stops the engine process
+# Let the commands pipe hold a burst (Linux only): a send to a full pipe blocks until the other
+# side reads, and the engine reads its commands only between steps; 256 prompts of 1k tokens
+# arriving at once pickle to ~1 MB, and the event loop must not stall on them.
+PIPE_BYTES = 1 << 20
 
 
 class EngineStepError(RuntimeError):
@@ -236,9 +241,9 @@ def run_engine_core(config: EngineConfig, commands, results) -> None:
     except BaseException as err:  # noqa: BLE001 - the frontend re-raises it
         with contextlib.suppress(OSError):
             results.send(("failed", (_picklable(err), traceback.format_exc())))
-        _exit(1)
+        exit_now(1)
     core = EngineCore(engine)
-    runner = engine.model_runner
+    runner = engine.executor.runner
     try:
         results.send(("ready", {"pid": os.getpid(), "device": str(runner.device),
                                 "num_kv_blocks": runner.num_kv_blocks, "state": core.state()}))
@@ -247,7 +252,7 @@ def run_engine_core(config: EngineConfig, commands, results) -> None:
         pass
     finally:
         engine.close()  # tensor-parallel workers, if any
-    _exit(0)
+    exit_now(0)
 
 
 def serve(core: EngineCore, commands, results) -> None:
@@ -303,13 +308,6 @@ def _picklable(err: BaseException) -> BaseException:
         return RuntimeError(f"{type(err).__name__}: {err}")
 
 
-def _exit(code: int) -> None:
-    """Leave now: the interpreter's own teardown of torch takes seconds."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 # ----------------------------------------------------------------------------------------------
 # The frontend's side
 # ----------------------------------------------------------------------------------------------
@@ -329,23 +327,19 @@ class EngineCoreClient:
                                           or not start_timeout > 0):
             raise ValueError(f"start_timeout must be a positive number of seconds or None, got {start_timeout!r}")
         self.config = config
-        context = multiprocessing.get_context("spawn")
-        child_commands, self._commands = context.Pipe(duplex=False)  # (receiving end, sending end)
-        self._results, child_results = context.Pipe(duplex=False)
-        for end in (self._commands, self._results):
-            _widen(end)
-        self.process = context.Process(target=run_engine_core, args=(config, child_commands, child_results),
-                                       name="minivllm-engine-core")  # not a daemon: it may start TP workers
-        self.process.start()
-        child_commands.close()  # ours closed, the process's are the only ends: its death closes the pipe
-        child_results.close()
-        self._finalizer = util.Finalize(self, _stop, args=(self.process, self._commands, STOP_TIMEOUT_S),
+        # Not a daemon: it may start tensor-parallel workers. Two one-way pipes: commands in,
+        # results out, each read by one thread.
+        self._child = ChildProcess(run_engine_core, (config,), name="minivllm-engine-core",
+                                   daemon=False, duplex=False, pipe_bytes=PIPE_BYTES)
+        self.process = self._child.process
+        self._commands, self._results = self._child.to_child, self._child.from_child
+        self._finalizer = util.Finalize(self, stop_children, args=([self._child], SHUTDOWN, STOP_TIMEOUT_S),
                                         exitpriority=100)  # before multiprocessing joins its children at exit
         try:
             self.info = self._wait_ready(start_timeout)
         except BaseException:
             self._finalizer.cancel()
-            _stop(self.process, self._commands, timeout=0.0)
+            stop_children([self._child], SHUTDOWN, timeout=0.0)
             self._results.close()
             raise
         self._state: EngineState = self.info["state"]
@@ -359,22 +353,18 @@ class EngineCoreClient:
         self._closed = False
 
     def _wait_ready(self, timeout: float | None) -> dict:
-        ready = connection.wait([self._results, self.process.sentinel], timeout)
-        if not ready:
-            raise EngineStartError(f"the engine process did not get ready within {timeout} s")
-        kind, payload = "died", None
-        if self._results in ready:
-            with contextlib.suppress(EOFError, OSError):
-                kind, payload = self._results.recv()
-        if kind == "ready":
-            return payload
+        try:
+            kind, payload = self._child.receive(timeout)
+        except TimeoutError:
+            raise EngineStartError(f"the engine process did not get ready within {timeout} s") from None
+        except ChildDied as died:
+            raise EngineStartError(f"the engine process died while starting (exit code {died.exitcode})") from None
         if kind == "failed":
             err, trace = payload
             if isinstance(err, (ValueError, TypeError, OSError)):  # bad input: its own words reach the user
                 raise err
             raise EngineStartError(f"the engine process failed to start:\n{trace}")
-        self.process.join(timeout=1.0)
-        raise EngineStartError(f"the engine process died while starting (exit code {self.process.exitcode})")
+        return payload
 
     # -- what AsyncLLM calls ----------------------------------------------------------------------
     @property
@@ -411,7 +401,7 @@ class EngineCoreClient:
             return
         self._closed = True
         self._finalizer.cancel()
-        await asyncio.to_thread(_stop, self.process, self._commands, STOP_TIMEOUT_S)
+        await asyncio.to_thread(stop_children, [self._child], SHUTDOWN, STOP_TIMEOUT_S)
         if self._reader is not None:  # the process is gone, so its pipe gives the reader EOF
             await asyncio.to_thread(self._reader.join, 5.0)
         if self._reader is None or not self._reader.is_alive():
@@ -468,36 +458,11 @@ class EngineCoreClient:
 
     def _engine_gone(self) -> None:
         """(event loop) The outputs pipe closed: the process exited, was killed or crashed."""
-        if not self._closed:
-            self.process.join(timeout=1.0)
-        error = EngineDeadError(f"the engine process (pid {self.pid}) died "
-                                f"(exit code {self.process.exitcode})")
+        exitcode = self._child.exitcode() if not self._closed else self.process.exitcode
+        error = EngineDeadError(f"the engine process (pid {self.pid}) died (exit code {exitcode})")
         for future, _ in self._calls.values():
             if not future.done():
                 future.set_exception(error)
         self._calls.clear()
         if not self._closed:
             self._on_dead(error)
-
-
-def _widen(conn, size: int = 1 << 20) -> None:
-    """Let the pipe hold a burst (Linux only): a send to a full pipe blocks until the other side
-    reads, and the engine reads its commands only between steps; 256 prompts of 1k tokens arriving
-    at once pickle to ~1 MB, and the event loop must not stall on them."""
-    with contextlib.suppress(AttributeError, OSError):  # no F_SETPIPE_SZ, or above pipe-max-size
-        import fcntl
-
-        fcntl.fcntl(conn.fileno(), fcntl.F_SETPIPE_SZ, size)
-
-
-def _stop(process, commands, timeout: float) -> None:
-    """Ask the engine process to stop; kill it if it is not gone within `timeout` seconds. (It
-    ignores SIGTERM, so there is no terminate step.) A plain function, for the finalizer."""
-    if process.is_alive() and timeout > 0:
-        with contextlib.suppress(OSError, ValueError):
-            commands.send((None, "shutdown", ()))
-        process.join(timeout)
-    if process.is_alive():
-        process.kill()
-        process.join()
-    commands.close()

@@ -12,6 +12,8 @@ Two public ops, one signature for every backend:
 
 The cache may be fp8 (float8_e4m3fn, half the bytes of bf16): both ops then take `k_scale` and
 `v_scale`, float32 [num_blocks, block_size, Hkv], one scale per token and KV head (fp8.py).
+`KVCacheSpec` names a cache format, allocates a layer's tensors in it, and says whether a
+backend can read it (kv_cache_spec.py).
 
 One call serves prefill, chunked prefill and decode (decode is query length 1), so a mixed batch
 is one launch; GQA/MQA when Hq is a multiple of Hkv. The queries of a sequence are the *last*
@@ -20,9 +22,9 @@ tokens of its context: query j of a chunk of length q attends to keys `< seq_len
 Layout of the package: `validation.py` checks the inputs once, at the door, with errors that name
 the argument; `backends.py` picks the implementation ("auto" | "torch" | "triton" | "cuda") from
 one dispatch table; `reference.py`, `triton_attention.py`, `triton_cache.py` and `cuda.py` are
-the implementations; `fp8.py` is the fp8 format and its scales; `warmup.py` compiles every
-Triton variant a model uses before serving, and `jit_counter.py` counts Triton compilations, to
-check that serving compiles nothing.
+the implementations; `fp8.py` is the fp8 format and its scales, `kv_cache_spec.py` the two
+cache formats as one small type; `warmup.py` compiles every Triton variant a model uses before
+serving, and `jit_counter.py` counts Triton compilations, to check that serving compiles nothing.
 """
 
 from __future__ import annotations
@@ -32,11 +34,12 @@ import torch
 from . import validation
 from .backends import AUTO_PREFERS_CUDA, BACKENDS, available_backends, dispatch, resolve_backend
 from .jit_counter import JitCounter
+from .kv_cache_spec import KVCacheSpec, LayerKVCache
 from .warmup import warm_up
 
 __all__ = [
     "write_kv_cache", "paged_attention", "available_backends", "resolve_backend", "BACKENDS",
-    "AUTO_PREFERS_CUDA", "JitCounter", "warm_up",
+    "AUTO_PREFERS_CUDA", "JitCounter", "KVCacheSpec", "LayerKVCache", "warm_up",
 ]
 
 

@@ -27,14 +27,14 @@ import torch
 
 from . import cuda as _cuda
 from . import reference
+from .fp8 import FP8_DTYPE
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
 
 # Where "auto" takes the C++ extension when it is built, rather than Triton: only for ops where
-# it measured faster in the same run (benchmarks/RESULTS.md). The CUDA-core decode kernel it had
-# measured 1.7-2x slower than Triton; its tensor-core rewrite (mma.sync, with prefill) has not been
-# measured yet (benchmarks/cuda_mma_check.py does), so "auto" keeps Triton for attention until it
-# is; backend="cuda" selects the extension.
+# it measured faster in the same run. Its tensor-core attention (mma.sync) matches Triton in
+# decode (0.99x) and is slower in prefill (1.42x causal 4 x 2048, H200; benchmarks/RESULTS.md,
+# `attn_bench.py --backends triton,cuda`), so "auto" keeps Triton; backend="cuda" selects it.
 AUTO_PREFERS_CUDA = {"paged_attention": False, "write_kv_cache": False}
 
 
@@ -120,16 +120,21 @@ def resolve_backend(backend: str, device: torch.device, op: str = "paged_attenti
     return backend
 
 
-def triton_fp8_unsupported(device: torch.device) -> str | None:
-    """Why the Triton kernels cannot use an fp8 cache on `device` (None: they can). Triton has
-    e4m3 (float8e4nv) on NVIDIA compute capability 8.9 and newer (Ada, Hopper); the interpreter
-    runs it on CPU."""
-    if device.type != "cuda":
+def kv_cache_unsupported(dtype: torch.dtype, backend: str, device: torch.device) -> str | None:
+    """Why `backend` ("auto" as `resolve_backend` resolves it) cannot read a cache stored in
+    `dtype` on `device` (None: it can). Every backend reads 16-bit and float32 caches. fp8: the
+    reference anywhere; Triton where it has e4m3 (float8e4nv): NVIDIA compute capability 8.9
+    and newer (Ada, Hopper), and in the interpreter on CPU; the extension never."""
+    if dtype != FP8_DTYPE:
         return None
-    capability = torch.cuda.get_device_capability(device)
-    if capability < (8, 9):
-        return (f"the Triton kernels need compute capability 8.9 or newer for float8_e4m3fn and "
-                f"this GPU has {capability[0]}.{capability[1]}")
+    name = resolve_backend(backend, device, "paged_attention") if backend == "auto" else backend
+    if name == "cuda":
+        return "the CUDA extension reads 16-bit caches only"
+    if name == "triton" and device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device)
+        if capability < (8, 9):
+            return (f"the Triton kernels need compute capability 8.9 or newer for "
+                    f"float8_e4m3fn and this GPU has {capability[0]}.{capability[1]}")
     return None
 
 
@@ -148,8 +153,8 @@ def dispatch(op: str, backend: str, device: torch.device, **args):
             if backend == "cuda":
                 warnings.warn(f"backend='cuda': {op} runs on {fallback} for {reason}", stacklevel=3)
             name = fallback
-    if name == "triton" and args["k_cache"].dtype == torch.float8_e4m3fn:
-        reason = triton_fp8_unsupported(device)
+    if name == "triton":
+        reason = kv_cache_unsupported(args["k_cache"].dtype, name, device)
         if reason is not None:
             raise ValueError(f"k_cache is float8_e4m3fn (an fp8 KV cache), but {reason}; use a "
                              "bfloat16 or float16 cache here")

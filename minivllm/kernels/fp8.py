@@ -15,7 +15,7 @@ kernel itself) and stored beside the page in `k_scale` / `v_scale`, float32
 [num_blocks, block_size, Hkv] (any strides; `empty_scales` allocates the layout the kernel reads
 fastest): 4 bytes per D bytes, 3 % more at head_dim 128. Per-tensor and per-head scales cost
 nothing but need a calibration and were 2x less accurate on keys with outlier channels; the
-measurement is in docs/fp8_kv_cache.md (benchmarks/fp8_scales.py).
+measurement is in docs/fp8_kv_cache.md (`benchmarks/agreement.py scales`).
 
 The kernels dequantize in registers and never materialise a wider copy: the scores of a key
 column are multiplied by its scale after q @ k^T, and the probabilities by the value's scale
@@ -42,7 +42,7 @@ def empty_scales(k_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """k_scale, v_scale for an fp8 cache [num_blocks, block_size, Hkv, D]: float32
     [num_blocks, block_size, Hkv], laid out head-major (each head's block_size scales side by
     side, a transposed view of [num_blocks, Hkv, block_size]): the kernel then reads a key
-    tile's scales from a few contiguous runs; faster for prefill on an H100 (fp8_tune.py)."""
+    tile's scales from a few contiguous runs; faster for prefill on an H100 (docs/fp8_kv_cache.md)."""
     num_blocks, block_size, num_kv_heads = k_cache.shape[:3]
 
     def empty():

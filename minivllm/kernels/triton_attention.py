@@ -1,76 +1,88 @@
-"""Triton: paged attention for prefill, chunked prefill and decode, in one kernel family.
+"""Triton: paged attention for prefill, chunked prefill and decode, in one kernel.
 
 The batch is packed: `query` holds the new tokens of every sequence back to back, and each
-sequence's K/V lives in the paged cache, found through its block table. The ideas, in the order
-a reader meets them in the code:
+sequence's keys and values live in the paged cache, found through its block table (token `n`
+of a sequence is in block `block_table[n // block_size]`, slot `n % block_size`). The kernel is
+flash attention over that cache, and this docstring reads in the order of the code.
 
-* **Query tiles of (token, head) rows.** All the query heads that share one KV head (GQA group
-  `G = Hq / Hkv`) are stacked into the rows of one tile, next to the tokens: row `r` is token
-  `r // G`, head `r % G`. One program handles one tile against one KV head, so K/V are read once
-  per KV head, not once per query head. Decode (1 token) gives a tile of just `G` useful rows.
-* **Flattened tiles.** The first grid axis enumerates (query tile, KV head) pairs, heads fastest
-  and the last tile first; a program finds its tile's sequence by a binary search over
-  `cu_seqlens_q` (sequence `b` starts at tile `cu_seqlens_q[b] // BLOCK_Q + b`). The grid is
-  sized from tensor *shapes* only, so launching never reads a value back from the GPU and the
-  whole call can be captured in a CUDA graph.
-* **Tiles over the paged cache.** Each step of the inner loop gathers `BLOCK_N` consecutive
-  tokens' K and V through the block table (token `n` is in block `block_table[n // block_size]`,
-  slot `n % block_size`) and updates an *online softmax* (running max `m`, running sum `l`,
-  rescaled accumulator), so scores never go to memory.
-* **Two gathers: by token, or by page.** Decode reads the table once per key (`_token_block_ids`)
-  and is at the memory-bandwidth limit that way. Prefill is compute-bound, so every instruction
-  of the loop counts: the page path (`PAGE_LOADS`) reads the table once per *page*
-  (`_page_block_ids`: `BLOCK_N / block_size` entries a tile, both powers of two, so a tile is
-  whole pages or a slice of one) and computes one base address per page, the rows of a page
-  following at a constant stride (`_page_offsets`). It is not about coalescing: in this cache
-  layout one key's D values of one head are already 2*D contiguous bytes, loaded as 16-byte
-  vectors either way, and a page of one head is `block_size` such rows `Hkv * D` apart. What it
-  saves is the per-key table reads (they went through shared memory in the pipeline) and index
-  arithmetic. A reshape turns the [pages, slots] offsets into the tile's key order, and Triton
-  3.6 loses through it the fact that rows start at multiples of 16 elements: without the
-  `tl.multiple_of` hint (`ROW_ALIGN`, from the strides) it loads K and V one element at a time,
-  synchronously, outside the `cp.async` pipeline (tests/kernels/test_prefill_paths.py reads the
-  compiled PTX for this).
-* **Softmax in fewer instructions.** The page path also folds the softmax scale into the exponent
-  (`FOLD_SCALE`): the running max is taken over raw scores and scaled once per row (max commutes
-  with a positive scale), and `exp2(s * scale - m)` is one fused multiply-add per score instead
-  of a multiply and a subtract; the masked tiles compare each key with one limit per row,
-  `min(query position, end - 1)`, instead of two comparisons; P @ V accumulates in place. With
-  the page loads this is about a sixth fewer instructions in the compiled loop (Triton 3.6,
-  sm_90a, 128 x 128 tiles); whether that is time saved is what `benchmarks/tune_attn.py`
-  measures, both paths side by side (`MINIVLLM_PREFILL_PATH` or `config` picks one).
-* **Why not TMA or warp specialization here.** Hopper's bulk-copy engine (TMA, Triton's tensor
-  descriptors) copies one box from one base address: a K tile spans `BLOCK_N / block_size`
-  pages anywhere in the cache, so it would take one copy per page (4 KB at block size 16), and
-  Triton offers no way to lay several boxes side by side as one MMA operand; gathering rows
-  with TMA is a Blackwell instruction. Triton's automatic warp specialization (`tl.range(...,
-  warp_specialize=True)`) is Blackwell-only too. On Hopper the loop is pipelined with `cp.async`
-  instead: `num_stages - 1` K/V tiles are in flight while one is used.
-* **Causal skipping.** Queries sit at the end of their context. Keys before the tile's first query
-  are visible to every row: those tiles run without a mask; only the last few tiles are masked,
-  and keys past the tile's last query are never loaded.
-* **Split-KV.** When the grid is too small to fill the GPU (decode of a few long sequences), each
-  program takes one of `num_splits` slices of the context and writes an unnormalised partial
-  result; the partials are then merged with their softmax statistics. In decode the merge
-  happens in the same kernel: each program counts itself in on an atomic counter per (query
-  tile, KV head), and the one that arrives last reads the others' partials and writes the
-  output (`_merge_if_last`), one kernel per layer less than a separate merge
-  (`MINIVLLM_FUSED_MERGE=0` keeps that, to measure it). Other batches use the merge kernel.
-* **One compilation per model, not per step.** Triton compiles a kernel once per
-  *specialization*: argument types, `tl.constexpr` values, launch options, and what it infers
-  from runtime values: an int argument equal to 1 or divisible by 16, a pointer that is 16-byte
-  aligned. The values that change from step to step (`num_seqs`, `num_tokens`, `num_splits`, the
-  block-table row stride) are listed in `do_not_specialize`, so a new batch shape never compiles
-  a kernel again; strides of the cache and of q/out stay specialized, because divisibility by 16
-  is what lets the compiler issue 16-byte loads. Pointer alignment is part of the key too: the
-  metadata pointers (`block_tables`, `seq_lens`, `cu_seqlens_q`), which an engine may pass as
-  views at varying offsets of one buffer, are only read element by element, so they are left out
-  of it (`do_not_specialize_on_alignment`), and so are the merge counters, for which a launch
-  without them passes `seq_lens`; q, the caches and out are fresh allocations or fixed views.
-  What remains per model (head dim, GQA group, block size, dtypes, cache size, and the prefill
-  path) is a short list: the attention kernel has four variants, (DECODE_ONLY, SPLIT_KV) in
-  {0, 1}^2, each with its own tile shape, and the merge kernel one. `warm_up` compiles all of
-  them.
+**The inner loop** (`_attend_kv_tile`). A program holds a tile of queries in registers and
+streams the keys of its sequence past it, `BLOCK_N` at a time: gather the K and V rows through
+the block table, compute the scores `s = q @ k^T`, and fold them into an *online softmax*. With
+`m` the running maximum of each row's scores and `l` the running sum of `exp(s - m)`, a new tile
+raises the maximum to `m'`, rescales what came before by `alpha = exp(m - m')`, and adds its own:
+
+    l' = l * alpha + sum(exp(s - m'))        acc' = acc * alpha + exp(s - m') @ v
+
+and at the end `out = acc / l`. Scores never go to memory. The kernel works in base 2 (`exp2`,
+with `log2(e)` folded into the softmax scale), which is what the hardware computes.
+
+**A tile of (token, head) rows.** The query heads that share one KV head (the GQA group,
+`G = Hq / Hkv`) are stacked into the rows of one tile: row `r` is token `r // G`, head `r % G`.
+One program handles one tile against one KV head, so K/V are read once per KV head, not once
+per query head, and decode (one token) still fills `G` rows of the tile.
+
+**The grid.** Its first axis enumerates (query tile, KV head) pairs; a program finds its
+tile's sequence by a binary search over `cu_seqlens_q` (sequence `b` starts at tile
+`cu_seqlens_q[b] // BLOCK_Q + b`). The grid is sized from tensor shapes only, so a launch never
+reads a value back from the GPU and a whole step can be captured in a CUDA graph. The KV heads
+of one tile are neighbours in the grid, so together they read whole rows of each block, and the
+last tiles run first, so the long causal tiles at the end of each prompt start early and the
+short ones fill the tail of the grid.
+
+**Causal tiles.** The queries of a sequence are the last tokens of its context. Keys before a
+tile's first query are visible to all its rows: those tiles run without a mask; only the last
+few are masked, and keys past the tile's last query are never loaded.
+
+**Two ways to gather.** Decode reads the whole cache once per step and is bound by memory: its
+loop gathers one table entry per key (`_token_block_ids`) and reaches the bandwidth (1.04 of the
+copy bandwidth at B=64 / 4k, H200). Prefill is bound by compute, where every instruction of the
+loop counts: its loop reads the table once per *page* (`_page_block_ids`; `BLOCK_N` and the
+block size are powers of two, so a tile is whole pages or a slice of one) and computes one base
+address per page, the rows of a page following at a constant stride (`_page_offsets`). It also
+folds the softmax scale into the exponent: the maximum is taken over raw scores and scaled once
+per row, and `exp2(s * scale - m)` is one fused multiply-add per score. Together with 128 x 64
+tiles of 4 warps this took causal prefill 4 x 2048 from 0.4037 to 0.3618 ms (1.34x to 1.20x
+dense SDPA, H200). The page loop also serves fp8 decode, which is short of instructions rather
+than bytes (0.702x the bf16 kernel's time against 0.777x on the token loop, B=64 / 4k, H200); a
+block size that is not a power of two keeps the token gather.
+
+**Why not TMA or warp specialization.** Hopper's bulk-copy engine (TMA) copies one box from one
+base address, but a K tile spans `BLOCK_N / block_size` pages anywhere in the cache, and Triton
+cannot lay several boxes side by side as one MMA operand (gathering rows with TMA is a Blackwell
+instruction, as is Triton's automatic warp specialization). The loop is pipelined with
+`cp.async` instead: `num_stages - 1` K/V tiles are in flight while one is used.
+
+**Split-KV.** When the grid cannot fill the GPU (decode of a few long sequences), each program
+takes one of `num_splits` slices of the context and writes an unnormalised partial result with
+its `m` and `l`, and the partials are merged with the same rescaling. In decode the merge
+happens in the attention kernel itself: each program counts itself in on an atomic counter per
+(query tile, KV head), and the one that arrives last merges the partials and writes the output
+(`_merge_if_last`), one kernel per layer fewer than a separate merge (`_merge_splits_kernel`,
+which other batches use, and decode too with `MINIVLLM_FUSED_MERGE=0`, to measure it). Decode of
+one sequence of 32k then reads at 0.79 of the copy bandwidth; a grid that fills the GPU already
+only gets slower (B=64 / 4k: 0.2447 ms unsplit, 0.2519 ms in 2 slices, H200), so
+`choose_num_splits` splits small grids only.
+
+**An fp8 cache** (fp8.py) holds e4m3 values with one float32 scale per token and KV head. The
+loop loads the 8-bit tiles (half the bytes), widens them to fp16 in registers, and applies the
+scales to whole columns: key scales to the scores, value scales to the probabilities, which
+equals scaling K and V. The dots run in fp16 (e4m3 widens to it exactly, and it keeps more
+mantissa than bf16), the query clamped to fp16's range.
+
+**Offsets.** Element offsets are signed 32-bit while a layer's cache holds fewer than 2^31
+elements, unsigned 32-bit below 2^32 (they keep the fp8 decode loop, at the register limit, from
+spilling: 1.02x the signed offsets' time against 1.07x with 64-bit ones, H100), and a 64-bit
+pointer per key row beyond that (`_offset_switches`).
+
+**One compilation per model.** Triton compiles once per *specialization*: the `tl.constexpr`
+values, the argument types, launch options, and what it infers from runtime values (an int equal
+to 1 or divisible by 16, a pointer 16-byte aligned). What changes from step to step (`num_seqs`,
+`num_tokens`, `num_splits`, the block-table row stride) is in `do_not_specialize`, and the
+metadata pointers, which an engine may pass as views at any offset of one buffer, are left out
+of the alignment key (as are the merge counters, in whose place a launch without them passes
+`seq_lens`); the cache and q/out strides stay specialized, as divisibility by 16 is what gives
+16-byte loads. What is left per model is four variants, (DECODE_ONLY, SPLIT_KV) in {0, 1}^2, and
+the merge kernel; `warm_up` compiles them all.
 """
 
 from __future__ import annotations
@@ -90,28 +102,9 @@ FP16_MAX = tl.constexpr(65504.0)
 MIN_SCALE = tl.constexpr(_MIN_SCALE)
 MAX_SPLITS = 64  # the most slices choose_num_splits cuts a context into
 SPLITS_TILE = 64  # partials the merge kernel reads at once: MAX_SPLITS, though any count works
-# How an fp8 cache's tiles widen to fp16 for the dots (see _widen_e4m3_to_fp16): "cast",
-# `x.to(fp16)`, which Triton moves past the transpose of V, or "asm", by inline assembly in the
-# layout they were loaded in (compiled kernels only: the interpreter runs no assembly). "asm"
-# compiles to a third fewer instructions per tile, yet measured slower on an H200 (decode
-# B=64/4k: 0.961x bf16's time against 0.777x for "cast", benchmarks/RESULTS.md): fewer
-# instructions are not less time when the loop waits on memory. Read once at import.
-FP8_WIDENS = ("asm", "cast")
-FP8_WIDEN = os.environ.get("MINIVLLM_FP8_WIDEN", "cast")
-if FP8_WIDEN not in FP8_WIDENS:
-    raise ValueError(f"MINIVLLM_FP8_WIDEN must be one of {FP8_WIDENS}, got {FP8_WIDEN!r}")
-WIDEN_IN_ASM = tl.constexpr(FP8_WIDEN == "asm")
-# Which inner loop prefill, chunked prefill and mixed batches run (decode-only batches on a
-# 16-bit cache always run the token path, which is at the bandwidth limit; on fp8, the page
-# path: see _prefill_path): "tokens", the original gather, or "pages", page-granular
-# block-table reads with the softmax scale folded into exp2 (see the module docstring). Read once at import, so one benchmark run can time both in two processes without
-# editing code; `config={"PAGE_LOADS": ..., "FOLD_SCALE": ...}` picks either per call. The
-# default is "pages": on the H200 it was faster on all three prefill cases of the tuning sweep
-# (benchmarks/RESULTS.md, "Kernels, round 2").
-PREFILL_PATHS = ("tokens", "pages")
-PREFILL_PATH = os.environ.get("MINIVLLM_PREFILL_PATH", "pages")
-if PREFILL_PATH not in PREFILL_PATHS:
-    raise ValueError(f"MINIVLLM_PREFILL_PATH must be one of {PREFILL_PATHS}, got {PREFILL_PATH!r}")
+# What `paged_attention(config=...)` may set: the launch configuration and three switches.
+CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "INT64_OFFSETS", "U32_OFFSETS",
+               "DOT_FP16")
 
 
 @triton.jit
@@ -129,6 +122,9 @@ def _find_sequence(cu_seqlens_q_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
     return lo - 1
 
 
+# ------------------------------------------------------------------------------------------
+# The gather: where a tile's keys live
+# ------------------------------------------------------------------------------------------
 @triton.jit
 def _token_block_ids(block_table_ptr, kv_pos, in_range, BLOCK_SIZE: tl.constexpr,
                      MASKED: tl.constexpr):
@@ -166,11 +162,11 @@ def _page_offsets(block_ids, start, stride_b, stride_t, BLOCK_SIZE: tl.constexpr
 
 @triton.jit
 def _row_pointers(cache_ptr, block_ids, in_block, stride_b):
-    """Pointers to the key rows of a cache of 2^31 elements or more (INT64_OFFSETS), where
-    32-bit element offsets would overflow. The 64-bit math is one multiply-add per row, on
-    byte offsets: block id x block stride + offset in the block, both non-negative 32-bit
-    values, zero-extended (sign extension would add the products of the high words); the D
-    values of a row then take 32-bit offsets from this pointer, as on the 32-bit path."""
+    """Pointers to the key rows of a cache of 2^31 elements or more, where 32-bit element
+    offsets would overflow: one 64-bit multiply-add per row, on byte offsets (block id x block
+    stride + offset in the block, both non-negative 32-bit values, zero-extended: sign
+    extension would add the products of the high words). The D values of a row then take
+    32-bit offsets from this pointer."""
     elem = cache_ptr.dtype.element_ty.primitive_bitwidth // 8
     offset = (block_ids.to(tl.uint32).to(tl.int64) * (stride_b * elem).to(tl.uint32).to(tl.int64)
               + (in_block * elem).to(tl.uint32).to(tl.int64))
@@ -178,27 +174,86 @@ def _row_pointers(cache_ptr, block_ids, in_block, stride_b):
 
 
 @triton.jit
-def _widen_e4m3_to_fp16(x):
-    """e4m3 -> fp16, four values per instance (two `cvt.f16x2.e4m3x2`), in the layout `x` was
-    loaded in (FP8_WIDEN "asm"; compiled kernels only: the interpreter runs no assembly).
+def _kv_tile_pointers(
+    k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head, start, kv_pos, in_range, kv_end, dims,
+    stride_cb, stride_ct, stride_ch,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    PAGE_LOADS: tl.constexpr, PAGES: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    INT64_OFFSETS: tl.constexpr, U32_OFFSETS: tl.constexpr,
+):
+    """[BLOCK_N, DIM_PAD] pointers to the K and V values of keys [start, start + BLOCK_N) of
+    `kv_head`, and the block ids they were found through (one per page, or one per key)."""
+    if PAGE_LOADS:
+        block_ids = _page_block_ids(block_table_ptr, start, kv_end, BLOCK_SIZE, PAGES, MASKED)
+        row = tl.reshape(_page_offsets(block_ids, start, stride_cb, stride_ct, BLOCK_SIZE,
+                                       BLOCK_N, PAGES), [BLOCK_N])  # pages x slots, in key order
+        if ROW_ALIGN > 1:
+            # The reshape hides from the compiler that every row starts at a multiple of 16
+            # elements; without this hint it loads K and V one element at a time, outside the
+            # cp.async pipeline (tests/kernels/test_prefill_paths.py reads the compiled PTX).
+            row = tl.multiple_of(row, ROW_ALIGN)
+        row = row + kv_head * stride_ch
+    else:
+        block_ids = _token_block_ids(block_table_ptr, kv_pos, in_range, BLOCK_SIZE, MASKED)
+        row = block_ids * stride_cb + (kv_pos % BLOCK_SIZE) * stride_ct + kv_head * stride_ch
+    if INT64_OFFSETS or U32_OFFSETS:  # `row` would overflow int32: recompute it wider
+        row_blocks = block_ids
+        if PAGE_LOADS:  # each row's page, in key order
+            row_blocks = tl.reshape(tl.broadcast_to(block_ids[:, None],
+                                                    [PAGES, BLOCK_N // PAGES]), [BLOCK_N])
+        in_block = (kv_pos % BLOCK_SIZE) * stride_ct + kv_head * stride_ch
+        if INT64_OFFSETS:  # a 64-bit pointer per row, then 32-bit offsets along it
+            k_ptrs = _row_pointers(k_cache_ptr, row_blocks, in_block, stride_cb)[:, None] + dims[None, :]
+            v_ptrs = _row_pointers(v_cache_ptr, row_blocks, in_block, stride_cb)[:, None] + dims[None, :]
+        else:
+            # Unsigned 32-bit offsets (Triton zero-extends them when it adds them to a pointer):
+            # nothing 64-bit stays live, so the fp8 loop, at the register limit, does not spill.
+            urow = row_blocks.to(tl.uint32) * stride_cb.to(tl.uint32) + in_block.to(tl.uint32)
+            offsets = urow[:, None] + dims[None, :].to(tl.uint32)
+            k_ptrs = k_cache_ptr + offsets
+            v_ptrs = v_cache_ptr + offsets
+    else:
+        offsets = row[:, None] + dims[None, :]
+        k_ptrs = k_cache_ptr + offsets
+        v_ptrs = v_cache_ptr + offsets
+    return k_ptrs, v_ptrs, block_ids
 
-    What it changes is where the widening happens, not how. The value operand of P @ V is
-    reduced over keys, but a cache row holds one key's D values side by side: feeding it to the
-    tensor cores means transposing the tile. Written `v.to(fp16)`, Triton moves the conversion
-    past the transpose (it hoists pure elementwise ops towards the load), so it transposes the
-    *bytes*, one shared-memory load per value (`LDS.U8`), plus a multiply-add to pair them, and
-    the fp8 operand layout makes the other operand's registers move too. Marked impure, the
-    conversion stays put, and the transpose moves 16-bit values with `ldmatrix.trans`, as for a
-    bf16 cache. Compiled decode loop, sm_90, Triton 3.6: 1,041 instructions a tile -> 690
-    (benchmarks/sass_count.py). Yet it measured slower on an H200 (see FP8_WIDEN): the
-    widened tile makes an extra round trip through shared memory, and fewer of the loads are
-    asynchronous copies, so the loop waits longer on memory than it saves in issue."""
-    return tl.inline_asm_elementwise(
-        "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; "
-        "cvt.rn.f16x2.e4m3x2 $1, hi; }", "=r,=r,r", [x.to(tl.int8, bitcast=True)],
-        dtype=tl.float16, is_pure=False, pack=4)
+
+@triton.jit
+def _kv_tile_scales(
+    k_scale_ptr, v_scale_ptr, block_ids, kv_head, start, kv_pos, in_range, kv_end,
+    stride_sb, stride_st, stride_sh,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    PAGE_LOADS: tl.constexpr, PAGES: tl.constexpr,
+):
+    """The [BLOCK_N] scales of an fp8 tile's keys and values, found through the same block ids
+    as the tile (D times fewer elements than the cache: 32-bit offsets always)."""
+    if PAGE_LOADS:
+        # Loaded [PAGES, SLOTS] (contiguous runs when the scales are head-major, as
+        # fp8.empty_scales lays them out), then reshaped as values.
+        offsets = _page_offsets(block_ids, start, stride_sb, stride_st, BLOCK_SIZE, BLOCK_N,
+                                PAGES) + kv_head * stride_sh
+        slot_pos = (start + tl.arange(0, PAGES)[:, None] * (BLOCK_N // PAGES)
+                    + tl.arange(0, BLOCK_N // PAGES)[None, :])
+        mask = slot_pos < kv_end
+    else:
+        offsets = block_ids * stride_sb + (kv_pos % BLOCK_SIZE) * stride_st + kv_head * stride_sh
+        mask = in_range
+    if MASKED:
+        k_scale = tl.load(k_scale_ptr + offsets, mask=mask, other=0.0)
+        v_scale = tl.load(v_scale_ptr + offsets, mask=mask, other=0.0)
+    else:
+        k_scale = tl.load(k_scale_ptr + offsets)
+        v_scale = tl.load(v_scale_ptr + offsets)
+    if PAGE_LOADS:
+        k_scale = tl.reshape(k_scale, [BLOCK_N])
+        v_scale = tl.reshape(v_scale, [BLOCK_N])
+    return k_scale, v_scale
 
 
+# ------------------------------------------------------------------------------------------
+# The inner loop: one tile of keys
+# ------------------------------------------------------------------------------------------
 @triton.jit
 def _attend_kv_tile(
     acc, m_i, l_i, q, qk_scale,
@@ -208,139 +263,72 @@ def _attend_kv_tile(
     dims, dim_mask,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    INT64_OFFSETS: tl.constexpr, KV_FP8: tl.constexpr,
+    INT64_OFFSETS: tl.constexpr, U32_OFFSETS: tl.constexpr, KV_FP8: tl.constexpr,
     PAGE_LOADS: tl.constexpr, PAGES: tl.constexpr, ROW_ALIGN: tl.constexpr,
-    FOLD_SCALE: tl.constexpr, U32_OFFSETS: tl.constexpr,
+    FOLD_SCALE: tl.constexpr,
 ):
-    """One step of the online softmax over keys [start, start + BLOCK_N)."""
+    """One step of the online softmax over keys [start, start + BLOCK_N).
+
+    qk_scale is the softmax scale times log2(e): scores times it are base-2 logits. MASKED
+    tiles hide keys past `kv_end` and, if CAUSAL, past each row's query position `q_pos`.
+    FOLD_SCALE: the compute-bound form of the softmax (see the module docstring)."""
     kv_pos = start + tl.arange(0, BLOCK_N)
     in_range = kv_pos < kv_end
-    # The gather: each key row sits at (block id, offset in block, kv head).
-    if PAGE_LOADS:
-        block_ids = _page_block_ids(block_table_ptr, start, kv_end, BLOCK_SIZE, PAGES, MASKED)
-        row = tl.reshape(_page_offsets(block_ids, start, stride_cb, stride_ct, BLOCK_SIZE,
-                                       BLOCK_N, PAGES), [BLOCK_N])  # pages x slots, in key order
-        if ROW_ALIGN > 1:
-            # Say what the reshape hides from the compiler (Triton 3.6 forgets it): every row
-            # starts at a multiple of 16 elements, so each row's D values load as 16-byte
-            # vectors, asynchronously (cp.async) into the software pipeline's buffers.
-            row = tl.multiple_of(row, ROW_ALIGN)
-        row = row + kv_head * stride_ch
-    else:
-        block_ids = _token_block_ids(block_table_ptr, kv_pos, in_range, BLOCK_SIZE, MASKED)
-        row = block_ids * stride_cb + (kv_pos % BLOCK_SIZE) * stride_ct + kv_head * stride_ch
-    if INT64_OFFSETS:  # `row` would overflow: a 64-bit pointer per row, then 32-bit offsets
-        row_blocks = block_ids
-        if PAGE_LOADS:  # each row's page, in key order
-            row_blocks = tl.reshape(tl.broadcast_to(block_ids[:, None],
-                                                    [PAGES, BLOCK_N // PAGES]), [BLOCK_N])
-        in_block = (kv_pos % BLOCK_SIZE) * stride_ct + kv_head * stride_ch
-        k_rows = _row_pointers(k_cache_ptr, row_blocks, in_block, stride_cb)
-        v_rows = _row_pointers(v_cache_ptr, row_blocks, in_block, stride_cb)
-        k_ptrs = k_rows[:, None] + dims[None, :]
-        v_ptrs = v_rows[:, None] + dims[None, :]
-    elif U32_OFFSETS:
-        # A cache of 2^31 to 2^32 elements (opt-in, see paged_attention): the same offsets as
-        # below, in unsigned 32-bit arithmetic (Triton zero-extends an unsigned offset when it
-        # adds it to a pointer). Nothing 64-bit stays live, so the fp8 loop, at the register
-        # limit, does not spill as it does with 64-bit row pointers (offline sm_90 compile,
-        # Triton 3.6: no local-memory traffic in the loop, against 11 spill ops).
-        row_blocks = block_ids
-        if PAGE_LOADS:  # each row's page, in key order
-            row_blocks = tl.reshape(tl.broadcast_to(block_ids[:, None],
-                                                    [PAGES, BLOCK_N // PAGES]), [BLOCK_N])
-        in_block = (kv_pos % BLOCK_SIZE) * stride_ct + kv_head * stride_ch
-        urow = row_blocks.to(tl.uint32) * stride_cb.to(tl.uint32) + in_block.to(tl.uint32)
-        kv_offsets = urow[:, None] + dims[None, :].to(tl.uint32)
-        k_ptrs = k_cache_ptr + kv_offsets
-        v_ptrs = v_cache_ptr + kv_offsets
-    else:
-        kv_offsets = row[:, None] + dims[None, :]
-        k_ptrs = k_cache_ptr + kv_offsets
-        v_ptrs = v_cache_ptr + kv_offsets
+    # -- load K and V -----------------------------------------------------------------------
+    k_ptrs, v_ptrs, block_ids = _kv_tile_pointers(
+        k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head, start, kv_pos, in_range, kv_end,
+        dims, stride_cb, stride_ct, stride_ch, BLOCK_SIZE, BLOCK_N, MASKED, PAGE_LOADS, PAGES,
+        ROW_ALIGN, INT64_OFFSETS, U32_OFFSETS)
     if MASKED:
         kv_mask = in_range[:, None] & dim_mask[None, :]
     else:
         kv_mask = dim_mask[None, :]
     k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
     v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-    if KV_FP8:
-        # Widening e4m3 to the dot's dtype (fp16, or fp32 for fp32 queries) is exact. The
-        # scales (one per key of this KV head) multiply whole score columns and probability
-        # columns below, which is the same as scaling K and V, with fewer multiplies. They sit
-        # in their own [num_blocks, block_size, Hkv] tensor, found through the same block ids
-        # (D times fewer elements than the cache: 32-bit offsets even under INT64_OFFSETS).
-        if PAGE_LOADS:
-            # Loaded [PAGES, SLOTS] (contiguous runs when the scales are head-major), then
-            # reshaped as values: nothing for the compiler to lose.
-            scale_offsets = _page_offsets(block_ids, start, stride_sb, stride_st, BLOCK_SIZE,
-                                          BLOCK_N, PAGES) + kv_head * stride_sh
-            slot_pos = (start + tl.arange(0, PAGES)[:, None] * (BLOCK_N // PAGES)
-                        + tl.arange(0, BLOCK_N // PAGES)[None, :])
-            scale_mask = slot_pos < kv_end
-        else:
-            scale_offsets = (block_ids * stride_sb + (kv_pos % BLOCK_SIZE) * stride_st
-                             + kv_head * stride_sh)
-            scale_mask = in_range
-        if MASKED:
-            k_scale = tl.load(k_scale_ptr + scale_offsets, mask=scale_mask, other=0.0)
-            v_scale = tl.load(v_scale_ptr + scale_offsets, mask=scale_mask, other=0.0)
-        else:
-            k_scale = tl.load(k_scale_ptr + scale_offsets)
-            v_scale = tl.load(v_scale_ptr + scale_offsets)
-        if PAGE_LOADS:
-            k_scale = tl.reshape(k_scale, [BLOCK_N])
-            v_scale = tl.reshape(v_scale, [BLOCK_N])
-        if WIDEN_IN_ASM and q.dtype == tl.float16:
-            k = _widen_e4m3_to_fp16(k)
-            v = _widen_e4m3_to_fp16(v)
-        else:
-            k = k.to(q.dtype)
-            v = v.to(q.dtype)
+    if KV_FP8:  # widening e4m3 to the dot's dtype is exact; the scales apply to columns below
+        k_scale, v_scale = _kv_tile_scales(
+            k_scale_ptr, v_scale_ptr, block_ids, kv_head, start, kv_pos, in_range, kv_end,
+            stride_sb, stride_st, stride_sh, BLOCK_SIZE, BLOCK_N, MASKED, PAGE_LOADS, PAGES)
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
 
+    # -- scores and the new running maximum ---------------------------------------------------
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if FOLD_SCALE:
-        # Raw scores; the softmax scale goes into the exponent's fused multiply-add below
-        # (max commutes with a positive scale), one multiply per score fewer than scaling first.
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        # Raw scores; the scale goes into the exponent's multiply-add (max commutes with it).
         if KV_FP8:
             s = s * k_scale[None, :]
         if MASKED:
-            # One comparison per score: key n is visible to row r iff n <= limit[r], where the
-            # limit folds both the causal rule (n <= the query's position) and the end of the
-            # range (n < kv_end) into one number per row.
-            if CAUSAL:
+            if CAUSAL:  # key n is visible to row r iff n <= min(q_pos[r], kv_end - 1)
                 limit = tl.minimum(q_pos, kv_end - 1)
                 s = tl.where(kv_pos[None, :] <= limit[:, None], s, float("-inf"))
             else:
                 s = tl.where(in_range[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        if MASKED:
-            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s * qk_scale - m_new[:, None])  # one FMA + exp2 per score
-    else:
-        # qk_scale = scale * log2(e): these are base-2 logits, ready for exp2.
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        if KV_FP8:  # the key's scale and qk_scale in one multiply per score
-            s = s * (k_scale * qk_scale)[None, :]
-        else:
-            s = s * qk_scale
+    else:  # the decode loop of a 16-bit cache: scale first
+        s = s * qk_scale
         if MASKED:
             visible = kv_pos[None, :] < kv_end
             if CAUSAL:
                 visible = visible & (kv_pos[None, :] <= q_pos[:, None])
             s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        if MASKED:
-            # A row that has seen no visible key yet keeps m = -inf; subtract 0 instead of -inf
-            # so that its probabilities are exp2(-inf) = 0 rather than NaN.
-            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+    if MASKED:
+        # A row that has seen no visible key yet keeps m = -inf; subtract 0 instead of -inf,
+        # so that its probabilities are exp2(-inf) = 0 rather than NaN.
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+
+    # -- probabilities, and the accumulator rescaled -------------------------------------------
+    if FOLD_SCALE:
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])  # one FMA + exp2 per score
+    else:
         p = tl.math.exp2(s - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     if KV_FP8:
         # p @ (v * v_scale) as (p * v_scale / v_max) @ v * v_max: the weights stay in [0, 1],
         # where fp16 keeps its precision (p * v_scale alone would sink into fp16's subnormals
-        # for a layer whose values are small). After l_i: the sum of probabilities is unscaled.
+        # for a layer of small values). After l_i: the sum of probabilities is unscaled.
         v_max = tl.maximum(tl.max(v_scale, 0), MIN_SCALE)
         p = p * (v_scale * (1.0 / v_max))[None, :]  # one division a tile, not one a key
         pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -352,6 +340,9 @@ def _attend_kv_tile(
     return acc, m_new, l_i
 
 
+# ------------------------------------------------------------------------------------------
+# The program: one query tile against one KV head (or one slice of its keys)
+# ------------------------------------------------------------------------------------------
 @triton.jit(
     do_not_specialize=["num_seqs", "num_tokens", "num_splits", "stride_bt"],
     do_not_specialize_on_alignment=["block_tables_ptr", "seq_lens_ptr", "cu_seqlens_q_ptr",
@@ -364,24 +355,23 @@ def _paged_attention_kernel(
     qk_scale, num_seqs, num_tokens, num_splits,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_ct, stride_ch, stride_bt, stride_sb, stride_st, stride_sh,
-    NUM_Q_HEADS: tl.constexpr, GROUP: tl.constexpr,
+    NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT_KV: tl.constexpr,
     DECODE_ONLY: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    INT64_OFFSETS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, KV_FP8: tl.constexpr,
-    DOT_FP16: tl.constexpr, PAGE_LOADS: tl.constexpr, PAGES: tl.constexpr,
-    ROW_ALIGN: tl.constexpr, FOLD_SCALE: tl.constexpr, U32_OFFSETS: tl.constexpr,
+    KV_FP8: tl.constexpr, DOT_FP16: tl.constexpr,
+    PAGE_LOADS: tl.constexpr, PAGES: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    INT64_OFFSETS: tl.constexpr, U32_OFFSETS: tl.constexpr,
     MERGE_SPLITS: tl.constexpr, GROUP_PAD: tl.constexpr, SPLITS_CHUNK: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    # Program order matters (measured, benchmarks/RESULTS.md): the KV heads of one tile run side
-    # by side, so together they read whole contiguous rows of each cache block; and tiles are
-    # taken last-first, so the long causal tiles at the end of each prompt start early and the
-    # short ones fill the tail of the grid.
+    # Only the decode loop of a 16-bit cache is bound by memory; every other loop is short of
+    # instructions and takes the folded softmax (see _attend_kv_tile).
+    FOLD_SCALE: tl.constexpr = KV_FP8 or not DECODE_ONLY
     pid = tl.program_id(0)
-    kv_head = pid % NUM_KV_HEADS
-    tile = tl.num_programs(0) // NUM_KV_HEADS - 1 - pid // NUM_KV_HEADS
+    kv_head = pid % NUM_KV_HEADS  # the KV heads of a tile side by side
+    tile = tl.num_programs(0) // NUM_KV_HEADS - 1 - pid // NUM_KV_HEADS  # the last tile first
     split = tl.program_id(1)
 
     # ---- which sequence, which of its queries -------------------------------------------
@@ -412,7 +402,7 @@ def _paged_attention_kernel(
     token = (q_start + q_idx).to(tl.int64)
     q_offsets = token[:, None] * stride_qt + q_head[:, None] * stride_qh + dims[None, :]
     q = tl.load(query_ptr + q_offsets, mask=row_valid[:, None] & dim_mask[None, :], other=0.0)
-    if DOT_FP16:  # fp8 cache, 16-bit query: the dots run in fp16 (see paged_attention)
+    if DOT_FP16:  # fp8 cache, 16-bit query: the dots run in fp16, within its range
         q = tl.minimum(tl.maximum(q.to(tl.float32), -FP16_MAX), FP16_MAX).to(tl.float16)
 
     # ---- the key range of this program --------------------------------------------------
@@ -430,29 +420,25 @@ def _paged_attention_kernel(
     else:
         kv_lo = 0
         kv_hi = kv_end
-    # Whole tiles below `unmasked_end` need no mask at all; the rest are masked.
+    # Whole tiles below `full_end` are seen by every row: no mask; the rest are masked.
     full_end = kv_lo + tl.maximum(tl.minimum(kv_hi, unmasked_end) - kv_lo, 0) // BLOCK_N * BLOCK_N
 
+    # ---- the loop over key tiles --------------------------------------------------------
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, DIM_PAD], dtype=tl.float32)
     block_table = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    for start in range(kv_lo, full_end, BLOCK_N):
-        acc, m_i, l_i = _attend_kv_tile(
-            acc, m_i, l_i, q, qk_scale, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
-            block_table, kv_head, start, kv_hi, q_pos, stride_cb, stride_ct, stride_ch,
-            stride_sb, stride_st, stride_sh, dims, dim_mask, BLOCK_SIZE, BLOCK_N, False, CAUSAL,
-            DOT_PRECISION, INT64_OFFSETS, KV_FP8, PAGE_LOADS, PAGES, ROW_ALIGN, FOLD_SCALE,
-            U32_OFFSETS,
-        )
-    for start in range(full_end, kv_hi, BLOCK_N):
-        acc, m_i, l_i = _attend_kv_tile(
-            acc, m_i, l_i, q, qk_scale, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
-            block_table, kv_head, start, kv_hi, q_pos, stride_cb, stride_ct, stride_ch,
-            stride_sb, stride_st, stride_sh, dims, dim_mask, BLOCK_SIZE, BLOCK_N, True, CAUSAL,
-            DOT_PRECISION, INT64_OFFSETS, KV_FP8, PAGE_LOADS, PAGES, ROW_ALIGN, FOLD_SCALE,
-            U32_OFFSETS,
-        )
+    for masked in tl.static_range(2):  # unrolled: two loops, each compiled with its own MASKED
+        lo = full_end if masked else kv_lo
+        hi = kv_hi if masked else full_end
+        for start in range(lo, hi, BLOCK_N):
+            acc, m_i, l_i = _attend_kv_tile(
+                acc, m_i, l_i, q, qk_scale, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
+                block_table, kv_head, start, kv_hi, q_pos, stride_cb, stride_ct, stride_ch,
+                stride_sb, stride_st, stride_sh, dims, dim_mask, BLOCK_SIZE, BLOCK_N, masked == 1,
+                CAUSAL, DOT_PRECISION, INT64_OFFSETS, U32_OFFSETS, KV_FP8, PAGE_LOADS, PAGES,
+                ROW_ALIGN, FOLD_SCALE,
+            )
 
     # ---- write back ---------------------------------------------------------------------
     out_mask = row_valid[:, None] & dim_mask[None, :]
@@ -601,7 +587,7 @@ def _block_m(decode_only: bool, group: int, head_dim: int) -> int:
 def _launch_config(decode_only: bool, block_m: int, head_dim: int, dtype: torch.dtype,
                    device: torch.device, split_kv: bool,
                    kv_dtype: torch.dtype | None = None) -> dict:
-    """Tile sizes, warps and pipeline depth, from the sweep in benchmarks/tune_attn.py (H200).
+    """Tile sizes, warps and pipeline depth, from the tile sweeps in benchmarks/RESULTS.md.
 
     Decode is memory-bound: the smallest M tile (16 rows hold the GQA group), K/V tiles of
     64 tokens and few warps, so many programs share an SM and keep loads in flight; with split-KV
@@ -614,12 +600,10 @@ def _launch_config(decode_only: bool, block_m: int, head_dim: int, dtype: torch.
       fit on one SM, and while one program runs its softmax (CUDA cores) the other's MMAs keep
       the tensor cores busy. The alternative, 128 keys and 8 warps (160 KB, one program per
       SM), amortises the per-step bookkeeping over more keys but leaves the tensor cores idle
-      during each softmax. Measured on the H200 with the page path (`tune_attn.py --only prefill
-      --quick`, benchmarks/RESULTS.md): 128x64/4 warps was the fastest tile of the sweep for
-      causal prefill 4 x 2048 (0.362 ms against 0.387 ms for 128x128/8), chunked prefill
-      (0.617 against 0.658 ms) and the mixed step (0.490 against 0.535 ms).
+      during each softmax. On the H200, causal prefill 4 x 2048 took 0.362 ms with 128x64/4
+      warps against 0.387 ms with 128x128/8.
     * fp8 K/V keep 128-key tiles with 8 warps and two stages: the widened tiles are staged
-      again for the MMA (benchmarks/fp8_tune.py, H100); the sweep above did not cover fp8.
+      again for the MMA (the fp8 sweep, H100; the sweep above did not cover fp8).
     """
     if decode_only:
         cfg = (dict(BLOCK_M=block_m, BLOCK_N=128, num_warps=4, num_stages=2) if split_kv
@@ -641,28 +625,15 @@ def _launch_config(decode_only: bool, block_m: int, head_dim: int, dtype: torch.
     return cfg
 
 
-def _prefill_path(cfg: dict, decode_only: bool, block_size: int,
-                  kv_fp8: bool = False) -> tuple[bool, bool]:
-    """(PAGE_LOADS, FOLD_SCALE) for this launch, popped from `cfg` where a caller set them.
+def _page_loads(decode_only: bool, kv_fp8: bool, block_size: int) -> bool:
+    """Whether the loop gathers K/V page by page (PAGE_LOADS) rather than key by key.
 
-    Decode-only batches on a 16-bit cache keep the token path (what was measured at the
-    bandwidth limit); on an fp8 cache, which is short of instructions rather than bytes, they
-    take the page path, which spends fewer on addresses: decode B=64 / 4k took 0.694x the bf16
-    kernel's time against 0.770x on the token path, B=256 / 1k 0.727x against 0.808x (H200,
-    fp8_tune.py --quick, benchmarks/RESULTS.md). The other variants follow PREFILL_PATH. Page
-    loads need a power-of-two block size (a tile then holds whole pages, or a slice of one);
-    any other block size keeps the token gather.
+    Every loop short of instructions does (prefill, chunked prefill, mixed batches, and decode
+    on an fp8 cache); the decode loop of a 16-bit cache is at the bandwidth limit with one
+    table read per key. Pages need a power-of-two block size: a tile is then whole pages, or a
+    slice of one.
     """
-    new_path = kv_fp8 if decode_only else PREFILL_PATH == "pages"
-    asked = "PAGE_LOADS" in cfg
-    page_loads = bool(cfg.pop("PAGE_LOADS", new_path))
-    fold_scale = bool(cfg.pop("FOLD_SCALE", new_path))
-    if page_loads and block_size & (block_size - 1):
-        if asked:
-            raise ValueError(f"config: PAGE_LOADS needs a power-of-two block size, got "
-                             f"{block_size}")
-        page_loads = False
-    return page_loads, fold_scale
+    return (kv_fp8 or not decode_only) and block_size & (block_size - 1) == 0
 
 
 MERGE_COUNTERS = 1 << 16  # (query tile, KV head) pairs a fused merge can count at once
@@ -720,28 +691,12 @@ def _offset_switches(cfg: dict, numel: int) -> tuple[bool, bool]:
     return int64_offsets, u32_offsets and not int64_offsets
 
 
-def paged_attention(
-    query: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    scale: float,
-    causal: bool,
-    out: torch.Tensor,
-    max_seq_len: int | None = None,
-    num_splits: int | None = None,
-    config: dict | None = None,
-    k_scale: torch.Tensor | None = None,
-    v_scale: torch.Tensor | None = None,
-) -> torch.Tensor:
+def paged_attention(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, causal,
+                    out, max_seq_len=None, num_splits=None, config=None, k_scale=None, v_scale=None):
     """Same contract as `minivllm.kernels.paged_attention` (inputs already validated).
 
     `config` overrides the launch configuration (BLOCK_M, BLOCK_N, num_warps, num_stages) and
-    the kernel's switches (PAGE_LOADS, FOLD_SCALE: the prefill path; INT64_OFFSETS, U32_OFFSETS;
-    DOT_FP16);
-    the benchmarks use it to sweep tile shapes and to time both prefill paths in one run.
+    the switches INT64_OFFSETS, U32_OFFSETS and DOT_FP16; the benchmarks sweep tiles with it.
     """
     num_tokens, num_q_heads, head_dim = query.shape
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
@@ -753,6 +708,9 @@ def paged_attention(
     decode_only = num_tokens == num_seqs
     # Query tiles: one token per tile in decode, else as many tokens as fit BLOCK_M // group rows.
     config = dict(config or {})
+    unknown = sorted(set(config) - set(CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"config: unknown keys {unknown}; known: {CONFIG_KEYS}")
     block_m = config.pop("BLOCK_M", None) or _block_m(decode_only, group, head_dim)
     block_q = 1 if decode_only else max(1, block_m // group)
     num_tiles = num_seqs if decode_only else num_tokens // block_q + num_seqs
@@ -763,11 +721,11 @@ def paged_attention(
                          split_kv=num_splits > 1, kv_dtype=k_cache.dtype)
     cfg.update(config)
     del cfg["BLOCK_M"]
-    page_loads, fold_scale = _prefill_path(cfg, decode_only, block_size,
-                                           kv_fp8=k_cache.dtype == torch.float8_e4m3fn)
+    kv_fp8 = k_cache.dtype == torch.float8_e4m3fn
+    page_loads = _page_loads(decode_only, kv_fp8, block_size)
     pages = max(1, cfg["BLOCK_N"] // block_size) if page_loads else 1
     # What Triton's own key already knows of the cache strides (divisible by 16 or not), passed
-    # on as a hint the page path needs (see _attend_kv_tile); 1 (unused) on the token path.
+    # on as a hint the page gather needs (see _kv_tile_pointers); 1 (unused) on the token path.
     row_align = 16 if page_loads and all(st % 16 == 0 for st in k_cache.stride()[:2]) else 1
     dim_pad = triton.next_power_of_2(head_dim)
     if num_splits > 1:
@@ -779,12 +737,10 @@ def paged_attention(
     else:
         partial_acc = partial_m = partial_l = out  # unused by the kernel
     dot_precision = "ieee" if query.dtype == torch.float32 else "tf32"
-    kv_fp8 = k_cache.dtype == torch.float8_e4m3fn
     int64_offsets, u32_offsets = _offset_switches(cfg, k_cache.numel())
-    # fp8 cache with a bf16/fp16 query: e4m3 widens to fp16 in one instruction (to bf16 in
-    # several), and fp16 keeps more mantissa; the query is clamped to fp16's range (+-65504).
-    # Faster and more accurate than widening to bf16 on an H100 (docs/fp8_kv_cache.md);
-    # `config` can force either, for benchmarks/fp8_tune.py.
+    # fp8 cache with a bf16/fp16 query: the dots run in fp16, faster and 3x closer to the
+    # reference than in bf16 (decode B=64 / 4k: 0.585x the bf16 kernel's time against 0.680x,
+    # H100 sweep in docs/fp8_kv_cache.md).
     dot_fp16 = cfg.pop("DOT_FP16", kv_fp8 and query.dtype != torch.float32)
     grid = (num_tiles * num_kv_heads, num_splits)
     counters = _merge_counters(query.device, grid[0]) if decode_only and num_splits > 1 else None
@@ -800,15 +756,13 @@ def paged_attention(
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         *(k_scale.stride() if kv_fp8 else (0, 0, 0)),
-        NUM_Q_HEADS=num_q_heads, GROUP=group, HEAD_DIM=head_dim, DIM_PAD=dim_pad,
-        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_Q=block_q,
+        NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim,
+        DIM_PAD=dim_pad, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_Q=block_q,
         SPLIT_KV=num_splits > 1, DECODE_ONLY=decode_only, CAUSAL=causal,
-        DOT_PRECISION=dot_precision, INT64_OFFSETS=int64_offsets, U32_OFFSETS=u32_offsets,
-        NUM_KV_HEADS=num_kv_heads,
-        KV_FP8=kv_fp8, DOT_FP16=dot_fp16, PAGE_LOADS=page_loads, PAGES=pages,
-        ROW_ALIGN=row_align, FOLD_SCALE=fold_scale, MERGE_SPLITS=counters is not None,
-        GROUP_PAD=group_pad, SPLITS_CHUNK=splits_chunk(group_pad, dim_pad),
-        **pdl, **cfg,
+        DOT_PRECISION=dot_precision, KV_FP8=kv_fp8, DOT_FP16=dot_fp16, PAGE_LOADS=page_loads,
+        PAGES=pages, ROW_ALIGN=row_align, INT64_OFFSETS=int64_offsets, U32_OFFSETS=u32_offsets,
+        MERGE_SPLITS=counters is not None, GROUP_PAD=group_pad,
+        SPLITS_CHUNK=splits_chunk(group_pad, dim_pad), **pdl, **cfg,
     )
     if num_splits > 1 and counters is None:
         _merge_splits_kernel[(num_tokens, num_q_heads)](

@@ -72,15 +72,7 @@ def _write_kv_cache_kernel(
     _store_row(v_cache_ptr, v_scale_ptr, v, dst, scale_dst, mask, heads, NUM_KV_HEADS, KV_FP8)
 
 
-def write_kv_cache(
-    key: torch.Tensor,
-    value: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    k_scale: torch.Tensor | None = None,
-    v_scale: torch.Tensor | None = None,
-) -> None:
+def write_kv_cache(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
     """Same contract as `minivllm.kernels.write_kv_cache` (inputs already validated)."""
     num_tokens, num_kv_heads, head_dim = key.shape
     if k_cache.stride() != v_cache.stride():

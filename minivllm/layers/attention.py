@@ -25,8 +25,7 @@ import torch
 from torch import nn
 
 from minivllm.kernels import paged_attention, write_kv_cache
-from minivllm.kernels.backends import triton_fp8_unsupported
-from minivllm.kernels.fp8 import FP8_DTYPE
+from minivllm.kernels.backends import kv_cache_unsupported
 
 
 @dataclass
@@ -94,7 +93,7 @@ class PagedAttention(nn.Module):
         `forward` then raises the clear error)."""
         if self.k_cache is None:
             return None
-        if self.k_cache.dtype == FP8_DTYPE and triton_fp8_unsupported(self.k_cache.device):
+        if kv_cache_unsupported(self.k_cache.dtype, "triton", self.k_cache.device):
             return None
         return KVCacheWrite(self.k_cache, self.v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
 

@@ -1,8 +1,10 @@
 """The step record: what one engine step did, as plain data.
 
 The engine writes one `StepRecord` per step, once the step's tokens are back, and hands it to
-the stats collector (`stats.py`) and, when on, to the trace (`trace.py`). Nothing else writes
-it: the scheduler and the model runner report what they did, the engine copies it here.
+the stats collector (`stats.py`) and, when on, to the trace (`trace.py`). Its `StepTimings` is
+filled by the two sides of a step: the model runner times its phases (prepare, forward, sample)
+into a fresh one and hands it back with the step's tokens; the engine adds its own (schedule,
+wait, update).
 """
 
 from __future__ import annotations

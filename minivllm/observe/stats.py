@@ -217,7 +217,7 @@ def _rows(values: dict, indent: str = "  "):
 
 
 def format_stats(stats: dict) -> str:
-    """`LLM.get_stats()` as a two-column table, one block per section."""
+    """`LLMEngine.get_stats()` as a two-column table, one block per section."""
     if not isinstance(stats, dict):
         raise TypeError(f"stats must be the dict get_stats() returns, got {type(stats).__name__}")
     width = max((len(label) for values in stats.values() for label, _ in _rows(values)), default=0) + 2

@@ -1,6 +1,6 @@
 """The step trace: a flight recorder of what every engine step did.
 
-    llm.enable_trace()                    # off by default
+    llm.engine.enable_trace()             # off by default
     llm.generate(prompts, max_tokens=32)
     llm.engine.trace.save("trace.jsonl")  # then: python -m minivllm visualize trace.jsonl --out figs/
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from minivllm.config import EngineConfig
+from minivllm.kernels import KVCacheSpec
 from minivllm.layers.rejection_sampler import sampling_probs
 from minivllm.layers.sampler import SamplingBatch, exponential_noise
 from minivllm.step import ScheduledSeq
@@ -55,13 +56,14 @@ class DraftModel:
     def vocab_size(self) -> int:
         return self.model.config.vocab_size
 
-    def bytes_per_block(self, cache_dtype: torch.dtype) -> int:
-        return kv_bytes_per_block(self.model, self.block_size, cache_dtype)
+    def bytes_per_block(self, spec: KVCacheSpec) -> int:
+        return kv_bytes_per_block(self.model, self.block_size, spec)
 
-    def allocate_cache(self, num_blocks: int, cache_dtype: torch.dtype) -> None:
-        """Its own KV cache, as many blocks as the target's (the same block ids)."""
+    def allocate_cache(self, num_blocks: int, spec: KVCacheSpec) -> None:
+        """Its own KV cache, as many blocks as the target's (the same block ids), in the target's
+        cache format."""
         self.kv_caches, self.kv_scales = allocate_kv_cache(self.model, num_blocks, self.block_size,
-                                                           cache_dtype, self.device)
+                                                           spec, self.device)
 
     def capture_graphs(self, batch_sizes: list[int], block_table_width: int, max_seq_len: int, pool=None):
         """Graphs of the proposing forwards (one token per sequence); returns the memory pool."""

@@ -1,13 +1,14 @@
 """Executors: how the engine's one call per step reaches the model, in one process or in N.
 
-The engine talks to its executor as if it were a ModelRunner: `execute(output)` launches a step
-and returns its `SampledTokens`, and `num_kv_blocks`, `vocab_size`, `hf_config`, `device`, ...
-describe the model. `make_executor` picks one:
+An executor has three things the engine uses: `execute(output)` launches a step and returns its
+`SampledTokens`, `close()` stops whatever it started, and `runner` is rank 0's `ModelRunner`,
+which describes the model (its KV pool, vocabulary, device, ...) for every rank. `make_executor`
+picks one:
 
-* **One rank**: the executor *is* the `ModelRunner`. Nothing sits in between.
+* **One rank**: `Executor`, a `ModelRunner` in this process; `execute` goes straight to it.
 * **N ranks** (tensor parallelism): `MultiprocExecutor`. The engine's own process is rank 0, the
   *driver*: it keeps the scheduler and the block manager, and a ModelRunner of its own (rank 0's
-  shard). It starts N - 1 worker processes (torch.multiprocessing, "spawn"), one ModelRunner
+  shard). It starts N - 1 worker processes (minivllm/distributed/process.py), one ModelRunner
   each on its own GPU, all in one torch.distributed group. Each step:
 
       driver      pickles the SchedulerOutput once and writes it to every worker's pipe, then
@@ -21,8 +22,8 @@ describe the model. `make_executor` picks one:
   (overlap, see engine/llm_engine.py) read them there, exactly as with one GPU.
 
 Why pipes and not `broadcast_object_list` over a gloo group: a pipe per worker carries the step
-in one write, and the way back ("ok", or a worker's traceback) comes with it, and a process's
-*sentinel* says when it died; `benchmarks/tp_transport.py` measures both transports.
+in one write, the way back ("ok", or a worker's traceback) comes with it, and a closed pipe says
+when a process died.
 
 **Failures.** A worker that raises reports its traceback and exits; a worker that dies closes
 its pipe and its sockets. The driver notices either way, wherever it waits (its own collectives
@@ -44,12 +45,10 @@ import contextlib
 import os
 import pickle
 import signal
-import sys
 import time
 import traceback
 import weakref
 from dataclasses import dataclass, field
-from multiprocessing import connection
 from typing import NoReturn
 
 import torch
@@ -57,18 +56,32 @@ import torch.distributed as dist
 
 from minivllm.config import EngineConfig
 from minivllm.distributed import TIMEOUT, destroy_tensor_parallel, init_tensor_parallel
+from minivllm.distributed.process import ChildDied, ChildProcess, exit_now, stop_children
 from minivllm.step import SchedulerOutput
 from minivllm.worker.model_runner import ModelRunner, SampledTokens
 
 LIVENESS_INTERVAL_S = 0.1  # how often a wait for the GPU checks that every worker is alive
-STOP_TIMEOUT_S = 5.0  # how long close() lets the workers finish before it terminates them
+STOP_TIMEOUT_S = 5.0  # how long close() lets the workers finish before it kills them
 
 
-def make_executor(config: EngineConfig):
-    """The ModelRunner itself for one rank; a MultiprocExecutor for tensor_parallel_size > 1."""
+def make_executor(config: EngineConfig) -> Executor | MultiprocExecutor:
+    """An Executor for one rank; a MultiprocExecutor for tensor_parallel_size > 1."""
     if config.model_config.tensor_parallel_size == 1:
-        return ModelRunner(config)
+        return Executor(config)
     return MultiprocExecutor(config)
+
+
+class Executor:
+    """One rank: every step goes to the ModelRunner in this process."""
+
+    def __init__(self, config: EngineConfig):
+        self.runner = ModelRunner(config)
+
+    def execute(self, output: SchedulerOutput) -> SampledTokens:
+        return self.runner.execute(output)
+
+    def close(self) -> None:
+        """Nothing to stop: no other process was started."""
 
 
 class TensorParallelError(RuntimeError):
@@ -99,7 +112,7 @@ def run_worker(config: EngineConfig, rank: int, address: tuple[str, int], conn) 
             try:
                 output = pickle.loads(conn.recv_bytes())
             except EOFError:  # the driver is gone: nothing to finish, nobody to tell
-                _exit(0)
+                exit_now(0)
             if output is None:  # close(): this rank's last collectives complete, then it leaves
                 if runner.device.type == "cuda":
                     torch.cuda.synchronize(runner.device)
@@ -109,16 +122,9 @@ def run_worker(config: EngineConfig, rank: int, address: tuple[str, int], conn) 
     except BaseException:  # noqa: BLE001 - whatever it is, the driver must hear of it
         with contextlib.suppress(OSError):
             conn.send(("error", traceback.format_exc()))
-        _exit(1)
+        exit_now(1)
     destroy_tensor_parallel()
-    _exit(0)
-
-
-def _exit(code: int) -> None:
-    """Leave now: the interpreter's own teardown of torch takes seconds, and holds up close()."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_now(0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,12 +133,11 @@ def _exit(code: int) -> None:
 @dataclass
 class _Worker:
     rank: int
-    process: object  # a torch.multiprocessing Process
-    conn: object  # the driver's end of its pipe
+    child: ChildProcess
     acked: int = 0  # steps it has answered "ok" for
 
     def describe(self) -> str:
-        return f"tensor-parallel worker rank {self.rank} (pid {self.process.pid})"
+        return f"tensor-parallel worker rank {self.rank} (pid {self.child.pid})"
 
 
 @dataclass
@@ -160,24 +165,19 @@ class MultiprocExecutor:
         self._closed = False
         # The rendezvous: rank 0 serves a store on a free port; the workers connect to it.
         store = dist.TCPStore("127.0.0.1", 0, size, is_master=True, timeout=TIMEOUT, wait_for_workers=False)
-        context = torch.multiprocessing.get_context("spawn")
         self._fleet = _Fleet()
         self._workers = self._fleet.workers
         self._finalizer = weakref.finalize(self, _shutdown, self._fleet)
         try:
             for rank in range(1, size):
-                ours, theirs = context.Pipe()
-                process = context.Process(target=run_worker, args=(config, rank, ("127.0.0.1", store.port), theirs),
-                                          name=f"minivllm-tp-rank{rank}", daemon=True)
-                process.start()
-                theirs.close()
-                self._workers.append(_Worker(rank, process, ours))
+                child = ChildProcess(run_worker, (config, rank, ("127.0.0.1", store.port)),
+                                     name=f"minivllm-tp-rank{rank}")
+                self._workers.append(_Worker(rank, child))
             for worker in self._workers:
                 self._receive(worker, "start", expect="started")
-            self.tp = init_tensor_parallel(0, size, store, device)
+            tp = init_tensor_parallel(0, size, store, device)
             self._fleet.in_group = True
-            self.driver = self._fleet.runner = ModelRunner(config, self.tp)
-            self.tp = self.driver.tp  # the same groups, plus the peer all-reduce if it attached one
+            self.runner = self._fleet.runner = ModelRunner(config, tp)
             for worker in self._workers:
                 self._receive(worker, "start-up", expect="ready")
         except BaseException as err:
@@ -188,25 +188,12 @@ class MultiprocExecutor:
                 raise
             raise failure from err
 
-    # -- what the engine reads -------------------------------------------------------------------
-    # Rank 0's runner answers for all: the ranks agree on the KV pool size, and the model, device
-    # and per-block bytes are rank 0's shard (per GPU, which is what a per-GPU roofline needs).
-    config = property(lambda self: self.driver.config)
-    model = property(lambda self: self.driver.model)
-    hf_config = property(lambda self: self.driver.hf_config)
-    vocab_size = property(lambda self: self.driver.vocab_size)
-    num_kv_blocks = property(lambda self: self.driver.num_kv_blocks)
-    kv_bytes_per_block = property(lambda self: self.driver.kv_bytes_per_block)
-    kv_caches = property(lambda self: self.driver.kv_caches)
-    block_size = property(lambda self: self.driver.block_size)
-    device = property(lambda self: self.driver.device)
-    dtype = property(lambda self: self.driver.dtype)
-    graphs = property(lambda self: self.driver.graphs)
-    graphs_off_reason = property(lambda self: self.driver.graphs_off_reason)
+    # `runner`, rank 0's, answers for all: the ranks agree on the KV pool size, and the model,
+    # device and per-block bytes are rank 0's shard (per GPU, what a per-GPU roofline needs).
 
     @property
     def worker_pids(self) -> list[int]:
-        return [w.process.pid for w in self._workers]
+        return [w.child.pid for w in self._workers]
 
     # -- one step ----------------------------------------------------------------------------------
     def execute(self, output: SchedulerOutput) -> SampledTokens:
@@ -217,8 +204,8 @@ class MultiprocExecutor:
         data = pickle.dumps(output, protocol=pickle.HIGHEST_PROTOCOL)  # once, for every worker
         try:
             for worker in self._workers:
-                worker.conn.send_bytes(data)
-            tokens = self.driver.execute(output)
+                worker.child.to_child.send_bytes(data)
+            tokens = self.runner.execute(output)
         except BaseException as err:  # noqa: BLE001 - re-raised, as the workers' failure if it was theirs
             self._raise_failure(err, f"step {step}")
         self._num_steps = step
@@ -246,39 +233,36 @@ class MultiprocExecutor:
     # -- failures ----------------------------------------------------------------------------------
     def _receive(self, worker: _Worker, when: str, expect: str) -> None:
         """Wait for `worker`'s next message, which must be `expect`; its error report or its
-        death (the sentinel) raise TensorParallelError instead of waiting forever."""
-        ready = connection.wait([worker.conn, worker.process.sentinel], timeout=TIMEOUT.total_seconds())
-        if not ready:
-            raise TensorParallelError(f"{worker.describe()} did not answer within {TIMEOUT} ({when})")
-        message = self._read(worker) if worker.conn in ready else None
-        if message is None:
-            raise TensorParallelError(self._death(worker, when))
-        kind, payload = message
+        death raise TensorParallelError instead of waiting forever."""
+        try:
+            kind, payload = worker.child.receive(TIMEOUT.total_seconds())
+        except TimeoutError:
+            raise TensorParallelError(f"{worker.describe()} did not answer within {TIMEOUT} ({when})") from None
+        except ChildDied as died:
+            raise self._died(worker, when, died.exitcode) from None
         if kind == "error":
-            raise TensorParallelError(f"{worker.describe()} failed during {when}:\n{payload}")
+            raise self._failed(worker, when, payload)
         if kind != expect:
             raise TensorParallelError(f"{worker.describe()} sent {kind!r} during {when}, expected {expect!r}")
 
     @staticmethod
-    def _read(worker: _Worker):
-        """The worker's next message, or None if its end of the pipe is closed."""
-        try:
-            return worker.conn.recv()
-        except (EOFError, OSError):
-            return None
+    def _failed(worker: _Worker, when: str, traceback_text: str) -> TensorParallelError:
+        return TensorParallelError(f"{worker.describe()} failed during {when}:\n{traceback_text}")
 
-    def _death(self, worker: _Worker, when: str) -> str:
-        worker.process.join(timeout=1.0)  # reap it, for its exit code
-        return (f"{worker.describe()} died during {when} (exit code {worker.process.exitcode}); "
-                "the tensor-parallel group cannot continue")
+    @staticmethod
+    def _died(worker: _Worker, when: str, exitcode: int | None) -> TensorParallelError:
+        return TensorParallelError(f"{worker.describe()} died during {when} (exit code {exitcode}); "
+                                   "the tensor-parallel group cannot continue")
 
     def _check_alive(self, when: str) -> None:
+        """Raise for a dead worker: its traceback if it left one in the pipe, else its death."""
         for worker in self._workers:
-            if not worker.process.is_alive():
-                message = self._read(worker) if worker.conn.poll() else None
-                if message is not None and message[0] == "error":
-                    raise TensorParallelError(f"{worker.describe()} failed during {when}:\n{message[1]}")
-                raise TensorParallelError(self._death(worker, when))
+            if not worker.child.is_alive():
+                while worker.child.from_child.poll():
+                    message = worker.child.read()
+                    if message is not None and message[0] == "error":
+                        raise self._failed(worker, when, message[1])
+                raise self._died(worker, when, worker.child.exitcode())
 
     def _worker_failure(self, err: BaseException, when: str, grace_s: float = 2.0) -> BaseException:
         """The workers' side of a failure the driver saw as `err`: the first worker that reported
@@ -288,15 +272,14 @@ class MultiprocExecutor:
         deadline = time.monotonic() + grace_s
         for worker in self._workers:
             while True:
-                remaining = max(0.0, deadline - time.monotonic())
-                ready = connection.wait([worker.conn, worker.process.sentinel], timeout=remaining)
-                if not ready:
+                try:
+                    kind, payload = worker.child.receive(max(0.0, deadline - time.monotonic()))
+                except TimeoutError:
                     break  # nothing to say: this worker looks healthy
-                message = self._read(worker) if worker.conn in ready else None
-                if message is None:
-                    return TensorParallelError(self._death(worker, when))
-                if message[0] == "error":
-                    return TensorParallelError(f"{worker.describe()} failed during {when}:\n{message[1]}")
+                except ChildDied as died:
+                    return self._died(worker, when, died.exitcode)
+                if kind == "error":
+                    return self._failed(worker, when, payload)
                 # an "ok" of an earlier step: read on
         return err
 
@@ -352,20 +335,7 @@ def _shutdown(fleet: _Fleet) -> None:
     runner, fleet.runner = fleet.runner, None
     if runner is not None and not fleet.failed and runner.device.type == "cuda":
         fleet.failed = not _drain(runner.device, workers)
-    for worker in workers:
-        with contextlib.suppress(OSError):
-            worker.conn.send_bytes(pickle.dumps(None))
-    deadline = time.monotonic() + (0.5 if fleet.failed else STOP_TIMEOUT_S)
-    for worker in workers:
-        worker.process.join(timeout=max(0.0, deadline - time.monotonic()))
-    for worker in workers:
-        if worker.process.is_alive():
-            worker.process.terminate()
-            worker.process.join(timeout=2.0)
-        if worker.process.is_alive():
-            worker.process.kill()
-            worker.process.join()
-        worker.conn.close()
+    stop_children([w.child for w in workers], None, 0.5 if fleet.failed else STOP_TIMEOUT_S)
     if runner is not None and not fleet.failed:  # graphs that hold collectives go before their communicator
         runner.graphs = None
     if fleet.in_group:
@@ -381,7 +351,7 @@ def _drain(device: torch.device, workers: list[_Worker]) -> bool:
     done.record(torch.cuda.current_stream(device))
     deadline = time.monotonic() + STOP_TIMEOUT_S
     while not done.query():
-        if time.monotonic() > deadline or not all(w.process.is_alive() for w in workers):
+        if time.monotonic() > deadline or not all(w.child.is_alive() for w in workers):
             return False
         time.sleep(0.001)
     return True

@@ -1,9 +1,10 @@
 """The KV cache tensors: how many blocks fit, and their allocation.
 
 Per layer one K and one V tensor, [num_blocks, block_size, kv_heads, head_dim] (the "NHD" layout
-the kernels read), in the model's dtype, or with `kv_cache_dtype="fp8"` in e4m3 plus one float32
-scale per token and KV head (minivllm/kernels/fp8.py): 2 x D + 8 bytes per token and head instead of
-4 x D, so about twice the blocks fit in the same memory. How many blocks: an explicit `num_kv_blocks`, else on CPU a byte budget, else
+the kernels read), in the format of the config's `kv_cache_spec`: the model's dtype, or e4m3 plus
+one float32 scale per token and KV head (minivllm/kernels/kv_cache_spec.py), 2 x D + 8 bytes per
+token and head instead of 4 x D, so about twice the blocks fit in the same memory. How many
+blocks: an explicit `num_kv_blocks`, else on CPU a byte budget, else
 on CUDA what is left of `gpu_memory_utilization` x the GPU's memory after the weights and a
 *profiled* forward pass at the largest batch the scheduler can send, so that activations never
 find the memory taken by the cache.
@@ -23,37 +24,30 @@ import torch
 
 from minivllm.config import EngineConfig
 from minivllm.distributed import SINGLE, TensorParallel, min_over_ranks
+from minivllm.kernels import KVCacheSpec
 from minivllm.layers.attention import AttentionMetadata
-from minivllm.kernels.fp8 import FP8_DTYPE, empty_scales
 from minivllm.layers.sampler import Sampler
 from minivllm.sampling_params import SamplingParams
 from minivllm.step import SampleRow
 
 
-def cache_dtype(config: EngineConfig, model_dtype: torch.dtype) -> torch.dtype:
-    """The dtype K/V are stored in: the model's, or e4m3 with kv_cache_dtype="fp8"."""
-    return FP8_DTYPE if config.cache_config.kv_cache_dtype == "fp8" else model_dtype
+def kv_bytes_per_block(model, block_size: int, spec: KVCacheSpec) -> int:
+    """K and V, every layer: 2 x layers x block_size x kv_heads x the bytes of one token's head."""
+    return 2 * model.num_layers * block_size * model.num_kv_heads * spec.bytes_per_token_head(model.head_dim)
 
 
-def kv_bytes_per_block(model, block_size: int, dtype: torch.dtype) -> int:
-    """K and V, every layer: 2 x layers x block_size x kv_heads x (head_dim x element size, plus
-    a float32 scale per token and head for an fp8 cache). `dtype` is the cache's dtype."""
-    per_head = model.head_dim * torch.empty((), dtype=dtype).element_size() + 4 * (dtype == FP8_DTYPE)
-    return 2 * model.num_layers * block_size * model.num_kv_heads * per_head
-
-
-def num_kv_blocks(config: EngineConfig, model, device: torch.device, dtype: torch.dtype,
-                  tp: TensorParallel = SINGLE, block_bytes: int | None = None) -> int:
+def num_kv_blocks(config: EngineConfig, model, device: torch.device, tp: TensorParallel = SINGLE,
+                  block_bytes: int | None = None) -> int:
     """The pool size: explicit, or the memory budget divided by the size of a block (the
     smallest over the tensor-parallel ranks). block_bytes: what one block costs, when more than
     the model's K/V (a draft model's cache has a block for every block of the target's)."""
     cache = config.cache_config
-    block_bytes = block_bytes or kv_bytes_per_block(model, cache.block_size, cache_dtype(config, dtype))
+    block_bytes = block_bytes or kv_bytes_per_block(model, cache.block_size, config.kv_cache_spec)
     if cache.num_kv_blocks is not None:
         num_blocks = cache.num_kv_blocks
     else:
         if device.type == "cuda":
-            budget = _gpu_kv_budget_bytes(config, model, device, dtype)
+            budget = _gpu_kv_budget_bytes(config, model, device)
             source = f"gpu_memory_utilization={cache.gpu_memory_utilization}"
         else:
             budget = cache.kv_cache_memory_bytes
@@ -74,27 +68,21 @@ def num_kv_blocks(config: EngineConfig, model, device: torch.device, dtype: torc
     return num_blocks
 
 
-def allocate_kv_cache(model, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
-    """One K and one V tensor per layer in `dtype` (the cache's), bound to that layer's attention;
-    returns ([(k, v)] per layer, [(k_scale, v_scale)] per layer for fp8, else None)."""
-    shape = (num_blocks, block_size, model.num_kv_heads, model.head_dim)
-    caches, scales = [], [] if dtype == FP8_DTYPE else None
+def allocate_kv_cache(model, num_blocks: int, block_size: int, spec: KVCacheSpec, device: torch.device):
+    """One K and one V tensor per layer in the format of `spec`, bound to that layer's attention;
+    returns ([(k, v)] per layer, [(k_scale, v_scale)] per layer of a scaled (fp8) cache, else None)."""
+    caches, scales = [], [] if spec.scaled else None
     for layer in model.attention_layers():
-        k_cache = torch.zeros(shape, dtype=dtype, device=device)
-        v_cache = torch.zeros(shape, dtype=dtype, device=device)
-        layer_scales = empty_scales(k_cache) if scales is not None else (None, None)
-        for scale in layer_scales:
-            if scale is not None:
-                scale.fill_(1.0)  # a block copied before it was ever written holds valid numbers
-        layer.bind_kv_cache(k_cache, v_cache, *layer_scales)
-        caches.append((k_cache, v_cache))
+        cache = spec.allocate(num_blocks, block_size, model.num_kv_heads, model.head_dim, device)
+        layer.bind_kv_cache(*cache)
+        caches.append((cache.k, cache.v))
         if scales is not None:
-            scales.append(layer_scales)
+            scales.append((cache.k_scale, cache.v_scale))
     return caches, scales
 
 
 @torch.inference_mode()
-def _gpu_kv_budget_bytes(config: EngineConfig, model, device: torch.device, dtype: torch.dtype) -> int:
+def _gpu_kv_budget_bytes(config: EngineConfig, model, device: torch.device) -> int:
     """Bytes left for the KV cache under gpu_memory_utilization, after a profiling pass.
 
     The weights are already loaded; a forward pass with the largest token batch the scheduler
@@ -107,7 +95,7 @@ def _gpu_kv_budget_bytes(config: EngineConfig, model, device: torch.device, dtyp
     logit_rows = sched.max_num_seqs * (1 + (spec.num_speculative_tokens if spec is not None else 0))
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
-    scratch_bytes = _profile_forward(config, model, device, dtype, num_tokens, min(logit_rows, num_tokens))
+    scratch_bytes = _profile_forward(config, model, device, num_tokens, min(logit_rows, num_tokens))
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - scratch_bytes
     torch.cuda.empty_cache()
@@ -116,13 +104,13 @@ def _gpu_kv_budget_bytes(config: EngineConfig, model, device: torch.device, dtyp
     return int(total * config.cache_config.gpu_memory_utilization) - peak - max(outside_torch, 0)
 
 
-def _profile_forward(config, model, device, dtype, num_tokens: int, num_logit_rows: int) -> int:
+def _profile_forward(config, model, device, num_tokens: int, num_logit_rows: int) -> int:
     """One dummy forward of `num_tokens` tokens; returns the bytes of its scratch KV cache."""
     max_len = config.scheduler_config.max_model_len
     block_size = config.cache_config.block_size
     lengths = [min(max_len, num_tokens - start) for start in range(0, num_tokens, max_len)]
     blocks_per_seq = [-(-n // block_size) for n in lengths]
-    scratch, _ = allocate_kv_cache(model, sum(blocks_per_seq), block_size, cache_dtype(config, dtype), device)
+    scratch, _ = allocate_kv_cache(model, sum(blocks_per_seq), block_size, config.kv_cache_spec, device)
     tables, first = [], 0
     for n in blocks_per_seq:
         tables.append(list(range(first, first + n)) + [0] * (max(blocks_per_seq) - n))
@@ -143,7 +131,7 @@ def _profile_forward(config, model, device, dtype, num_tokens: int, num_logit_ro
                             logit_bias={0: 1.0}, logprobs=20, logprobs_mode="processed")
     Sampler(model.config.vocab_size, device).sample(
         logits, [SampleRow(i, params, prompt_token_ids=[0]) for i in range(num_logit_rows)])
-    scratch_bytes = sum(blocks_per_seq) * kv_bytes_per_block(model, block_size, cache_dtype(config, dtype))
+    scratch_bytes = sum(blocks_per_seq) * kv_bytes_per_block(model, block_size, config.kv_cache_spec)
     for layer in model.attention_layers():  # unbind, so the scratch cache can be freed
         layer.bind_kv_cache(None, None)
     return scratch_bytes

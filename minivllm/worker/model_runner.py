@@ -50,31 +50,14 @@ from minivllm.kernels import resolve_backend, warm_up
 from minivllm.layers.logprobs import decode_row, logprobs_payload, pad_payload
 from minivllm.layers.rejection_sampler import NO_TOKEN, greedy_verify, rejection_sample
 from minivllm.layers.sampler import Sampler
+from minivllm.observe.records import StepTimings
 from minivllm.step import SchedulerOutput, StepLogprobs
 from minivllm.worker.block_table import BlockTables
 from minivllm.worker.cuda_graph import DecodeGraphs, GraphStep, graph_batch_sizes, load_step
 from minivllm.worker.draft_model import DraftModel
 from minivllm.worker.input_batch import InputBatch
-from minivllm.worker.kv_cache import allocate_kv_cache, cache_dtype, kv_bytes_per_block, num_kv_blocks
+from minivllm.worker.kv_cache import allocate_kv_cache, kv_bytes_per_block, num_kv_blocks
 from minivllm.worker.step_buffers import StepBuffers
-
-
-@dataclass
-class RunnerTimings:
-    """Host seconds of the runner's phases of one step (clock reads only, no GPU sync).
-
-    prepare: block copies, packing and uploading the metadata; forward: launching the forward
-    (or replaying its graph); sample: LM head and sampler launches. On a GPU these are launch
-    costs: the GPU time shows up wherever the host next waits (`SampledTokens.wait`).
-    graph_batch_size: the bucket whose graph ran the forward (None: eager); graph_miss: why a
-    runner with graphs ran this step eagerly (None otherwise).
-    """
-
-    prepare: float = 0.0
-    forward: float = 0.0
-    sample: float = 0.0
-    graph_batch_size: int | None = None
-    graph_miss: str | None = None
 
 
 @dataclass
@@ -88,9 +71,11 @@ class LogprobsLayout:
 
 
 class SampledTokens:
-    """The sampled tokens of a launched step (and its logprobs payload), on their way to the host."""
+    """The sampled tokens of a launched step (and its logprobs payload), on their way to the host,
+    and the step's timings so far: the runner's phases (prepare, forward, sample; clock reads
+    only, no GPU sync), and the CUDA graph that ran it, if one did."""
 
-    def __init__(self, tokens: torch.Tensor, timings: RunnerTimings, logprobs: torch.Tensor | None = None,
+    def __init__(self, tokens: torch.Tensor, timings: StepTimings, logprobs: torch.Tensor | None = None,
                  layout: LogprobsLayout | None = None):
         self.timings = timings
         self._event = None
@@ -160,17 +145,15 @@ class ModelRunner:
         self.num_speculative_tokens = spec.num_speculative_tokens if spec is not None else 0
         self.draft = (DraftModel(config, self.device, self.dtype)
                       if spec is not None and spec.method == "draft" else None)
-        self.kv_cache_dtype = cache_dtype(config, self.dtype)  # the model's, or fp8 (e4m3)
-        self.kv_bytes_per_block = kv_bytes_per_block(self.model, self.block_size, self.kv_cache_dtype)
+        self.kv_bytes_per_block = kv_bytes_per_block(self.model, self.block_size, config.kv_cache_spec)
         if self.draft is not None:  # a block holds the draft's K/V too
-            self.kv_bytes_per_block += self.draft.bytes_per_block(self.kv_cache_dtype)
-        self.num_kv_blocks = num_kv_blocks(config, self.model, self.device, self.dtype, tp,
-                                           self.kv_bytes_per_block)
+            self.kv_bytes_per_block += self.draft.bytes_per_block(config.kv_cache_spec)
+        self.num_kv_blocks = num_kv_blocks(config, self.model, self.device, tp, self.kv_bytes_per_block)
         # kv_scales: per layer (k_scale, v_scale) of an fp8 cache, else None.
         self.kv_caches, self.kv_scales = allocate_kv_cache(self.model, self.num_kv_blocks, self.block_size,
-                                                           self.kv_cache_dtype, self.device)
+                                                           config.kv_cache_spec, self.device)
         if self.draft is not None:
-            self.draft.allocate_cache(self.num_kv_blocks, self.kv_cache_dtype)
+            self.draft.allocate_cache(self.num_kv_blocks, config.kv_cache_spec)
         sched = config.scheduler_config
         # A verification graph's dummy rows may reach k positions past max_model_len.
         width = -(-(sched.max_model_len + self.num_speculative_tokens) // self.block_size)
@@ -190,9 +173,6 @@ class ModelRunner:
         # draw random numbers at start-up, so every rank of a tensor-parallel group starts
         # sampling from the same state, and draws the same tokens.
         torch.manual_seed(model_config.seed)
-
-    def close(self) -> None:
-        """Nothing to stop in one process (the multi-process executor's `close` stops its workers)."""
 
     # ------------------------------------------------------------------------------------------
     # CUDA graphs
@@ -250,7 +230,7 @@ class ModelRunner:
     def execute(self, output: SchedulerOutput) -> SampledTokens:
         """Launch the step; returns its sampled tokens (one per `output.sample_rows` entry),
         still on their way: `wait()` for them. Nothing here waits for the GPU."""
-        timings = RunnerTimings()
+        timings = StepTimings()
         start = time.perf_counter()
         self.sampler.release(output.finished_seq_ids)
         self.block_tables.release(output.finished_seq_ids)
@@ -275,7 +255,7 @@ class ModelRunner:
         timings.sample = time.perf_counter() - launched
         return SampledTokens(tokens, timings, logprobs, layout)
 
-    def _prepare(self, output: SchedulerOutput, timings: RunnerTimings) -> tuple[GraphStep | InputBatch, InputBatch]:
+    def _prepare(self, output: SchedulerOutput, timings: StepTimings) -> tuple[GraphStep | InputBatch, InputBatch]:
         """Pack the step into a graph set's static buffers when one fits, else eagerly; then
         finish it on the device: block tables gathered, pending tokens filled in."""
         seqs = output.seqs

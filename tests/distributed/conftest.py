@@ -9,7 +9,8 @@ so the vocabulary-parallel embedding and LM head run with a padded last block.
 from __future__ import annotations
 
 import pytest
-import torch
+
+from tests.engine.conftest import hf_greedy_oracle
 
 VARIANTS = {
     "llama": {"arch": "llama"},
@@ -41,23 +42,7 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def hf_greedy(model_dir):
     """hf_greedy(variant, prompt_ids, max_new_tokens) -> the token ids transformers' generate picks."""
-    from transformers import AutoModelForCausalLM
-
-    models, memo = {}, {}
-
-    def run(variant: str, prompt: list[int], max_new_tokens: int) -> list[int]:
-        key = (variant, tuple(prompt), max_new_tokens)
-        if key not in memo:
-            if variant not in models:
-                models[variant] = AutoModelForCausalLM.from_pretrained(model_dir(variant), dtype=torch.float32).eval()
-            ids = torch.tensor([prompt])
-            with torch.no_grad():
-                out = models[variant].generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                               max_new_tokens=max_new_tokens)
-            memo[key] = out[0, len(prompt):].tolist()
-        return memo[key]
-
-    return run
+    return hf_greedy_oracle(model_dir)
 
 
 def pid_alive(pid: int) -> bool:

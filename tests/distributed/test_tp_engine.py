@@ -36,7 +36,7 @@ def test_two_ranks_match_hf_through_preemption_chunking_and_prefix_caching(varia
     with LLM(str(model_dir(variant)), tensor_parallel_size=2, num_kv_blocks=14, max_num_batched_tokens=8,
              max_num_seqs=4, enable_prefix_caching=True, **CPU_ENGINE) as llm:
         outputs = llm.generate(SHARED, max_tokens=MAX_TOKENS, temperature=0, use_tqdm=False)
-        stats = llm.get_stats()
+        stats = llm.engine.get_stats()
     assert_matches_hf(outputs, SHARED, variant, hf_greedy)
     assert stats["scheduler"]["num_preemptions"] > 0, "the pool was meant to force preemptions"
     assert stats["scheduler"]["num_partial_prefills"] > 0, "the budget was meant to chunk prompts"
@@ -61,10 +61,10 @@ def test_replicated_kv_head_padded_vocabulary_and_sampling_without_overlap(model
     # Two ranks first, then one: each engine seeds the process's RNG when it starts, and the
     # unseeded request draws from it, so both must run in the same order from a fresh start.
     two = LLM(path, tensor_parallel_size=2, **engine)
-    pids = two.engine.model_runner.worker_pids
+    pids = two.engine.executor.worker_pids
     greedy = two.generate(prompts, max_tokens=MAX_TOKENS, temperature=0, use_tqdm=False)
     draws_two = sampled(two, prompts)
-    assert two.get_stats()["engine"]["async_scheduling"] is False
+    assert two.engine.get_stats()["engine"]["async_scheduling"] is False
     del two  # no close(): the garbage collector must stop the worker
     gc.collect()
     assert pids and not any(pid_alive(pid) for pid in pids)
@@ -107,7 +107,7 @@ def test_two_ranks_speculate_with_ngram_drafts_like_one(model_dir, hf_greedy):
     with LLM(str(model_dir("qwen3")), tensor_parallel_size=2, **engine) as two:
         greedy = two.generate(prompts, max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, use_tqdm=False)
         draws_two = [o.token_ids for o in two.generate(prompts, params, use_tqdm=False)]
-        assert two.get_stats()["speculative"]["num_accepted_tokens"] > 0
+        assert two.engine.get_stats()["speculative"]["num_accepted_tokens"] > 0
     for prompt, out in zip(prompts, greedy):
         assert out.token_ids == hf_greedy("qwen3", prompt, MAX_TOKENS)
     one = LLM(str(model_dir("qwen3")), **engine)

@@ -82,7 +82,7 @@ def test_auto_and_dist_keep_the_process_group_all_reduce_on_cpu(model_dir):
     with pytest.raises(ValueError, match="all_reduce must be one of"):
         attach_peer_all_reduce(SINGLE, "ring", torch.float32, torch.device("cpu"))
     with LLM(str(model_dir("llama")), tensor_parallel_size=2, **CPU_ENGINE) as llm:
-        assert llm.engine.model_runner.tp.peer is None
+        assert llm.engine.executor.runner.tp.peer is None
 
 
 def test_the_cli_flag_reaches_the_config_and_errors_speak_its_words(model_dir, capsys):
@@ -114,7 +114,7 @@ class Bomb:
 
 def test_an_exception_in_a_worker_reaches_the_driver_and_stops_the_group(model_dir):
     with LLM(str(model_dir("llama")), tensor_parallel_size=2, **CPU_ENGINE) as llm:
-        executor = llm.engine.model_runner
+        executor = llm.engine.executor
         [pid] = executor.worker_pids
         with pytest.raises(RuntimeError, match="already initialized in this process"):
             LLM(str(model_dir("qwen2")), tensor_parallel_size=2, **CPU_ENGINE)  # this process holds a group
@@ -123,23 +123,23 @@ def test_an_exception_in_a_worker_reaches_the_driver_and_stops_the_group(model_d
         bad_step = SchedulerOutput(seqs=[], sample_rows=[], finished_seq_ids=[Bomb()])
         with pytest.raises(TensorParallelError, match=r"(?s)worker rank 1 .*failed.*a worker could not read this step"):
             executor.execute(bad_step).wait()
-        request_id = llm.add_request(random_prompts([5])[0], GREEDY)
+        request_id = llm.engine.add_request(random_prompts([5])[0], GREEDY)
         with pytest.raises(TensorParallelError, match="stopped after a failure in step"):
-            llm.step()  # every later step is refused: the ranks are out of step
-        assert llm.get_output(request_id).finish_reason == "error"
+            llm.engine.step()  # every later step is refused: the ranks are out of step
+        assert llm.engine.get_output(request_id).finish_reason == "error"
     assert not pid_alive(pid)
 
 
 def test_a_worker_killed_mid_step_makes_the_driver_raise_and_finishes_its_requests(model_dir, monkeypatch):
     llm = LLM(str(model_dir("qwen3")), tensor_parallel_size=2, **CPU_ENGINE)
-    executor = llm.engine.model_runner
+    executor = llm.engine.executor
     [pid] = executor.worker_pids
-    request_ids = [llm.add_request(p, GREEDY) for p in random_prompts([7, 12, 4], seed=3)]
+    request_ids = [llm.engine.add_request(p, GREEDY) for p in random_prompts([7, 12, 4], seed=3)]
     for _ in range(3):
-        llm.step()
+        llm.engine.step()
     # Mid-step, by construction: the worker has been sent step 4 and is computing its half when
     # it is killed, before the driver computes its own (whose all-reduces need the worker).
-    execute = executor.driver.execute
+    execute = executor.runner.execute
 
     def kill_the_worker_then_execute(step_output):
         os.kill(pid, signal.SIGKILL)
@@ -147,14 +147,14 @@ def test_a_worker_killed_mid_step_makes_the_driver_raise_and_finishes_its_reques
             time.sleep(0.01)
         return execute(step_output)
 
-    monkeypatch.setattr(executor.driver, "execute", kill_the_worker_then_execute)
+    monkeypatch.setattr(executor.runner, "execute", kill_the_worker_then_execute)
     with pytest.raises(TensorParallelError, match=r"worker rank 1 \(pid \d+\) died during step 4 .*exit code -9") as err:
-        llm.step()
+        llm.engine.step()
     # The driver noticed the death (the peer's sockets closed under its all-reduce), rather than
     # waiting for the collective's timeout (10 minutes) to expire.
     assert "timed out" not in str(err.value.__cause__).lower(), err.value.__cause__
     monkeypatch.undo()
-    assert {llm.get_output(r).finish_reason for r in request_ids} == {"error"}
+    assert {llm.engine.get_output(r).finish_reason for r in request_ids} == {"error"}
     with pytest.raises(TensorParallelError, match="stopped after a failure"):
         llm.generate(random_prompts([5]), GREEDY, use_tqdm=False)
     llm.close()
@@ -169,7 +169,7 @@ from minivllm import LLM
 if __name__ == "__main__":
     llm = LLM({str(model_dir("opt"))!r}, tensor_parallel_size=2, dtype="float32", device="cpu",
               attention_backend="torch")
-    print(*llm.engine.model_runner.worker_pids, flush=True)
+    print(*llm.engine.executor.worker_pids, flush=True)
     print(llm.generate([[5, 6, 7]], max_tokens=3, use_tqdm=False)[0].finish_reason, flush=True)
 """)
     root = Path(__file__).resolve().parents[2]

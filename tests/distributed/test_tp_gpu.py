@@ -26,12 +26,12 @@ def test_two_gpus_match_hf_in_float32_with_cuda_graphs(variant, model_dir, hf_gr
     # steps between them replay the graphs of buckets 1, 2 and 4.
     with LLM(str(model_dir(variant)), tensor_parallel_size=2, dtype="float32", device="cuda", block_size=4,
              num_kv_blocks=14, max_num_batched_tokens=8, max_num_seqs=4, enable_prefix_caching=True) as llm:
-        runner = llm.engine.model_runner
+        runner = llm.engine.executor.runner
         assert runner.graphs is not None, runner.graphs_off_reason
         assert runner.device == torch.device("cuda", 0)
         prompts = SHARED if variant != "llama-mqa" else [[t % 509 for t in p] for p in SHARED]
         outputs = llm.generate(prompts, max_tokens=MAX_TOKENS, temperature=0, use_tqdm=False)
-        stats = llm.get_stats()["scheduler"]
+        stats = llm.engine.get_stats()["scheduler"]
     assert_matches_hf(outputs, prompts, variant, hf_greedy)
     assert stats["num_graph_steps"] > 0, "no decode step replayed a CUDA graph"
     assert stats["num_preemptions"] > 0 and stats["num_partial_prefills"] > 0
@@ -44,9 +44,9 @@ def test_both_all_reduce_paths_match_hf_in_float32_with_cuda_graphs(all_reduce, 
     prefill's large ones still go through NCCL) give Hugging Face's greedy tokens."""
     with LLM(str(model_dir("llama")), tensor_parallel_size=2, dtype="float32", device="cuda", block_size=4,
              num_kv_blocks=14, max_num_batched_tokens=8, max_num_seqs=4, all_reduce=all_reduce) as llm:
-        runner = llm.engine.model_runner
+        runner = llm.engine.executor.runner
         assert (runner.tp.peer is not None) == (all_reduce == "peer")
         assert runner.graphs is not None, runner.graphs_off_reason
         outputs = llm.generate(SHARED, max_tokens=MAX_TOKENS, temperature=0, use_tqdm=False)
-        assert llm.get_stats()["scheduler"]["num_graph_steps"] > 0
+        assert llm.engine.get_stats()["scheduler"]["num_graph_steps"] > 0
     assert_matches_hf(outputs, SHARED, "llama", hf_greedy)

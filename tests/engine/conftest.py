@@ -42,18 +42,24 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def hf_greedy(model_dir):
     """hf_greedy(arch, prompt_ids, max_new_tokens) -> the token ids transformers' generate picks."""
+    return hf_greedy_oracle(model_dir)
+
+
+def hf_greedy_oracle(model_dir):
+    """hf_greedy for the models `model_dir(name)` makes: each loaded once, each answer memoized;
+    `.models` holds the loaded transformers models."""
     from transformers import AutoModelForCausalLM
 
     models, memo = {}, {}
 
-    def run(arch: str, prompt: list[int], max_new_tokens: int) -> list[int]:
-        key = (arch, tuple(prompt), max_new_tokens)
+    def run(name: str, prompt: list[int], max_new_tokens: int) -> list[int]:
+        key = (name, tuple(prompt), max_new_tokens)
         if key not in memo:
-            if arch not in models:
-                models[arch] = AutoModelForCausalLM.from_pretrained(model_dir(arch), dtype=torch.float32).eval()
+            if name not in models:
+                models[name] = AutoModelForCausalLM.from_pretrained(model_dir(name), dtype=torch.float32).eval()
             ids = torch.tensor([prompt])
             with torch.no_grad():
-                out = models[arch].generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                out = models[name].generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                             max_new_tokens=max_new_tokens)
             memo[key] = out[0, len(prompt):].tolist()
         return memo[key]

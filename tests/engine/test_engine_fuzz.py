@@ -83,14 +83,14 @@ def run(model, requests, overlap: bool, constrained: bool, aborts: bool = True, 
     for step in range(10_000):
         for request_id, prompt, params, arrival, abort_at in requests:
             if arrival == step:
-                llm.add_request(prompt, params, request_id=request_id)
+                llm.engine.add_request(prompt, params, request_id=request_id)
             if aborts and abort_at == step:
-                out = llm.abort(request_id)
+                out = llm.engine.abort(request_id)
                 if out is not None:
                     seen.setdefault(request_id, []).append(out)
-        if step > max(r[3] for r in requests) and not llm.has_unfinished_requests():
+        if step > max(r[3] for r in requests) and not llm.engine.has_unfinished_requests():
             return seen, llm.engine
-        for out in llm.step():
+        for out in llm.engine.step():
             seen.setdefault(out.request_id, []).append(out)
     raise AssertionError("the engine did not finish")
 

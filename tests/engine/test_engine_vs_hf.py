@@ -56,7 +56,7 @@ def test_single_prompt_and_batch(arch, model_dir, hf_greedy, engine_device):
     assert_matches_hf(single, PROMPTS[3:4], arch, hf_greedy)
     batch = llm.generate(PROMPTS, max_tokens=MAX_TOKENS, temperature=0, use_tqdm=False)
     assert_matches_hf(batch, PROMPTS, arch, hf_greedy)
-    assert llm.get_stats()["scheduler"]["avg_batch_size"] > 1  # they really ran together
+    assert llm.engine.get_stats()["scheduler"]["avg_batch_size"] > 1  # they really ran together
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -65,7 +65,7 @@ def test_chunked_prefill_with_a_tiny_budget(arch, model_dir, hf_greedy, engine_d
                    enable_chunked_prefill=True, enable_prefix_caching=False)
     outputs = llm.generate(PROMPTS, max_tokens=MAX_TOKENS, temperature=0, use_tqdm=False)
     assert_matches_hf(outputs, PROMPTS, arch, hf_greedy)
-    stats = llm.get_stats()["scheduler"]
+    stats = llm.engine.get_stats()["scheduler"]
     assert stats["num_partial_prefills"] > 0
     assert max(r.num_batched_tokens for r in llm.engine.stats.history) <= 6
 
@@ -76,10 +76,10 @@ def test_preemption_by_a_tiny_kv_pool(arch, model_dir, hf_greedy, engine_device)
     # 12 blocks of 4 slots = 48 token slots for 5 prompts that grow to 82 tokens in all.
     llm = make_llm(model_dir, arch, engine_device, num_kv_blocks=12, enable_prefix_caching=False)
     outputs = llm.generate(PROMPTS, max_tokens=MAX_TOKENS, temperature=0, use_tqdm=False)
-    assert llm.get_stats()["scheduler"]["num_preemptions"] > 0
+    assert llm.engine.get_stats()["scheduler"]["num_preemptions"] > 0
     assert sum(o.metrics.num_preemptions for o in outputs) > 0
     assert_matches_hf(outputs, PROMPTS, arch, hf_greedy)
-    assert llm.get_stats()["kv_cache"]["num_free_blocks"] == 12
+    assert llm.engine.get_stats()["kv_cache"]["num_free_blocks"] == 12
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -91,7 +91,7 @@ def test_prefix_caching_reuses_blocks_and_keeps_the_tokens(arch, model_dir, hf_g
     second_prompts = [shared + [10, 11], shared[:13] + [12, 13, 14, 15, 16]]
     second = llm.generate(second_prompts, max_tokens=MAX_TOKENS, temperature=0, use_tqdm=False)
     assert [o.metrics.num_cached_tokens for o in second] == [20, 12]
-    assert llm.get_stats()["kv_cache"]["prefix_cache_hit_tokens"] >= 32
+    assert llm.engine.get_stats()["kv_cache"]["prefix_cache_hit_tokens"] >= 32
     assert_matches_hf(first, [shared + [7, 8, 9]], arch, hf_greedy)
     assert_matches_hf(second, second_prompts, arch, hf_greedy)
 
@@ -102,6 +102,6 @@ def test_preemption_with_prefix_caching_and_chunking_together(model_dir, hf_gree
                    max_num_seqs=4, enable_prefix_caching=True)
     prompts = PROMPTS + [PROMPTS[1] + [5, 6, 7]]
     outputs = llm.generate(prompts, max_tokens=MAX_TOKENS, temperature=0, use_tqdm=False)
-    stats = llm.get_stats()
+    stats = llm.engine.get_stats()
     assert stats["scheduler"]["num_preemptions"] > 0 and stats["scheduler"]["num_partial_prefills"] > 0
     assert_matches_hf(outputs, prompts, "llama", hf_greedy)

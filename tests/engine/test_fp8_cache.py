@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from minivllm import LLM, SamplingParams
-from minivllm.config import check_kv_cache_dtype
+from minivllm.config import resolve_kv_cache_spec
+from minivllm.kernels import KVCacheSpec
 
 from .conftest import BACKEND_ON, random_prompts
 
@@ -45,7 +46,7 @@ def engine_teacher_forced(llm, prompts, continuations, monkeypatch) -> list[torc
     """The engine's logits at the same positions, each from a one-token generation of the prompt
     followed by the continuation's first j tokens: its prefill writes every K/V into the cache
     and attention reads them back from there, in the cache's dtype."""
-    model = llm.engine.model_runner.model
+    model = llm.engine.executor.runner.model
     compute_logits, captured = model.compute_logits, []
     monkeypatch.setattr(model, "compute_logits", lambda hidden: captured.append(compute_logits(hidden)) or captured[-1])
     one_token = SamplingParams(max_tokens=1, temperature=0.0)
@@ -95,20 +96,20 @@ def test_fp8_blocks_cost_their_bytes_and_more_of_them_fit(model_dir):
     # this count runs on the CPU wherever the suite runs.
     engines = {kv: LLM(path, device="cpu", kv_cache_memory_bytes=1 << 20, kv_cache_dtype=kv, **ENGINE)
                for kv in ("auto", "fp8")}
-    model = engines["auto"].engine.model_runner.model
+    model = engines["auto"].engine.executor.runner.model
     per_token_head = {"auto": 4 * model.head_dim, "fp8": model.head_dim + 4}  # float32 vs e4m3 + scale
     for kv, llm in engines.items():
-        runner = llm.engine.model_runner
+        runner = llm.engine.executor.runner
         expected = 2 * model.num_layers * 4 * model.num_kv_heads * per_token_head[kv]
         assert runner.kv_bytes_per_block == expected
         assert runner.num_kv_blocks == (1 << 20) // expected
-        assert llm.get_stats()["engine"]["kv_cache_dtype"] == ("fp8_e4m3" if kv == "fp8" else "float32")
-    k, _ = engines["fp8"].engine.model_runner.kv_caches[0]
+        assert llm.engine.get_stats()["engine"]["kv_cache_dtype"] == ("fp8_e4m3" if kv == "fp8" else "float32")
+    k, _ = engines["fp8"].engine.executor.runner.kv_caches[0]
     assert k.dtype == torch.float8_e4m3fn
-    k_scale, v_scale = engines["fp8"].engine.model_runner.kv_scales[0]
+    k_scale, v_scale = engines["fp8"].engine.executor.runner.kv_scales[0]
     assert k_scale.shape == k.shape[:3] and k_scale.dtype == torch.float32
-    assert engines["auto"].engine.model_runner.kv_scales is None
-    assert engines["fp8"].render_block_map().startswith("KV cache dtype fp8_e4m3")
+    assert engines["auto"].engine.executor.runner.kv_scales is None
+    assert engines["fp8"].engine.render_block_map().startswith("KV cache dtype fp8_e4m3")
 
 
 def test_an_fp8_run_with_preemption_forks_and_prefix_hits_finishes_and_frees_everything(model_dir):
@@ -125,23 +126,26 @@ def test_an_fp8_run_with_preemption_forks_and_prefix_hits_finishes_and_frees_eve
         assert out.outputs[0].token_ids == out.outputs[1].token_ids == out.outputs[2].token_ids
     single = llm.generate(prompts[0], GREEDY, use_tqdm=False)[0]
     assert single.token_ids == outputs[0].token_ids[:10]
-    stats = llm.get_stats()
+    stats = llm.engine.get_stats()
     assert stats["scheduler"]["num_block_copies"] > 0 and stats["scheduler"]["num_preemptions"] > 0
-    assert stats["kv_cache"]["num_used_blocks"] == 0 and not llm.has_unfinished_requests()
+    assert stats["kv_cache"]["num_used_blocks"] == 0 and not llm.engine.has_unfinished_requests()
 
 
 def test_fp8_on_a_backend_that_cannot_read_it_is_refused_naming_kv_cache_dtype(monkeypatch):
-    check_kv_cache_dtype("auto", "cuda", torch.device("cpu"))  # nothing to check for 16-bit caches
-    check_kv_cache_dtype("fp8", "torch", torch.device("cpu"))  # the reference reads fp8 anywhere
-    with pytest.raises(ValueError, match="kv_cache_dtype='fp8'.*attention_backend='cuda'"):
-        monkeypatch.setattr("minivllm.kernels.resolve_backend", lambda backend, device, *a, **k: "cuda")
-        check_kv_cache_dtype("fp8", "cuda", torch.device("cuda"))
-    monkeypatch.setattr("minivllm.kernels.resolve_backend", lambda backend, device, *a, **k: "triton")
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    spec = resolve_kv_cache_spec("auto", torch.bfloat16, "cuda", gpu)  # 16-bit: nothing to check
+    assert spec == KVCacheSpec(torch.bfloat16) and not spec.scaled and spec.name == "bfloat16"
+    spec = resolve_kv_cache_spec("fp8", torch.float32, "torch", cpu)  # the reference reads fp8 anywhere
+    assert spec.scaled and spec.name == "fp8_e4m3" and spec.bytes_per_token_head(64) == 64 + 4
+    with pytest.raises(ValueError, match="kv_cache_dtype='fp8' cannot run with attention_backend='cuda'"
+                                         ".*extension reads 16-bit caches only"):
+        resolve_kv_cache_spec("fp8", torch.bfloat16, "cuda", gpu)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
-    with pytest.raises(ValueError, match="kv_cache_dtype='fp8' needs a GPU with e4m3 support.*8.0"):
-        check_kv_cache_dtype("fp8", "auto", torch.device("cuda"))
+    with pytest.raises(ValueError, match="kv_cache_dtype='fp8' cannot run with attention_backend='triton'"
+                                         ".*compute capability 8.9 or newer .* 8.0"):
+        resolve_kv_cache_spec("fp8", torch.bfloat16, "triton", gpu)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    check_kv_cache_dtype("fp8", "auto", torch.device("cuda"))
+    assert resolve_kv_cache_spec("fp8", torch.bfloat16, "triton", gpu).scaled
 
 
 def test_an_unknown_kv_cache_dtype_is_refused(model_dir):

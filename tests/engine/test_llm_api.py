@@ -40,16 +40,16 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(llm):
 
 def test_n_greedy_samples_share_the_prompt_blocks_and_all_equal_hf(llm, hf_greedy):
     engine = llm.engine
-    request_id = llm.add_request(PROMPT, SamplingParams(n=3, temperature=0, max_tokens=12))
-    llm.step()  # prefill, fork, first token of each sample
+    request_id = llm.engine.add_request(PROMPT, SamplingParams(n=3, temperature=0, max_tokens=12))
+    llm.engine.step()  # prefill, fork, first token of each sample
     seqs = engine._unfinished[request_id].seqs
     assert len(seqs) == 3
     prompt_blocks = seqs[0].block_table[: len(PROMPT) // 4 + 1]
     assert all(engine.block_manager.ref_count(b) == 3 for b in prompt_blocks)
     assert all(s.block_table[:2] == seqs[0].block_table[:2] for s in seqs)
-    while llm.has_unfinished_requests():
-        llm.step()
-    out = llm.get_output(request_id)
+    while llm.engine.has_unfinished_requests():
+        llm.engine.step()
+    out = llm.engine.get_output(request_id)
     expected = hf_greedy("llama", PROMPT, 12)
     assert [c.index for c in out.outputs] == [0, 1, 2]
     # The partly filled prompt block was copied on write; any mix-up of the copies would show here.
@@ -119,7 +119,7 @@ def test_outputs_keep_input_order_and_carry_metrics(llm):
     assert [o.prompt for o in outputs] == prompts
     for out in outputs:
         m = out.metrics
-        assert out.finished and out.prompt_token_ids == llm.tokenizer(out.prompt).input_ids
+        assert out.finished and out.prompt_token_ids == llm.engine.tokenizer(out.prompt).input_ids
         assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.finish_time
         assert m.ttft > 0 and m.e2e_latency >= m.ttft and m.tokens_per_s > 0
         assert m.num_output_tokens == len(out.token_ids) and m.num_prompt_tokens == len(out.prompt_token_ids)
@@ -129,26 +129,28 @@ def test_outputs_keep_input_order_and_carry_metrics(llm):
 
 
 def test_step_level_api_and_abort(llm, hf_greedy):
-    keep = llm.add_request(PROMPT, max_tokens=8, temperature=0)
-    drop = llm.add_request(random_prompts([7], seed=11)[0], max_tokens=8, temperature=0, request_id="drop-me")
-    assert drop == "drop-me" and llm.get_num_unfinished_requests() == 2
-    llm.step()
-    llm.step()
-    partial = llm.get_output(keep)
+    """The step-level API is the engine's: LLM adds no second door to it."""
+    engine, greedy = llm.engine, SamplingParams(max_tokens=8, temperature=0)
+    keep = engine.add_request(PROMPT, greedy)
+    drop = engine.add_request(random_prompts([7], seed=11)[0], greedy, request_id="drop-me")
+    assert drop == "drop-me" and engine.get_num_unfinished_requests() == 2
+    engine.step()
+    engine.step()
+    partial = engine.get_output(keep)
     assert not partial.finished and 1 <= len(partial.token_ids) < 8 and partial.finish_reason is None
-    aborted = llm.abort(drop)
+    aborted = engine.abort(drop)
     assert aborted.finish_reason == "abort" and aborted.finished
-    assert llm.abort(drop) is None
+    assert engine.abort(drop) is None
     finished = []
-    while llm.has_unfinished_requests():
-        finished += llm.step()
+    while engine.has_unfinished_requests():
+        finished += engine.step()
     assert [o.request_id for o in finished] == [keep]
-    assert llm.get_output(keep).token_ids == hf_greedy("llama", PROMPT, 8)
-    assert llm.get_output(drop).finish_reason == "abort"
+    assert engine.get_output(keep).token_ids == hf_greedy("llama", PROMPT, 8)
+    assert engine.get_output(drop).finish_reason == "abort"
     with pytest.raises(KeyError, match="unknown request id"):
-        llm.get_output("never-added")
+        engine.get_output("never-added")
     with pytest.raises(ValueError, match="already in use"):
-        llm.add_request(PROMPT, request_id="drop-me")
+        engine.add_request(PROMPT, request_id="drop-me")
 
 
 @pytest.mark.parametrize(
@@ -167,16 +169,16 @@ def test_step_level_api_and_abort(llm, hf_greedy):
     ],
 )
 def test_bad_input_is_refused_and_the_engine_keeps_serving(llm, hf_greedy, prompt, kwargs, match):
-    good = llm.add_request(PROMPT, max_tokens=6, temperature=0)
-    llm.step()
+    good = llm.engine.add_request(PROMPT, SamplingParams(max_tokens=6, temperature=0))
+    llm.engine.step()
     with pytest.raises((ValueError, TypeError), match=match):
         llm.generate([prompt], use_tqdm=False, **kwargs)
     with pytest.raises((ValueError, TypeError), match=match):  # in a batch: nothing is queued
         llm.generate([[7, 8, 9], prompt], use_tqdm=False, **kwargs)
-    assert llm.get_num_unfinished_requests() == 1
-    while llm.has_unfinished_requests():
-        llm.step()
-    assert llm.get_output(good).token_ids == hf_greedy("llama", PROMPT, 6)
+    assert llm.engine.get_num_unfinished_requests() == 1
+    while llm.engine.has_unfinished_requests():
+        llm.engine.step()
+    assert llm.engine.get_output(good).token_ids == hf_greedy("llama", PROMPT, 6)
 
 
 def test_a_pool_too_small_for_one_sequence_is_a_clear_error(model_dir, hf_greedy):
@@ -195,7 +197,7 @@ def test_a_directory_without_tokenizer_takes_token_ids_only(model_dir, tmp_path,
         if path.name not in TOKENIZER_FILES:
             shutil.copy(path, tmp_path / path.name)
     llm = LLM(str(tmp_path), attention_backend="torch", max_num_seqs=4)
-    assert llm.tokenizer is None
+    assert llm.engine.tokenizer is None
     with pytest.raises(ValueError, match="no tokenizer"):
         llm.generate("some text", use_tqdm=False)
     with pytest.raises(ValueError, match="tokenizer"):
@@ -206,11 +208,11 @@ def test_a_directory_without_tokenizer_takes_token_ids_only(model_dir, tmp_path,
 
 def test_stats_and_block_map(llm):
     llm.generate([PROMPT, PROMPT[:5]], max_tokens=4, use_tqdm=False)
-    stats = llm.get_stats()
+    stats = llm.engine.get_stats()
     assert stats["engine"]["num_generated_tokens"] >= 8 and stats["engine"]["num_steps"] > 0
     assert stats["kv_cache"]["num_used_blocks"] == 0  # everything finished, nothing held
     assert 0 <= stats["scheduler"]["budget_utilization"] <= 1
-    assert "blocks x 4 slots" in llm.render_block_map()
+    assert "blocks x 4 slots" in llm.engine.render_block_map()
 
 
 def test_no_prompts_no_outputs(llm):

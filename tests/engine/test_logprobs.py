@@ -77,10 +77,10 @@ def test_logprobs_equal_hf_with_chunked_prefill(model_dir, hf_logits, overlap):
     llm = make_llm(model_dir, max_num_batched_tokens=6, max_num_seqs=4, enable_chunked_prefill=True,
                    async_scheduling=overlap)
     outputs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
-    assert llm.get_stats()["scheduler"]["num_partial_prefills"] > 0
+    assert llm.engine.get_stats()["scheduler"]["num_partial_prefills"] > 0
     for out in outputs:
         assert_matches_hf(out, hf_logits)
-    assert outputs[0].outputs[0].logprobs[0][outputs[0].token_ids[0]].decoded_token == llm.tokenizer.decode(
+    assert outputs[0].outputs[0].logprobs[0][outputs[0].token_ids[0]].decoded_token == llm.engine.tokenizer.decode(
         [outputs[0].token_ids[0]])
 
 
@@ -104,7 +104,7 @@ def test_preemption_neither_loses_nor_repeats_prompt_logprobs(model_dir, hf_logi
     assert sum(o.metrics.num_preemptions for o in outputs) > 0
     for out in outputs:
         assert_matches_hf(out, hf_logits)
-    assert llm.get_stats()["kv_cache"]["num_free_blocks"] == 12
+    assert llm.engine.get_stats()["kv_cache"]["num_free_blocks"] == 12
 
 
 def test_n_samples_each_carry_their_own_logprobs(model_dir, hf_logits):
@@ -140,7 +140,7 @@ def test_max_tokens_zero_only_scores_the_prompt(model_dir, hf_logits):
         assert_matches_hf(out, hf_logits)
     for out in outputs[1::2]:
         assert_matches_hf(out, hf_logits)
-    assert llm.get_stats()["kv_cache"]["num_free_blocks"] == llm.engine.block_manager.num_blocks
+    assert llm.engine.get_stats()["kv_cache"]["num_free_blocks"] == llm.engine.block_manager.num_blocks
 
 
 def test_processed_logprobs_are_the_distribution_drawn_from(model_dir, hf_logits):

@@ -39,7 +39,7 @@ def test_profiling_pass_runs_and_leaves_the_layers_unbound(model_dir):
     from minivllm.worker.kv_cache import _profile_forward
 
     runner = runner_for(model_dir, num_kv_blocks=64, max_num_batched_tokens=600, max_model_len=256)
-    scratch = _profile_forward(runner.config, runner.model, runner.device, runner.dtype, 600, 8)
+    scratch = _profile_forward(runner.config, runner.model, runner.device, 600, 8)
     assert scratch > 0
     assert all(layer.k_cache is None for layer in runner.model.attention_layers())
 

@@ -56,9 +56,9 @@ def test_overlap_on_and_off_give_the_same_outputs(engines):
     assert completions(got_on) == completions(got_off)
     assert got_off[3].finish_reason == "stop" and got_off[3].outputs[0].stop_reason in stop_texts
     for llm in engines:
-        stats = llm.get_stats()
+        stats = llm.engine.get_stats()
         assert stats["scheduler"]["num_preemptions"] > 0, "the pool was meant to force preemptions"
-        assert stats["kv_cache"]["num_used_blocks"] == 0 and not llm.has_unfinished_requests()
+        assert stats["kv_cache"]["num_used_blocks"] == 0 and not llm.engine.has_unfinished_requests()
 
 
 def test_aborts_leave_the_other_requests_unchanged(engines):
@@ -66,16 +66,16 @@ def test_aborts_leave_the_other_requests_unchanged(engines):
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     results = []
     for llm in engines:
-        ids = [llm.add_request(p, params) for p in prompts]
+        ids = [llm.engine.add_request(p, params) for p in prompts]
         for _ in range(6):
-            llm.step()
-        aborted = llm.abort(ids[1])
+            llm.engine.step()
+        aborted = llm.engine.abort(ids[1])
         assert aborted.finished and aborted.finish_reason == "abort"
-        assert llm.abort(ids[1]) is None  # once only
-        while llm.has_unfinished_requests():
-            llm.step()
-        results.append(([llm.get_output(i) for i in ids], aborted))
-        assert llm.get_stats()["kv_cache"]["num_used_blocks"] == 0
+        assert llm.engine.abort(ids[1]) is None  # once only
+        while llm.engine.has_unfinished_requests():
+            llm.engine.step()
+        results.append(([llm.engine.get_output(i) for i in ids], aborted))
+        assert llm.engine.get_stats()["kv_cache"]["num_used_blocks"] == 0
     (on, on_aborted), (off, off_aborted) = results
     kept = [0, 2, 3]
     assert [on[i].token_ids for i in kept] == [off[i].token_ids for i in kept]
@@ -91,14 +91,14 @@ def test_streaming_deltas_add_up_to_the_final_output(engines):
         params = SamplingParams(max_tokens=12, n=2, temperature=1.0, seed=9, ignore_eos=True)
         request_id = llm.engine.add_request(prompt, params, stream=True)
         tokens, texts, finished = {0: [], 1: []}, {0: "", 1: ""}, []
-        while llm.has_unfinished_requests():
-            for out in llm.step():
+        while llm.engine.has_unfinished_requests():
+            for out in llm.engine.step():
                 assert out.request_id == request_id
                 for c in out.outputs:
                     tokens[c.index] += c.token_ids
                     texts[c.index] += c.text
                 finished.append(out.finished)
         assert finished[-1] and not any(finished[:-1])
-        final = llm.get_output(request_id)
+        final = llm.engine.get_output(request_id)
         assert [tokens[c.index] for c in final.outputs] == [c.token_ids for c in final.outputs]
         assert [texts[c.index] for c in final.outputs] == [c.text for c in final.outputs]

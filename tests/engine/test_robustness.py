@@ -50,7 +50,7 @@ def test_generate_aborts_its_requests_when_a_step_fails_and_the_engine_stays_usa
     prompts = random_prompts([5, 9, 13, 6, 20], seed=4)  # 5 requests, 4 at a time: one waits
     expected = llm.generate(prompts, GREEDY, use_tqdm=False)
     if where == "launch":
-        fail_on_call(monkeypatch, llm.engine.model_runner, "execute", call=3)
+        fail_on_call(monkeypatch, llm.engine.executor, "execute", call=3)
     else:
         fail_on_call(monkeypatch, SampledTokens, "wait", call=3)
     with pytest.raises(RuntimeError, match="injected failure"):
@@ -59,27 +59,27 @@ def test_generate_aborts_its_requests_when_a_step_fails_and_the_engine_stays_usa
     monkeypatch.undo()
     again = llm.generate(prompts, GREEDY, use_tqdm=False)
     assert [o.token_ids for o in again] == [o.token_ids for o in expected]
-    assert llm.get_stats()["engine"]["num_failed_requests"] >= 1
+    assert llm.engine.get_stats()["engine"]["num_failed_requests"] >= 1
 
 
 def test_the_requests_of_a_failed_step_finish_with_an_error(llm, monkeypatch):
     engine = llm.engine
-    ids = [llm.add_request(p, GREEDY) for p in random_prompts([5, 9], seed=6)]
-    llm.step()
-    fail_on_call(monkeypatch, engine.model_runner, "execute", call=1)
+    ids = [llm.engine.add_request(p, GREEDY) for p in random_prompts([5, 9], seed=6)]
+    llm.engine.step()
+    fail_on_call(monkeypatch, engine.executor, "execute", call=1)
     with pytest.raises(RuntimeError, match="injected failure"):
-        llm.step()
+        llm.engine.step()
     monkeypatch.undo()
-    outputs = [llm.get_output(i) for i in ids]
+    outputs = [llm.engine.get_output(i) for i in ids]
     assert all(o.finished and o.finish_reason == "error" for o in outputs)
     # The engine hands those outputs over once, to whoever serves the requests.
     assert sorted(o.request_id for o in engine.take_failed_outputs()) == sorted(ids)
     assert engine.take_failed_outputs() == []
     assert_clean(llm)
-    late = llm.add_request(random_prompts([7], seed=8)[0], GREEDY)
-    while llm.has_unfinished_requests():
-        llm.step()
-    assert len(llm.get_output(late).token_ids) == 8
+    late = llm.engine.add_request(random_prompts([7], seed=8)[0], GREEDY)
+    while llm.engine.has_unfinished_requests():
+        llm.engine.step()
+    assert len(llm.engine.get_output(late).token_ids) == 8
 
 
 def test_an_interrupted_generate_frees_everything(llm, monkeypatch):
@@ -95,7 +95,7 @@ def test_a_stop_string_completed_by_the_last_allowed_token_wins(model_dir):
     detok = llm.engine.detokenizer
     for prompt in random_prompts([6, 8, 10, 12, 14, 5, 7, 9, 11, 13], seed=12):
         full = llm.generate(prompt, GREEDY, use_tqdm=False)[0]
-        before = llm.tokenizer.decode(full.token_ids[:-1])
+        before = llm.engine.tokenizer.decode(full.token_ids[:-1])
         # A stop string that ends the text and occurs nowhere earlier: only the 8th token, the
         # one that also reaches max_tokens, completes it. (Random tokens can end mid-character;
         # such a tail is no text anyone would stop on.)
@@ -117,8 +117,8 @@ def test_a_stop_string_completed_by_the_last_allowed_token_wins(model_dir):
 
 
 def test_aborting_before_the_samples_fork_still_returns_n_completions(llm):
-    request_id = llm.add_request(random_prompts([9], seed=2)[0], SamplingParams(n=3, max_tokens=4))
-    out = llm.abort(request_id)
+    request_id = llm.engine.add_request(random_prompts([9], seed=2)[0], SamplingParams(n=3, max_tokens=4))
+    out = llm.engine.abort(request_id)
     assert [c.index for c in out.outputs] == [0, 1, 2]
     assert all(c.finish_reason == "abort" and c.token_ids == [] for c in out.outputs)
     assert_clean(llm)
@@ -134,7 +134,7 @@ def test_max_tokens_beyond_the_model_length_is_said_not_silently_capped(llm):
 
 def test_stop_token_ids_outside_the_vocabulary_are_refused_at_the_door(llm):
     with pytest.raises(ValueError, match="stop_token_ids"):
-        llm.add_request([5, 6, 7], SamplingParams(min_tokens=2, stop_token_ids=[10**6]))
+        llm.engine.add_request([5, 6, 7], SamplingParams(min_tokens=2, stop_token_ids=[10**6]))
     assert_clean(llm)
 
 

@@ -53,14 +53,14 @@ def reference(model_dir):
 
 def check_speculation(llm: LLM, min_rate: float = 0.0, max_rate: float = 1.0) -> dict:
     """Speculation happened, at an acceptance rate in [min_rate, max_rate]; every block is free."""
-    stats = llm.get_stats()
+    stats = llm.engine.get_stats()
     spec = stats["speculative"]
     assert spec["num_draft_tokens"] > 0, "no drafts were verified: the test would pass vacuously"
     assert min_rate <= spec["acceptance_rate"] <= max_rate, spec
     rates = list(spec["acceptance_rate_per_position"].values())
     assert rates == sorted(rates, reverse=True)
     assert 1 + sum(rates) == pytest.approx(spec["mean_acceptance_length"])
-    assert stats["kv_cache"]["num_used_blocks"] == 0 and not llm.has_unfinished_requests()
+    assert stats["kv_cache"]["num_used_blocks"] == 0 and not llm.engine.has_unfinished_requests()
     return spec
 
 
@@ -131,17 +131,17 @@ def test_mixed_batches_n_samples_and_penalties_equal_no_speculation(model_dir, r
         ids = []
         for step in range(10_000):
             if step < len(prompts):
-                ids.append(llm.add_request(prompts[step], params[step]))
-            if step >= len(prompts) and not llm.has_unfinished_requests():
-                return [[c.token_ids for c in llm.get_output(i).outputs] for i in ids], llm
-            llm.step()
+                ids.append(llm.engine.add_request(prompts[step], params[step]))
+            if step >= len(prompts) and not llm.engine.has_unfinished_requests():
+                return [[c.token_ids for c in llm.engine.get_output(i).outputs] for i in ids], llm
+            llm.engine.step()
 
     want, _ = run(None)
     got, llm = run(NGRAM)
     assert got == want
     spec = check_speculation(llm)
     assert spec["num_accepted_tokens"] > 0
-    assert llm.get_stats()["scheduler"]["num_preemptions"] > 0, "the pool was meant to force preemptions"
+    assert llm.engine.get_stats()["scheduler"]["num_preemptions"] > 0, "the pool was meant to force preemptions"
     records = list(llm.engine.stats.history)
     assert any(r.num_draft_tokens and r.num_prefill_tokens for r in records), "no step mixed them"
 
@@ -174,7 +174,7 @@ def test_logprobs_requests_decode_plainly_and_logit_bias_is_verified(model_dir, 
     biased = reference("qwen3", prompts[:1], 16, logit_bias={favoured: 100.0})
     assert biased == [[[favoured] * 16]] != reference("qwen3", prompts[:1], 16)
     assert greedy(llm, prompts[:1], 16, logit_bias={favoured: 100.0}) == biased
-    assert llm.get_stats()["speculative"]["num_draft_tokens"] > spec["num_draft_tokens"]
+    assert llm.engine.get_stats()["speculative"]["num_draft_tokens"] > spec["num_draft_tokens"]
 
 
 def test_speculation_turns_off_above_the_batch_size(model_dir):
@@ -210,9 +210,9 @@ def test_sampled_speculation_is_reproducible_with_a_seed(model_dir):
 def test_statistics_and_the_trace_count_drafts_per_position(model_dir):
     path = str(model_dir("qwen3"))
     llm = LLM(path, speculative_config={"method": "draft", "model": path, "num_speculative_tokens": 3}, **ENGINE)
-    trace = llm.enable_trace()
+    trace = llm.engine.enable_trace()
     llm.generate(repetitive_prompts(1, seed=7), max_tokens=13, temperature=0.0, ignore_eos=True, use_tqdm=False)
-    stats = llm.get_stats()
+    stats = llm.engine.get_stats()
     assert stats["engine"]["num_generated_tokens"] == 13  # accepted drafts are generated tokens too
     spec = stats["speculative"]
     # Every step after the prompt verifies 3 drafts and accepts them all: 1 + 4 + 4 + 4 tokens.

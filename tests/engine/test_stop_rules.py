@@ -53,21 +53,21 @@ def test_min_tokens_bans_eos_and_stop_ids_until_then(llm):
 
 def test_a_stop_token_is_kept_in_the_text_unless_special(llm):
     token = 77
-    text = llm.tokenizer.decode([token])
+    text = llm.engine.tokenizer.decode([token])
     out = run(llm, logit_bias=forced(token), max_tokens=4, stop_token_ids=[token])
     assert out.token_ids == [token] and out.text == text and out.stop_reason == token
 
 
 def test_stop_token_ids_are_checked_before_stop_strings(llm):
     token = 77
-    text = llm.tokenizer.decode([token])
+    text = llm.engine.tokenizer.decode([token])
     out = run(llm, logit_bias=forced(token), max_tokens=4, stop_token_ids=[token], stop=[text])
     assert out.stop_reason == token and out.text == text
 
 
 def test_a_stop_string_cuts_the_text_but_not_the_tokens(llm):
     token = 77
-    text = llm.tokenizer.decode([token])
+    text = llm.engine.tokenizer.decode([token])
     out = run(llm, logit_bias=forced(token), max_tokens=4, stop=[text])
     assert out.token_ids == [token] and out.text == "" and out.stop_reason == text
     kept = run(llm, logit_bias=forced(token), max_tokens=4, stop=[text], include_stop_str_in_output=True)
@@ -76,6 +76,6 @@ def test_a_stop_string_cuts_the_text_but_not_the_tokens(llm):
 
 def test_a_stop_string_on_the_last_allowed_token_is_a_stop(llm):
     token = 77
-    text = llm.tokenizer.decode([token])
+    text = llm.engine.tokenizer.decode([token])
     out = run(llm, logit_bias=forced(token), max_tokens=2, min_tokens=1, stop=[text + text])
     assert out.token_ids == [token, token] and out.finish_reason == "stop" and out.text == ""

@@ -172,7 +172,7 @@ def test_pdl_changes_no_bit_of_the_output(tmp_path, monkeypatch):
         monkeypatch.setenv("MINIVLLM_PDL", pdl_on)
         llm = LLM(str(model), device="cuda", dtype="bfloat16", max_num_seqs=8, max_model_len=512,
                   num_kv_blocks=256, block_size=16, enable_prefix_caching=False)
-        assert llm.engine.model_runner.graphs is not None
+        assert llm.engine.executor.runner.graphs is not None
         outs = llm.generate(prompts, temperature=0.0, max_tokens=40, ignore_eos=True,
                             use_tqdm=False)
         outputs[pdl_on] = [o.token_ids for o in outs]

@@ -39,11 +39,11 @@ def test_kv_stats_match_the_block_tables_at_every_step(llm):
     params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True, n=k) for m, k in
               ((6, 1), (11, 2), (5, 1), (9, 1))]
     for prompt, p in zip(prompts, params):
-        llm.add_request(prompt, p)
+        llm.engine.add_request(prompt, p)
     checked = 0
-    while llm.has_unfinished_requests():
-        llm.step()
-        kv = llm.get_stats()["kv_cache"]
+    while llm.engine.has_unfinished_requests():
+        llm.engine.step()
+        kv = llm.engine.get_stats()["kv_cache"]
         expected = _independent_kv_stats(llm.engine)
         assert kv["num_used_blocks"] == expected["num_used_blocks"]
         assert kv["utilization"] == pytest.approx(expected["utilization"])
@@ -57,7 +57,7 @@ def test_kv_stats_match_the_block_tables_at_every_step(llm):
 def test_engine_and_request_stats_add_up(llm):
     prompts = [list(range(5, 5 + n)) for n in (4, 12, 30)]
     outputs = llm.generate(prompts, max_tokens=7, temperature=0, ignore_eos=True, use_tqdm=False)
-    stats = llm.get_stats()
+    stats = llm.engine.get_stats()
     engine, sched, requests = stats["engine"], stats["scheduler"], stats["requests"]
     assert engine["num_prompt_tokens"] == sum(len(p) for p in prompts)
     assert engine["num_generated_tokens"] == sum(len(o.token_ids) for o in outputs) == 21
@@ -75,10 +75,10 @@ def test_engine_and_request_stats_add_up(llm):
 
 
 def test_aborted_requests_are_counted(llm):
-    request_id = llm.add_request(list(range(5, 15)), max_tokens=50, ignore_eos=True)
-    llm.step()
-    llm.abort(request_id)
-    assert llm.get_stats()["engine"]["num_aborted_requests"] == 1
+    request_id = llm.engine.add_request(list(range(5, 15)), SamplingParams(max_tokens=50, ignore_eos=True))
+    llm.engine.step()
+    llm.engine.abort(request_id)
+    assert llm.engine.get_stats()["engine"]["num_aborted_requests"] == 1
 
 
 def test_percentile_and_summary():

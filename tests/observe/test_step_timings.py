@@ -48,7 +48,7 @@ def test_phases_are_non_negative_and_ordered_in_time(llm):
 
 def test_get_stats_counts_graph_and_eager_steps_and_averages_the_phases(llm):
     _run_timed(llm)
-    sched = llm.get_stats()["scheduler"]
+    sched = llm.engine.get_stats()["scheduler"]
     records = list(llm.engine.stats.history)
     assert sched["num_graph_steps"] == 0
     assert sched["num_eager_steps"] == sched["num_steps"] == len(records)
@@ -61,19 +61,19 @@ def test_get_stats_counts_graph_and_eager_steps_and_averages_the_phases(llm):
     assert sum(kinds.values()) == len(records) and kinds["decode"] > 0
     # The kinds split the run without double counting (the host's time between calls is left out).
     assert 0 < sum(sched["step_kind_time_s"].values()) <= records[-1].finish_time - records[0].time + 1e-9
-    text = format_stats(llm.get_stats())
+    text = format_stats(llm.engine.get_stats())
     assert "step_phases_ms" in text and any(line.split()[0] == "forward" and line.endswith(" ms")
                                             for line in text.splitlines() if line.strip())
 
 
 def test_stats_before_any_step_have_zero_phases(llm):
-    sched = llm.get_stats()["scheduler"]
+    sched = llm.engine.get_stats()["scheduler"]
     assert sched["num_graph_steps"] == sched["num_eager_steps"] == 0
     assert sched["step_phases_ms"] == dict.fromkeys(STEP_PHASES, 0.0)
 
 
 def test_trace_events_carry_the_final_timings(llm):
-    trace = llm.enable_trace()
+    trace = llm.engine.enable_trace()
     _run_timed(llm)
     for event, record in zip(trace.events, llm.engine.stats.history):
         assert event["timings"] == record.to_dict()["timings"]

@@ -30,10 +30,10 @@ def test_trace_is_off_by_default(small_pool_llm):
 
 
 def test_trace_shows_the_forced_preemption(small_pool_llm, tmp_path):
-    trace = small_pool_llm.enable_trace()
+    trace = small_pool_llm.engine.enable_trace()
     _run(small_pool_llm)
     events = list(trace)
-    assert len(events) == small_pool_llm.get_stats()["engine"]["num_steps"]
+    assert len(events) == small_pool_llm.engine.get_stats()["engine"]["num_steps"]
     preempting = [e for e in events if e["preemptions"]]
     assert preempting, "a 10-block pool for three 36-token sequences must preempt"
     event = preempting[0]
@@ -62,14 +62,14 @@ def test_trace_shows_the_forced_preemption(small_pool_llm, tmp_path):
 
 
 def test_trace_buffer_is_bounded(small_pool_llm):
-    trace = small_pool_llm.enable_trace(max_steps=5, block_snapshots=False)
+    trace = small_pool_llm.engine.enable_trace(max_steps=5, block_snapshots=False)
     _run(small_pool_llm)
     assert len(trace) == 5
-    assert trace.events[-1]["step"] == small_pool_llm.get_stats()["engine"]["num_steps"]
+    assert trace.events[-1]["step"] == small_pool_llm.engine.get_stats()["engine"]["num_steps"]
     assert "blocks" not in trace.events[-1]
     assert small_pool_llm.engine.disable_trace() is trace and small_pool_llm.engine.trace is None
     with pytest.raises(ValueError, match="max_steps"):
-        small_pool_llm.enable_trace(max_steps=0)
+        small_pool_llm.engine.enable_trace(max_steps=0)
 
 
 def test_visualize_without_a_trace_uses_the_step_records(small_pool_llm, tmp_path):

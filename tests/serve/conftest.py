@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -133,6 +134,21 @@ def make_engine(model, **overrides):
     return LLMEngine(EngineConfig.from_dict({"model": str(model), "attention_backend": "torch",
                                              "kv_cache_memory_bytes": 8 << 20, "max_model_len": MAX_MODEL_LEN,
                                              **overrides}))
+
+
+def fail_when_set(engine, monkeypatch) -> threading.Event:
+    """Patch the engine's executor so that its next step raises "injected failure" each time the
+    returned event is set (it clears it); the other steps run as they would."""
+    execute, fail = engine.executor.execute, threading.Event()
+
+    def flaky_execute(*args, **kwargs):
+        if fail.is_set():
+            fail.clear()
+            raise RuntimeError("injected failure")
+        return execute(*args, **kwargs)
+
+    monkeypatch.setattr(engine.executor, "execute", flaky_execute)
+    return fail
 
 
 @pytest.fixture(scope="session")

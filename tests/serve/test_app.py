@@ -53,7 +53,7 @@ def test_chat_without_a_template_is_a_clear_400(no_template_model):
 
 def test_a_failing_step_becomes_a_500_and_an_error_event(engine, monkeypatch):
     app = build_app(engine, "tiny")
-    execute = engine.model_runner.execute
+    execute = engine.executor.execute
     calls = {"n": 0}
 
     def flaky_execute(step_output):
@@ -63,7 +63,7 @@ def test_a_failing_step_becomes_a_500_and_an_error_event(engine, monkeypatch):
         return execute(step_output)
 
     failing = {"on": True}
-    monkeypatch.setattr(engine.model_runner, "execute", flaky_execute)
+    monkeypatch.setattr(engine.executor, "execute", flaky_execute)
 
     async def main():
         transport = httpx.ASGITransport(app=app)

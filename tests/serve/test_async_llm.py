@@ -15,7 +15,7 @@ import pytest
 from minivllm import SamplingParams
 from minivllm.engine.llm_engine import LLMEngine
 from minivllm.entrypoints import AsyncLLM, EngineDeadError, EngineStepError
-from tests.serve.conftest import make_engine
+from tests.serve.conftest import fail_when_set, make_engine
 
 PROMPTS = ["Once upon a time", "The cache is cut into small blocks", [5, 6, 7, 8, 9, 10], "A small fox",
            "Keys and values of past tokens", "Read the code, change one line"]
@@ -134,16 +134,7 @@ def test_leaving_early_aborts_the_request(engine, how):
 
 def test_a_failing_step_errors_its_requests_and_the_loop_keeps_serving(one_seq_engine, offline_llm, monkeypatch):
     engine = one_seq_engine
-    execute = engine.model_runner.execute
-    fail_next = threading.Event()
-
-    def flaky_execute(*args, **kwargs):
-        if fail_next.is_set():
-            fail_next.clear()
-            raise RuntimeError("injected failure")
-        return execute(*args, **kwargs)
-
-    monkeypatch.setattr(engine.model_runner, "execute", flaky_execute)
+    fail_next = fail_when_set(engine, monkeypatch)
     waiting_params = SamplingParams(max_tokens=8, temperature=0)
     expected = offline_llm.generate([PROMPTS[1], PROMPTS[3]], waiting_params, use_tqdm=False)
     seen = []

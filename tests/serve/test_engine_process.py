@@ -27,7 +27,7 @@ from minivllm.entrypoints import AsyncLLM, EngineDeadError, EngineStepError, Req
 from minivllm.entrypoints.async_llm import coalesce
 from minivllm.entrypoints.engine_core import EngineCore, EngineState, OutputDecoder, serve
 from minivllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from tests.serve.conftest import MAX_MODEL_LEN, make_engine
+from tests.serve.conftest import MAX_MODEL_LEN, fail_when_set, make_engine
 from tests.serve.test_async_llm import PROMPTS, joined
 
 pytestmark = pytest.mark.xdist_group("engine_process")  # one worker, so one shared engine process
@@ -211,15 +211,7 @@ def test_a_failing_step_errors_its_requests_and_the_engine_loop_keeps_serving(se
     """`serve` as the engine process runs it, here in a thread (so the engine can be patched):
     the step's error and the requests it ended come in one message; the others go on."""
     engine = make_engine(serve_model, max_num_seqs=1)
-    execute, fail = engine.model_runner.execute, threading.Event()
-
-    def flaky_execute(*args, **kwargs):
-        if fail.is_set():
-            fail.clear()
-            raise RuntimeError("injected failure")
-        return execute(*args, **kwargs)
-
-    monkeypatch.setattr(engine.model_runner, "execute", flaky_execute)
+    fail = fail_when_set(engine, monkeypatch)
     commands_in, commands = multiprocessing.Pipe(duplex=False)
     results, results_out = multiprocessing.Pipe(duplex=False)
     loop_thread = threading.Thread(target=serve, args=(EngineCore(engine), commands_in, results_out), daemon=True)
@@ -297,13 +289,13 @@ def test_shutdown_kills_an_engine_process_that_does_not_answer(serve_model, loop
     stuck = AsyncLLM.from_config({"model": str(serve_model), **ENGINE})
     pid = stuck.engine_pid
     monkeypatch.setattr(engine_core, "STOP_TIMEOUT_S", 1.0)
-    stop, stops = engine_core._stop, []
+    stop, stops = engine_core.stop_children, []
 
-    def watched_stop(process, commands, timeout):
-        stop(process, commands, timeout)
-        stops.append((timeout, process.exitcode))
+    def watched_stop(children, message, timeout):
+        stop(children, message, timeout)
+        stops.extend((timeout, child.process.exitcode) for child in children)
 
-    monkeypatch.setattr(engine_core, "_stop", watched_stop)
+    monkeypatch.setattr(engine_core, "stop_children", watched_stop)
 
     async def main():
         stream = await stuck.add_request("Once upon a time", LONG)

@@ -36,8 +36,8 @@ def test_cpu_runner_never_captures(tmp_path):
 
     model = make_random_model(tmp_path / "m", arch="qwen3", size="tiny")
     llm = LLM(str(model), device="cpu", num_kv_blocks=32, max_model_len=128)
-    assert llm.engine.model_runner.graphs is None
-    assert "CUDA device" in llm.engine.model_runner.graphs_off_reason
+    assert llm.engine.executor.runner.graphs is None
+    assert "CUDA device" in llm.engine.executor.runner.graphs_off_reason
 
 
 def _greedy(model_dir, enforce_eager, prompts, max_tokens, **config):
@@ -45,7 +45,7 @@ def _greedy(model_dir, enforce_eager, prompts, max_tokens, **config):
 
     llm = LLM(str(model_dir), device="cuda", dtype="float32", enforce_eager=enforce_eager,
               enable_prefix_caching=False, **config)
-    assert (llm.engine.model_runner.graphs is not None) == (not enforce_eager)
+    assert (llm.engine.executor.runner.graphs is not None) == (not enforce_eager)
     outs = llm.generate(prompts, temperature=0.0, max_tokens=max_tokens, ignore_eos=True, use_tqdm=False)
     del llm
     torch.cuda.empty_cache()
@@ -86,7 +86,7 @@ def test_decode_steps_are_recorded_as_graph_replays(tmp_path):
     assert all(r.timings.graph_batch_size >= r.num_decode_seqs for r in decodes)
     prefills = [r for r in records if r.num_prefill_tokens > r.num_prefill_seqs]
     assert all(r.timings.graph_miss.startswith("not decode-only") for r in prefills)
-    stats = llm.get_stats()["scheduler"]
+    stats = llm.engine.get_stats()["scheduler"]
     assert stats["num_graph_steps"] == len(decodes) and stats["num_eager_steps"] == len(records) - len(decodes)
     del llm
     torch.cuda.empty_cache()
@@ -291,15 +291,15 @@ def test_a_short_prompt_chunk_scored_inside_a_verification_graph(tmp_path):
                   enable_prefix_caching=False, async_scheduling=False, max_num_seqs=8, max_model_len=128,
                   num_kv_blocks=128, block_size=16)
         for i in range(2):
-            llm.add_request([5 + i, 6, 7, 8] * 4, repeating)
+            llm.engine.add_request([5 + i, 6, 7, 8] * 4, repeating)
         while not any(r.num_draft_tokens for r in llm.engine.stats.history):
-            llm.step()
-        request = llm.add_request([40, 41, 42], scored)
-        while llm.has_unfinished_requests():
-            llm.step()
+            llm.engine.step()
+        request = llm.engine.add_request([40, 41, 42], scored)
+        while llm.engine.has_unfinished_requests():
+            llm.engine.step()
         [step] = [r for r in llm.engine.stats.history if r.num_draft_tokens and r.num_prefill_tokens]
         assert step.timings.cuda_graph is not eager, step.timings.graph_miss
-        out = llm.get_output(request)
+        out = llm.engine.get_output(request)
         results[eager] = [entry[t].logprob for entry, t in zip(out.prompt_logprobs[1:], [41, 42], strict=True)]
         del llm
         torch.cuda.empty_cache()
