@@ -291,7 +291,7 @@ def engine_flags(args, dtype: str) -> list[str]:
             "--max-num-batched-tokens", str(args.max_num_batched_tokens),
             "--max-model-len", str(args.max_model_len),
             "--gpu-memory-utilization", str(args.gpu_memory_utilization),
-            "--no-prefix-caching"]  # random prompts share nothing; re-runs must not hit the cache
+            "--no-enable-prefix-caching"]  # random prompts share nothing; re-runs must not hit the cache
 
 
 def start_minivllm(args, model_dir: Path, dtype: str, log_dir: Path) -> ServerProcess:

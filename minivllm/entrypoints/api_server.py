@@ -27,6 +27,7 @@ import asyncio
 import logging
 import secrets
 import signal
+import socket
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI, Request
@@ -162,12 +163,32 @@ def run_server(model: str, engine_kwargs: dict | None = None, model_name: str | 
                host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                shutdown_timeout: float = 5.0, log_level: str = "info") -> int:
     """Start the engine process and load `model`, then serve it until SIGTERM or Ctrl-C; returns
-    the exit status (0 after a clean shutdown, also when stopped while the model was loading)."""
-    import uvicorn
-
+    the exit status (0 after a clean shutdown, also when stopped while the model was loading).
+    The port is bound first: if it is taken, an OSError says so before anything loads."""
     from minivllm.config import EngineConfig
 
     engine_config = EngineConfig.from_dict({"model": model, **(engine_kwargs or {})})  # checked before any process
+    with listening_socket(host, port) as listener:  # a taken port fails now, not after the model loads
+        return _serve(listener, engine_config, model_name or model, api_key, shutdown_timeout, log_level)
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to (host, port), as uvicorn would bind it; an OSError that says why not."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise OSError(err.errno, f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+    return sock
+
+
+def _serve(listener: socket.socket, engine_config, model_name: str, api_key: str | None,
+           shutdown_timeout: float, log_level: str) -> int:
+    import uvicorn
+
     previous = signal.signal(signal.SIGTERM, _interrupt)  # while loading, SIGTERM acts as Ctrl-C
     try:
         async_llm = AsyncLLM.from_config(engine_config)
@@ -179,8 +200,9 @@ def run_server(model: str, engine_kwargs: dict | None = None, model_name: str | 
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
-    app = build_app(async_llm, model_name or model, api_key)
+    app = build_app(async_llm, model_name, api_key)
     # uvicorn's own graceful timeout is the backstop: by then our drain has ended every request.
+    host, port = listener.getsockname()[:2]
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=shutdown_timeout + 5)
     server = _drain_first(uvicorn.Server)(config)
@@ -192,8 +214,8 @@ def run_server(model: str, engine_kwargs: dict | None = None, model_name: str | 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _shut_down_already)
     try:
-        server.run()
-    finally:  # if uvicorn never started (the port is taken), the lifespan did not stop the engine
+        server.run(sockets=[listener])
+    finally:  # if uvicorn never started, the lifespan did not stop the engine
         if not async_llm.is_closed:
             asyncio.run(async_llm.shutdown())
     return 0 if server.started else 1

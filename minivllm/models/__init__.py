@@ -11,7 +11,9 @@
 
 Llama, Mistral, Qwen2 and Qwen3 share `llama.py`; OPT has `opt.py`. `registry.py` maps a
 config.json architecture to its class, `loader.py` reads safetensors into it, and
-`random_model.py` writes random-weight Hugging Face directories for tests and benchmarks.
+`random_model.py` writes random-weight Hugging Face directories for tests and benchmarks;
+`real_models.py` fetches a real model as a GGUF file and `gguf_import.py` makes it a Hugging Face
+directory (`model_dir.py`: either one appears only once complete).
 """
 
 from minivllm.models.loader import load_model
@@ -21,14 +23,18 @@ from minivllm.models.random_model import (
     SIZES,
     make_random_model,
 )
+from minivllm.models.real_models import REAL_MODELS, cached_real_model, make_real_model
 from minivllm.models.registry import SUPPORTED_ARCHITECTURES, model_class_for
 
 __all__ = [
     "ARCHITECTURES",
     "NAMED_SHAPES",
+    "REAL_MODELS",
     "SIZES",
     "SUPPORTED_ARCHITECTURES",
+    "cached_real_model",
     "load_model",
     "make_random_model",
+    "make_real_model",
     "model_class_for",
 ]

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from minivllm.models.model_dir import new_model_dir
 from minivllm.models.toy_tokenizer import BOS_ID, EOS_ID, PAD_ID, save_tokenizer
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "opt")
@@ -77,10 +78,6 @@ SIZES = ("tiny", "small", *NAMED_SHAPES)
 # (transformers 5.x folds them into `rope_parameters`).
 _ROPE_KEYS = ("rope_theta", "rope_scaling")
 
-_OUTPUT_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json",
-                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "chat_template.jinja")
-
 
 def make_random_model(
     out_dir,
@@ -101,12 +98,11 @@ def make_random_model(
     overwrite: replace a model already in `out_dir` (otherwise a non-empty `out_dir` is an error).
     """
     config = random_model_config(arch, size, overrides)
-    out_dir = Path(out_dir)
-    _prepare_output_dir(out_dir, overwrite)
-    model = _random_hf_model(config, seed, dtype)
-    model.save_pretrained(str(out_dir))
-    save_tokenizer(out_dir, config.vocab_size, config.max_position_embeddings)
-    return out_dir
+    with new_model_dir(out_dir, overwrite) as tmp:
+        model = _random_hf_model(config, seed, dtype)
+        model.save_pretrained(str(tmp))
+        save_tokenizer(tmp, config.vocab_size, config.max_position_embeddings)
+    return Path(out_dir)
 
 
 def random_model_config(arch: str | None = None, size: str = "tiny", overrides: dict | None = None):
@@ -154,18 +150,6 @@ def _config_class(arch: str):
     import transformers
 
     return getattr(transformers, _HF_CLASSES[arch][0])
-
-
-def _prepare_output_dir(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise NotADirectoryError(f"{out_dir} exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out_dir} is not empty; choose a new directory or pass overwrite=True")
-        # Remove the previous model's files, so no stale shard or index can be mixed with the new one.
-        for path in [*out_dir.glob("*.safetensors"), *(out_dir / name for name in _OUTPUT_FILES)]:
-            path.unlink(missing_ok=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
 
 
 def _random_hf_model(config, seed: int, dtype: torch.dtype) -> nn.Module:

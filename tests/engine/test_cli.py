@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from minivllm import LLM, kernels
-from minivllm.cli import build_parser, cli_words, main
+from minivllm.cli import build_parser, cli_words, engine_kwargs, main
+from minivllm.config import EngineConfig
 
 
 def test_make_model_then_generate(tmp_path, capsys):
@@ -74,7 +75,7 @@ def test_help_shows_every_default(command):
             continue
         assert f"(default: {action.default})" in text, (action.option_strings, text)
         shown += 1
-    assert shown >= {"make-model": 3, "generate": 19, "serve": 13, "visualize": 0}[command]
+    assert shown >= {"make-model": 1, "generate": 19, "serve": 13, "visualize": 0}[command]
     assert "(default: None)" not in text and "(default: False)" not in text and "(default: [])" not in text
 
 
@@ -89,8 +90,8 @@ def test_backend_choices_come_from_the_kernels():
     ("min_tokens (10) must not exceed max_tokens (5)", "--min-tokens (10) must not exceed --max-tokens (5)"),
     ("prompt 1: n (3) is larger than max_num_seqs (2)", "prompt 1: --n (3) is larger than --max-num-seqs (2)"),
     ("got seed=7 with n=2", "got --seed 7 with --n 2"),
-    ("set enable_chunked_prefill=True", "set --chunked-prefill"),
-    ("or enable_prefix_caching=False", "or --no-prefix-caching"),
+    ("set enable_chunked_prefill=True", "set --enable-chunked-prefill"),
+    ("or enable_prefix_caching=False", "or --no-enable-prefix-caching"),
     ("device='cuda' cannot be used", "--device cuda cannot be used"),
     ("attention_backend='triton' cannot run on cpu: backend='triton' needs",
      "--attention-backend triton cannot run on cpu: backend='triton' needs"),  # the kernel's own words stay
@@ -106,13 +107,12 @@ def test_library_words_become_flags(message, expected):
 
 
 @pytest.mark.parametrize("flags, shown", [
-    (["--max-tokens", "0"], "--max-tokens must be"),
     (["--temperature", "0.5", "--seed", str(2**64 - 1), "--n", "2"], "--seed must satisfy"),
     (["--n", "3", "--max-num-seqs", "2", "--max-num-batched-tokens", "64"],
      "--n (3) is larger than --max-num-seqs (2)"),
     (["--top-p", "0"], "--top-p must be in (0, 1]"),
     (["--block-size", "0"], "--block-size must be >= 1"),
-    (["--no-chunked-prefill", "--max-num-batched-tokens", "64"],
+    (["--no-enable-chunked-prefill", "--max-num-batched-tokens", "64"],
      "--max-num-batched-tokens (64) is below --max-model-len"),
 ])
 def test_generate_errors_name_flags(model_dir, capsys, flags, shown):
@@ -134,10 +134,41 @@ def test_unrunnable_backend_is_refused_before_generating(model_dir, capsys):
     assert "--attention-backend cuda cannot run on cpu" in capsys.readouterr().err
 
 
-def test_kv_budget_is_checked_in_its_own_unit(capsys):
+@pytest.mark.parametrize("flags, shown", [
+    (["--max-tokens", "0"], "argument --max-tokens: must be >= 1, got 0"),  # not "or None": no such flag value
+    (["--kv-cache-memory-bytes", "8MB"], "expected a size such as 256MiB, 1GiB or a number of bytes, got '8MB'"),
+])
+def test_flag_values_are_checked_in_command_line_terms(capsys, flags, shown):
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["generate", "--model", "m", "--kv-cache-memory-mib", "0"])
-    assert "--kv-cache-memory-mib: must be >= 1, got 0" in capsys.readouterr().err
+        build_parser().parse_args(["generate", "--model", "m", *flags])
+    err = capsys.readouterr().err
+    assert shown in err and "None" not in err, err
+
+
+def test_every_engine_option_is_a_flag(model_dir):
+    """Every EngineConfig field (LLM keyword) has its kebab-case flag, with its default, on both
+    commands that build an engine: the flags are made from the fields, so none can be missing."""
+    from minivllm.cli import engine_fields
+
+    fields = engine_fields()
+    assert {"async_scheduling", "enforce_eager", "kv_cache_memory_bytes"} <= {f.name for f in fields}
+    for command in ("generate", "serve"):
+        parser = _commands()[command]
+        defaults = parser.parse_args(MINIMAL_ARGS[command])
+        for field in fields:
+            flag = "--" + field.name.replace("_", "-")
+            if command == "generate" and field.name == "seed":
+                continue  # generate's --seed is the per-request sampling seed (tested below)
+            assert flag in parser._option_string_actions, (command, flag)
+            assert getattr(defaults, field.name) == field.default
+            assert parser._option_string_actions[flag].help, flag  # from the config's docstring
+    args = _commands()["generate"].parse_args(["--model", "m", "--no-async-scheduling", "--enforce-eager",
+                                               "--kv-cache-memory-bytes", "8MiB", "--seed", "3"])
+    kwargs = engine_kwargs(args)
+    assert kwargs["async_scheduling"] is False and kwargs["enforce_eager"] is True
+    assert kwargs["kv_cache_memory_bytes"] == 8 << 20 and "seed" not in kwargs and args.seed == 3
+    config = EngineConfig.from_dict({**kwargs, "model": str(model_dir("llama")), "attention_backend": "torch"})
+    assert config.scheduler_config.async_scheduling is False
 
 
 def test_engine_flags_are_one_shared_list(model_dir):
@@ -148,8 +179,8 @@ def test_engine_flags_are_one_shared_list(model_dir):
 
     parser = argparse.ArgumentParser()
     add_engine_args(parser)
-    args = parser.parse_args(["--block-size", "8", "--max-num-seqs", "3", "--kv-cache-memory-mib", "2",
-                              "--no-prefix-caching", "--max-model-len", "128", "--attention-backend", "torch"])
+    args = parser.parse_args(["--block-size", "8", "--max-num-seqs", "3", "--kv-cache-memory-bytes", "2MiB",
+                              "--no-enable-prefix-caching", "--max-model-len", "128", "--attention-backend", "torch"])
     config = EngineConfig.from_dict({"model": str(model_dir("llama")), **engine_kwargs(args)})
     assert config.cache_config.block_size == 8 and config.scheduler_config.max_num_seqs == 3
     assert config.cache_config.kv_cache_memory_bytes == 2 << 20 and not config.cache_config.enable_prefix_caching

@@ -55,7 +55,7 @@ class ServerProcess:
         self.log = log_dir / f"server-{self.port}.log"
         launcher = [str(Path(__file__).with_name("lockstep_server.py"))] if lockstep else ["-m", "minivllm"]
         args = [sys.executable, *launcher, "serve", "--model", str(model), "--port", str(self.port),
-                "--served-model-name", MODEL_NAME, "--attention-backend", "torch", "--kv-cache-memory-mib", "8",
+                "--served-model-name", MODEL_NAME, "--attention-backend", "torch", "--kv-cache-memory-bytes", "8MiB",
                 "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", str(MAX_NUM_SEQS), *extra]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with open(self.log, "w") as log:
