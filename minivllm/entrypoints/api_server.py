@@ -181,7 +181,7 @@ def listening_socket(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as err:
         sock.close()
-        raise OSError(err.errno, f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+        raise OSError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
     return sock
 
 

@@ -217,3 +217,59 @@ def test_speculative_config_flag_takes_a_json_object(model_dir, capsys):
                  "--max-tokens", "6", "--no-progress", "--attention-backend", "torch", "--max-model-len", "64",
                  "--speculative-config", '{"method": "ngram"}'])
     assert code == 2 and "--speculative-config needs 'num_speculative_tokens'" in capsys.readouterr().err
+
+
+def test_serve_reports_a_taken_port_before_loading_the_model(model_dir, tmp_path):
+    """The port is bound first: with the weights broken, the error is still about the port."""
+    import shutil
+    import socket
+
+    model = shutil.copytree(model_dir("llama"), tmp_path / "model")
+    (model / "model.safetensors").write_bytes(b"not a checkpoint")  # loading it would fail
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "minivllm", "serve", "--model", str(model), "--port", str(port)],
+                              capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == f"minivllm serve: error: cannot listen on 127.0.0.1:{port}: Address already in use"
+
+
+def test_ctrl_c_in_generate_shows_what_finished_and_exits_130(model_dir, capsys, monkeypatch):
+    """Ctrl-C after the short prompt finished: its output is printed, the long one's as far as
+    it got (aborted), then one line on stderr, exit status 130, no traceback."""
+    from minivllm.engine.llm_engine import LLMEngine
+
+    real_step, finished = LLMEngine.step, []
+
+    def step_then_ctrl_c(engine):
+        if finished:  # the step after the one that finished a request
+            raise KeyboardInterrupt
+        outputs = real_step(engine)
+        finished.extend(outputs)
+        return outputs
+
+    monkeypatch.setattr(LLMEngine, "step", step_then_ctrl_c)
+    long_prompt = ",".join(str(5 + i % 400) for i in range(120))  # prefilled 8 tokens a step: still running
+    code = main(["generate", "--model", str(model_dir("llama")), "--prompt", "Hi", "--prompt-token-ids", long_prompt,
+                 "--max-tokens", "3", "--max-num-batched-tokens", "8", "--max-num-seqs", "2", "--json",
+                 "--no-progress", "--attention-backend", "torch"])
+    captured = capsys.readouterr()
+    assert code == 130
+    assert captured.err.strip().splitlines()[-1] == (
+        "minivllm generate: interrupted: 1 of 2 prompts had finished; the others are shown as far as they got")
+    short, long = json.loads(captured.out)
+    assert short["outputs"][0]["finish_reason"] == "length" and len(short["outputs"][0]["token_ids"]) == 3
+    assert long["outputs"][0]["finish_reason"] == "abort" and long["outputs"][0]["token_ids"] == []
+
+
+def test_ctrl_c_while_the_model_loads_is_one_line(capsys, monkeypatch):
+    import minivllm.llm
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(minivllm.llm.LLM, "__init__", interrupted)
+    assert main(["generate", "--model", "m", "--prompt", "x"]) == 130
+    assert capsys.readouterr().err == "minivllm generate: interrupted\n"
