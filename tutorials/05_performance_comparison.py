@@ -13,9 +13,16 @@ Three questions every serving engine answers with a knob, each answered here by 
 
 Plus a heat map of throughput over batch size x block size.
 
-Honest caveat, printed with the results: the model is tiny and runs on a CPU, where the fixed
-cost of a step (Python, kernel launches) dominates and attention is nearly free. Trends that come
-from *scheduling* (batching, waiting, recomputation) carry over to a GPU; absolute numbers do not.
+Two models. The sweeps (1, 2 and the heat map) run many configurations, so they use the tiny
+random model, whose steps are cheap. The strategies (3) run on the real SmolLM2-135M: the four
+strategies generate the same tokens in different numbers of steps, so they differ in time only
+where a step costs about the same however many sequences it carries. That holds for a real model
+(each step reads all its weights once, as a GPU's decode step does) but not for the tiny one on a
+CPU, where the work per token (the engine's own bookkeeping) outweighs the weights, and where
+static batching came out as fast as continuous batching for that reason.
+
+Honest caveat, printed with the results: these are CPU numbers. Trends that come from *scheduling*
+(batching, waiting, recomputation) carry over to a GPU; absolute numbers do not.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import json
 import random
 import time
 
-from common import heading, parse_args, tiny_model
+from common import heading, parse_args, real_model, tiny_model
 
 from minivllm import LLM, SamplingParams
 from minivllm.observe import kv_cache_stats
@@ -169,9 +176,9 @@ STRATEGIES = {
 }
 
 
-def compare_strategies(model, num_requests, out) -> list[dict]:
-    heading("3. Scheduling strategies (4 sequences at a time, prompts share a 32-token prefix)")
-    prompts, params = make_workload(num_requests, prompt_lens=[8, 40, 72], output_lens=[4, 16, 64],
+def compare_strategies(model, num_requests, output_lens, out) -> list[dict]:
+    heading("3. Scheduling strategies on SmolLM2-135M (4 sequences at a time, prompts share a 32-token prefix)")
+    prompts, params = make_workload(num_requests, prompt_lens=[8, 40, 72], output_lens=output_lens,
                                     shared_prefix=32)
     rows = []
     for name, (static, kwargs) in STRATEGIES.items():
@@ -182,7 +189,8 @@ def compare_strategies(model, num_requests, out) -> list[dict]:
               f"{r['chunks']:>3} prefill chunks | TTFT {r['ttft_ms']:6.1f} ms | TPOT {r['tpot_ms']:5.2f} ms | "
               f"prefix hits {r['prefix_hit_rate']:.0%}")
     print("-> static batching idles slots while the longest request of each batch finishes (lowest mean "
-          "batch); continuous batching refills them at once. Chunking splits prompts into 32-token pieces: "
+          "batch, most steps); continuous batching refills them at once, so the same tokens take fewer steps, "
+          "and a step of this model costs about the same for 1 or 4 sequences. Chunking splits prompts into 32-token pieces: "
           "more steps and chunks, but no step is ever blocked by a long prompt (on a GPU this keeps TPOT "
           "smooth). Prefix caching skips the shared 32 tokens of every prompt after the first.")
 
@@ -196,8 +204,8 @@ def compare_strategies(model, num_requests, out) -> list[dict]:
         ax.bar(names, [r[key] for r in rows], color=colours)
         ax.set_ylabel(label)
         ax.tick_params(axis="x", labelsize=7)
-    fig.suptitle(f"Scheduling strategies: {num_requests} requests, outputs 4-64 tokens (tiny model, CPU)",
-                 fontsize=11)
+    fig.suptitle(f"Scheduling strategies: {num_requests} requests, outputs {min(output_lens)}-{max(output_lens)} "
+                 "tokens (SmolLM2-135M, CPU)", fontsize=11)
     save_figure(fig, out / "strategies.png")
     return rows
 
@@ -233,24 +241,25 @@ def heat_map(model, batch_sizes, block_sizes, num_requests, out) -> list[list[fl
 
 def main() -> None:
     args = parse_args(__doc__.split("\n")[0], "05_performance_comparison")
-    model = tiny_model(args.model)
-    run(model, *make_workload(4, [16], [8]), max_model_len=256)  # warm-up: first calls are slow
+    model, real = tiny_model(args.model), real_model()
+    for warm in (model, real):  # warm-up: first calls are slow
+        run(warm, *make_workload(2, [16], [4]), max_model_len=256)
     if args.smoke:
         results = {
             "batch_size": compare_batch_sizes(model, [1, 4], 4, args.out),
             "block_size": compare_block_sizes(model, [4, 64], 4, args.out),
-            "strategies": compare_strategies(model, 4, args.out),
+            "strategies": compare_strategies(real, 4, [2, 4, 8], args.out),
             "heat_map": heat_map(model, [1, 4], [8, 32], 4, args.out),
         }
     else:
         results = {
             "batch_size": compare_batch_sizes(model, [1, 2, 4, 8, 16], 16, args.out),
             "block_size": compare_block_sizes(model, [4, 8, 16, 32, 64], 16, args.out),
-            "strategies": compare_strategies(model, 16, args.out),
+            "strategies": compare_strategies(real, 8, [4, 16, 32], args.out),
             "heat_map": heat_map(model, [1, 2, 4, 8, 16], [4, 8, 16, 32, 64], 8, args.out),
         }
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
-    print("\nCPU numbers from a tiny model: scheduling trends carry over to GPUs, absolute speeds do not.")
+    print("\nCPU numbers: scheduling trends carry over to GPUs, absolute speeds do not.")
     print(f"Figures and results.json written to {args.out}")
 
 

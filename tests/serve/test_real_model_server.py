@@ -37,7 +37,7 @@ def test_chat_completions_equal_offline_generate(smollm2, tmp_path):
     assert code == 0 and "Traceback" not in server.output(), server.output()
 
     llm = LLM(str(smollm2), attention_backend="torch")
-    offline = llm.generate([chat_prompt(llm.tokenizer, q) for q in QUESTIONS], max_tokens=MAX_TOKENS,
+    offline = llm.generate([chat_prompt(llm.engine.tokenizer, q) for q in QUESTIONS], max_tokens=MAX_TOKENS,
                            temperature=0, use_tqdm=False)
     assert answers == [o.text for o in offline]
     assert answers[0] == streamed == "The capital of France is Paris."
