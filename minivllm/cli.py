@@ -89,19 +89,20 @@ def _byte_size(text: str) -> int:
     return int(match.group(1)) * _BYTE_UNITS[match.group(2) or ""]
 
 
+def _engine_configs() -> tuple[type, ...]:
+    from minivllm.config import CacheConfig, ModelConfig, SchedulerConfig
+
+    return ModelConfig, CacheConfig, SchedulerConfig
+
+
 def engine_fields() -> list[dataclasses.Field]:
     """The EngineConfig fields an engine command takes as flags: every one but the model."""
-    from minivllm.config import CacheConfig, ModelConfig, SchedulerConfig
-
-    fields = [f for c in (ModelConfig, CacheConfig, SchedulerConfig) for f in dataclasses.fields(c)]
-    return [f for f in fields if f.name != "model"]
+    return [f for config in _engine_configs() for f in dataclasses.fields(config) if f.name != "model"]
 
 
-def field_help(name: str) -> str:
+def _field_help(name: str) -> str:
     """The first sentence of the field's entry (`name: what it does ...`) in its config's docstring."""
-    from minivllm.config import CacheConfig, ModelConfig, SchedulerConfig
-
-    for config in (ModelConfig, CacheConfig, SchedulerConfig):
+    for config in _engine_configs():
         lines = inspect.getdoc(config).splitlines()
         for i, line in enumerate(lines):
             if line.startswith(f"{name}: "):
@@ -120,10 +121,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     option has its flag the moment it exists. A flag the command already has (generate's
     per-request `--seed`) keeps the command's meaning.
     """
-    from minivllm.config import CacheConfig, ModelConfig, SchedulerConfig
-
-    hints = {**typing.get_type_hints(ModelConfig), **typing.get_type_hints(CacheConfig),
-             **typing.get_type_hints(SchedulerConfig)}
+    hints = {name: hint for config in _engine_configs() for name, hint in typing.get_type_hints(config).items()}
     engine = parser.add_argument_group("engine")
     declared = []
     for field in engine_fields():
@@ -131,13 +129,15 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
         if flag in parser._option_string_actions:
             continue
         declared.append(field.name)
-        kind = next(t for t in typing.get_args(hints[field.name]) or [hints[field.name]] if t is not type(None))
-        options = dict(default=field.default, help=field_help(field.name))
+        hint = hints[field.name]
+        kind = next(t for t in typing.get_args(hint) or [hint] if t is not type(None))  # int | None -> int
+        options = dict(default=field.default, help=_field_help(field.name))
         if kind is bool:
             options["action"] = argparse.BooleanOptionalAction
         elif field.name.endswith("_bytes"):
             # A string default goes through `type` too: the help shows 256MiB, the value is in bytes.
-            options.update(type=_byte_size, metavar="SIZE", default=f"{field.default >> 20}MiB")
+            mib, rest = divmod(field.default, _BYTE_UNITS["MiB"])
+            options.update(type=_byte_size, metavar="SIZE", default=str(field.default) if rest else f"{mib}MiB")
         else:
             options.update(type=kind, choices=_CHOICES.get(field.name))
         engine.add_argument(flag, **options)
