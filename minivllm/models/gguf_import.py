@@ -44,12 +44,8 @@ _CONFIG_KEYS = {
     "attention.layer_norm_rms_epsilon": "rms_norm_eps",
     "rope.freq_base": "rope_theta",
 }
-# tokenizer.ggml.* special-token key -> config field.
-_TOKEN_ID_KEYS = {"bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id",
-                  "padding_token_id": "pad_token_id"}
-# tokenizer.ggml.* special-token key -> the tokenizer's attribute.
-_SPECIAL_TOKENS = {"bos_token_id": "bos_token", "eos_token_id": "eos_token",
-                   "unknown_token_id": "unk_token", "padding_token_id": "pad_token"}
+# Special tokens: GGUF's name (tokenizer.ggml.<name>_token_id) -> Hugging Face's (<name>_token[_id]).
+_SPECIAL_TOKENS = {"bos": "bos", "eos": "eos", "padding": "pad", "unknown": "unk"}
 SUPPORTED_GGUF_ARCHITECTURES = ("llama",)
 
 
@@ -94,10 +90,11 @@ def gguf_config(reader, dtype: torch.dtype = torch.float32):
     # The epsilon is stored as float32 (1e-5 reads back as 9.99999974e-06): keep the value written.
     values["rms_norm_eps"] = float(str(np.float32(values["rms_norm_eps"])))
     values["vocab_size"] = len(fields["tokenizer.ggml.tokens"].data)
-    values["head_dim"] = values["hidden_size"] // values["num_attention_heads"]
-    for key, hf in _TOKEN_ID_KEYS.items():
-        if f"tokenizer.ggml.{key}" in fields:
-            values[hf] = _field(reader, f"tokenizer.ggml.{key}")
+    values["head_dim"] = (_field(reader, f"{arch}.attention.key_length") if f"{arch}.attention.key_length" in fields
+                          else values["hidden_size"] // values["num_attention_heads"])
+    for gguf_name, hf_name in _SPECIAL_TOKENS.items():
+        if f"tokenizer.ggml.{gguf_name}_token_id" in fields and hf_name != "unk":  # no unk in a Llama config
+            values[f"{hf_name}_token_id"] = _field(reader, f"tokenizer.ggml.{gguf_name}_token_id")
     # No separate output matrix in the file: the output projection is the embedding (tied).
     tied = all(t.name != "output.weight" for t in reader.tensors)
     return LlamaConfig(architectures=["LlamaForCausalLM"], tie_word_embeddings=tied, dtype=dtype, **values)
@@ -169,9 +166,10 @@ def _save_tokenizer(gguf_path: Path, reader, out_dir: Path, max_length: int) -> 
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
                                               local_files_only=True)
     vocabulary = reader.fields["tokenizer.ggml.tokens"]
-    for key, role in _SPECIAL_TOKENS.items():
-        if f"tokenizer.ggml.{key}" in reader.fields:
-            setattr(tokenizer, role, vocabulary.contents(_field(reader, f"tokenizer.ggml.{key}")))
+    for gguf_name, hf_name in _SPECIAL_TOKENS.items():
+        if f"tokenizer.ggml.{gguf_name}_token_id" in reader.fields:
+            token_id = _field(reader, f"tokenizer.ggml.{gguf_name}_token_id")
+            setattr(tokenizer, f"{hf_name}_token", vocabulary.contents(token_id))
     tokenizer.model_max_length = max_length
     tokenizer.clean_up_tokenization_spaces = False  # a byte-level BPE decodes exactly as it is
     tokenizer.save_pretrained(str(out_dir))

@@ -41,6 +41,7 @@ def new_model_dir(out_dir, overwrite: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
     try:
         yield tmp
+        check_model_dir(out_dir, overwrite)  # again: another process may have written one meanwhile
         _replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename

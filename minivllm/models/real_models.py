@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -67,20 +66,17 @@ def cached_real_model(name: str, dtype: torch.dtype = torch.float32, progress: b
 
     The directory's name carries a fingerprint of the converter (this package's `gguf_import.py`
     and the transformers and gguf versions that build the tokenizer and read the file): when one
-    of them changes, the model is converted again, and the older copy is deleted.
+    of them changes, the model is converted again. Older copies are left alone, since another
+    checkout or environment may be using one (`rm -r` the cache's models/ folder to reclaim them).
     """
     if name not in REAL_MODELS:
         raise ValueError(f"unknown model {name!r}: give one of {', '.join(REAL_MODELS)}")
     converter = Path(__file__).with_name("gguf_import.py").read_bytes()
     versions = f"{version('transformers')} {version('gguf')}".encode()
     fingerprint = hashlib.sha256(converter + versions).hexdigest()[:12]
-    stem = f"{name}-{str(dtype).removeprefix('torch.')}"
-    path = cache_dir() / "models" / f"{stem}-{fingerprint}"
+    path = cache_dir() / "models" / f"{name}-{str(dtype).removeprefix('torch.')}-{fingerprint}"
     if not (path / "config.json").is_file():
         make_real_model(path, name, dtype=dtype, overwrite=True, progress=progress)
-        for older in path.parent.glob(f"{stem}-*"):
-            if older != path:
-                shutil.rmtree(older, ignore_errors=True)
     return path
 
 

@@ -16,6 +16,8 @@ from minivllm import LLM
 from tests.real_model import FRANCE, chat_prompt
 
 MAX_TOKENS = 16
+# One worker runs the whole module, so its Hugging Face oracle is computed once.
+pytestmark = pytest.mark.xdist_group("real-model-engine")
 RAW = ["The capital of Germany is", "def fibonacci(n):"]
 QUESTIONS = [FRANCE, "Write a haiku about the sea."]
 

@@ -65,3 +65,13 @@ def test_a_random_model_that_fails_half_way_leaves_nothing(tmp_path, monkeypatch
     with pytest.raises(OSError, match="disk full"):
         make_random_model(tmp_path / "model", arch="llama", size="tiny")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_model_written_meanwhile_is_not_replaced_without_overwrite(tmp_path):
+    target = tmp_path / "model"
+    with pytest.raises(FileExistsError), new_model_dir(target) as tmp:
+        (tmp / "config.json").write_text("mine")
+        target.mkdir()
+        (target / "config.json").write_text("theirs")  # another process finished first
+    assert (target / "config.json").read_text() == "theirs"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]

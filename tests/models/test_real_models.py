@@ -22,6 +22,8 @@ from minivllm.models.real_models import REAL_MODELS, gguf_file
 from tests.real_model import FRANCE, NAME, chat_prompt
 
 ROOT = Path(__file__).resolve().parents[2]
+# One worker runs the whole module, so the GGUF file is extracted once.
+pytestmark = pytest.mark.xdist_group("real-model-import")
 
 
 def make_model(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
