@@ -62,13 +62,13 @@ def test_greedy_equals_hf_raw_and_through_the_chat_template(smollm2, prompts, hf
     assert_matches_hf(outputs, hf_greedy)
     assert outputs[2].text == "The capital of France is Paris."
     assert outputs[2].finish_reason == "stop"  # at <|im_end|>, the end of the assistant's turn
-    assert llm.get_stats()["scheduler"]["avg_batch_size"] > 1  # the four ran together
+    assert llm.engine.get_stats()["scheduler"]["avg_batch_size"] > 1  # the four ran together
 
 
 def test_chunked_prefill_leaves_the_text_unchanged(smollm2, prompts, hf_greedy):
     llm, outputs = generate(smollm2, prompts, max_num_batched_tokens=8, max_num_seqs=4,
                             enable_prefix_caching=False)
-    assert llm.get_stats()["scheduler"]["num_partial_prefills"] > 0
+    assert llm.engine.get_stats()["scheduler"]["num_partial_prefills"] > 0
     assert_matches_hf(outputs, hf_greedy)
 
 
@@ -76,9 +76,9 @@ def test_chunked_prefill_leaves_the_text_unchanged(smollm2, prompts, hf_greedy):
 def test_preemption_leaves_the_text_unchanged(smollm2, prompts, hf_greedy):
     # 16 blocks of 4 slots: one chat prompt and its answer fit (14 blocks), all four (about 40) don't.
     llm, outputs = generate(smollm2, prompts, block_size=4, num_kv_blocks=16, enable_prefix_caching=False)
-    assert llm.get_stats()["scheduler"]["num_preemptions"] > 0
+    assert llm.engine.get_stats()["scheduler"]["num_preemptions"] > 0
     assert_matches_hf(outputs, hf_greedy)
-    assert llm.get_stats()["kv_cache"]["num_free_blocks"] == 16
+    assert llm.engine.get_stats()["kv_cache"]["num_free_blocks"] == 16
 
 
 def test_prefix_caching_leaves_the_text_unchanged(smollm2, prompts, hf_greedy):
