@@ -34,10 +34,10 @@ _CONTEXT_LENGTH_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len",
 # torch.manual_seed takes a 64-bit seed.
 SEED_LIMIT = 2**64
 SPECULATIVE_METHODS = ("ngram", "draft")
-# Above this many running sequences a step does not speculate (SpeculativeConfig). PROVISIONAL:
-# to be replaced by `disable_by_batch_size_measured` of `benchmarks/spec_bench.py --part e2e` on
-# the GPU (the largest batch up to which speculation paid).
-DISABLE_BY_BATCH_SIZE = 16
+# Above this many running sequences a step does not speculate (SpeculativeConfig): the largest
+# batch up to which n-gram speculation paid, measured by `benchmarks/spec_bench.py --part e2e` on
+# the real model (H100: 1.07x at 32, 0.89x at 64; benchmarks/RESULTS.md).
+DISABLE_BY_BATCH_SIZE = 32
 
 
 def read_config_json(model_dir: str | os.PathLike) -> dict[str, Any]:
