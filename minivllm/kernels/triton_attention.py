@@ -54,14 +54,10 @@ instruction, as is Triton's automatic warp specialization). The loop is pipeline
 
 **Split-KV.** When the grid cannot fill the GPU (decode of a few long sequences), each program
 takes one of `num_splits` slices of the context and writes an unnormalised partial result with
-its `m` and `l`, and the partials are merged with the same rescaling. In decode the merge
-happens in the attention kernel itself: each program counts itself in on an atomic counter per
-(query tile, KV head), and the one that arrives last merges the partials and writes the output
-(`_merge_if_last`), one kernel per layer fewer than a separate merge (`_merge_splits_kernel`,
-which other batches use, and decode too with `MINIVLLM_FUSED_MERGE=0`, to measure it). Decode of
-one sequence of 32k then reads at 0.79 of the copy bandwidth; a grid that fills the GPU already
-only gets slower (B=64 / 4k: 0.2447 ms unsplit, 0.2519 ms in 2 slices, H200), so
-`choose_num_splits` splits small grids only.
+its `m` and `l`, and a second, small kernel (`_merge_splits_kernel`) merges the partials with
+the same rescaling. Decode of one sequence of 32k then reads at 0.79 of the copy bandwidth; a
+grid that fills the GPU already only gets slower (B=64 / 4k: 0.2447 ms unsplit, 0.2519 ms in 2
+slices, H200), so `choose_num_splits` splits small grids only.
 
 **An fp8 cache** (fp8.py) holds e4m3 values with one float32 scale per token and KV head. The
 loop loads the 8-bit tiles (half the bytes), widens them to fp16 in registers, and applies the
@@ -79,16 +75,14 @@ values, the argument types, launch options, and what it infers from runtime valu
 to 1 or divisible by 16, a pointer 16-byte aligned). What changes from step to step (`num_seqs`,
 `num_tokens`, `num_splits`, the block-table row stride) is in `do_not_specialize`, and the
 metadata pointers, which an engine may pass as views at any offset of one buffer, are left out
-of the alignment key (as are the merge counters, in whose place a launch without them passes
-`seq_lens`); the cache and q/out strides stay specialized, as divisibility by 16 is what gives
-16-byte loads. What is left per model is four variants, (DECODE_ONLY, SPLIT_KV) in {0, 1}^2, and
-the merge kernel; `warm_up` compiles them all.
+of the alignment key; the cache and q/out strides stay specialized, as divisibility by 16 is what
+gives 16-byte loads. What is left per model is four variants, (DECODE_ONLY, SPLIT_KV) in
+{0, 1}^2, and the merge kernel; `warm_up` compiles them all.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -345,13 +339,12 @@ def _attend_kv_tile(
 # ------------------------------------------------------------------------------------------
 @triton.jit(
     do_not_specialize=["num_seqs", "num_tokens", "num_splits", "stride_bt"],
-    do_not_specialize_on_alignment=["block_tables_ptr", "seq_lens_ptr", "cu_seqlens_q_ptr",
-                                    "counters_ptr"],
+    do_not_specialize_on_alignment=["block_tables_ptr", "seq_lens_ptr", "cu_seqlens_q_ptr"],
 )
 def _paged_attention_kernel(
     query_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     block_tables_ptr, seq_lens_ptr, cu_seqlens_q_ptr,
-    partial_acc_ptr, partial_m_ptr, partial_l_ptr, k_scale_ptr, v_scale_ptr, counters_ptr,
+    partial_acc_ptr, partial_m_ptr, partial_l_ptr, k_scale_ptr, v_scale_ptr,
     qk_scale, num_seqs, num_tokens, num_splits,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_ct, stride_ch, stride_bt, stride_sb, stride_st, stride_sh,
@@ -363,7 +356,6 @@ def _paged_attention_kernel(
     KV_FP8: tl.constexpr, DOT_FP16: tl.constexpr,
     PAGE_LOADS: tl.constexpr, PAGES: tl.constexpr, ROW_ALIGN: tl.constexpr,
     INT64_OFFSETS: tl.constexpr, U32_OFFSETS: tl.constexpr,
-    MERGE_SPLITS: tl.constexpr, GROUP_PAD: tl.constexpr, SPLITS_CHUNK: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     # Only the decode loop of a 16-bit cache is bound by memory; every other loop is short of
@@ -452,57 +444,6 @@ def _paged_attention_kernel(
         tl.store(partial_m_ptr + stat, m_i, mask=row_valid)
         tl.store(partial_l_ptr + stat, l_i, mask=row_valid)
         tl.store(partial_acc_ptr + stat[:, None] * DIM_PAD + dims[None, :], acc, mask=out_mask)
-        if MERGE_SPLITS:  # decode: the last split of this (token, KV head) merges them all
-            _merge_if_last(counters_ptr + pid, out_ptr, partial_acc_ptr, partial_m_ptr,
-                           partial_l_ptr, q_start.to(tl.int64), kv_head, num_tokens, num_splits,
-                           stride_ot, stride_oh, NUM_Q_HEADS, GROUP, GROUP_PAD, HEAD_DIM,
-                           DIM_PAD, SPLITS_CHUNK)
-
-
-@triton.jit
-def _merge_if_last(counter_ptr, out_ptr, partial_acc_ptr, partial_m_ptr, partial_l_ptr, token,
-                   kv_head, num_tokens, num_splits, stride_ot, stride_oh,
-                   NUM_Q_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-                   HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, SPLITS_CHUNK: tl.constexpr):
-    """Count this split in; the program that arrives last merges the partials of the GROUP query
-    heads of `token` and `kv_head` (the merge kernel's rule, SPLITS_CHUNK splits at a time) and
-    resets the counter for the next launch.
-
-    The barrier puts every thread's partial stores before the counter's release; the counter's
-    acquire, in the last program, puts the other programs' stores before its loads, which skip
-    the SM's L1 (`.cg`: another SM wrote them, and L1 is not coherent).
-    """
-    tl.debug_barrier()
-    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
-    if arrived == num_splits - 1:
-        group = tl.arange(0, GROUP_PAD)
-        heads = kv_head * GROUP + group
-        dims = tl.arange(0, DIM_PAD)
-        m_run = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
-        numerator = tl.zeros([GROUP_PAD, DIM_PAD], dtype=tl.float32)
-        denominator = tl.zeros([GROUP_PAD], dtype=tl.float32)
-        for first in range(0, num_splits, SPLITS_CHUNK):
-            splits = first + tl.arange(0, SPLITS_CHUNK)
-            valid = (splits < num_splits)[:, None] & (group < GROUP)[None, :]  # [S, G]
-            stat = (splits[:, None] * num_tokens + token) * NUM_Q_HEADS + heads[None, :]
-            m = tl.load(partial_m_ptr + stat, mask=valid, other=float("-inf"),
-                        cache_modifier=".cg")
-            l = tl.load(partial_l_ptr + stat, mask=valid, other=0.0, cache_modifier=".cg")
-            acc = tl.load(partial_acc_ptr + stat[:, :, None] * DIM_PAD + dims[None, None, :],
-                          mask=valid[:, :, None], other=0.0, cache_modifier=".cg")
-            m_new = tl.maximum(m_run, tl.max(m, 0))
-            # Subtract 0 where no split has seen a key yet (a padded head): exp2(-inf) = 0.
-            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.math.exp2(m_run - shift)
-            weight = tl.math.exp2(m - shift[None, :])
-            numerator = numerator * alpha[:, None] + tl.sum(acc * weight[:, :, None], 0)
-            denominator = denominator * alpha + tl.sum(l * weight, 0)
-            m_run = m_new
-        out = numerator / tl.where(group < GROUP, denominator, 1.0)[:, None]  # padded heads: 0/1
-        tl.store(out_ptr + token * stride_ot + heads[:, None] * stride_oh + dims[None, :],
-                 out.to(out_ptr.dtype.element_ty),
-                 mask=(group < GROUP)[:, None] & (dims < HEAD_DIM)[None, :])
-        tl.atomic_xchg(counter_ptr, 0)
 
 
 @triton.jit(do_not_specialize=["num_tokens", "num_splits"])
@@ -636,34 +577,6 @@ def _page_loads(decode_only: bool, kv_fp8: bool, block_size: int) -> bool:
     return (kv_fp8 or not decode_only) and block_size & (block_size - 1) == 0
 
 
-MERGE_COUNTERS = 1 << 16  # (query tile, KV head) pairs a fused merge can count at once
-_counters: dict[torch.device, torch.Tensor] = {}
-
-
-def _merge_counters(device: torch.device, num_pairs: int) -> torch.Tensor | None:
-    """The per-device arrival counters of the fused split-KV merge, or None where the separate
-    merge kernel runs: switched off (MINIVLLM_FUSED_MERGE=0), more pairs than counters, or
-    the counters do not exist yet while a CUDA graph is being captured (a graph must not
-    allocate what outlives it; the engine's warm-up creates them first).
-
-    Each launch leaves every counter at zero (the last split resets its own), so one zeroed
-    buffer serves every launch on the device, in a graph or not."""
-    if os.environ.get("MINIVLLM_FUSED_MERGE", "1") == "0" or num_pairs > MERGE_COUNTERS:
-        return None
-    counters = _counters.get(device)
-    if counters is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        counters = _counters[device] = torch.zeros(MERGE_COUNTERS, dtype=torch.int32, device=device)
-    return counters
-
-
-def splits_chunk(group_pad: int, dim_pad: int) -> int:
-    """Splits the fused merge reads at once: a [splits, group, dim] float32 tile of at most 8,192
-    values (32 KB), so that the merging program stays within its registers."""
-    return max(1, min(SPLITS_TILE, 8192 // (group_pad * dim_pad)))
-
-
 def offset_kind(numel: int) -> str:
     """The offset arithmetic a cache of `numel` elements needs: "int32" below 2^31 elements,
     "uint32" below 2^32, "int64" from there."""
@@ -743,15 +656,12 @@ def paged_attention(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_
     # H100 sweep in docs/fp8_kv_cache.md).
     dot_fp16 = cfg.pop("DOT_FP16", kv_fp8 and query.dtype != torch.float32)
     grid = (num_tiles * num_kv_heads, num_splits)
-    counters = _merge_counters(query.device, grid[0]) if decode_only and num_splits > 1 else None
-    group_pad = triton.next_power_of_2(group)
     pdl = pdl_launch(query.device)
     _paged_attention_kernel[grid](
         query, k_cache, v_cache, out,
         block_tables, seq_lens, cu_seqlens_q,
         partial_acc, partial_m, partial_l,
         k_scale if kv_fp8 else out, v_scale if kv_fp8 else out,  # unused unless fp8
-        counters if counters is not None else seq_lens,  # unused unless the merge is fused
         scale * LOG2E, num_seqs, num_tokens, num_splits,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
@@ -761,10 +671,9 @@ def paged_attention(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_
         SPLIT_KV=num_splits > 1, DECODE_ONLY=decode_only, CAUSAL=causal,
         DOT_PRECISION=dot_precision, KV_FP8=kv_fp8, DOT_FP16=dot_fp16, PAGE_LOADS=page_loads,
         PAGES=pages, ROW_ALIGN=row_align, INT64_OFFSETS=int64_offsets, U32_OFFSETS=u32_offsets,
-        MERGE_SPLITS=counters is not None, GROUP_PAD=group_pad,
-        SPLITS_CHUNK=splits_chunk(group_pad, dim_pad), **pdl, **cfg,
+        **pdl, **cfg,
     )
-    if num_splits > 1 and counters is None:
+    if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_q_heads)](
             out, partial_acc, partial_m, partial_l, num_tokens, num_splits,
             out.stride(0), out.stride(1),

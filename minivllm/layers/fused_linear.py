@@ -20,7 +20,8 @@ rows every program can afford to redo them:
   [M, 2I] intermediate and the SiLU-and-mul kernel disappear.
 
 A Llama-family layer is then six kernels: [add + norm + q|k|v], [q/k norm + RoPE + cache write],
-[attention], [o_proj], [add + norm + gate|up + SwiGLU], [down_proj] (fused_ops.py has the second).
+[attention], [o_proj], [add + norm + gate|up + SwiGLU], [down_proj] (fused_ops.py has the second;
+a split-KV decode adds its merge kernel after attention).
 
 **Reading the weights before the previous kernel ends.** Weights are never written during a
 step, so a program may load them before it waits for the previous kernel (programmatic dependent

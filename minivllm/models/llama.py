@@ -13,7 +13,8 @@ Each sublayer takes the residual stream and its norm, and returns its output and
 pre-norm seam "add the last output to the stream, normalise, project" is one call
 (`_norm_then_project`), which for decode-sized batches on CUDA is one kernel together with the
 projection (layers/fused_linear.py). A layer is then six kernels at small batch: add + norm +
-q|k|v, q/k norm + RoPE + KV-cache write, attention, o_proj, add + norm + gate|up + SwiGLU, down.
+q|k|v, q/k norm + RoPE + KV-cache write, attention, o_proj, add + norm + gate|up + SwiGLU, down
+(and the split-KV merge after attention where the keys are split).
 
 A forward pass sees the *packed* tokens of one engine step: prompts being prefilled and sequences
 being decoded side by side, `input_ids` and `positions` both [T]. Every layer here works per token,
