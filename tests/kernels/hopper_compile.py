@@ -58,15 +58,19 @@ def record(module, kernel: str, call, pdl: bool = True, **swaps) -> tuple[tuple,
     return recorder.args, recorder.kwargs
 
 
-def record_launch(call, pdl: bool = True) -> tuple[tuple, dict]:
-    """(args, kwargs) of the attention kernel's launch made by `call()` (CPU tensors), with the
-    launch configuration the wrapper chooses on a GPU."""
+def record_launch(call, pdl: bool = True,
+                  kernel: str = "_paged_attention_kernel") -> tuple[tuple, dict]:
+    """(args, kwargs) of the launch of the attention kernel, or with `kernel` =
+    "_merge_splits_kernel" of the split-KV merge that follows it, made by `call()` (CPU tensors),
+    with the launch configuration the wrapper chooses on a GPU. The other kernel is not run."""
     real_config = triton_attention._launch_config
 
     def gpu_config(decode_only, block_m, head_dim, dtype, device, *rest, **kwargs):
         return real_config(decode_only, block_m, head_dim, dtype, torch.device("cuda"), *rest, **kwargs)
 
-    return record(triton_attention, "_paged_attention_kernel", call, pdl, _launch_config=gpu_config)
+    other = ({"_paged_attention_kernel", "_merge_splits_kernel"} - {kernel}).pop()
+    return record(triton_attention, kernel, call, pdl, _launch_config=gpu_config,
+                  **{other: _Recorder()})
 
 
 def compile_launch(call, arch: int = 90):

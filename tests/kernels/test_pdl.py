@@ -86,9 +86,12 @@ def _calls(arch: int) -> dict:
                                                   torch.zeros(hidden, inter, **bf16))))
     recorded = {name: (getattr(module, kernel), *record(module, kernel, call, pdl))
                 for name, (module, kernel, call) in calls.items()}
-    recorded["attention (decode, split-KV merged)"] = (
-        triton_attention._paged_attention_kernel,
-        *record_launch(attention_call(1, 1024, num_splits=4), pdl))
+    split_decode = attention_call(1, 1024, num_splits=4)
+    recorded["attention (decode, split-KV)"] = (
+        triton_attention._paged_attention_kernel, *record_launch(split_decode, pdl))
+    args, kwargs = record_launch(split_decode, pdl, kernel="_merge_splits_kernel")
+    recorded["split-KV merge"] = (triton_attention._merge_splits_kernel, args,
+                                  dict(kwargs, num_warps=4))  # the wrapper's warps on a GPU
     return recorded
 
 
@@ -106,7 +109,7 @@ def compiled_ptx() -> dict[str, str]:
 
 
 NAMES = ["add_rms_norm", "qk_norm_rope+cache write", "silu_and_mul", "write_kv_cache",
-         "attention (decode, split-KV merged)",
+         "attention (decode, split-KV)", "split-KV merge",
          *(f"fused_linear {name} M={rows}" for rows in (1, 16) for name in ("qkv", "gate_up", "down"))]
 
 
