@@ -47,7 +47,7 @@ def _copy_in_kernel(x: torch.Tensor) -> bool:
     like the buffer (16 bytes, which the kernel requires of both), unless
     MINIVLLM_PEER_COPY_IN_KERNEL=0 (to measure it).
 
-    In a small-batch decode step the residual add and RMSNorm after the sum are fused into the
+    In a batch-1 decode step the residual add and RMSNorm after the sum are fused into the
     next GEMM's prologue (layers/fused_linear.py), so a layer boundary is three kernels:
     [o_proj] [this sum] [add + norm + GEMM]."""
     return (os.environ.get("MINIVLLM_PEER_COPY_IN_KERNEL", "1") != "0"

@@ -30,7 +30,7 @@ Edges form between consecutive kernels of one stream only. A kernel launched *wi
 attribute (a cuBLAS GEMM, a PyTorch elementwise op) waits for its predecessor in full, as always;
 a PDL kernel after one of those can start only when that kernel's blocks have all exited (they
 never signal early), which still hides the final flush and the launch. So the gain grows with
-the runs of consecutive PDL kernels: that is why the decode layers also do their small-batch
+the runs of consecutive PDL kernels: that is why the decode layers also do their batch-1
 GEMMs in Triton (layers/fused_linear.py). The launch attribute is captured into CUDA graphs as a
 programmatic edge, so replays keep the overlap.
 

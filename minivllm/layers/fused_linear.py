@@ -1,4 +1,4 @@
-"""Linear layers for decode-sized batches, fused with the ops around them.
+"""Linear layers for a one-row batch (decode at batch 1), fused with the ops around them.
 
 **The problem.** A decode step at batch 1 multiplies one row by every weight matrix of the model:
 bandwidth bound, and at Qwen3-0.6B's size a matrix takes 1-4 us to read at full speed. Done as
@@ -7,17 +7,17 @@ pays a fixed price however little it reads: launch, ramp up to full bandwidth, d
 that fixed price was most of the step (benchmarks/RESULTS.md), and a faster GEMM alone did not
 help: a Triton GEMM at the speed of cuBLAS removed nothing from the chain.
 
-**The fix: fewer, fuller kernels.** The ops next to a GEMM are per row and cheap, and with a few
-rows every program can afford to redo them:
+**The fix: fewer, fuller kernels.** The ops next to a GEMM are per row and cheap, and with one row
+every program can afford to redo them:
 
 * *norm in the prologue.* The input of the q|k|v and gate|up projections is RMSNorm(x + residual).
-  Each program needs all K columns of its rows anyway, so it adds the residual, computes the
-  rows' root mean square (a first pass over x, which is a few KB and stays in cache) and
+  Each program needs all K columns of the row anyway, so it adds the residual, computes the
+  row's root mean square (a first pass over x, which is a few KB and stays in cache) and
   normalises each tile of x as it goes into the product. Program 0 also writes the updated
   residual stream (to a new tensor: the other programs are still reading the old one).
 * *SwiGLU in the epilogue.* A program of the gate|up projection computes output columns j of
   gate (weight rows j) *and* of up (rows I + j), so it can write silu(gate) * up itself: the
-  [M, 2I] intermediate and the SiLU-and-mul kernel disappear.
+  [1, 2I] intermediate and the SiLU-and-mul kernel disappear.
 
 A Llama-family layer is then six kernels: [add + norm + q|k|v], [q/k norm + RoPE + cache write],
 [attention], [o_proj], [add + norm + gate|up + SwiGLU], [down_proj] (fused_ops.py has the second;
@@ -31,20 +31,24 @@ register budget), and that first tile is loaded *before* the wait: the weight st
 kernel overlaps the tail of the previous one, and with every kernel of a layer in Triton the
 chain of overlaps is unbroken (a cuBLAS GEMM in between would break it: it never signals early).
 
-**Tiles.** Program n owns output columns [n BLOCK_N, (n+1) BLOCK_N) of every row; BLOCK_N is as
-small as 4 so that even N = 1024 makes 256 programs, enough to keep every SM reading. With one
-row (M = 1) the product is a reduction over K on the CUDA cores, every thread busy; with 2 to 16
-rows it is `tl.dot` on a tile padded to 16 rows (the masked rows cost registers, not memory).
-Accumulation is float32; each rounding to the model dtype happens where the unfused layers round
-(the residual sum, the normalised input, gate and up, silu), so the results agree with them to
-the order of summation.
+**Tiles.** Program n owns output columns [n BLOCK_N, (n+1) BLOCK_N); BLOCK_N is as small as 4
+so that even N = 1024 makes 256 programs, enough to keep every SM reading. The product is a
+reduction over K on the CUDA cores, every thread busy. Accumulation is float32; each rounding to
+the model dtype happens where the unfused layers round (the residual sum, the normalised input,
+gate and up, silu), so the results agree with them to the order of summation.
 
-**When it runs** (`minivllm.layers.use_fused_linear`): CUDA, float16/bfloat16, 1 to MAX_ROWS
-rows, unless MINIVLLM_FUSED_LINEAR=0 (or MINIVLLM_FUSED_OPS=0); otherwise cuBLAS and the
-separate kernels. The number of rows is not part of what Triton compiles for (`M` is in
-`do_not_specialize`, and the launch shape depends only on whether M is 1), so a new batch size
-never compiles again. The tests run these kernels in the interpreter against the unfused layers
-(tests/models/test_fused_linear.py).
+**When it runs** (`minivllm.layers.use_fused_linear`): CUDA, float16/bfloat16, exactly one row,
+unless MINIVLLM_FUSED_LINEAR=0 (or MINIVLLM_FUSED_OPS=0); otherwise cuBLAS and the separate
+kernels. In decode that is the CUDA graph of batch 1 only; every larger bucket, and every
+speculative verification step (1 + k rows a sequence), records cuBLAS. Why one row: there the
+GEMM is a GEMV, which cuBLAS serves with a generic kernel, while this one reads the weights once
+with every thread busy and folds the norm and SwiGLU in. From two rows on cuBLAS's tiles win: a
+version of this kernel ran 2 to 16 rows as `tl.dot` on a tile padded to 16 rows, and it lost at
+every one of them (H100, 2026-12-06, the whole decode step of the Qwen3-0.6B shape, fused
+against cuBLAS: batch 1, this kernel, 0.964 against 1.378 ms, 0.70x; batch 2 1.462 against
+1.412; batch 4 1.514 against 1.488; batch 8 2.025 against 1.703; batch 16 2.215 against 2.109;
+benchmarks/results/roofline_fused_linear_rows_qwen3-0.6b_h100.json). The tests run these kernels
+in the interpreter against the unfused layers (tests/models/test_fused_linear.py).
 """
 
 from __future__ import annotations
@@ -58,93 +62,77 @@ import triton.language as tl
 
 from minivllm.kernels.pdl import pdl_launch, wait_and_release
 
-MAX_ROWS = 16  # rows (tokens) up to which the fused kernels replace cuBLAS
-DOT_ROWS = 16  # rows of the tl.dot tile, its smallest efficient M; rows past M are masked
 TILE_ELEMENTS = 16384  # weight elements a program holds in registers at once (32 KB in bf16)
 
 
 # --------------------------------------------------------------------------------------------
 # The kernel
 # --------------------------------------------------------------------------------------------
+# The one row is a [1, BLOCK_K] tile and a program's weights a [1, BLOCK_N, BLOCK_K] one: loaded
+# with the row's axis in front, the weights are already in the layout of their product with the
+# row (a [BLOCK_N, BLOCK_K] tile would be moved there through shared memory).
 @triton.jit
-def _residual_sum(x_ptr, residual_ptr, offsets_x, offsets_r, mask, ADD_RESIDUAL: tl.constexpr):
+def _residual_sum(x_ptr, residual_ptr, ks, mask, ADD_RESIDUAL: tl.constexpr):
     """x, or x + residual rounded to the model dtype (the residual stream is kept in it)."""
-    h = tl.load(x_ptr + offsets_x, mask=mask, other=0.0)
+    h = tl.load(x_ptr + ks, mask=mask, other=0.0)
     if ADD_RESIDUAL:
-        r = tl.load(residual_ptr + offsets_r, mask=mask, other=0.0)
+        r = tl.load(residual_ptr + ks, mask=mask, other=0.0)
         h = (h.to(tl.float32) + r.to(tl.float32)).to(r.dtype)
     return h
 
 
 @triton.jit
-def _inverse_rms(x_ptr, residual_ptr, rows, row_mask, K, eps, stride_xm, stride_rm,
-                 ADD_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """1 / rms of each row of x (+ residual): the first pass over the (small, cached) input."""
-    sum_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
+def _inverse_rms(x_ptr, residual_ptr, K, eps, ADD_RESIDUAL: tl.constexpr, BLOCK_K: tl.constexpr):
+    """1 / rms of x (+ residual), shape [1]: the first pass over the (small, cached) input."""
+    sum_sq = tl.zeros([1], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        mask = row_mask[:, None] & (ks < K)[None, :]
-        h = _residual_sum(x_ptr, residual_ptr, rows[:, None] * stride_xm + ks[None, :],
-                          rows[:, None] * stride_rm + ks[None, :], mask, ADD_RESIDUAL).to(tl.float32)
+        ks = k0 + tl.arange(0, BLOCK_K)[None, :]
+        h = _residual_sum(x_ptr, residual_ptr, ks, ks < K, ADD_RESIDUAL).to(tl.float32)
         sum_sq += tl.sum(h * h, axis=1)
     return tl.rsqrt(sum_sq / K + eps)
 
 
 @triton.jit
-def _input_tile(x_ptr, residual_ptr, residual_out_ptr, norm_ptr, rows, row_mask, k0, K, inv_rms,
-                stride_xm, stride_rm, stride_rom, residual_rows,
+def _input_tile(x_ptr, residual_ptr, residual_out_ptr, norm_ptr, k0, K, inv_rms, residual_cols,
                 NORM: tl.constexpr, ADD_RESIDUAL: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Columns [k0, k0 + BLOCK_K) of the GEMM's input: x, or RMSNorm(x + residual), rounded as
-    fused_ops.rms_norm rounds; its first `residual_rows` rows of x + residual are stored as the
-    new residual (all of them in one program, none in the others)."""
-    ks = k0 + tl.arange(0, BLOCK_K)
-    mask = row_mask[:, None] & (ks < K)[None, :]
-    h = _residual_sum(x_ptr, residual_ptr, rows[:, None] * stride_xm + ks[None, :],
-                      rows[:, None] * stride_rm + ks[None, :], mask, ADD_RESIDUAL)
+    """Columns [k0, k0 + BLOCK_K) of the GEMM's input, [1, BLOCK_K]: x, or RMSNorm(x + residual),
+    rounded as fused_ops.rms_norm rounds; its columns below `residual_cols` of x + residual are
+    stored as the new residual (all K in one program, none in the others)."""
+    ks = k0 + tl.arange(0, BLOCK_K)[None, :]
+    mask = ks < K
+    h = _residual_sum(x_ptr, residual_ptr, ks, mask, ADD_RESIDUAL)
     if ADD_RESIDUAL:
-        tl.store(residual_out_ptr + rows[:, None] * stride_rom + ks[None, :], h,
-                 mask=mask & (rows < residual_rows)[:, None])
+        tl.store(residual_out_ptr + ks, h, mask=ks < residual_cols)
     if NORM:
-        w = tl.load(norm_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)
-        h = ((h.to(tl.float32) * inv_rms[:, None]).to(h.dtype).to(tl.float32) * w[None, :]).to(h.dtype)
+        w = tl.load(norm_ptr + ks, mask=mask, other=0.0).to(tl.float32)
+        h = ((h.to(tl.float32) * inv_rms[:, None]).to(h.dtype).to(tl.float32) * w).to(h.dtype)
     return h
 
 
 @triton.jit
-def _weight_tile(w_rows, k0, ks, col_mask, K, DOT: tl.constexpr):
-    """Columns [k0, k0 + BLOCK_K) of this program's weight rows: [BLOCK_N, BLOCK_K] for tl.dot;
-    for the CUDA cores [1, BLOCK_N, BLOCK_K], loaded straight into the layout of the product
-    with the input rows (a 2-D tile would be moved there through shared memory)."""
+def _weight_tile(w_rows, k0, ks, col_mask, K):
+    """Columns [k0, k0 + BLOCK_K) of this program's weight rows, [1, BLOCK_N, BLOCK_K]."""
     mask = col_mask[:, None] & ((k0 + ks) < K)[None, :]
-    ptrs = w_rows + k0 + ks[None, :]
-    if not DOT:
-        ptrs = ptrs[None, :, :]
-        mask = mask[None, :, :]
-    return tl.load(ptrs, mask=mask, other=0.0)
+    return tl.load((w_rows + k0 + ks[None, :])[None, :, :], mask=mask[None, :, :], other=0.0)
 
 
 @triton.jit
-def _times_weights(a, w, acc, DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """acc [BLOCK_M, BLOCK_N] + a [BLOCK_M, BLOCK_K] @ w^T, w as `_weight_tile` loads it, in
-    float32."""
-    if DOT:
-        acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PRECISION)
-    else:  # one row: times every weight row, reduced along K on the CUDA cores
-        acc += tl.sum(a.to(tl.float32)[:, None, :] * w.to(tl.float32), axis=2)
-    return acc
+def _times_weights(a, w, acc):
+    """acc [1, BLOCK_N] + a [1, BLOCK_K] @ w^T: the row times every weight row, reduced along K
+    on the CUDA cores in float32."""
+    return acc + tl.sum(a.to(tl.float32)[:, None, :] * w.to(tl.float32), axis=2)
 
 
-@triton.jit(do_not_specialize=["M"])
+@triton.jit
 def _fused_linear_kernel(
     x_ptr, residual_ptr, residual_out_ptr, norm_ptr, w_ptr, bias_ptr, out_ptr,
-    M, N, K, stride_xm, stride_rm, stride_rom, stride_wn, stride_om, eps,
-    NORM: tl.constexpr, ADD_RESIDUAL: tl.constexpr, SWIGLU: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
+    N, K, stride_wn, eps,
+    NORM: tl.constexpr, ADD_RESIDUAL: tl.constexpr, SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    """Program n: out[:, cols] = input @ W[cols]^T (+ b), cols = [n BLOCK_N, (n+1) BLOCK_N), where
-    input is x or RMSNorm(x + residual). SWIGLU: W stacks gate rows then up rows (N each), and
-    out[:, cols] = silu(gate[:, cols]) * up[:, cols]."""
+    """Program n: out[cols] = input @ W[cols]^T (+ b), cols = [n BLOCK_N, (n+1) BLOCK_N), where
+    input is the row x or RMSNorm(x + residual). SWIGLU: W stacks gate rows then up rows (N each),
+    and out[cols] = silu(gate[cols]) * up[cols]."""
     pid = tl.program_id(0)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
@@ -154,34 +142,30 @@ def _fused_linear_kernel(
     u_rows = w_rows + N * stride_wn  # SWIGLU: the up rows
     # Prologue: the first weight tile (often all of this program's weights) does not depend on
     # the previous kernel, so it is in flight before the wait.
-    w = _weight_tile(w_rows, 0, ks, col_mask, K, DOT)
+    w = _weight_tile(w_rows, 0, ks, col_mask, K)
     if SWIGLU:
-        u = _weight_tile(u_rows, 0, ks, col_mask, K, DOT)
+        u = _weight_tile(u_rows, 0, ks, col_mask, K)
     wait_and_release(USE_PDL)
 
-    rows = tl.arange(0, BLOCK_M)
-    row_mask = rows < M
-    residual_rows = tl.where(pid == 0, M, 0)  # program 0 writes the new residual stream
-    inv_rms = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+    residual_cols = tl.where(pid == 0, K, 0)  # program 0 writes the new residual stream
+    inv_rms = tl.full([1], 1.0, dtype=tl.float32)
     if NORM:
-        inv_rms = _inverse_rms(x_ptr, residual_ptr, rows, row_mask, K, eps, stride_xm, stride_rm,
-                               ADD_RESIDUAL, BLOCK_M, BLOCK_K)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    a = _input_tile(x_ptr, residual_ptr, residual_out_ptr, norm_ptr, rows, row_mask, 0, K, inv_rms,
-                    stride_xm, stride_rm, stride_rom, residual_rows, NORM, ADD_RESIDUAL, BLOCK_K)
-    acc = _times_weights(a, w, acc, DOT, DOT_PRECISION)
+        inv_rms = _inverse_rms(x_ptr, residual_ptr, K, eps, ADD_RESIDUAL, BLOCK_K)
+    acc = tl.zeros([1, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([1, BLOCK_N], dtype=tl.float32)
+    a = _input_tile(x_ptr, residual_ptr, residual_out_ptr, norm_ptr, 0, K, inv_rms, residual_cols,
+                    NORM, ADD_RESIDUAL, BLOCK_K)
+    acc = _times_weights(a, w, acc)
     if SWIGLU:
-        acc_up = _times_weights(a, u, acc_up, DOT, DOT_PRECISION)
+        acc_up = _times_weights(a, u, acc_up)
     for k0 in range(BLOCK_K, K, BLOCK_K):  # the rest of K, when the strip is wider than a tile
-        w = _weight_tile(w_rows, k0, ks, col_mask, K, DOT)
-        a = _input_tile(x_ptr, residual_ptr, residual_out_ptr, norm_ptr, rows, row_mask, k0, K,
-                        inv_rms, stride_xm, stride_rm, stride_rom, residual_rows, NORM,
-                        ADD_RESIDUAL, BLOCK_K)
-        acc = _times_weights(a, w, acc, DOT, DOT_PRECISION)
+        w = _weight_tile(w_rows, k0, ks, col_mask, K)
+        a = _input_tile(x_ptr, residual_ptr, residual_out_ptr, norm_ptr, k0, K, inv_rms,
+                        residual_cols, NORM, ADD_RESIDUAL, BLOCK_K)
+        acc = _times_weights(a, w, acc)
         if SWIGLU:
-            u = _weight_tile(u_rows, k0, ks, col_mask, K, DOT)
-            acc_up = _times_weights(a, u, acc_up, DOT, DOT_PRECISION)
+            u = _weight_tile(u_rows, k0, ks, col_mask, K)
+            acc_up = _times_weights(a, u, acc_up)
 
     dtype = out_ptr.dtype.element_ty
     if HAS_BIAS:
@@ -193,8 +177,7 @@ def _fused_linear_kernel(
         # product: the roundings of fused_ops.silu_and_mul after a gate|up GEMM.
         gate = acc.to(dtype).to(tl.float32)
         acc = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * acc_up.to(dtype).to(tl.float32)
-    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(dtype),
-             mask=row_mask[:, None] & col_mask[None, :])
+    tl.store(out_ptr + cols[None, :], acc.to(dtype), mask=col_mask[None, :])
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,31 +200,14 @@ class LinearConfig:
                 raise ValueError(f"{name} must be a power of two, got {value}")
 
 
-def block_rows(m: int) -> int:
-    """Rows of the program's tile for m rows: 1 on the CUDA cores, else 16 for tl.dot.
-
-    Counted in the sm_90 code (Triton 3.6, Qwen3-0.6B's q|k|v; instructions a thread times the
-    loops' trip counts, times the warps an SM holds): the CUDA-core product issues about 15,500
-    warp instructions an SM for one row, 22,900 for two, 37,000 for four (it redoes the
-    multiply-adds per row), tl.dot about 20,600 at any row count."""
-    return 1 if m == 1 else DOT_ROWS
-
-
 @functools.cache
-def choose_config(n: int, k: int, block_m: int, swiglu: bool) -> LinearConfig:
-    """From the shape only (and the row tile: CUDA cores or tl.dot).
-
-    CUDA cores (one row): a program holds at most TILE_ELEMENTS weights (SwiGLU programs
-    read gate and up rows: half as many columns), as few columns as 4 so that N = 1024 still
-    gives every SM of an H100 one or two programs, and as many as fit with the whole of K in one
-    tile, which is then loaded before the wait. tl.dot (2 to 16 rows): 16 columns, its smallest
-    N, and K in pipelined steps of 256 (128 with SwiGLU) columns: within the registers at 16 rows
-    (sm_90, Triton 3.6: 152 registers for q|k|v at 256, 140 for gate|up at 128, no spills).
+def choose_config(n: int, k: int, swiglu: bool) -> LinearConfig:
+    """From the shape only. A program holds at most TILE_ELEMENTS weights (SwiGLU programs read
+    gate and up rows: half as many columns), as few columns as 4 so that N = 1024 still gives
+    every SM of an H100 one or two programs, and as many as fit with the whole of K in one tile,
+    which is then loaded before the wait.
     """
     per_column = 2 if swiglu else 1
-    if block_m == DOT_ROWS:
-        block_k = min(256 // per_column, max(16, triton.next_power_of_2(k)))
-        return LinearConfig(16, block_k, num_warps=4, num_stages=3)
     k_pad = triton.next_power_of_2(k)
     budget = TILE_ELEMENTS // per_column
     block_n = min(64, max(4, _pow2_floor(budget // k_pad)))
@@ -264,9 +230,9 @@ def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: tor
                 weight: torch.Tensor, bias: torch.Tensor | None = None, swiglu: bool = False,
                 config: LinearConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(linear(RMSNorm(h)), h) with h = x + residual (or x, when residual is None): the pre-norm
-    block's "add the sublayer output, normalise, project" in one kernel. x, residual [M, K];
+    block's "add the sublayer output, normalise, project" in one kernel. x, residual [1, K];
     weight [N, K] (nn.Linear's layout); swiglu: weight is gate rows then up rows [2I, K] and the
-    result silu(gate) * up [M, I]. The residual is not changed; the returned h is a new tensor
+    result silu(gate) * up [1, I]. The residual is not changed; the returned h is a new tensor
     (or x itself)."""
     new_residual = torch.empty_like(x) if residual is not None else x
     out = _launch(x, weight, bias, swiglu, config, residual=residual, residual_out=new_residual,
@@ -276,34 +242,27 @@ def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: tor
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            config: LinearConfig | None = None) -> torch.Tensor:
-    """x [M, K] @ weight [N, K]^T (+ bias [N]) for a few rows: F.linear in one fused-path kernel."""
+    """x [1, K] @ weight [N, K]^T (+ bias [N]): F.linear of one row in one fused-path kernel."""
     return _launch(x, weight, bias, False, config)
 
 
 def _launch(x, weight, bias, swiglu, config, residual=None, residual_out=None, norm_weight=None,
             eps=0.0):
-    m, k = x.shape
+    if x.shape[0] != 1:
+        raise ValueError(f"x: the fused linear kernels take one row, got {x.shape[0]}")
     if x.stride(1) != 1 or weight.stride(1) != 1:
         raise ValueError("x and weight must be contiguous along the features (stride 1)")
+    k = x.shape[1]
     n = weight.shape[0] // (2 if swiglu else 1)
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if m == 0:
-        return out
-    if not 1 <= m <= MAX_ROWS:
-        raise ValueError(f"x: the fused linear kernels take 1 to {MAX_ROWS} rows, got {m}")
-    block_m = block_rows(m)
-    dot = block_m == DOT_ROWS
-    cfg = config or choose_config(n, k, block_m, swiglu)
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    cfg = config or choose_config(n, k, swiglu)
     add = residual is not None
     _fused_linear_kernel[(triton.cdiv(n, cfg.BLOCK_N),)](
         x, residual if add else x, residual_out if add else x,
         norm_weight if norm_weight is not None else weight, weight,
-        bias if bias is not None else weight, out,
-        m, n, k, x.stride(0), residual.stride(0) if add else 0,
-        residual_out.stride(0) if add else 0, weight.stride(0), out.stride(0), eps,
+        bias if bias is not None else weight, out, n, k, weight.stride(0), eps,
         NORM=norm_weight is not None, ADD_RESIDUAL=add, SWIGLU=swiglu, HAS_BIAS=bias is not None,
-        DOT=dot, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+        BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(x.device),
     )
     return out

@@ -24,8 +24,9 @@ dimension and `Shard`), and a merged layer where in its own weight each projecti
 (`shard`); the loader then reads just that slice from the file (models/loader.py).
 
 With one rank every layer is the plain `nn.Linear` it replaces: same parameters, same forward.
-For decode-sized batches on CUDA the product runs as fused_linear.py's kernel instead of cuBLAS
-(`linear` below), so that the step's chain of Triton kernels is not broken (kernels/pdl.py).
+For a one-row batch (decode at batch 1) on CUDA the product runs as fused_linear.py's kernel
+instead of cuBLAS (`linear` below), so that the step's chain of Triton kernels is not broken
+(kernels/pdl.py).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ CheckpointSplit = tuple[int, Shard] | None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear; for a decode-sized batch on CUDA, fused_linear.py's kernel (`use_fused_linear`)."""
+    """F.linear; for one row on CUDA, fused_linear.py's kernel (`use_fused_linear`)."""
     if x.dim() == 2 and use_fused_linear(x):
         from minivllm.layers import fused_linear
 

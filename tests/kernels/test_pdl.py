@@ -71,19 +71,16 @@ def _calls(arch: int) -> dict:
         "write_kv_cache": (triton_cache, "_write_kv_cache_kernel",
                            lambda: triton_cache.write_kv_cache(k, v, cache, cache.clone(), slots)),
     }
-    for rows in (1, 16):
-        x_rows = torch.zeros(rows, hidden, **bf16)
-        calls[f"fused_linear qkv M={rows}"] = (fused_linear, "_fused_linear_kernel", (
-            lambda x_rows=x_rows: fused_linear.norm_linear(
-                x_rows, x_rows.clone(), norm, 1e-6, torch.zeros((hq + 2 * hkv) * d, hidden, **bf16),
-                torch.zeros((hq + 2 * hkv) * d, **bf16))))
-        calls[f"fused_linear gate_up M={rows}"] = (fused_linear, "_fused_linear_kernel", (
-            lambda x_rows=x_rows: fused_linear.norm_linear(
-                x_rows, x_rows.clone(), norm, 1e-6, torch.zeros(2 * inter, hidden, **bf16),
-                swiglu=True)))
-        calls[f"fused_linear down M={rows}"] = (fused_linear, "_fused_linear_kernel", (
-            lambda rows=rows: fused_linear.linear(torch.zeros(rows, inter, **bf16),
-                                                  torch.zeros(hidden, inter, **bf16))))
+    calls["fused_linear qkv"] = (fused_linear, "_fused_linear_kernel", (
+        lambda: fused_linear.norm_linear(
+            x, x.clone(), norm, 1e-6, torch.zeros((hq + 2 * hkv) * d, hidden, **bf16),
+            torch.zeros((hq + 2 * hkv) * d, **bf16))))
+    calls["fused_linear gate_up"] = (fused_linear, "_fused_linear_kernel", (
+        lambda: fused_linear.norm_linear(x, x.clone(), norm, 1e-6,
+                                         torch.zeros(2 * inter, hidden, **bf16), swiglu=True)))
+    calls["fused_linear down"] = (fused_linear, "_fused_linear_kernel", (
+        lambda: fused_linear.linear(torch.zeros(1, inter, **bf16),
+                                    torch.zeros(hidden, inter, **bf16))))
     recorded = {name: (getattr(module, kernel), *record(module, kernel, call, pdl))
                 for name, (module, kernel, call) in calls.items()}
     split_decode = attention_call(1, 1024, num_splits=4)
@@ -102,7 +99,7 @@ def compiled_ptx() -> dict[str, str]:
     ptx = {name: compile_kernel(fn, args, kwargs).asm["ptx"]
            for name, (fn, args, kwargs) in _calls(90).items()}
     ampere = _calls(80)
-    for name in ("fused_linear down M=1", "write_kv_cache"):
+    for name in ("fused_linear down", "write_kv_cache"):
         fn, args, kwargs = ampere[name]
         ptx[f"{name} sm_80"] = compile_kernel(fn, args, kwargs, arch=80).asm["ptx"]
     return ptx
@@ -110,7 +107,7 @@ def compiled_ptx() -> dict[str, str]:
 
 NAMES = ["add_rms_norm", "qk_norm_rope+cache write", "silu_and_mul", "write_kv_cache",
          "attention (decode, split-KV)", "split-KV merge",
-         *(f"fused_linear {name} M={rows}" for rows in (1, 16) for name in ("qkv", "gate_up", "down"))]
+         *(f"fused_linear {name}" for name in ("qkv", "gate_up", "down"))]
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +140,7 @@ def test_each_kernel_waits_before_it_writes_and_releases_after(name, ptx):
 def test_the_linear_kernel_loads_its_weights_before_the_wait(ptx):
     """One row of gate|up: BLOCK_N = 8 rows of gate and 8 of up, all 1,024 columns, 4 warps:
     every thread's share of the 32 KB in 16-byte loads, all issued before the wait."""
-    ptx = ptx["fused_linear gate_up M=1"]
+    ptx = ptx["fused_linear gate_up"]
     loads = _lines(ptx, r"\bld\.global")
     waits = _lines(ptx, WAIT)
     before = [i for i in loads if i < waits[0]]
@@ -151,7 +148,7 @@ def test_the_linear_kernel_loads_its_weights_before_the_wait(ptx):
     assert all(re.search(r"\.v4\.b32", ptx.splitlines()[i]) for i in before)
 
 
-@pytest.mark.parametrize("name", ["fused_linear down M=1", "write_kv_cache"])
+@pytest.mark.parametrize("name", ["fused_linear down", "write_kv_cache"])
 def test_without_hopper_nothing_is_compiled_in(name, ptx):
     ptx = ptx[f"{name} sm_80"]
     assert WAIT not in ptx and RELEASE not in ptx
