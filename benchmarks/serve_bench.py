@@ -16,8 +16,16 @@ process at each rate of --rates (requests per second; `inf` = all at once). Per 
 
 In the same run, before the server starts, offline `LLM.generate` computes the same requests with
 the same engine settings: `ratio_vs_offline` = server output tok/s at `inf` / offline output tok/s
-(HTTP and streaming should cost at most 15 %: >= 0.85). --extra-body adds fields to every request
-(a request mix: `{"logprobs": 5}`, a `response_format`, ...).
+(HTTP and streaming should cost at most 15 %: >= 0.85). --extra-body adds fields to every request.
+
+**Request mixes** (`--mixes plain,json,logprobs`): the same requests again, each mix adding its
+fields (MIXES), one wave per mix at each rate, the mixes taking turns on the same server so that
+any drift of the machine touches them alike. `json` puts a JSON schema on every request
+(`response_format`): an object with one string longer than any output, so the grammar never lets
+a request end early (its EOS stays allowed: structured output refuses `ignore_eos`), every request
+still generates exactly its length, and the engine fills a grammar bitmask for every row of every
+step. `logprobs` asks for the top 5 log-probabilities of every token. `mix_ratios` in the summary
+is each mix's output tok/s over the first mix's, wave by wave (targets: json >= 0.9, logprobs >= 0.95).
 
 **transformers serve** (`--backends minivllm,transformers`): it takes text prompts only, so the
 comparison runs on text made from the workload (random ids of the tokenizer's vocabulary, decoded
@@ -29,6 +37,7 @@ requests. It needs transformers' `[serving]` extra; if it cannot run, the record
     python benchmarks/serve_bench.py --rates inf,inf,inf      # three waves on one server
     python benchmarks/serve_bench.py --backends minivllm,transformers --rates 16,inf --hf-num-requests 32
     python benchmarks/serve_bench.py --url http://127.0.0.1:8000 --model-name NAME   # a running server
+    python benchmarks/serve_bench.py --num-requests 64 --output-len 512 --rates inf,inf,inf --mixes plain,json
 
 CPU runs (a tiny model, a few requests) are no GPU claim.
 """
@@ -62,6 +71,16 @@ BACKENDS = ("minivllm", "transformers")
 GPU_DEFAULTS = {"num_requests": 256, "input_len": "100:1024", "output_len": "100:1024",
                 "rates": "4,16,64,inf"}
 CPU_DEFAULTS = {"num_requests": 4, "input_len": "8:16", "output_len": "4:8", "rates": "16,inf"}
+# A JSON object whose one string must be longer than any output: the grammar is followed at every
+# token, and never complete, so each request runs to its max_tokens as an unconstrained one does.
+ENDLESS_STRING_SCHEMA = {"type": "object", "properties": {"text": {"type": "string", "minLength": 1_000_000}},
+                         "required": ["text"]}
+MIXES = {
+    "plain": {},
+    "json": {"ignore_eos": False, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "bench", "schema": ENDLESS_STRING_SCHEMA}}},
+    "logprobs": {"logprobs": 5},
+}
 
 
 # ------------------------------------------------------------------------------------------
@@ -341,15 +360,15 @@ def run_offline(model_dir: Path, dtype: str, prompts, out_lens, args, device) ->
     llm.close()
     del llm, outputs
     release_memory(device)
-    return {"backend": "offline LLM.generate", "rate": "inf", "prompts": "ids",
+    return {"backend": "offline LLM.generate", "rate": "inf", "prompts": "ids", "mix": "plain",
             "num_requests": len(prompts), "failed_requests": 0, "num_output_tokens": out_tokens,
             "num_prompt_tokens": sum(len(p) for p in prompts), "duration_s": wall,
             "output_tokens_per_s": out_tokens / wall, "all_requests_complete": out_tokens == sum(out_lens)}
 
 
-def token_bodies(args, prompts, out_lens) -> list[dict]:
+def token_bodies(args, prompts, out_lens, mix: str = "plain") -> list[dict]:
     return [{"model": args.model_name, "prompt": p, "max_tokens": n, "temperature": 0, "ignore_eos": True,
-             "stream": True, "stream_options": {"include_usage": True}, **args.extra_body}
+             "stream": True, "stream_options": {"include_usage": True}, **args.extra_body, **MIXES[mix]}
             for p, n in zip(prompts, out_lens)]
 
 
@@ -415,6 +434,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backends", default="minivllm", help=f"comma list from {', '.join(BACKENDS)}")
     p.add_argument("--extra-body", type=json.loads, default={},
                    help='JSON fields added to every minivllm request, e.g. \'{"logprobs": 5}\'')
+    p.add_argument("--mixes", default="plain",
+                   help=f"request mixes, comma list from {', '.join(MIXES)}, taking turns at each rate; "
+                        "the summary divides each by the first")
     p.add_argument("--hf-num-requests", type=int, default=64,
                    help="requests of the transformers-serve comparison (the first K, as text)")
     p.add_argument("--url", default=None, help="use this running minivllm server instead of starting one "
@@ -445,6 +467,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     if not args.backends or set(args.backends) - set(BACKENDS):
         p.error(f"--backends: choose from {BACKENDS}, got {args.backends}")
+    args.mix_names = [m.strip() for m in args.mixes.split(",") if m.strip()]
+    if not args.mix_names or set(args.mix_names) - set(MIXES) or len(set(args.mix_names)) < len(args.mix_names):
+        p.error(f"--mixes: distinct names from {', '.join(MIXES)}, got {args.mixes}")
     if not isinstance(args.extra_body, dict):
         p.error("--extra-body must be a JSON object")
     if args.num_requests < 1 or args.hf_num_requests < 1:
@@ -490,6 +515,10 @@ def main(argv=None) -> dict:
     s = record["summary"]
     if s["ratio_vs_offline"] is not None:
         print(f"server at 'inf' / offline LLM.generate: {s['ratio_vs_offline']:.3f} output tok/s")
+    for mix, by_rate in s["mix_ratios"].items():
+        for rate, ratios in by_rate.items():
+            waves = ", ".join("-" if r is None else f"{r:.3f}" for r in ratios)
+            print(f"{mix} / {args.mix_names[0]} at rate {rate}: {waves} output tok/s (per wave)")
     if s["ttft_p99_at_16_s"] is not None:
         print(f"p99 TTFT at 16 req/s: {s['ttft_p99_at_16_s']:.3f} s")
     print(f"failed requests: {s['failed_requests']}")
@@ -508,14 +537,16 @@ def run_servers(args, model_dir, dtype, prompts, out_lens, log_dir, record, save
             server = start_minivllm(args, model_dir, dtype, log_dir)
             server.wait_healthy(args.start_timeout)
         url = args.url or server.url
-        replay(f"{url}/v1/completions", token_bodies(args, [p[:16] for p in prompts[:4]], [4] * 4), [4] * 4,
-               math.inf, args.seed, args.request_timeout)  # warm-up, untimed
+        for mix in args.mix_names:  # warm-up, untimed (a schema is compiled here, not in a timed wave)
+            replay(f"{url}/v1/completions", token_bodies(args, [p[:16] for p in prompts[:4]], [4] * 4, mix),
+                   [4] * 4, math.inf, args.seed, args.request_timeout)
         if "minivllm" in args.backends:
-            bodies = token_bodies(args, prompts, out_lens)
+            bodies = {mix: token_bodies(args, prompts, out_lens, mix) for mix in args.mix_names}
             for i, rate in enumerate(args.rate_values):
-                results, wall, cpu = replay(f"{url}/v1/completions", bodies, out_lens, rate, args.seed + i,
-                                            args.request_timeout, pool, args.client_processes)
-                save({**summarize("minivllm serve", rate, results, wall, cpu), "prompts": "ids"})
+                for mix in args.mix_names:  # the same arrivals for every mix
+                    results, wall, cpu = replay(f"{url}/v1/completions", bodies[mix], out_lens, rate, args.seed + i,
+                                                args.request_timeout, pool, args.client_processes)
+                    save({**summarize("minivllm serve", rate, results, wall, cpu), "prompts": "ids", "mix": mix})
         if "transformers" in args.backends:
             texts, text_lens = text_workload(model_dir, args)
             route = asyncio.run(pick_route(url, args.model_name))
@@ -531,7 +562,7 @@ def run_text(url: str, label: str, model: str, texts, out_lens, route: str, serv
     bodies = text_bodies(model, texts, out_lens, route, server)
     results, wall, cpu = replay(f"{url}/v1/{route}", bodies, out_lens, math.inf, args.seed,
                                 args.request_timeout, pool, args.client_processes)
-    return {**summarize(label, math.inf, results, wall, cpu), "route": route, "prompts": "text"}
+    return {**summarize(label, math.inf, results, wall, cpu), "route": route, "prompts": "text", "mix": "plain"}
 
 
 def run_transformers(model_dir: Path, texts, out_lens, log_dir: Path, args, device, pool) -> dict:
@@ -553,16 +584,35 @@ def run_transformers(model_dir: Path, texts, out_lens, log_dir: Path, args, devi
 
 
 def summary(results: list[dict]) -> dict:
-    """Server over offline output tok/s at "inf" (the last all-at-once wave), p99 TTFT at 16
-    req/s, failed requests (None where this run did not measure one)."""
+    """Server over offline output tok/s at "inf" (the last all-at-once wave of the plain mix, which
+    is what offline runs), p99 TTFT at 16 req/s (plain), each mix over the first mix, wave by wave,
+    failed requests (None where this run did not measure one)."""
     offline = next((r for r in results if r["backend"].startswith("offline")), None)
     served = [r for r in results if r["backend"] == "minivllm serve" and r["prompts"] == "ids"]
-    at_inf = [r for r in served if r["rate"] == "inf" and r.get("output_tokens_per_s")]
-    at_16 = [r for r in served if r["rate"] == 16.0 and r.get("ttft_s")]
+    plain = [r for r in served if r["mix"] == "plain"]
+    at_inf = [r for r in plain if r["rate"] == "inf" and r.get("output_tokens_per_s")]
+    at_16 = [r for r in plain if r["rate"] == 16.0 and r.get("ttft_s")]
     return {"ratio_vs_offline": at_inf[-1]["output_tokens_per_s"] / offline["output_tokens_per_s"]
             if at_inf and offline else None,
             "ttft_p99_at_16_s": at_16[-1]["ttft_s"]["p99"] if at_16 else None,
+            "mix_ratios": mix_ratios(served),
             "failed_requests": sum(r.get("failed_requests", 0) for r in served)}
+
+
+def mix_ratios(served: list[dict]) -> dict:
+    """{mix: {rate: [its output tok/s / the first mix's, one per wave]}} for every mix but the
+    first: a wave of a mix is paired with the first mix's wave of the same rate and the same turn."""
+    mixes = list(dict.fromkeys(r["mix"] for r in served))
+    waves = {}  # (mix, rate) -> output tok/s of each wave, in order
+    for r in served:
+        waves.setdefault((r["mix"], r["rate"]), []).append(r.get("output_tokens_per_s"))
+    ratios = {}
+    for mix in mixes[1:]:
+        for (m, rate), rates in waves.items():
+            if m == mix:
+                base = waves.get((mixes[0], rate), [])
+                ratios.setdefault(mix, {})[str(rate)] = [a / b if a and b else None for a, b in zip(rates, base)]
+    return ratios
 
 
 def _ms(key: str, q: str):
@@ -570,7 +620,7 @@ def _ms(key: str, q: str):
 
 
 COLUMNS = [
-    ("backend", "backend", ""), ("prompts", "prompts", ""), ("rate", "rate", ""),
+    ("backend", "backend", ""), ("prompts", "prompts", ""), ("mix", "mix", ""), ("rate", "rate", ""),
     ("reqs", "num_requests", "d"), ("failed", "failed_requests", "d"),
     ("out tok/s", "output_tokens_per_s", ",.1f"),
     ("TTFT p50 ms", _ms("ttft_s", "p50"), ".0f"), ("TTFT p99 ms", _ms("ttft_s", "p99"), ".0f"),

@@ -37,6 +37,13 @@ minivllm over each HF row of the same concurrency, and each variant over the fir
 
 Variants (`benchmarks/common.py`) run side by side, each in a process of its own. A new workload
 is one function in WORKLOADS. CPU runs are no GPU claim.
+
+Structured output is a variant: `sampling.structured_outputs` takes the fields of
+`StructuredOutputsParams` as JSON, and such a request keeps its EOS (the grammar ends it). A JSON
+schema whose one string is longer than any output keeps every request at its output length, the
+batch as full as without the grammar, and a bitmask to fill for every row of every step:
+
+    python benchmarks/throughput.py --num-requests 64 --output-len 512 --variants 'plain:,json:sampling.structured_outputs={"json":{"type":"object","properties":{"text":{"type":"string","minLength":1000000}},"required":["text"]}}'
 """
 
 from __future__ import annotations
@@ -113,16 +120,26 @@ def make_llm(model_dir: Path, dtype: str, args, device, variant):
     return LLM(str(model_dir), **{**engine_args, **variant.engine})
 
 
+def sampling_params(n: int, sampling: dict):
+    """Greedy, exactly n tokens with EOS ignored, then the variant's settings. With
+    `structured_outputs` (a dict of StructuredOutputsParams' fields) EOS is kept: the grammar ends
+    the output."""
+    from minivllm import SamplingParams, StructuredOutputsParams
+
+    spec = sampling.get("structured_outputs")
+    if spec is not None:
+        sampling = {**sampling, "structured_outputs": StructuredOutputsParams(**spec)}
+    return SamplingParams(**{"temperature": 0.0, "max_tokens": n, "ignore_eos": spec is None, **sampling})
+
+
 def run_minivllm(llm, prompts, out_lens, device, sampling: dict) -> dict:
     """All requests at once, then engine steps until done (as LLM.generate), with the KV-cache
     waste sampled now and then and every Triton compilation counted."""
-    from minivllm import SamplingParams
     from minivllm.kernels import JitCounter
     from minivllm.observe import kv_cache_stats
 
     engine = llm.engine
-    params = [SamplingParams(**{"temperature": 0.0, "max_tokens": n, "ignore_eos": True, **sampling})
-              for n in out_lens]
+    params = [sampling_params(n, sampling) for n in out_lens]
     before = engine.stats.step_stats()
     release_memory(device)
     sync(device)
@@ -146,11 +163,14 @@ def run_minivllm(llm, prompts, out_lens, device, sampling: dict) -> dict:
     kinds = {kind: {"time_s": after["step_kind_time_s"][kind] - before["step_kind_time_s"][kind],
                     "steps": after["step_kind_steps"][kind] - before["step_kind_steps"][kind]}
              for kind in after["step_kind_time_s"]}
+    n0, n1 = before["num_steps"], after["num_steps"]  # host ms per step phase, this run's steps only
+    phases = {phase: (mean * n1 - before["step_phases_ms"][phase] * n0) / max(n1 - n0, 1)
+              for phase, mean in after["step_phases_ms"].items()}
     return row("minivllm", prompts, sum(len(o.token_ids) for o in done), wall, device,
                all_requests_complete=all(len(o.token_ids) == n for o, n in zip(done, out_lens)),
                ttft_s=percentiles([o.metrics.ttft for o in done]),
                tpot_s=percentiles([o.metrics.tpot for o in done]),
-               num_steps=steps, step_kinds=kinds, kv_waste_fraction=percentiles(waste),
+               num_steps=steps, step_kinds=kinds, step_phases_ms=phases, kv_waste_fraction=percentiles(waste),
                jit_compiles_during_run=jit.count if jit.available else None,
                cuda_graphs=llm.engine.executor.runner.graphs is not None, async_scheduling=engine.overlap,
                kv_cache_dtype=engine.config.kv_cache_spec.name,

@@ -12,6 +12,7 @@ _LAZY = {
     "LLM": "minivllm.llm",
     "AsyncLLM": "minivllm.entrypoints.async_llm",
     "SamplingParams": "minivllm.sampling_params",
+    "StructuredOutputsParams": "minivllm.sampling_params",
     "EngineConfig": "minivllm.config",
     "LLMEngine": "minivllm.engine.llm_engine",
     "RequestOutput": "minivllm.outputs",

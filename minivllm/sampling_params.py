@@ -6,6 +6,7 @@ same here. Every field is checked when the object is built; an error names the f
 
 from __future__ import annotations
 
+import json
 import math
 import struct
 from dataclasses import dataclass, field
@@ -40,6 +41,65 @@ def _is_number(value) -> bool:
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """What the output must look like: exactly one of these (vLLM's names).
+
+    json: a JSON schema, as a dict or a JSON string. The output is one JSON value that validates
+        against it, written compactly (no free whitespace between tokens: a random or a wandering
+        model cannot fill its budget with newlines). Keys not in the schema are not allowed.
+    json_object: any JSON object (OpenAI's `response_format={"type": "json_object"}`).
+    regex: the whole output matches this regular expression.
+    choice: the output is exactly one of these strings.
+    grammar: an EBNF grammar (xgrammar's dialect, as GBNF: `root ::= "yes" | "no"`).
+
+    Only the form is checked here. Whether a schema, regex or grammar compiles is checked when the
+    request is added to an engine (the compiler needs the tokenizer): a bad one raises ValueError
+    there, naming the field, before anything is queued.
+    """
+
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | tuple[str, ...] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        if not isinstance(self.json_object, bool):
+            raise ValueError(f"structured_outputs.json_object must be True or False, got {self.json_object!r}")
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise ValueError("structured_outputs needs exactly one of json, json_object, regex, choice, "
+                             f"grammar; got {given or 'none'}")
+        if isinstance(self.json, str):
+            try:
+                schema = json.loads(self.json)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"structured_outputs.json is not valid JSON: {err}") from None
+            object.__setattr__(self, "json", schema)
+        if self.json is not None and not isinstance(self.json, dict):
+            raise ValueError(f"structured_outputs.json must be a JSON schema (a dict, or a JSON string of "
+                             f"one), got {type(self.json).__name__}")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured_outputs.{name} must be a non-empty string, got {value!r}")
+        if self.choice is not None:
+            if (not isinstance(self.choice, (list, tuple)) or not self.choice
+                    or not all(isinstance(c, str) and c for c in self.choice)):
+                raise ValueError(f"structured_outputs.choice must be a non-empty list of non-empty strings, "
+                                 f"got {self.choice!r}")
+            object.__setattr__(self, "choice", tuple(self.choice))
+
+    @property
+    def kind(self) -> str:
+        """Which of the fields is set: "json", "json_object", "regex", "choice" or "grammar"."""
+        if self.json_object:
+            return "json_object"
+        return next(name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None)
 
 
 @dataclass
@@ -91,6 +151,10 @@ class SamplingParams:
         max_model_len can.
     ignore_eos: keep generating after the end-of-sequence token (stop_token_ids still stop).
     skip_special_tokens: leave special tokens out of the text.
+    structured_outputs: a `StructuredOutputsParams`: the output follows a JSON schema, a regex, a
+        choice or a grammar, and ends (finish reason "stop", with EOS) where the grammar is
+        complete. It cannot be combined with min_tokens or ignore_eos, which would keep EOS away
+        where the grammar allows nothing else.
 
     Floats must be finite, and stay finite as float32 (the sampler's dtype): a temperature of 1e39
     would become inf there.
@@ -116,6 +180,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     logprobs_mode: str = "raw"
+    structured_outputs: StructuredOutputsParams | None = None
     # Filled in by __post_init__ from `stop`: always a list, possibly empty.
     stop_strings: list[str] = field(init=False, repr=False)
 
@@ -159,6 +224,7 @@ class SamplingParams:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         self.logit_bias = self._normalize_logit_bias(self.logit_bias)
+        self._check_structured_outputs()
 
     def _check_max_tokens(self) -> None:
         if self.max_tokens is None:
@@ -190,6 +256,22 @@ class SamplingParams:
                 f"seed must satisfy seed + n - 1 < 2**64 (sample i is seeded with seed + i), got "
                 f"seed={self.seed} with n={self.n}"
             )
+
+    def _check_structured_outputs(self) -> None:
+        spec = self.structured_outputs
+        if spec is None:
+            return
+        if not isinstance(spec, StructuredOutputsParams):
+            raise ValueError(f"structured_outputs must be a StructuredOutputsParams or None, got "
+                             f"{type(spec).__name__}")
+        # The grammar ends the output with EOS and allows nothing else there: banning EOS (min_tokens)
+        # or ignoring it would leave a row with no token to draw, or a grammar past its end.
+        if self.min_tokens:
+            raise ValueError("min_tokens cannot be combined with structured_outputs: the grammar decides "
+                             "where the output ends")
+        if self.ignore_eos:
+            raise ValueError("ignore_eos cannot be combined with structured_outputs: the grammar ends the "
+                             "output with EOS")
 
     @staticmethod
     def _normalize_stop(stop) -> list[str]:

@@ -134,6 +134,10 @@ class SchedulerOutput:
     order. block_copies: (src, dst) KV blocks to copy before the forward (copy-on-write).
     finished_seq_ids: sequences that ended since the last step (the runner drops their state);
     preempted_seq_ids: sequences that lost their blocks (the runner drops their block table).
+    structured_rows: the sample rows whose sequence follows a grammar (structured output). Their
+    allowed tokens depend on the token the previous step is still sampling, so the runner only
+    launches the forward pass and samples later, when the engine brings the grammar bitmask
+    (`ModelRunner.sample`); see docs/structured_output.md.
     """
 
     seqs: list[ScheduledSeq]
@@ -142,6 +146,7 @@ class SchedulerOutput:
     finished_seq_ids: list[int] = field(default_factory=list)
     preempted_seq_ids: list[int] = field(default_factory=list)
     scores_prompts: bool = False  # some seq has `prompt_logprobs` rows (the runner looks only then)
+    structured_rows: list[int] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:

@@ -28,6 +28,12 @@ step that speculates (verifies drafts, or may propose for its sequences next): h
 sequence accepted decides where its next step starts, and the n-gram proposer reads its tokens.
 With `async_scheduling=False` every step runs start to finish; the outputs are the same.
 
+**Structured output** needs step n's tokens for step n+1's grammar bitmask, but not for its
+forward pass. So such a step is launched in two halves: the forward pass first, then, once step
+n is folded in and the bitmask filled (while the GPU computes), the sampling:
+
+    host:  | plan n+1 | launch forward n+1 | wait n | update n | fill bitmask | launch sample n+1 |
+
 The engine owns the tokenizer and the requests; the scheduler owns the queues; the model runner
 owns the tensors, and the executor runs it in this process or in one per GPU. None of them
 reaches into another's state.
@@ -50,6 +56,7 @@ from minivllm.engine.scheduler import Scheduler, ScheduledStep
 from minivllm.engine.sequence import Sequence, SequenceStatus
 from minivllm.engine.speculation import Speculation, check_draft_vocabulary
 from minivllm.engine.stopping import StopChecker
+from minivllm.engine.structured_output import Grammars
 from minivllm.engine.tokenizer import eos_token_ids, load_tokenizer
 from minivllm.observe.block_map import kv_cache_stats
 from minivllm.observe.records import StepRecord
@@ -68,10 +75,11 @@ class _InFlight:
     """A launched step whose tokens are still on their way."""
 
     step: ScheduledStep
-    tokens: SampledTokens
+    tokens: SampledTokens | None  # None until a step with structured output is sampled
     record: StepRecord | None  # None for an empty step (nothing ran)
     event: dict | None = None  # its trace event, when tracing
     needs_sync: bool = False  # penalties or speculation: the next plan needs its tokens first
+    grammar_time: float = 0.0  # host seconds filling its grammar bitmask
 
 
 class LLMEngine:
@@ -115,6 +123,7 @@ class LLMEngine:
         self._busy_time = 0.0  # wall seconds inside step()
         self._num_prompt_tokens = 0
         self.stats = StatsCollector(sched.history_size)
+        self._grammars: Grammars | None = None  # made by the first request with structured output
         self.trace: StepTrace | None = None  # see enable_trace; None costs nothing per step
 
     @classmethod
@@ -214,7 +223,26 @@ class LLMEngine:
                 raise ValueError(f"{name} holds {outside[0]}, outside the vocabulary [0, {self.vocab_size})")
         text, token_ids = self._tokenize(prompt)
         self.scheduler.check_request(len(token_ids), params)
-        return Request(request_id, text, token_ids, params, self.eos_token_ids, stream)
+        grammar = self._grammar(params)
+        request = Request(request_id, text, token_ids, params, self.eos_token_ids, stream)
+        request.seqs[0].grammar = grammar
+        return request
+
+    def _grammar(self, params: SamplingParams):
+        """The matcher of the request's structured output (None without one); compiling it here
+        means that a schema that cannot compile is refused before anything is queued."""
+        spec = params.structured_outputs
+        if spec is None:
+            return None
+        if self._grammars is None:
+            if self.tokenizer is None:
+                raise ValueError("structured_outputs needs a tokenizer, and this model directory has none")
+            if not self.eos_token_ids:
+                raise ValueError("structured_outputs needs an end-of-sequence token to end the output, "
+                                 "and this model has none")
+            self._grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_token_ids,
+                                      pin_memory=self.executor.runner.device.type == "cuda")
+        return self._grammars.grammar(spec)
 
     def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         """(text or None, token ids) of a prompt given as text or as token ids."""
@@ -254,14 +282,19 @@ class LLMEngine:
         pending = [] if self._inflight is None else [self._inflight]  # launched, not folded in
         self._inflight = None
         outputs: list[RequestOutput] = []
-        try:
+        try:  # a step leaves `pending` only once folded in: if that raises, _fail still sees it
             if pending and (not self.overlap or pending[0].needs_sync):
                 outputs += self._complete(pending[0])
                 pending.pop(0)
             launched = self._launch()
             if launched is not None:
                 pending.append(launched)
-            while len(pending) > (1 if self.overlap else 0):  # with overlap, the newest stays in flight
+            while len(pending) > 1:  # the older step, folded in while the GPU runs the new one
+                outputs += self._complete(pending[0])
+                pending.pop(0)
+            if launched is not None and launched.tokens is None:  # it waits for its grammar bitmask
+                self._sample_structured(launched)
+            if pending and not self.overlap:
                 outputs += self._complete(pending[0])
                 pending.pop(0)
         except BaseException:
@@ -283,18 +316,28 @@ class LLMEngine:
         for child in step.forks:
             self._unfinished[child.request_id].seqs.append(child)
         try:
-            tokens = self.executor.execute(step.output)
+            tokens = self.executor.execute(step.output)  # None: it samples in _sample_structured
         except BaseException:
             self._fail([_InFlight(step, None, None)])
             raise
         if step.is_empty:  # e.g. every running sequence awaits its last, pending token
             return _InFlight(step, tokens, None)
         record = self._record(step, planned)
-        record.timings = tokens.timings  # the runner's phases, to which the engine adds its own
+        # Kept here until _complete adds it to the runner's StepTimings, which come with the
+        # tokens (a step with structured output has none until it is sampled).
         record.timings.schedule = scheduled - planned
         event = trace.start(self.scheduler, step, record, held_before) if trace is not None else None
         needs_sync = step.speculative or any(row.params.has_penalties for row in step.output.sample_rows)
         return _InFlight(step, tokens, record, event, needs_sync)
+
+    def _sample_structured(self, inflight: _InFlight) -> None:
+        """Fill the grammar bitmask of a launched step (every earlier step is folded in, so each
+        matcher has seen its sequence's last token) and launch its sampling."""
+        started = time.perf_counter()
+        step = inflight.step
+        bitmask = self._grammars.bitmask(step.sampled, step.output.structured_rows)
+        inflight.grammar_time = time.perf_counter() - started
+        inflight.tokens = self.executor.sample(bitmask)
 
     def _complete(self, inflight: _InFlight) -> list[RequestOutput]:
         """Wait for a launched step's tokens and fold them in; returns the outputs it produced."""
@@ -307,7 +350,10 @@ class LLMEngine:
         if record is not None:
             record.add_acceptance(inflight.step.acceptance.values())
             record.finish_time = time.perf_counter()
-            record.timings.wait, record.timings.update = arrived - waited, record.finish_time - arrived
+            timings = inflight.tokens.timings  # the runner's phases, to which the engine adds its own
+            timings.schedule, timings.grammar = record.timings.schedule, inflight.grammar_time
+            timings.wait, timings.update = arrived - waited, record.finish_time - arrived
+            record.timings = timings
             self.stats.add_step(record)
             if self.trace is not None and inflight.event is not None:
                 self.trace.finish(inflight.event, self.scheduler, finished, record, inflight.step.acceptance)

@@ -334,6 +334,8 @@ class Scheduler:
             step.seqs.append(seq)
             seq.num_computed_tokens = start + num_new + num_drafts
             for sampled in samples:
+                if sampled.grammar is not None:
+                    step.output.structured_rows.append(len(step.output.sample_rows))
                 step.output.sample_rows.append(self._sample_row(sampled))
                 step.sampled.append(sampled)
                 sampled.num_computed_tokens = seq.num_computed_tokens

@@ -111,6 +111,9 @@ class Sequence:
         self.output_logprobs: list[TokenLogprobs] | None = [] if sampling_params.logprobs is not None else None
         self.prompt_logprobs: list[TokenLogprobs | None] | None = (
             [None] if sampling_params.prompt_logprobs is not None else None)
+        # --- structured output: the matcher of the request's grammar (engine/structured_output.py),
+        #     which accepts every appended token; None for a request without one ---
+        self.grammar = None
 
         # --- detokenized output (the engine's Detokenizer; None until it is needed) ---
         self.output_text = ""
@@ -182,6 +185,8 @@ class Sequence:
     def append_token(self, token_id: int, now: float | None = None) -> None:
         """Add a sampled token (its K/V gets computed in the next step); it was pending until now."""
         self.token_ids.append(token_id)
+        if self.grammar is not None:
+            self.grammar.accept(token_id)
         self.num_pending_tokens = max(0, self.num_pending_tokens - 1)
         if self.first_token_time is None:
             self.first_token_time = time.perf_counter() if now is None else now
@@ -198,6 +203,7 @@ class Sequence:
             raise ValueError(f"finish() needs a FINISHED_* status, got {status}")
         self.status = status
         self.finish_time = time.perf_counter() if now is None else now
+        self.grammar = None  # a finished sequence samples nothing more
 
     def fork(self, index: int) -> Sequence:
         """A copy that continues independently as sample `index` of the same request.
@@ -218,6 +224,7 @@ class Sequence:
         # prompt's last chunk is in flight.
         child.num_pending_forks = 0
         child.detokenizer = None
+        child.grammar = self.grammar.fork() if self.grammar is not None else None
         return child
 
     # ------------------------------------------------------------------------------------------

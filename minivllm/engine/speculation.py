@@ -38,15 +38,17 @@ def may_speculate(seq: Sequence) -> bool:
     rule. Not with penalties, which need the exact output before each verified position; not
     before `min_tokens` (the sampler bans EOS and stop tokens per position until then); not when
     the request wants the log-probabilities of its tokens: it decodes one token a step and gets
-    them exactly as without speculation, while the other requests of the batch still speculate.
-    (logit_bias is fine: the rejection sampler verifies against the biased distribution.)
+    them exactly as without speculation, while the other requests of the batch still speculate;
+    nor with structured output: each verified position would need the bitmask of the grammar
+    advanced through the drafts before it. (logit_bias is fine: the rejection sampler verifies
+    against the biased distribution.)
 
     (The scheduler also waits for a sequence's newest token to be on the host: the n-gram
     proposer reads it, and how many drafts the step that made it accepted decides where the
     next step starts.)
     """
     params = seq.sampling_params
-    return (not params.has_penalties and params.logprobs is None
+    return (not params.has_penalties and params.logprobs is None and params.structured_outputs is None
             and seq.num_generated_tokens >= params.min_tokens)
 
 

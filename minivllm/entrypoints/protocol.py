@@ -6,8 +6,8 @@ ones `SamplingParams` checks again (the engine's own contract); checking them he
 error the field name the client used (`max_completion_tokens`, not `max_tokens`).
 
 Besides OpenAI's fields, requests take vLLM's extra sampling fields (`top_k`, `min_p`,
-`repetition_penalty`, `min_tokens`, `ignore_eos`, `stop_token_ids`), which the `openai` client
-sends through `extra_body`. Fields of the OpenAI API that this server does not implement are
+`repetition_penalty`, `min_tokens`, `ignore_eos`, `stop_token_ids`, `structured_outputs`), which
+the `openai` client sends through `extra_body`. Fields of the OpenAI API that this server does not implement are
 refused by name (`UNSUPPORTED_FIELDS`) rather than silently ignored.
 
 Log-probabilities (`logprobs`, `echo` and `top_logprobs`) are the model's own distribution:
@@ -28,8 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 # OpenAI fields with a meaning this server does not implement: a request that sets one gets a 400
 # naming it, instead of an answer that quietly ignores what was asked.
-UNSUPPORTED_FIELDS = ("best_of", "suffix", "tools", "tool_choice", "functions", "function_call",
-                      "response_format", "audio", "modalities", "prediction")
+UNSUPPORTED_FIELDS = ("best_of", "suffix", "tools", "tool_choice", "functions", "function_call", "audio",
+                      "modalities", "prediction")
 
 
 class OpenAIBaseModel(BaseModel):
@@ -40,6 +40,30 @@ class OpenAIBaseModel(BaseModel):
 
 class StreamOptions(OpenAIBaseModel):
     include_usage: bool = False  # one last chunk with the token counts, after the text
+
+
+class JsonSchemaFormat(OpenAIBaseModel):
+    name: str
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema")  # (`schema` would shadow a BaseModel method)
+    strict: bool | None = None  # accepted; the schema is always enforced
+
+
+class ResponseFormat(OpenAIBaseModel):
+    """OpenAI's `response_format`: plain text, any JSON object, or JSON following a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(OpenAIBaseModel):
+    """vLLM's `structured_outputs` extension: exactly one of these (see StructuredOutputsParams)."""
+
+    json_: dict | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
 
 
 class SamplingRequest(OpenAIBaseModel):
@@ -79,6 +103,9 @@ class SamplingRequest(OpenAIBaseModel):
     logit_bias: dict[int, float] | None = None
     # minivllm's extra: "processed" reports the distribution each token was drawn from instead.
     logprobs_mode: Literal["raw", "processed"] | None = None
+    # What the output must look like: OpenAI's form, or vLLM's (regex, choice, grammar too).
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
 
     @property
     def include_usage(self) -> bool:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -33,7 +34,7 @@ from minivllm.entrypoints.async_llm import AsyncLLM, EngineDeadError, EngineStep
 from minivllm.entrypoints.errors import OpenAIError, from_value_error
 from minivllm.entrypoints.protocol import UNSUPPORTED_FIELDS, SamplingRequest, UsageInfo
 from minivllm.outputs import RequestOutput
-from minivllm.sampling_params import SamplingParams
+from minivllm.sampling_params import SamplingParams, StructuredOutputsParams
 
 # Request fields -> SamplingParams fields of the same meaning (max_tokens is handled apart).
 _SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
@@ -107,9 +108,10 @@ class OpenAIServing:
         """The request's SamplingParams; `endpoint`: what the endpoint adds (logprobs, ...)."""
         kwargs = {name: getattr(request, name) for name in _SAMPLING_FIELDS if getattr(request, name) is not None}
         try:
-            return SamplingParams(max_tokens=max_tokens, **kwargs, **endpoint)
+            return SamplingParams(max_tokens=max_tokens, structured_outputs=structured_outputs(request), **kwargs,
+                                  **endpoint)
         except (ValueError, TypeError) as err:
-            raise from_value_error(err, type(request).model_fields) from None
+            raise refused(err, request) from None
 
     def check_length(self, prompt: list[int], max_tokens: int | None, prompt_param: str,
                      max_tokens_param: str) -> None:
@@ -128,16 +130,17 @@ class OpenAIServing:
     # ------------------------------------------------------------------------------------------
     # 3. start
     # ------------------------------------------------------------------------------------------
-    async def start(self, prompts: list[list[int]], params: SamplingParams, fields,
+    async def start(self, prompts: list[list[int]], params: SamplingParams, request: SamplingRequest,
                     response_id: str) -> list[RequestStream]:
-        """One engine request per prompt, all or none (a refused one aborts those already added)."""
+        """One engine request per prompt, all or none (a refused one aborts those already added).
+        The engine checks what only it can, e.g. that a JSON schema compiles."""
         streams: list[RequestStream] = []
         try:
             for i, prompt in enumerate(prompts):
                 streams.append(await self.engine.add_request(prompt, params, f"{response_id}-{i}"))
         except (ValueError, TypeError) as err:
             close_all(streams)
-            raise from_value_error(err, fields) from None
+            raise refused(err, request) from None
         except EngineDeadError as err:  # draining, shut down, or the engine process is gone
             close_all(streams)
             raise OpenAIError(f"the server cannot take requests: {err}", status=503) from None
@@ -196,6 +199,46 @@ class OpenAIServing:
         prompt_tokens = sum(len(p) for p in prompts)
         return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                          total_tokens=prompt_tokens + completion_tokens)
+
+
+def structured_outputs(request: SamplingRequest) -> StructuredOutputsParams | None:
+    """The request's `response_format` or `structured_outputs` as the engine's spec (None: free
+    text). Its own errors name the request's field (see `structured_param`)."""
+    fmt, ext = request.response_format, request.structured_outputs
+    if fmt is not None and fmt.type != "text" and ext is not None:
+        raise OpenAIError("give either response_format or structured_outputs, not both", param="structured_outputs")
+    if ext is not None:
+        return StructuredOutputsParams(json=ext.json_, regex=ext.regex, choice=ext.choice, grammar=ext.grammar,
+                                       json_object=bool(ext.json_object))
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+        raise OpenAIError("response_format of type json_schema needs json_schema.schema",
+                          param="response_format.json_schema.schema")
+    return StructuredOutputsParams(json=fmt.json_schema.schema_)
+
+
+def structured_param(request: SamplingRequest) -> str | None:
+    """The request field that an error about `structured_outputs.<field>` is about."""
+    fmt = request.response_format
+    if request.structured_outputs is not None or fmt is None or fmt.type == "text":
+        return None  # vLLM's form: the engine's field names are the request's own
+    return "response_format.json_schema.schema" if fmt.type == "json_schema" else "response_format"
+
+
+def refused(err: Exception, request: SamplingRequest) -> OpenAIError:
+    """A ValueError/TypeError of SamplingParams or of the engine as a 400 naming the request's
+    field; one about the structured output names the field the client used for it."""
+    message = str(err)
+    about = re.match(r"(?:prompt \d+: )?(structured_outputs(?:\.\w+)?)", message)
+    if about is None:
+        return from_value_error(err, type(request).model_fields)
+    field, param = about.group(1), structured_param(request)
+    if param is None:
+        return OpenAIError(message, param=field)
+    return OpenAIError(message.replace(field, param, 1), param=param)
 
 
 def new_id(prefix: str) -> tuple[str, int]:

@@ -52,7 +52,7 @@ class OpenAIServingChat(OpenAIServing):
                                       logprobs=(request.top_logprobs or 0) if request.logprobs else None)
         self.check_length(prompt, max_tokens, "messages", field)
         response_id, created = new_id("chatcmpl")
-        streams = await self.start([prompt], params, ChatCompletionRequest.model_fields, response_id)
+        streams = await self.start([prompt], params, request, response_id)
         if request.stream:
             events = self.events(streams, prompt, params, response_id, created, request)
             return self.sse_response(streams, events)

@@ -48,7 +48,7 @@ class OpenAIServingCompletion(OpenAIServing):
         for prompt in prompts:
             self.check_length(prompt, params.max_tokens, "prompt", "max_tokens")
         response_id, created = new_id("cmpl")
-        streams = await self.start(prompts, params, CompletionRequest.model_fields, response_id)
+        streams = await self.start(prompts, params, request, response_id)
         echoes = self.echoes(request.prompt, prompts) if request.echo else None
         if request.stream:
             events = self.events(streams, prompts, params, response_id, created, request, echoes)

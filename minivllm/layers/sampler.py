@@ -2,6 +2,8 @@
 
 Each row goes through the same pipeline, with its own request's settings:
 
+0. grammar      structured output: the tokens the row's grammar forbids are dropped (-inf), from
+                a bitmask the engine fills on the host (`apply_token_bitmask`)
 1. penalties    repetition (prompt + output tokens), presence and frequency (output tokens)
 2. logit_bias   the request's {token id: bias} added to those logits
 3. bans         EOS and stop tokens are forbidden until `min_tokens` tokens were generated
@@ -20,10 +22,11 @@ random number per vocabulary entry, so a request with a `seed` draws from its ow
 `torch.Generator` the same numbers whatever else is in the batch: seeded sampling is
 reproducible regardless of batch composition.
 
-`Sampler.sample(logits, rows)` is what the model runner calls each step: it takes the step's
-plain `SampleRow`s, keeps the seeded generators of live sequences between steps, and skips the
-pipeline altogether (one argmax) when every row is plain greedy: a step in which no row asks
-for penalties, bans, a bias or log-probabilities does no more than that.
+`Sampler.sample(logits, rows, bitmask)` is what the model runner calls each step: it takes the
+step's plain `SampleRow`s (and, when some follow a grammar, the step's bitmask), keeps the seeded
+generators of live sequences between steps, and skips the pipeline altogether (one argmax) when
+every row is plain greedy: a step in which no row asks for penalties, bans, a bias,
+log-probabilities or a grammar does no more than that.
 """
 
 from __future__ import annotations
@@ -207,6 +210,24 @@ def exponential_noise(shape, generators: list[torch.Generator | None], device) -
     return noise.clamp_(min=torch.finfo(torch.float32).tiny)
 
 
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """The logits with -inf wherever a row's grammar forbids the token (a new tensor).
+
+    bitmask: [B, ceil(V / 32)] int32 on the logits' device, xgrammar's layout: bit t % 32 of word
+    t // 32 is 1 when token t is allowed; a row of -1 (every bit set) allows everything. Read as
+    bytes, which on every little-endian machine (x86, ARM, NVIDIA GPUs) keep that order, it is bit
+    t % 8 of byte t // 8: unpacking bytes takes a quarter of the memory of unpacking int32 words.
+    Bits past the vocabulary (the last word's padding) are dropped.
+    """
+    rows, vocab_size = logits.shape
+    packed = bitmask.view(torch.uint8)  # [B, 4 * words]
+    # 1, 2, 4, ..., 128, made on the device: a tensor built from a list would be a blocking copy.
+    bits = torch.ones(8, dtype=torch.uint8, device=logits.device) << torch.arange(8, dtype=torch.uint8,
+                                                                                  device=logits.device)
+    forbidden = (packed.unsqueeze(-1) & bits) == 0  # [B, 4 * words, 8]: token 8 * byte + bit
+    return logits.masked_fill(forbidden.view(rows, -1)[:, :vocab_size], float("-inf"))
+
+
 def _plain_greedy(row: SampleRow) -> bool:
     """Greedy, no penalties, no bias, nothing banned: the pipeline would reduce to an argmax (and
     the row's processed distribution is its raw one)."""
@@ -222,13 +243,20 @@ class Sampler:
         self.device = torch.device(device)
         self._generators: dict[int, torch.Generator] = {}  # seq id -> its seeded RNG
 
-    def sample(self, logits: torch.Tensor, rows: list[SampleRow]) -> SamplerOutput:
+    def sample(self, logits: torch.Tensor, rows: list[SampleRow],
+               bitmask: torch.Tensor | None = None) -> SamplerOutput:
         """One token per row of `logits` ([len(rows), V]), and the log-probabilities of the rows
-        that asked, as device tensors (no host sync)."""
+        that asked, as device tensors (no host sync).
+
+        bitmask: the step's grammar bitmask ([len(rows), ceil(V / 32)] int32, on the logits'
+        device; see `apply_token_bitmask`), or None when no row follows a grammar. The raw
+        log-probabilities are the model's, before the mask; the processed ones come after it.
+        """
+        masked = logits if bitmask is None else apply_token_bitmask(logits, bitmask)
         if all(_plain_greedy(row) for row in rows):
-            tokens = logits.argmax(dim=-1)
-            return SamplerOutput(tokens, self.logprobs(rows, logits, None, tokens))
-        tokens, processed = self.run(logits, self.batch(rows))
+            tokens = masked.argmax(dim=-1)
+            return SamplerOutput(tokens, self.logprobs(rows, logits, None if bitmask is None else masked, tokens))
+        tokens, processed = self.run(masked, self.batch(rows))
         return SamplerOutput(tokens, self.logprobs(rows, logits, processed, tokens))
 
     def logprobs(self, rows: list[SampleRow], raw: torch.Tensor, processed: torch.Tensor | None,

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 # The host-side phases of one step, in order (see StepTimings).
-STEP_PHASES = ("schedule", "prepare", "forward", "sample", "wait", "update")
+STEP_PHASES = ("schedule", "prepare", "forward", "grammar", "sample", "wait", "update")
 
 
 @dataclass
@@ -24,6 +24,7 @@ class StepTimings:
     * schedule: `Scheduler.schedule()`;
     * prepare: copy-on-write block copies, packing the step metadata, its upload (runner);
     * forward: launching the forward pass or replaying its CUDA graph (runner);
+    * grammar: filling the grammar bitmask of the rows with structured output (engine; 0 without);
     * sample: launching the LM head and the sampler (runner);
     * wait: the host blocked until the GPU had the step's tokens. With overlap the host plans
       the next step first, so this shrinks to what the GPU still needed after that;
@@ -36,6 +37,7 @@ class StepTimings:
     schedule: float = 0.0
     prepare: float = 0.0
     forward: float = 0.0
+    grammar: float = 0.0
     sample: float = 0.0
     wait: float = 0.0
     update: float = 0.0

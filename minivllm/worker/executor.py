@@ -1,9 +1,10 @@
 """Executors: how the engine's one call per step reaches the model, in one process or in N.
 
-An executor has three things the engine uses: `execute(output)` launches a step and returns its
-`SampledTokens`, `close()` stops whatever it started, and `runner` is rank 0's `ModelRunner`,
-which describes the model (its KV pool, vocabulary, device, ...) for every rank. `make_executor`
-picks one:
+An executor has four things the engine uses: `execute(output)` launches a step and returns its
+`SampledTokens` (None for a step with structured output, whose sampling waits for its grammar
+bitmask), `sample(bitmask)` launches that sampling, `close()` stops whatever it started, and
+`runner` is rank 0's `ModelRunner`, which describes the model (its KV pool, vocabulary,
+device, ...) for every rank. `make_executor` picks one:
 
 * **One rank**: `Executor`, a `ModelRunner` in this process; `execute` goes straight to it.
 * **N ranks** (tensor parallelism): `MultiprocExecutor`. The engine's own process is rank 0, the
@@ -15,6 +16,10 @@ picks one:
                   launches it on its own runner and returns a handle on the tokens
       worker r    reads it, launches the same step on its runner (the same forward pass on its
                   shard: the all-reduces pair up with the other ranks'), answers "ok"
+
+  A step with structured output samples in a second call (`sample(bitmask)`, see
+  ModelRunner.execute): the driver then writes the grammar bitmask to every pipe too, and each
+  worker samples with it, so every rank applies the same mask and draws the same tokens.
 
   Nothing else crosses between processes. Every rank computes the whole logits (the LM head
   gathers them) and samples them with the same sampler, seeded the same way, so every rank
@@ -77,8 +82,11 @@ class Executor:
     def __init__(self, config: EngineConfig):
         self.runner = ModelRunner(config)
 
-    def execute(self, output: SchedulerOutput) -> SampledTokens:
+    def execute(self, output: SchedulerOutput) -> SampledTokens | None:
         return self.runner.execute(output)
+
+    def sample(self, bitmask: torch.Tensor) -> SampledTokens:
+        return self.runner.sample(bitmask)
 
     def close(self) -> None:
         """Nothing to stop: no other process was started."""
@@ -117,6 +125,9 @@ def run_worker(config: EngineConfig, rank: int, address: tuple[str, int], conn) 
                 if runner.device.type == "cuda":
                     torch.cuda.synchronize(runner.device)
                 break
+            if isinstance(output, torch.Tensor):  # the grammar bitmask of the step just launched
+                runner.sample(output)
+                continue
             runner.execute(output)  # launched; the tokens stay on this rank's device
             conn.send(("ok", None))
     except BaseException:  # noqa: BLE001 - whatever it is, the driver must hear of it
@@ -196,20 +207,33 @@ class MultiprocExecutor:
         return [w.child.pid for w in self._workers]
 
     # -- one step ----------------------------------------------------------------------------------
-    def execute(self, output: SchedulerOutput) -> SampledTokens:
+    def execute(self, output: SchedulerOutput) -> SampledTokens | None:
         """Send the step to every worker, launch it here; the tokens' `wait()` also waits for
-        every worker's answer."""
+        every worker's answer. None for a step that samples later (`sample`), as the runner's."""
         self._check_usable()
         step = self._num_steps + 1
-        data = pickle.dumps(output, protocol=pickle.HIGHEST_PROTOCOL)  # once, for every worker
         try:
-            for worker in self._workers:
-                worker.child.to_child.send_bytes(data)
+            self._send(output)
             tokens = self.runner.execute(output)
         except BaseException as err:  # noqa: BLE001 - re-raised, as the workers' failure if it was theirs
             self._raise_failure(err, f"step {step}")
         self._num_steps = step
-        return _TensorParallelTokens(tokens, self, step)
+        return None if tokens is None else _TensorParallelTokens(tokens, self, step)
+
+    def sample(self, bitmask: torch.Tensor) -> SampledTokens:
+        """Sample the step just launched with its grammar bitmask, on every rank."""
+        self._check_usable()
+        try:
+            self._send(bitmask.clone())  # a view would pickle the whole buffer behind it
+            tokens = self.runner.sample(bitmask)
+        except BaseException as err:  # noqa: BLE001 - re-raised, as the workers' failure if it was theirs
+            self._raise_failure(err, f"step {self._num_steps}")
+        return _TensorParallelTokens(tokens, self, self._num_steps)
+
+    def _send(self, message) -> None:
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)  # once, for every worker
+        for worker in self._workers:
+            worker.child.to_child.send_bytes(data)
 
     def _wait(self, tokens: SampledTokens, step: int) -> list[int]:
         """Every worker's "ok" for `step`, then rank 0's tokens. On a GPU the tokens arrive only

@@ -5,7 +5,9 @@ It knows nothing about queues or policies. Given a plain `SchedulerOutput` (mini
 1. it copies the KV blocks the block manager asked for (copy-on-write of shared blocks),
 2. packs all scheduled sequences into one batch (`input_batch.py`),
 3. runs ONE forward pass for all of them — prefill chunks and decodes together,
-4. computes logits only at the rows that sample, and samples one token per row,
+4. computes logits only at the rows that sample, and samples one token per row (a step with
+   structured output samples in a second call, `sample(bitmask)`, once the engine has filled the
+   grammar bitmask),
 5. for the rows and prompt chunks that asked, computes log-probabilities from the same logits,
 
 and returns at once: the tokens come back as `SampledTokens`, a handle whose `wait()` gives them
@@ -163,6 +165,9 @@ class ModelRunner:
         self.last_sampled = torch.zeros(0, dtype=torch.int64, device=self.device)
         self._last_sampled_row: dict[int, int] = {}
         self._draft_probs: torch.Tensor | None = None  # the draft model's q of this step's drafts
+        # (output, prepared step, its batch, hidden states, logits, graph query_len, timings) of
+        # the step launched last, until `sample`
+        self._unsampled = None
         if self.device.type == "cuda":  # compile every kernel variant now, not mid-serving
             for model, caches, scales in self._kv_models():
                 k_scale, v_scale = scales[0] if scales else (None, None)
@@ -227,9 +232,14 @@ class ModelRunner:
     # One step
     # ------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, output: SchedulerOutput) -> SampledTokens:
+    def execute(self, output: SchedulerOutput) -> SampledTokens | None:
         """Launch the step; returns its sampled tokens (one per `output.sample_rows` entry),
-        still on their way: `wait()` for them. Nothing here waits for the GPU."""
+        still on their way: `wait()` for them. Nothing here waits for the GPU.
+
+        A step with `structured_rows` launches only the forward pass and the LM head, and returns
+        None: its tokens come from `sample(bitmask)`, once the engine has filled the grammar
+        bitmask (which needs the previous step's tokens) while the GPU computes them.
+        """
         timings = StepTimings()
         start = time.perf_counter()
         self.sampler.release(output.finished_seq_ids)
@@ -246,13 +256,36 @@ class ModelRunner:
             hidden = prepared.graphs.replay(prepared)
         else:
             hidden = self.model(batch.input_ids, batch.positions, batch.attn_metadata)
+        # Logits at the sampled rows only (none when only partial prefill chunks ran).
+        logits = self.model.compute_logits(hidden[batch.logits_indices]) if output.sample_rows else None
         launched = time.perf_counter()
         query_len = prepared.graphs.query_len if isinstance(prepared, GraphStep) else None
-        tokens, logprobs, layout = self._sample(output, hidden, batch, query_len)
+        timings.prepare, timings.forward = launch - start, launched - launch
+        self._unsampled = (output, prepared, batch, hidden, logits, query_len, timings)
+        if output.structured_rows:
+            return None
+        return self.sample()
+
+    @torch.inference_mode()
+    def sample(self, bitmask: torch.Tensor | None = None) -> SampledTokens:
+        """Sample the step `execute` launched; returns its tokens, on their way to the host.
+
+        bitmask: the grammar bitmask of a step with `structured_rows` ([rows, ceil(V / 32)] int32
+        on the host, one row per sample row; -1 rows allow everything), sent with one copy.
+        """
+        output, prepared, batch, hidden, logits, query_len, timings = self._unsampled
+        self._unsampled = None
+        start = time.perf_counter()
+        if bitmask is not None:
+            # From pinned memory the copy is queued behind the forward; from pageable memory (a
+            # tensor-parallel worker's, unpickled) it would wait for the forward to end.
+            if self.device.type == "cuda" and not bitmask.is_pinned():
+                bitmask = bitmask.pin_memory()
+            bitmask = bitmask.to(self.device, non_blocking=True)
+        tokens, logprobs, layout = self._sample(output, hidden, logits, batch, query_len, bitmask)
         if self.draft is not None:  # after the tokens' copy is queued, which need not wait for it
             self.draft.mirror(prepared)
-        timings.prepare, timings.forward = launch - start, launched - launch
-        timings.sample = time.perf_counter() - launched
+        timings.sample = time.perf_counter() - start
         return SampledTokens(tokens, timings, logprobs, layout)
 
     def _prepare(self, output: SchedulerOutput, timings: StepTimings) -> tuple[GraphStep | InputBatch, InputBatch]:
@@ -281,22 +314,22 @@ class ModelRunner:
         drafts, self._draft_probs = self.draft.propose(seqs, first_tokens, self.block_tables, settings)
         batch.input_ids[batch.draft_dst] = drafts.view(-1).to(torch.int32)
 
-    def _sample(self, output: SchedulerOutput, hidden: torch.Tensor, batch: InputBatch, query_len: int | None):
-        """Logits at the sampled rows only, one token each (or, verifying drafts, the tokens
-        each row gained), remembered for the next step; and the log-probabilities that were
-        asked for: (tokens, logprobs payload or None, its layout)."""
+    def _sample(self, output: SchedulerOutput, hidden: torch.Tensor, logits: torch.Tensor | None, batch: InputBatch,
+                query_len: int | None, bitmask: torch.Tensor | None):
+        """One token per sampled row (or, verifying drafts, the tokens each row gained),
+        remembered for the next step; and the log-probabilities that were asked for: (tokens,
+        logprobs payload or None, its layout)."""
         rows = output.sample_rows
         sampled_logprobs = None
         if not rows:  # only partial prefill chunks this step: nothing to sample yet
             self.last_sampled = tokens = torch.zeros(0, dtype=torch.int64, device=self.device)
         else:
-            logits = self.model.compute_logits(hidden[batch.logits_indices])
             if any(s.num_draft_tokens for s in output.seqs):
-                tokens, sampled_logprobs = self._verify(output, logits, batch)
+                tokens, sampled_logprobs = self._verify(output, logits, batch, bitmask)
                 gained = (tokens != NO_TOKEN).sum(dim=1, keepdim=True)
                 self.last_sampled = tokens.gather(1, gained - 1).squeeze(1)
             else:
-                sampled = self.sampler.sample(logits, rows)
+                sampled = self.sampler.sample(logits, rows, bitmask)
                 self.last_sampled, sampled_logprobs = sampled.tokens, sampled.logprobs
                 tokens = self.last_sampled
         self._last_sampled_row = {row.seq_id: i for i, row in enumerate(rows)}
@@ -338,7 +371,8 @@ class ModelRunner:
         return [logprobs_payload(self.model.compute_logits(hidden[rows_t[i:i + size]]), targets_t[i:i + size], num_top)
                 for i in range(0, len(rows), size)]
 
-    def _verify(self, output: SchedulerOutput, logits: torch.Tensor, batch: InputBatch):
+    def _verify(self, output: SchedulerOutput, logits: torch.Tensor, batch: InputBatch,
+                bitmask: torch.Tensor | None):
         """[S, 1 + k] tokens of a step in which some rows verify drafts: those through the
         rejection sampler, the others (forks, penalties, no drafts found) through the sampler;
         and the plain rows' logprobs payload (a row that verifies drafts never asks for one).
@@ -379,7 +413,8 @@ class ModelRunner:
             return verified, None
         tokens = torch.full((len(rows), 1 + k), NO_TOKEN, dtype=torch.int64, device=self.device)
         tokens[where] = verified
-        sampled = self.sampler.sample(logits[plain_rows], [rows[i] for i, _, _ in plain])
+        plain_mask = None if bitmask is None else bitmask[plain_where]  # a grammar's rows never speculate
+        sampled = self.sampler.sample(logits[plain_rows], [rows[i] for i, _, _ in plain], plain_mask)
         tokens[plain_where, 0] = sampled.tokens
         return tokens, sampled.logprobs
 

@@ -1,6 +1,6 @@
 """benchmarks/serve_bench.py on the CPU: a tiny run end to end (offline baseline, a real server,
-a Poisson rate and all-at-once), its JSON and table checked. On a GPU machine the benchmark itself
-is the test."""
+a Poisson rate and all-at-once, each with every request mix), its JSON and table checked. On a GPU
+machine the benchmark itself is the test."""
 
 from __future__ import annotations
 
@@ -17,17 +17,21 @@ from benchmarks import serve_bench
 def test_serve_bench_smoke(tmp_path, model_cache, capsys):
     out = tmp_path / "serve.json"
     record = serve_bench.main(["--device", "cpu", "--client-processes", "2", "--model-cache", str(model_cache),
-                               "--extra-body", '{"top_p": 1.0}', "--out", str(out)])
+                               "--extra-body", '{"top_p": 1.0}', "--mixes", "plain,json,logprobs",
+                               "--out", str(out)])
     saved = json.loads(out.read_text())
     assert saved == json.loads(json.dumps(record, default=str))
     assert saved["bench"] == "serve_bench" and saved["args"]["extra_body"] == {"top_p": 1.0}
     offline, *served = saved["results"]
     assert offline["backend"] == "offline LLM.generate"
     assert offline["all_requests_complete"] and offline["num_requests"] == 4
-    assert [r["rate"] for r in served] == [16.0, "inf"]
+    # The mixes take turns at each rate.
+    assert [(r["rate"], r["mix"]) for r in served] == [(rate, mix) for rate in (16.0, "inf")
+                                                       for mix in ("plain", "json", "logprobs")]
     for r in served:
-        assert r["failed_requests"] == 0 and r["errors"] == []  # the extra field was accepted
-        # Every request produced exactly its requested length, as offline.
+        assert r["failed_requests"] == 0 and r["errors"] == []  # the extra fields were accepted
+        # Every request produced exactly its requested length, as offline: the JSON schema's
+        # endless string keeps each structured request going to its max_tokens.
         assert r["num_output_tokens"] == offline["num_output_tokens"]
         assert r["num_prompt_tokens"] == offline["num_prompt_tokens"]
         for key in ("ttft_s", "itl_s", "tpot_s", "e2e_s"):
@@ -36,13 +40,17 @@ def test_serve_bench_smoke(tmp_path, model_cache, capsys):
         # Every token of the toy tokenizer decodes to text; chunks merge only when a client lags.
         assert 1.0 <= r["tokens_per_text_chunk"] <= r["num_output_tokens"] / r["num_requests"]
     summary = saved["summary"]
-    ratio = served[1]["output_tokens_per_s"] / offline["output_tokens_per_s"]
+    ratio = served[3]["output_tokens_per_s"] / offline["output_tokens_per_s"]
     assert math.isclose(summary["ratio_vs_offline"], ratio) and summary["failed_requests"] == 0
     assert summary["ttft_p99_at_16_s"] == served[0]["ttft_s"]["p99"]
+    tok_s = {(r["rate"], r["mix"]): r["output_tokens_per_s"] for r in served}
+    assert summary["mix_ratios"] == {mix: {str(rate): [pytest.approx(tok_s[rate, mix] / tok_s[rate, "plain"])]
+                                           for rate in (16.0, "inf")} for mix in ("json", "logprobs")}
     assert saved["minivllm_server_exit_code"] == 0  # SIGTERM stopped it cleanly
     lines = capsys.readouterr().out.splitlines()
     assert lines[-1] == saved["note"] and any(line.startswith("offline LLM.generate") for line in lines)
     assert any(line.startswith(f"server at 'inf' / offline LLM.generate: {ratio:.3f}") for line in lines)
+    assert any(line.startswith("json / plain at rate inf: ") for line in lines)
 
 
 def test_poisson_arrivals_have_the_asked_rate():
@@ -54,7 +62,7 @@ def test_poisson_arrivals_have_the_asked_rate():
 
 def test_bad_arguments_are_refused():
     for argv in (["--rates", "0,inf"], ["--rates", "fast"], ["--backends", "vllm"], ["--input-len", "9:3"],
-                 ["--extra-body", "[1]"]):
+                 ["--extra-body", "[1]"], ["--mixes", "plain,xml"], ["--mixes", "json,json"]):
         with pytest.raises(SystemExit):
             serve_bench.parse_args(["--device", "cpu", *argv])
 

@@ -109,3 +109,19 @@ def test_the_random_workload_draws_ids_of_the_models_vocabulary(model_cache):
     prompts, out_lens = throughput.WORKLOADS["random"](args, model_dir)
     assert len(prompts) == 4 and all(5 <= len(p) <= 7 and max(p) < vocab_size(model_dir) for p in prompts)
     assert (prompts, out_lens) == throughput.WORKLOADS["random"](args, model_dir)
+
+
+@cpu_only
+def test_a_structured_output_variant_keeps_every_request_at_its_length(tmp_path, model_cache):
+    """A JSON schema on every request (a string longer than any output): EOS is kept, yet every
+    request runs its full length, and the host fills a grammar bitmask every step."""
+    spec = '{"json":{"type":"object","properties":{"text":{"type":"string","minLength":100000}},"required":["text"]}}'
+    record = throughput.main([*TINY, "--model-cache", str(model_cache), "--out", str(tmp_path / "s.json"),
+                              "--variants", f"plain:,json:sampling.structured_outputs={spec}",
+                              "--child-variant", "json"])
+    (row,) = record["results"]
+    assert row["variant"] == "json" and row["all_requests_complete"] and row["num_output_tokens"] == 18
+    assert row["step_phases_ms"]["grammar"] > 0
+    params = throughput.sampling_params(6, {"structured_outputs": json.loads(spec)})
+    assert params.structured_outputs.json["properties"]["text"]["minLength"] == 100000 and not params.ignore_eos
+    assert throughput.sampling_params(6, {}).ignore_eos

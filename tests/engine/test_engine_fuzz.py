@@ -2,12 +2,15 @@
 
 Each scenario (a seed) draws requests that share prompt prefixes, arrive at random steps, ask for
 n = 1..3 samples, stop tokens and min_tokens, log-probabilities of their tokens and of their
-prompts (some only score their prompt, max_tokens=0), and are sometimes aborted; the engine runs them on a
-KV pool so small that it must preempt, with a token budget that forces chunked prefill, prefix
+prompts (some only score their prompt, max_tokens=0), or structured output (a JSON schema, a regex
+or a choice drawn from a small family), and are sometimes aborted; the engine runs them on a KV
+pool so small that it must preempt, with a token budget that forces chunked prefill, prefix
 caching on, and overlap on or off. Then:
 
 * every request comes back exactly once, finished, with a documented finish reason: "length" at
   exactly its length limit, "stop" only at an allowed stop token, "abort" only if we aborted it;
+* every finished structured output is what was asked for: JSON that validates against its
+  schema (`jsonschema`), a full match of its regex, one of its choices;
 * every KV block is free again;
 * every request we did not abort produced exactly the tokens of a run with a pool and budget
   that never constrain anything (greedy decoding), and the same log-probabilities: one per token,
@@ -21,13 +24,49 @@ without speculation.
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
+import re
 
+import jsonschema
 import pytest
 
 from minivllm import LLM, SamplingParams
+from minivllm.sampling_params import StructuredOutputsParams
 
 MAX_MODEL_LEN = 64
+STRUCTURED_MAX_TOKENS = 30  # longer than any output of the family below (prompts have <= 28 tokens)
+# Grammars whose every sentence is short: a random-weight model's output only ends where the
+# grammar forces it to.
+SCHEMAS = [
+    {"enum": ["red", "green", "blue"]},
+    {"type": "boolean"},
+    {"type": "integer", "minimum": -50, "maximum": 999},
+    {"type": "string", "maxLength": 3},
+    {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2},
+    {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+     "required": ["ok", "n"]},
+]
+REGEXES = [r"[a-f]{2}-\d{1,3}", r"(yes|no)!?"]
+CHOICES = [("the fox", "a cache", "blocks"), ("x", "xy", "xyz")]
+
+
+def draw_structured(rng: random.Random) -> StructuredOutputsParams:
+    kind = rng.choice(["json", "json", "json", "regex", "choice"])
+    if kind == "json":
+        return StructuredOutputsParams(json=rng.choice(SCHEMAS))
+    if kind == "regex":
+        return StructuredOutputsParams(regex=rng.choice(REGEXES))
+    return StructuredOutputsParams(choice=rng.choice(CHOICES))
+
+
+def check_structured(text: str, spec: StructuredOutputsParams) -> None:
+    if spec.json is not None:
+        jsonschema.validate(json.loads(text), spec.json)
+    elif spec.regex is not None:
+        assert re.fullmatch(spec.regex, text), (text, spec.regex)
+    else:
+        assert text in spec.choice, (text, spec.choice)
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +86,7 @@ def draft(tmp_path_factory):
 def draw_scenario(seed: int):
     rng = random.Random(seed)
     logprob_rng = random.Random(seed + 1000)
+    structured_rng = random.Random(-1 - seed)  # its own stream: the other draws stay as they were
     prefixes = [[rng.randrange(4, 500) for _ in range(rng.randint(4, 12))] for _ in range(2)]
     requests = []
     for i in range(rng.randint(7, 10)):
@@ -55,6 +95,9 @@ def draw_scenario(seed: int):
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, n=rng.choice([1, 1, 2, 3]),
                                 ignore_eos=rng.random() < 0.5, min_tokens=rng.choice([0, 0, min(2, max_tokens)]),
                                 stop_token_ids=rng.sample(range(4, 500), 40) if rng.random() < 0.3 else None)
+        if structured_rng.random() < 0.4:  # the grammar ends it: EOS, min_tokens and stop ids stay free
+            params = SamplingParams(temperature=0.0, max_tokens=STRUCTURED_MAX_TOKENS, n=params.n,
+                                    structured_outputs=draw_structured(structured_rng))
         arrival = rng.randint(0, 10)
         abort_at = arrival + rng.randint(0, 8) if rng.random() < 0.2 else None
         requests.append((f"r{i}", prompt, with_logprobs(params, logprob_rng), arrival, abort_at))
@@ -145,6 +188,11 @@ def test_random_workloads_lose_nothing_leak_nothing_change_nothing(model, draft,
         aborted = any(c.finish_reason == "abort" for c in out.outputs)
         assert not aborted or abort_at is not None
         check_finish(out, params, prompt, aborted, engine.eos_token_ids)
+        if params.structured_outputs is not None and params.max_tokens:  # (max_tokens=0 only scores the prompt)
+            for c in out.outputs:
+                if c.finish_reason != "abort":
+                    assert c.finish_reason == "stop", (request_id, c)
+                    check_structured(c.text, params.structured_outputs)
         expected = [c.token_ids for c in reference[request_id][0].outputs]
         got = [c.token_ids for c in out.outputs]
         if aborted:  # stopped early: each sample is the start of the full answer
@@ -159,3 +207,4 @@ def test_random_workloads_lose_nothing_leak_nothing_change_nothing(model, draft,
     if spec is not None:  # drafts were verified, and some rejected and rolled back
         stats = engine.get_stats()["speculative"]
         assert 0 < stats["num_accepted_tokens"] < stats["num_draft_tokens"], stats
+    assert all(seq.grammar is None for r in engine._finished.values() for seq in r.seqs), "a matcher outlived its sequence"

@@ -1,4 +1,5 @@
-"""Sampler tests: greedy, the filters' support, penalties, bans and seeded reproducibility."""
+"""Sampler tests: greedy, the filters' support, penalties, bans, the grammar bitmask and seeded
+reproducibility."""
 
 import math
 
@@ -9,9 +10,11 @@ from minivllm.layers.sampler import (
     Sampler,
     SamplingBatch,
     apply_penalties,
+    apply_token_bitmask,
     apply_top_k_top_p_min_p,
 )
 from minivllm.sampling_params import SamplingParams
+from minivllm.step import SampleRow
 
 VOCAB = 8
 
@@ -188,3 +191,55 @@ def test_shape_errors_are_clear():
         Sampler()(torch.zeros(VOCAB), batch_for([SamplingParams()]))
     with pytest.raises(ValueError, match="rows"):
         Sampler()(torch.zeros(2, VOCAB), batch_for([SamplingParams()]))
+
+
+@pytest.mark.parametrize("vocab", [1, 31, 32, 33, 100, 129])
+def test_token_bitmask_drops_exactly_the_forbidden_tokens(vocab):
+    """`apply_token_bitmask` against a plain masked_fill whose mask is read bit by bit from the
+    int32 words (bit t % 32 of word t // 32), the layout xgrammar fills."""
+    g = torch.Generator().manual_seed(vocab)
+    words = -(-vocab // 32)
+    bitmask = torch.randint(-2**31, 2**31, (4, words), dtype=torch.int32, generator=g)
+    bitmask[1] = -1  # everything allowed
+    bitmask[2] = 0  # nothing allowed
+    bitmask[3, 0] = -2**31  # only the sign bit: token 31 alone (where the vocabulary has it)
+    logits = torch.randn(4, vocab, generator=g)
+    allowed = torch.tensor([[(int(bitmask[r, t // 32]) >> (t % 32)) & 1 for t in range(vocab)] for r in range(4)])
+    expected = logits.masked_fill(allowed == 0, float("-inf"))
+    assert torch.equal(apply_token_bitmask(logits, bitmask), expected)
+    assert torch.isfinite(apply_token_bitmask(logits, bitmask)[1]).all()
+
+
+def test_the_bitmask_applies_before_sampling_and_greedy():
+    """Greedy picks the best allowed token; sampled rows never draw a forbidden one."""
+    torch.manual_seed(5)
+    logits = torch.randn(3, 64)
+    bitmask = torch.zeros(3, 2, dtype=torch.int32)
+    bitmask[:, 1] = 0b1011  # tokens 32, 33 and 35
+    rows = [SampleRow(i, SamplingParams(temperature=t)) for i, t in enumerate((0.0, 1.0, 5.0))]
+    for _ in range(50):
+        tokens = Sampler(64).sample(logits, rows, bitmask).tokens.tolist()
+        assert set(tokens) <= {32, 33, 35}
+        allowed = [32, 33, 35]
+        assert tokens[0] == allowed[int(logits[0, allowed].argmax())]
+
+
+def test_the_raw_logprobs_are_the_models_and_the_processed_ones_see_the_mask():
+    """The mask is part of the processed distribution, never of the model's own."""
+    from minivllm.layers.logprobs import decode_row
+
+    torch.manual_seed(6)
+    logits = torch.randn(2, 64)
+    bitmask = torch.zeros(2, 2, dtype=torch.int32)
+    bitmask[:, 1] = 0b1011  # tokens 32, 33 and 35
+    allowed = [32, 33, 35]
+    rows = [SampleRow(0, SamplingParams(temperature=0, logprobs=2)),
+            SampleRow(1, SamplingParams(temperature=0, logprobs=2, logprobs_mode="processed"))]
+    out = Sampler(64).sample(logits, rows, bitmask)
+    tokens = out.tokens.tolist()
+    raw, processed = (decode_row(out.logprobs[r].tolist(), tokens[r], 2) for r in range(2))
+    assert tokens == [allowed[int(logits[r, allowed].argmax())] for r in range(2)]
+    assert raw.logprob == pytest.approx(logits[0].log_softmax(-1)[tokens[0]].item(), abs=1e-6)
+    assert raw.top_ids == logits[0].topk(2).indices.tolist()
+    assert processed.logprob == pytest.approx(logits[1, allowed].log_softmax(-1).max().item(), abs=1e-6)
+    assert processed.rank == 1 and set(processed.top_ids) <= set(allowed)

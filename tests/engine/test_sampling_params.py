@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minivllm.layers.sampler import Sampler, SamplingBatch
-from minivllm.sampling_params import SamplingParams
+from minivllm.sampling_params import SamplingParams, StructuredOutputsParams
 from minivllm.step import SampleRow
 
 FLOAT32_MAX = torch.finfo(torch.float32).max
@@ -71,6 +71,45 @@ FLOAT32_MAX = torch.finfo(torch.float32).max
 def test_invalid_fields(kwargs, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({}, "exactly one"),
+        ({"json": {"type": "string"}, "regex": "a+"}, "exactly one"),
+        ({"choice": ["a"], "json_object": True}, "exactly one"),
+        ({"json": "{not json"}, "structured_outputs.json is not valid JSON"),
+        ({"json": "[1, 2]"}, "structured_outputs.json must be a JSON schema"),
+        ({"json": 5}, "structured_outputs.json must be a JSON schema"),
+        ({"regex": ""}, "structured_outputs.regex"),
+        ({"regex": 5}, "structured_outputs.regex"),
+        ({"grammar": b"root ::= x"}, "structured_outputs.grammar"),
+        ({"choice": []}, "structured_outputs.choice"),
+        ({"choice": "yes"}, "structured_outputs.choice"),
+        ({"choice": ["yes", ""]}, "structured_outputs.choice"),
+        ({"choice": ["yes", 1]}, "structured_outputs.choice"),
+        ({"json_object": 1}, "structured_outputs.json_object"),
+    ],
+)
+def test_invalid_structured_outputs(kwargs, field):
+    with pytest.raises(ValueError, match=re.escape(field)):
+        StructuredOutputsParams(**kwargs)
+
+
+def test_structured_outputs_in_sampling_params():
+    spec = StructuredOutputsParams(json='{"type": "boolean"}')
+    assert spec.json == {"type": "boolean"} and spec.kind == "json"  # a JSON string is parsed once
+    assert StructuredOutputsParams(choice=["a", "b"]).choice == ("a", "b")
+    assert StructuredOutputsParams(json_object=True).kind == "json_object"
+    assert SamplingParams.from_kwargs(structured_outputs=spec).structured_outputs is spec
+    with pytest.raises(ValueError, match="structured_outputs must be a StructuredOutputsParams"):
+        SamplingParams(structured_outputs={"json": {}})
+    # EOS ends a structured output where the grammar is complete: nothing may keep it away.
+    with pytest.raises(ValueError, match="min_tokens cannot be combined with structured_outputs"):
+        SamplingParams(structured_outputs=spec, min_tokens=1)
+    with pytest.raises(ValueError, match="ignore_eos cannot be combined with structured_outputs"):
+        SamplingParams(structured_outputs=spec, ignore_eos=True)
 
 
 def test_normalization_and_flags():

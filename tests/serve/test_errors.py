@@ -44,6 +44,27 @@ BAD_REQUESTS = [
     ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
      "messages[0].content[0]", "only text parts"),
     ("chat/completions", {"messages": USER, "model": "nope"}, 404, "model", "does not exist"),
+    # Structured output: what the engine cannot compile names the field the client used for it.
+    ("chat/completions", {"messages": USER, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "nonsense"}}}}, 400, "response_format.json_schema.schema", "Unsupported type"),
+    ("chat/completions", {"messages": USER, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+     400, "response_format.json_schema.schema", "needs json_schema.schema"),
+    ("chat/completions", {"messages": USER, "response_format": {"type": "xml"}}, 400, "response_format.type",
+     "json_schema"),
+    ("completions", {"prompt": "Hi", "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "properties": 3}}}}, 400, "response_format.json_schema.schema",
+     "properties must be an object"),
+    ("completions", {"prompt": "Hi", "structured_outputs": {"regex": "(a"}}, 400, "structured_outputs.regex",
+     "parenthesis"),
+    ("completions", {"prompt": "Hi", "structured_outputs": {"grammar": "root ::= nothing"}}, 400,
+     "structured_outputs.grammar", "not defined"),
+    ("completions", {"prompt": "Hi", "structured_outputs": {"choice": []}}, 400, "structured_outputs.choice",
+     "non-empty"),
+    ("completions", {"prompt": "Hi", "structured_outputs": {}}, 400, "structured_outputs", "exactly one"),
+    ("completions", {"prompt": "Hi", "structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}},
+     400, "structured_outputs", "not both"),
+    ("completions", {"prompt": "Hi", "structured_outputs": {"regex": "a+"}, "min_tokens": 2}, 400, "min_tokens",
+     "cannot be combined"),
 ]
 
 pytestmark = in_server_group
