@@ -169,7 +169,7 @@ def check_logprobs(out, reference, params: SamplingParams) -> None:
 
 
 @pytest.mark.parametrize("seed, speculative", [(0, None), (1, None), (2, None), (3, None),
-                                               (4, "ngram"), (5, "draft")])
+                                               (10, "ngram"), (5, "draft")])
 def test_random_workloads_lose_nothing_leak_nothing_change_nothing(model, draft, seed, speculative):
     requests, overlap = draw_scenario(seed)
     spec = None
@@ -202,7 +202,7 @@ def test_random_workloads_lose_nothing_leak_nothing_change_nothing(model, draft,
             check_logprobs(out, reference[request_id][0], params)
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     assert not engine.scheduler.running and not engine.scheduler.waiting
-    if seed in (0, 4, 5):  # the pool is small enough to matter (checked, not assumed)
+    if seed in (0, 5, 10):  # the pool is small enough to matter (checked, not assumed)
         assert preempted > 0
     if spec is not None:  # drafts were verified, and some rejected and rolled back
         stats = engine.get_stats()["speculative"]

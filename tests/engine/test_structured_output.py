@@ -319,3 +319,21 @@ def test_on_cuda_graphs_and_overlap_give_the_cpu_tokens(model):
     gpu = gpu_llm.generate(prompts, params, use_tqdm=False)
     assert [c.token_ids for c in completions(gpu)] == [c.token_ids for c in completions(cpu)]
     assert gpu_llm.engine.get_stats()["scheduler"]["num_graph_steps"] > 0
+
+
+def test_structured_requests_decode_one_token_a_step_beside_speculating_ones(model, llm):
+    """With n-gram speculation on, a structured request takes no drafts (they would need the
+    grammar's bitmask at every verified position) while its neighbour in the batch speculates:
+    the structured output validates and is greedy's without speculation, the neighbour's too."""
+    from tests.engine.test_speculative_decoding import repetitive_prompts
+
+    prompts = repetitive_prompts(2, seed=1)  # prompt lookup finds drafts for both
+    params = [SamplingParams(**structured(json=SCHEMA, temperature=0)),
+              SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)]
+    ngram = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}
+    speculating = LLM(model, speculative_config=ngram, **ENGINE)
+    got = speculating.generate(prompts, params, use_tqdm=False)
+    assert speculating.engine.get_stats()["speculative"]["num_accepted_tokens"] > 0
+    jsonschema.validate(json.loads(got[0].outputs[0].text), SCHEMA)
+    expected = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
