@@ -19,11 +19,21 @@ One call serves prefill, chunked prefill and decode (decode is query length 1), 
 is one launch; GQA/MQA when Hq is a multiple of Hkv. The queries of a sequence are the *last*
 tokens of its context: query j of a chunk of length q attends to keys `< seq_len - q + j + 1`.
 
+Every layer of a model step calls `paged_attention` with the same metadata. A backend that
+would redo the same work from it in every call (the CPU's "sdpa": gather indices and masks)
+does it once instead:
+
+    plan = plan_attention(block_tables, seq_lens, cu_seqlens_q, k_cache)   # once per step
+    out = paged_attention(..., plan=plan)                                  # every layer
+
+`plan_attention` returns None for the backends that need no plan (Triton, CUDA), so a caller
+can always pass its result on.
+
 Layout of the package: `validation.py` checks the inputs once, at the door, with errors that name
-the argument; `backends.py` picks the implementation ("auto" | "torch" | "triton" | "cuda") from
-one dispatch table; `reference.py`, `triton_attention.py`, `triton_cache.py` and `cuda.py` are
-the implementations; `fp8.py` is the fp8 format and its scales, `kv_cache_spec.py` the two
-cache formats as one small type; `warmup.py` compiles every Triton variant a model uses before
+the argument; `backends.py` picks the implementation ("auto" | "torch" | "sdpa" | "triton" | "cuda")
+from one dispatch table; `reference.py`, `sdpa.py`, `triton_attention.py`, `triton_cache.py` and
+`cuda.py` are the implementations; `fp8.py` is the fp8 format and its scales, `kv_cache_spec.py` the
+two cache formats as one small type; `warmup.py` compiles every Triton variant a model uses before
 serving, and `jit_counter.py` counts Triton compilations, to check that serving compiles nothing.
 """
 
@@ -32,14 +42,15 @@ from __future__ import annotations
 import torch
 
 from . import validation
-from .backends import AUTO_PREFERS_CUDA, BACKENDS, available_backends, dispatch, resolve_backend
+from .backends import (AUTO_PREFERS_CUDA, BACKENDS, PLANNERS, available_backends, dispatch,
+                       resolve_backend)
 from .jit_counter import JitCounter
 from .kv_cache_spec import KVCacheSpec, LayerKVCache
 from .warmup import warm_up
 
 __all__ = [
-    "write_kv_cache", "paged_attention", "available_backends", "resolve_backend", "BACKENDS",
-    "AUTO_PREFERS_CUDA", "JitCounter", "KVCacheSpec", "LayerKVCache", "warm_up",
+    "write_kv_cache", "paged_attention", "plan_attention", "available_backends", "resolve_backend",
+    "BACKENDS", "AUTO_PREFERS_CUDA", "JitCounter", "KVCacheSpec", "LayerKVCache", "warm_up",
 ]
 
 
@@ -85,6 +96,7 @@ def paged_attention(
     check_inputs: bool = False,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    plan=None,
 ) -> torch.Tensor:
     """Attention of packed new queries over the paged KV cache; returns [T, Hq, D].
 
@@ -99,18 +111,46 @@ def paged_attention(
     num_splits: force the number of KV splits (Triton and cuda; None = heuristic).
     k_scale, v_scale: the scales of an fp8 cache, float32 [num_blocks, block_size, Hkv], as
     write_kv_cache wrote them; the query (and out) stay float32/float16/bfloat16.
+    plan: `plan_attention`'s result for these block_tables, seq_lens and cu_seqlens_q (None:
+    none, or the backend needs none). Their values were checked when it was made.
     """
     scale = validation.check_paged_attention(
         query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, out, max_seq_len,
-        num_splits, k_scale, v_scale, check_inputs,
+        num_splits, k_scale, v_scale, check_inputs, plan, causal,
     )
     if out is None:
         out = torch.empty_like(query)
     if seq_lens.shape[0] == 0:
         return out
+    planned = {} if plan is None else {"plan": plan}
+    if plan is not None and resolve_backend(backend, query.device) != plan.backend:
+        raise ValueError(f"plan was made for backend {plan.backend!r}, but backend={backend!r} "
+                         f"resolves to {resolve_backend(backend, query.device)!r} here")
     return dispatch(
         "paged_attention", backend, query.device, query=query, k_cache=k_cache, v_cache=v_cache,
         block_tables=block_tables, seq_lens=seq_lens, cu_seqlens_q=cu_seqlens_q, scale=scale,
         causal=causal, out=out, max_seq_len=max_seq_len, num_splits=num_splits, k_scale=k_scale,
-        v_scale=v_scale,
+        v_scale=v_scale, **planned,
     )
+
+
+def plan_attention(
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    k_cache: torch.Tensor,
+    causal: bool = True,
+    backend: str = "auto",
+):
+    """What every `paged_attention` call of one step would work out from its metadata, worked
+    out once; None where `backend` needs no plan (it resolves to "sdpa" on a CPU: a plan).
+
+    The arguments are those of `paged_attention` (k_cache: any layer's, for its block size and
+    device); they are checked here, values included, so calls given the plan check them no more.
+    The plan is good for those tensors, as long as their values do not change.
+    """
+    validation.check_plan_inputs(k_cache, block_tables, seq_lens, cu_seqlens_q)
+    planner = PLANNERS.get(resolve_backend(backend, k_cache.device))
+    if planner is None or seq_lens.shape[0] == 0:
+        return None
+    return planner(block_tables, seq_lens, cu_seqlens_q, k_cache.shape[1], causal)

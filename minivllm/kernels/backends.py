@@ -1,13 +1,14 @@
 """Which implementation runs a call: backend selection and the one dispatch table.
 
-    "torch"   the reference in `reference.py`: the CPU path and the oracle every other backend is
-              tested against;
+    "torch"   the reference in `reference.py`: the oracle every other backend is tested against;
+    "sdpa"    `sdpa.py`: the CPU path, PyTorch's fused attention over K/V gathered once per
+              layer, with the step's gather indices and masks planned once (`PLANNERS`);
     "triton"  the fast GPU kernels (`triton_attention.py`, `triton_cache.py`); they also run on
               CPU tensors under TRITON_INTERPRET=1, which is how the CPU tests run them;
     "cuda"    the optional C++ extension built from csrc/ (`cuda.py`): tensor-core kernels for
               decode, prefill, chunked prefill and mixed batches (fp16/bf16, head_dim 64/128);
     "auto"    Triton on a GPU (or the extension, for the ops listed in AUTO_PREFERS_CUDA),
-              else the reference.
+              else "sdpa".
 
 `KERNELS` maps op -> backend -> function; every function of one op takes the same keyword
 arguments. Every backend but the extension reads and writes fp8 caches (on a GPU, Triton's fp8
@@ -26,10 +27,10 @@ import warnings
 import torch
 
 from . import cuda as _cuda
-from . import reference
+from . import reference, sdpa
 from .fp8 import FP8_DTYPE
 
-BACKENDS = ("auto", "torch", "triton", "cuda")
+BACKENDS = ("auto", "torch", "sdpa", "triton", "cuda")
 
 # Where "auto" takes the C++ extension when it is built, rather than Triton: only for ops where
 # it measured faster in the same run. Its tensor-core attention (mma.sync) matches Triton in
@@ -57,15 +58,20 @@ def _triton(module: str, name: str):
 KERNELS = {
     "write_kv_cache": {
         "torch": reference.write_kv_cache,
+        "sdpa": sdpa.write_kv_cache,
         "triton": _triton("triton_cache", "write_kv_cache"),
         "cuda": _cuda.write_kv_cache,
     },
     "paged_attention": {
         "torch": reference.paged_attention,
+        "sdpa": sdpa.paged_attention,
         "triton": _triton("triton_attention", "paged_attention"),
         "cuda": _cuda.paged_attention,
     },
 }
+# backend -> what turns a step's attention metadata into its plan (`plan_attention`); a backend
+# that is not listed needs none.
+PLANNERS = {"sdpa": sdpa.make_plan}
 # op -> why the extension cannot run this call (None: it can). Looks at shapes, dtypes, strides
 # and alignment only, so deciding never reads a value back from the GPU.
 CUDA_DECLINES = {
@@ -88,7 +94,7 @@ def _triton_usable(device: torch.device) -> bool:
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """The backends that can run on tensors of `device`."""
     device = torch.device(device)
-    names = ["torch"]
+    names = ["torch", "sdpa"]
     if _triton_usable(device):
         names.append("triton")
     if device.type == "cuda" and _cuda.is_available():
@@ -106,7 +112,7 @@ def resolve_backend(backend: str, device: torch.device, op: str = "paged_attenti
                 return "cuda"
             if _triton_usable(device):
                 return "triton"
-        return "torch"
+        return "sdpa"
     if backend == "triton" and not _triton_usable(device):
         raise ValueError(
             "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors) and the "

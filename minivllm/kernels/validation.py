@@ -132,17 +132,15 @@ def check_write_kv_cache(key, value, k_cache, v_cache, slot_mapping, k_scale, v_
 # --------------------------------------------------------------------------------------------
 def check_paged_attention(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale,
                           out, max_seq_len, num_splits, k_scale, v_scale,
-                          check_inputs: bool) -> float:
-    """All checks of `paged_attention`; returns the softmax scale (default 1/sqrt(head_dim))."""
+                          check_inputs: bool, plan=None, causal: bool = True) -> float:
+    """All checks of `paged_attention`; returns the softmax scale (default 1/sqrt(head_dim)).
+
+    With a plan, the metadata's values were checked when it was made (`check_plan_inputs`):
+    only that it is the plan of these tensors is checked here."""
     check_tensor("query", query, 3)
     check_float("query", query)
     check_cache_pair(k_cache, v_cache, k_scale, v_scale)
-    check_tensor("block_tables", block_tables, 2)
-    check_tensor("seq_lens", seq_lens, 1)
-    check_tensor("cu_seqlens_q", cu_seqlens_q, 1)
-    check_int32("block_tables", block_tables)
-    check_int32("seq_lens", seq_lens)
-    check_int32("cu_seqlens_q", cu_seqlens_q)
+    check_metadata(block_tables, seq_lens, cu_seqlens_q)
     if query.dtype != k_cache.dtype and k_cache.dtype != FP8_DTYPE:  # fp8: dequantized inside
         raise TypeError(f"query is {query.dtype} but k_cache is {k_cache.dtype}")
     num_tokens, num_q_heads, head_dim = query.shape
@@ -154,13 +152,6 @@ def check_paged_attention(query, k_cache, v_cache, block_tables, seq_lens, cu_se
             f"query heads ({num_q_heads}) must be a multiple of k_cache's KV heads ({num_kv_heads})"
         )
     batch = seq_lens.shape[0]
-    if block_tables.shape[0] != batch:
-        raise ValueError(f"block_tables has {block_tables.shape[0]} rows but seq_lens has {batch}")
-    if cu_seqlens_q.shape[0] != batch + 1:
-        raise ValueError(
-            f"cu_seqlens_q must have len(seq_lens) + 1 = {batch + 1} entries, got "
-            f"{cu_seqlens_q.shape[0]}"
-        )
     if num_tokens < batch:
         raise ValueError(f"query has {num_tokens} tokens for {batch} sequences (at least 1 each)")
     check_same_device(query.device, "query", k_cache=k_cache, v_cache=v_cache,
@@ -175,9 +166,57 @@ def check_paged_attention(query, k_cache, v_cache, block_tables, seq_lens, cu_se
         raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
     if out is not None:
         check_out(out, query)
-    if batch > 0 and (query.device.type == "cpu" or check_inputs):
-        check_attention_values(query, k_cache, block_tables, seq_lens, cu_seqlens_q, max_seq_len)
+    if plan is not None:
+        check_plan(plan, query, k_cache, block_tables, seq_lens, cu_seqlens_q, causal)
+    elif batch > 0 and (query.device.type == "cpu" or check_inputs):
+        check_attention_values(query.shape[0], k_cache, block_tables, seq_lens, cu_seqlens_q,
+                               max_seq_len)
     return scale
+
+
+def check_metadata(block_tables, seq_lens, cu_seqlens_q) -> None:
+    """The shapes and dtypes of the three metadata tensors, and that they agree on the batch."""
+    check_tensor("block_tables", block_tables, 2)
+    check_tensor("seq_lens", seq_lens, 1)
+    check_tensor("cu_seqlens_q", cu_seqlens_q, 1)
+    check_int32("block_tables", block_tables)
+    check_int32("seq_lens", seq_lens)
+    check_int32("cu_seqlens_q", cu_seqlens_q)
+    batch = seq_lens.shape[0]
+    if block_tables.shape[0] != batch:
+        raise ValueError(f"block_tables has {block_tables.shape[0]} rows but seq_lens has {batch}")
+    if cu_seqlens_q.shape[0] != batch + 1:
+        raise ValueError(
+            f"cu_seqlens_q must have len(seq_lens) + 1 = {batch + 1} entries, got "
+            f"{cu_seqlens_q.shape[0]}"
+        )
+
+
+def check_plan_inputs(k_cache, block_tables, seq_lens, cu_seqlens_q) -> None:
+    """All checks of `plan_attention`: those of `paged_attention` on the metadata, values
+    included (a plan reads them anyway), except the ones that need the query."""
+    check_tensor("k_cache", k_cache, 4)
+    check_metadata(block_tables, seq_lens, cu_seqlens_q)
+    check_same_device(k_cache.device, "k_cache", block_tables=block_tables, seq_lens=seq_lens,
+                      cu_seqlens_q=cu_seqlens_q)
+    if seq_lens.shape[0] > 0:
+        check_attention_values(None, k_cache, block_tables, seq_lens, cu_seqlens_q, None)
+
+
+def check_plan(plan, query, k_cache, block_tables, seq_lens, cu_seqlens_q, causal: bool) -> None:
+    """A plan serves the call it was made for: the same metadata tensors, cache geometry and
+    causality, and a query with the tokens it counted."""
+    same = (plan.block_tables is block_tables and plan.seq_lens is seq_lens
+            and plan.cu_seqlens_q is cu_seqlens_q)
+    if not same:
+        raise ValueError("plan was made from other block_tables / seq_lens / cu_seqlens_q tensors "
+                         "than this call's: make one per step with plan_attention")
+    if plan.num_tokens != query.shape[0]:
+        raise ValueError(f"plan counts {plan.num_tokens} query tokens but query has {query.shape[0]}")
+    if plan.block_size != k_cache.shape[1]:
+        raise ValueError(f"plan was made for block size {plan.block_size}, k_cache has {k_cache.shape[1]}")
+    if plan.causal != causal:
+        raise ValueError(f"plan was made with causal={plan.causal}, this call has causal={causal}")
 
 
 def check_out(out, query: torch.Tensor) -> None:
@@ -193,14 +232,15 @@ def check_out(out, query: torch.Tensor) -> None:
 
 
 def check_attention_values(
-    query: torch.Tensor,
+    num_tokens: int | None,
     k_cache: torch.Tensor,
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     cu_seqlens_q: torch.Tensor,
     max_seq_len: int | None,
 ) -> None:
-    """Checks on the *values* of the metadata tensors (each needs them on the host)."""
+    """Checks on the *values* of the metadata tensors (each needs them on the host).
+    num_tokens: the query's, which cu_seqlens_q must end at (None: not known yet)."""
     cu = cu_seqlens_q.cpu()
     lens = seq_lens.cpu()
     if int(cu[0]) != 0:
@@ -211,9 +251,9 @@ def check_attention_values(
             "cu_seqlens_q must be strictly increasing (every sequence has at least one query), "
             f"got {cu.tolist()}"
         )
-    if int(cu[-1]) != query.shape[0]:
+    if num_tokens is not None and int(cu[-1]) != num_tokens:
         raise ValueError(
-            f"cu_seqlens_q ends at {int(cu[-1])} but query has {query.shape[0]} tokens"
+            f"cu_seqlens_q ends at {int(cu[-1])} but query has {num_tokens} tokens"
         )
     too_long = (q_lens > lens).nonzero()
     if too_long.numel() > 0:

@@ -12,7 +12,7 @@ from tests.kernels.paged_inputs import make_problem, rel_error
 
 
 def test_public_names():
-    assert kernels.BACKENDS == ("auto", "torch", "triton", "cuda")
+    assert kernels.BACKENDS == ("auto", "torch", "sdpa", "triton", "cuda")
     assert set(kernels.AUTO_PREFERS_CUDA) == set(backends.KERNELS)
     for name in kernels.__all__:
         assert hasattr(kernels, name)
@@ -24,9 +24,9 @@ def test_table_covers_every_op_and_backend():
         assert op in backends.CUDA_DECLINES
 
 
-def test_auto_on_cpu_is_the_reference():
-    assert kernels.resolve_backend("auto", torch.device("cpu")) == "torch"
-    assert "torch" in kernels.available_backends("cpu")
+def test_auto_on_cpu_is_sdpa():
+    assert kernels.resolve_backend("auto", torch.device("cpu")) == "sdpa"
+    assert {"torch", "sdpa"} <= set(kernels.available_backends("cpu"))
 
 
 @pytest.fixture
