@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minivllm.distributed import SINGLE, TensorParallel, all_gather, all_reduce
-from minivllm.layers.linear import CheckpointSplit
+from minivllm.layers.linear import CheckpointSplit, linear
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -56,7 +56,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Hidden states [N, dim] -> logits over the whole vocabulary [N, vocab], on every rank."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)  # [N, rows of this rank (padded)]
+        logits = linear(hidden, self.weight, None)  # [N, rows of this rank (padded)]
         if self.tp.size == 1:
             return logits
         return all_gather(logits, self.tp)[..., :self.rows.full]

@@ -27,6 +27,8 @@ With one rank every layer is the plain `nn.Linear` it replaces: same parameters,
 For a one-row batch (decode at batch 1) on CUDA the product runs as fused_linear.py's kernel
 instead of cuBLAS (`linear` below), so that the step's chain of Triton kernels is not broken
 (kernels/pdl.py).
+On a CPU the model runner reorders the float32 weights for oneDNN once (onednn.py); `linear`
+then multiplies through it.
 """
 
 from __future__ import annotations
@@ -43,7 +45,12 @@ CheckpointSplit = tuple[int, Shard] | None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear; for one row on CUDA, fused_linear.py's kernel (`use_fused_linear`)."""
+    """F.linear; for one row on CUDA, fused_linear.py's kernel (`use_fused_linear`); oneDNN's
+    product for a weight reordered for it (onednn.pack_weights)."""
+    if weight.is_mkldnn:
+        from minivllm.layers import onednn
+
+        return onednn.linear(x, weight, bias)
     if x.dim() == 2 and use_fused_linear(x):
         from minivllm.layers import fused_linear
 

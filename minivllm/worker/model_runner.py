@@ -48,7 +48,8 @@ import torch
 from minivllm.config import EngineConfig
 from minivllm.distributed import SINGLE, TensorParallel, barrier
 from minivllm.distributed.peer_all_reduce import attach_peer_all_reduce
-from minivllm.kernels import resolve_backend, warm_up
+from minivllm.kernels import plan_attention, resolve_backend, warm_up
+from minivllm.layers import onednn
 from minivllm.layers.logprobs import decode_row, logprobs_payload, pad_payload
 from minivllm.layers.rejection_sampler import NO_TOKEN, greedy_verify, rejection_sample
 from minivllm.layers.sampler import Sampler
@@ -139,6 +140,8 @@ class ModelRunner:
         self.block_size = config.cache_config.block_size
         self.backend = model_config.attention_backend
         self.model = load_model(model_config.model, dtype=self.dtype, device=self.device, tp=tp)
+        if self.device.type == "cpu":
+            onednn.pack_weights(self.model)  # once: every product of every step runs faster
         barrier(tp)  # every rank holds its weights: one that failed to load stops the others here
         self.hf_config = self.model.config
         self.vocab_size = self.hf_config.vocab_size
@@ -186,14 +189,15 @@ class ModelRunner:
     def graphs_off_reason(self) -> str | None:
         """Why this runner captures no decode graphs (None: it does, or will at start-up).
 
-        The reference attention backend ("torch") reads sequence lengths back to the host, which a
-        graph cannot capture, so it always runs eagerly."""
+        The PyTorch backends ("torch", "sdpa") read sequence lengths back to the host, which a
+        graph cannot capture, so they always run eagerly."""
         if self.device.type != "cuda":
             return f"CUDA graphs need a CUDA device, this runner is on {self.device}"
         if self.config.model_config.enforce_eager:
             return "enforce_eager=True"
-        if resolve_backend(self.backend, self.device) == "torch":
-            return f"attention backend {self.backend!r} resolves to 'torch', which graphs cannot capture"
+        backend = resolve_backend(self.backend, self.device)
+        if backend in ("torch", "sdpa"):
+            return f"attention backend {self.backend!r} resolves to {backend!r}, which graphs cannot capture"
         return None
 
     def _kv_models(self):
@@ -298,6 +302,10 @@ class ModelRunner:
             self.graphs or [], self._step_buffers, self.backend)
         if isinstance(prepared, GraphStep):
             timings.graph_batch_size = prepared.batch_size
+        else:  # once for every layer: the CPU's attention turns the metadata into gather indices
+            meta = batch.attn_metadata
+            meta.plan = plan_attention(meta.block_tables, meta.seq_lens, meta.cu_seqlens_q,
+                                       self.kv_caches[0][0], backend=self.backend)
         if batch.pending_dst.numel():
             batch.input_ids[batch.pending_dst] = self.last_sampled[batch.pending_src].to(torch.int32)
         return prepared, batch

@@ -1,0 +1,61 @@
+"""Linear layers on a CPU: weights reordered once into oneDNN's blocked layout.
+
+On a CPU nearly all of a step's time is the linear layers' matrix products, and at decode those
+are skinny: a few rows of activations times a large weight. `F.linear` hands them to the BLAS
+PyTorch was built with (MKL on x86). oneDNN, also inside PyTorch, multiplies by weights it has
+first *reordered* into a blocked layout that matches its vector registers; the reorder costs a
+copy, so it is done once, when the model is loaded, and the product is then much cheaper for
+decode-sized batches (the profile and the measurement are in benchmarks/RESULTS.md). This is
+what `torch.compile`'s CPU inference path does with frozen weights, without the compiler.
+
+`pack_weights(model)` replaces the weight of every linear layer of our own (`linear.py`'s
+column- and row-parallel layers, `embedding.py`'s LM head) by its reordered copy, an opaque
+oneDNN tensor; `linear.linear` sees that and calls oneDNN. A tied LM head gets a reordered copy
+of its own: the embedding keeps the dense table it looks rows up in. Only float32 weights are
+reordered (bf16 and fp16 products already go through oneDNN in PyTorch).
+
+`MINIVLLM_ONEDNN=0` keeps the dense weights and `F.linear`, to measure what this brings.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+
+# oneDNN picks the blocked layout for a given number of rows. This one served every batch from
+# 1 to 256 rows at least as well as 1, 8, 256 or no hint did (AMD EPYC, AVX-512, one thread).
+LAYOUT_BATCH_SIZE = 64
+
+
+def available() -> bool:
+    """Whether this PyTorch has oneDNN (MKL-DNN) and the switch is not off."""
+    return torch.backends.mkldnn.is_available() and os.environ.get("MINIVLLM_ONEDNN", "1") != "0"
+
+
+def pack_weights(model: nn.Module) -> int:
+    """Reorder the float32 CPU weight of each of our linear layers for oneDNN, in place;
+    returns how many were reordered (0 where oneDNN is not available or turned off)."""
+    from minivllm.layers.embedding import ParallelLMHead
+    from minivllm.layers.linear import ColumnParallelLinear, RowParallelLinear
+
+    if not available():
+        return 0
+    count = 0
+    for module in model.modules():
+        if not isinstance(module, (ColumnParallelLinear, RowParallelLinear, ParallelLMHead)):
+            continue
+        weight = module.weight
+        if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.is_mkldnn:
+            continue
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), LAYOUT_BATCH_SIZE)
+        module.weight = nn.Parameter(packed, requires_grad=False)
+        count += 1
+    return count
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight^T + bias for a weight `pack_weights` reordered."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
