@@ -117,16 +117,18 @@ class RotaryEmbedding(nn.Module):
         return cls(head_dim, config.max_position_embeddings, inv_freq)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T] int -> (cos, sin), each [T, D/2] in `dtype`."""
-        return self.cos_cached[positions].to(dtype), self.sin_cached[positions].to(dtype)
+        """positions [T] int -> (cos, sin), each [T, 1, D] in `dtype`, as `apply_rotary` takes
+        them: cos over both halves of the head, sin with the rotation's signs, (-sin | sin)."""
+        cos = self.cos_cached[positions].to(dtype)
+        sin = self.sin_cached[positions].to(dtype)
+        return torch.cat((cos, cos), dim=-1)[:, None], torch.cat((-sin, sin), dim=-1)[:, None]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [T, H, D] by the angles whose cos/sin are [T, D/2] ("rotate half" pairing).
+    """Rotate x [T, H, D] by the angles of `RotaryEmbedding.forward` ("rotate half" pairing).
 
     Pair (x1, x2) = (x[j], x[j + D/2]) becomes (x1 cos - x2 sin, x2 cos + x1 sin): a 2-D rotation.
+    With the halves of x swapped, (x2 | x1), both halves are x * cos + swapped * (-sin | sin):
+    four operations per call, the tables being built once per step for every layer.
     """
-    cos = cos[:, None, :]  # broadcast over heads
-    sin = sin[:, None, :]
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin

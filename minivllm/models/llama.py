@@ -79,8 +79,8 @@ def kv_heads_of(config) -> int:
 class RopeInputs:
     """What every layer needs to rotate q and k for this step's tokens.
 
-    Unfused, the cos/sin rows of the step's positions are gathered once ([T, D/2], model dtype)
-    and every layer applies them with PyTorch ops. Fused (CUDA), the kernel reads the float32
+    Unfused, the cos/sin rows of the step's positions are gathered once ([T, 1, D], model dtype,
+    as `apply_rotary` takes them) and every layer applies them with PyTorch ops. Fused (CUDA), the kernel reads the float32
     tables at each token's position itself, so nothing is gathered and cos/sin stay None.
     """
 

@@ -49,9 +49,12 @@ def test_cos_sin_match_hf(scaling):
     rotary = RotaryEmbedding.from_config(config, head_dim=64)
     cos, sin = rotary(POSITIONS, torch.float32)
     hf_cos, hf_sin = hf_cos_sin(config, POSITIONS)
-    # HF repeats the D/2 angles twice ("rotate half" layout); we keep one copy.
-    torch.testing.assert_close(torch.cat([cos, cos], -1), hf_cos, rtol=0, atol=1e-6)
-    torch.testing.assert_close(torch.cat([sin, sin], -1), hf_sin, rtol=0, atol=1e-6)
+    # Both repeat the D/2 angles over the two halves ("rotate half" layout); our sin carries the
+    # rotation's sign in its first half.
+    half = 32
+    torch.testing.assert_close(cos[:, 0], hf_cos, rtol=0, atol=1e-6)
+    torch.testing.assert_close(torch.cat([-sin[:, 0, :half], sin[:, 0, half:]], -1), hf_sin,
+                               rtol=0, atol=1e-6)
 
 
 def test_llama3_scaling_changes_only_the_low_frequencies():
@@ -78,8 +81,9 @@ def test_apply_rotary_matches_hf():
     # HF works on [batch, heads, tokens, D]; ours on packed [tokens, heads, D].
     hf_q, hf_k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
                                       hf_cos[None], hf_sin[None])
-    torch.testing.assert_close(apply_rotary(q, cos, sin), hf_q[0].transpose(0, 1))
-    torch.testing.assert_close(apply_rotary(k, cos, sin), hf_k[0].transpose(0, 1))
+    # Not merely close: the same products and sums as Hugging Face's, so the same bits.
+    assert torch.equal(apply_rotary(q, cos, sin), hf_q[0].transpose(0, 1))
+    assert torch.equal(apply_rotary(k, cos, sin), hf_k[0].transpose(0, 1))
 
 
 def test_rotation_preserves_norms_and_relative_positions():
