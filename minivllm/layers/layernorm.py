@@ -13,6 +13,7 @@ weight multiplies it, in that order, because that is what the checkpoints were t
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from minivllm.layers import use_fused_ops
@@ -44,6 +45,7 @@ class RMSNorm(nn.Module):
         return self._norm(x)
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # F.rms_norm is x32 * rsqrt(mean(x32^2) + eps) in one call (the same bits as those ops
+        # spelled out); the weight multiplies after the cast back, as the checkpoints expect.
+        normed = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
+        return self.weight * normed.to(x.dtype)
