@@ -5,8 +5,8 @@ are skinny: a few rows of activations times a large weight. `F.linear` hands the
 PyTorch was built with (MKL on x86). oneDNN, also inside PyTorch, multiplies by weights it has
 first *reordered* into a blocked layout that matches its vector registers; the reorder costs a
 copy, so it is done once, when the model is loaded, and the product is then much cheaper for
-decode-sized batches (the profile and the measurement are in benchmarks/RESULTS.md). This is
-what `torch.compile`'s CPU inference path does with frozen weights, without the compiler.
+decode-sized batches (measure it with benchmarks/throughput.py --device cpu --variants
+"onednn:,dense:MINIVLLM_ONEDNN=0"). This is what `torch.compile`'s CPU inference path does with frozen weights, without the compiler.
 
 `pack_weights(model)` replaces the weight of every linear layer of our own (`linear.py`'s
 column- and row-parallel layers, `embedding.py`'s LM head) by its reordered copy, an opaque
