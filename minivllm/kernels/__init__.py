@@ -149,8 +149,10 @@ def plan_attention(
     device); they are checked here, values included, so calls given the plan check them no more.
     The plan is good for those tensors, as long as their values do not change.
     """
-    validation.check_plan_inputs(k_cache, block_tables, seq_lens, cu_seqlens_q)
     planner = PLANNERS.get(resolve_backend(backend, k_cache.device))
-    if planner is None or seq_lens.shape[0] == 0:
+    if planner is None:  # before any check: the GPU backends' metadata is never read back here
+        return None
+    validation.check_plan_inputs(k_cache, block_tables, seq_lens, cu_seqlens_q)
+    if seq_lens.shape[0] == 0:
         return None
     return planner(block_tables, seq_lens, cu_seqlens_q, k_cache.shape[1], causal)

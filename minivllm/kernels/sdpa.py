@@ -74,7 +74,7 @@ class AttentionPlan:
 
 
 def make_plan(block_tables: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
-         block_size: int, causal: bool = True) -> AttentionPlan:
+              block_size: int, causal: bool = True) -> AttentionPlan:
     """Turn one step's metadata into gather indices and masks (reads the lengths once)."""
     lens = seq_lens.tolist()
     cu = cu_seqlens_q.tolist()

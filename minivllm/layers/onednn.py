@@ -6,7 +6,8 @@ PyTorch was built with (MKL on x86). oneDNN, also inside PyTorch, multiplies by 
 first *reordered* into a blocked layout that matches its vector registers; the reorder costs a
 copy, so it is done once, when the model is loaded, and the product is then much cheaper for
 decode-sized batches (measure it with benchmarks/throughput.py --device cpu --variants
-"onednn:,dense:MINIVLLM_ONEDNN=0"). This is what `torch.compile`'s CPU inference path does with frozen weights, without the compiler.
+"onednn:,dense:MINIVLLM_ONEDNN=0"). This is what `torch.compile`'s CPU inference path does
+with frozen weights, without the compiler.
 
 `pack_weights(model)` replaces the weight of every linear layer of our own (`linear.py`'s
 column- and row-parallel layers, `embedding.py`'s LM head) by its reordered copy, an opaque
