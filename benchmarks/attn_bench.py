@@ -693,8 +693,8 @@ def parse_args(argv=None):
                    help="comma list of auto (the model dtype) and fp8 (e4m3 with per token-head "
                         "scales), e.g. auto,fp8")
     p.add_argument("--backends", default=None,
-                   help="comma list of torch, triton, cuda (default: all that run here but the "
-                        "slow reference on GPU)")
+                   help="comma list of torch, sdpa, triton, cuda (default: all that run here but "
+                        "the PyTorch ones on GPU)")
     p.add_argument("--tune", choices=("tiles", "splits"), default=None,
                    help="also time every launch configuration (tiles) or split count (splits)")
     p.add_argument("--configs", type=_configs, default=[],
@@ -740,7 +740,7 @@ def main(argv=None) -> int:
         if missing:
             raise SystemExit(f"--backends: {missing} cannot run on {device} (available: {runnable})")
     else:  # on the CPU the interpreter would time numpy, not a kernel
-        backends = [b for b in runnable if b != "torch"] if on_gpu else ["torch"]
+        backends = [b for b in runnable if b not in ("torch", "sdpa")] if on_gpu else ["torch"]
     if (args.tune or args.configs) and not {"triton", "cuda"} & set(backends):
         raise SystemExit("--tune and --configs time the Triton kernel or the CUDA extension: "
                          "add --backends triton (on the CPU: TRITON_INTERPRET=1)")

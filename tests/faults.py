@@ -61,9 +61,10 @@ def block_table_entry_off_by_one(mp: pytest.MonkeyPatch) -> None:
 
 
 def rope_at_position_plus_one(mp: pytest.MonkeyPatch) -> None:
+    angles_at = RotaryEmbedding.forward
+
     def forward(self, positions, dtype):
-        shifted = (positions + 1).clamp(max=self.max_position - 1)
-        return self.cos_cached[shifted].to(dtype), self.sin_cached[shifted].to(dtype)
+        return angles_at(self, (positions + 1).clamp(max=self.max_position - 1), dtype)
 
     mp.setattr(RotaryEmbedding, "forward", forward)
 

@@ -70,6 +70,18 @@ def test_chunked_prefill_with_a_tiny_budget(arch, model_dir, hf_greedy, engine_d
     assert max(r.num_batched_tokens for r in llm.engine.stats.history) <= 6
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_cpu_path(arch, model_dir, hf_greedy):
+    """The other tests run the reference attention on a CPU; this one the CPU's own path, as a
+    user gets it ("auto": the sdpa backend, float32 weights reordered for oneDNN), with chunks
+    and decodes of different lengths in the same steps."""
+    llm = LLM(str(model_dir(arch)), dtype="float32", device="cpu", attention_backend="auto",
+              block_size=4, max_num_batched_tokens=6, max_num_seqs=4, enable_chunked_prefill=True,
+              enable_prefix_caching=False)
+    outputs = llm.generate(PROMPTS, max_tokens=MAX_TOKENS, temperature=0, use_tqdm=False)
+    assert_matches_hf(outputs, PROMPTS, arch, hf_greedy)
+
+
 @pytest.mark.filterwarnings("ignore:the KV pool")  # tiny on purpose
 @pytest.mark.parametrize("arch", ARCHS)
 def test_preemption_by_a_tiny_kv_pool(arch, model_dir, hf_greedy, engine_device):
