@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from minivllm.distributed import SINGLE, TensorParallel, all_gather, all_reduce
-from minivllm.layers.linear import CheckpointSplit, linear
+from minivllm.layers import onednn
+from minivllm.layers.linear import CheckpointSplit
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -56,7 +57,11 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Hidden states [N, dim] -> logits over the whole vocabulary [N, vocab], on every rank."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = linear(hidden, self.weight, None)  # [N, rows of this rank (padded)]
+        # [N, rows of this rank (padded)]; oneDNN's product for a weight reordered for it (CPU)
+        if self.weight.is_mkldnn:
+            logits = onednn.linear(hidden, self.weight, None)
+        else:
+            logits = F.linear(hidden, self.weight)
         if self.tp.size == 1:
             return logits
         return all_gather(logits, self.tp)[..., :self.rows.full]

@@ -229,7 +229,7 @@ def test_triton_backend_on_cpu_needs_the_interpreter(config_dir, monkeypatch):
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 EXTENSION_BUILT = (importlib.util.find_spec("minivllm._C") is not None
                    or os.environ.get("MINIVLLM_CUDA_JIT") == "1")
-RUNS_HERE = {"auto": True, "torch": True, "triton": TRITON_INSTALLED, "cuda": not NO_CUDA and EXTENSION_BUILT}
+RUNS_HERE = {"auto": True, "torch": True, "sdpa": True, "triton": TRITON_INSTALLED, "cuda": not NO_CUDA and EXTENSION_BUILT}
 
 
 @pytest.mark.parametrize("backend", kernels.BACKENDS)

@@ -162,10 +162,10 @@ def test_one_prompt_greedy_equals_sdpa(arch, tiny_model, kernel_calls, fallback_
     expected = greedy(model, "sdpa", ids, mask, 12)
     assert greedy(model, name, ids, mask, 12) == expected
     # 12 forward passes (the prompt, then 11 decodes), every layer of each through the kernel,
-    # which on a CPU resolves to the reference backend.
+    # which on a CPU resolves to the sdpa backend.
     assert len(kernel_calls) == 12 * model.config.num_hidden_layers
     assert {c["backend"] for c in kernel_calls} == {"auto"}
-    assert kernels.resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert kernels.resolve_backend("auto", torch.device("cpu")) == "sdpa"
     assert kernel_calls[-1]["seq_lens"] == [len(PROMPT) + 11] and fallback_warnings() == []
 
 
