@@ -27,7 +27,8 @@ from __future__ import annotations
 import torch
 
 from minivllm.config import EngineConfig
-from minivllm.kernels import KVCacheSpec
+from minivllm.kernels import KVCacheSpec, plan_attention
+from minivllm.layers import onednn
 from minivllm.layers.rejection_sampler import sampling_probs
 from minivllm.layers.sampler import SamplingBatch, exponential_noise
 from minivllm.step import ScheduledSeq
@@ -43,6 +44,8 @@ class DraftModel:
 
         spec = config.speculative_config
         self.model = load_model(spec.model, dtype=dtype, device=device)
+        if device.type == "cpu":
+            onednn.pack_weights(self.model)  # as the target's (model_runner.py)
         self.num_speculative_tokens = spec.num_speculative_tokens
         self.device = device
         self.block_size = config.cache_config.block_size
@@ -95,8 +98,11 @@ class DraftModel:
             inputs.input_ids[:n] = tokens
             if isinstance(prepared, GraphStep):
                 hidden = prepared.graphs.replay(prepared)
-            else:
-                hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn_metadata)
+            else:  # the attention plan once for every layer, as the target's step makes it
+                meta = inputs.attn_metadata
+                meta.plan = plan_attention(meta.block_tables, meta.seq_lens, meta.cu_seqlens_q,
+                                           self.kv_caches[0][0], backend=self.backend)
+                hidden = self.model(inputs.input_ids, inputs.positions, meta)
             logits = self.model.compute_logits(hidden[:n])
             if probs is None:
                 tokens = logits.argmax(dim=-1)

@@ -86,6 +86,19 @@ def test_draft_model_greedy_output_equals_no_speculation(model_dir, reference, t
         check_speculation(llm, *rates)
 
 
+@pytest.mark.parametrize("arch", ["qwen3", "opt"])
+def test_the_cpu_path_verifies_as_the_reference(model_dir, reference, arch):
+    """The CPU's own path ("auto": the sdpa backend with its plan made once per step, oneDNN
+    weights) through verification steps, 1 + k queries per sequence causal among themselves,
+    and the draft model's planned forwards: greedy output is the reference's without speculation."""
+    target, prompts = str(model_dir(arch)), repetitive_prompts(seed=4)
+    cpu = {**ENGINE, "attention_backend": "auto"}
+    for spec in (NGRAM, {"method": "draft", "model": target, "num_speculative_tokens": 3}):
+        llm = LLM(target, speculative_config=spec, **cpu)
+        assert greedy(llm, prompts) == reference(arch, prompts), spec["method"]
+        assert check_speculation(llm)["num_accepted_tokens"] > 0
+
+
 def test_a_stop_inside_an_accepted_run_ends_it_there(model_dir, reference):
     """With every draft accepted (the target drafts for itself), a step gains up to 5 tokens:
     a stop token, a stop string or max_tokens in the middle of them must end the output exactly
