@@ -62,8 +62,8 @@ import threading
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from multiprocessing import util
-from typing import NamedTuple
+from multiprocessing import connection, util
+from typing import Any, NamedTuple
 
 import torch
 
@@ -180,6 +180,10 @@ class OutputEncoder:
     def __init__(self):
         self._reported: set[str] = set()  # requests whose prompt was sent already
 
+    def forget(self, request_id: str) -> None:
+        """A request that ends unreported (its frontend left)."""
+        self._reported.discard(request_id)
+
     def encode(self, output: RequestOutput) -> tuple:
         request_id = output.request_id
         prompt = None
@@ -227,9 +231,14 @@ def _decode_logprobs(positions):
 # ----------------------------------------------------------------------------------------------
 # The engine process
 # ----------------------------------------------------------------------------------------------
-def run_engine_core(config: EngineConfig, commands, results) -> None:
+def run_engine_core(config: EngineConfig, frontends: list, commands, results) -> None:
     """The engine process's life: build the engine, say "ready", serve until told to stop (or
-    until the frontend is gone), stop the engine's own workers, leave."""
+    until its frontends are gone), stop the engine's own workers, leave.
+
+    frontends: the (commands, results) pipe ends of the frontend processes that send it requests
+        (`python -m minivllm serve --api-server-count N`); empty when the parent is the one
+        frontend. (commands, results) are the parent's: "ready" goes there, "shutdown" comes from it.
+    """
     for sig in (signal.SIGINT, signal.SIGTERM):  # the frontend decides when we stop
         signal.signal(sig, signal.SIG_IGN)
     if config.model_config.torch_device.type == "cpu":
@@ -247,7 +256,7 @@ def run_engine_core(config: EngineConfig, commands, results) -> None:
     try:
         results.send(("ready", {"pid": os.getpid(), "device": str(runner.device),
                                 "num_kv_blocks": runner.num_kv_blocks, "state": core.state()}))
-        serve(core, commands, results)
+        serve(core, commands, results, frontends)
     except OSError:  # the frontend went away while we loaded
         pass
     finally:
@@ -255,29 +264,113 @@ def run_engine_core(config: EngineConfig, commands, results) -> None:
     exit_now(0)
 
 
-def serve(core: EngineCore, commands, results) -> None:
-    """The busy loop: take the commands, step, send one message; block while idle. Returns on
-    "shutdown", or when the frontend is gone (its pipe closed)."""
+@dataclass(eq=False)
+class Frontend:
+    """(engine process) One frontend's pipe ends and the requests it added that are unfinished:
+    its outputs go to it alone, and only it may abort them."""
+
+    commands: Any  # receiving end
+    results: Any  # sending end
+    requests: set[str] = field(default_factory=set)
+    replies: list = field(default_factory=list)  # answers to its commands, sent with the next message
+
+
+def serve(core: EngineCore, commands, results, frontends: list | tuple = ()) -> None:
+    """The busy loop: take the commands, step, send each frontend one message; block while idle.
+
+    With no `frontends`, (commands, results) is the one frontend. Otherwise the requests come
+    from `frontends` and `commands` only stops the loop. Returns on "shutdown", when the parent
+    is gone, or when the last frontend is gone (a frontend that leaves has its requests aborted).
+    """
     encoder = OutputEncoder()
-    while True:
-        replies = []
+    peers = [Frontend(c, r) for c, r in frontends] or [Frontend(commands, results)]
+    control = [commands] if frontends else []  # the parent's pipe, when it sends no requests
+    owners: dict[str, Frontend] = {}  # unfinished request -> the frontend that added it
+    while peers:
+        pipes = [p.commands for p in peers] + control
         try:
-            for call_id, method, args in _take_commands(commands, block=not core.has_work()):
-                if method == "shutdown":
-                    return
-                replies.append(_answer(core, encoder, call_id, method, args))
-            result = core.step() if core.has_work() else None
-            results.send(_message(encoder, replies, result, core.state()))
-        except (EOFError, OSError):  # a closed pipe: the frontend is gone, nobody to serve
+            ready = connection.wait(pipes, timeout=None if not core.has_work() else 0)
+            if commands in control and commands in ready and _stop_requested(commands):
+                return
+            for peer in [p for p in peers if p.commands in ready]:
+                if not _take(core, encoder, owners, peer):
+                    return  # "shutdown" from the one frontend
+        except (EOFError, OSError):  # the one frontend or the parent is gone: nobody to serve
             return
+        for peer in [p for p in peers if p.commands.closed]:
+            peers.remove(peer)
+            _forget(core, encoder, owners, peer)
+        result = core.step() if core.has_work() else None
+        for peer in list(peers):
+            try:
+                _send(peer, encoder, owners, result, core.state())
+            except OSError:  # it left; its pipe is closed at the next wait
+                peer.commands.close()
+    return
 
 
-def _take_commands(commands, block: bool):
-    """Every command waiting in the pipe; with `block`, wait for the first one."""
-    if block:
-        yield commands.recv()
-    while commands.poll():
-        yield commands.recv()
+def _stop_requested(control) -> bool:
+    """The parent's pipe is readable: "shutdown", or closed (the parent is gone)."""
+    try:
+        return control.recv() == SHUTDOWN
+    except (EOFError, OSError):
+        return True
+
+
+def _take(core: EngineCore, encoder: OutputEncoder, owners: dict, peer: Frontend) -> bool:
+    """Run every command waiting from `peer`; False on "shutdown". A closed pipe (the frontend
+    left) closes our end, so that it is dropped."""
+    try:
+        while peer.commands.poll():
+            call_id, method, args = peer.commands.recv()
+            if method == "shutdown":
+                return False
+            if method == "abort" and owners.get(args[0]) is not peer:
+                peer.replies.append((call_id, None, None))  # not its request (or finished): nothing to do
+                continue
+            peer.replies.append(_answer(core, encoder, call_id, method, args))
+            if method == "add" and peer.replies[-1][1] is None:
+                owners[args[2]] = peer
+                peer.requests.add(args[2])
+            elif method == "abort":
+                del owners[args[0]]
+                peer.requests.discard(args[0])
+    except (EOFError, OSError):
+        peer.commands.close()
+    return True
+
+
+def _forget(core: EngineCore, encoder: OutputEncoder, owners: dict, peer: Frontend) -> None:
+    """A frontend left: abort what it was running (its KV blocks free at once)."""
+    for request_id in peer.requests:
+        core.abort(request_id)
+        owners.pop(request_id, None)
+        encoder.forget(request_id)
+    peer.results.close()
+
+
+def _send(peer: Frontend, encoder: OutputEncoder, owners: dict, result: StepResult | None,
+          state: EngineState) -> None:
+    """One message to one frontend: its replies, and its requests' outputs of the step."""
+    if result is None:
+        if peer.replies:
+            peer.results.send((peer.replies, [], None, [], state))
+        peer.replies = []
+        return
+    outputs = [encoder.encode(o) for o in _its(result.outputs, owners, peer)]
+    failed = [encoder.encode(o) for o in _its(result.failed, owners, peer)]
+    peer.results.send((peer.replies, outputs, result.error, failed, state))
+    peer.replies = []
+
+
+def _its(outputs: list[RequestOutput], owners: dict, peer: Frontend) -> list[RequestOutput]:
+    """The outputs of `peer`'s requests; a finished one leaves its books."""
+    mine = [o for o in outputs if owners.get(o.request_id) is peer]
+    for output in mine:
+        if output.finished:
+            del owners[output.request_id]
+            peer.requests.discard(output.request_id)
+    return mine
 
 
 def _answer(core: EngineCore, encoder: OutputEncoder, call_id: int, method: str, args: tuple) -> tuple:
@@ -289,13 +382,6 @@ def _answer(core: EngineCore, encoder: OutputEncoder, call_id: int, method: str,
     if isinstance(value, RequestOutput):
         value = encoder.encode(value)
     return call_id, None, value
-
-
-def _message(encoder: OutputEncoder, replies: list, result: StepResult | None, state: EngineState) -> tuple:
-    if result is None:
-        return replies, [], None, [], state
-    return (replies, [encoder.encode(o) for o in result.outputs], result.error,
-            [encoder.encode(o) for o in result.failed], state)
 
 
 def _picklable(err: BaseException) -> BaseException:
@@ -311,37 +397,83 @@ def _picklable(err: BaseException) -> BaseException:
 # ----------------------------------------------------------------------------------------------
 # The frontend's side
 # ----------------------------------------------------------------------------------------------
-class EngineCoreClient:
-    """Starts the engine process, sends it calls, and hands what it reports to the event loop.
+def _check_config(config) -> None:
+    if not isinstance(config, EngineConfig):
+        raise TypeError(f"config must be an EngineConfig, got {type(config).__name__}")
 
-    Blocks in the constructor until the engine is loaded (it raises what loading raised).
-    `start` binds it to the running event loop: from then on a reader thread receives every
-    message and passes it to the loop (`call_soon_threadsafe`), where `on_result` gets each
-    step's outputs and `on_dead` the death of the process.
+
+def start_engine_process(config: EngineConfig, frontends: list | tuple = (),
+                         start_timeout: float | None = None) -> tuple[ChildProcess, dict]:
+    """Spawn the engine process and wait until it is loaded: (the child, its "ready" payload).
+    Raises what loading raised; the process is gone then. frontends: see `run_engine_core`."""
+    # Not a daemon: it may start tensor-parallel workers. Two one-way pipes: commands in,
+    # results out, each read by one thread.
+    child = ChildProcess(run_engine_core, (config, list(frontends)), name="minivllm-engine-core",
+                         daemon=False, duplex=False, pipe_bytes=PIPE_BYTES)
+    try:
+        kind, payload = child.receive(start_timeout)
+        if kind == "failed":
+            err, trace = payload
+            if isinstance(err, (ValueError, TypeError, OSError)):  # bad input: its own words reach the user
+                raise err
+            raise EngineStartError(f"the engine process failed to start:\n{trace}")
+    except BaseException as err:
+        stop_children([child], SHUTDOWN, timeout=0.0)
+        child.from_child.close()
+        if isinstance(err, TimeoutError):
+            raise EngineStartError(f"the engine process did not get ready within {start_timeout} s") from None
+        if isinstance(err, ChildDied):
+            raise EngineStartError(f"the engine process died while starting (exit code {err.exitcode})") from None
+        raise
+    return child, payload
+
+
+@dataclass
+class EngineChannel:
+    """A frontend's line to an engine process that another process started and stops (the
+    frontends of `serve --api-server-count N`): its pipe ends, and the engine's "ready" payload."""
+
+    commands: Any  # sending end
+    results: Any  # receiving end
+    info: dict
+
+
+class EngineCoreClient:
+    """Talks to an engine process: sends it calls, hands what it reports to the event loop.
+
+    `EngineCoreClient(config)` starts the process and owns it (blocking until the engine is
+    loaded; it raises what loading raised); `EngineCoreClient.attach(config, channel)` talks to
+    one that another process owns, over `channel`. `start` binds it to the running event loop:
+    from then on a reader thread receives every message and passes it to the loop
+    (`call_soon_threadsafe`), where `on_result` gets each step's outputs and `on_dead` the end of
+    the engine.
     """
 
     def __init__(self, config: EngineConfig, start_timeout: float | None = None):
-        if not isinstance(config, EngineConfig):
-            raise TypeError(f"config must be an EngineConfig, got {type(config).__name__}")
+        _check_config(config)
         if start_timeout is not None and (isinstance(start_timeout, bool) or not isinstance(start_timeout, (int, float))
                                           or not start_timeout > 0):
             raise ValueError(f"start_timeout must be a positive number of seconds or None, got {start_timeout!r}")
-        self.config = config
-        # Not a daemon: it may start tensor-parallel workers. Two one-way pipes: commands in,
-        # results out, each read by one thread.
-        self._child = ChildProcess(run_engine_core, (config,), name="minivllm-engine-core",
-                                   daemon=False, duplex=False, pipe_bytes=PIPE_BYTES)
+        self._child, info = start_engine_process(config, (), start_timeout)
         self.process = self._child.process
-        self._commands, self._results = self._child.to_child, self._child.from_child
         self._finalizer = util.Finalize(self, stop_children, args=([self._child], SHUTDOWN, STOP_TIMEOUT_S),
                                         exitpriority=100)  # before multiprocessing joins its children at exit
-        try:
-            self.info = self._wait_ready(start_timeout)
-        except BaseException:
-            self._finalizer.cancel()
-            stop_children([self._child], SHUTDOWN, timeout=0.0)
-            self._results.close()
-            raise
+        self._setup(config, EngineChannel(self._child.to_child, self._child.from_child, info))
+
+    @classmethod
+    def attach(cls, config: EngineConfig, channel: EngineChannel) -> EngineCoreClient:
+        """A client of an engine process it does not own: closing it leaves the process running
+        (the engine aborts this client's requests when its pipe closes)."""
+        _check_config(config)
+        client = cls.__new__(cls)
+        client._child = client.process = None
+        client._setup(config, channel)
+        return client
+
+    def _setup(self, config: EngineConfig, channel: EngineChannel) -> None:
+        self.config = config
+        self.info = channel.info
+        self._commands, self._results = channel.commands, channel.results
         self._state: EngineState = self.info["state"]
         self._decoder = OutputDecoder()
         self._calls: dict[int, tuple[asyncio.Future, str]] = {}
@@ -351,25 +483,12 @@ class EngineCoreClient:
         self._on_result: Callable[[StepResult], None] | None = None
         self._on_dead: Callable[[BaseException], None] | None = None
         self._closed = False
-
-    def _wait_ready(self, timeout: float | None) -> dict:
-        try:
-            kind, payload = self._child.receive(timeout)
-        except TimeoutError:
-            raise EngineStartError(f"the engine process did not get ready within {timeout} s") from None
-        except ChildDied as died:
-            raise EngineStartError(f"the engine process died while starting (exit code {died.exitcode})") from None
-        if kind == "failed":
-            err, trace = payload
-            if isinstance(err, (ValueError, TypeError, OSError)):  # bad input: its own words reach the user
-                raise err
-            raise EngineStartError(f"the engine process failed to start:\n{trace}")
-        return payload
+        self._gone = False  # its pipe closed: the engine process ended, or dropped us
 
     # -- what AsyncLLM calls ----------------------------------------------------------------------
     @property
     def pid(self) -> int:
-        return self.process.pid
+        return self.info["pid"]
 
     def start(self, on_result: Callable[[StepResult], None], on_dead: Callable[[BaseException], None]) -> None:
         """Deliver the engine's messages to the running event loop from now on (once)."""
@@ -393,16 +512,20 @@ class EngineCoreClient:
         return self._state
 
     def is_alive(self) -> bool:
-        return not self._closed and self.process.is_alive()
+        return not self._closed and not self._gone and (self._child is None or self._child.is_alive())
 
     async def close(self) -> None:
-        """Tell the engine process to stop, wait for it (then kill it), and end the reader."""
+        """Stop the engine process if this client owns it (asking, waiting, then killing), else
+        hang up (the engine aborts what is left of ours); end the reader."""
         if self._closed:
             return
         self._closed = True
-        self._finalizer.cancel()
-        await asyncio.to_thread(stop_children, [self._child], SHUTDOWN, STOP_TIMEOUT_S)
-        if self._reader is not None:  # the process is gone, so its pipe gives the reader EOF
+        if self._child is not None:
+            self._finalizer.cancel()
+            await asyncio.to_thread(stop_children, [self._child], SHUTDOWN, STOP_TIMEOUT_S)
+        else:
+            self._commands.close()  # the engine drops us and closes our results pipe
+        if self._reader is not None:  # the pipe is closed on the other side: the reader sees EOF
             await asyncio.to_thread(self._reader.join, 5.0)
         if self._reader is None or not self._reader.is_alive():
             self._results.close()
@@ -428,7 +551,7 @@ class EngineCoreClient:
         while True:
             try:
                 message = self._results.recv()
-            except (EOFError, OSError):  # the process is gone
+            except (EOFError, OSError):  # the process is gone, or dropped us
                 break
             if not self._post(self._deliver, message):
                 return
@@ -458,8 +581,12 @@ class EngineCoreClient:
 
     def _engine_gone(self) -> None:
         """(event loop) The outputs pipe closed: the process exited, was killed or crashed."""
-        exitcode = self._child.exitcode() if not self._closed else self.process.exitcode
-        error = EngineDeadError(f"the engine process (pid {self.pid}) died (exit code {exitcode})")
+        self._gone = True
+        if self._child is None:  # another process owns it: its exit code is not ours to read
+            error = EngineDeadError(f"the engine process (pid {self.pid}) is gone")
+        else:
+            exitcode = self._child.exitcode() if not self._closed else self.process.exitcode
+            error = EngineDeadError(f"the engine process (pid {self.pid}) died (exit code {exitcode})")
         for future, _ in self._calls.values():
             if not future.done():
                 future.set_exception(error)

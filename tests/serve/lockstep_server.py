@@ -37,7 +37,7 @@ class CommandPipe:
         return getattr(self.conn, name)
 
 
-def lockstep_serve(core, commands, results) -> None:
+def lockstep_serve(core, commands, results, frontends=()) -> None:
     pipe = CommandPipe(commands)
     step = core.step
 
@@ -49,7 +49,7 @@ def lockstep_serve(core, commands, results) -> None:
         return result
 
     core.step = step_when_told
-    serve(core, pipe, results)
+    serve(core, pipe, results, frontends)
 
 
 engine_core.serve = lockstep_serve
