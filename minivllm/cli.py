@@ -245,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "they are aborted")
     srv.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                      help="uvicorn's log level")
+    srv.add_argument("--api-server-count", type=_positive_int, default=1,
+                     help="frontend processes (HTTP, JSON, streaming) sharing the port in front of the one "
+                          "engine process; more keep up with more streamed tokens/s (docs/serving.md)")
     add_engine_args(srv)
 
     vis = command("visualize", "draw a step trace (timeline, throughput, block map)")
@@ -387,7 +390,8 @@ def serve(args) -> int:
               "pip install -e '.[serve]'", file=sys.stderr)
         return 2
     return run_server(args.model, engine_kwargs(args), args.served_model_name, host=args.host, port=args.port,
-                      api_key=args.api_key, shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
+                      api_key=args.api_key, shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
+                      api_server_count=args.api_server_count)
 
 
 def visualize(args) -> int:

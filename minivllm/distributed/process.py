@@ -57,12 +57,9 @@ class ChildProcess:
             self.to_child = self.from_child = ours
             child_ends = (theirs,)
         else:
-            child_receives, self.to_child = context.Pipe(duplex=False)
-            self.from_child, child_sends = context.Pipe(duplex=False)
+            child_receives, self.to_child = one_way_pipe(pipe_bytes)
+            self.from_child, child_sends = one_way_pipe(pipe_bytes)
             child_ends = (child_receives, child_sends)
-            if pipe_bytes:
-                for end in (self.to_child, self.from_child):
-                    _widen(end, pipe_bytes)
         self.process = context.Process(target=target, args=(*args, *child_ends), name=name,
                                        daemon=daemon)
         self.process.start()
@@ -126,6 +123,14 @@ def exit_now(code: int) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def one_way_pipe(size: int | None = None) -> tuple[connection.Connection, connection.Connection]:
+    """(receiving end, sending end) of a pipe that holds `size` bytes (None: the OS default)."""
+    receiving, sending = multiprocessing.get_context("spawn").Pipe(duplex=False)
+    if size:
+        _widen(sending, size)
+    return receiving, sending
 
 
 def _widen(conn, size: int) -> None:

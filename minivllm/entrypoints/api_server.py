@@ -161,22 +161,36 @@ class APIKeyMiddleware:
 
 def run_server(model: str, engine_kwargs: dict | None = None, model_name: str | None = None,
                host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-               shutdown_timeout: float = 5.0, log_level: str = "info") -> int:
+               shutdown_timeout: float = 5.0, log_level: str = "info", api_server_count: int = 1) -> int:
     """Start the engine process and load `model`, then serve it until SIGTERM or Ctrl-C; returns
     the exit status (0 after a clean shutdown, also when stopped while the model was loading).
-    The port is bound first: if it is taken, an OSError says so before anything loads."""
+    The port is bound first: if it is taken, an OSError says so before anything loads.
+
+    api_server_count: frontend processes (HTTP, JSON, streaming) in front of the one engine
+        process; with more than one, this process only starts and stops them (frontends.py).
+    """
     from minivllm.config import EngineConfig
 
     engine_config = EngineConfig.from_dict({"model": model, **(engine_kwargs or {})})  # checked before any process
+    if isinstance(api_server_count, bool) or not isinstance(api_server_count, int) or api_server_count < 1:
+        raise ValueError(f"api_server_count must be an integer >= 1, got {api_server_count!r}")
+    if api_server_count > 1:
+        from minivllm.entrypoints.frontends import run_frontends
+
+        return run_frontends(engine_config, api_server_count, model_name or model, host, port, api_key,
+                             shutdown_timeout, log_level)
     with listening_socket(host, port) as listener:  # a taken port fails now, not after the model loads
         return _serve(listener, engine_config, model_name or model, api_key, shutdown_timeout, log_level)
 
 
-def listening_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to (host, port), as uvicorn would bind it; an OSError that says why not."""
+def listening_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """A TCP socket bound to (host, port), as uvicorn would bind it; an OSError that says why not.
+    reuse_port: let other sockets bind the same address too (SO_REUSEPORT), for several frontends."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as err:
@@ -187,8 +201,7 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 def _serve(listener: socket.socket, engine_config, model_name: str, api_key: str | None,
            shutdown_timeout: float, log_level: str) -> int:
-    import uvicorn
-
+    """run_server with one frontend, the port held: load the model, then serve on `listener`."""
     previous = signal.signal(signal.SIGTERM, _interrupt)  # while loading, SIGTERM acts as Ctrl-C
     try:
         async_llm = AsyncLLM.from_config(engine_config)
@@ -200,9 +213,18 @@ def _serve(listener: socket.socket, engine_config, model_name: str, api_key: str
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
+    return serve_app(async_llm, model_name, api_key, shutdown_timeout, log_level, sockets=[listener])
+
+
+def serve_app(async_llm: AsyncLLM, model_name: str, api_key: str | None, shutdown_timeout: float,
+              log_level: str, sockets: list[socket.socket]) -> int:
+    """Serve `async_llm` with uvicorn on listening `sockets` already bound, until SIGTERM or
+    Ctrl-C; drain, then stop it. Returns the exit status."""
+    import uvicorn
+
     app = build_app(async_llm, model_name, api_key)
     # uvicorn's own graceful timeout is the backstop: by then our drain has ended every request.
-    host, port = listener.getsockname()[:2]
+    host, port = sockets[0].getsockname()[:2]
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=shutdown_timeout + 5)
     server = _drain_first(uvicorn.Server)(config)
@@ -214,7 +236,7 @@ def _serve(listener: socket.socket, engine_config, model_name: str, api_key: str
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _shut_down_already)
     try:
-        server.run(sockets=[listener])
+        server.run(sockets=sockets)
     finally:  # if uvicorn never started, the lifespan did not stop the engine
         if not async_llm.is_closed:
             asyncio.run(async_llm.shutdown())

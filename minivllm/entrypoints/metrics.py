@@ -14,17 +14,28 @@ Two kinds of numbers, read in two ways:
 
 Names follow vLLM's (`vllm:` becomes `minivllm:`), so existing dashboards read them. Each server
 has its own `CollectorRegistry`, so two servers in one process (tests) never share a counter.
+
+**Several frontends** (`serve --api-server-count N`, frontends.py) each see their own requests'
+outputs. Their events are summed through `prometheus_client`'s multiprocess mode: when
+PROMETHEUS_MULTIPROC_DIR is set (the launcher sets it for its frontends), every counter and
+histogram lives in a file of that directory, and `render` reads all of them. The state gauges and
+the speculative counters are the engine's, which every frontend hears after every step: each
+renders its own copy, never summed.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from minivllm.entrypoints.engine_core import EngineState
 from minivllm.outputs import RequestOutput
+
+SHARED_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's: the directory of shared metrics
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                 10.0, 20.0, 40.0, 80.0)
@@ -32,6 +43,23 @@ TPOT_BUCKETS = (0.001, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075,
                 0.4, 0.5, 0.75, 1.0, 2.5)
 E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
                120.0, 240.0, 480.0)
+
+
+class EngineStateCollector:
+    """The engine's state as gauges, read at each scrape (a collector, not `Gauge`s: those would
+    also be written to the shared files of several frontends, once per process)."""
+
+    def __init__(self, state: Callable[[], EngineState]):
+        self.state = state
+
+    def collect(self):
+        state = self.state()
+        yield GaugeMetricFamily("minivllm:num_requests_running", "Requests in the engine's running queue.",
+                                value=state.num_running)
+        yield GaugeMetricFamily("minivllm:num_requests_waiting", "Requests waiting to be scheduled (or preempted).",
+                                value=state.num_waiting)
+        yield GaugeMetricFamily("minivllm:kv_cache_usage_perc", "Fraction of the KV-cache blocks in use (0 to 1).",
+                                value=state.kv_cache_usage)
 
 
 class ServerMetrics:
@@ -42,16 +70,12 @@ class ServerMetrics:
 
     def __init__(self, state: Callable[[], EngineState]):
         self.registry = CollectorRegistry()
-
-        def gauge(name: str, doc: str, read) -> None:
-            Gauge(name, doc, registry=self.registry).set_function(read)
-
-        gauge("minivllm:num_requests_running", "Requests in the engine's running queue.",
-              lambda: state().num_running)
-        gauge("minivllm:num_requests_waiting", "Requests waiting to be scheduled (or preempted).",
-              lambda: state().num_waiting)
-        gauge("minivllm:kv_cache_usage_perc", "Fraction of the KV-cache blocks in use (0 to 1).",
-              lambda: state().kv_cache_usage)
+        # Shared by several frontends: the events are read back from every process's files.
+        self.shared_dir = os.environ.get(SHARED_DIR_ENV)
+        # The engine's own numbers, read from its state: the same in every frontend, never summed.
+        self.engine_registry = CollectorRegistry() if self.shared_dir else self.registry
+        self.engine_registry.register(EngineStateCollector(state))
+        self.engine_registry.register(SpecDecodeCollector(state))
         self.prompt_tokens = Counter("minivllm:prompt_tokens", "Prompt tokens of the requests started.",
                                      registry=self.registry)
         self.generation_tokens = Counter("minivllm:generation_tokens", "Tokens generated and reported.",
@@ -65,7 +89,6 @@ class ServerMetrics:
                               buckets=TPOT_BUCKETS, registry=self.registry)
         self.e2e = Histogram("minivllm:e2e_request_latency_seconds", "Arrival to finish of a request.",
                              buckets=E2E_BUCKETS, registry=self.registry)
-        self.registry.register(SpecDecodeCollector(state))
         self._started: set[str] = set()  # requests whose prompt and first token were counted
 
     def record(self, output: RequestOutput) -> None:
@@ -89,7 +112,11 @@ class ServerMetrics:
 
     def render(self) -> tuple[bytes, str]:
         """(body, content type) of the Prometheus text format."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        if not self.shared_dir:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        events = CollectorRegistry()
+        MultiProcessCollector(events, self.shared_dir)
+        return generate_latest(self.engine_registry) + generate_latest(events), CONTENT_TYPE_LATEST
 
 
 class SpecDecodeCollector:

@@ -1,0 +1,190 @@
+"""Several frontend processes in front of one engine process: `serve --api-server-count N`.
+
+    this process (the launcher)          N frontend processes                the engine process
+    ───────────────────────────          ──────────────────────              ──────────────────
+    binds the port ─────── the socket ─> uvicorn accepts on it               engine_core.serve():
+    starts the engine ──────────────────────────────────────────────────────> requests from every
+    starts the frontends ─ a channel ──> AsyncLLM ── commands / outputs ═════> frontend, each output
+    forwards SIGTERM, waits               (EngineCoreClient.attach)             to the one that added it
+
+**Why.** A frontend parses HTTP, validates bodies, and writes a JSON chunk and a socket write per
+streamed delta, all on one event loop under one GIL. On an H200 one such process streamed about
+20,000 tokens/s, close to the engine's own rate with 256 requests at once, so the ratio to
+offline throughput wandered with how busy it was (benchmarks/RESULTS.md). The work of one
+request never needs another's, so it spreads over processes: the engine stays one process (one
+batch, one KV cache), and N frontends share the HTTP work.
+
+**One port.** The launcher binds the listening socket once, and every frontend gets a copy of it
+(a spawned process receives it as an argument). All of them accept on the same socket; the
+kernel hands each new connection to one of them, and the connection (every request on it) stays
+there. Nothing is routed between frontends.
+
+**One engine.** Each frontend has its own pair of pipes to the engine process. The engine notes
+which frontend added a request, sends each step's outputs to their own frontends, its state
+(running, waiting, KV usage) to all, and lets only a request's frontend abort it
+(engine_core.py).
+
+**/metrics** answers the same, whichever frontend serves it: the engine's state as every
+frontend last heard it, and the counters and histograms of all frontends summed. They are kept
+by `prometheus_client` in its multiprocess mode: each frontend writes its own in a directory
+the launcher makes (PROMETHEUS_MULTIPROC_DIR) and removes at exit, and a scrape reads them all.
+
+**Stopping.** SIGTERM or Ctrl-C reaches the launcher; it sends SIGTERM to every frontend, and
+each one stops as a single server does: no new connection, the requests in flight drained for
+up to `--shutdown-timeout`, then aborted, every stream properly ended. A frontend that has
+stopped closes its pipes; when the last one has, the engine process leaves by itself, and the
+launcher waits for it (killing it after STOP_TIMEOUT_S). If a frontend dies on its own, the
+engine aborts its requests, and the launcher stops the others: a server that lost part of its
+frontend is restarted whole rather than left half-serving. No process outlives the launcher.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from multiprocessing import connection
+
+from minivllm.config import EngineConfig
+from minivllm.distributed.process import one_way_pipe, stop_children
+from minivllm.entrypoints.async_llm import AsyncLLM
+from minivllm.entrypoints.engine_core import (
+    PIPE_BYTES,
+    SHUTDOWN,
+    STOP_TIMEOUT_S,
+    EngineChannel,
+    EngineCoreClient,
+    EngineStartError,
+    start_engine_process,
+)
+from minivllm.entrypoints.metrics import SHARED_DIR_ENV
+
+logger = logging.getLogger("minivllm.serve")
+
+
+def run_frontends(engine_config: EngineConfig, count: int, model_name: str, host: str, port: int,
+                  api_key: str | None, shutdown_timeout: float, log_level: str) -> int:
+    """Bind the port, start the engine process and `count` frontends, serve until SIGTERM or
+    Ctrl-C, stop them all; returns the exit status (0 after a clean shutdown)."""
+    listener = listening_socket(host, port)  # a taken port fails now, before the model loads
+    pipes = [(one_way_pipe(PIPE_BYTES), one_way_pipe(PIPE_BYTES)) for _ in range(count)]
+    engine_ends = [(commands[0], results[1]) for commands, results in pipes]
+    frontend_ends = [(commands[1], results[0]) for commands, results in pipes]
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # while loading, SIGTERM acts as Ctrl-C
+    try:
+        engine, info = start_engine_process(engine_config, engine_ends)
+    except KeyboardInterrupt:  # the engine process was stopped with it
+        logger.warning("stopped while loading the model")
+        return 0
+    except EngineStartError as err:
+        logger.error("%s", err)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _close(*(end for pair in engine_ends for end in pair))  # the engine holds the only copies now
+    metrics_dir = tempfile.mkdtemp(prefix="minivllm-metrics-")
+    frontends: list = []
+    for sig in (signal.SIGINT, signal.SIGTERM):  # from now on a signal stops the frontends
+        signal.signal(sig, lambda signum, frame: _terminate(frontends))
+    try:
+        _start_frontends(frontends, listener, frontend_ends, info, engine_config, model_name, api_key,
+                         shutdown_timeout, log_level, metrics_dir)
+        listener.close()
+        _close(*(end for pair in frontend_ends for end in pair))
+        codes = _wait(frontends)
+    finally:
+        stop_children([engine], SHUTDOWN, STOP_TIMEOUT_S)  # it has left by itself once the frontends did
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    return 0 if all(code == 0 for code in codes) else 1
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket listening on (host, port), as uvicorn would bind it; an OSError that says why not."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)  # uvicorn's default backlog
+    except OSError as err:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _start_frontends(frontends: list, listener, ends, info, engine_config, model_name, api_key,
+                     shutdown_timeout, log_level, metrics_dir) -> None:
+    context = multiprocessing.get_context("spawn")
+    with _environment(SHARED_DIR_ENV, metrics_dir):  # read by prometheus_client when a frontend imports it
+        for i, (commands, results) in enumerate(ends):
+            process = context.Process(
+                target=run_frontend, name=f"minivllm-api-server-{i}",
+                args=(listener, EngineChannel(commands, results, info), engine_config, model_name, api_key,
+                      shutdown_timeout, log_level))
+            frontends.append(process)
+            process.start()
+
+
+def _wait(frontends: list) -> list[int | None]:
+    """Until every frontend has exited (one that leaves on its own stops the others); their
+    exit codes."""
+    running = list(frontends)
+    while running:
+        connection.wait([p.sentinel for p in running])
+        for process in [p for p in running if not p.is_alive()]:
+            process.join()
+            running.remove(process)
+            _terminate(running)
+    return [p.exitcode for p in frontends]
+
+
+def _terminate(frontends: list) -> None:
+    """SIGTERM to every frontend still running: each drains and stops as a single server does."""
+    for process in frontends:
+        if process.pid is not None and process.exitcode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGTERM)
+
+
+def run_frontend(listener: socket.socket, channel: EngineChannel, engine_config: EngineConfig, model_name: str,
+                 api_key: str | None, shutdown_timeout: float, log_level: str) -> None:
+    """(a frontend process) Serve HTTP on the shared socket with the engine behind `channel`."""
+    from minivllm.entrypoints.api_server import serve_app
+
+    for sig in (signal.SIGINT, signal.SIGTERM):  # until uvicorn handles them: stop before serving
+        signal.signal(sig, _interrupt)
+    try:
+        async_llm = AsyncLLM(EngineCoreClient.attach(engine_config, channel))
+        code = serve_app(async_llm, model_name, api_key, shutdown_timeout, log_level, sockets=[listener])
+    except KeyboardInterrupt:
+        code = 0
+    sys.exit(code)
+
+
+@contextlib.contextmanager
+def _environment(name: str, value: str):
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
+
+
+def _close(*ends) -> None:
+    for end in ends:
+        end.close()
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
