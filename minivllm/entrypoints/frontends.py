@@ -2,7 +2,7 @@
 
     this process (the launcher)          N frontend processes                the engine process
     ───────────────────────────          ──────────────────────              ──────────────────
-    binds the port ─────── the socket ─> uvicorn accepts on it               engine_core.serve():
+    reserves the port                    each listens on it (SO_REUSEPORT)   engine_core.serve():
     starts the engine ──────────────────────────────────────────────────────> requests from every
     starts the frontends ─ a channel ──> AsyncLLM ── commands / outputs ═════> frontend, each output
     forwards SIGTERM, waits               (EngineCoreClient.attach)             to the one that added it
@@ -14,10 +14,13 @@ offline throughput wandered with how busy it was (benchmarks/RESULTS.md). The wo
 request never needs another's, so it spreads over processes: the engine stays one process (one
 batch, one KV cache), and N frontends share the HTTP work.
 
-**One port.** The launcher binds the listening socket once, and every frontend gets a copy of it
-(a spawned process receives it as an argument). All of them accept on the same socket; the
-kernel hands each new connection to one of them, and the connection (every request on it) stays
-there. Nothing is routed between frontends.
+**One port.** Every frontend listens on the same address with SO_REUSEPORT, and the kernel
+deals each new connection to one of them by a hash of its addresses, so they get even shares
+(one socket shared by all would go to whichever woke first: a burst of connections can land on
+one process). A connection, and every request on it, stays where it landed; nothing is routed
+between frontends. The launcher binds the address too (without listening, so it gets no
+connection) before the model loads, so a taken port fails at once, and holds it until the
+frontends listen.
 
 **One engine.** Each frontend has its own pair of pipes to the engine process. The engine notes
 which frontend added a request, sends each step's outputs to their own frontends, its state
@@ -72,7 +75,11 @@ def run_frontends(engine_config: EngineConfig, count: int, model_name: str, host
                   api_key: str | None, shutdown_timeout: float, log_level: str) -> int:
     """Bind the port, start the engine process and `count` frontends, serve until SIGTERM or
     Ctrl-C, stop them all; returns the exit status (0 after a clean shutdown)."""
-    listener = listening_socket(host, port)  # a taken port fails now, before the model loads
+    with bind(host, port):  # a taken port fails now, before the model loads (bound, not listening: no connection comes here)
+        return _run(engine_config, count, model_name, host, port, api_key, shutdown_timeout, log_level)
+
+
+def _run(engine_config, count, model_name, host, port, api_key, shutdown_timeout, log_level) -> int:
     pipes = [(one_way_pipe(PIPE_BYTES), one_way_pipe(PIPE_BYTES)) for _ in range(count)]
     engine_ends = [(commands[0], results[1]) for commands, results in pipes]
     frontend_ends = [(commands[1], results[0]) for commands, results in pipes]
@@ -93,9 +100,8 @@ def run_frontends(engine_config: EngineConfig, count: int, model_name: str, host
     for sig in (signal.SIGINT, signal.SIGTERM):  # from now on a signal stops the frontends
         signal.signal(sig, lambda signum, frame: _terminate(frontends))
     try:
-        _start_frontends(frontends, listener, frontend_ends, info, engine_config, model_name, api_key,
+        _start_frontends(frontends, (host, port), frontend_ends, info, engine_config, model_name, api_key,
                          shutdown_timeout, log_level, metrics_dir)
-        listener.close()
         _close(*(end for pair in frontend_ends for end in pair))
         codes = _wait(frontends)
     finally:
@@ -104,29 +110,29 @@ def run_frontends(engine_config: EngineConfig, count: int, model_name: str, host
     return 0 if all(code == 0 for code in codes) else 1
 
 
-def listening_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket listening on (host, port), as uvicorn would bind it; an OSError that says why not."""
+def bind(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to (host, port) with SO_REUSEPORT, so that every frontend can bind it
+    too; an OSError that says why not."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
-        sock.listen(2048)  # uvicorn's default backlog
     except OSError as err:
         sock.close()
         raise OSError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
-    sock.set_inheritable(True)
     return sock
 
 
-def _start_frontends(frontends: list, listener, ends, info, engine_config, model_name, api_key,
+def _start_frontends(frontends: list, address: tuple[str, int], ends, info, engine_config, model_name, api_key,
                      shutdown_timeout, log_level, metrics_dir) -> None:
     context = multiprocessing.get_context("spawn")
     with _environment(SHARED_DIR_ENV, metrics_dir):  # read by prometheus_client when a frontend imports it
         for i, (commands, results) in enumerate(ends):
             process = context.Process(
                 target=run_frontend, name=f"minivllm-api-server-{i}",
-                args=(listener, EngineChannel(commands, results, info), engine_config, model_name, api_key,
+                args=(address, EngineChannel(commands, results, info), engine_config, model_name, api_key,
                       shutdown_timeout, log_level))
             frontends.append(process)
             process.start()
@@ -153,14 +159,17 @@ def _terminate(frontends: list) -> None:
                 os.kill(process.pid, signal.SIGTERM)
 
 
-def run_frontend(listener: socket.socket, channel: EngineChannel, engine_config: EngineConfig, model_name: str,
+def run_frontend(address: tuple[str, int], channel: EngineChannel, engine_config: EngineConfig, model_name: str,
                  api_key: str | None, shutdown_timeout: float, log_level: str) -> None:
-    """(a frontend process) Serve HTTP on the shared socket with the engine behind `channel`."""
+    """(a frontend process) Serve HTTP on `address`, beside the other frontends, with the engine
+    behind `channel`."""
     from minivllm.entrypoints.api_server import serve_app
 
     for sig in (signal.SIGINT, signal.SIGTERM):  # until uvicorn handles them: stop before serving
         signal.signal(sig, _interrupt)
     try:
+        listener = bind(*address)
+        listener.listen(2048)  # uvicorn's default backlog
         async_llm = AsyncLLM(EngineCoreClient.attach(engine_config, channel))
         code = serve_app(async_llm, model_name, api_key, shutdown_timeout, log_level, sockets=[listener])
     except KeyboardInterrupt:

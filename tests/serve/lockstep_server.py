@@ -14,6 +14,7 @@ main script again (as `__mp_main__`), so the patch below applies there too, wher
 """
 
 import sys
+from multiprocessing import connection
 
 from minivllm.entrypoints import engine_core
 
@@ -23,33 +24,37 @@ serve = engine_core.serve
 
 
 class CommandPipe:
-    """The engine's end of the command pipe, noting whether a command came since the last report."""
+    """The engine's end of a command pipe, noting (in `told`, shared by every frontend's pipe)
+    whether a command came since the last report."""
 
-    def __init__(self, conn):
+    def __init__(self, conn, told: dict):
         self.conn = conn
-        self.spoke = True
+        self.told = told
 
     def recv(self):
-        self.spoke = True
+        self.told["spoke"] = True
         return self.conn.recv()
 
-    def __getattr__(self, name):  # poll, close, ...: the pipe's own
+    def __getattr__(self, name):  # poll, fileno, close, ...: the pipe's own
         return getattr(self.conn, name)
 
 
 def lockstep_serve(core, commands, results, frontends=()) -> None:
-    pipe = CommandPipe(commands)
+    told = {"spoke": True}
+    commands = CommandPipe(commands, told)
+    frontends = [(CommandPipe(c, told), r) for c, r in frontends]
+    pipes = [c for c, _ in frontends] or [commands]
     step = core.step
 
     def step_when_told():
-        if not pipe.spoke:
-            pipe.poll(WAIT_S)  # the next command (served right after this step) allows it
+        if not told["spoke"]:
+            connection.wait(pipes, WAIT_S)  # the next command (served right after this step) allows it
         result = step()
-        pipe.spoke = not (result.outputs or result.failed)
+        told["spoke"] = not (result.outputs or result.failed)
         return result
 
     core.step = step_when_told
-    serve(core, pipe, results, frontends)
+    serve(core, commands, results, frontends)
 
 
 engine_core.serve = lockstep_serve
