@@ -96,14 +96,14 @@ def _run(engine_config, count, model_name, host, port, api_key, shutdown_timeout
         signal.signal(signal.SIGTERM, previous)
         _close(*(end for pair in engine_ends for end in pair))  # the engine holds the only copies now
     metrics_dir = tempfile.mkdtemp(prefix="minivllm-metrics-")
-    frontends: list = []
+    frontends = Frontends()
     for sig in (signal.SIGINT, signal.SIGTERM):  # from now on a signal stops the frontends
-        signal.signal(sig, lambda signum, frame: _terminate(frontends))
+        signal.signal(sig, lambda signum, frame: frontends.stop())
     try:
         _start_frontends(frontends, (host, port), frontend_ends, info, engine_config, model_name, api_key,
                          shutdown_timeout, log_level, metrics_dir)
         _close(*(end for pair in frontend_ends for end in pair))
-        codes = _wait(frontends)
+        codes = frontends.wait()
     finally:
         stop_children([engine], SHUTDOWN, STOP_TIMEOUT_S)  # it has left by itself once the frontends did
         shutil.rmtree(metrics_dir, ignore_errors=True)
@@ -125,7 +125,7 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _start_frontends(frontends: list, address: tuple[str, int], ends, info, engine_config, model_name, api_key,
+def _start_frontends(frontends: Frontends, address: tuple[str, int], ends, info, engine_config, model_name, api_key,
                      shutdown_timeout, log_level, metrics_dir) -> None:
     context = multiprocessing.get_context("spawn")
     with _environment(SHARED_DIR_ENV, metrics_dir):  # read by prometheus_client when a frontend imports it
@@ -134,29 +134,48 @@ def _start_frontends(frontends: list, address: tuple[str, int], ends, info, engi
                 target=run_frontend, name=f"minivllm-api-server-{i}",
                 args=(address, EngineChannel(commands, results, info), engine_config, model_name, api_key,
                       shutdown_timeout, log_level))
-            frontends.append(process)
-            process.start()
+            frontends.start(process)
 
 
-def _wait(frontends: list) -> list[int | None]:
-    """Until every frontend has exited (one that leaves on its own stops the others); their
-    exit codes."""
-    running = list(frontends)
-    while running:
-        connection.wait([p.sentinel for p in running])
-        for process in [p for p in running if not p.is_alive()]:
-            process.join()
-            running.remove(process)
-            _terminate(running)
-    return [p.exitcode for p in frontends]
+class Frontends:
+    """The frontend processes, and stopping them: SIGTERM to each, once. (A second one could
+    land after its uvicorn has finished, when the interpreter has put the default handlers back
+    for its exit, and kill it.)"""
 
+    def __init__(self):
+        self.processes: list = []
+        self.stopping = False
+        self._signalled: set[int] = set()
 
-def _terminate(frontends: list) -> None:
-    """SIGTERM to every frontend still running: each drains and stops as a single server does."""
-    for process in frontends:
-        if process.pid is not None and process.exitcode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(process.pid, signal.SIGTERM)
+    def start(self, process) -> None:
+        """Start `process`, unless a signal has come meanwhile."""
+        if self.stopping:
+            return
+        process.start()
+        self.processes.append(process)
+        if self.stopping:  # the signal came while it started
+            self.stop()
+
+    def stop(self) -> None:
+        """Each drains and stops as a single server does."""
+        self.stopping = True
+        for process in self.processes:
+            if process.pid not in self._signalled and process.exitcode is None:
+                self._signalled.add(process.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGTERM)
+
+    def wait(self) -> list[int | None]:
+        """Until every frontend has exited (one that leaves on its own stops the others); their
+        exit codes."""
+        running = list(self.processes)
+        while running:
+            connection.wait([p.sentinel for p in running])
+            for process in [p for p in running if not p.is_alive()]:
+                process.join()
+                running.remove(process)
+                self.stop()
+        return [p.exitcode for p in self.processes]
 
 
 def run_frontend(address: tuple[str, int], channel: EngineChannel, engine_config: EngineConfig, model_name: str,

@@ -7,6 +7,8 @@ has reported tokens, the engine process steps again only after the frontend has 
 command. So a request that has streamed its first tokens cannot finish: it waits until the
 frontend sends an abort (the client went away, the server is shutting down), which lets the
 engine run one step more (the outputs of the step in flight come out), and then serves it.
+A request added while others are held steps freely until its first report, so that each
+streaming request, from any frontend (`--api-server-count`), is held after its first token.
 
 Run as a script (`python tests/serve/lockstep_server.py serve --model ...`, the arguments of
 `python -m minivllm`): the engine process is spawned, and a spawned process runs its parent's
@@ -25,7 +27,7 @@ serve = engine_core.serve
 
 class CommandPipe:
     """The engine's end of a command pipe, noting (in `told`, shared by every frontend's pipe)
-    whether a command came since the last report."""
+    whether a command came since the last report, and which added requests have not reported."""
 
     def __init__(self, conn, told: dict):
         self.conn = conn
@@ -33,23 +35,27 @@ class CommandPipe:
 
     def recv(self):
         self.told["spoke"] = True
-        return self.conn.recv()
+        command = self.conn.recv()
+        if command[1] == "add":
+            self.told["unreported"].add(command[2][2])
+        return command
 
     def __getattr__(self, name):  # poll, fileno, close, ...: the pipe's own
         return getattr(self.conn, name)
 
 
 def lockstep_serve(core, commands, results, frontends=()) -> None:
-    told = {"spoke": True}
+    told = {"spoke": True, "unreported": set()}
     commands = CommandPipe(commands, told)
     frontends = [(CommandPipe(c, told), r) for c, r in frontends]
     pipes = [c for c, _ in frontends] or [commands]
     step = core.step
 
     def step_when_told():
-        if not told["spoke"]:
+        if not told["spoke"] and not told["unreported"]:
             connection.wait(pipes, WAIT_S)  # the next command (served right after this step) allows it
         result = step()
+        told["unreported"] -= {o.request_id for o in result.outputs + result.failed}
         told["spoke"] = not (result.outputs or result.failed)
         return result
 

@@ -167,9 +167,9 @@ def test_streams_on_both_frontends_are_aborted_in_the_engine_when_clients_leave(
         before = metric_values(server.url)
         clients = [httpx.Client(timeout=60) for _ in range(NUM_REQUESTS)]
         streams = [c.stream("POST", f"{server.url}/v1/completions", json=_long_body()) for c in clients]
-        for stream in streams:  # each has streamed its first token, and is held there by the engine
-            response = stream.__enter__()
-            assert next(line for line in response.iter_lines() if line.startswith("data: {"))
+        lines = [stream.__enter__().iter_lines() for stream in streams]
+        for stream_lines in lines:  # each has streamed its first token, and is held there by the engine
+            assert next(line for line in stream_lines if line.startswith("data: {"))
         connections = _frontend_connections(server)
         for stream, client in zip(streams, clients):  # the clients leave
             stream.__exit__(None, None, None)
