@@ -35,6 +35,7 @@ requests. It needs transformers' `[serving]` extra; if it cannot run, the record
 
     python benchmarks/serve_bench.py                          # GPU: qwen3-0.6b, 256 reqs, 4/16/64/inf
     python benchmarks/serve_bench.py --rates inf,inf,inf      # three waves on one server
+    python benchmarks/serve_bench.py --rates inf,inf,inf --api-server-count 4   # four frontend processes
     python benchmarks/serve_bench.py --backends minivllm,transformers --rates 16,inf --hf-num-requests 32
     python benchmarks/serve_bench.py --url http://127.0.0.1:8000 --model-name NAME   # a running server
     python benchmarks/serve_bench.py --num-requests 64 --output-len 512 --rates inf,inf,inf --mixes plain,json
@@ -317,7 +318,7 @@ def start_minivllm(args, model_dir: Path, dtype: str, log_dir: Path) -> ServerPr
     port = free_port()
     command = [sys.executable, "-m", "minivllm", "serve", "--model", str(model_dir), "--port", str(port),
                "--served-model-name", args.model_name, "--log-level", "warning",
-               *engine_flags(args, dtype)]
+               "--api-server-count", str(args.api_server_count), *engine_flags(args, dtype)]
     return ServerProcess("minivllm serve", command, port, log_dir / "minivllm_serve.log")
 
 
@@ -442,6 +443,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--url", default=None, help="use this running minivllm server instead of starting one "
                                                "(no offline baseline then)")
     p.add_argument("--model-name", default="minivllm-bench", help="the served model name")
+    p.add_argument("--api-server-count", type=int, default=1,
+                   help="frontend processes of the minivllm server (serve --api-server-count)")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-num-seqs", type=int, default=None, help="default: all requests, at most 256")
@@ -472,8 +475,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--mixes: distinct names from {', '.join(MIXES)}, got {args.mixes}")
     if not isinstance(args.extra_body, dict):
         p.error("--extra-body must be a JSON object")
-    if args.num_requests < 1 or args.hf_num_requests < 1:
-        p.error("--num-requests and --hf-num-requests must be >= 1")
+    if args.num_requests < 1 or args.hf_num_requests < 1 or args.api_server_count < 1:
+        p.error("--num-requests, --hf-num-requests and --api-server-count must be >= 1")
     args.hf_num_requests = min(args.hf_num_requests, args.num_requests)
     args.max_num_seqs = args.max_num_seqs or min(args.num_requests, 256)
     if args.client_processes is None:
@@ -585,15 +588,17 @@ def run_transformers(model_dir: Path, texts, out_lens, log_dir: Path, args, devi
 
 def summary(results: list[dict]) -> dict:
     """Server over offline output tok/s at "inf" (the last all-at-once wave of the plain mix, which
-    is what offline runs), p99 TTFT at 16 req/s (plain), each mix over the first mix, wave by wave,
-    failed requests (None where this run did not measure one)."""
+    is what offline runs; and every such wave, for a run of several), p99 TTFT at 16 req/s (plain),
+    each mix over the first mix, wave by wave, failed requests (None where this run did not measure
+    one)."""
     offline = next((r for r in results if r["backend"].startswith("offline")), None)
     served = [r for r in results if r["backend"] == "minivllm serve" and r["prompts"] == "ids"]
     plain = [r for r in served if r["mix"] == "plain"]
     at_inf = [r for r in plain if r["rate"] == "inf" and r.get("output_tokens_per_s")]
     at_16 = [r for r in plain if r["rate"] == 16.0 and r.get("ttft_s")]
-    return {"ratio_vs_offline": at_inf[-1]["output_tokens_per_s"] / offline["output_tokens_per_s"]
-            if at_inf and offline else None,
+    ratios = [r["output_tokens_per_s"] / offline["output_tokens_per_s"] for r in at_inf] if offline else []
+    return {"ratio_vs_offline": ratios[-1] if ratios else None,
+            "ratios_vs_offline": ratios,
             "ttft_p99_at_16_s": at_16[-1]["ttft_s"]["p99"] if at_16 else None,
             "mix_ratios": mix_ratios(served),
             "failed_requests": sum(r.get("failed_requests", 0) for r in served)}

@@ -42,6 +42,7 @@ def test_serve_bench_smoke(tmp_path, model_cache, capsys):
     summary = saved["summary"]
     ratio = served[3]["output_tokens_per_s"] / offline["output_tokens_per_s"]
     assert math.isclose(summary["ratio_vs_offline"], ratio) and summary["failed_requests"] == 0
+    assert summary["ratios_vs_offline"] == [summary["ratio_vs_offline"]]  # one all-at-once wave
     assert summary["ttft_p99_at_16_s"] == served[0]["ttft_s"]["p99"]
     tok_s = {(r["rate"], r["mix"]): r["output_tokens_per_s"] for r in served}
     assert summary["mix_ratios"] == {mix: {str(rate): [pytest.approx(tok_s[rate, mix] / tok_s[rate, "plain"])]
@@ -62,7 +63,8 @@ def test_poisson_arrivals_have_the_asked_rate():
 
 def test_bad_arguments_are_refused():
     for argv in (["--rates", "0,inf"], ["--rates", "fast"], ["--backends", "vllm"], ["--input-len", "9:3"],
-                 ["--extra-body", "[1]"], ["--mixes", "plain,xml"], ["--mixes", "json,json"]):
+                 ["--extra-body", "[1]"], ["--mixes", "plain,xml"], ["--mixes", "json,json"],
+                 ["--api-server-count", "0"]):
         with pytest.raises(SystemExit):
             serve_bench.parse_args(["--device", "cpu", *argv])
 
