@@ -34,6 +34,13 @@ objects took 5-9 ms to pickle and 9-15 ms to unpickle (600 KB). `OutputEncoder`'
 which carry a request's prompt only with its first report, took 0.3 ms to encode and 0.2 ms to
 pickle in the engine process, 0.2 ms to unpickle and 0.4 ms to decode here (30 KB).
 
+**Several frontends** (`serve --api-server-count N`, frontends.py). The engine process can
+serve N frontend processes, each over its own pair of pipes (`serve(..., frontends)`): it waits
+on all of them, notes which frontend added each request, sends each frontend the outputs of its
+own requests (and the state to all), and lets only that frontend abort them. A frontend that
+goes away has its requests aborted; the process leaves when the last one has. The frontends
+talk to it through `EngineCoreClient.attach`, which does not own the process.
+
 **Failures.** A step that raises finishes its requests with finish_reason "error" (the engine
 does that); the message names them and the frontend raises `EngineStepError` in exactly their
 streams. If the engine process dies (a crash, the OOM killer, SIGKILL), the outputs pipe closes:
