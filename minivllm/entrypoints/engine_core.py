@@ -308,12 +308,19 @@ def serve(core: EngineCore, commands, results, frontends: list | tuple = ()) -> 
             peers.remove(peer)
             _forget(core, encoder, owners, peer)
         result = core.step() if core.has_work() else None
-        for peer in list(peers):
+        routed = _route(result, owners) if result is not None else {}
+        state = core.state()
+        for peer in peers:
+            if result is None and not peer.replies:
+                continue
+            outputs, failed = routed.get(peer, ((), ()))
+            message = (peer.replies, [encoder.encode(o) for o in outputs], result and result.error,
+                       [encoder.encode(o) for o in failed], state)
+            peer.replies = []
             try:
-                _send(peer, encoder, owners, result, core.state())
-            except OSError:  # it left; its pipe is closed at the next wait
+                peer.results.send(message)
+            except OSError:  # it left: dropped at the next turn
                 peer.commands.close()
-    return
 
 
 def _stop_requested(control) -> bool:
@@ -356,28 +363,19 @@ def _forget(core: EngineCore, encoder: OutputEncoder, owners: dict, peer: Fronte
     peer.results.close()
 
 
-def _send(peer: Frontend, encoder: OutputEncoder, owners: dict, result: StepResult | None,
-          state: EngineState) -> None:
-    """One message to one frontend: its replies, and its requests' outputs of the step."""
-    if result is None:
-        if peer.replies:
-            peer.results.send((peer.replies, [], None, [], state))
-        peer.replies = []
-        return
-    outputs = [encoder.encode(o) for o in _its(result.outputs, owners, peer)]
-    failed = [encoder.encode(o) for o in _its(result.failed, owners, peer)]
-    peer.results.send((peer.replies, outputs, result.error, failed, state))
-    peer.replies = []
-
-
-def _its(outputs: list[RequestOutput], owners: dict, peer: Frontend) -> list[RequestOutput]:
-    """The outputs of `peer`'s requests; a finished one leaves its books."""
-    mine = [o for o in outputs if owners.get(o.request_id) is peer]
-    for output in mine:
-        if output.finished:
-            del owners[output.request_id]
-            peer.requests.discard(output.request_id)
-    return mine
+def _route(result: StepResult, owners: dict) -> dict[Frontend, tuple[list, list]]:
+    """Each frontend's (outputs, failed outputs) of the step; finished requests leave the books."""
+    routed: dict[Frontend, tuple[list, list]] = {}
+    for kind, outputs in enumerate((result.outputs, result.failed)):
+        for output in outputs:
+            peer = owners.get(output.request_id)
+            if peer is None:  # aborted by a frontend that left meanwhile
+                continue
+            routed.setdefault(peer, ([], []))[kind].append(output)
+            if output.finished:
+                del owners[output.request_id]
+                peer.requests.discard(output.request_id)
+    return routed
 
 
 def _answer(core: EngineCore, encoder: OutputEncoder, call_id: int, method: str, args: tuple) -> tuple:
