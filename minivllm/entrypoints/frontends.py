@@ -38,7 +38,8 @@ up to `--shutdown-timeout`, then aborted, every stream properly ended. A fronten
 stopped closes its pipes; when the last one has, the engine process leaves by itself, and the
 launcher waits for it (killing it after STOP_TIMEOUT_S). If a frontend dies on its own, the
 engine aborts its requests, and the launcher stops the others: a server that lost part of its
-frontend is restarted whole rather than left half-serving. No process outlives the launcher.
+frontend stops whole (for its supervisor to restart) rather than serve on half-staffed. No
+process outlives the launcher.
 """
 
 from __future__ import annotations
@@ -75,11 +76,14 @@ def run_frontends(engine_config: EngineConfig, count: int, model_name: str, host
                   api_key: str | None, shutdown_timeout: float, log_level: str) -> int:
     """Bind the port, start the engine process and `count` frontends, serve until SIGTERM or
     Ctrl-C, stop them all; returns the exit status (0 after a clean shutdown)."""
-    with bind(host, port):  # a taken port fails now, before the model loads (bound, not listening: no connection comes here)
-        return _run(engine_config, count, model_name, host, port, api_key, shutdown_timeout, log_level)
+    # A taken port fails now, before the model loads. Bound, not listening: no connection comes here.
+    with bind(host, port):
+        return _serve(engine_config, count, model_name, host, port, api_key, shutdown_timeout, log_level)
 
 
-def _run(engine_config, count, model_name, host, port, api_key, shutdown_timeout, log_level) -> int:
+def _serve(engine_config: EngineConfig, count: int, model_name: str, host: str, port: int, api_key: str | None,
+           shutdown_timeout: float, log_level: str) -> int:
+    """run_frontends, with the port held."""
     pipes = [(one_way_pipe(PIPE_BYTES), one_way_pipe(PIPE_BYTES)) for _ in range(count)]
     engine_ends = [(commands[0], results[1]) for commands, results in pipes]
     frontend_ends = [(commands[1], results[0]) for commands, results in pipes]
@@ -105,6 +109,8 @@ def _run(engine_config, count, model_name, host, port, api_key, shutdown_timeout
         _close(*(end for pair in frontend_ends for end in pair))
         codes = frontends.wait()
     finally:
+        frontends.stop()  # (if starting them failed; else all have exited, and this does nothing)
+        frontends.wait()
         stop_children([engine], SHUTDOWN, STOP_TIMEOUT_S)  # it has left by itself once the frontends did
         shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0 if all(code == 0 for code in codes) else 1
