@@ -9,6 +9,8 @@ The server is a thin layer: it parses and checks a request, hands it to `AsyncLL
 what comes back. No engine logic lives in a handler. `run_server` starts the engine in a process
 of its own (`AsyncLLM.from_config`), so that HTTP work and engine steps do not share a GIL;
 `build_app` also takes an `LLMEngine`, run in this process (the tests do that).
+`--api-server-count N` runs N such frontend processes on one port in front of one engine
+process (frontends.py); each serves as described here.
 
 Routes: `GET /health` (200 while the engine runs, 503 once it is gone), `GET /metrics`
 (Prometheus text), and under `/v1` (behind the API key when one is set): `GET /v1/models`,
