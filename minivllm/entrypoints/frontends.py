@@ -50,13 +50,13 @@ import multiprocessing
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 from multiprocessing import connection
 
 from minivllm.config import EngineConfig
 from minivllm.distributed.process import one_way_pipe, stop_children
+from minivllm.entrypoints.api_server import listening_socket, serve_app
 from minivllm.entrypoints.async_llm import AsyncLLM
 from minivllm.entrypoints.engine_core import (
     PIPE_BYTES,
@@ -77,7 +77,7 @@ def run_frontends(engine_config: EngineConfig, count: int, model_name: str, host
     """Bind the port, start the engine process and `count` frontends, serve until SIGTERM or
     Ctrl-C, stop them all; returns the exit status (0 after a clean shutdown)."""
     # A taken port fails now, before the model loads. Bound, not listening: no connection comes here.
-    with bind(host, port):
+    with listening_socket(host, port, reuse_port=True):
         return _serve(engine_config, count, model_name, host, port, api_key, shutdown_timeout, log_level)
 
 
@@ -114,21 +114,6 @@ def _serve(engine_config: EngineConfig, count: int, model_name: str, host: str, 
         stop_children([engine], SHUTDOWN, STOP_TIMEOUT_S)  # it has left by itself once the frontends did
         shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0 if all(code == 0 for code in codes) else 1
-
-
-def bind(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to (host, port) with SO_REUSEPORT, so that every frontend can bind it
-    too; an OSError that says why not."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as err:
-        sock.close()
-        raise OSError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
-    return sock
 
 
 def _start_frontends(frontends: Frontends, address: tuple[str, int], ends, info, engine_config, model_name, api_key,
@@ -188,12 +173,10 @@ def run_frontend(address: tuple[str, int], channel: EngineChannel, engine_config
                  api_key: str | None, shutdown_timeout: float, log_level: str) -> None:
     """(a frontend process) Serve HTTP on `address`, beside the other frontends, with the engine
     behind `channel`."""
-    from minivllm.entrypoints.api_server import serve_app
-
     for sig in (signal.SIGINT, signal.SIGTERM):  # until uvicorn handles them: stop before serving
         signal.signal(sig, _interrupt)
     try:
-        listener = bind(*address)
+        listener = listening_socket(*address, reuse_port=True)
         listener.listen(2048)  # uvicorn's default backlog
         async_llm = AsyncLLM(EngineCoreClient.attach(engine_config, channel))
         code = serve_app(async_llm, model_name, api_key, shutdown_timeout, log_level, sockets=[listener])

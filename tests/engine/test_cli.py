@@ -219,8 +219,10 @@ def test_speculative_config_flag_takes_a_json_object(model_dir, capsys):
     assert code == 2 and "--speculative-config needs 'num_speculative_tokens'" in capsys.readouterr().err
 
 
-def test_serve_reports_a_taken_port_before_loading_the_model(model_dir, tmp_path):
-    """The port is bound first: with the weights broken, the error is still about the port."""
+@pytest.mark.parametrize("api_server_count", [1, 2])
+def test_serve_reports_a_taken_port_before_loading_the_model(model_dir, tmp_path, api_server_count):
+    """The port is bound first, with one frontend or several: with the weights broken, the error
+    is still about the port."""
     import shutil
     import socket
 
@@ -230,7 +232,8 @@ def test_serve_reports_a_taken_port_before_loading_the_model(model_dir, tmp_path
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        done = subprocess.run([sys.executable, "-m", "minivllm", "serve", "--model", str(model), "--port", str(port)],
+        done = subprocess.run([sys.executable, "-m", "minivllm", "serve", "--model", str(model), "--port", str(port),
+                               "--api-server-count", str(api_server_count)],
                               capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip() == f"minivllm serve: error: cannot listen on 127.0.0.1:{port}: Address already in use"

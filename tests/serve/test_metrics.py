@@ -1,13 +1,20 @@
-"""/metrics without a server: speculative decoding's counters come from the engine's state."""
+"""/metrics without a server: speculative decoding's counters come from the engine's state, with
+one frontend or several (PROMETHEUS_MULTIPROC_DIR set: each frontend renders the engine's own
+numbers beside the summed events)."""
 
 from __future__ import annotations
 
+import pytest
+
 from minivllm.entrypoints.engine_core import EngineState
-from minivllm.entrypoints.metrics import ServerMetrics
+from minivllm.entrypoints.metrics import SHARED_DIR_ENV, ServerMetrics
 from minivllm.observe.stats import SpecDecodeCounts
 
 
-def test_speculative_counters_are_read_from_the_engine_state_at_scrape_time():
+@pytest.mark.parametrize("frontends", ["one", "several"])
+def test_speculative_counters_are_read_from_the_engine_state_at_scrape_time(frontends, tmp_path, monkeypatch):
+    if frontends == "several":
+        monkeypatch.setenv(SHARED_DIR_ENV, str(tmp_path))
     state = EngineState(1, 0, 0.5, SpecDecodeCounts(4, 12, 7, (4, 2, 1)))
     metrics = ServerMetrics(lambda: state)
     body = metrics.render()[0].decode()
