@@ -50,7 +50,7 @@ class TokenFountain:
         self.step_s = float(os.environ[FOUNTAIN_ENV]) / 1e3
         self.max_num_seqs = config.scheduler_config.max_num_seqs
         self.requests: dict[str, list] = {}  # id -> [prompt ids, max_tokens, generated, arrival]
-        self.scheduler = SimpleNamespace(running=[], waiting=[])
+        self.scheduler = SimpleNamespace(running=[], waiting=[], speculation=None)
         self.block_manager = SimpleNamespace(num_used_blocks=0, num_blocks=1)
         self.executor = SimpleNamespace(runner=SimpleNamespace(device="cpu", num_kv_blocks=1))
 
