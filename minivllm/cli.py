@@ -384,7 +384,7 @@ def _run(llm, prompts, params, progress: bool) -> tuple[list, int]:
 
 def serve(args) -> int:
     try:
-        from minivllm.entrypoints.api_server import run_server
+        from minivllm.entrypoints.frontends import run_server
     except ImportError as err:
         print(f"minivllm serve: error: the server needs the `serve` extra ({err.name} is missing): "
               "pip install -e '.[serve]'", file=sys.stderr)

@@ -6,11 +6,12 @@
                                        start requests, stream deltas
 
 The server is a thin layer: it parses and checks a request, hands it to `AsyncLLM`, and sends
-what comes back. No engine logic lives in a handler. `run_server` starts the engine in a process
+what comes back. No engine logic lives in a handler. `serve_one` starts the engine in a process
 of its own (`AsyncLLM.from_config`), so that HTTP work and engine steps do not share a GIL;
 `build_app` also takes an `LLMEngine`, run in this process (the tests do that).
 `--api-server-count N` runs N such frontend processes on one port in front of one engine
-process (frontends.py); each serves as described here.
+process; `frontends.run_server` is the entry point for either (frontends.py), and each frontend
+serves as described here.
 
 Routes: `GET /health` (200 while the engine runs, 503 once it is gone), `GET /metrics`
 (Prometheus text), and under `/v1` (behind the API key when one is set): `GET /v1/models`,
@@ -161,30 +162,6 @@ class APIKeyMiddleware:
         await self.app(scope, receive, send)
 
 
-def run_server(model: str, engine_kwargs: dict | None = None, model_name: str | None = None,
-               host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-               shutdown_timeout: float = 5.0, log_level: str = "info", api_server_count: int = 1) -> int:
-    """Start the engine process and load `model`, then serve it until SIGTERM or Ctrl-C; returns
-    the exit status (0 after a clean shutdown, also when stopped while the model was loading).
-    The port is bound first: if it is taken, an OSError says so before anything loads.
-
-    api_server_count: frontend processes (HTTP, JSON, streaming) in front of the one engine
-        process; with more than one, this process only starts and stops them (frontends.py).
-    """
-    from minivllm.config import EngineConfig
-
-    engine_config = EngineConfig.from_dict({"model": model, **(engine_kwargs or {})})  # checked before any process
-    if isinstance(api_server_count, bool) or not isinstance(api_server_count, int) or api_server_count < 1:
-        raise ValueError(f"api_server_count must be an integer >= 1, got {api_server_count!r}")
-    if api_server_count > 1:
-        from minivllm.entrypoints.frontends import run_frontends
-
-        return run_frontends(engine_config, api_server_count, model_name or model, host, port, api_key,
-                             shutdown_timeout, log_level)
-    with listening_socket(host, port) as listener:  # a taken port fails now, not after the model loads
-        return _serve(listener, engine_config, model_name or model, api_key, shutdown_timeout, log_level)
-
-
 def listening_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     """A TCP socket bound to (host, port), as uvicorn would bind it; an OSError that says why not.
     reuse_port: let other sockets bind the same address too (SO_REUSEPORT), for several frontends."""
@@ -201,9 +178,10 @@ def listening_socket(host: str, port: int, reuse_port: bool = False) -> socket.s
     return sock
 
 
-def _serve(listener: socket.socket, engine_config, model_name: str, api_key: str | None,
-           shutdown_timeout: float, log_level: str) -> int:
-    """run_server with one frontend, the port held: load the model, then serve on `listener`."""
+def serve_one(listener: socket.socket, engine_config, model_name: str, api_key: str | None,
+              shutdown_timeout: float, log_level: str) -> int:
+    """One frontend, the port held: load the model (engine process), then serve on `listener`.
+    `frontends.run_server` is the entry point; it calls this for `api_server_count=1`."""
     previous = signal.signal(signal.SIGTERM, _interrupt)  # while loading, SIGTERM acts as Ctrl-C
     try:
         async_llm = AsyncLLM.from_config(engine_config)

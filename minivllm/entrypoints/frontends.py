@@ -1,4 +1,5 @@
-"""Several frontend processes in front of one engine process: `serve --api-server-count N`.
+"""How `serve` runs (`run_server`): one frontend process, or several in front of one engine
+process (`serve --api-server-count N`).
 
     this process (the launcher)          N frontend processes                the engine process
     ───────────────────────────          ──────────────────────              ──────────────────
@@ -56,7 +57,7 @@ from multiprocessing import connection
 
 from minivllm.config import EngineConfig
 from minivllm.distributed.process import one_way_pipe, stop_children
-from minivllm.entrypoints.api_server import listening_socket, serve_app
+from minivllm.entrypoints.api_server import listening_socket, serve_app, serve_one
 from minivllm.entrypoints.async_llm import AsyncLLM
 from minivllm.entrypoints.engine_core import (
     PIPE_BYTES,
@@ -70,6 +71,26 @@ from minivllm.entrypoints.engine_core import (
 from minivllm.entrypoints.metrics import SHARED_DIR_ENV
 
 logger = logging.getLogger("minivllm.serve")
+
+
+def run_server(model: str, engine_kwargs: dict | None = None, model_name: str | None = None,
+               host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+               shutdown_timeout: float = 5.0, log_level: str = "info", api_server_count: int = 1) -> int:
+    """Start the engine process and load `model`, then serve it until SIGTERM or Ctrl-C; returns
+    the exit status (0 after a clean shutdown, also when stopped while the model was loading).
+    The port is bound first: if it is taken, an OSError says so before anything loads.
+
+    api_server_count: frontend processes (HTTP, JSON, streaming) in front of the one engine
+        process; with more than one, this process only starts and stops them (frontends.py).
+    """
+    engine_config = EngineConfig.from_dict({"model": model, **(engine_kwargs or {})})  # checked before any process
+    if isinstance(api_server_count, bool) or not isinstance(api_server_count, int) or api_server_count < 1:
+        raise ValueError(f"api_server_count must be an integer >= 1, got {api_server_count!r}")
+    if api_server_count > 1:
+        return run_frontends(engine_config, api_server_count, model_name or model, host, port, api_key,
+                             shutdown_timeout, log_level)
+    with listening_socket(host, port) as listener:  # a taken port fails now, not after the model loads
+        return serve_one(listener, engine_config, model_name or model, api_key, shutdown_timeout, log_level)
 
 
 def run_frontends(engine_config: EngineConfig, count: int, model_name: str, host: str, port: int,

@@ -56,6 +56,8 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Hidden states [N, dim] -> logits over the whole vocabulary [N, vocab], on every rank."""
 
+    ONEDNN_WEIGHT = True  # on a CPU, onednn.pack_weights may reorder the weight (a tied one: a copy)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # [N, rows of this rank (padded)]; oneDNN's product for a weight reordered for it (CPU)
         if self.weight.is_mkldnn:

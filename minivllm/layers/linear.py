@@ -64,6 +64,8 @@ class ColumnParallelLinear(nn.Linear):
     The output stays split; the row-parallel layer after it expects exactly that.
     """
 
+    ONEDNN_WEIGHT = True  # on a CPU, onednn.pack_weights may reorder the weight (see `linear`)
+
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallel = SINGLE,
                  what: str = "output features"):
         out_shard = tp.shard(out_features, what)
@@ -167,6 +169,8 @@ class RowParallelLinear(nn.Linear):
     Each rank multiplies its slice of the input by its columns of W, a partial sum of y; one
     all-reduce adds them, on every rank. The bias is added once, by rank 0, before the sum.
     """
+
+    ONEDNN_WEIGHT = True  # on a CPU, onednn.pack_weights may reorder the weight (see `linear`)
 
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallel = SINGLE,
                  what: str = "input features"):

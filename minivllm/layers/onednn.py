@@ -9,9 +9,10 @@ decode-sized batches (measure it with benchmarks/throughput.py --device cpu --va
 "onednn:,dense:MINIVLLM_ONEDNN=0"). This is what `torch.compile`'s CPU inference path does
 with frozen weights, without the compiler.
 
-`pack_weights(model)` replaces the weight of every linear layer of our own (`linear.py`'s
-column- and row-parallel layers, `embedding.py`'s LM head) by its reordered copy, an opaque
-oneDNN tensor; `linear.linear` sees that and calls oneDNN. A tied LM head gets a reordered copy
+`pack_weights(model)` replaces the weight of every layer that says it can take one
+(`ONEDNN_WEIGHT = True`: `linear.py`'s column- and row-parallel layers, `embedding.py`'s LM head)
+by its reordered copy, an opaque oneDNN tensor; their forward sees that and calls oneDNN. (The
+layers name themselves, so this module imports none of them: they import it.) A tied LM head gets a reordered copy
 of its own: the embedding keeps the dense table it looks rows up in. Only float32 weights are
 reordered (bf16 and fp16 products already go through oneDNN in PyTorch).
 
@@ -39,14 +40,11 @@ def available() -> bool:
 def pack_weights(model: nn.Module) -> int:
     """Reorder the float32 CPU weight of each of our linear layers for oneDNN, in place;
     returns how many were reordered (0 where oneDNN is not available or turned off)."""
-    from minivllm.layers.embedding import ParallelLMHead
-    from minivllm.layers.linear import ColumnParallelLinear, RowParallelLinear
-
     if not available():
         return 0
     count = 0
     for module in model.modules():
-        if not isinstance(module, (ColumnParallelLinear, RowParallelLinear, ParallelLMHead)):
+        if not getattr(module, "ONEDNN_WEIGHT", False):
             continue
         weight = module.weight
         if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.is_mkldnn:
