@@ -102,7 +102,7 @@ def run_engine(model: str, max_tokens: int, draft_model: str) -> dict:
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     off = LLM(model, **ENGINE)
     expected = [o.token_ids for o in off.generate(prompts, params, use_tqdm=False)]
-    steps_off = off.get_stats()["engine"]["num_steps"]
+    steps_off = off.engine.get_stats()["engine"]["num_steps"]
     configs = {
         "n-gram (k=4)": {"method": "ngram", "num_speculative_tokens": 4},
         "draft = the model itself (k=4)": {"method": "draft", "model": model, "num_speculative_tokens": 4},
