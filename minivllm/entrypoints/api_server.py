@@ -182,18 +182,27 @@ def serve_one(listener: socket.socket, engine_config, model_name: str, api_key: 
               shutdown_timeout: float, log_level: str) -> int:
     """One frontend, the port held: load the model (engine process), then serve on `listener`.
     `frontends.run_server` is the entry point; it calls this for `api_server_count=1`."""
-    previous = signal.signal(signal.SIGTERM, _interrupt)  # while loading, SIGTERM acts as Ctrl-C
+    async_llm, status = start_engine(lambda: AsyncLLM.from_config(engine_config))
+    if status is not None:
+        return status
+    return serve_app(async_llm, model_name, api_key, shutdown_timeout, log_level, sockets=[listener])
+
+
+def start_engine(start):
+    """Run `start()`, which starts the engine process and loads the model, with SIGTERM acting as
+    Ctrl-C meanwhile. Returns (what it returned, None), or (None, the exit status) when it was
+    stopped while loading (0: a requested stop) or the engine failed to start (1, logged)."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        async_llm = AsyncLLM.from_config(engine_config)
+        return start(), None
     except KeyboardInterrupt:  # the engine process was stopped with it
         logger.warning("stopped while loading the model")
-        return 0
+        return None, 0
     except EngineStartError as err:
         logger.error("%s", err)
-        return 1
+        return None, 1
     finally:
         signal.signal(signal.SIGTERM, previous)
-    return serve_app(async_llm, model_name, api_key, shutdown_timeout, log_level, sockets=[listener])
 
 
 def serve_app(async_llm: AsyncLLM, model_name: str, api_key: str | None, shutdown_timeout: float,

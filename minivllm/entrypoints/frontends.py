@@ -57,7 +57,7 @@ from multiprocessing import connection
 
 from minivllm.config import EngineConfig
 from minivllm.distributed.process import one_way_pipe, stop_children
-from minivllm.entrypoints.api_server import listening_socket, serve_app, serve_one
+from minivllm.entrypoints.api_server import listening_socket, serve_app, serve_one, start_engine
 from minivllm.entrypoints.async_llm import AsyncLLM
 from minivllm.entrypoints.engine_core import (
     PIPE_BYTES,
@@ -65,7 +65,6 @@ from minivllm.entrypoints.engine_core import (
     STOP_TIMEOUT_S,
     EngineChannel,
     EngineCoreClient,
-    EngineStartError,
     start_engine_process,
 )
 from minivllm.entrypoints.metrics import SHARED_DIR_ENV
@@ -108,18 +107,11 @@ def _serve(engine_config: EngineConfig, count: int, model_name: str, host: str, 
     pipes = [(one_way_pipe(PIPE_BYTES), one_way_pipe(PIPE_BYTES)) for _ in range(count)]
     engine_ends = [(commands[0], results[1]) for commands, results in pipes]
     frontend_ends = [(commands[1], results[0]) for commands, results in pipes]
-    previous = signal.signal(signal.SIGTERM, _interrupt)  # while loading, SIGTERM acts as Ctrl-C
-    try:
-        engine, info = start_engine_process(engine_config, engine_ends)
-    except KeyboardInterrupt:  # the engine process was stopped with it
-        logger.warning("stopped while loading the model")
-        return 0
-    except EngineStartError as err:
-        logger.error("%s", err)
-        return 1
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        _close(*(end for pair in engine_ends for end in pair))  # the engine holds the only copies now
+    started, status = start_engine(lambda: start_engine_process(engine_config, engine_ends))
+    _close(*(end for pair in engine_ends for end in pair))  # the engine holds the only copies now
+    if status is not None:
+        return status
+    engine, info = started
     metrics_dir = tempfile.mkdtemp(prefix="minivllm-metrics-")
     frontends = Frontends()
     for sig in (signal.SIGINT, signal.SIGTERM):  # from now on a signal stops the frontends
