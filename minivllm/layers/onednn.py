@@ -4,7 +4,7 @@ On a CPU nearly all of a step's time is the linear layers' matrix products, and 
 are skinny: a few rows of activations times a large weight. `F.linear` hands them to the BLAS
 PyTorch was built with (MKL on x86). oneDNN, also inside PyTorch, multiplies by weights it has
 first *reordered* into a blocked layout that matches its vector registers; the reorder costs a
-copy, so it is done once, when the model is loaded, and the product is then much cheaper for
+copy, so it is done once, when the model is loaded, and the product is then cheaper for
 decode-sized batches (measure it with benchmarks/throughput.py --device cpu --variants
 "onednn:,dense:MINIVLLM_ONEDNN=0"). This is what `torch.compile`'s CPU inference path does
 with frozen weights, without the compiler.
@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 
-# oneDNN picks the blocked layout for a given number of rows. This one served every batch from
-# 1 to 256 rows at least as well as 1, 8, 256 or no hint did (AMD EPYC, AVX-512, one thread).
+# oneDNN picks the blocked layout for a given number of rows: one layout serves every batch size,
+# so this is a hint, not a limit (the benchmark in the module docstring measures the whole effect).
 LAYOUT_BATCH_SIZE = 64
 
 
