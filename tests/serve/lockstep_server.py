@@ -52,8 +52,11 @@ def lockstep_serve(core, commands, results, frontends=()) -> None:
     step = core.step
 
     def step_when_told():
-        if not told["spoke"] and not told["unreported"]:
-            connection.wait(pipes, WAIT_S)  # the next command (served right after this step) allows it
+        # A frontend that has left (its pipe closed) cannot speak; waiting on its pipe would raise
+        # inside the step, and fail the requests of the frontends still there.
+        open_pipes = [p for p in pipes if not p.closed]
+        if open_pipes and not told["spoke"] and not told["unreported"]:
+            connection.wait(open_pipes, WAIT_S)  # the next command (served right after this step) allows it
         result = step()
         told["unreported"] -= {o.request_id for o in result.outputs + result.failed}
         told["spoke"] = not (result.outputs or result.failed)

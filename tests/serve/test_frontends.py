@@ -217,7 +217,9 @@ def test_sigterm_ends_the_streams_in_flight_and_leaves_no_process(serve_model, t
     # checked below.)
     assert "Shutting down" in output
     assert events[-1] == "[DONE]"
-    reasons = [c["finish_reason"] for e in events[:-1] for c in json.loads(e)["choices"]]
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all("choices" in chunk for chunk in chunks), chunks  # no error event: the request was aborted
+    reasons = [c["finish_reason"] for chunk in chunks for c in chunk["choices"]]
     assert reasons[-1] == "abort" and reasons.count("abort") == 1
     assert _wait_for(lambda: not any(_running(pid) for pid in children)), children
     with pytest.raises(httpx.TransportError):
