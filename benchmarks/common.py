@@ -1,5 +1,5 @@
-"""What every benchmark shares: the model, the workload, timing, the JSON record, the table, and
-variants run side by side.
+"""What every benchmark shares: the model, the workload, timing, the JSON record, the table,
+variants run side by side, and the run around them (`run_benchmark`, then `finish`).
 
 **The model.** `--model DIR` is any local Hugging Face model directory (real weights);
 `--model-config NAME` builds a random-weight model of a named shape instead (speed depends on the
@@ -455,3 +455,41 @@ def ratio_to_first_variant(rows: list[dict], key, metric: str) -> None:
     for r in named:
         if key(r) in base and base[key(r)]:
             r[f"{metric}_vs_{first}"] = r[metric] / base[key(r)]
+
+
+# ------------------------------------------------------------------------------------------
+# The run: what every model benchmark's main does around its measurement
+# ------------------------------------------------------------------------------------------
+def run_benchmark(bench, script: str, argv, parse_args, measure) -> tuple[argparse.Namespace, dict, Path]:
+    """Read the command line, pick the device and the model, start the record `bench` (a name, or
+    a function of the parsed arguments that gives it), then measure: in this process (`measure(model_dir, dtype, args, device, record, out)`), or with
+    --variants once per variant, each child process running `script` again. Returns (args,
+    record, out); the caller adds what it derives from the rows, then `finish`es."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    model_dir, dtype = resolve_model(args, device)
+    bench = bench(args) if callable(bench) else bench
+    out = args.out or default_out(bench, args.model_label, device)
+    record = new_record(bench, device, args)
+    if args.variants and args.child_variant is None:
+        run_variants(Path(script), argv, args, record, out)
+    else:
+        measure(model_dir, dtype, args, device, record, out)
+    return args, record, out
+
+
+def finish(out: Path, record: dict, table: str, *lines: str) -> None:
+    """Write the record; unless this process is a variant's child (its parent reports), print
+    where it went, its table, `lines`, each variant whose child failed, and the record's note."""
+    write_json(out, record)
+    if record["args"].get("child_variant") is not None:
+        return
+    print(f"\nwrote {out}\n{table}")
+    for line in lines:
+        print(line)
+    for row in record["results"]:
+        if row.keys() == {"variant", "error"}:  # run_variants' row for a child that failed
+            print(f"variant {row['variant']}: {row['error']}")
+    if record["note"]:
+        print(record["note"])

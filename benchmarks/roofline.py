@@ -56,10 +56,10 @@ import torch
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `minivllm` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import (add_model_arguments, add_variant_arguments, copy_bandwidth,
-                               default_out, format_table, int_list, new_record, pick_device,
-                               random_requests, ratio_to_first_variant, release_memory,
-                               resolve_model, run_variants, sync, this_variant, write_json)
+from benchmarks.common import (add_model_arguments, add_variant_arguments, copy_bandwidth, finish,
+                               format_table, int_list, pick_device, random_requests,
+                               ratio_to_first_variant, release_memory, run_benchmark, sync,
+                               this_variant, write_json)
 
 BLOCK_SIZE = 16
 
@@ -366,31 +366,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    device = pick_device(args.device)
-    model_dir, dtype = resolve_model(args, device)
-    out = args.out or default_out("roofline", args.model_label, device)
-    record = new_record("roofline", device, args)
-    if args.variants and args.child_variant is None:
-        run_variants(Path(__file__), argv, args, record, out)
-    else:
-        measure(model_dir, dtype, args, device, record, out)
+    args, record, out = run_benchmark("roofline", __file__, argv, parse_args, measure)
     ratio_to_first_variant(record["results"], lambda r: r["batch_size"], "step_time_s")
-    write_json(out, record)
-    if args.child_variant is not None:
-        return record
-    measured = [r for r in record["results"] if "error" not in r]
-    print(f"\nwrote {out}\n{format_table(measured, COLUMNS)}")
+    tables = [format_table([r for r in record["results"] if "error" not in r], COLUMNS)]
     if record.get("all_reduce"):
-        print(format_table(record["all_reduce"], ALL_REDUCE_COLUMNS))
-    for row in record["results"]:
-        if row.get("graph_warning") or row.get("error"):
-            print(row.get("graph_warning") or f"variant {row['variant']}: {row['error']}")
-    if record["note"]:
-        print(record["note"])
+        tables.append(format_table(record["all_reduce"], ALL_REDUCE_COLUMNS))
+    finish(out, record, *tables, *(r["graph_warning"] for r in record["results"] if r.get("graph_warning")))
     return record
-
 
 if __name__ == "__main__":
     main()

@@ -12,7 +12,12 @@ process at each rate of --rates (requests per second; `inf` = all at once). Per 
   error, an error event, no `[DONE]`, or fewer tokens than asked for);
 * the client's own CPU share, so a client that could not keep up is seen, not mistaken for a slow
   server. Parsing thousands of chunks a second takes a Python client more than a core, so the
-  requests are sent from several processes (--client-processes; half the cores, at most 8).
+  requests are sent from several processes (--client-processes; half the cores, at most 8);
+* the frontend's CPU (a server started here): seconds of all frontend processes (user + system,
+  through psutil), microseconds per streamed token, and the busiest one's share of a core over
+  the wave (near 1: saturated, and tokens per text chunk above 1: it fell behind and merged
+  deltas). With a core per process, N frontends keep up with N times the tokens/s of one for the
+  same CPU per token. `--api-server-count 1,2,4` starts one server per value, in turn.
 
 In the same run, before the server starts, offline `LLM.generate` computes the same requests with
 the same engine settings: `ratio_vs_offline` = server output tok/s at `inf` / offline output tok/s
@@ -40,7 +45,16 @@ requests. It needs transformers' `[serving]` extra; if it cannot run, the record
     python benchmarks/serve_bench.py --url http://127.0.0.1:8000 --model-name NAME   # a running server
     python benchmarks/serve_bench.py --num-requests 64 --output-len 512 --rates inf,inf,inf --mixes plain,json
 
-CPU runs (a tiny model, a few requests) are no GPU claim.
+**The frontend alone** (`--fountain-step-ms MS`): the engine process runs a token fountain
+(`token_fountain.py`: every running request one token a step, after MS of sleep, no model), so the
+frontend's work is what it is with a model while the engine costs nearly nothing; no offline
+baseline then, and the model (default qwen3-small) gives only the tokenizer and the config.
+
+    python benchmarks/serve_bench.py --fountain-step-ms 8 --api-server-count 1,2,4 --num-requests 256 \
+        --input-len 4 --output-len 512 --rates inf                         # frontends, 256 x 512 tokens
+
+CPU runs (a tiny model, a few requests) are no GPU claim; of the fountain, the CPU per token is the
+steadier figure.
 """
 
 from __future__ import annotations
@@ -64,9 +78,11 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `minivllm` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import (ROOT, add_model_arguments, default_out, format_table, new_record,
-                               parse_range, percentiles, pick_device, random_requests,
-                               release_memory, resolve_model, sync, vocab_size, write_json)
+from benchmarks.common import (ROOT, add_model_arguments, default_out, finish, format_table,
+                               int_list, new_record, parse_range, percentiles, pick_device,
+                               random_requests, release_memory, resolve_model, sync, vocab_size,
+                               write_json)
+from benchmarks.token_fountain import FOUNTAIN_ENV
 
 BACKENDS = ("minivllm", "transformers")
 GPU_DEFAULTS = {"num_requests": 256, "input_len": "100:1024", "output_len": "100:1024",
@@ -305,6 +321,36 @@ class ServerProcess:
         return self.proc.returncode
 
 
+def frontend_pids(server_pid: int) -> list[int]:
+    """The processes that listen for HTTP: the server itself (one frontend), or its frontend
+    children (several); the engine process and multiprocessing's helper are left out."""
+    import psutil
+
+    def listens(process) -> bool:
+        try:
+            return any(c.status == psutil.CONN_LISTEN for c in process.net_connections(kind="tcp"))
+        except psutil.Error:
+            return False
+
+    return [c.pid for c in psutil.Process(server_pid).children() if listens(c)] or [server_pid]
+
+
+def cpu_seconds(pids: list[int]) -> dict[int, float]:
+    import psutil
+
+    return {pid: sum(psutil.Process(pid).cpu_times()[:2]) for pid in pids}
+
+
+def frontend_load(pids: list[int], before: dict[int, float], tokens: int, wall: float) -> dict:
+    """The frontends' CPU over a wave (the module docstring); nothing for a server not started here."""
+    if not pids:
+        return {}
+    busy = [seconds - before[pid] for pid, seconds in cpu_seconds(pids).items()]
+    return {"frontend_processes": len(pids), "frontend_cpu_s": sum(busy),
+            "frontend_cpu_us_per_token": 1e6 * sum(busy) / tokens if tokens else None,
+            "busiest_frontend_core_share": max(busy) / wall if wall else None}
+
+
 def engine_flags(args, dtype: str) -> list[str]:
     """The server's engine settings: the same as the offline LLM's (see run_offline)."""
     return ["--dtype", dtype, "--max-num-seqs", str(args.max_num_seqs),
@@ -314,12 +360,19 @@ def engine_flags(args, dtype: str) -> list[str]:
             "--no-enable-prefix-caching"]  # random prompts share nothing; re-runs must not hit the cache
 
 
-def start_minivllm(args, model_dir: Path, dtype: str, log_dir: Path) -> ServerProcess:
+def start_minivllm(args, model_dir: Path, dtype: str, log_dir: Path, count: int) -> ServerProcess:
+    """`minivllm serve` with `count` frontend processes; with --fountain-step-ms, its engine a
+    token fountain (on the CPU: it runs no model)."""
     port = free_port()
     command = [sys.executable, "-m", "minivllm", "serve", "--model", str(model_dir), "--port", str(port),
                "--served-model-name", args.model_name, "--log-level", "warning",
-               "--api-server-count", str(args.api_server_count), *engine_flags(args, dtype)]
-    return ServerProcess("minivllm serve", command, port, log_dir / "minivllm_serve.log")
+               "--api-server-count", str(count), *engine_flags(args, dtype)]
+    env = None
+    if args.fountain_step_ms is not None:
+        command[1:3] = [str(ROOT / "benchmarks" / "token_fountain.py")]
+        command.extend(["--device", "cpu"])
+        env = {FOUNTAIN_ENV: str(args.fountain_step_ms)}
+    return ServerProcess(f"minivllm serve x{count}", command, port, log_dir / f"minivllm_serve_{count}.log", env)
 
 
 def start_transformers(model_dir: Path, log_dir: Path) -> ServerProcess:
@@ -443,8 +496,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--url", default=None, help="use this running minivllm server instead of starting one "
                                                "(no offline baseline then)")
     p.add_argument("--model-name", default="minivllm-bench", help="the served model name")
-    p.add_argument("--api-server-count", type=int, default=1,
-                   help="frontend processes of the minivllm server (serve --api-server-count)")
+    p.add_argument("--api-server-count", default="1",
+                   help="frontend processes of the minivllm server (serve --api-server-count); a comma "
+                        "list starts one server per value, in turn")
+    p.add_argument("--fountain-step-ms", type=float, default=None,
+                   help="measure the frontend alone: the engine a token fountain, one token per request "
+                        "every MS milliseconds (token_fountain.py)")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-num-seqs", type=int, default=None, help="default: all requests, at most 256")
@@ -456,6 +513,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--start-timeout", type=float, default=900.0, help="seconds for a server to become healthy")
     args = p.parse_args(argv)
     gpu = pick_device(args.device).type == "cuda"
+    if args.fountain_step_ms is not None and args.model is None:
+        args.model_config = args.model_config or "qwen3-small"  # a tokenizer and a 2k context
     for key, value in (GPU_DEFAULTS if gpu else CPU_DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -475,8 +534,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--mixes: distinct names from {', '.join(MIXES)}, got {args.mixes}")
     if not isinstance(args.extra_body, dict):
         p.error("--extra-body must be a JSON object")
-    if args.num_requests < 1 or args.hf_num_requests < 1 or args.api_server_count < 1:
-        p.error("--num-requests, --hf-num-requests and --api-server-count must be >= 1")
+    if args.num_requests < 1 or args.hf_num_requests < 1:
+        p.error("--num-requests and --hf-num-requests must be >= 1")
+    args.api_server_counts = int_list(args.api_server_count, "--api-server-count")
+    if args.url is not None and (len(args.api_server_counts) > 1 or args.fountain_step_ms is not None):
+        p.error("--url measures the server that runs there: no --api-server-count list, no --fountain-step-ms")
+    if args.fountain_step_ms is not None and (args.fountain_step_ms < 0 or args.backends != ["minivllm"]):
+        p.error("--fountain-step-ms must be >= 0, with --backends minivllm")
     args.hf_num_requests = min(args.hf_num_requests, args.num_requests)
     args.max_num_seqs = args.max_num_seqs or min(args.num_requests, 256)
     if args.client_processes is None:
@@ -497,6 +561,9 @@ def main(argv=None) -> dict:
     out = args.out or default_out("serve_bench", args.model_label, device)
     record = new_record("serve_bench", device, args)
     record["server_logs"] = str(log_dir := Path(tempfile.mkdtemp(prefix="serve-bench-logs-")))
+    if args.fountain_step_ms is not None:
+        record["note"] = ("The engine is a token fountain (no model): frontend figures of this machine's CPU. "
+                          + (record["note"] or ""))
 
     def save(result: dict | None = None) -> None:
         if result is not None:
@@ -505,7 +572,7 @@ def main(argv=None) -> dict:
         record["summary"] = summary(record["results"])
         write_json(out, record)  # after every row: a later crash loses nothing measured
 
-    if "minivllm" in args.backends and args.url is None:
+    if "minivllm" in args.backends and args.url is None and args.fountain_step_ms is None:
         save(run_offline(model_dir, dtype, prompts, out_lens, args, device))
     pool = client_pool(args.client_processes)
     try:
@@ -513,52 +580,62 @@ def main(argv=None) -> dict:
     finally:
         if pool is not None:
             pool.shutdown()
-    save()
-    print(f"\nwrote {out}\n{format_table(record['results'], COLUMNS)}")
-    s = record["summary"]
+    record["summary"] = s = summary(record["results"])
+    lines = []
     if s["ratio_vs_offline"] is not None:
-        print(f"server at 'inf' / offline LLM.generate: {s['ratio_vs_offline']:.3f} output tok/s")
+        lines.append(f"server at 'inf' / offline LLM.generate: {s['ratio_vs_offline']:.3f} output tok/s")
     for mix, by_rate in s["mix_ratios"].items():
         for rate, ratios in by_rate.items():
             waves = ", ".join("-" if r is None else f"{r:.3f}" for r in ratios)
-            print(f"{mix} / {args.mix_names[0]} at rate {rate}: {waves} output tok/s (per wave)")
+            lines.append(f"{mix} / {args.mix_names[0]} at rate {rate}: {waves} output tok/s (per wave)")
     if s["ttft_p99_at_16_s"] is not None:
-        print(f"p99 TTFT at 16 req/s: {s['ttft_p99_at_16_s']:.3f} s")
-    print(f"failed requests: {s['failed_requests']}")
+        lines.append(f"p99 TTFT at 16 req/s: {s['ttft_p99_at_16_s']:.3f} s")
+    lines.append(f"failed requests: {s['failed_requests']}")
     if max((r.get("client_cpu_fraction") or 0 for r in record["results"]), default=0) > 0.8:
-        print("WARNING: a client process used over 80 % of a core: it may have limited the numbers")
-    if record["note"]:
-        print(record["note"])
+        lines.append("WARNING: a client process used over 80 % of a core: it may have limited the numbers")
+    finish(out, record, format_table(record["results"], COLUMNS), *lines)
     return record
 
 
 def run_servers(args, model_dir, dtype, prompts, out_lens, log_dir, record, save, pool, device) -> None:
-    """minivllm's server at every rate (and on the text requests), then transformers serve."""
-    server = None
-    try:
-        if args.url is None:
-            server = start_minivllm(args, model_dir, dtype, log_dir)
-            server.wait_healthy(args.start_timeout)
-        url = args.url or server.url
-        for mix in args.mix_names:  # warm-up, untimed (a schema is compiled here, not in a timed wave)
-            replay(f"{url}/v1/completions", token_bodies(args, [p[:16] for p in prompts[:4]], [4] * 4, mix),
-                   [4] * 4, math.inf, args.seed, args.request_timeout)
-        if "minivllm" in args.backends:
-            bodies = {mix: token_bodies(args, prompts, out_lens, mix) for mix in args.mix_names}
-            for i, rate in enumerate(args.rate_values):
-                for mix in args.mix_names:  # the same arrivals for every mix
-                    results, wall, cpu = replay(f"{url}/v1/completions", bodies[mix], out_lens, rate, args.seed + i,
-                                                args.request_timeout, pool, args.client_processes)
-                    save({**summarize("minivllm serve", rate, results, wall, cpu), "prompts": "ids", "mix": mix})
-        if "transformers" in args.backends:
-            texts, text_lens = text_workload(model_dir, args)
-            route = asyncio.run(pick_route(url, args.model_name))
-            save(run_text(url, "minivllm serve", args.model_name, texts, text_lens, route, "minivllm", args, pool))
-    finally:
-        if server is not None:
-            record["minivllm_server_exit_code"] = server.stop()
-    if "transformers" in args.backends:
-        save(run_transformers(model_dir, texts, text_lens, log_dir, args, device, pool))
+    """minivllm's server with each --api-server-count at every rate (the first also on the text
+    requests), then transformers serve."""
+    text = text_workload(model_dir, args) if "transformers" in args.backends else None
+    for count in args.api_server_counts:
+        server = None
+        try:
+            if args.url is None:
+                server = start_minivllm(args, model_dir, dtype, log_dir, count)
+                server.wait_healthy(args.start_timeout)
+            url = args.url or server.url
+            for mix in args.mix_names:  # warm-up, untimed (a schema is compiled here, not in a timed wave)
+                replay(f"{url}/v1/completions", token_bodies(args, [p[:16] for p in prompts[:4]], [4] * 4, mix),
+                       [4] * 4, math.inf, args.seed, args.request_timeout)
+            if "minivllm" in args.backends:
+                pids = [] if server is None else frontend_pids(server.proc.pid)
+                run_waves(args, url, prompts, out_lens, save, pool, pids, count)
+            if text is not None and count == args.api_server_counts[0]:
+                route = asyncio.run(pick_route(url, args.model_name))
+                save(run_text(url, "minivllm serve", args.model_name, *text, route, "minivllm", args, pool))
+        finally:
+            if server is not None:  # the first failed exit stays on record
+                code = server.stop()
+                record["minivllm_server_exit_code"] = record.get("minivllm_server_exit_code") or code
+    if text is not None:
+        save(run_transformers(model_dir, *text, log_dir, args, device, pool))
+
+
+def run_waves(args, url: str, prompts, out_lens, save, pool, pids: list[int], count: int) -> None:
+    """One wave per rate and mix, the mixes taking turns at each rate (the same arrivals)."""
+    bodies = {mix: token_bodies(args, prompts, out_lens, mix) for mix in args.mix_names}
+    for i, rate in enumerate(args.rate_values):
+        for mix in args.mix_names:
+            before = cpu_seconds(pids)
+            results, wall, cpu = replay(f"{url}/v1/completions", bodies[mix], out_lens, rate, args.seed + i,
+                                        args.request_timeout, pool, args.client_processes)
+            row = summarize("minivllm serve", rate, results, wall, cpu)
+            save({**row, "prompts": "ids", "mix": mix, "api_server_count": count,
+                  **frontend_load(pids, before, row["num_output_tokens"], wall)})
 
 
 def run_text(url: str, label: str, model: str, texts, out_lens, route: str, server: str, args, pool) -> dict:
@@ -626,11 +703,12 @@ def _ms(key: str, q: str):
 
 COLUMNS = [
     ("backend", "backend", ""), ("prompts", "prompts", ""), ("mix", "mix", ""), ("rate", "rate", ""),
-    ("reqs", "num_requests", "d"), ("failed", "failed_requests", "d"),
+    ("frontends", "api_server_count", "d"), ("reqs", "num_requests", "d"), ("failed", "failed_requests", "d"),
     ("out tok/s", "output_tokens_per_s", ",.1f"),
     ("TTFT p50 ms", _ms("ttft_s", "p50"), ".0f"), ("TTFT p99 ms", _ms("ttft_s", "p99"), ".0f"),
     ("ITL p50 ms", _ms("itl_s", "p50"), ".1f"), ("TPOT p99 ms", _ms("tpot_s", "p99"), ".1f"),
     ("E2E p99 ms", _ms("e2e_s", "p99"), ".0f"), ("tok/chunk", "tokens_per_text_chunk", ".2f"),
+    ("CPU us/token", "frontend_cpu_us_per_token", ".1f"), ("busiest core", "busiest_frontend_core_share", ".2f"),
     ("error", lambda r: (r.get("error") or "")[:120] or None, ""),
 ]
 

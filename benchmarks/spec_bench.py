@@ -41,9 +41,8 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `minivll
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (DTYPES, MODEL_CONFIGS, add_model_arguments, add_variant_arguments,
-                               agreement, default_out, format_table, int_list, new_record,
-                               pick_device, release_memory, resolve_model, run_variants,
-                               this_variant, time_ms, write_json)
+                               agreement, finish, format_table, int_list, pick_device,
+                               release_memory, run_benchmark, this_variant, time_ms, write_json)
 
 # The workload: each task hands the model a text to give back changed a little, so most of the
 # answer is in the prompt already. Written for this benchmark.
@@ -267,6 +266,11 @@ def step_part(model_dir: Path, dtype: str, args, device: torch.device, record: d
     release_memory(device)
 
 
+def measure(model_dir: Path, dtype: str, args, device: torch.device, record: dict, out: Path) -> None:
+    """The part --part names, for this process's variant."""
+    (e2e if args.part == "e2e" else step_part)(model_dir, dtype, args, device, record, out)
+
+
 # ---------------------------------------------------------------------------------------------
 E2E_COLUMNS = [
     ("variant", "variant", ""), ("mode", "mode", ""), ("batch", "batch_size", "d"),
@@ -308,33 +312,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    device = pick_device(args.device)
-    model_dir, dtype = resolve_model(args, device)
-    bench = f"spec_{args.part}"
-    out = args.out or default_out(bench, args.model_label, device)
-    record = new_record(bench, device, args)
-    if args.variants and args.child_variant is None:
-        run_variants(Path(__file__), argv, args, record, out)
-    else:
-        (e2e if args.part == "e2e" else step_part)(model_dir, dtype, args, device, record, out)
+    args, record, out = run_benchmark(lambda args: f"spec_{args.part}", __file__, argv, parse_args, measure)
     measured = [r for r in record["results"] if "error" not in r]
-    if args.part == "e2e" and measured:  # of the first variant: what config.py's default should be
+    if args.part == "step":
+        finish(out, record, format_table(measured, STEP_COLUMNS))
+        return record
+    if measured:  # of the first variant: what config.py's default should be
         record["disable_by_batch_size_measured"] = threshold_from(
             [r for r in measured if r["variant"] == measured[0]["variant"]])
-    write_json(out, record)
-    if args.child_variant is not None:
-        return record
-    print(f"\nwrote {out}\n{format_table(measured, E2E_COLUMNS if args.part == 'e2e' else STEP_COLUMNS)}")
-    if args.part == "e2e":
-        print(f"speculation paid up to batch {record.get('disable_by_batch_size_measured')}: "
-              "the value for DISABLE_BY_BATCH_SIZE (minivllm/config.py)")
-    for row in record["results"]:
-        if row.get("error"):
-            print(f"variant {row['variant']}: {row['error']}")
-    if record["note"]:
-        print(record["note"])
+    finish(out, record, format_table(measured, E2E_COLUMNS),
+           f"speculation paid up to batch {record.get('disable_by_batch_size_measured')}: "
+           "the value for DISABLE_BY_BATCH_SIZE (minivllm/config.py)")
     return record
 
 

@@ -60,10 +60,10 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `minivll
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (DTYPES, add_model_arguments, add_variant_arguments, agreement,
-                               copy_bandwidth, default_out, format_table, int_list, matmul_rate,
-                               new_record, parse_range, peak_memory, percentiles, pick_device,
-                               random_requests, release_memory, resolve_model, run_variants,
-                               sync, this_variant, vocab_size, write_json)
+                               copy_bandwidth, finish, format_table, int_list, matmul_rate,
+                               parse_range, peak_memory, percentiles, pick_device, random_requests,
+                               release_memory, run_benchmark, sync, this_variant, vocab_size,
+                               write_json)
 
 BACKENDS = ("minivllm", "hf_generate", "hf_generate_batch")
 GPU_DEFAULTS = {"num_requests": 256, "input_len": "100:1024", "output_len": "100:1024"}
@@ -411,33 +411,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    device = pick_device(args.device)
-    model_dir, dtype = resolve_model(args, device)
-    out = args.out or default_out("throughput", args.model_label, device)
-    record = new_record("throughput", device, args)
-    if args.variants and args.child_variant is None:
-        run_variants(Path(__file__), argv, args, record, out)
-    else:
-        measure(model_dir, dtype, args, device, record, out)
+    args, record, out = run_benchmark("throughput", __file__, argv, parse_args, measure)
     record["ratios"] = compare(record["results"])
-    write_json(out, record)
-    if args.child_variant is None:
-        print(f"\nwrote {out}\n{format_table(record['results'], COLUMNS)}")
-        for q in record["ratios"]:
-            print(f"{q['subject']} / {q['baseline']} at concurrency {q['concurrency']}: "
-                  f"{q['output_tokens_per_s_ratio']:.2f}x output tokens/s")
-        for r in record["results"]:
-            if "agreement_with_first_attn" in r:
-                a = r["agreement_with_first_attn"]
-                print(f"{_label(r)} at concurrency {r['concurrency']}, greedy tokens against "
-                      f"{args.hf_attn[0]}'s: exact {a['exact']:.2f}, common prefix {a['prefix']:.2f}, "
-                      f"first token {a['first_token']:.2f}")
-        if record["note"]:
-            print(record["note"])
+    lines = [f"{q['subject']} / {q['baseline']} at concurrency {q['concurrency']}: "
+             f"{q['output_tokens_per_s_ratio']:.2f}x output tokens/s" for q in record["ratios"]]
+    for r in record["results"]:
+        if "agreement_with_first_attn" in r:
+            a = r["agreement_with_first_attn"]
+            lines.append(f"{_label(r)} at concurrency {r['concurrency']}, greedy tokens against "
+                         f"{args.hf_attn[0]}'s: exact {a['exact']:.2f}, common prefix {a['prefix']:.2f}, "
+                         f"first token {a['first_token']:.2f}")
+    finish(out, record, format_table(record["results"], COLUMNS), *lines)
     return record
-
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,6 @@
 """benchmarks/serve_bench.py on the CPU: a tiny run end to end (offline baseline, a real server,
-a Poisson rate and all-at-once, each with every request mix), its JSON and table checked. On a GPU
-machine the benchmark itself is the test."""
+a Poisson rate and all-at-once, each with every request mix), its JSON and table checked; the
+frontend alone against a token fountain. On a GPU machine the benchmark itself is the test."""
 
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ def test_serve_bench_smoke(tmp_path, model_cache, capsys):
         assert r["ttft_s"]["p99"] <= r["e2e_s"]["p99"] and r["output_tokens_per_s"] > 0
         # Every token of the toy tokenizer decodes to text; chunks merge only when a client lags.
         assert 1.0 <= r["tokens_per_text_chunk"] <= r["num_output_tokens"] / r["num_requests"]
+        assert r["api_server_count"] == 1 and r["frontend_processes"] == 1 and r["frontend_cpu_s"] >= 0
     summary = saved["summary"]
     ratio = served[3]["output_tokens_per_s"] / offline["output_tokens_per_s"]
     assert math.isclose(summary["ratio_vs_offline"], ratio) and summary["failed_requests"] == 0
@@ -54,6 +55,26 @@ def test_serve_bench_smoke(tmp_path, model_cache, capsys):
     assert any(line.startswith("json / plain at rate inf: ") for line in lines)
 
 
+def test_the_frontend_alone_against_a_token_fountain(tmp_path, model_cache):
+    """The real server with a token fountain for an engine, one frontend and then two, every
+    request answered in full. No timing is asserted."""
+    out = tmp_path / "fountain.json"
+    record = serve_bench.main(["--device", "cpu", "--fountain-step-ms", "0", "--api-server-count", "1,2",
+                               "--num-requests", "6", "--input-len", "4", "--output-len", "5", "--rates", "inf",
+                               "--client-processes", "1", "--model-cache", str(model_cache), "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(record, default=str)) and "token fountain" in saved["note"]
+    assert saved["args"]["model_config"] == "qwen3-small"  # the fountain's default: a 2k context
+    assert [r["api_server_count"] for r in saved["results"]] == [1, 2]  # no offline baseline
+    for row, processes in zip(saved["results"], (1, 2)):
+        assert row["frontend_processes"] == processes  # the frontends were found and measured
+        assert row["failed_requests"] == 0 and row["num_output_tokens"] == 6 * 5
+        # CPU time is read in clock ticks (10 ms): a wave this small may read 0, never less
+        assert row["frontend_cpu_s"] >= 0 and 0 <= row["busiest_frontend_core_share"]
+        assert 1.0 <= row["tokens_per_text_chunk"] <= 5
+    assert saved["minivllm_server_exit_code"] == 0 and saved["summary"]["ratio_vs_offline"] is None
+
+
 def test_poisson_arrivals_have_the_asked_rate():
     delays = serve_bench.arrival_delays(4000, rate=16.0, seed=0)
     assert delays == sorted(delays) and delays[0] > 0
@@ -64,7 +85,9 @@ def test_poisson_arrivals_have_the_asked_rate():
 def test_bad_arguments_are_refused():
     for argv in (["--rates", "0,inf"], ["--rates", "fast"], ["--backends", "vllm"], ["--input-len", "9:3"],
                  ["--extra-body", "[1]"], ["--mixes", "plain,xml"], ["--mixes", "json,json"],
-                 ["--api-server-count", "0"]):
+                 ["--api-server-count", "0"], ["--api-server-count", "x"], ["--fountain-step-ms", "-1"],
+                 ["--fountain-step-ms", "8", "--backends", "minivllm,transformers"],
+                 ["--url", "http://127.0.0.1:1", "--api-server-count", "1,2"]):
         with pytest.raises(SystemExit):
             serve_bench.parse_args(["--device", "cpu", *argv])
 
