@@ -47,9 +47,9 @@ import torch
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `minivllm` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import (DTYPES, MODEL_CONFIGS, agreement, build_model, default_out,
-                               format_table, new_record, parse_range, parse_variants, pick_device,
-                               random_requests, release_memory, vocab_size, write_json)
+from benchmarks.common import (DTYPES, MODEL_CONFIGS, agreement, build_model, default_out, finish,
+                               format_table, names, new_record, parse_range, parse_variants,
+                               pick_device, random_requests, release_memory, vocab_size, write_json)
 
 BLOCK_SIZE = 16
 
@@ -303,12 +303,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("question", choices=("hf", "engine", "scales"))
     p.add_argument("--model", type=Path, default=None, help="a local Hugging Face model directory")
-    p.add_argument("--model-configs", default=None,
+    p.add_argument("--model-configs", type=names(tuple(MODEL_CONFIGS), "--model-configs"),
                    help=f"comma list from {', '.join(MODEL_CONFIGS)} (random weights; default "
                         "hf: the four *-small, engine: qwen3-0.6b,llama-3.2-1b; tiny on the CPU)")
     p.add_argument("--model-cache", type=Path, default=None)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--dtypes", default=None,
+    p.add_argument("--dtypes", type=names(tuple(DTYPES), "--dtypes"),
                    help="hf: comma list (default bfloat16,float32 on a GPU); engine: the first")
     p.add_argument("--reference", default="", help="engine: the reference's settings, key=value ...")
     p.add_argument("--test", default="kv_cache_dtype=fp8", help="engine: the tested settings")
@@ -324,13 +324,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     engine = args.question == "engine"
     default_models = ("qwen3-0.6b,llama-3.2-1b" if engine else
                       "llama-small,qwen2-small,qwen3-small,opt-small") if gpu else "tiny"
-    args.model_configs = (args.model_configs or default_models).split(",")
-    if set(args.model_configs) - set(MODEL_CONFIGS):
-        p.error(f"--model-configs: choose from {', '.join(MODEL_CONFIGS)}")
-    args.dtypes = (args.dtypes or ("bfloat16,float32" if gpu and not engine else
-                                   "bfloat16" if gpu else "float32")).split(",")
-    if set(args.dtypes) - set(DTYPES):
-        p.error(f"--dtypes: choose from {', '.join(DTYPES)}")
+    args.model_configs = args.model_configs or default_models.split(",")
+    if args.dtypes is None:
+        args.dtypes = ["bfloat16", "float32"] if gpu and not engine else ["bfloat16" if gpu else "float32"]
     args.num_prompts = args.num_prompts or ((32 if engine else 16) if gpu else 2)
     args.max_tokens = args.max_tokens or ((128 if engine else 64) if gpu else 8)
     args.prompt_len = parse_range(args.prompt_len or (("128:512" if engine else "8:200") if gpu
@@ -350,13 +346,10 @@ def main(argv=None) -> dict:
         record["shape"] = dict(num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, query_lens=QUERY_LENS,
                                seq_lens=SEQ_LENS)
     {"hf": run_hf, "engine": run_engine, "scales": run_scales}[args.question](args, device, record, out)
-    print(f"\nwrote {out}\n{format_table(record['results'], COLUMNS[args.question])}")
-    if args.question == "scales":
-        print(f"error: attention output against float32 attention on the exact values, worst of "
-              f"{args.seeds} seeds; extra bytes: scale bytes over fp8 K/V bytes (bf16: its K/V "
-              f"bytes over fp8's)")
-    elif record["note"]:
-        print(record["note"])
+    legend = (f"error: attention output against float32 attention on the exact values, worst of {args.seeds} "
+              "seeds; extra bytes: scale bytes over fp8 K/V bytes (bf16: its K/V bytes over fp8's)")
+    finish(out, record, format_table(record["results"], COLUMNS[args.question]),
+           *([legend] if args.question == "scales" else []))
     return record
 
 

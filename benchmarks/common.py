@@ -41,6 +41,7 @@ import json
 import os
 import platform
 import re
+import socket
 import statistics
 import subprocess
 import sys
@@ -70,7 +71,8 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 # Device and model
 # ------------------------------------------------------------------------------------------
 def add_model_arguments(parser, gpu_default: str = "qwen3-0.6b") -> None:
-    """--model / --model-config / --model-cache / --device / --dtype."""
+    """--model / --model-config / --model-cache / --device / --dtype, and --out (the record)."""
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
     parser.add_argument("--model", type=Path, default=None,
                         help="a local Hugging Face model directory (e.g. real weights)")
     parser.add_argument("--model-config", choices=sorted(MODEL_CONFIGS), default=None,
@@ -151,6 +153,32 @@ def parse_range(text: str, name: str) -> tuple[int, int]:
     if not 1 <= low <= high:
         raise SystemExit(f"{name} must satisfy 1 <= LOW <= HIGH, got {text!r}")
     return low, high
+
+
+def names(allowed, option: str):
+    """An argparse type: a comma list of distinct names from `allowed` (a dict maps them to its
+    values). argparse passes a default given as a string through it too."""
+    def parse(text: str) -> list:
+        chosen = [n.strip() for n in text.split(",") if n.strip()]
+        if not chosen or set(chosen) - set(allowed) or len(set(chosen)) < len(chosen):
+            raise argparse.ArgumentTypeError(f"{option}: distinct names from {', '.join(allowed)}; got {text!r}")
+        return [allowed[n] for n in chosen] if isinstance(allowed, dict) else chosen
+    return parse
+
+
+def with_device_defaults(parser, argv, gpu: dict, cpu: dict) -> argparse.Namespace:
+    """Parse `argv` with the defaults of the device --device names: `gpu` or `cpu`. A default
+    given as a string goes through its option's type, as the command line does."""
+    device = pick_device(parser.parse_known_args(argv)[0].device)
+    parser.set_defaults(**(gpu if device.type == "cuda" else cpu))
+    return parser.parse_args(argv)
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def int_list(text: str, name: str) -> list[int]:

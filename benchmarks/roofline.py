@@ -57,9 +57,9 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `minivll
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (add_model_arguments, add_variant_arguments, copy_bandwidth, finish,
-                               format_table, int_list, pick_device, random_requests,
+                               format_table, free_port, int_list, random_requests,
                                ratio_to_first_variant, release_memory, run_benchmark, sync,
-                               this_variant, write_json)
+                               this_variant, with_device_defaults, write_json)
 
 BLOCK_SIZE = 16
 
@@ -202,23 +202,16 @@ def write_profile_tables(averages, path: Path, steps: int, device: torch.device)
 
 
 # ------------------------------------------------------------------------------------------
-# Driver
-# ------------------------------------------------------------------------------------------
-# ------------------------------------------------------------------------------------------
 # The all-reduce alone (tensor parallelism)
 # ------------------------------------------------------------------------------------------
 def time_all_reduce(size: int, hidden: int, calls: int, batch_sizes: list[int]) -> list[dict]:
     """Per call, [B, hidden] bf16 over `size` GPUs: NCCL and the peer one-shot sum (rows of rank 0)."""
-    import socket
     import tempfile
 
-    with socket.socket() as sock:  # a free port for the ranks' rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.json"
-        torch.multiprocessing.spawn(_all_reduce_rank, args=(size, port, hidden, calls, batch_sizes, str(out)),
-                                    nprocs=size, join=True)
+        rank_args = (size, free_port(), hidden, calls, batch_sizes, str(out))  # the port: the rendezvous
+        torch.multiprocessing.spawn(_all_reduce_rank, args=rank_args, nprocs=size, join=True)
         return json.loads(out.read_text())
 
 
@@ -345,21 +338,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_arguments(p)
     add_variant_arguments(p)
-    p.add_argument("--batch-sizes", default=None, help="default 1,8,64,256 on a GPU, 1,4 on the CPU")
-    p.add_argument("--context", type=int, default=None, help="prompt tokens per sequence (default 1024; CPU 32)")
+    p.add_argument("--batch-sizes", type=lambda t: sorted(set(int_list(t, "--batch-sizes"))),
+                   help="default 1,8,64,256 on a GPU, 1,4 on the CPU")
+    p.add_argument("--context", type=int, help="prompt tokens per sequence (default 1024; CPU 32)")
     p.add_argument("--steps", type=int, default=16, help="timed decode steps per batch size")
-    p.add_argument("--profile-batches", default=None,
+    p.add_argument("--profile-batches", type=lambda t: int_list(t, "--profile-batches"), default="1,64",
                    help="batch sizes whose kernels are counted (default 1,64: those measured)")
     p.add_argument("--profile-steps", type=int, default=5, help="decode steps profiled per batch size")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
-    args = p.parse_args(argv)
-    gpu = pick_device(args.device).type == "cuda"
-    args.batch_sizes = sorted(set(int_list(args.batch_sizes or ("1,8,64,256" if gpu else "1,4"),
-                                           "--batch-sizes")))
-    args.profile_batches = int_list(args.profile_batches or "1,64", "--profile-batches")
-    args.context = args.context or (1024 if gpu else 32)
+    args = with_device_defaults(p, argv, gpu={"batch_sizes": "1,8,64,256", "context": 1024},
+                                cpu={"batch_sizes": "1,4", "context": 32})
     if min(args.context, args.steps, args.profile_steps, args.tensor_parallel_size) < 1:
         p.error("--context, --steps, --profile-steps and --tensor-parallel-size must be >= 1")
     return args

@@ -65,7 +65,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -79,15 +78,15 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `minivll
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (ROOT, add_model_arguments, default_out, finish, format_table,
-                               int_list, new_record, parse_range, percentiles, pick_device,
-                               random_requests, release_memory, resolve_model, sync, vocab_size,
-                               write_json)
+                               free_port, int_list, names, new_record, parse_range, percentiles,
+                               pick_device, random_requests, release_memory, resolve_model, sync,
+                               vocab_size, with_device_defaults, write_json)
 from benchmarks.token_fountain import FOUNTAIN_ENV
 
 BACKENDS = ("minivllm", "transformers")
-GPU_DEFAULTS = {"num_requests": 256, "input_len": "100:1024", "output_len": "100:1024",
-                "rates": "4,16,64,inf"}
-CPU_DEFAULTS = {"num_requests": 4, "input_len": "8:16", "output_len": "4:8", "rates": "16,inf"}
+GPU_DEFAULTS = {"num_requests": 256, "input_len": "100:1024", "output_len": "100:1024", "rates": "4,16,64,inf",
+                "client_processes": max(1, min(8, (os.cpu_count() or 2) // 2))}
+CPU_DEFAULTS = {"num_requests": 4, "input_len": "8:16", "output_len": "4:8", "rates": "16,inf", "client_processes": 1}
 # A JSON object whose one string must be longer than any output: the grammar is followed at every
 # token, and never complete, so each request runs to its max_tokens as an unconstrained one does.
 ENDLESS_STRING_SCHEMA = {"type": "object", "properties": {"text": {"type": "string", "minLength": 1_000_000}},
@@ -276,12 +275,6 @@ def summarize(label: str, rate: float, results: list[Result], wall: float, clien
 # ------------------------------------------------------------------------------------------
 # Servers as child processes
 # ------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class ServerProcess:
     """A server started as a child process, its output in a log file, stopped with SIGTERM."""
 
@@ -485,10 +478,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output-len", default=None, help="output lengths LOW:HIGH (default 100:1024)")
     p.add_argument("--rates", default=None, help="requests/s, comma list; inf = all at once "
                                                  "(default 4,16,64,inf)")
-    p.add_argument("--backends", default="minivllm", help=f"comma list from {', '.join(BACKENDS)}")
+    p.add_argument("--backends", type=names(BACKENDS, "--backends"), default="minivllm",
+                   help=f"comma list from {', '.join(BACKENDS)}")
     p.add_argument("--extra-body", type=json.loads, default={},
                    help='JSON fields added to every minivllm request, e.g. \'{"logprobs": 5}\'')
-    p.add_argument("--mixes", default="plain",
+    p.add_argument("--mixes", type=names(tuple(MIXES), "--mixes"), default="plain",
                    help=f"request mixes, comma list from {', '.join(MIXES)}, taking turns at each rate; "
                         "the summary divides each by the first")
     p.add_argument("--hf-num-requests", type=int, default=64,
@@ -496,13 +490,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--url", default=None, help="use this running minivllm server instead of starting one "
                                                "(no offline baseline then)")
     p.add_argument("--model-name", default="minivllm-bench", help="the served model name")
-    p.add_argument("--api-server-count", default="1",
+    p.add_argument("--api-server-count", dest="api_server_counts", default="1",
+                   type=lambda text: int_list(text, "--api-server-count"),
                    help="frontend processes of the minivllm server (serve --api-server-count); a comma "
                         "list starts one server per value, in turn")
     p.add_argument("--fountain-step-ms", type=float, default=None,
                    help="measure the frontend alone: the engine a token fountain, one token per request "
                         "every MS milliseconds (token_fountain.py)")
-    p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-num-seqs", type=int, default=None, help="default: all requests, at most 256")
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
@@ -511,13 +505,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--client-processes", type=int, default=None,
                    help="processes sending the requests (default: half the cores, at most 8; CPU 1)")
     p.add_argument("--start-timeout", type=float, default=900.0, help="seconds for a server to become healthy")
-    args = p.parse_args(argv)
-    gpu = pick_device(args.device).type == "cuda"
+    args = with_device_defaults(p, argv, GPU_DEFAULTS, CPU_DEFAULTS)
     if args.fountain_step_ms is not None and args.model is None:
         args.model_config = args.model_config or "qwen3-small"  # a tokenizer and a 2k context
-    for key, value in (GPU_DEFAULTS if gpu else CPU_DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
     args.input_range = parse_range(args.input_len, "--input-len")
     args.output_range = parse_range(args.output_len, "--output-len")
     try:
@@ -526,25 +516,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--rates: numbers or inf, got {args.rates}")
     if any(r <= 0 for r in args.rate_values):
         p.error(f"--rates must be > 0 (or inf), got {args.rates}")
-    args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    if not args.backends or set(args.backends) - set(BACKENDS):
-        p.error(f"--backends: choose from {BACKENDS}, got {args.backends}")
-    args.mix_names = [m.strip() for m in args.mixes.split(",") if m.strip()]
-    if not args.mix_names or set(args.mix_names) - set(MIXES) or len(set(args.mix_names)) < len(args.mix_names):
-        p.error(f"--mixes: distinct names from {', '.join(MIXES)}, got {args.mixes}")
     if not isinstance(args.extra_body, dict):
         p.error("--extra-body must be a JSON object")
     if args.num_requests < 1 or args.hf_num_requests < 1:
         p.error("--num-requests and --hf-num-requests must be >= 1")
-    args.api_server_counts = int_list(args.api_server_count, "--api-server-count")
     if args.url is not None and (len(args.api_server_counts) > 1 or args.fountain_step_ms is not None):
         p.error("--url measures the server that runs there: no --api-server-count list, no --fountain-step-ms")
     if args.fountain_step_ms is not None and (args.fountain_step_ms < 0 or args.backends != ["minivllm"]):
         p.error("--fountain-step-ms must be >= 0, with --backends minivllm")
     args.hf_num_requests = min(args.hf_num_requests, args.num_requests)
     args.max_num_seqs = args.max_num_seqs or min(args.num_requests, 256)
-    if args.client_processes is None:
-        args.client_processes = max(1, min(8, (os.cpu_count() or 2) // 2)) if gpu else 1
     if args.client_processes < 1:
         p.error(f"--client-processes must be >= 1, got {args.client_processes}")
     args.max_num_batched_tokens = max(args.max_num_batched_tokens, args.max_num_seqs)
@@ -587,7 +568,7 @@ def main(argv=None) -> dict:
     for mix, by_rate in s["mix_ratios"].items():
         for rate, ratios in by_rate.items():
             waves = ", ".join("-" if r is None else f"{r:.3f}" for r in ratios)
-            lines.append(f"{mix} / {args.mix_names[0]} at rate {rate}: {waves} output tok/s (per wave)")
+            lines.append(f"{mix} / {args.mixes[0]} at rate {rate}: {waves} output tok/s (per wave)")
     if s["ttft_p99_at_16_s"] is not None:
         lines.append(f"p99 TTFT at 16 req/s: {s['ttft_p99_at_16_s']:.3f} s")
     lines.append(f"failed requests: {s['failed_requests']}")
@@ -608,7 +589,7 @@ def run_servers(args, model_dir, dtype, prompts, out_lens, log_dir, record, save
                 server = start_minivllm(args, model_dir, dtype, log_dir, count)
                 server.wait_healthy(args.start_timeout)
             url = args.url or server.url
-            for mix in args.mix_names:  # warm-up, untimed (a schema is compiled here, not in a timed wave)
+            for mix in args.mixes:  # warm-up, untimed (a schema is compiled here, not in a timed wave)
                 replay(f"{url}/v1/completions", token_bodies(args, [p[:16] for p in prompts[:4]], [4] * 4, mix),
                        [4] * 4, math.inf, args.seed, args.request_timeout)
             if "minivllm" in args.backends:
@@ -627,9 +608,9 @@ def run_servers(args, model_dir, dtype, prompts, out_lens, log_dir, record, save
 
 def run_waves(args, url: str, prompts, out_lens, save, pool, pids: list[int], count: int) -> None:
     """One wave per rate and mix, the mixes taking turns at each rate (the same arrivals)."""
-    bodies = {mix: token_bodies(args, prompts, out_lens, mix) for mix in args.mix_names}
+    bodies = {mix: token_bodies(args, prompts, out_lens, mix) for mix in args.mixes}
     for i, rate in enumerate(args.rate_values):
-        for mix in args.mix_names:
+        for mix in args.mixes:
             before = cpu_seconds(pids)
             results, wall, cpu = replay(f"{url}/v1/completions", bodies[mix], out_lens, rate, args.seed + i,
                                         args.request_timeout, pool, args.client_processes)

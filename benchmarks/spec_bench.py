@@ -41,8 +41,9 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `minivll
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (DTYPES, MODEL_CONFIGS, add_model_arguments, add_variant_arguments,
-                               agreement, finish, format_table, int_list, pick_device,
-                               release_memory, run_benchmark, this_variant, time_ms, write_json)
+                               agreement, finish, format_table, int_list, release_memory,
+                               run_benchmark, this_variant, time_ms, with_device_defaults,
+                               write_json)
 
 # The workload: each task hands the model a text to give back changed a little, so most of the
 # answer is in the prompt already. Written for this benchmark.
@@ -297,13 +298,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=256, help="e2e: output tokens per request")
     p.add_argument("--max-model-len", type=int, default=1024, help="e2e")
     p.add_argument("--rounds", type=int, default=8, help="e2e: requests at batch 1 (fewer rounds at larger batches)")
-    p.add_argument("--context", type=int, default=None, help="step: context per sequence (default 1024; CPU 40)")
-    p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
-    args = p.parse_args(argv)
-    gpu = pick_device(args.device).type == "cuda"
+    p.add_argument("--context", type=int, help="step: context per sequence (default 1024; CPU 40)")
+    args = with_device_defaults(p, argv, gpu={"context": 1024}, cpu={"context": 40})
     args.batch_sizes = sorted(set(int_list(args.batch_sizes or ("1,2,4,8,16,32,64" if args.part == "e2e" else "1"),
                                            "--batch-sizes")))
-    args.context = args.context or (1024 if gpu else 40)
     if args.part == "e2e" and args.model is None:
         p.error("--part e2e needs --model DIR (a real model: random weights make acceptance meaningless)")
     if min(args.num_speculative_tokens, args.max_tokens, args.rounds, args.context) < 1:

@@ -60,10 +60,10 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `minivll
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (DTYPES, add_model_arguments, add_variant_arguments, agreement,
-                               copy_bandwidth, finish, format_table, int_list, matmul_rate,
-                               parse_range, peak_memory, percentiles, pick_device, random_requests,
+                               copy_bandwidth, finish, format_table, int_list, matmul_rate, names,
+                               parse_range, peak_memory, percentiles, random_requests,
                                release_memory, run_benchmark, sync, this_variant, vocab_size,
-                               write_json)
+                               with_device_defaults, write_json)
 
 BACKENDS = ("minivllm", "hf_generate", "hf_generate_batch")
 GPU_DEFAULTS = {"num_requests": 256, "input_len": "100:1024", "output_len": "100:1024"}
@@ -378,8 +378,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output-len", default=None, help="output lengths LOW:HIGH (default 100:1024)")
     p.add_argument("--concurrency", default=None,
                    help="comma list: run the first C requests at once, per C (default: all)")
-    p.add_argument("--backends", default="minivllm", help=f"comma list from {', '.join(BACKENDS)}")
-    p.add_argument("--hf-attn", default="sdpa", help="HF attention implementations: sdpa, minivllm")
+    p.add_argument("--backends", type=names(BACKENDS, "--backends"), default="minivllm",
+                   help=f"comma list from {', '.join(BACKENDS)}")
+    p.add_argument("--hf-attn", type=names(("sdpa", "minivllm"), "--hf-attn"), default="sdpa",
+                   help="HF attention implementations: sdpa, minivllm")
     p.add_argument("--hf-batch-size", type=int, default=None,
                    help="hf_generate: requests per batched call (default: all C at once)")
     p.add_argument("--hf-time-limit", type=float, default=None,
@@ -389,18 +391,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
-    args = p.parse_args(argv)
-    defaults = GPU_DEFAULTS if pick_device(args.device).type == "cuda" else CPU_DEFAULTS
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    args.hf_attn = [a.strip() for a in args.hf_attn.split(",") if a.strip()]
-    if not args.backends or set(args.backends) - set(BACKENDS):
-        p.error(f"--backends: choose from {', '.join(BACKENDS)}; got {args.backends}")
-    if not args.hf_attn or set(args.hf_attn) - {"sdpa", "minivllm"}:
-        p.error(f"--hf-attn: choose from sdpa, minivllm; got {args.hf_attn}")
+    args = with_device_defaults(p, argv, GPU_DEFAULTS, CPU_DEFAULTS)
     args.input_range = parse_range(args.input_len, "--input-len")
     args.output_range = parse_range(args.output_len, "--output-len")
     args.concurrency = int_list(args.concurrency or str(args.num_requests), "--concurrency")

@@ -20,23 +20,11 @@ import torch
 from . import fp8
 
 
-def write_kv_cache(
-    key: torch.Tensor,
-    value: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    k_scale: torch.Tensor | None = None,
-    v_scale: torch.Tensor | None = None,
-) -> None:
-    """Scatter new K/V rows into the paged cache.
-
-    key/value: [T, Hkv, D]; k_cache/v_cache: [num_blocks, block_size, Hkv, D];
-    slot_mapping: [T], the flat slot `block_id * block_size + offset` of each token, or a negative
-    number to skip the token (padding in a CUDA-graph batch, for example).
-    fp8 cache: each row is quantized and its scale written to k_scale/v_scale [num_blocks,
-    block_size, Hkv] at the same slot.
-    """
+def write_kv_cache(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
+    """Same contract as `minivllm.kernels.write_kv_cache` (inputs already validated): each
+    token's K/V row goes to its flat slot, `block_id * block_size + offset`, and a negative slot
+    (padding in a CUDA-graph batch, for example) skips the token. An fp8 cache gets each row
+    quantized, and its scale at the same slot of k_scale/v_scale."""
     num_blocks, block_size = k_cache.shape[:2]
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
@@ -75,25 +63,11 @@ def causal_mask(query_len: int, seq_len: int, device: torch.device) -> torch.Ten
     return key_pos <= query_pos
 
 
-def paged_attention(
-    query: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    scale: float,
-    causal: bool = True,
-    out: torch.Tensor | None = None,
-    max_seq_len: int | None = None,
-    num_splits: int | None = None,
-    k_scale: torch.Tensor | None = None,
-    v_scale: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Attention of packed queries over a paged KV cache; the shapes are those of
-    `minivllm.kernels.paged_attention`. `max_seq_len` and `num_splits` plan the GPU kernels'
-    work; the reference takes them only to share the signature, and needs neither. An fp8 cache
-    comes with its k_scale/v_scale [num_blocks, block_size, Hkv]."""
+def paged_attention(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, causal=True,
+                    out=None, max_seq_len=None, num_splits=None, k_scale=None, v_scale=None) -> torch.Tensor:
+    """Same contract as `minivllm.kernels.paged_attention` (inputs already validated).
+    `max_seq_len` and `num_splits` plan the GPU kernels' work; the reference takes them only to
+    share the signature, and needs neither."""
     num_q_heads = query.shape[1]
     num_kv_heads = k_cache.shape[2]
     group = num_q_heads // num_kv_heads  # query heads that share one KV head (GQA/MQA)

@@ -128,15 +128,7 @@ def _prefill_chunk(table: torch.Tensor, start: int, end: int, seq_len: int, bloc
     return PrefillChunk(start, end, slots, mask, is_causal=causal and q_len == seq_len)
 
 
-def write_kv_cache(
-    key: torch.Tensor,
-    value: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    k_scale: torch.Tensor | None = None,
-    v_scale: torch.Tensor | None = None,
-) -> None:
+def write_kv_cache(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
     """The reference's scatter, as one `index_copy_` per cache when every slot is real. Slots to
     skip (padding) and fp8 caches, which the CPU engine rarely sees, take the reference's path."""
     if fp8.is_fp8(k_cache) or int(slot_mapping.min()) < 0:
@@ -156,25 +148,12 @@ def _gather(cache: torch.Tensor, scales: torch.Tensor | None, slots: torch.Tenso
     return rows
 
 
-def paged_attention(
-    query: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    scale: float,
-    causal: bool = True,
-    out: torch.Tensor | None = None,
-    max_seq_len: int | None = None,
-    num_splits: int | None = None,
-    k_scale: torch.Tensor | None = None,
-    v_scale: torch.Tensor | None = None,
-    plan: AttentionPlan | None = None,
-) -> torch.Tensor:
-    """Attention of packed queries over a paged KV cache; the shapes are those of
-    `minivllm.kernels.paged_attention`. `plan`: the step's plan (made here when None);
-    `max_seq_len` and `num_splits` plan the GPU kernels' work and are not needed here."""
+def paged_attention(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, causal=True,
+                    out=None, max_seq_len=None, num_splits=None, k_scale=None, v_scale=None,
+                    plan: AttentionPlan | None = None) -> torch.Tensor:
+    """Same contract as `minivllm.kernels.paged_attention` (inputs already validated). `plan`:
+    the step's plan (made here when None); `max_seq_len` and `num_splits` plan the GPU kernels'
+    work and are not needed here."""
     if plan is None:
         plan = make_plan(block_tables, seq_lens, cu_seqlens_q, k_cache.shape[1], causal)
     if out is None:

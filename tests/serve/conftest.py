@@ -10,6 +10,7 @@ bounded; every request targets 127.0.0.1.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -89,18 +90,24 @@ class ServerProcess:
         return self.proc.returncode
 
 
-@pytest.fixture(scope="session")
-def server(serve_model, tmp_path_factory):
-    """One server for the whole session, with the API key set."""
-    process = ServerProcess(serve_model, "--api-key", API_KEY, log_dir=tmp_path_factory.mktemp("logs"))
+@contextlib.contextmanager
+def healthy_server(model, *extra: str, log_dir: Path, lockstep: bool = False):
+    """A server, healthy, for the `with` block. Afterwards Ctrl-C must stop it cleanly, and
+    whatever the block did to it (bad requests, disconnects), it must have logged no traceback."""
+    process = ServerProcess(model, *extra, log_dir=log_dir, lockstep=lockstep)
     try:
         process.wait_healthy()
         yield process
     finally:
         code = process.stop(signal.SIGINT)
-    # Ctrl-C stops it cleanly; whatever the tests did to it (bad requests, disconnects), it logged
-    # no traceback.
     assert code == 0 and "Traceback" not in process.output(), process.output()
+
+
+@pytest.fixture(scope="session")
+def server(serve_model, tmp_path_factory):
+    """One server for the whole session, with the API key set."""
+    with healthy_server(serve_model, "--api-key", API_KEY, log_dir=tmp_path_factory.mktemp("logs")) as process:
+        yield process
 
 
 @pytest.fixture

@@ -24,7 +24,8 @@ import pytest
 
 from minivllm import SamplingParams
 from minivllm.entrypoints.engine_core import EngineCore, OutputDecoder, serve
-from tests.serve.conftest import MODEL_NAME, ServerProcess, in_server_group, make_engine, metric_values
+from tests.serve.conftest import (MODEL_NAME, ServerProcess, healthy_server, in_server_group, make_engine,
+                                  metric_values)
 from tests.serve.test_lifecycle import ABORTED, GENERATED, _children, _long_body, _running, _wait_for
 
 pytestmark = in_server_group
@@ -96,13 +97,8 @@ def test_the_engine_loop_routes_each_frontends_requests_to_it_alone(serve_model,
 # ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def two_frontends(serve_model, tmp_path_factory):
-    process = ServerProcess(serve_model, "--api-server-count", "2", log_dir=tmp_path_factory.mktemp("frontends"))
-    try:
-        process.wait_healthy()
-        yield process
-    finally:
-        code = process.stop(signal.SIGINT)
-    assert code == 0 and "Traceback" not in process.output(), process.output()
+    with healthy_server(serve_model, "--api-server-count", "2", log_dir=tmp_path_factory.mktemp("frontends")) as server:
+        yield server
 
 
 async def _one_request(url: str, prompt: str, stream: bool) -> tuple[str, str, int]:
@@ -161,9 +157,7 @@ def _frontend_connections(server: ServerProcess) -> list[int]:
 
 
 def test_streams_on_both_frontends_are_aborted_in_the_engine_when_clients_leave(serve_model, tmp_path):
-    server = ServerProcess(serve_model, "--api-server-count", "2", log_dir=tmp_path, lockstep=True)
-    try:
-        server.wait_healthy()
+    with healthy_server(serve_model, "--api-server-count", "2", log_dir=tmp_path, lockstep=True) as server:
         before = metric_values(server.url)
         clients = [httpx.Client(timeout=60) for _ in range(NUM_REQUESTS)]
         streams = [c.stream("POST", f"{server.url}/v1/completions", json=_long_body()) for c in clients]
@@ -182,9 +176,6 @@ def test_streams_on_both_frontends_are_aborted_in_the_engine_when_clients_leave(
                     and values["minivllm:num_requests_running"] == 0 and values["minivllm:kv_cache_usage_perc"] == 0)
 
         assert _wait_for(all_aborted), metric_values(server.url)
-    finally:
-        code = server.stop(signal.SIGINT)
-    assert code == 0 and "Traceback" not in server.output(), server.output()
 
 
 def test_sigterm_ends_the_streams_in_flight_and_leaves_no_process(serve_model, tmp_path):

@@ -24,7 +24,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.serve.conftest import MAX_MODEL_LEN, MODEL_NAME, ServerProcess, in_server_group, metric_values
+from tests.serve.conftest import (MAX_MODEL_LEN, MODEL_NAME, ServerProcess, healthy_server, in_server_group,
+                                  metric_values)
 
 ABORTED = 'minivllm:request_success_total{finished_reason="abort"}'
 GENERATED = "minivllm:generation_tokens_total"
@@ -35,13 +36,8 @@ pytestmark = in_server_group
 
 @pytest.fixture(scope="module")
 def lockstep(serve_model, tmp_path_factory):
-    process = ServerProcess(serve_model, log_dir=tmp_path_factory.mktemp("lockstep"), lockstep=True)
-    try:
-        process.wait_healthy()
-        yield process
-    finally:
-        code = process.stop(signal.SIGINT)
-    assert code == 0 and "Traceback" not in process.output(), process.output()
+    with healthy_server(serve_model, log_dir=tmp_path_factory.mktemp("lockstep"), lockstep=True) as server:
+        yield server
 
 
 def _wait_for(condition, timeout: float = 60.0, every: float = 0.05) -> bool:

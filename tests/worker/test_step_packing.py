@@ -138,19 +138,25 @@ def test_block_tables_keep_a_row_per_sequence_and_write_only_what_changed():
     assert tables.host[tables.pad_row].tolist() == [0, 0, 0, 0]
 
 
-def test_padding_leaves_the_real_rows_of_a_forward_unchanged(tmp_path):
-    """The padded batch a graph replays gives the real sequences the same hidden states (CPU)."""
+def noisy_cache_runner(tmp_path, arch: str):
+    """A CPU runner of a tiny random model on the reference attention, its KV cache full of noise:
+    a read of the wrong slot, or a write where none belongs, changes what the tests compare."""
     from minivllm.config import EngineConfig
     from minivllm.models import make_random_model
     from minivllm.worker.model_runner import ModelRunner
 
-    model = make_random_model(tmp_path / "m", arch="qwen3", size="tiny")
+    model = make_random_model(tmp_path / "m", arch=arch, size="tiny")
     runner = ModelRunner(EngineConfig.from_dict({"model": str(model), "device": "cpu", "num_kv_blocks": 16,
                                                  "block_size": 4, "max_model_len": 64,
                                                  "attention_backend": "torch"}))
     for k, v in runner.kv_caches:
         k.normal_()
         v.normal_()
+    return runner
+
+def test_padding_leaves_the_real_rows_of_a_forward_unchanged(tmp_path):
+    """The padded batch a graph replays gives the real sequences the same hidden states (CPU)."""
+    runner = noisy_cache_runner(tmp_path, "qwen3")
     seqs = [seq(0, 5, [7], [3, 9]), seq(1, 0, [8], [1]), seq(2, 11, [9], [2, 4, 6])]
     tables = BlockTables(8, 4, torch.device("cpu"))
     rows = [tables.sync(s.seq_id, s.block_table) for s in seqs]
@@ -218,17 +224,7 @@ def test_verification_padding_leaves_the_real_rows_and_the_cache_unchanged(tmp_p
     """A verification graph gives every sequence 1 + k query rows: the real queries of a
     sequence with fewer drafts must see exactly what they see unpadded, and the dummy rows
     must write nothing (CPU, the reference attention)."""
-    from minivllm.config import EngineConfig
-    from minivllm.models import make_random_model
-    from minivllm.worker.model_runner import ModelRunner
-
-    model = make_random_model(tmp_path / "m", arch="llama", size="tiny")
-    runner = ModelRunner(EngineConfig.from_dict({"model": str(model), "device": "cpu", "num_kv_blocks": 16,
-                                                 "block_size": 4, "max_model_len": 64,
-                                                 "attention_backend": "torch"}))
-    for k, v in runner.kv_caches:
-        k.normal_()
-        v.normal_()
+    runner = noisy_cache_runner(tmp_path, "llama")
     initial = [(k.clone(), v.clone()) for k, v in runner.kv_caches]
     seqs = [spec_seq(0, 5, 7, [3, 9], drafts=[11, 12]), seq(1, 0, [8], [1]),
             spec_seq(2, 10, 9, [2, 4, 6, 8], drafts=[13, 14, 15, 16])]
