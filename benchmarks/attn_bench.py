@@ -77,8 +77,8 @@ from minivllm.kernels import cuda as cuda_ext
 from minivllm.kernels.backends import kv_cache_unsupported
 from minivllm.kernels.fp8 import FP8_DTYPE
 
-from benchmarks.common import (copy_bandwidth, default_out, format_table, matmul_rate, new_record,
-                               sig, time_ms, write_json)
+from benchmarks.common import (copy_bandwidth, default_out, format_table, int_list, matmul_rate,
+                               names, new_record, pick_device, sig, time_ms, write_json)
 
 
 def triton_fp8_unsupported(device: torch.device) -> str | None:
@@ -288,7 +288,7 @@ def build_cases(args, on_gpu: bool) -> list[Case]:
     size = "smoke" if args.smoke else ("gpu" if on_gpu else "cpu")
     long_ones = not args.quick or on_gpu  # the CPU's --quick leaves these out
     cases = []
-    for dtype, bs in itertools.product(args.dtypes.split(","), [int(x) for x in args.block_sizes.split(",")]):
+    for dtype, bs in itertools.product(args.dtypes, args.block_sizes):
         rest = (bs, dtype, *heads)
         if "decode" in args.cases:
             cases += [Case("decode", b, L, 1, *rest) for b, L in _pairs(args, decode=True, size=size)]
@@ -516,9 +516,10 @@ def _record(case: Case, backend: str, kv_cache_dtype: str, ms: float, run: Run,
     gbps = nbytes / (ms * 1e-3) / 1e9
     tflops = flops / (ms * 1e-3) / 1e12
     rel_tol = REL_TOL[case.dtype]
+    element = FP8_DTYPE if kv_cache_dtype == "fp8" else DTYPES[case.dtype]
     return dict(
         asdict(case), backend=backend, kv_cache_dtype=kv_cache_dtype, setting=setting,
-        kv_cache_element=str(_kv_element(case, kv_cache_dtype)).removeprefix("torch."),
+        kv_cache_element=str(element).removeprefix("torch."),
         ms=ms, bytes=nbytes, gbps=gbps, frac_copy_bw=gbps / run.copy_gbps,
         flops=flops, tflops=tflops,
         frac_matmul_rate=tflops / run.matmul_tflops if has_prefill(case) else None,
@@ -528,10 +529,6 @@ def _record(case: Case, backend: str, kv_cache_dtype: str, ms: float, run: Run,
         rel_error=err, rel_tol=rel_tol, correct=bool(err <= rel_tol),  # NaN fails too
         rel_error_vs_model_dtype=err_vs_model_dtype,
     )
-
-
-def _kv_element(case: Case, kv_cache_dtype: str) -> torch.dtype:
-    return fp8.FP8_DTYPE if kv_cache_dtype == "fp8" else DTYPES[case.dtype]
 
 
 def _not_run(case: Case, backend: str, kv_cache_dtype: str, reason: str, device: torch.device,
@@ -661,18 +658,6 @@ def plot(records: list[dict], path: Path, title: str, matmul_tflops: float | Non
 # ------------------------------------------------------------------------------------------
 # Command line
 # ------------------------------------------------------------------------------------------
-def _names(allowed, option: str):
-    """An argparse type: a comma list of names from `allowed` (a dict maps them to values)."""
-    def parse(text: str) -> list[str]:
-        names = [n.strip() for n in text.split(",") if n.strip()]
-        bad = [n for n in names if n not in allowed]
-        if bad or not names:
-            raise argparse.ArgumentTypeError(
-                f"{option}: unknown {bad or text!r}; choose from {', '.join(allowed)}")
-        return [allowed[n] for n in names] if isinstance(allowed, dict) else names
-    return parse
-
-
 def _configs(text: str) -> list[dict]:
     value = json.loads(text)
     if not isinstance(value, list) or not all(isinstance(c, dict) and c for c in value):
@@ -685,10 +670,10 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="a few cases only")
     p.add_argument("--smoke", action="store_true",
                    help="tiny shapes and heads, one timing repeat: checks that everything runs")
-    p.add_argument("--cases", type=_names(CASE_NAMES, "--cases"),
+    p.add_argument("--cases", type=names(CASE_NAMES, "--cases"),
                    default="decode,prefill,chunked,mixed,ragged",
                    help="comma list of decode, prefill, chunked, mixed, ragged, write")
-    p.add_argument("--kv-cache-dtypes", type=_names(KV_CACHE_DTYPES, "--kv-cache-dtypes"),
+    p.add_argument("--kv-cache-dtypes", type=names(KV_CACHE_DTYPES, "--kv-cache-dtypes"),
                    default="auto",
                    help="comma list of auto (the model dtype) and fp8 (e4m3 with per token-head "
                         "scales), e.g. auto,fp8")
@@ -699,8 +684,10 @@ def parse_args(argv=None):
                    help="also time every launch configuration (tiles) or split count (splits)")
     p.add_argument("--configs", type=_configs, default=[],
                    help="also time these Triton `config` dicts, a JSON list")
-    p.add_argument("--dtypes", default=None, help="comma list of bf16, fp16, fp32 (model dtype)")
-    p.add_argument("--block-sizes", default=None, help="comma list, e.g. 16,32,64")
+    p.add_argument("--dtypes", type=names(tuple(DTYPES), "--dtypes"),
+                   help="comma list of bf16, fp16, fp32 (model dtype)")
+    p.add_argument("--block-sizes", type=lambda text: int_list(text, "--block-sizes"),
+                   help="comma list, e.g. 16,32,64")
     p.add_argument("--batch", type=int, default=None, help="only this batch size (uniform cases)")
     p.add_argument("--context", type=int, default=None,
                    help="only this context length (uniform cases)")
@@ -720,19 +707,14 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
-    on_gpu = torch.cuda.is_available()
-    device = torch.device("cuda" if on_gpu else "cpu")
+    device = pick_device()
+    on_gpu = device.type == "cuda"
     # GPU defaults are the shapes that matter (Llama-3-8B-like heads); CPU ones stay small.
-    small = (8, 2, 64) if not args.smoke else (4, 2, 32)
-    args.num_q_heads = args.num_q_heads or (32 if on_gpu and not args.smoke else small[0])
-    args.num_kv_heads = args.num_kv_heads or (8 if on_gpu and not args.smoke else small[1])
-    args.head_dim = args.head_dim or (128 if on_gpu and not args.smoke else small[2])
-    args.dtypes = args.dtypes or ("bf16" if on_gpu else "fp32")
-    args.block_sizes = args.block_sizes or (
-        "8" if args.smoke else "16" if args.quick or not on_gpu else "16,32,64")
-    for name in args.dtypes.split(","):
-        if name not in DTYPES:
-            raise SystemExit(f"--dtypes: unknown dtype {name!r} (choose from {list(DTYPES)})")
+    heads = (4, 2, 32) if args.smoke else (32, 8, 128) if on_gpu else (8, 2, 64)
+    args.num_q_heads, args.num_kv_heads, args.head_dim = (
+        given or default for given, default in zip((args.num_q_heads, args.num_kv_heads, args.head_dim), heads))
+    args.dtypes = args.dtypes or ["bf16" if on_gpu else "fp32"]
+    args.block_sizes = args.block_sizes or ([8] if args.smoke else [16] if args.quick or not on_gpu else [16, 32, 64])
     runnable = available_backends(device)
     if args.backends:
         backends = args.backends.split(",")

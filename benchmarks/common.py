@@ -68,6 +68,51 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 
 # ------------------------------------------------------------------------------------------
+# The command line
+# ------------------------------------------------------------------------------------------
+def names(allowed, option: str):
+    """An argparse type: a comma list of distinct names from `allowed` (a dict maps them to its
+    values). argparse passes a default given as a string through it too."""
+    def parse(text: str) -> list:
+        chosen = [n.strip() for n in text.split(",") if n.strip()]
+        if not chosen or set(chosen) - set(allowed) or len(set(chosen)) < len(chosen):
+            raise argparse.ArgumentTypeError(f"{option}: distinct names from {', '.join(allowed)}; got {text!r}")
+        return [allowed[n] for n in chosen] if isinstance(allowed, dict) else chosen
+    return parse
+
+
+def int_list(text: str, name: str) -> list[int]:
+    """'1,8,64' -> [1, 8, 64], every value >= 1."""
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"{name}: expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise SystemExit(f"{name}: expected integers >= 1, got {text!r}")
+    return values
+
+
+def parse_range(text: str, name: str) -> tuple[int, int]:
+    """'100:1024' -> (100, 1024); '512' -> (512, 512). Both ends inclusive, >= 1."""
+    parts = str(text).split(":")
+    try:
+        low, high = (int(parts[0]),) * 2 if len(parts) == 1 else map(int, parts)
+    except ValueError:
+        raise SystemExit(f"{name} must be N or LOW:HIGH (e.g. 100:1024), got {text!r}") from None
+    if not 1 <= low <= high:
+        raise SystemExit(f"{name} must satisfy 1 <= LOW <= HIGH, got {text!r}")
+    return low, high
+
+
+def with_device_defaults(parser, argv, gpu: dict, cpu: dict) -> argparse.Namespace:
+    """Parse `argv` with the defaults of the device --device names: `gpu` or `cpu`. A default
+    given as a string goes through its option's type, as the command line does."""
+    device = pick_device(parser.parse_known_args(argv)[0].device)
+    parser.set_defaults(**(gpu if device.type == "cuda" else cpu))
+    return parser.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------
 # Device and model
 # ------------------------------------------------------------------------------------------
 def add_model_arguments(parser, gpu_default: str = "qwen3-0.6b") -> None:
@@ -110,18 +155,21 @@ def resolve_model(args, device: torch.device, gpu_default: str = "qwen3-0.6b") -
     return build_model(name, args.model_cache, DTYPES[dtype]), dtype
 
 
-def build_model(name: str, root: Path, dtype: torch.dtype, seed: int = 0) -> Path:
-    """The random-weight model directory for `name` under `root` (reused if already there)."""
+def build_model(name: str, root: Path, dtype: torch.dtype, seed: int = 0, num_layers: int | None = None) -> Path:
+    """The random-weight model directory for `name` under `root` (reused if already there);
+    `num_layers` cuts the shape to that many layers (a draft of the same width and vocabulary)."""
     from minivllm.models import make_random_model
 
     if name not in MODEL_CONFIGS:
         raise ValueError(f"unknown model config {name!r}; choose one of {sorted(MODEL_CONFIGS)}")
     arch, size = MODEL_CONFIGS[name]
-    out = Path(root) / f"{name}-{str(dtype).removeprefix('torch.')}-seed{seed}"
+    layers = "" if num_layers is None else f"-{num_layers}-layers"
+    out = Path(root) / f"{name}{layers}-{str(dtype).removeprefix('torch.')}-seed{seed}"
     if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
         return out
-    print(f"building the {name} model (random weights) in {out} ...", flush=True)
-    return make_random_model(out, arch=arch, size=size, seed=seed, dtype=dtype, overwrite=True)
+    print(f"building the {name}{layers} model (random weights) in {out} ...", flush=True)
+    overrides = None if num_layers is None else {"num_hidden_layers": num_layers}
+    return make_random_model(out, arch=arch, size=size, seed=seed, dtype=dtype, overrides=overrides, overwrite=True)
 
 
 def vocab_size(model_dir: Path) -> int:
@@ -140,40 +188,6 @@ def peak_memory(device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
-# ------------------------------------------------------------------------------------------
-# Workload
-# ------------------------------------------------------------------------------------------
-def parse_range(text: str, name: str) -> tuple[int, int]:
-    """'100:1024' -> (100, 1024); '512' -> (512, 512). Both ends inclusive, >= 1."""
-    parts = str(text).split(":")
-    try:
-        low, high = (int(parts[0]),) * 2 if len(parts) == 1 else map(int, parts)
-    except ValueError:
-        raise SystemExit(f"{name} must be N or LOW:HIGH (e.g. 100:1024), got {text!r}") from None
-    if not 1 <= low <= high:
-        raise SystemExit(f"{name} must satisfy 1 <= LOW <= HIGH, got {text!r}")
-    return low, high
-
-
-def names(allowed, option: str):
-    """An argparse type: a comma list of distinct names from `allowed` (a dict maps them to its
-    values). argparse passes a default given as a string through it too."""
-    def parse(text: str) -> list:
-        chosen = [n.strip() for n in text.split(",") if n.strip()]
-        if not chosen or set(chosen) - set(allowed) or len(set(chosen)) < len(chosen):
-            raise argparse.ArgumentTypeError(f"{option}: distinct names from {', '.join(allowed)}; got {text!r}")
-        return [allowed[n] for n in chosen] if isinstance(allowed, dict) else chosen
-    return parse
-
-
-def with_device_defaults(parser, argv, gpu: dict, cpu: dict) -> argparse.Namespace:
-    """Parse `argv` with the defaults of the device --device names: `gpu` or `cpu`. A default
-    given as a string goes through its option's type, as the command line does."""
-    device = pick_device(parser.parse_known_args(argv)[0].device)
-    parser.set_defaults(**(gpu if device.type == "cuda" else cpu))
-    return parser.parse_args(argv)
-
-
 def free_port() -> int:
     """A TCP port of 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:
@@ -181,17 +195,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def int_list(text: str, name: str) -> list[int]:
-    """'1,8,64' -> [1, 8, 64], every value >= 1."""
-    try:
-        values = [int(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise SystemExit(f"{name}: expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise SystemExit(f"{name}: expected integers >= 1, got {text!r}")
-    return values
-
-
+# ------------------------------------------------------------------------------------------
+# Workload
+# ------------------------------------------------------------------------------------------
 def random_requests(num: int, input_len: tuple[int, int], output_len: tuple[int, int],
                     vocab: int, seed: int) -> tuple[list[list[int]], list[int]]:
     """vLLM's "random" dataset: random prompt token ids and output lengths, both uniform in their
@@ -490,9 +496,10 @@ def ratio_to_first_variant(rows: list[dict], key, metric: str) -> None:
 # ------------------------------------------------------------------------------------------
 def run_benchmark(bench, script: str, argv, parse_args, measure) -> tuple[argparse.Namespace, dict, Path]:
     """Read the command line, pick the device and the model, start the record `bench` (a name, or
-    a function of the parsed arguments that gives it), then measure: in this process (`measure(model_dir, dtype, args, device, record, out)`), or with
-    --variants once per variant, each child process running `script` again. Returns (args,
-    record, out); the caller adds what it derives from the rows, then `finish`es."""
+    a function of the parsed arguments that gives it), then measure: in this process, calling
+    `measure(model_dir, dtype, args, device, record, out)`, or with --variants once per variant,
+    each in a child process running `script` again. Returns (args, record, out); the caller adds
+    what it derives from the rows, then `finish`es."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     device = pick_device(args.device)

@@ -40,8 +40,8 @@ import torch
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `minivllm` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import (DTYPES, MODEL_CONFIGS, add_model_arguments, add_variant_arguments,
-                               agreement, finish, format_table, int_list, release_memory,
+from benchmarks.common import (DTYPES, add_model_arguments, add_variant_arguments, agreement,
+                               build_model, finish, format_table, int_list, release_memory,
                                run_benchmark, this_variant, time_ms, with_device_defaults,
                                write_json)
 
@@ -183,20 +183,6 @@ def threshold_from(rows: list[dict]) -> int | None:
 # ---------------------------------------------------------------------------------------------
 # step: the runner's plain decode, verification and draft-model steps
 # ---------------------------------------------------------------------------------------------
-def draft_for(args, dtype: str) -> Path:
-    """The 2-layer random draft of the --model-config shape (same vocabulary and width), built
-    beside the target in --model-cache (reused when there)."""
-    from minivllm.models import make_random_model
-
-    arch, size = MODEL_CONFIGS[args.model_label]
-    out = Path(args.model_cache) / f"{args.model_label}-2-layer-draft-{dtype}"
-    if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
-        return out
-    print(f"building the 2-layer draft of {args.model_label} in {out} ...", flush=True)
-    return make_random_model(out, arch=arch, size=size, seed=1, dtype=DTYPES[dtype],
-                             overrides={"num_hidden_layers": 2}, overwrite=True)
-
-
 def time_runner_steps(llm, batch: int, context: int, k: int, device: torch.device) -> dict:
     """Prefill `batch` sequences of about `context` tokens, then time the runner launching and
     waiting for one step of each kind, repeated at the same positions (rewriting the same slots).
@@ -247,7 +233,8 @@ def step_part(model_dir: Path, dtype: str, args, device: torch.device, record: d
         raise SystemExit("--part step times random-weight shapes: use --model-config, not --model")
     variant = this_variant(args)
     k, batch = args.num_speculative_tokens, max(args.batch_sizes)
-    spec = {"method": "draft", "model": str(draft_for(args, dtype)), "num_speculative_tokens": k}
+    draft = build_model(args.model_label, args.model_cache, DTYPES[dtype], seed=1, num_layers=2)
+    spec = {"method": "draft", "model": str(draft), "num_speculative_tokens": k}
     engine = {**dict(dtype=dtype, device=device.type, max_num_seqs=batch, max_model_len=args.context + 64,
                      async_scheduling=False, max_num_batched_tokens=max(2048, batch * (args.context + 16)),
                      enable_prefix_caching=False, speculative_config=spec), **variant.engine}
