@@ -48,8 +48,9 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `minivll
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (DTYPES, MODEL_CONFIGS, agreement, build_model, default_out, finish,
-                               format_table, names, new_record, parse_range, parse_variants,
-                               pick_device, random_requests, release_memory, vocab_size, write_json)
+                               format_table, hf_generate, load_hf, names, new_record, parse_range,
+                               parse_variants, pick_device, random_requests, release_memory,
+                               vocab_size, write_json)
 
 BLOCK_SIZE = 16
 
@@ -85,19 +86,11 @@ def models(args, device) -> list[tuple[str, Path]]:
 # hf: minivllm against HF generate
 # ------------------------------------------------------------------------------------------
 def run_hf(args, device, record: dict, out: Path) -> None:
-    from transformers import AutoModelForCausalLM
-
     for (name, model_dir), dtype in itertools.product(models(args, device), args.dtypes):
         prompts = random_requests(args.num_prompts, args.prompt_len, (1, 1), vocab_size(model_dir),
                                   args.seed)[0]
-        hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype]).to(device).eval()
-        theirs = []
-        with torch.inference_mode():
-            for prompt in prompts:
-                ids = torch.tensor([prompt], device=device)
-                out_ids = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                      max_new_tokens=args.max_tokens, min_new_tokens=args.max_tokens)
-                theirs.append(out_ids[0, len(prompt):].tolist())
+        hf = load_hf(model_dir, device, dtype)
+        theirs = [hf_generate(hf, [prompt], args.max_tokens, device)[0] for prompt in prompts]
         del hf
         llm = make_llm(model_dir, dtype, args, device)
         ours = greedy(llm, prompts, args.max_tokens)

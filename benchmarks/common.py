@@ -233,6 +233,30 @@ def agreement(ours: list[list[int]], theirs: list[list[int]]) -> dict:
 
 
 # ------------------------------------------------------------------------------------------
+# Hugging Face: the baseline
+# ------------------------------------------------------------------------------------------
+def load_hf(model_dir: Path, device: torch.device, dtype: str, attn: str | None = None):
+    """The transformers model of `model_dir`, for inference; `attn` names its attention
+    implementation (None: transformers' default)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=DTYPES[dtype],
+                                                attn_implementation=attn).to(device).eval()
+
+
+@torch.inference_mode()
+def hf_generate(model, prompts: list[list[int]], new_tokens: int, device) -> list[list[int]]:
+    """One left-padded batched `generate` call, exactly `new_tokens` greedy tokens a row."""
+    pad = model.config.pad_token_id or 0
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, pad_token_id=pad)
+    return out[:, width:].tolist()
+
+
+# ------------------------------------------------------------------------------------------
 # Timing
 # ------------------------------------------------------------------------------------------
 def sync(device: torch.device) -> None:

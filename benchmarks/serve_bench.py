@@ -13,11 +13,9 @@ process at each rate of --rates (requests per second; `inf` = all at once). Per 
 * the client's own CPU share, so a client that could not keep up is seen, not mistaken for a slow
   server. Parsing thousands of chunks a second takes a Python client more than a core, so the
   requests are sent from several processes (--client-processes; half the cores, at most 8);
-* the frontend's CPU (a server started here): seconds of all frontend processes (user + system,
-  through psutil), microseconds per streamed token, and the busiest one's share of a core over
-  the wave (near 1: saturated, and tokens per text chunk above 1: it fell behind and merged
-  deltas). With a core per process, N frontends keep up with N times the tokens/s of one for the
-  same CPU per token. `--api-server-count 1,2,4` starts one server per value, in turn.
+* the frontends' CPU (a server started here): seconds of all frontend processes, microseconds per
+  streamed token, and the busiest one's share of a core (near 1: saturated; tokens per text chunk
+  above 1: it fell behind and merged deltas). `--api-server-count 1,2,4`: one server per value.
 
 In the same run, before the server starts, offline `LLM.generate` computes the same requests with
 the same engine settings: `ratio_vs_offline` = server output tok/s at `inf` / offline output tok/s
@@ -45,10 +43,12 @@ requests. It needs transformers' `[serving]` extra; if it cannot run, the record
     python benchmarks/serve_bench.py --url http://127.0.0.1:8000 --model-name NAME   # a running server
     python benchmarks/serve_bench.py --num-requests 64 --output-len 512 --rates inf,inf,inf --mixes plain,json
 
-**The frontend alone** (`--fountain-step-ms MS`): the engine process runs a token fountain
-(`token_fountain.py`: every running request one token a step, after MS of sleep, no model), so the
-frontend's work is what it is with a model while the engine costs nearly nothing; no offline
-baseline then, and the model (default qwen3-small) gives only the tokenizer and the config.
+**The frontend alone** (`--fountain-step-ms MS`): the engine process runs a *token fountain*
+(`TokenFountain`: each running request gets one token a step, a word of text, after MS of sleep,
+the GPU's time), so the frontend does the work it does with a model while the engine costs
+nearly nothing; no offline baseline, and the model (default qwen3-small) gives only the tokenizer
+and the config. With a core per process, N frontends keep up with N times the tokens/s of one for
+the same CPU per token.
 
     python benchmarks/serve_bench.py --fountain-step-ms 8 --api-server-count 1,2,4 --num-requests 256 \
         --input-len 4 --output-len 512 --rates inf                         # frontends, 256 x 512 tokens
@@ -71,6 +71,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -81,7 +82,6 @@ from benchmarks.common import (ROOT, add_model_arguments, default_out, finish, f
                                free_port, int_list, names, new_record, parse_range, percentiles,
                                pick_device, random_requests, release_memory, resolve_model, sync,
                                vocab_size, with_device_defaults, write_json)
-from benchmarks.token_fountain import FOUNTAIN_ENV
 
 BACKENDS = ("minivllm", "transformers")
 GPU_DEFAULTS = {"num_requests": 256, "input_len": "100:1024", "output_len": "100:1024", "rates": "4,16,64,inf",
@@ -279,7 +279,7 @@ class ServerProcess:
     """A server started as a child process, its output in a log file, stopped with SIGTERM."""
 
     def __init__(self, name: str, command: list[str], port: int, log: Path, env: dict | None = None):
-        self.name, self.url, self.log = name, f"http://127.0.0.1:{port}", log
+        self.name, self.port, self.url, self.log = name, port, f"http://127.0.0.1:{port}", log
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "w") as out:
             self.proc = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
@@ -314,18 +314,13 @@ class ServerProcess:
         return self.proc.returncode
 
 
-def frontend_pids(server_pid: int) -> list[int]:
-    """The processes that listen for HTTP: the server itself (one frontend), or its frontend
-    children (several); the engine process and multiprocessing's helper are left out."""
+def frontend_pids(port: int) -> list[int]:
+    """The processes that listen on the server's port: its frontends (the launcher of several
+    binds the port without listening, the engine process never binds it)."""
     import psutil
 
-    def listens(process) -> bool:
-        try:
-            return any(c.status == psutil.CONN_LISTEN for c in process.net_connections(kind="tcp"))
-        except psutil.Error:
-            return False
-
-    return [c.pid for c in psutil.Process(server_pid).children() if listens(c)] or [server_pid]
+    return sorted({c.pid for c in psutil.net_connections(kind="tcp")
+                   if c.status == psutil.CONN_LISTEN and c.laddr.port == port})
 
 
 def cpu_seconds(pids: list[int]) -> dict[int, float]:
@@ -362,7 +357,7 @@ def start_minivllm(args, model_dir: Path, dtype: str, log_dir: Path, count: int)
                "--api-server-count", str(count), *engine_flags(args, dtype)]
     env = None
     if args.fountain_step_ms is not None:
-        command[1:3] = [str(ROOT / "benchmarks" / "token_fountain.py")]
+        command[1:3] = [str(Path(__file__).resolve())]  # `python serve_bench.py serve ...`
         command.extend(["--device", "cpu"])
         env = {FOUNTAIN_ENV: str(args.fountain_step_ms)}
     return ServerProcess(f"minivllm serve x{count}", command, port, log_dir / f"minivllm_serve_{count}.log", env)
@@ -383,6 +378,73 @@ def start_transformers(model_dir: Path, log_dir: Path) -> ServerProcess:
     batching = ["--continuous-batching"] if "--continuous-batching" in help_text else []
     command = [*cli, *model, *batching, "--host", "127.0.0.1", "--port", str(port)]
     return ServerProcess("transformers serve", command, port, log_dir / "transformers_serve.log", env)
+
+
+# ------------------------------------------------------------------------------------------
+# The token fountain: the engine process without a model
+# ------------------------------------------------------------------------------------------
+FOUNTAIN_ENV = "MINIVLLM_TOKEN_FOUNTAIN_STEP_MS"  # set on the server: its engine is a fountain
+WORDS = [" the", " cat", " sat", " on", " a", " mat", ",", " and"]
+
+
+class TokenFountain:
+    """What the engine process asks of `LLMEngine`, answered without a model (--fountain-step-ms)."""
+
+    def __init__(self, config):
+        self.config = config
+        self.step_s = float(os.environ[FOUNTAIN_ENV]) / 1e3
+        self.max_num_seqs = config.scheduler_config.max_num_seqs
+        self.requests: dict[str, list] = {}  # id -> [prompt ids, max_tokens, generated, arrival]
+        self.scheduler = SimpleNamespace(running=[], waiting=[], speculation=None)
+        self.block_manager = SimpleNamespace(num_used_blocks=0, num_blocks=1)
+        self.executor = SimpleNamespace(runner=SimpleNamespace(device="cpu", num_kv_blocks=1))
+
+    def add_request(self, prompt, params, request_id, stream=True) -> None:
+        self.requests[request_id] = [list(prompt), params.max_tokens, 0, time.perf_counter()]
+
+    def abort(self, request_id):
+        request = self.requests.pop(request_id, None)
+        return None if request is None else self._output(request_id, request, [], "abort")
+
+    def step(self) -> list:
+        time.sleep(self.step_s)
+        outputs = []
+        for request_id in list(self.requests)[:self.max_num_seqs]:
+            request = self.requests[request_id]
+            request[2] += 1
+            done = request[2] >= request[1]
+            outputs.append(self._output(request_id, request, [request[2]], "length" if done else None))
+            if done:
+                del self.requests[request_id]
+        self.scheduler.running = [None] * min(len(self.requests), self.max_num_seqs)
+        return outputs
+
+    def _output(self, request_id, request, token_ids, finish_reason):
+        from minivllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
+
+        prompt, _, generated, arrival = request
+        metrics = RequestMetrics(arrival, arrival, arrival, None, len(prompt), generated, 0, 0, 0.0, None, None, None)
+        text = "".join(WORDS[t % len(WORDS)] for t in token_ids)
+        return RequestOutput(request_id, None, prompt, [CompletionOutput(0, text, token_ids, finish_reason)],
+                             finish_reason is not None, metrics)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def take_failed_outputs(self) -> list:
+        return []
+
+    def get_stats(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+if os.environ.get(FOUNTAIN_ENV):  # the server this script starts, and the processes it spawns
+    from minivllm.entrypoints import engine_core  # (they import this file as their main module)
+
+    engine_core.LLMEngine = TokenFountain
 
 
 # ------------------------------------------------------------------------------------------
@@ -496,7 +558,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "list starts one server per value, in turn")
     p.add_argument("--fountain-step-ms", type=float, default=None,
                    help="measure the frontend alone: the engine a token fountain, one token per request "
-                        "every MS milliseconds (token_fountain.py)")
+                        "every MS milliseconds (TokenFountain)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-num-seqs", type=int, default=None, help="default: all requests, at most 256")
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
@@ -593,7 +655,7 @@ def run_servers(args, model_dir, dtype, prompts, out_lens, log_dir, record, save
                 replay(f"{url}/v1/completions", token_bodies(args, [p[:16] for p in prompts[:4]], [4] * 4, mix),
                        [4] * 4, math.inf, args.seed, args.request_timeout)
             if "minivllm" in args.backends:
-                pids = [] if server is None else frontend_pids(server.proc.pid)
+                pids = [] if server is None else frontend_pids(server.port)
                 run_waves(args, url, prompts, out_lens, save, pool, pids, count)
             if text is not None and count == args.api_server_counts[0]:
                 route = asyncio.run(pick_route(url, args.model_name))
@@ -695,4 +757,8 @@ COLUMNS = [
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["serve"]:  # the fountain's server (start_minivllm)
+        from minivllm.cli import main as serve
+
+        sys.exit(serve(sys.argv[1:]))
     main()

@@ -54,16 +54,14 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `minivllm` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import (DTYPES, add_model_arguments, add_variant_arguments, agreement,
-                               copy_bandwidth, finish, format_table, int_list, matmul_rate, names,
-                               parse_range, peak_memory, percentiles, random_requests,
-                               release_memory, run_benchmark, sync, this_variant, vocab_size,
-                               with_device_defaults, write_json)
+from benchmarks.common import (add_model_arguments, add_variant_arguments, agreement,
+                               copy_bandwidth, finish, format_table, hf_generate, int_list, load_hf,
+                               matmul_rate, names, parse_range, peak_memory, percentiles,
+                               random_requests, release_memory, run_benchmark, sync, this_variant,
+                               vocab_size, with_device_defaults, write_json)
 
 BACKENDS = ("minivllm", "hf_generate", "hf_generate_batch")
 GPU_DEFAULTS = {"num_requests": 256, "input_len": "100:1024", "output_len": "100:1024"}
@@ -180,25 +178,6 @@ def run_minivllm(llm, prompts, out_lens, device, sampling: dict) -> dict:
 # ------------------------------------------------------------------------------------------
 # Hugging Face
 # ------------------------------------------------------------------------------------------
-def load_hf(model_dir: Path, device, dtype: str, attn: str):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=DTYPES[dtype],
-                                                attn_implementation=attn).to(device).eval()
-
-
-@torch.inference_mode()
-def hf_generate(model, prompts: list[list[int]], new_tokens: int, device) -> list[list[int]]:
-    """One left-padded batched `generate` call, exactly `new_tokens` greedy tokens a row."""
-    pad = model.config.pad_token_id or 0
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
-                         min_new_tokens=new_tokens, pad_token_id=pad)
-    return out[:, width:].tolist()
-
-
 def run_hf_generate(model, attn: str, prompts, out_lens, batch_size: int, device) -> dict:
     hf_generate(model, prompts[:2], 4, device)  # warm-up: CUDA/cuBLAS, Triton compiles
     release_memory(device)
