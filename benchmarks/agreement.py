@@ -47,10 +47,14 @@ import torch
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `minivllm` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import (DTYPES, MODEL_CONFIGS, agreement, build_model, default_out, finish,
-                               format_table, hf_generate, load_hf, names, new_record, parse_range,
-                               parse_variants, pick_device, random_requests, release_memory,
-                               vocab_size, write_json)
+from minivllm import LLM, SamplingParams
+from minivllm.step import SampleRow, ScheduledSeq, SchedulerOutput
+from minivllm.worker.input_batch import build_input_batch
+
+from benchmarks.common import (DTYPES, MODEL_CONFIGS, add_row, agreement, build_model, default_out,
+                               finish, format_table, hf_generate, load_hf, names, new_record,
+                               parse_range, parse_variants, pick_device, random_requests,
+                               release_memory, vocab_size, write_json)
 
 BLOCK_SIZE = 16
 
@@ -64,8 +68,6 @@ def greedy(llm, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
 def make_llm(model_dir: Path, dtype: str, args, device, **settings):
     """One engine. Prefix caching is off: the teacher-forced pass borrows free blocks of the pool,
     which must hold nothing a later lookup could find."""
-    from minivllm import LLM
-
     # On the CPU there is no free memory to size the pool from: give it what the prompts need.
     blocks = None if device.type == "cuda" else args.num_prompts * -(-args.max_model_len // BLOCK_SIZE)
     return LLM(str(model_dir), dtype=dtype, device=device.type, block_size=BLOCK_SIZE,
@@ -97,9 +99,8 @@ def run_hf(args, device, record: dict, out: Path) -> None:
         llm.close()
         del llm
         release_memory(device)
-        record["results"].append({"model": name, "dtype": dtype, "num_prompts": len(prompts),
-                                  "max_tokens": args.max_tokens, **agreement(ours, theirs)})
-        write_json(out, record)
+        add_row(record, out, {"model": name, "dtype": dtype, "num_prompts": len(prompts),
+                              "max_tokens": args.max_tokens, **agreement(ours, theirs)})
 
 
 # ------------------------------------------------------------------------------------------
@@ -116,10 +117,6 @@ def teacher_forced_logits(llm, prompts: list[list[int]], continuations: list[lis
     prompt at a time; step j >= 1 decodes token j - 1 of every prompt. The engine must be idle
     (after `generate` every block is free): each prompt borrows blocks of the free list.
     """
-    from minivllm.sampling_params import SamplingParams
-    from minivllm.step import SampleRow, ScheduledSeq, SchedulerOutput
-    from minivllm.worker.input_batch import build_input_batch
-
     runner, blocks = llm.engine.executor.runner, llm.engine.block_manager
     num_new = len(continuations[0])
     need = [blocks.blocks_for(len(p) + num_new) for p in prompts]
@@ -187,8 +184,7 @@ def run_engine(args, device, record: dict, out: Path) -> None:
                **agreement(tokens["test"], tokens["reference"])}
         if len(logits) == 2:
             row.update(logit_stats(logits["reference"], logits["test"], tokens["reference"]))
-        record["results"].append(row)
-        write_json(out, record)
+        add_row(record, out, row)
 
 
 # ------------------------------------------------------------------------------------------

@@ -351,6 +351,15 @@ def default_out(bench: str, label: str, device: torch.device) -> Path:
     return folder / f"{bench}_{label}_{device.type}_{stamp}.json"
 
 
+def add_row(record: dict, out: Path, row: dict, columns: list | None = None) -> None:
+    """Add a measured row and write the record at once: a later crash loses nothing measured.
+    With `columns`, also print the row as a line of its table."""
+    record["results"].append(row)
+    write_json(out, record)
+    if columns is not None:
+        print(format_table([row], columns).splitlines()[-1], flush=True)
+
+
 def write_json(path: Path, payload: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -56,10 +56,13 @@ import torch
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `minivllm` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import (add_model_arguments, add_variant_arguments, copy_bandwidth, finish,
-                               format_table, free_port, int_list, random_requests,
+from minivllm import LLM, SamplingParams
+from minivllm.observe.records import STEP_PHASES
+
+from benchmarks.common import (add_model_arguments, add_row, add_variant_arguments, copy_bandwidth,
+                               finish, format_table, free_port, int_list, random_requests,
                                ratio_to_first_variant, release_memory, run_benchmark, sync,
-                               this_variant, with_device_defaults, write_json)
+                               this_variant, with_device_defaults)
 
 BLOCK_SIZE = 16
 
@@ -93,8 +96,6 @@ def time_decode_steps(llm, batch: int, context: int, steps: int, seed: int,
                       profile: tuple[int, Path] | None = None, sampling: dict | None = None) -> dict:
     """Prefill `batch` prompts of `context` tokens, then time `steps` all-decode engine steps;
     `profile` = (steps, file): then profile that many more (module docstring)."""
-    from minivllm import SamplingParams
-
     engine = llm.engine
     prompts, _ = random_requests(batch, (context, context), (1, 1), engine.vocab_size, seed)
     # Sequences prefilled early decode while the others still prefill: give them all the room
@@ -130,8 +131,6 @@ def time_decode_steps(llm, batch: int, context: int, steps: int, seed: int,
 
 def phase_summary(timings) -> dict:
     """Median host seconds per step phase, and how many steps replayed a graph."""
-    from minivllm.observe.records import STEP_PHASES
-
     summary = {f"{p}_time_s": statistics.median(getattr(t, p) for t in timings) for p in STEP_PHASES}
     summary["host_time_s"] = statistics.median(t.host for t in timings)
     summary["graph_fraction"] = sum(t.cuda_graph for t in timings) / len(timings)
@@ -270,8 +269,6 @@ def _median_cuda_s(fn, repeats: int) -> float:
 
 def measure(model_dir: Path, dtype: str, args, device: torch.device, record: dict, out: Path) -> None:
     """One engine (this process's variant), every batch size: rows into `record`."""
-    from minivllm import LLM
-
     variant = this_variant(args)
     record["copy_bandwidth_bytes_per_s"] = copy_bw = copy_bandwidth(device)
     print(f"copy bandwidth (read + write): {copy_bw / 1e9:.1f} GB/s", flush=True)
@@ -304,11 +301,9 @@ def measure(model_dir: Path, dtype: str, args, device: torch.device, record: dic
                "async_scheduling": llm.engine.overlap, "kv_cache_dtype": llm.engine.config.kv_cache_spec.name,
                "tensor_parallel_size": tp}
         row["graph_warning"] = graph_warning(runner, row, args.steps) if row["cuda_graphs"] else None
-        print(format_table([row], COLUMNS).splitlines()[-1], flush=True)
+        add_row(record, out, row, COLUMNS)
         if row["graph_warning"]:
             print(f"{'!' * 78}\n{row['graph_warning']}\n{'!' * 78}", flush=True)
-        record["results"].append(row)
-        write_json(out, record)  # after each row: a later failure loses nothing measured
     llm.close()
     del llm, runner
     release_memory(device)

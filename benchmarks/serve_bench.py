@@ -74,14 +74,18 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import psutil
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `minivllm` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import (ROOT, add_model_arguments, default_out, finish, format_table,
-                               free_port, int_list, names, new_record, parse_range, percentiles,
-                               pick_device, random_requests, release_memory, resolve_model, sync,
-                               vocab_size, with_device_defaults, write_json)
+from minivllm import LLM, SamplingParams
+from minivllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
+
+from benchmarks.common import (ROOT, add_model_arguments, add_row, default_out, finish,
+                               format_table, free_port, int_list, names, new_record, parse_range,
+                               percentiles, pick_device, random_requests, release_memory,
+                               resolve_model, sync, vocab_size, with_device_defaults)
 
 BACKENDS = ("minivllm", "transformers")
 GPU_DEFAULTS = {"num_requests": 256, "input_len": "100:1024", "output_len": "100:1024", "rates": "4,16,64,inf",
@@ -317,15 +321,11 @@ class ServerProcess:
 def frontend_pids(port: int) -> list[int]:
     """The processes that listen on the server's port: its frontends (the launcher of several
     binds the port without listening, the engine process never binds it)."""
-    import psutil
-
     return sorted({c.pid for c in psutil.net_connections(kind="tcp")
                    if c.status == psutil.CONN_LISTEN and c.laddr.port == port})
 
 
 def cpu_seconds(pids: list[int]) -> dict[int, float]:
-    import psutil
-
     return {pid: sum(psutil.Process(pid).cpu_times()[:2]) for pid in pids}
 
 
@@ -420,8 +420,6 @@ class TokenFountain:
         return outputs
 
     def _output(self, request_id, request, token_ids, finish_reason):
-        from minivllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
-
         prompt, _, generated, arrival = request
         metrics = RequestMetrics(arrival, arrival, arrival, None, len(prompt), generated, 0, 0, 0.0, None, None, None)
         text = "".join(WORDS[t % len(WORDS)] for t in token_ids)
@@ -453,8 +451,6 @@ if os.environ.get(FOUNTAIN_ENV):  # the server this script starts, and the proce
 def run_offline(model_dir: Path, dtype: str, prompts, out_lens, args, device) -> dict:
     """LLM.generate on the same requests (after a short untimed warm-up); the engine is freed
     afterwards so the server can have the GPU."""
-    from minivllm import LLM, SamplingParams
-
     llm = LLM(str(model_dir), dtype=dtype, device=device.type, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
               gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=False)
@@ -608,12 +604,9 @@ def main(argv=None) -> dict:
         record["note"] = ("The engine is a token fountain (no model): frontend figures of this machine's CPU. "
                           + (record["note"] or ""))
 
-    def save(result: dict | None = None) -> None:
-        if result is not None:
-            record["results"].append(result)
-            print(format_table([result], COLUMNS).splitlines()[-1], flush=True)
-        record["summary"] = summary(record["results"])
-        write_json(out, record)  # after every row: a later crash loses nothing measured
+    def save(result: dict) -> None:
+        record["summary"] = summary([*record["results"], result])
+        add_row(record, out, result, COLUMNS)
 
     if "minivllm" in args.backends and args.url is None and args.fountain_step_ms is None:
         save(run_offline(model_dir, dtype, prompts, out_lens, args, device))

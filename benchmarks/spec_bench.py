@@ -40,10 +40,13 @@ import torch
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `minivllm` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import (DTYPES, add_model_arguments, add_variant_arguments, agreement,
-                               build_model, finish, format_table, int_list, release_memory,
-                               run_benchmark, this_variant, time_ms, with_device_defaults,
-                               write_json)
+from minivllm import LLM, SamplingParams
+from minivllm.step import SampleRow, ScheduledSeq, SchedulerOutput
+
+from benchmarks.common import (DTYPES, add_model_arguments, add_row, add_variant_arguments,
+                               agreement, build_model, finish, format_table, int_list,
+                               release_memory, run_benchmark, this_variant, time_ms,
+                               with_device_defaults)
 
 # The workload: each task hands the model a text to give back changed a little, so most of the
 # answer is in the prompt already. Written for this benchmark.
@@ -95,8 +98,6 @@ def workload_prompts(tokenizer, count: int) -> list:
 # ---------------------------------------------------------------------------------------------
 def run_batches(llm, batch_sizes: list[int], max_tokens: int, rounds_for_one: int, sampling: dict) -> list[dict]:
     """Each batch size: rounds of `batch` requests submitted at once, greedy; tokens/s over all."""
-    from minivllm import SamplingParams
-
     params = SamplingParams(**{"temperature": 0.0, "max_tokens": max_tokens, **sampling})
     rows = []
     for batch in batch_sizes:
@@ -128,8 +129,6 @@ def run_batches(llm, batch_sizes: list[int], max_tokens: int, rounds_for_one: in
 def e2e(model_dir: Path, dtype: str, args, device: torch.device, record: dict, out: Path) -> None:
     """Speculation off, always on, and (at the largest batch) with the default threshold: one
     engine each, the same requests; rows into `record`."""
-    from minivllm import LLM
-
     variant = this_variant(args)
     sizes = args.batch_sizes
     ngram = {"method": "ngram", "num_speculative_tokens": args.num_speculative_tokens}
@@ -154,8 +153,7 @@ def e2e(model_dir: Path, dtype: str, args, device: torch.device, record: dict, o
     for mode, _, batch_sizes in modes[1:]:
         for batch in batch_sizes:
             row = e2e_row(mode, measured["off"][batch], measured[mode][batch], args)
-            record["results"].append({"variant": variant.name, **row})
-            write_json(out, record)
+            add_row(record, out, {"variant": variant.name, **row})
 
 
 def e2e_row(mode: str, off: dict, on: dict, args) -> dict:
@@ -191,9 +189,6 @@ def time_runner_steps(llm, batch: int, context: int, k: int, device: torch.devic
     drafts after it; the prompt length leaves room for them in its last block. The plain steps
     run with the draft model set aside (no mirror), as an engine without speculation runs them.
     """
-    from minivllm import SamplingParams
-    from minivllm.step import SampleRow, ScheduledSeq, SchedulerOutput
-
     engine = llm.engine
     runner = engine.executor.runner
     bs = runner.block_size
@@ -227,8 +222,6 @@ def time_runner_steps(llm, batch: int, context: int, k: int, device: torch.devic
 
 
 def step_part(model_dir: Path, dtype: str, args, device: torch.device, record: dict, out: Path) -> None:
-    from minivllm import LLM
-
     if args.model is not None:
         raise SystemExit("--part step times random-weight shapes: use --model-config, not --model")
     variant = this_variant(args)
@@ -243,12 +236,11 @@ def step_part(model_dir: Path, dtype: str, args, device: torch.device, record: d
     llm = LLM(str(model_dir), **engine)
     for b in args.batch_sizes:
         m = time_runner_steps(llm, b, args.context, k, device)
-        record["results"].append({
+        add_row(record, out, {
             "variant": variant.name, "part": "step", "model": args.model_label, "batch_size": b,
             "context": args.context, "num_speculative_tokens": k, **m,
             "verify_over_decode": m["verify_step_s"] / m["decode_step_s"],
             "draft_step_over_decode": m["draft_step_s"] / m["decode_step_s"]})
-        write_json(out, record)
     llm.close()
     del llm
     release_memory(device)

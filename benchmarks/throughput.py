@@ -57,11 +57,15 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `minivllm` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import (add_model_arguments, add_variant_arguments, agreement,
+from minivllm import LLM, SamplingParams, StructuredOutputsParams
+from minivllm.kernels import JitCounter
+from minivllm.observe import kv_cache_stats
+
+from benchmarks.common import (add_model_arguments, add_row, add_variant_arguments, agreement,
                                copy_bandwidth, finish, format_table, hf_generate, int_list, load_hf,
                                matmul_rate, names, parse_range, peak_memory, percentiles,
                                random_requests, release_memory, run_benchmark, sync, this_variant,
-                               vocab_size, with_device_defaults, write_json)
+                               vocab_size, with_device_defaults)
 
 BACKENDS = ("minivllm", "hf_generate", "hf_generate_batch")
 GPU_DEFAULTS = {"num_requests": 256, "input_len": "100:1024", "output_len": "100:1024"}
@@ -106,8 +110,6 @@ def row(backend: str, prompts, out_tokens: int, wall: float, device, **extra) ->
 # minivllm
 # ------------------------------------------------------------------------------------------
 def make_llm(model_dir: Path, dtype: str, args, device, variant):
-    from minivllm import LLM
-
     engine_args = dict(
         dtype=dtype, device=device.type, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=max(args.max_num_batched_tokens, args.max_num_seqs),
@@ -122,8 +124,6 @@ def sampling_params(n: int, sampling: dict):
     """Greedy, exactly n tokens with EOS ignored, then the variant's settings. With
     `structured_outputs` (a dict of StructuredOutputsParams' fields) EOS is kept: the grammar ends
     the output."""
-    from minivllm import SamplingParams, StructuredOutputsParams
-
     spec = sampling.get("structured_outputs")
     if spec is not None:
         sampling = {**sampling, "structured_outputs": StructuredOutputsParams(**spec)}
@@ -133,9 +133,6 @@ def sampling_params(n: int, sampling: dict):
 def run_minivllm(llm, prompts, out_lens, device, sampling: dict) -> dict:
     """All requests at once, then engine steps until done (as LLM.generate), with the KV-cache
     waste sampled now and then and every Triton compilation counted."""
-    from minivllm.kernels import JitCounter
-    from minivllm.observe import kv_cache_stats
-
     engine = llm.engine
     params = [sampling_params(n, sampling) for n in out_lens]
     before = engine.stats.step_stats()
@@ -259,9 +256,7 @@ def measure(model_dir: Path, dtype: str, args, device, record: dict, out: Path) 
     prompts, out_lens = WORKLOADS[args.workload](args, model_dir)
 
     def add(result: dict) -> None:
-        result["variant"] = variant.name
-        record["results"].append(result)
-        write_json(out, record)  # after every row: a later crash loses nothing measured
+        add_row(record, out, {**result, "variant": variant.name})
 
     if "minivllm" in args.backends:
         record["copy_bandwidth_bytes_per_s"] = copy_bw = copy_bandwidth(device)
