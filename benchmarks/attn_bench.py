@@ -677,7 +677,7 @@ def parse_args(argv=None):
                    default="auto",
                    help="comma list of auto (the model dtype) and fp8 (e4m3 with per token-head "
                         "scales), e.g. auto,fp8")
-    p.add_argument("--backends", default=None,
+    p.add_argument("--backends", type=names(("torch", "sdpa", "triton", "cuda"), "--backends"),
                    help="comma list of torch, sdpa, triton, cuda (default: all that run here but "
                         "the PyTorch ones on GPU)")
     p.add_argument("--tune", choices=("tiles", "splits"), default=None,
@@ -710,19 +710,18 @@ def main(argv=None) -> int:
     device = pick_device()
     on_gpu = device.type == "cuda"
     # GPU defaults are the shapes that matter (Llama-3-8B-like heads); CPU ones stay small.
-    heads = (4, 2, 32) if args.smoke else (32, 8, 128) if on_gpu else (8, 2, 64)
-    args.num_q_heads, args.num_kv_heads, args.head_dim = (
-        given or default for given, default in zip((args.num_q_heads, args.num_kv_heads, args.head_dim), heads))
+    q_heads, kv_heads, head_dim = (4, 2, 32) if args.smoke else (32, 8, 128) if on_gpu else (8, 2, 64)
+    args.num_q_heads = args.num_q_heads or q_heads
+    args.num_kv_heads = args.num_kv_heads or kv_heads
+    args.head_dim = args.head_dim or head_dim
     args.dtypes = args.dtypes or ["bf16" if on_gpu else "fp32"]
     args.block_sizes = args.block_sizes or ([8] if args.smoke else [16] if args.quick or not on_gpu else [16, 32, 64])
     runnable = available_backends(device)
-    if args.backends:
-        backends = args.backends.split(",")
-        missing = [b for b in backends if b not in runnable]
-        if missing:
-            raise SystemExit(f"--backends: {missing} cannot run on {device} (available: {runnable})")
-    else:  # on the CPU the interpreter would time numpy, not a kernel
-        backends = [b for b in runnable if b not in ("torch", "sdpa")] if on_gpu else ["torch"]
+    missing = [b for b in args.backends or () if b not in runnable]
+    if missing:
+        raise SystemExit(f"--backends: {missing} cannot run on {device} (available: {runnable})")
+    # By default the kernels; on the CPU the reference (the interpreter would time numpy, not a kernel).
+    backends = args.backends or ([b for b in runnable if b not in ("torch", "sdpa")] if on_gpu else ["torch"])
     if (args.tune or args.configs) and not {"triton", "cuda"} & set(backends):
         raise SystemExit("--tune and --configs time the Triton kernel or the CUDA extension: "
                          "add --backends triton (on the CPU: TRITON_INTERPRET=1)")

@@ -76,7 +76,8 @@ def names(allowed, option: str):
     def parse(text: str) -> list:
         chosen = [n.strip() for n in text.split(",") if n.strip()]
         if not chosen or set(chosen) - set(allowed) or len(set(chosen)) < len(chosen):
-            raise argparse.ArgumentTypeError(f"{option}: distinct names from {', '.join(allowed)}; got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"{option}: distinct names from {', '.join(allowed)}; got {text!r}")
         return [allowed[n] for n in chosen] if isinstance(allowed, dict) else chosen
     return parse
 
@@ -155,7 +156,8 @@ def resolve_model(args, device: torch.device, gpu_default: str = "qwen3-0.6b") -
     return build_model(name, args.model_cache, DTYPES[dtype]), dtype
 
 
-def build_model(name: str, root: Path, dtype: torch.dtype, seed: int = 0, num_layers: int | None = None) -> Path:
+def build_model(name: str, root: Path, dtype: torch.dtype, seed: int = 0,
+                num_layers: int | None = None) -> Path:
     """The random-weight model directory for `name` under `root` (reused if already there);
     `num_layers` cuts the shape to that many layers (a draft of the same width and vocabulary)."""
     from minivllm.models import make_random_model
@@ -169,7 +171,8 @@ def build_model(name: str, root: Path, dtype: torch.dtype, seed: int = 0, num_la
         return out
     print(f"building the {name}{layers} model (random weights) in {out} ...", flush=True)
     overrides = None if num_layers is None else {"num_hidden_layers": num_layers}
-    return make_random_model(out, arch=arch, size=size, seed=seed, dtype=dtype, overrides=overrides, overwrite=True)
+    return make_random_model(out, arch=arch, size=size, seed=seed, dtype=dtype, overrides=overrides,
+                             overwrite=True)
 
 
 def vocab_size(model_dir: Path) -> int:

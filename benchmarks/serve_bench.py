@@ -88,9 +88,10 @@ from benchmarks.common import (ROOT, add_model_arguments, add_row, default_out, 
                                resolve_model, sync, vocab_size, with_device_defaults)
 
 BACKENDS = ("minivllm", "transformers")
-GPU_DEFAULTS = {"num_requests": 256, "input_len": "100:1024", "output_len": "100:1024", "rates": "4,16,64,inf",
-                "client_processes": max(1, min(8, (os.cpu_count() or 2) // 2))}
-CPU_DEFAULTS = {"num_requests": 4, "input_len": "8:16", "output_len": "4:8", "rates": "16,inf", "client_processes": 1}
+GPU_DEFAULTS = {"num_requests": 256, "input_len": "100:1024", "output_len": "100:1024",
+                "rates": "4,16,64,inf", "client_processes": max(1, min(8, (os.cpu_count() or 2) // 2))}
+CPU_DEFAULTS = {"num_requests": 4, "input_len": "8:16", "output_len": "4:8", "rates": "16,inf",
+                "client_processes": 1}
 # A JSON object whose one string must be longer than any output: the grammar is followed at every
 # token, and never complete, so each request runs to its max_tokens as an unconstrained one does.
 ENDLESS_STRING_SCHEMA = {"type": "object", "properties": {"text": {"type": "string", "minLength": 1_000_000}},

@@ -1,5 +1,7 @@
-"""benchmarks/common.py: variants, the record, the table, the workload, the agreement metric."""
+"""benchmarks/common.py: variants, the record, the table, the workload, the agreement metric, the
+command line and the run around a measurement."""
 
+import argparse
 import json
 import sys
 import textwrap
@@ -100,9 +102,6 @@ def test_ranges_are_checked(text):
 
 def test_the_record_names_device_versions_and_command(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["benchmarks/roofline.py", "--steps", "2"])
-
-    import argparse
-
     args = argparse.Namespace(steps=2, out=common.ROOT / "x.json")
     record = common.new_record("roofline", torch.device("cpu"), args)
     env = record["environment"]
@@ -112,3 +111,39 @@ def test_the_record_names_device_versions_and_command(monkeypatch):
     assert record["args"] == {"steps": 2, "out": str(common.ROOT / "x.json")}
     assert record["results"] == [] and "no GPU claim" in record["note"]
     assert common.default_out("roofline", "tiny", torch.device("cpu")).parent == common.CPU_RESULTS_DIR
+
+
+def test_names_are_distinct_known_names_and_a_dict_maps_them():
+    parse = common.names(("a", "b", "c"), "--things")
+    assert parse(" a, c ") == ["a", "c"]
+    assert common.names({"x": 1, "y": 2}, "--xy")("y,x") == [2, 1]
+    for text in ("a,d", "a,a", ","):
+        with pytest.raises(argparse.ArgumentTypeError, match="--things"):
+            parse(text)
+
+
+def test_defaults_follow_the_device_and_go_through_the_options_type():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--sizes", type=lambda text: common.int_list(text, "--sizes"))
+    args = common.with_device_defaults(parser, ["--device", "cpu"], gpu={"sizes": "1,64"}, cpu={"sizes": "1,4"})
+    assert args.sizes == [1, 4]  # the CPU's, parsed as the command line would be
+    given = common.with_device_defaults(parser, ["--device", "cpu", "--sizes", "2"], {"sizes": "1"}, {"sizes": "1"})
+    assert given.sizes == [2]
+
+
+def test_a_row_is_written_at_once_and_printed_as_a_line_of_its_table(tmp_path, capsys):
+    record = {"results": []}
+    common.add_row(record, tmp_path / "r.json", {"ms": 1.5}, [("ms", "ms", ".1f")])
+    assert json.loads((tmp_path / "r.json").read_text()) == {"results": [{"ms": 1.5}]}
+    assert capsys.readouterr().out.split() == ["1.5"]
+
+
+def test_finish_reports_failed_children_and_says_nothing_in_a_child(tmp_path, capsys):
+    record = {"args": {"child_variant": None}, "note": "a note",
+              "results": [{"variant": "a", "ms": 1.0}, {"variant": "b", "error": "child exited with 3"}]}
+    common.finish(tmp_path / "r.json", record, "TABLE", "a line")
+    assert capsys.readouterr().out.splitlines()[2:] == ["TABLE", "a line", "variant b: child exited with 3", "a note"]
+    child = {**record, "args": {"child_variant": "a"}}
+    common.finish(tmp_path / "c.json", child, "TABLE")
+    assert capsys.readouterr().out == "" and json.loads((tmp_path / "c.json").read_text()) == child
