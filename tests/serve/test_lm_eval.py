@@ -10,11 +10,9 @@ random model, and on the real one (SmolLM2-135M-Instruct), whose answers mean so
 
 from __future__ import annotations
 
-import signal
-
 import pytest
 
-from tests.serve.conftest import API_KEY, MODEL_NAME, ROOT, ServerProcess, in_server_group
+from tests.serve.conftest import API_KEY, MODEL_NAME, ROOT, healthy_server, in_server_group
 
 pytestmark = in_server_group
 
@@ -77,16 +75,11 @@ def test_lm_eval_scores_the_server_like_its_hf_model(server, serve_model, offlin
 
 
 def test_lm_eval_scores_the_real_model_like_its_hf_model(smollm2, offline_env, tmp_path):
-    server = ServerProcess(smollm2, "--api-key", API_KEY, "--kv-cache-memory-bytes", "32MiB", log_dir=tmp_path)
-    try:
-        server.wait_healthy()
+    with healthy_server(smollm2, "--api-key", API_KEY, "--kv-cache-memory-bytes", "32MiB", log_dir=tmp_path) as server:
         # SmolLM2's tokenizer adds no BOS token. Asked for one, lm-eval's `hf` model prepends
         # <|im_start|> itself and `local-completions` sends none (scores of -9.63 against -8.08
         # for the first choice), so both go without.
         ours = assert_scores_like_hf(server.url, smollm2, add_bos_token=False)
-    finally:
-        code = server.stop(signal.SIGINT)
-    assert code == 0 and "Traceback" not in server.output(), server.output()
     # A trained model knows most of these answers; random weights would be near chance (0.25).
     # (11 of 16, acc_norm 12 of 16, on 2026-12-06: both lm-eval models agree.)
     assert ours["results"][TASK]["acc,none"] >= 0.5
