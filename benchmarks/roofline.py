@@ -355,8 +355,10 @@ def main(argv=None) -> dict:
     tables = [format_table([r for r in record["results"] if "error" not in r], COLUMNS)]
     if record.get("all_reduce"):
         tables.append(format_table(record["all_reduce"], ALL_REDUCE_COLUMNS))
-    finish(out, record, *tables, *(r["graph_warning"] for r in record["results"] if r.get("graph_warning")))
+    warnings = [r["graph_warning"] for r in record["results"] if r.get("graph_warning")]
+    finish(out, record, *tables, *warnings)
     return record
+
 
 if __name__ == "__main__":
     main()

@@ -389,5 +389,6 @@ def main(argv=None) -> dict:
     finish(out, record, format_table(record["results"], COLUMNS), *lines)
     return record
 
+
 if __name__ == "__main__":
     main()

@@ -154,6 +154,7 @@ def noisy_cache_runner(tmp_path, arch: str):
         v.normal_()
     return runner
 
+
 def test_padding_leaves_the_real_rows_of_a_forward_unchanged(tmp_path):
     """The padded batch a graph replays gives the real sequences the same hidden states (CPU)."""
     runner = noisy_cache_runner(tmp_path, "qwen3")
