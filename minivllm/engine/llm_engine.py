@@ -41,11 +41,13 @@ reaches into another's state.
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Sequence as SequenceType
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from minivllm.config import EngineConfig
@@ -56,7 +58,7 @@ from minivllm.engine.scheduler import Scheduler, ScheduledStep
 from minivllm.engine.sequence import Sequence, SequenceStatus
 from minivllm.engine.speculation import Speculation, check_draft_vocabulary
 from minivllm.engine.stopping import StopChecker
-from minivllm.engine.structured_output import Grammars
+from minivllm.engine.structured_output import Grammars, SequenceGrammar
 from minivllm.engine.tokenizer import eos_token_ids, load_tokenizer
 from minivllm.observe.block_map import kv_cache_stats
 from minivllm.observe.records import StepRecord
@@ -70,6 +72,14 @@ from minivllm.worker.model_runner import SampledTokens
 Prompt = str | list[int]
 
 
+def _numbered(i: int, n: int, fn, *args):
+    """fn(*args), its ValueError/TypeError prefixed with "prompt i: " when there are several prompts."""
+    try:
+        return fn(*args)
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"prompt {i}: {err}" if n > 1 else str(err)) from None
+
+
 @dataclass
 class _InFlight:
     """A launched step whose tokens are still on their way."""
@@ -80,6 +90,24 @@ class _InFlight:
     event: dict | None = None  # its trace event, when tracing
     needs_sync: bool = False  # penalties or speculation: the next plan needs its tokens first
     grammar_time: float = 0.0  # host seconds filling its grammar bitmask
+
+
+@dataclass
+class PreparedRequest:
+    """A request that was checked and waits for its grammar (compiling on a grammar thread)
+    before it may be queued: see `LLMEngine.prepare_request`."""
+
+    request: Request
+    grammar: Future[SequenceGrammar] | None  # None: no structured output, nothing to wait for
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    def ready(self) -> bool:
+        """Whether `add_prepared` takes it without waiting: its grammar is compiled (or failed to),
+        or it was aborted meanwhile."""
+        return self.grammar is None or self.grammar.done() or self.request.is_finished
 
 
 class LLMEngine:
@@ -123,7 +151,8 @@ class LLMEngine:
         self._busy_time = 0.0  # wall seconds inside step()
         self._num_prompt_tokens = 0
         self.stats = StatsCollector(sched.history_size)
-        self._grammars: Grammars | None = None  # made by the first request with structured output
+        self._prepared: dict[str, PreparedRequest] = {}  # checked, waiting for their grammar
+        self._grammars = self._start_grammars()
         self.trace: StepTrace | None = None  # see enable_trace; None costs nothing per step
 
     @classmethod
@@ -149,29 +178,57 @@ class LLMEngine:
         request_ids: SequenceType[str | None] | None = None,
         stream: bool = False,
     ) -> list[str]:
-        """Queue several requests, all or none: every one is checked before any is queued."""
+        """Queue several requests, all or none: every one is checked, and its grammar compiled
+        (on the grammar threads, waited for here), before any is queued."""
         if not isinstance(stream, bool):
             raise TypeError(f"stream must be True or False, got {stream!r}")
         params_list = self._params_per_prompt(prompts, sampling_params)
         request_ids = list(request_ids) if request_ids is not None else [None] * len(prompts)
         if len(request_ids) != len(prompts):
             raise ValueError(f"got {len(request_ids)} request_ids for {len(prompts)} prompts")
-        requests = []
-        for i, (prompt, params, request_id) in enumerate(zip(prompts, params_list, request_ids)):
-            try:
-                requests.append(self._make_request(prompt, params, request_id, stream))
-            except (ValueError, TypeError) as err:
-                where = f"prompt {i}: " if len(prompts) > 1 else ""
-                raise type(err)(f"{where}{err}") from None
-        taken = [r.request_id for r in requests]
-        if len(set(taken)) != len(taken):
-            raise ValueError(f"duplicate request ids in {taken}")
-        self._warn_capped(requests)
-        for request in requests:
-            self._unfinished[request.request_id] = request
-            self.scheduler.add_sequence(request.seqs[0])
-            self._num_prompt_tokens += len(request.prompt_token_ids)
-        return taken
+        prepared: list[PreparedRequest] = []
+        try:
+            for i, (prompt, params, request_id) in enumerate(zip(prompts, params_list, request_ids)):
+                prepared.append(_numbered(i, len(prompts), self._prepare, prompt, params, request_id, stream))
+            for i, p in enumerate(prepared):
+                if p.grammar is not None:  # compiling on the grammar threads; nobody else waits here
+                    _numbered(i, len(prompts), p.grammar.result)
+        except BaseException:
+            for p in prepared:
+                self._prepared.pop(p.request_id)
+            raise
+        self._warn_capped([p.request for p in prepared])
+        for p in prepared:
+            self.add_prepared(p)
+        return [p.request_id for p in prepared]
+
+    def prepare_request(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
+                        request_id: str | None = None, stream: bool = False) -> PreparedRequest:
+        """The first half of `add_request`, for a caller that must keep stepping meanwhile (the
+        server's engine loop): check the request and start compiling its grammar, without waiting.
+
+        Invalid input raises here. From now on the request id is taken. Once `prepared.ready()`,
+        `add_prepared` queues it, or raises the ValueError of a grammar that cannot compile;
+        `abort` drops it before that.
+        """
+        if not isinstance(stream, bool):
+            raise TypeError(f"stream must be True or False, got {stream!r}")
+        prepared = self._prepare(prompt, sampling_params or SamplingParams(), request_id, stream)
+        self._warn_capped([prepared.request])
+        return prepared
+
+    def add_prepared(self, prepared: PreparedRequest) -> None:
+        """Queue a prepared request (waiting for its grammar if it is not ready). Raises the
+        grammar's ValueError, and forgets the request, if it could not compile; does nothing
+        if the request was aborted meanwhile."""
+        if self._prepared.pop(prepared.request_id, None) is not prepared:
+            return  # aborted while its grammar compiled
+        request = prepared.request
+        if prepared.grammar is not None:
+            request.seqs[0].grammar = prepared.grammar.result()
+        self._unfinished[request.request_id] = request
+        self.scheduler.add_sequence(request.seqs[0])
+        self._num_prompt_tokens += len(request.prompt_token_ids)
 
     def _warn_capped(self, requests: list[Request]) -> None:
         """Say so when max_tokens cannot be reached: max_model_len ends the output first."""
@@ -203,17 +260,29 @@ class LLMEngine:
                 raise TypeError(f"sampling_params must be SamplingParams, got {type(p).__name__}")
         return params
 
+    def _prepare(self, prompt: Prompt, params: SamplingParams, request_id: str | None,
+                 stream: bool) -> PreparedRequest:
+        """Check one request, start compiling its grammar, and hold its id (in `_prepared`)."""
+        request = self._make_request(prompt, params, request_id, stream)
+        spec = params.structured_outputs
+        prepared = PreparedRequest(request, self._grammars.grammar(spec) if spec is not None else None)
+        self._prepared[request.request_id] = prepared
+        return prepared
+
+    def _taken(self, request_id: str) -> bool:
+        return request_id in self._unfinished or request_id in self._finished or request_id in self._prepared
+
     def _make_request(self, prompt: Prompt, params: SamplingParams, request_id: str | None,
-                      stream: bool = False) -> Request:
+                      stream: bool) -> Request:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
         if request_id is None:
             request_id = str(next(self._ids))
-            while request_id in self._unfinished or request_id in self._finished:
+            while self._taken(request_id):
                 request_id = str(next(self._ids))
         elif not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
-        elif request_id in self._unfinished or request_id in self._finished:
+        elif self._taken(request_id):
             raise ValueError(f"request_id {request_id!r} is already in use")
         if params.stop_strings and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer, and this model directory has none")
@@ -221,28 +290,29 @@ class LLMEngine:
             outside = [t for t in ids if t >= self.vocab_size]
             if outside:
                 raise ValueError(f"{name} holds {outside[0]}, outside the vocabulary [0, {self.vocab_size})")
+        if params.structured_outputs is not None and self._grammars is None:
+            raise ValueError(self._why_no_grammars())
         text, token_ids = self._tokenize(prompt)
         self.scheduler.check_request(len(token_ids), params)
-        grammar = self._grammar(params)
-        request = Request(request_id, text, token_ids, params, self.eos_token_ids, stream)
-        request.seqs[0].grammar = grammar
-        return request
+        return Request(request_id, text, token_ids, params, self.eos_token_ids, stream)
 
-    def _grammar(self, params: SamplingParams):
-        """The matcher of the request's structured output (None without one); compiling it here
-        means that a schema that cannot compile is refused before anything is queued."""
-        spec = params.structured_outputs
-        if spec is None:
+    def _start_grammars(self) -> Grammars | None:
+        """Structured output's side of the engine, which starts reading the vocabulary on a
+        grammar thread now, so that the first structured request does not wait for it (see
+        structured_output.py). None where structured output cannot work."""
+        if self._why_no_grammars() is not None:
             return None
-        if self._grammars is None:
-            if self.tokenizer is None:
-                raise ValueError("structured_outputs needs a tokenizer, and this model directory has none")
-            if not self.eos_token_ids:
-                raise ValueError("structured_outputs needs an end-of-sequence token to end the output, "
-                                 "and this model has none")
-            self._grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_token_ids,
-                                      pin_memory=self.executor.runner.device.type == "cuda")
-        return self._grammars.grammar(spec)
+        return Grammars(self.tokenizer, self.vocab_size, self.eos_token_ids,
+                        pin_memory=self.executor.runner.device.type == "cuda")
+
+    def _why_no_grammars(self) -> str | None:
+        if self.tokenizer is None:
+            return "structured_outputs needs a tokenizer, and this model directory has none"
+        if not self.eos_token_ids:
+            return "structured_outputs needs an end-of-sequence token to end the output, and this model has none"
+        if importlib.util.find_spec("xgrammar") is None:
+            return "structured_outputs needs xgrammar, which is not installed (pip install xgrammar)"
+        return None
 
     def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         """(text or None, token ids) of a prompt given as text or as token ids."""
@@ -463,6 +533,9 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request now, wherever it is; returns its final output (None if unknown/done)."""
+        prepared = self._prepared.pop(request_id, None)
+        if prepared is not None:  # still waiting for its grammar: the scheduler never saw it
+            return self._abort_prepared(prepared)
         request = self._unfinished.get(request_id)
         if request is None:
             return None
@@ -471,6 +544,18 @@ class LLMEngine:
             self.scheduler.finish_sequence(seq, SequenceStatus.FINISHED_ABORTED)
         outputs = self._retire(list(request.seqs))
         return outputs[0] if outputs else None
+
+    def _abort_prepared(self, prepared: PreparedRequest) -> RequestOutput:
+        """End a request that holds no blocks yet; a grammar still compiling is left to finish
+        on its thread and dropped."""
+        if prepared.grammar is not None:
+            prepared.grammar.cancel()  # only stops one that has not started
+        request = prepared.request
+        request.finish_unforked(SequenceStatus.FINISHED_ABORTED)
+        for seq in request.seqs:
+            seq.finish(SequenceStatus.FINISHED_ABORTED)
+        self._unfinished[request.request_id] = request
+        return self._retire(list(request.seqs))[0]
 
     def get_output(self, request_id: str) -> RequestOutput:
         """The current output of a request: final once finished, partial before."""
@@ -484,8 +569,10 @@ class LLMEngine:
 
     def close(self) -> None:
         """Stop what the engine started besides itself: the tensor-parallel worker processes
-        (nothing with one GPU). The engine cannot step afterwards."""
+        (nothing with one GPU), and the grammar threads. The engine cannot step afterwards."""
         self.executor.close()
+        if self._grammars is not None:
+            self._grammars.close()
 
     def get_num_unfinished_requests(self) -> int:
         return len(self._unfinished)

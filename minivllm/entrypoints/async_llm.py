@@ -168,7 +168,12 @@ class InProcessClient:
         return await asyncio.get_running_loop().run_in_executor(self._executor, partial(fn, *args))
 
     async def add(self, prompt: Prompt, params: SamplingParams | None, request_id: str) -> None:
-        await self._on_engine(self.core.add, prompt, params, request_id)
+        """Check the request, wait for its grammar off the engine thread (which steps the others
+        meanwhile), then queue it, or raise the compile's ValueError."""
+        prepared = await self._on_engine(self.core.add, prompt, params, request_id)
+        if not prepared.ready():
+            await asyncio.wait([asyncio.wrap_future(prepared.grammar)])
+        await self._on_engine(self.core.queue, prepared)
         self._wake.set()
 
     async def abort(self, request_id: str) -> RequestOutput | None:

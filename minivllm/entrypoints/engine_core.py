@@ -27,6 +27,11 @@ before anything streams, so a server still answers 400. One set of checks, the e
 nothing is duplicated at the door, and waiting for the answer costs no time to first token, as
 the request could not be scheduled before the next step anyway.
 
+**An add with structured output is answered when its grammar has compiled**, on a grammar thread
+(engine/structured_output.py): the loop keeps stepping the other requests meanwhile, and then
+queues the request, or answers the compile's ValueError (a 400 naming the field). Its frontend
+may abort it before that: the add is answered at once, and the abort with its final output.
+
 **Only what is new crosses.** A streaming request's output after a step is a delta (its new
 tokens and text), but a `RequestOutput` also carries the whole prompt, and pickling dataclasses is
 slow. For one step of 256 one-token deltas with prompts of 100-1024 tokens, on a 2-core CPU: the
@@ -76,12 +81,15 @@ import torch
 
 from minivllm.config import EngineConfig
 from minivllm.distributed.process import ChildDied, ChildProcess, exit_now, stop_children
-from minivllm.engine.llm_engine import LLMEngine, Prompt
+from minivllm.engine.llm_engine import LLMEngine, PreparedRequest, Prompt
 from minivllm.observe.stats import SpecDecodeCounts
 from minivllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from minivllm.sampling_params import SamplingParams
 
 STOP_TIMEOUT_S = 10.0  # how long a stopping engine process may take before it is killed
+# How often an otherwise idle engine loop looks whether a grammar has compiled (while it steps,
+# it looks after every step).
+GRAMMAR_POLL_S = 0.005
 SHUTDOWN = (None, "shutdown", ())  # the command that stops the engine process
 # Let the commands pipe hold a burst (Linux only): a send to a full pipe blocks until the other
 # side reads, and the engine reads its commands only between steps; 256 prompts of 1k tokens
@@ -133,9 +141,14 @@ class EngineCore:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
 
-    def add(self, prompt: Prompt, params: SamplingParams | None, request_id: str) -> None:
-        """Queue a streaming request; the engine's ValueError/TypeError if it is refused."""
-        self.engine.add_request(prompt, params, request_id, stream=True)
+    def add(self, prompt: Prompt, params: SamplingParams | None, request_id: str) -> PreparedRequest:
+        """Check a streaming request and start compiling its grammar (the engine's ValueError/
+        TypeError if it is refused on sight); `queue` it once it is `ready()`."""
+        return self.engine.prepare_request(prompt, params, request_id, stream=True)
+
+    def queue(self, prepared: PreparedRequest) -> None:
+        """Queue a request `add` prepared; the ValueError of a grammar that could not compile."""
+        self.engine.add_prepared(prepared)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         return self.engine.abort(request_id)
@@ -293,20 +306,23 @@ def serve(core: EngineCore, commands, results, frontends: list | tuple = ()) -> 
     peers = [Frontend(c, r) for c, r in frontends] or [Frontend(commands, results)]
     control = [commands] if frontends else []  # the parent's pipe, when it sends no requests
     owners: dict[str, Frontend] = {}  # unfinished request -> the frontend that added it
+    adding: list[Adding] = []  # adds whose grammar is compiling
     while peers:
         pipes = [p.commands for p in peers] + control
+        timeout = 0 if core.has_work() else GRAMMAR_POLL_S if adding else None
         try:
-            ready = connection.wait(pipes, timeout=None if not core.has_work() else 0)
+            ready = connection.wait(pipes, timeout=timeout)
             if commands in control and commands in ready and _stop_requested(commands):
                 return
             for peer in [p for p in peers if p.commands in ready]:
-                if not _take(core, encoder, owners, peer):
+                if not _take(core, encoder, owners, peer, adding):
                     return  # "shutdown" from the one frontend
         except (EOFError, OSError):  # the one frontend or the parent is gone: nobody to serve
             return
         for peer in [p for p in peers if p.commands.closed]:
             peers.remove(peer)
             _forget(core, encoder, owners, peer)
+        adding = _finish_adds(core, owners, adding)
         result = core.step() if core.has_work() else None
         routed = _route(result, owners) if result is not None else {}
         state = core.state()
@@ -331,27 +347,68 @@ def _stop_requested(control) -> bool:
         return True
 
 
-def _take(core: EngineCore, encoder: OutputEncoder, owners: dict, peer: Frontend) -> bool:
+@dataclass(eq=False)
+class Adding:
+    """(engine process) An add that is answered once its request is `ready()` (its grammar compiled)."""
+
+    peer: Frontend
+    call_id: int
+    prepared: PreparedRequest
+
+
+def _take(core: EngineCore, encoder: OutputEncoder, owners: dict, peer: Frontend, adding: list[Adding]) -> bool:
     """Run every command waiting from `peer`; False on "shutdown". A closed pipe (the frontend
-    left) closes our end, so that it is dropped."""
+    left) closes our end, so that it is dropped. An add joins `adding`, its request `peer`'s."""
     try:
         while peer.commands.poll():
             call_id, method, args = peer.commands.recv()
             if method == "shutdown":
                 return False
+            if method == "add":
+                _start_add(core, owners, peer, call_id, args, adding)
+                continue
             if method == "abort" and owners.get(args[0]) is not peer:
                 peer.replies.append((call_id, None, None))  # not its request (or finished): nothing to do
                 continue
             peer.replies.append(_answer(core, encoder, call_id, method, args))
-            if method == "add" and peer.replies[-1][1] is None:
-                owners[args[2]] = peer
-                peer.requests.add(args[2])
-            elif method == "abort":
+            if method == "abort":
                 del owners[args[0]]
                 peer.requests.discard(args[0])
     except (EOFError, OSError):
         peer.commands.close()
     return True
+
+
+def _start_add(core: EngineCore, owners: dict, peer: Frontend, call_id: int, args: tuple,
+               adding: list[Adding]) -> None:
+    """Check the request and start its grammar; refused on sight, the add is answered now."""
+    try:
+        prepared = core.add(*args)
+    except Exception as err:  # noqa: BLE001 - raised again on the frontend, by the caller
+        peer.replies.append((call_id, _picklable(err), None))
+        return
+    owners[prepared.request_id] = peer  # from now on its frontend may abort it
+    peer.requests.add(prepared.request_id)
+    adding.append(Adding(peer, call_id, prepared))
+
+
+def _finish_adds(core: EngineCore, owners: dict, adding: list[Adding]) -> list[Adding]:
+    """Queue the requests whose grammar is ready and answer their adds (with the compile's
+    error, if any); returns the adds still waiting."""
+    waiting = []
+    for add in adding:
+        if not add.prepared.ready():
+            waiting.append(add)
+            continue
+        try:
+            core.queue(add.prepared)
+        except Exception as err:  # noqa: BLE001 - raised again on the frontend, by the caller
+            add.peer.replies.append((add.call_id, _picklable(err), None))
+            owners.pop(add.prepared.request_id, None)
+            add.peer.requests.discard(add.prepared.request_id)
+        else:
+            add.peer.replies.append((add.call_id, None, None))
+    return waiting
 
 
 def _forget(core: EngineCore, encoder: OutputEncoder, owners: dict, peer: Frontend) -> None:

@@ -221,14 +221,14 @@ def test_what_cannot_compile_is_refused_at_the_door(llm, spec, field):
 
 
 def test_steps_without_structured_rows_do_no_grammar_work(model, monkeypatch):
-    """No grammar object at all until a request asks for one; after that, only the steps that
-    sample a structured row fill a bitmask, and they alone spend host time on it."""
+    """Only the steps that sample a structured row fill a bitmask, and they alone spend host time
+    on it: none before the first structured request, none after its last."""
     llm = LLM(model, **ENGINE)
-    llm.generate(random_prompts([5, 9], seed=10), max_tokens=8, use_tqdm=False)
-    assert llm.engine._grammars is None
     filled = []
     monkeypatch.setattr(Grammars, "bitmask", lambda self, sampled, rows, fill=Grammars.bitmask:
                         filled.append(list(rows)) or fill(self, sampled, rows))
+    llm.generate(random_prompts([5, 9], seed=10), max_tokens=8, use_tqdm=False)
+    assert not filled and all(r.timings.grammar == 0 for r in llm.engine.stats.history)
     params = [SamplingParams(**structured(choice=["x", "y"], temperature=0)),  # done in a few steps
               SamplingParams(max_tokens=30, temperature=0)]
     llm.generate(random_prompts([4, 4], seed=11), params, use_tqdm=False)
@@ -257,7 +257,7 @@ def allowed_after(engine, spec: StructuredOutputsParams, text: str) -> list[int]
 
 def allowed_after_tokens(engine, spec: StructuredOutputsParams, tokens: list[int]) -> list[int]:
     """0/1 per token id: may it come next, once the output is `tokens`?"""
-    grammar = engine._grammar(SamplingParams(structured_outputs=spec))
+    grammar = engine._grammars.grammar(spec).result()
     for token in tokens:
         grammar.accept(token)
 
