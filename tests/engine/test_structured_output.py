@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 
 import jsonschema
 import pytest
@@ -36,6 +37,19 @@ SCHEMA = {
     "required": ["a", "n", "t", "s"],
 }
 ENGINE = dict(dtype="float32", attention_backend="torch", block_size=4, max_model_len=128)
+
+
+def hold_compiles(monkeypatch) -> threading.Event:
+    """Make every grammar compile wait (on its grammar thread) until the returned event is set:
+    a compile as slow as the test needs, with no timing in it."""
+    compile_, release = Grammars._compile, threading.Event()
+
+    def held(compiler, spec):
+        assert release.wait(120), "the test never released the grammar compile"
+        return compile_(compiler, spec)
+
+    monkeypatch.setattr(Grammars, "_compile", staticmethod(held))
+    return release
 
 
 def structured(max_tokens=80, **kwargs) -> dict:
@@ -162,6 +176,36 @@ def test_abort_releases_the_matchers_and_the_blocks(llm):
     assert all(s.grammar is None for s in seqs)
     while engine.has_unfinished_requests():
         engine.step()
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_a_request_waits_for_its_grammar_outside_the_scheduler(llm, monkeypatch):
+    """`prepare_request` starts the compile and returns: the engine steps the other requests to
+    their end meanwhile, and an abort ends the waiting request (both samples) with nothing held.
+    Then, released, a compile's result is what the synchronous path gives."""
+    engine = llm.engine
+    release = hold_compiles(monkeypatch)
+    prompt, other = random_prompts([7, 5], seed=16)
+    params = SamplingParams(**structured(json=SCHEMA, n=2, temperature=1.0, seed=5))
+    prepared = engine.prepare_request(prompt, params)
+    plain = engine.add_request(other, SamplingParams(max_tokens=6, temperature=0))
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.get_output(plain).finished and not prepared.ready()
+    aborted = engine.abort(prepared.request_id)
+    assert [(c.finish_reason, c.token_ids) for c in aborted.outputs] == [("abort", [])] * 2
+    assert prepared.ready() and engine.abort(prepared.request_id) is None
+    engine.add_prepared(prepared)  # aborted meanwhile: nothing is queued
+    assert not engine.has_unfinished_requests() and not engine._prepared
+
+    release.set()
+    again = engine.prepare_request(prompt, params)
+    engine.add_prepared(again)  # waits for the compile
+    while engine.has_unfinished_requests():
+        engine.step()
+    monkeypatch.undo()
+    want = llm.generate([prompt], params, use_tqdm=False)[0]
+    assert [c.token_ids for c in engine.get_output(again.request_id).outputs] == [c.token_ids for c in want.outputs]
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 

@@ -7,14 +7,18 @@ exactly what `LLM.generate` returns for it.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from contextlib import aclosing
 
+import jsonschema
 import pytest
 
 from minivllm import SamplingParams
 from minivllm.engine.llm_engine import LLMEngine
 from minivllm.entrypoints import AsyncLLM, EngineDeadError, EngineStepError
+from minivllm.sampling_params import StructuredOutputsParams
+from tests.engine.test_structured_output import SCHEMA, hold_compiles
 from tests.serve.conftest import fail_when_set, make_engine
 
 PROMPTS = ["Once upon a time", "The cache is cut into small blocks", [5, 6, 7, 8, 9, 10], "A small fox",
@@ -73,6 +77,32 @@ def run_and_count_deltas(engine) -> list:
             await llm.shutdown()
 
     return run(main)
+
+
+def test_a_compiling_grammar_holds_up_only_its_own_request(engine, offline_llm, monkeypatch):
+    """In this process too, the engine thread steps the other requests while a grammar compiles:
+    the plain request finishes while the structured one's `add_request` still waits, which,
+    released, streams what the offline path gives."""
+    release = hold_compiles(monkeypatch)
+    params = SamplingParams(max_tokens=80, temperature=1.0, seed=7, structured_outputs=StructuredOutputsParams(json=SCHEMA))
+
+    async def main():
+        llm = AsyncLLM(engine)
+        try:
+            adding = asyncio.create_task(llm.add_request(PROMPTS[0], params))
+            plain = [out async for out in llm.generate(PROMPTS[1], SamplingParams(max_tokens=8, temperature=0))]
+            assert plain[-1].finished and not adding.done()
+            release.set()
+            return [out async for out in await adding]
+        finally:
+            await llm.shutdown()
+
+    text, tokens, reason = joined(run(main))[0]
+    monkeypatch.undo()
+    assert tokens == offline_llm.generate([PROMPTS[0]], params, use_tqdm=False)[0].outputs[0].token_ids
+    assert reason == "stop"
+    jsonschema.validate(json.loads(text), SCHEMA)
+    assert not engine.has_unfinished_requests() and engine.block_manager.num_used_blocks == 0
 
 
 def test_abort_ends_the_stream_and_frees_the_blocks(engine):

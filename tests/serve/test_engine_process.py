@@ -11,6 +11,8 @@ that kill or stop an engine start their own. Every wait is bounded.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import multiprocessing
 import os
 import shutil
@@ -20,6 +22,7 @@ import time
 from contextlib import aclosing
 
 import httpx
+import jsonschema
 import pytest
 
 from minivllm import SamplingParams
@@ -27,6 +30,8 @@ from minivllm.entrypoints import AsyncLLM, EngineDeadError, EngineStepError, Req
 from minivllm.entrypoints.async_llm import coalesce
 from minivllm.entrypoints.engine_core import EngineCore, EngineState, OutputDecoder, serve
 from minivllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from minivllm.sampling_params import StructuredOutputsParams
+from tests.engine.test_structured_output import SCHEMA, hold_compiles
 from tests.serve.conftest import MAX_MODEL_LEN, fail_when_set, make_engine
 from tests.serve.test_async_llm import PROMPTS, joined
 
@@ -204,50 +209,122 @@ def test_a_stream_merges_what_is_queued_but_not_past_an_error():
 
 
 # ----------------------------------------------------------------------------------------------
-# The engine's loop, in a thread: a failing step
+# The engine's loop, in a thread: a failing step, grammars that compile while others step
 # ----------------------------------------------------------------------------------------------
-def test_a_failing_step_errors_its_requests_and_the_engine_loop_keeps_serving(serve_model, offline_llm,
-                                                                              monkeypatch):
-    """`serve` as the engine process runs it, here in a thread (so the engine can be patched):
-    the step's error and the requests it ended come in one message; the others go on."""
-    engine = make_engine(serve_model, max_num_seqs=1)
-    fail = fail_when_set(engine, monkeypatch)
-    commands_in, commands = multiprocessing.Pipe(duplex=False)
-    results, results_out = multiprocessing.Pipe(duplex=False)
-    loop_thread = threading.Thread(target=serve, args=(EngineCore(engine), commands_in, results_out), daemon=True)
-    loop_thread.start()
-    decoder, replies, outputs, errors = OutputDecoder(), {}, {}, []
+class LoopInThread:
+    """`serve` as the engine process runs it, here in a thread (so the engine can be patched),
+    and what it sent so far: replies by call id, outputs by request, step errors."""
 
-    def read_until(condition) -> None:
+    def __init__(self, engine):
+        commands_in, self.commands = multiprocessing.Pipe(duplex=False)
+        self.results, results_out = multiprocessing.Pipe(duplex=False)
+        self.thread = threading.Thread(target=serve, args=(EngineCore(engine), commands_in, results_out), daemon=True)
+        self.thread.start()
+        self.decoder, self.replies, self.outputs, self.errors = OutputDecoder(), {}, {}, []
+
+    def send(self, call_id: int, method: str, *args) -> None:
+        self.commands.send((call_id, method, args))
+
+    def finished(self, request_id: str) -> bool:
+        return bool(self.outputs.get(request_id)) and self.outputs[request_id][-1].finished
+
+    def read_until(self, condition) -> None:
         deadline = time.monotonic() + 60
         while not condition():
-            assert results.poll(max(0.0, deadline - time.monotonic())), "no message from the engine loop"
-            message_replies, wire, error, failed, _ = results.recv()
-            replies.update({call_id: (err, value) for call_id, err, value in message_replies})
-            for out in map(decoder.decode, wire + failed):
-                outputs.setdefault(out.request_id, []).append(out)
+            assert self.results.poll(max(0.0, deadline - time.monotonic())), "no message from the engine loop"
+            message_replies, wire, error, failed, _ = self.results.recv()
+            self.replies.update({call_id: (err, value) for call_id, err, value in message_replies})
+            for out in map(self.decoder.decode, wire + failed):
+                self.outputs.setdefault(out.request_id, []).append(out)
             if error is not None:
-                errors.append((error, [f[0] for f in failed]))
+                self.errors.append((error, [f[0] for f in failed]))
 
+    def stop(self) -> None:
+        self.send(None, "shutdown")
+        self.thread.join(timeout=30)
+        assert not self.thread.is_alive()
+
+
+def test_a_failing_step_errors_its_requests_and_the_engine_loop_keeps_serving(serve_model, offline_llm,
+                                                                              monkeypatch):
+    """The step's error and the requests it ended come in one message; the others go on."""
+    engine = make_engine(serve_model, max_num_seqs=1)
+    fail = fail_when_set(engine, monkeypatch)
+    loop = LoopInThread(engine)
     waiting_params = SamplingParams(max_tokens=8, temperature=0)
-    commands.send((0, "add", (PROMPTS[0], LONG, "running")))
-    commands.send((1, "add", (PROMPTS[1], waiting_params, "waiting")))  # max_num_seqs=1: not stepped yet
-    commands.send((2, "add", ("", waiting_params, "empty")))
-    read_until(lambda: len(replies) == 3 and "running" in outputs)
+    loop.send(0, "add", PROMPTS[0], LONG, "running")
+    loop.send(1, "add", PROMPTS[1], waiting_params, "waiting")  # max_num_seqs=1: not stepped yet
+    loop.send(2, "add", "", waiting_params, "empty")
+    loop.read_until(lambda: len(loop.replies) == 3 and "running" in loop.outputs)
     fail.set()
-    read_until(lambda: errors)
-    read_until(lambda: outputs.get("waiting") and outputs["waiting"][-1].finished)
-    commands.send((None, "shutdown", ()))
-    loop_thread.join(timeout=30)
+    loop.read_until(lambda: loop.errors)
+    loop.read_until(lambda: loop.finished("waiting"))
+    loop.stop()
 
+    replies, outputs = loop.replies, loop.outputs
     assert replies[0] == (None, None) and replies[1] == (None, None)
     assert isinstance(replies[2][0], ValueError) and "must not be empty" in str(replies[2][0])
-    assert errors == [("RuntimeError: injected failure", ["running"])]
+    assert loop.errors == [("RuntimeError: injected failure", ["running"])]
     last = outputs["running"][-1]
     assert last.finished and last.finish_reason == "error" and last.token_ids == []
     want = offline_llm.generate([PROMPTS[1]], waiting_params, use_tqdm=False)[0]
     assert joined(outputs["waiting"])[0][1] == want.token_ids  # untouched by the failure
-    assert not loop_thread.is_alive() and not engine.has_unfinished_requests()
+    assert not engine.has_unfinished_requests()
+
+
+JSON = SamplingParams(max_tokens=80, temperature=1.0, seed=3, structured_outputs=StructuredOutputsParams(json=SCHEMA))
+
+
+def test_the_engine_loop_steps_the_others_while_a_grammar_compiles(serve_model, offline_llm, monkeypatch):
+    """The add of a structured request is answered only once its grammar has compiled; another
+    request added after it runs to its end meanwhile. Released, the structured request gives what
+    the offline (synchronous) path gives, valid JSON; a schema that cannot compile is refused
+    in its add's answer, naming the field."""
+    engine = make_engine(serve_model)
+    release = hold_compiles(monkeypatch)
+    loop = LoopInThread(engine)
+    bad = SamplingParams(structured_outputs=StructuredOutputsParams(json={"type": "nonsense"}))
+    loop.send(0, "add", PROMPTS[0], JSON, "json")
+    loop.send(1, "add", PROMPTS[1], bad, "bad")
+    loop.send(2, "add", PROMPTS[3], SamplingParams(max_tokens=8, temperature=0), "plain")
+    loop.read_until(lambda: loop.finished("plain"))
+    assert 0 not in loop.replies and 1 not in loop.replies and "json" not in loop.outputs
+    release.set()
+    loop.read_until(lambda: loop.finished("json") and 1 in loop.replies)
+    loop.stop()
+
+    assert loop.replies[0] == (None, None) and loop.replies[2] == (None, None)
+    assert isinstance(loop.replies[1][0], ValueError) and "structured_outputs.json" in str(loop.replies[1][0])
+    text, tokens, reason = joined(loop.outputs["json"])[0]
+    monkeypatch.undo()
+    assert tokens == offline_llm.generate([PROMPTS[0]], JSON, use_tqdm=False)[0].outputs[0].token_ids
+    assert reason == "stop"
+    jsonschema.validate(json.loads(text), SCHEMA)
+    assert not engine._prepared and engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_an_abort_while_the_grammar_compiles_answers_both_calls(serve_model, monkeypatch):
+    """Aborted before its grammar is ready, a request is answered at once: its add (it was
+    accepted), and the abort with its final output, every sample "abort". Nothing stays behind,
+    and the loop serves the same schema afterwards."""
+    engine = make_engine(serve_model)
+    release = hold_compiles(monkeypatch)
+    loop = LoopInThread(engine)
+    loop.send(0, "add", PROMPTS[0], dataclasses.replace(JSON, n=2), "json")
+    loop.send(1, "abort", "json")
+    loop.read_until(lambda: 0 in loop.replies and 1 in loop.replies)
+    assert loop.replies[0] == (None, None) and loop.replies[1][0] is None
+    aborted = loop.decoder.decode(loop.replies[1][1])
+    assert aborted.finished and [c.finish_reason for c in aborted.outputs] == ["abort", "abort"]
+    release.set()
+    loop.send(2, "add", PROMPTS[1], JSON, "again")
+    loop.read_until(lambda: loop.finished("again"))
+    loop.stop()
+
+    jsonschema.validate(json.loads(joined(loop.outputs["again"])[0][0]), SCHEMA)
+    assert "json" not in loop.outputs  # never scheduled
+    assert not engine._prepared and not engine.has_unfinished_requests()
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
 # ----------------------------------------------------------------------------------------------
