@@ -569,10 +569,8 @@ class LLMEngine:
 
     def close(self) -> None:
         """Stop what the engine started besides itself: the tensor-parallel worker processes
-        (nothing with one GPU), and the grammar threads. The engine cannot step afterwards."""
+        (nothing with one GPU). The engine cannot step afterwards."""
         self.executor.close()
-        if self._grammars is not None:
-            self._grammars.close()
 
     def get_num_unfinished_requests(self) -> int:
         return len(self._unfinished)

@@ -82,7 +82,7 @@ class Grammars:
     The vocabulary is read on a grammar thread from here on; the first `grammar` call waits for it.
     (The tokenizer is only read there, never changed, which its Rust core allows beside the engine's
     own encoding and decoding.) A few threads, so that a large schema does not hold up the small
-    ones behind it; xgrammar releases the GIL while it compiles.
+    ones behind it; xgrammar releases the GIL while it compiles. The threads end with this object.
     """
 
     def __init__(self, tokenizer, vocab_size: int, eos_token_ids, pin_memory: bool = False):
@@ -102,10 +102,6 @@ class Grammars:
         """Start compiling `spec` on a grammar thread. The future gives a fresh matcher of it, or
         raises a ValueError naming the field if it cannot compile."""
         return self._threads.submit(self._matcher, spec)
-
-    def close(self) -> None:
-        """Drop the compiles not started yet; one running finishes on its thread, unwaited for."""
-        self._threads.shutdown(wait=False, cancel_futures=True)
 
     def _matcher(self, spec: StructuredOutputsParams) -> SequenceGrammar:
         try:

@@ -84,7 +84,8 @@ def test_a_compiling_grammar_holds_up_only_its_own_request(engine, offline_llm, 
     the plain request finishes while the structured one's `add_request` still waits, which,
     released, streams what the offline path gives."""
     release = hold_compiles(monkeypatch)
-    params = SamplingParams(max_tokens=80, temperature=1.0, seed=7, structured_outputs=StructuredOutputsParams(json=SCHEMA))
+    params = SamplingParams(max_tokens=80, temperature=1.0, seed=7,
+                            structured_outputs=StructuredOutputsParams(json=SCHEMA))
 
     async def main():
         llm = AsyncLLM(engine)
