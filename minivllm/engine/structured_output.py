@@ -104,8 +104,9 @@ class Grammars:
         return self._threads.submit(self._matcher, spec)
 
     def _matcher(self, spec: StructuredOutputsParams) -> SequenceGrammar:
+        compiler = self._compiler.result()  # waits for the vocabulary's read, the first time
         try:
-            compiled = self._compile(self._compiler.result(), spec)
+            compiled = self._compile(compiler, spec)
         except (RuntimeError, ValueError, TypeError) as err:
             raise ValueError(f"structured_outputs.{spec.kind} {_WHAT[spec.kind]}: {_reason(err)}") from None
         return SequenceGrammar(self._xgr.GrammarMatcher(compiled))
