@@ -269,6 +269,12 @@ class LLMEngine:
         self._prepared[request.request_id] = prepared
         return prepared
 
+    @property
+    def num_waiting(self) -> int:
+        """Requests not running yet: in the scheduler's queue (new or preempted), or waiting for
+        their grammar to compile before they may join it."""
+        return len(self.scheduler.waiting) + sum(p.grammar is not None for p in self._prepared.values())
+
     def _taken(self, request_id: str) -> bool:
         return request_id in self._unfinished or request_id in self._finished or request_id in self._prepared
 
@@ -626,7 +632,7 @@ class LLMEngine:
                 "num_failed_requests": totals["failed_requests"],
                 "num_preempted_requests": totals["preempted_requests"],
                 "num_unfinished_requests": len(self._unfinished),
-                "num_waiting": len(self.scheduler.waiting),
+                "num_waiting": self.num_waiting,
                 "num_running": len(self.scheduler.running),
                 "num_prompt_tokens": self._num_prompt_tokens,
                 "num_generated_tokens": totals["sampled_tokens"],

@@ -172,7 +172,7 @@ class EngineCore:
     def state(self) -> EngineState:
         scheduler, blocks = self.engine.scheduler, self.engine.block_manager
         spec = self.engine.stats.spec_decode_counts() if scheduler.speculation is not None else None
-        return EngineState(len(scheduler.running), len(scheduler.waiting),
+        return EngineState(len(scheduler.running), self.engine.num_waiting,
                            blocks.num_used_blocks / blocks.num_blocks, spec)
 
 

@@ -56,7 +56,7 @@ class EngineStateCollector:
         state = self.state()
         yield GaugeMetricFamily("minivllm:num_requests_running", "Requests in the engine's running queue.",
                                 value=state.num_running)
-        yield GaugeMetricFamily("minivllm:num_requests_waiting", "Requests waiting to be scheduled (or preempted).",
+        yield GaugeMetricFamily("minivllm:num_requests_waiting", "Requests waiting to be scheduled (new, preempted, or compiling their grammar).",
                                 value=state.num_waiting)
         yield GaugeMetricFamily("minivllm:kv_cache_usage_perc", "Fraction of the KV-cache blocks in use (0 to 1).",
                                 value=state.kv_cache_usage)

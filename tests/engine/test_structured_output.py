@@ -189,14 +189,16 @@ def test_a_request_waits_for_its_grammar_outside_the_scheduler(llm, monkeypatch)
     params = SamplingParams(**structured(json=SCHEMA, n=2, temperature=1.0, seed=5))
     prepared = engine.prepare_request(prompt, params)
     plain = engine.add_request(other, SamplingParams(max_tokens=6, temperature=0))
+    assert engine.num_waiting == 2 and engine.get_stats()["engine"]["num_waiting"] == 2
     while engine.has_unfinished_requests():
         engine.step()
     assert engine.get_output(plain).finished and not prepared.ready()
+    assert engine.num_waiting == 1  # the structured request, still compiling, is counted as waiting
     aborted = engine.abort(prepared.request_id)
     assert [(c.finish_reason, c.token_ids) for c in aborted.outputs] == [("abort", [])] * 2
     assert prepared.ready() and engine.abort(prepared.request_id) is None
     engine.add_prepared(prepared)  # aborted meanwhile: nothing is queued
-    assert not engine.has_unfinished_requests() and not engine._prepared
+    assert not engine.has_unfinished_requests() and not engine._prepared and engine.num_waiting == 0
 
     release.set()
     again = engine.prepare_request(prompt, params)
