@@ -23,7 +23,8 @@ class StepTimings:
 
     * schedule: `Scheduler.schedule()`;
     * prepare: copy-on-write block copies, packing the step metadata, its upload (runner);
-    * forward: launching the forward pass or replaying its CUDA graph (runner);
+    * forward: launching the forward pass or replaying its CUDA graph (runner); run eagerly, its
+      attention plan too (a CPU's gather indices);
     * grammar: filling the grammar bitmask of the rows with structured output (engine; 0 without);
     * sample: launching the LM head and the sampler (runner);
     * wait: the host blocked until the GPU had the step's tokens. With overlap the host plans

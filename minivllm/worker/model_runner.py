@@ -256,10 +256,7 @@ class ModelRunner:
         if batch.draft_dst.numel():
             self._propose(output, batch)
         launch = time.perf_counter()
-        if isinstance(prepared, GraphStep):
-            hidden = prepared.graphs.replay(prepared)
-        else:
-            hidden = self.model(batch.input_ids, batch.positions, batch.attn_metadata)
+        hidden = self._forward(prepared, batch)
         # Logits at the sampled rows only (none when only partial prefill chunks ran).
         logits = self.model.compute_logits(hidden[batch.logits_indices]) if output.sample_rows else None
         launched = time.perf_counter()
@@ -302,13 +299,20 @@ class ModelRunner:
             self.graphs or [], self._step_buffers, self.backend)
         if isinstance(prepared, GraphStep):
             timings.graph_batch_size = prepared.batch_size
-        else:  # once for every layer: the CPU's attention turns the metadata into gather indices
-            meta = batch.attn_metadata
-            meta.plan = plan_attention(meta.block_tables, meta.seq_lens, meta.cu_seqlens_q,
-                                       self.kv_caches[0][0], backend=self.backend)
         if batch.pending_dst.numel():
             batch.input_ids[batch.pending_dst] = self.last_sampled[batch.pending_src].to(torch.int32)
         return prepared, batch
+
+    def _forward(self, prepared: GraphStep | InputBatch, batch: InputBatch) -> torch.Tensor:
+        """The forward pass: its CUDA graph replayed, or run eagerly. Eagerly, the attention plan
+        comes first, once for every layer (on a CPU it turns the metadata into gather indices;
+        the GPU kernels need none): attention work, so it counts as forward time, not prepare."""
+        if isinstance(prepared, GraphStep):
+            return prepared.graphs.replay(prepared)
+        meta = batch.attn_metadata
+        meta.plan = plan_attention(meta.block_tables, meta.seq_lens, meta.cu_seqlens_q,
+                                   self.kv_caches[0][0], backend=self.backend)
+        return self.model(batch.input_ids, batch.positions, meta)
 
     def _propose(self, output: SchedulerOutput, batch: InputBatch) -> None:
         """The draft model's drafts for the sequences that verify device drafts, written into
