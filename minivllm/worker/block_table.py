@@ -30,8 +30,7 @@ class BlockTables:
         self.device = (torch.zeros(self.host.shape, dtype=torch.int32, device=device) if on_cuda
                        else torch.from_numpy(self.host))
         self._uploads = StepBuffers(1024, device) if on_cuda else None
-        self._rows: dict[int, int] = {}  # seq id -> its row
-        self._synced: dict[int, list[int]] = {}  # seq id -> the table its row holds
+        self._held: dict[int, tuple[int, list[int]]] = {}  # seq id -> (its row, the table it holds)
         self._free_rows = list(range(max_seqs - 1, -1, -1))
         self._changed: list[int] = []  # flat indices into the array ...
         self._values: list[int] = []  # ... and their new block ids, not yet on the device
@@ -39,21 +38,29 @@ class BlockTables:
     def release(self, seq_ids) -> None:
         """Forget the rows of sequences that finished or lost their blocks."""
         for seq_id in seq_ids:
-            row = self._rows.pop(seq_id, None)
-            if row is not None:
-                self._free_rows.append(row)
-                del self._synced[seq_id]
+            held = self._held.pop(seq_id, None)
+            if held is not None:
+                self._free_rows.append(held[0])
+
+    def sync_all(self, seqs) -> list[int]:
+        """`sync` for each of a step's `ScheduledSeq`s; their rows, in order. A decode step
+        changes few tables, so the common case is one dict lookup and one list comparison."""
+        held = self._held
+        rows = []
+        for s in seqs:
+            row, synced = held.get(s.seq_id, (None, None))
+            rows.append(row if synced == s.block_table else self.sync(s.seq_id, s.block_table))
+        return rows
 
     def sync(self, seq_id: int, table: list[int]) -> int:
         """Bring the row of `seq_id` up to `table` (in the host mirror; `commit` sends it);
         returns the row. Usually nothing changed, or one block was appended."""
-        row = self._rows.get(seq_id)
-        if row is None:
+        held = self._held.get(seq_id)
+        if held is None:
             if not self._free_rows:
                 raise RuntimeError(f"more than {self.pad_row} sequences hold block tables at once")
-            row = self._rows[seq_id] = self._free_rows.pop()
-            self._synced[seq_id] = []
-        synced = self._synced[seq_id]
+            held = self._held[seq_id] = (self._free_rows.pop(), [])
+        row, synced = held
         if synced != table:
             if len(table) > self.width:
                 raise ValueError(f"a block table of {len(table)} blocks exceeds the width {self.width}")
@@ -65,7 +72,7 @@ class BlockTables:
             if self._uploads is not None:
                 self._changed.extend(range(row * self.width + first, row * self.width + len(table)))
                 self._values.extend(new)
-            self._synced[seq_id] = list(table)
+            self._held[seq_id] = (row, list(table))
         return row
 
     def commit(self) -> None:

@@ -85,7 +85,7 @@ class DraftModel:
         then each draft is the draft model's argmax, a point mass).
         """
         n, k = len(seqs), self.num_speculative_tokens
-        rows = [tables.sync(s.seq_id, s.block_table) for s in seqs]
+        rows = tables.sync_all(seqs)
         graph_sets = [self.graphs] if self.graphs is not None else []
         drafts = torch.empty(n, k, dtype=torch.int64, device=self.device)
         probs = None if batch is None else torch.empty(n, k, self.vocab_size, device=self.device)

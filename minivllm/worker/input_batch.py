@@ -126,48 +126,45 @@ def pack_step(buf: np.ndarray, layout: StepLayout, seqs: SequenceType[ScheduledS
     are `pad_to` sequences (CUDA graphs), whose table row is `pad_row`. query_len: give every
     sequence exactly this many query rows, dummy rows after the real ones (verification graphs).
     Pure numpy on the host: no tensors, no device, easy to test.
+
+    It runs every step, for up to hundreds of sequences, while the GPU may wait for it: Python
+    only reads a few numbers of each sequence into columns (one list comprehension each), numpy
+    does the rest on whole columns, and what the step does not have (drafts, dummy rows) costs
+    nothing.
     """
     num_real = len(seqs)
     num_seqs = num_real if pad_to is None else pad_to
     if num_seqs < num_real:
         raise ValueError(f"pad_to={pad_to} is smaller than the {num_real} scheduled sequences")
-    real_lens = np.ones(num_seqs, dtype=np.int64)  # the new tokens of each sequence
-    starts = np.zeros(num_seqs, dtype=np.int64)
-    for b, s in enumerate(seqs):
-        real_lens[b], starts[b] = s.num_new_tokens, s.start
-    if (real_lens < 1).any():
+    starts = _column([s.start for s in seqs], num_seqs)
+    pending = _column([s.pending for s in seqs], num_seqs)
+    num_known = _column([len(s.token_ids) for s in seqs], num_seqs)  # new tokens known on the host
+    num_drafts = _column([s.num_draft_tokens for s in seqs], num_seqs)
+    real_lens = pending + num_known + num_drafts  # the new tokens of each sequence
+    real_lens[num_real:] = 1  # a dummy sequence: one token, at position 0
+    if num_real and real_lens.min() < 1:
         raise ValueError("every scheduled sequence needs at least one new token")
     q_lens = real_lens if query_len is None else np.full(num_seqs, query_len, dtype=np.int64)
-    if (real_lens > q_lens).any():
+    if query_len is not None and (real_lens > query_len).any():
         raise ValueError(f"query_len={query_len} is shorter than a sequence's {real_lens.max()} new tokens")
-    num_tokens = int(q_lens.sum())
-    num_sampled = sum(s.num_logits_rows for s in seqs)
-    for what, need, have in (("tokens", num_tokens, layout.max_tokens),
-                             ("sequences", num_seqs, layout.max_seqs),
-                             ("sampled rows", num_sampled, layout.max_sampled)):
-        if need > have:
-            raise ValueError(f"the step has {need} {what} but the layout holds {have}")
-    if buf.dtype != np.int32 or buf.ndim != 1 or buf.shape[0] < layout.size:
-        raise ValueError(f"buf must be a 1-D int32 array of >= {layout.size} elements")
+    # Rows of logits: one per sample of a sequence's last token; verifying d drafts, 1 + d.
+    counts = _column([s.num_samples for s in seqs], num_real)
+    if num_drafts.any():
+        counts = np.where(num_drafts[:num_real] > 0, num_drafts[:num_real] + 1, counts)
+    num_tokens, num_sampled = int(q_lens.sum()), int(counts.sum())
+    _check_fits(buf, layout, num_tokens, num_seqs, num_sampled)
 
     # cu_seqlens_q: where each sequence's rows start; every other field is derived from it.
     cu = layout.field(buf, "cu_seqlens_q", num_seqs + 1)
     cu[0] = 0
     np.cumsum(q_lens, out=cu[1:])
-    # A pending first token and a draft model's drafts are placeholders 0 here, filled in on
-    # the device; so are the dummy rows.
-    ids = itertools.chain.from_iterable(
-        [0] * s.pending + s.token_ids + (s.draft_token_ids or [0] * s.num_draft_tokens)
-        + [0] * int(q_lens[b] - real_lens[b]) for b, s in enumerate(seqs))
-    input_ids = layout.field(buf, "input_ids", num_tokens)
-    input_ids[:] = 0
-    real_end = int(cu[num_real])
-    input_ids[:real_end] = np.fromiter(ids, dtype=np.int32, count=real_end)
+    first = cu[:-1].astype(np.int64)
     # Row i of sequence b is its query j = i - cu_b, at position start_b + j; a dummy row
     # (j >= its real length) repeats the position of the last real one.
     row_seq = np.repeat(np.arange(num_seqs), q_lens)
-    j = np.arange(num_tokens) - cu[:-1][row_seq]
-    positions = starts[row_seq] + np.minimum(j, real_lens[row_seq] - 1)
+    j = np.arange(num_tokens) - first[row_seq]
+    dummy = num_tokens > int(real_lens[:num_real].sum())
+    positions = starts[row_seq] + (np.minimum(j, real_lens[row_seq] - 1) if dummy else j)
     layout.field(buf, "positions", num_tokens)[:] = positions
     seq_lens = starts + q_lens
     layout.field(buf, "seq_lens", num_seqs)[:] = seq_lens
@@ -177,24 +174,77 @@ def pack_step(buf: np.ndarray, layout: StepLayout, seqs: SequenceType[ScheduledS
     # Slot of token p: block_table[p // block_size] * block_size + p % block_size.
     slots = layout.field(buf, "slot_mapping", num_tokens)
     slots[:] = tables[table_rows[row_seq], positions // block_size] * block_size + positions % block_size
-    slots[(j >= real_lens[row_seq]) | (row_seq >= num_real)] = PAD_SLOT
-    # Logits rows: a sequence's last real row, once per sample; with drafts, its last 1 + d rows.
-    counts = np.fromiter((s.num_logits_rows for s in seqs), dtype=np.int64, count=num_real)
-    verifies = np.fromiter((s.num_draft_tokens > 0 for s in seqs), dtype=bool, count=num_real)
-    last = cu[:num_real] + real_lens[:num_real] - 1
-    back = np.arange(num_sampled) - np.repeat(np.cumsum(counts) - 1, counts)  # -(count-1) .. 0
-    layout.field(buf, "logits_indices", num_sampled)[:] = (
-        np.repeat(last, counts) + np.where(np.repeat(verifies, counts), back, 0))
-    pending = [(int(cu[b]), last_sampled_row[s.seq_id]) for b, s in enumerate(seqs) if s.pending]
-    if pending:
-        layout.field(buf, "pending_dst", len(pending))[:] = [dst for dst, _ in pending]
-        layout.field(buf, "pending_src", len(pending))[:] = [src for _, src in pending]
-    device_drafts = [int(cu[b]) + s.pending + len(s.token_ids) + i for b, s in enumerate(seqs)
-                     if not s.draft_token_ids for i in range(s.num_draft_tokens)]
-    layout.field(buf, "draft_dst", len(device_drafts))[:] = device_drafts
+    if dummy:
+        slots[(j >= real_lens[row_seq]) | (row_seq >= num_real)] = PAD_SLOT
+    last = first[:num_real] + real_lens[:num_real] - 1  # each sequence's last real row
+    layout.field(buf, "logits_indices", num_sampled)[:] = _logits_rows(last, counts, num_drafts[:num_real])
+    _write_input_ids(layout.field(buf, "input_ids", num_tokens), seqs, first + pending, num_known, num_drafts)
+    waiting = np.flatnonzero(pending)  # the sequences whose first new token is still on the device
+    layout.field(buf, "pending_dst", len(waiting))[:] = first[waiting]
+    layout.field(buf, "pending_src", len(waiting))[:] = [last_sampled_row[seqs[b].seq_id] for b in waiting]
+    draft_dst = _device_draft_rows(seqs, first + pending + num_known, num_drafts)
+    layout.field(buf, "draft_dst", len(draft_dst))[:] = draft_dst
     return PackedStep(num_tokens=num_tokens, num_seqs=num_seqs, num_sampled=num_sampled,
-                      num_pending=len(pending), max_seq_len=int(seq_lens.max()) if num_seqs else 0,
-                      num_device_drafts=len(device_drafts))
+                      num_pending=len(waiting), max_seq_len=int(seq_lens.max()) if num_seqs else 0,
+                      num_device_drafts=len(draft_dst))
+
+
+def _check_fits(buf: np.ndarray, layout: StepLayout, num_tokens: int, num_seqs: int, num_sampled: int) -> None:
+    for what, need, have in (("tokens", num_tokens, layout.max_tokens),
+                             ("sequences", num_seqs, layout.max_seqs),
+                             ("sampled rows", num_sampled, layout.max_sampled)):
+        if need > have:
+            raise ValueError(f"the step has {need} {what} but the layout holds {have}")
+    if buf.dtype != np.int32 or buf.ndim != 1 or buf.shape[0] < layout.size:
+        raise ValueError(f"buf must be a 1-D int32 array of >= {layout.size} elements")
+
+
+def _column(values: list, size: int) -> np.ndarray:
+    """One number per real sequence as int64, zeros after them (the dummy sequences) up to `size`."""
+    if len(values) == size:
+        return np.array(values, dtype=np.int64)
+    out = np.zeros(size, dtype=np.int64)
+    out[:len(values)] = values
+    return out
+
+
+def _logits_rows(last: np.ndarray, counts: np.ndarray, num_drafts: np.ndarray) -> np.ndarray:
+    """The hidden-state row of each row of logits: a sequence's last row, once per sample; a
+    sequence that verifies d drafts, its last 1 + d rows."""
+    if num_drafts.any():
+        back = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - 1, counts)  # -(count-1) .. 0
+        return np.repeat(last, counts) + np.where(np.repeat(num_drafts > 0, counts), back, 0)
+    return np.repeat(last, counts)
+
+
+def _write_input_ids(input_ids: np.ndarray, seqs, after_pending: np.ndarray, num_known: np.ndarray,
+                     num_drafts: np.ndarray) -> None:
+    """The token ids the host knows, each sequence's after its pending token (if any), then the
+    drafts it knows (an n-gram proposer's). A pending token, a draft model's drafts (made on the
+    device) and the dummy rows stay placeholders 0."""
+    input_ids[:] = 0
+    if num_known.any():
+        input_ids[_runs(after_pending, num_known)] = [t for s in seqs for t in s.token_ids]
+    if num_drafts.any():
+        host_drafts = _column([len(s.draft_token_ids) for s in seqs], len(num_drafts))
+        if host_drafts.any():
+            input_ids[_runs(after_pending + num_known, host_drafts)] = [t for s in seqs for t in s.draft_token_ids]
+
+
+def _device_draft_rows(seqs, start: np.ndarray, num_drafts: np.ndarray) -> np.ndarray:
+    """The input rows of the drafts a draft model makes on the device: after the known tokens
+    of each sequence that verifies drafts whose ids the host does not know."""
+    if not num_drafts.any():
+        return num_drafts[:0]
+    on_device = _column([not s.draft_token_ids for s in seqs], len(num_drafts))
+    return _runs(start, num_drafts * on_device)
+
+
+def _runs(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The indices start_b, start_b + 1, ..., start_b + length_b - 1 of every b, concatenated."""
+    total = int(lengths.sum())
+    offsets = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return np.repeat(starts, lengths) + offsets
 
 
 @dataclass

@@ -258,7 +258,8 @@ class ModelRunner:
         launch = time.perf_counter()
         hidden = self._forward(prepared, batch)
         # Logits at the sampled rows only (none when only partial prefill chunks ran).
-        logits = self.model.compute_logits(hidden[batch.logits_indices]) if output.sample_rows else None
+        logits = (self.model.compute_logits(hidden.index_select(0, batch.logits_indices)) if output.sample_rows
+                  else None)
         launched = time.perf_counter()
         query_len = prepared.graphs.query_len if isinstance(prepared, GraphStep) else None
         timings.prepare, timings.forward = launch - start, launched - launch
@@ -293,7 +294,7 @@ class ModelRunner:
         """Pack the step into a graph set's static buffers when one fits, else eagerly; then
         finish it on the device: block tables gathered, pending tokens filled in."""
         seqs = output.seqs
-        rows = [self.block_tables.sync(s.seq_id, s.block_table) for s in seqs]
+        rows = self.block_tables.sync_all(seqs)
         prepared, batch, timings.graph_miss = load_step(
             seqs, output.num_logits_rows, rows, self.block_tables, self.block_size, self._last_sampled_row,
             self.graphs or [], self._step_buffers, self.backend)
