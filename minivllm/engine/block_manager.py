@@ -183,7 +183,11 @@ class BlockManager:
         start = seq.num_computed_tokens
         if not table or start + num_new_tokens > len(table) * self.block_size:
             return False
-        return all(self.blocks[table[i]].ref_count == 1 for i in range(start // self.block_size, len(table)))
+        blocks = self.blocks
+        for i in range(start // self.block_size, len(table)):  # usually one block: the last
+            if blocks[table[i]].ref_count != 1:
+                return False
+        return True
 
     def allocate(
         self, seq: Sequence, num_new_tokens: int, cached_blocks: Iterable[int] = ()

@@ -139,6 +139,7 @@ class LLMEngine:
                                    speculation)
         self.overlap = sched.async_scheduling
         self._unfinished: dict[str, Request] = {}
+        self._streaming: set[str] = set()  # the unfinished requests that stream (most steps: none)
         self._finished: OrderedDict[str, Request] = OrderedDict()
         self._max_retained = max_retained_outputs
         self._ids = itertools.count()
@@ -227,6 +228,8 @@ class LLMEngine:
         if prepared.grammar is not None:
             request.seqs[0].grammar = prepared.grammar.result()
         self._unfinished[request.request_id] = request
+        if request.stream:
+            self._streaming.add(request.request_id)
         self.scheduler.add_sequence(request.seqs[0])
         self._num_prompt_tokens += len(request.prompt_token_ids)
 
@@ -494,6 +497,7 @@ class LLMEngine:
                 if not isinstance(seq.stop_reason, str):  # a stop string already cut the text
                     seq.output_text = self._decode(seq)
             del self._unfinished[request_id]
+            self._streaming.discard(request_id)
             self._finished[request_id] = request
             if len(self._finished) > self._max_retained:
                 self._finished.popitem(last=False)
@@ -507,6 +511,8 @@ class LLMEngine:
 
     def _stream_outputs(self, step: ScheduledStep) -> list[RequestOutput]:
         """Deltas of the unfinished streaming requests that got tokens in `step`."""
+        if not self._streaming:
+            return []
         outputs = []
         for request_id in dict.fromkeys(s.request_id for s in step.sampled):
             request = self._unfinished.get(request_id)

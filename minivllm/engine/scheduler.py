@@ -191,9 +191,10 @@ class Scheduler:
             i += 1
             # Nothing to compute: its last token ends it by length, or it only scores its prompt
             # and the prompt is all scheduled; either way it waits for its fold-in.
-            if self.stopping.ends_by_length(seq) or not seq.num_uncomputed_tokens:
+            uncomputed = seq.num_uncomputed_tokens
+            if not uncomputed or self.stopping.ends_by_length(seq):
                 continue
-            num_new = self._num_new_tokens(seq.num_uncomputed_tokens, budget)
+            num_new = self._num_new_tokens(uncomputed, budget)
             # Drafts only from the budget left once every running sequence has its one token.
             spare = budget - num_new - (len(self.running) - i)
             drafts, num_drafts = self._plan_drafts(seq, spare) if speculate else ([], 0)
@@ -311,12 +312,11 @@ class Scheduler:
         for seq, num_new, drafts, num_drafts in planned:
             start = seq.num_computed_tokens
             pending = seq.num_pending_tokens > 0  # then this is a decode of that very token
-            samples = []
+            samples = ()
             if (start + num_new == seq.num_tokens + seq.num_pending_tokens
                     and not seq.sampling_params.scores_prompt_only):
-                children = self._fork(seq) if seq.num_pending_forks else []
-                step.forks += children
-                samples = [seq, *children]
+                samples = (seq, *self._fork(seq)) if seq.num_pending_forks else (seq,)
+                step.forks += samples[1:]
             is_decode = num_new == 1 and start >= seq.num_prompt_tokens  # one output token
             if is_decode:
                 step.num_decode_seqs += 1
@@ -324,23 +324,30 @@ class Scheduler:
             else:
                 step.num_prefill_seqs += 1
                 step.num_prefill_tokens += num_new
-            prompt_rows = self._prompt_logprob_rows(seq, start, num_new) if seq.num_prompt_logprobs_owed else None
-            step.output.scores_prompts |= prompt_rows is not None
-            step.num_decode_tokens += num_drafts  # (after a prompt's last token too)
-            step.num_draft_tokens += num_drafts
+            prompt_rows = None
+            if seq.prompt_logprobs is not None and seq.num_prompt_logprobs_owed:
+                prompt_rows = self._prompt_logprob_rows(seq, start, num_new)
+                step.output.scores_prompts |= prompt_rows is not None
+            if num_drafts:
+                step.num_decode_tokens += num_drafts  # (after a prompt's last token too)
+                step.num_draft_tokens += num_drafts
             step.output.seqs.append(ScheduledSeq(
                 seq.seq_id, start, seq.token_ids[start:start + num_new - pending], pending,
                 seq.block_table, len(samples), is_decode, prompt_rows, drafts, num_drafts))
             step.seqs.append(seq)
             seq.num_computed_tokens = start + num_new + num_drafts
             for sampled in samples:
-                if sampled.grammar is not None:
-                    step.output.structured_rows.append(len(step.output.sample_rows))
-                step.output.sample_rows.append(self._sample_row(sampled))
-                step.sampled.append(sampled)
-                sampled.num_computed_tokens = seq.num_computed_tokens
-                sampled.num_pending_tokens += 1
+                self._add_sample(step, sampled, seq.num_computed_tokens)
         return step
+
+    def _add_sample(self, step: ScheduledStep, seq: Sequence, num_computed: int) -> None:
+        """`seq` samples its next token in `step`: a sample row, and the token counts as pending."""
+        if seq.grammar is not None:
+            step.output.structured_rows.append(len(step.output.sample_rows))
+        step.output.sample_rows.append(self._sample_row(seq))
+        step.sampled.append(seq)
+        seq.num_computed_tokens = num_computed
+        seq.num_pending_tokens += 1
 
     @staticmethod
     def _prompt_logprob_rows(seq: Sequence, start: int, num_new: int) -> PromptLogprobRows | None:
@@ -353,11 +360,18 @@ class Scheduler:
         return PromptLogprobRows(first, seq.token_ids[first + 1:end + 1], seq.sampling_params.prompt_logprobs)
 
     def _sample_row(self, seq: Sequence) -> SampleRow:
+        """The row `seq` samples with. Without penalties and once nothing is banned any more
+        (min_tokens are out, for good), it is the same every step: made once and kept."""
+        if seq.sample_row is not None:
+            return seq.sample_row
         params = seq.sampling_params
-        if not params.has_penalties:
-            return SampleRow(seq.seq_id, params, seq.index, self.stopping.banned_tokens(seq))
-        return SampleRow(seq.seq_id, params, seq.index, self.stopping.banned_tokens(seq),
-                         seq.prompt_token_ids, seq.output_token_ids)
+        if params.has_penalties:  # they read the tokens so far: a new row every step
+            return SampleRow(seq.seq_id, params, seq.index, self.stopping.banned_tokens(seq),
+                             seq.prompt_token_ids, seq.output_token_ids)
+        row = SampleRow(seq.seq_id, params, seq.index, self.stopping.banned_tokens(seq))
+        if not row.banned_token_ids:
+            seq.sample_row = row
+        return row
 
     def _fork(self, parent: Sequence) -> list[Sequence]:
         """Create the other n - 1 samples of parent's request, sharing its blocks."""
@@ -389,7 +403,6 @@ class Scheduler:
                 f"expected {len(step.sampled)} sampled tokens (one per sampled sequence), "
                 f"got {len(sampled_token_ids)}"
             )
-        drafts = {s.seq_id: s.num_draft_tokens for s in step.output.seqs if s.num_draft_tokens}
         finished = []
         for seq, scheduled in zip(step.seqs, step.output.seqs):
             if seq.is_finished:
@@ -400,10 +413,13 @@ class Scheduler:
             if seq.sampling_params.scores_prompt_only and scheduled.start + scheduled.num_new_tokens == seq.num_tokens:
                 self.finish_sequence(seq, SequenceStatus.FINISHED_LENGTH)
                 finished.append(seq)
+        drafts = ({s.seq_id: s.num_draft_tokens for s in step.output.seqs if s.num_draft_tokens}
+                  if step.num_draft_tokens else None)
         now = time.perf_counter()
         for row, (seq, tokens) in enumerate(zip(step.sampled, sampled_token_ids)):
-            tokens = list(tokens) if isinstance(tokens, (list, tuple)) else [tokens]
-            num_drafts = drafts.get(seq.seq_id, 0)
+            if not isinstance(tokens, (list, tuple)):
+                tokens = (tokens,)
+            num_drafts = drafts.get(seq.seq_id, 0) if drafts else 0
             if num_drafts:
                 step.acceptance[seq.seq_id] = (num_drafts, len(tokens) - 1)
             if seq.is_finished:

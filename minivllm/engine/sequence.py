@@ -114,6 +114,8 @@ class Sequence:
         # --- structured output: the matcher of the request's grammar (engine/structured_output.py),
         #     which accepts every appended token; None for a request without one ---
         self.grammar = None
+        # --- the row it samples with, once it stays the same every step (the scheduler's) ---
+        self.sample_row = None
 
         # --- detokenized output (the engine's Detokenizer; None until it is needed) ---
         self.output_text = ""
@@ -224,6 +226,7 @@ class Sequence:
         # prompt's last chunk is in flight.
         child.num_pending_forks = 0
         child.detokenizer = None
+        child.sample_row = None  # its own seq id and seed offset
         child.grammar = self.grammar.fork() if self.grammar is not None else None
         return child
 

@@ -31,8 +31,10 @@ class StopChecker:
     def check(self, seq: Sequence) -> StopDecision | None:
         """(status, stop_reason) if the token just appended ends `seq`, else None."""
         params = seq.sampling_params
-        may_stop = seq.num_output_tokens >= params.min_tokens
-        token = seq.last_token_id
+        token_ids = seq.token_ids  # read directly: this runs for every token of every sequence
+        num_output = len(token_ids) - seq.num_prompt_tokens
+        may_stop = num_output >= params.min_tokens
+        token = token_ids[-1]
         if may_stop and not params.ignore_eos and token in seq.eos_token_ids:
             return SequenceStatus.FINISHED_STOPPED, None
         if may_stop and token in params.stop_token_ids:
@@ -42,9 +44,9 @@ class StopChecker:
             stop = self._find_stop_string(seq, len(new_text)) if may_stop and new_text else None
             if stop is not None:
                 return SequenceStatus.FINISHED_STOPPED, stop
-        if params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
+        if params.max_tokens is not None and num_output >= params.max_tokens:
             return SequenceStatus.FINISHED_LENGTH, None
-        if seq.num_tokens >= self.max_model_len:
+        if len(token_ids) >= self.max_model_len:
             return SequenceStatus.FINISHED_LENGTH, None
         return None
 

@@ -48,7 +48,7 @@ are never read.
 
 from __future__ import annotations
 
-import itertools
+import functools
 from collections.abc import Sequence as SequenceType
 from dataclasses import dataclass
 
@@ -107,11 +107,12 @@ class PackedStep:
     num_device_drafts: int = 0  # draft tokens the runner fills in (draft_dst)
 
 
-def exact_layout(seqs: SequenceType[ScheduledSeq], num_sampled: int) -> StepLayout:
-    """The smallest layout that holds these sequences (the eager path, no padding);
-    num_sampled: the step's rows of logits (`SchedulerOutput.num_logits_rows`)."""
-    return StepLayout(max_tokens=sum(s.num_new_tokens for s in seqs), max_sampled=num_sampled,
-                      max_seqs=len(seqs))
+@functools.lru_cache(maxsize=1024)
+def exact_layout(num_tokens: int, num_sampled: int, num_seqs: int) -> StepLayout:
+    """The smallest layout for a step of these sizes (the eager path, no padding): its tokens
+    (`SchedulerOutput.num_batched_tokens`), rows of logits and sequences. Made once per sizes:
+    a run of decode steps has the same ones step after step."""
+    return StepLayout(max_tokens=num_tokens, max_sampled=num_sampled, max_seqs=num_seqs)
 
 
 def pack_step(buf: np.ndarray, layout: StepLayout, seqs: SequenceType[ScheduledSeq],
@@ -308,7 +309,7 @@ def build_input_batch(output, block_size: int, device: torch.device, backend: st
     tables = BlockTables(max(len(seqs), 1), width, torch.device("cpu"))
     rows = [tables.sync(s.seq_id, s.block_table) for s in seqs]
     pending = [s.seq_id for s in seqs if s.pending]
-    layout = exact_layout(seqs, output.num_logits_rows)
+    layout = exact_layout(output.num_batched_tokens, output.num_logits_rows, len(seqs))
     buffers = StepBuffers(layout.size, device)
     packed = pack_step(buffers.host(layout.size), layout, seqs, rows, tables.host, block_size,
                        {seq_id: i for i, seq_id in enumerate(pending)})

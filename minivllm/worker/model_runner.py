@@ -296,7 +296,7 @@ class ModelRunner:
         seqs = output.seqs
         rows = self.block_tables.sync_all(seqs)
         prepared, batch, timings.graph_miss = load_step(
-            seqs, output.num_logits_rows, rows, self.block_tables, self.block_size, self._last_sampled_row,
+            seqs, output.num_batched_tokens, output.num_logits_rows, rows, self.block_tables, self.block_size, self._last_sampled_row,
             self.graphs or [], self._step_buffers, self.backend)
         if isinstance(prepared, GraphStep):
             timings.graph_batch_size = prepared.batch_size
@@ -437,6 +437,8 @@ class ModelRunner:
         Done one pair at a time, in order, so a block freed and reused within the step is always
         read before it is overwritten. An fp8 cache's scales are copied with their values.
         """
+        if not copies:
+            return
         tensors = [t for _, caches, scales in self._kv_models() for pair in caches + (scales or []) for t in pair]
         for src, dst in copies:
             for t in tensors:

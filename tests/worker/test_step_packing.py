@@ -21,7 +21,7 @@ def packed_fields(seqs, last_sampled=None, pad_to=None, layout=None, stale=12345
     """Pack `seqs` with fresh persistent tables; return the fields as lists."""
     tables = BlockTables(8, 6, torch.device("cpu"))
     rows = [tables.sync(s.seq_id, s.block_table) for s in seqs]
-    layout = layout or exact_layout(seqs, sum(s.num_samples for s in seqs))
+    layout = layout or exact_layout(sum(s.num_new_tokens for s in seqs), sum(s.num_samples for s in seqs), len(seqs))
     buf = np.full(layout.size, stale, dtype=np.int32)  # stale garbage must not leak through
     packed = pack_step(buf, layout, seqs, rows, tables.host, BS, last_sampled or {}, pad_to=pad_to,
                        pad_row=tables.pad_row)
