@@ -251,3 +251,114 @@ def test_verification_padding_leaves_the_real_rows_and_the_cache_unchanged(tmp_p
     for (k, v), (k_exact, v_exact) in zip(caches[5], caches[None]):
         torch.testing.assert_close(k, k_exact)
         torch.testing.assert_close(v, v_exact)
+
+
+# ---------------------------------------------------------------------------------------------
+# Properties: pack_step against a plain per-token reference; BlockTables against a fresh table
+# ---------------------------------------------------------------------------------------------
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+
+def reference_pack(seqs, tables, rows, last_sampled, pad_to, query_len):
+    """The fields of a packed step, written one token at a time in plain Python."""
+    ids, pos, slots, seq_lens, cu, logits, pending, drafts = [], [], [], [], [0], [], [], []
+    dummy = [ScheduledSeq(-1, 0, [0], False, [], 0)] * ((pad_to or len(seqs)) - len(seqs))
+    for b, s in enumerate(list(seqs) + dummy):
+        real = s.num_new_tokens
+        q = query_len or real
+        base = cu[-1]
+        if s.pending:
+            pending.append((base, last_sampled[s.seq_id]))
+        known = [None] * s.pending + s.token_ids + (s.draft_token_ids or [None] * s.num_draft_tokens)
+        for j in range(q):
+            p = s.start + min(j, real - 1)
+            is_dummy = j >= real or b >= len(seqs)
+            token = known[j] if j < real else None
+            if token is None and j < real and j >= s.pending + len(s.token_ids) and b < len(seqs):
+                drafts.append(base + j)
+            ids.append(0 if token is None or b >= len(seqs) else token)
+            pos.append(p)
+            row = rows[b] if b < len(seqs) else 7
+            slots.append(PAD_SLOT if is_dummy else int(tables[row, p // BS]) * BS + p % BS)
+        seq_lens.append(s.start + q)
+        cu.append(base + q)
+        if b < len(seqs):
+            last = base + real - 1
+            logits += list(range(last - s.num_draft_tokens, last + 1)) if s.num_draft_tokens else [last] * s.num_samples
+    return {"ids": ids, "pos": pos, "slots": slots, "seq_lens": seq_lens, "cu": cu, "logits": logits,
+            "pending": pending, "draft_dst": drafts}
+
+
+@st.composite
+def steps(draw):
+    n = draw(st.integers(0, 5))
+    seqs, last_sampled = [], {}
+    for i in range(n):
+        pending = draw(st.booleans())
+        known = draw(st.lists(st.integers(1, 99), min_size=0 if pending else 1, max_size=4))
+        num_drafts = draw(st.integers(0, 3))
+        host_drafts = draw(st.booleans())
+        samples = 1 if num_drafts else draw(st.integers(0, 3))
+        start = draw(st.integers(0, 8))
+        end = start + pending + len(known) + num_drafts
+        table = draw(st.permutations(range(10)))[:-(-end // BS)]
+        seqs.append(ScheduledSeq(i, start, known, pending, list(table), samples, False, None,
+                                 [draw(st.integers(1, 99)) for _ in range(num_drafts)] if host_drafts else [],
+                                 num_drafts))
+        last_sampled[i] = draw(st.integers(0, 9))
+    pad_to = draw(st.one_of(st.none(), st.integers(n, n + 3)))
+    longest = max([s.num_new_tokens for s in seqs], default=1)
+    query_len = draw(st.one_of(st.none(), st.integers(longest, longest + 2)))
+    return seqs, last_sampled, pad_to, query_len
+
+
+@settings(max_examples=150, deadline=None)
+@given(steps())
+def test_pack_step_equals_a_token_by_token_reference(step):
+    seqs, last_sampled, pad_to, query_len = step
+    tables = BlockTables(8, 6, torch.device("cpu"))
+    rows = tables.sync_all(seqs)
+    num_seqs = pad_to or len(seqs)
+    layout = StepLayout(max_tokens=64, max_sampled=64, max_seqs=max(num_seqs, 1))
+    buf = np.full(layout.size, 12345, dtype=np.int32)
+    packed = pack_step(buf, layout, seqs, rows, tables.host, BS, last_sampled, pad_to=pad_to,
+                       pad_row=7, query_len=query_len)
+    batch = InputBatch.view(torch.from_numpy(buf), layout, packed)
+    m = batch.attn_metadata
+    got = {"ids": batch.input_ids.tolist(), "pos": batch.positions.tolist(), "slots": m.slot_mapping.tolist(),
+           "seq_lens": m.seq_lens.tolist(), "cu": m.cu_seqlens_q.tolist(), "logits": batch.logits_indices.tolist(),
+           "pending": list(zip(batch.pending_dst.tolist(), batch.pending_src.tolist())),
+           "draft_dst": batch.draft_dst.tolist()}
+    assert got == reference_pack(seqs, tables.host, rows, last_sampled, pad_to, query_len)
+    assert batch.rows.tolist() == rows + [7] * (num_seqs - len(seqs))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["sync", "append", "cow", "release"]), st.integers(0, 4),
+                          st.integers(0, 30)), max_size=40))
+def test_incremental_block_tables_equal_tables_written_from_scratch(ops):
+    """After any sequence of new tables, appended blocks, copy-on-write and releases, every held
+    row of the host mirror starts with its sequence's table (and the device copy equals it)."""
+    tables = BlockTables(max_seqs=5, width=6, device=torch.device("cpu"))
+    held: dict[int, list[int]] = {}
+    for op, seq_id, block in ops:
+        table = held.get(seq_id)
+        if op == "release":
+            tables.release([seq_id])
+            held.pop(seq_id, None)
+            continue
+        if op == "sync" or table is None:
+            table = [block]
+        elif op == "append" and len(table) < 6:
+            table = table + [block]
+        elif op == "cow":
+            table = table[:-1] + [block]
+        held[seq_id] = table
+        seqs = [ScheduledSeq(i, 0, [1], False, t, 1) for i, t in held.items()]
+        rows = tables.sync_all(seqs)
+        assert len(set(rows)) == len(rows)
+        for row, t in zip(rows, held.values()):
+            assert tables.host[row, :len(t)].tolist() == t
+    tables.commit()
+    assert torch.equal(tables.device, torch.from_numpy(tables.host))
