@@ -201,7 +201,9 @@ class Scheduler:
             seq_copies = self.block_manager.allocate(seq, num_new + num_drafts) if num_drafts else None
             if seq_copies is None:  # no drafts, or no free block for them: no speculation
                 drafts, num_drafts = [], 0
-                seq_copies = self._allocate_or_preempt(seq, num_new, preemptions)
+                seq_copies = self.block_manager.allocate(seq, num_new)  # what a decode needs
+                if seq_copies is None:
+                    seq_copies = self._allocate_or_preempt(seq, num_new, preemptions)
             if seq_copies is None:  # seq had to preempt itself: it was the newest
                 break
             copies += seq_copies
@@ -344,7 +346,7 @@ class Scheduler:
         """`seq` samples its next token in `step`: a sample row, and the token counts as pending."""
         if seq.grammar is not None:
             step.output.structured_rows.append(len(step.output.sample_rows))
-        step.output.sample_rows.append(self._sample_row(seq))
+        step.output.sample_rows.append(seq.sample_row or self._sample_row(seq))
         step.sampled.append(seq)
         seq.num_computed_tokens = num_computed
         seq.num_pending_tokens += 1
@@ -360,10 +362,8 @@ class Scheduler:
         return PromptLogprobRows(first, seq.token_ids[first + 1:end + 1], seq.sampling_params.prompt_logprobs)
 
     def _sample_row(self, seq: Sequence) -> SampleRow:
-        """The row `seq` samples with. Without penalties and once nothing is banned any more
-        (min_tokens are out, for good), it is the same every step: made once and kept."""
-        if seq.sample_row is not None:
-            return seq.sample_row
+        """A new row for `seq` to sample with. Without penalties and once nothing is banned any
+        more (min_tokens are out, for good), it is the same every step: kept as `seq.sample_row`."""
         params = seq.sampling_params
         if params.has_penalties:  # they read the tokens so far: a new row every step
             return SampleRow(seq.seq_id, params, seq.index, self.stopping.banned_tokens(seq),

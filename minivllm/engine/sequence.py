@@ -65,6 +65,7 @@ _FINISH_REASONS = {
     SequenceStatus.FINISHED_ERROR: "error",
 }
 
+_RUNNING, _WAITING = SequenceStatus.RUNNING, SequenceStatus.WAITING
 _seq_ids = itertools.count()
 
 
@@ -178,7 +179,9 @@ class Sequence:
     # ------------------------------------------------------------------------------------------
     @property
     def is_finished(self) -> bool:
-        return self.status.is_finished
+        # Two identity tests, not a set lookup (an Enum hashes in Python): read for every
+        # sequence, at every step.
+        return self.status is not _RUNNING and self.status is not _WAITING
 
     @property
     def finish_reason(self) -> str | None:
@@ -189,7 +192,8 @@ class Sequence:
         self.token_ids.append(token_id)
         if self.grammar is not None:
             self.grammar.accept(token_id)
-        self.num_pending_tokens = max(0, self.num_pending_tokens - 1)
+        if self.num_pending_tokens:
+            self.num_pending_tokens -= 1
         if self.first_token_time is None:
             self.first_token_time = time.perf_counter() if now is None else now
 

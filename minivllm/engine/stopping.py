@@ -68,12 +68,14 @@ class StopChecker:
 
     def ends_by_length(self, seq: Sequence) -> bool:
         """Will the pending token end `seq` by max_tokens or max_model_len once it arrives?"""
-        if not seq.num_pending_tokens:
+        pending = seq.num_pending_tokens
+        if not pending:
             return False
+        num_tokens = len(seq.token_ids) + pending  # read directly: asked of every sequence, every step
         max_tokens = seq.sampling_params.max_tokens
-        if max_tokens is not None and seq.num_generated_tokens >= max_tokens:
+        if max_tokens is not None and num_tokens - seq.num_prompt_tokens >= max_tokens:
             return True
-        return seq.num_tokens + seq.num_pending_tokens >= self.max_model_len
+        return num_tokens >= self.max_model_len
 
     @staticmethod
     def banned_tokens(seq: Sequence) -> tuple[int, ...]:
