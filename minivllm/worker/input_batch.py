@@ -162,8 +162,11 @@ def pack_step(buf: np.ndarray, layout: StepLayout, seqs: SequenceType[ScheduledS
     first = cu[:-1].astype(np.int64)
     # Row i of sequence b is its query j = i - cu_b, at position start_b + j; a dummy row
     # (j >= its real length) repeats the position of the last real one.
-    row_seq = np.repeat(np.arange(num_seqs), q_lens)
-    j = np.arange(num_tokens) - first[row_seq]
+    if num_tokens == num_seqs:  # one row per sequence (a decode step): row i is sequence i's
+        row_seq, j = np.arange(num_seqs), np.zeros(num_seqs, dtype=np.int64)
+    else:
+        row_seq = np.repeat(np.arange(num_seqs), q_lens)
+        j = np.arange(num_tokens) - first[row_seq]
     dummy = num_tokens > int(real_lens[:num_real].sum())
     positions = starts[row_seq] + (np.minimum(j, real_lens[row_seq] - 1) if dummy else j)
     layout.field(buf, "positions", num_tokens)[:] = positions
@@ -180,13 +183,14 @@ def pack_step(buf: np.ndarray, layout: StepLayout, seqs: SequenceType[ScheduledS
     last = first[:num_real] + real_lens[:num_real] - 1  # each sequence's last real row
     layout.field(buf, "logits_indices", num_sampled)[:] = _logits_rows(last, counts, num_drafts[:num_real])
     _write_input_ids(layout.field(buf, "input_ids", num_tokens), seqs, first + pending, num_known, num_drafts)
-    waiting = np.flatnonzero(pending)  # the sequences whose first new token is still on the device
-    layout.field(buf, "pending_dst", len(waiting))[:] = first[waiting]
-    layout.field(buf, "pending_src", len(waiting))[:] = [last_sampled_row[seqs[b].seq_id] for b in waiting]
+    # The sequences whose first new token is still on the device: where it goes, where it is.
+    pending_src = [last_sampled_row[s.seq_id] for s in seqs if s.pending]
+    layout.field(buf, "pending_dst", len(pending_src))[:] = first[pending > 0]
+    layout.field(buf, "pending_src", len(pending_src))[:] = pending_src
     draft_dst = _device_draft_rows(seqs, first + pending + num_known, num_drafts)
     layout.field(buf, "draft_dst", len(draft_dst))[:] = draft_dst
     return PackedStep(num_tokens=num_tokens, num_seqs=num_seqs, num_sampled=num_sampled,
-                      num_pending=len(waiting), max_seq_len=int(seq_lens.max()) if num_seqs else 0,
+                      num_pending=len(pending_src), max_seq_len=int(seq_lens.max()) if num_seqs else 0,
                       num_device_drafts=len(draft_dst))
 
 
