@@ -406,7 +406,7 @@ class LLMEngine:
         # tokens (a step with structured output has none until it is sampled).
         record.timings.schedule = scheduled - planned
         event = trace.start(self.scheduler, step, record, held_before) if trace is not None else None
-        needs_sync = step.speculative or any(row.params.has_penalties for row in step.output.sample_rows)
+        needs_sync = step.speculative or step.penalties
         return _InFlight(step, tokens, record, event, needs_sync)
 
     def _sample_structured(self, inflight: _InFlight) -> None:
@@ -457,7 +457,7 @@ class LLMEngine:
             num_cached_free_blocks=bm.num_cached_free_blocks,
             num_block_copies=len(out.block_copies),
             num_prefix_hit_tokens=step.num_prefix_hit_tokens,
-            num_partial_prefills=sum(1 for s in out.seqs if not s.num_samples),
+            num_partial_prefills=step.num_partial_prefills,
             preemptions=step.preemptions,
             num_draft_tokens=step.num_draft_tokens,
         )

@@ -83,6 +83,9 @@ class ScheduledStep:
     # The next plan needs this step's tokens on the host: it verifies drafts, or its sequences
     # may speculate next (the engine waits for it before planning, even with overlap on).
     speculative: bool = False
+    # Some sampled row has penalties, which read its previous token: the next plan waits too.
+    penalties: bool = False
+    num_partial_prefills: int = 0  # scheduled sequences that sample nothing (a prompt chunk, not the last)
     # seq id -> (drafts, accepted) of each sequence that verified drafts, filled in by `update`.
     acceptance: dict[int, tuple[int, int]] = field(default_factory=dict)
 
@@ -319,6 +322,8 @@ class Scheduler:
                     and not seq.sampling_params.scores_prompt_only):
                 samples = (seq, *self._fork(seq)) if seq.num_pending_forks else (seq,)
                 step.forks += samples[1:]
+            else:
+                step.num_partial_prefills += 1
             is_decode = num_new == 1 and start >= seq.num_prompt_tokens  # one output token
             if is_decode:
                 step.num_decode_seqs += 1
@@ -346,7 +351,11 @@ class Scheduler:
         """`seq` samples its next token in `step`: a sample row, and the token counts as pending."""
         if seq.grammar is not None:
             step.output.structured_rows.append(len(step.output.sample_rows))
-        step.output.sample_rows.append(seq.sample_row or self._sample_row(seq))
+        row = seq.sample_row
+        if row is None:
+            row = self._sample_row(seq)
+            step.penalties |= row.params.has_penalties
+        step.output.sample_rows.append(row)
         step.sampled.append(seq)
         seq.num_computed_tokens = num_computed
         seq.num_pending_tokens += 1
