@@ -319,6 +319,8 @@ COLUMNS = [
     ("kernels/step", "kernels_per_step", ".0f"), ("launches/step", "kernel_launches_per_step", ".0f"),
     ("graphs/step", "graph_launches_per_step", ".1f"),
     ("host ms", lambda r: 1e3 * r["host_time_s"], ".3f"), ("wait ms", lambda r: 1e3 * r["wait_time_s"], ".3f"),
+    ("sched ms", lambda r: 1e3 * r["schedule_time_s"], ".3f"), ("prep ms", lambda r: 1e3 * r["prepare_time_s"], ".3f"),
+    ("upd ms", lambda r: 1e3 * r["update_time_s"], ".3f"),
 ]
 
 

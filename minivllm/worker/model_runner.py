@@ -301,7 +301,8 @@ class ModelRunner:
         if isinstance(prepared, GraphStep):
             timings.graph_batch_size = prepared.batch_size
         if batch.pending_dst.numel():
-            batch.input_ids[batch.pending_dst] = self.last_sampled[batch.pending_src].to(torch.int32)
+            tokens = self.last_sampled.index_select(0, batch.pending_src).to(torch.int32)
+            batch.input_ids.index_put_((batch.pending_dst,), tokens)
         return prepared, batch
 
     def _forward(self, prepared: GraphStep | InputBatch, batch: InputBatch) -> torch.Tensor:
