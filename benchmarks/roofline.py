@@ -37,6 +37,15 @@ replayed from a CUDA graph of 2 x layers + 1 calls (what one decode step makes),
     python benchmarks/roofline.py --variants "base:,nofused:MINIVLLM_FUSED_OPS=0"
     python benchmarks/roofline.py --model-config llama-3.1-8b --variants "tp1:,tp2:tensor_parallel_size=2"
 
+**The host alone** (`--host-only`): the forward pass and the LM head are replaced by zeros (a
+graph-sized step is still packed into the graph's buffers), so a step is the engine's own work:
+schedule, prepare (packing, block tables, upload), sample, update. Its step time is the fastest
+step the host allows at that batch size; a GPU step shorter than that is host-bound. It measures
+the same host code on a CPU as on a GPU, without a CPU forward pass in between (whose threads and
+[B, vocab] logits slow the host code around it), so a CPU run says what a change does to it:
+
+    python benchmarks/roofline.py --device cpu --host-only --batch-sizes 16,256 --context 32 --steps 200
+
 Variants (`benchmarks/common.py`) run side by side, each in a process of its own; every row gets
 its step time over the first variant's at the same batch size. CPU runs are no GPU claim.
 """
@@ -267,6 +276,14 @@ def _median_cuda_s(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def skip_the_model(runner) -> None:
+    """`--host-only`: the runner's forward gives zero hidden states and its LM head 8 zero logits
+    a row (so every sampled token is 0), at once. Everything before and after runs as usual."""
+    hidden_size = runner.model.config.hidden_size
+    runner._forward = lambda prepared, batch: torch.zeros(batch.num_tokens, hidden_size, device=runner.device)
+    runner.model.compute_logits = lambda hidden: torch.zeros(hidden.shape[0], 8, device=hidden.device)
+
+
 def measure(model_dir: Path, dtype: str, args, device: torch.device, record: dict, out: Path) -> None:
     """One engine (this process's variant), every batch size: rows into `record`."""
     variant = this_variant(args)
@@ -287,6 +304,8 @@ def measure(model_dir: Path, dtype: str, args, device: torch.device, record: dic
         print(format_table(record["all_reduce"], ALL_REDUCE_COLUMNS), flush=True)
     llm = LLM(str(model_dir), **engine_args)
     runner = llm.engine.executor.runner
+    if args.host_only:
+        skip_the_model(runner)
     weights = weight_bytes(runner.model)  # this rank's shard
     kv_per_token = runner.kv_bytes_per_block // runner.block_size
     time_decode_steps(llm, min(2, max_batch), min(args.context, 64), 2, args.seed)  # warm-up
@@ -299,7 +318,7 @@ def measure(model_dir: Path, dtype: str, args, device: torch.device, record: dic
         row = {"variant": variant.name, **roofline_row(measured, batch, weights, kv_per_token, copy_bw),
                "context": args.context, "cuda_graphs": runner.graphs is not None,
                "async_scheduling": llm.engine.overlap, "kv_cache_dtype": llm.engine.config.kv_cache_spec.name,
-               "tensor_parallel_size": tp}
+               "tensor_parallel_size": tp, "host_only": args.host_only}
         row["graph_warning"] = graph_warning(runner, row, args.steps) if row["cuda_graphs"] else None
         add_row(record, out, row, COLUMNS)
         if row["graph_warning"]:
@@ -343,11 +362,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="batch sizes whose kernels are counted (default 1,64: those measured)")
     p.add_argument("--profile-steps", type=int, default=5, help="decode steps profiled per batch size")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    p.add_argument("--host-only", action="store_true",
+                   help="replace the forward pass and LM head by zeros: time the host's own work")
     p.add_argument("--seed", type=int, default=0)
     args = with_device_defaults(p, argv, gpu={"batch_sizes": "1,8,64,256", "context": 1024},
                                 cpu={"batch_sizes": "1,4", "context": 32})
     if min(args.context, args.steps, args.profile_steps, args.tensor_parallel_size) < 1:
         p.error("--context, --steps, --profile-steps and --tensor-parallel-size must be >= 1")
+    if args.host_only and args.tensor_parallel_size > 1:
+        p.error("--host-only replaces the model of this process's runner: it needs -tp 1")
     return args
 
 

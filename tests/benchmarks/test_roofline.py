@@ -88,3 +88,25 @@ def test_bad_arguments_are_refused():
     for argv in (["--batch-sizes", "0,4"], ["--steps", "0"], ["-tp", "0"]):
         with pytest.raises(SystemExit):
             roofline.parse_args(["--device", "cpu", *argv])
+
+
+@cpu_only
+def test_host_only_steps_run_the_engine_without_the_model(tmp_path, model_cache):
+    out = tmp_path / "host.json"
+    record = roofline.main([*TINY, "--host-only", "--profile-batches", "99", "--model-cache", str(model_cache),
+                            "--out", str(out)])
+    assert [r["batch_size"] for r in record["results"]] == [1, 2]
+    assert all(r["host_only"] and r["step_time_s"] > 0 and r["prepare_time_s"] > 0 for r in record["results"])
+    with pytest.raises(SystemExit):
+        roofline.parse_args(["--host-only", "-tp", "2"])
+
+
+@cpu_only
+def test_skipping_the_model_gives_zero_tokens_through_the_whole_engine(model_cache):
+    from benchmarks.common import build_model
+    from minivllm import LLM
+
+    llm = LLM(str(build_model("tiny", model_cache, torch.float32)), device="cpu", max_num_seqs=4, max_model_len=64)
+    roofline.skip_the_model(llm.engine.executor.runner)
+    outs = llm.generate([[5, 6, 7], [8, 9]], temperature=0.0, max_tokens=4, ignore_eos=True, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [[0] * 4, [0] * 4]
