@@ -30,7 +30,6 @@ empty), as a pending token's value is not known either.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
 
 from minivllm.sampling_params import SamplingParams
 
@@ -153,12 +152,10 @@ class SchedulerOutput:
     def is_empty(self) -> bool:
         return not self.seqs
 
-    # Sums over every sequence, read by the runner each step: worked out once, on first reading
-    # (when the scheduler has finished the step).
-    @cached_property
+    @property
     def num_batched_tokens(self) -> int:
         return sum(s.num_new_tokens for s in self.seqs)
 
-    @cached_property
+    @property
     def num_logits_rows(self) -> int:
         return sum(s.num_logits_rows for s in self.seqs)

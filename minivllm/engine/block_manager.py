@@ -201,12 +201,12 @@ class BlockManager:
         """
         if num_new_tokens < 1:
             raise ValueError(f"num_new_tokens must be >= 1, got {num_new_tokens}")
-        cached_blocks = list(cached_blocks)
         if not cached_blocks and self._fits_in_own_blocks(seq, num_new_tokens):
             # The common case of a decode step: the token lands in a block the sequence already
             # holds alone, so there is nothing to take and nothing to copy. (Checked first
             # because the scheduler asks this of every running sequence, every step.)
             return []
+        cached_blocks = list(cached_blocks)
         if cached_blocks and (seq.block_table or seq.num_computed_tokens):
             raise ValueError("cached_blocks can only start the table of a sequence holding no blocks")
         if self.num_blocks_to_allocate(seq, num_new_tokens, cached_blocks) > self.num_free_blocks:

@@ -197,7 +197,7 @@ class Scheduler:
             uncomputed = seq.num_uncomputed_tokens
             if not uncomputed or self.stopping.ends_by_length(seq):
                 continue
-            num_new = self._num_new_tokens(uncomputed, budget)
+            num_new = 1 if uncomputed == 1 else self._num_new_tokens(uncomputed, budget)  # (budget > 0)
             # Drafts only from the budget left once every running sequence has its one token.
             spare = budget - num_new - (len(self.running) - i)
             drafts, num_drafts = self._plan_drafts(seq, spare) if speculate else ([], 0)
@@ -343,22 +343,25 @@ class Scheduler:
                 seq.block_table, len(samples), is_decode, prompt_rows, drafts, num_drafts))
             step.seqs.append(seq)
             seq.num_computed_tokens = start + num_new + num_drafts
-            for sampled in samples:
-                self._add_sample(step, sampled, seq.num_computed_tokens)
+            if samples:
+                self._add_samples(step, samples, seq.num_computed_tokens)
         return step
 
-    def _add_sample(self, step: ScheduledStep, seq: Sequence, num_computed: int) -> None:
-        """`seq` samples its next token in `step`: a sample row, and the token counts as pending."""
-        if seq.grammar is not None:
-            step.output.structured_rows.append(len(step.output.sample_rows))
-        row = seq.sample_row
-        if row is None:
-            row = self._sample_row(seq)
-            step.penalties |= row.params.has_penalties
-        step.output.sample_rows.append(row)
-        step.sampled.append(seq)
-        seq.num_computed_tokens = num_computed
-        seq.num_pending_tokens += 1
+    def _add_samples(self, step: ScheduledStep, samples: tuple[Sequence, ...], num_computed: int) -> None:
+        """Each of `samples` samples its next token in `step`: a sample row each, and the token
+        counts as pending."""
+        out = step.output
+        for seq in samples:
+            if seq.grammar is not None:
+                out.structured_rows.append(len(out.sample_rows))
+            row = seq.sample_row
+            if row is None:
+                row = self._sample_row(seq)
+                step.penalties |= row.params.has_penalties
+            out.sample_rows.append(row)
+            step.sampled.append(seq)
+            seq.num_computed_tokens = num_computed
+            seq.num_pending_tokens += 1
 
     @staticmethod
     def _prompt_logprob_rows(seq: Sequence, start: int, num_new: int) -> PromptLogprobRows | None:

@@ -220,11 +220,11 @@ def choose_graphs(graph_sets: list[DecodeGraphs], seqs, num_sampled: int) -> tup
     return None, miss
 
 
-def load_step(seqs, num_tokens: int, num_sampled: int, rows, tables: BlockTables, block_size: int, last_sampled_row,
+def load_step(seqs, num_sampled: int, rows, tables: BlockTables, block_size: int, last_sampled_row,
               graph_sets: list[DecodeGraphs], eager: StepBuffers, backend: str):
     """Load a step into the first graph set that can replay it, else into `eager`'s buffer for an
     eager forward; then send the changed block-table entries and gather the step's rows.
-    num_tokens, num_sampled: the step's new tokens and rows of logits.
+    num_sampled: the step's rows of logits.
 
     Returns (the GraphStep or the eager InputBatch, its InputBatch, why no graph set could run
     it: None if one does, or if there are none).
@@ -234,7 +234,7 @@ def load_step(seqs, num_tokens: int, num_sampled: int, rows, tables: BlockTables
         prepared = graphs.load(seqs, rows, tables.host, block_size, last_sampled_row, tables.pad_row)
         batch = prepared.inputs
     else:
-        layout = exact_layout(num_tokens, num_sampled, len(seqs))
+        layout = exact_layout(sum(s.num_new_tokens for s in seqs), num_sampled, len(seqs))
         packed = pack_step(eager.host(layout.size), layout, seqs, rows, tables.host, block_size, last_sampled_row)
         eager.upload(layout.size)
         prepared = batch = InputBatch.view(eager.device_tensor, layout, packed, backend=backend)

@@ -93,7 +93,7 @@ class DraftModel:
         for i in range(k):
             # Forward i computes the token at position start + i and guesses the one after it.
             step = [ScheduledSeq(s.seq_id, s.start + i, [0], False, s.block_table, 1) for s in seqs]
-            prepared, inputs, _ = load_step(step, n, n, rows, tables, self.block_size, {}, graph_sets,
+            prepared, inputs, _ = load_step(step, n, rows, tables, self.block_size, {}, graph_sets,
                                             self._buffers, self.backend)
             inputs.input_ids[:n] = tokens
             if isinstance(prepared, GraphStep):

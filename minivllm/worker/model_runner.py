@@ -296,7 +296,7 @@ class ModelRunner:
         seqs = output.seqs
         rows = self.block_tables.sync_all(seqs)
         prepared, batch, timings.graph_miss = load_step(
-            seqs, output.num_batched_tokens, output.num_logits_rows, rows, self.block_tables, self.block_size, self._last_sampled_row,
+            seqs, output.num_logits_rows, rows, self.block_tables, self.block_size, self._last_sampled_row,
             self.graphs or [], self._step_buffers, self.backend)
         if isinstance(prepared, GraphStep):
             timings.graph_batch_size = prepared.batch_size
