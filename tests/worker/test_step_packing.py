@@ -320,7 +320,7 @@ def test_pack_step_equals_a_token_by_token_reference(step):
     tables = BlockTables(8, 6, torch.device("cpu"))
     rows = tables.sync_all(seqs)
     num_seqs = pad_to or len(seqs)
-    layout = StepLayout(max_tokens=64, max_sampled=64, max_seqs=max(num_seqs, 1))
+    layout = StepLayout(max_tokens=128, max_sampled=64, max_seqs=max(num_seqs, 1))
     buf = np.full(layout.size, 12345, dtype=np.int32)
     packed = pack_step(buf, layout, seqs, rows, tables.host, BS, last_sampled, pad_to=pad_to,
                        pad_row=7, query_len=query_len)
