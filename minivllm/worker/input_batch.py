@@ -311,7 +311,7 @@ def build_input_batch(output, block_size: int, device: torch.device, backend: st
     seqs = output.seqs
     width = max((len(s.block_table) for s in seqs), default=1)
     tables = BlockTables(max(len(seqs), 1), width, torch.device("cpu"))
-    rows = [tables.sync(s.seq_id, s.block_table) for s in seqs]
+    rows = tables.sync_all(seqs)
     pending = [s.seq_id for s in seqs if s.pending]
     layout = exact_layout(output.num_batched_tokens, output.num_logits_rows, len(seqs))
     buffers = StepBuffers(layout.size, device)
