@@ -198,10 +198,11 @@ class Scheduler:
             if not uncomputed or self.stopping.ends_by_length(seq):
                 continue
             num_new = 1 if uncomputed == 1 else self._num_new_tokens(uncomputed, budget)  # (budget > 0)
-            # Drafts only from the budget left once every running sequence has its one token.
-            spare = budget - num_new - (len(self.running) - i)
-            drafts, num_drafts = self._plan_drafts(seq, spare) if speculate else ([], 0)
-            seq_copies = self.block_manager.allocate(seq, num_new + num_drafts) if num_drafts else None
+            seq_copies = None
+            if speculate:  # drafts only from the budget left once every running sequence has its token
+                drafts, num_drafts = self._plan_drafts(seq, budget - num_new - (len(self.running) - i))
+                if num_drafts:
+                    seq_copies = self.block_manager.allocate(seq, num_new + num_drafts)
             if seq_copies is None:  # no drafts, or no free block for them: no speculation
                 drafts, num_drafts = [], 0
                 seq_copies = self.block_manager.allocate(seq, num_new)  # what a decode needs
@@ -209,7 +210,8 @@ class Scheduler:
                     seq_copies = self._allocate_or_preempt(seq, num_new, preemptions)
             if seq_copies is None:  # seq had to preempt itself: it was the newest
                 break
-            copies += seq_copies
+            if seq_copies:
+                copies += seq_copies
             planned.append((seq, num_new, drafts, num_drafts))
             budget -= num_new + num_drafts
 
@@ -320,8 +322,11 @@ class Scheduler:
             samples = ()
             if (start + num_new == seq.num_tokens + seq.num_pending_tokens
                     and not seq.sampling_params.scores_prompt_only):
-                samples = (seq, *self._fork(seq)) if seq.num_pending_forks else (seq,)
-                step.forks += samples[1:]
+                samples = (seq,)
+                if seq.num_pending_forks:
+                    children = self._fork(seq)
+                    step.forks += children
+                    samples += tuple(children)
             else:
                 step.num_partial_prefills += 1
             is_decode = num_new == 1 and start >= seq.num_prompt_tokens  # one output token
