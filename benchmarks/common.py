@@ -417,9 +417,6 @@ class Variant:
     sampling: dict = dataclasses.field(default_factory=dict)  # SamplingParams keyword arguments
 
 
-BASE = Variant("base")
-
-
 def _split_top(text: str, separators: str) -> list[str]:
     """Split on any of `separators` outside braces, brackets and double quotes."""
     parts, depth, quoted, current = [], 0, False, ""
@@ -480,7 +477,7 @@ def add_variant_arguments(parser) -> None:
 def this_variant(args) -> Variant:
     """The variant this process measures: the one named by --child-variant, else the base."""
     if args.child_variant is None:
-        return BASE
+        return Variant("base")
     return next(v for v in parse_variants(args.variants) if v.name == args.child_variant)
 
 

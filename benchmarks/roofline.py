@@ -37,12 +37,10 @@ replayed from a CUDA graph of 2 x layers + 1 calls (what one decode step makes),
     python benchmarks/roofline.py --variants "base:,nofused:MINIVLLM_FUSED_OPS=0"
     python benchmarks/roofline.py --model-config llama-3.1-8b --variants "tp1:,tp2:tensor_parallel_size=2"
 
-**The host alone** (`--host-only`): the forward pass and the LM head are replaced by zeros (a
-graph-sized step is still packed into the graph's buffers), so a step is the engine's own work:
-schedule, prepare (packing, block tables, upload), sample, update. Its step time is the fastest
-step the host allows at that batch size; a GPU step shorter than that is host-bound. It measures
-the same host code on a CPU as on a GPU, without a CPU forward pass in between (whose threads and
-[B, vocab] logits slow the host code around it), so a CPU run says what a change does to it:
+**The host alone** (`--host-only`): the forward pass and LM head give zeros, so a step is the
+engine's own work (schedule, prepare, sample, update) and its time the fastest step the host
+allows: a GPU step shorter than that is host-bound. The host code is the same on a CPU, so a CPU
+run (no CPU forward pass slowing the code around it) says what a change does to it:
 
     python benchmarks/roofline.py --device cpu --host-only --batch-sizes 16,256 --context 32 --steps 200
 

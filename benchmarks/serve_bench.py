@@ -398,10 +398,16 @@ class TokenFountain:
         self.requests: dict[str, list] = {}  # id -> [prompt ids, max_tokens, generated, arrival]
         self.scheduler = SimpleNamespace(running=[], waiting=[], speculation=None)
         self.block_manager = SimpleNamespace(num_used_blocks=0, num_blocks=1)
+        self.num_waiting = 0
         self.executor = SimpleNamespace(runner=SimpleNamespace(device="cpu", num_kv_blocks=1))
 
-    def add_request(self, prompt, params, request_id, stream=True) -> None:
+    def prepare_request(self, prompt, params, request_id, stream=True):
+        """Nothing to compile: the request is ready, and already in the fountain."""
         self.requests[request_id] = [list(prompt), params.max_tokens, 0, time.perf_counter()]
+        return SimpleNamespace(request_id=request_id, ready=lambda: True)
+
+    def add_prepared(self, prepared) -> None:
+        pass
 
     def abort(self, request_id):
         request = self.requests.pop(request_id, None)
@@ -577,16 +583,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--rates must be > 0 (or inf), got {args.rates}")
     if not isinstance(args.extra_body, dict):
         p.error("--extra-body must be a JSON object")
-    if args.num_requests < 1 or args.hf_num_requests < 1:
-        p.error("--num-requests and --hf-num-requests must be >= 1")
+    if min(args.num_requests, args.hf_num_requests, args.client_processes) < 1:
+        p.error("--num-requests, --hf-num-requests and --client-processes must be >= 1")
     if args.url is not None and (len(args.api_server_counts) > 1 or args.fountain_step_ms is not None):
         p.error("--url measures the server that runs there: no --api-server-count list, no --fountain-step-ms")
     if args.fountain_step_ms is not None and (args.fountain_step_ms < 0 or args.backends != ["minivllm"]):
         p.error("--fountain-step-ms must be >= 0, with --backends minivllm")
     args.hf_num_requests = min(args.hf_num_requests, args.num_requests)
     args.max_num_seqs = args.max_num_seqs or min(args.num_requests, 256)
-    if args.client_processes < 1:
-        p.error(f"--client-processes must be >= 1, got {args.client_processes}")
     args.max_num_batched_tokens = max(args.max_num_batched_tokens, args.max_num_seqs)
     args.max_model_len = args.input_range[1] + args.output_range[1]
     return args
@@ -725,13 +729,9 @@ def mix_ratios(served: list[dict]) -> dict:
     waves = {}  # (mix, rate) -> output tok/s of each wave, in order
     for r in served:
         waves.setdefault((r["mix"], r["rate"]), []).append(r.get("output_tokens_per_s"))
-    ratios = {}
-    for mix in mixes[1:]:
-        for (m, rate), rates in waves.items():
-            if m == mix:
-                base = waves.get((mixes[0], rate), [])
-                ratios.setdefault(mix, {})[str(rate)] = [a / b if a and b else None for a, b in zip(rates, base)]
-    return ratios
+    return {mix: {str(rate): [a / b if a and b else None for a, b in zip(rates, waves.get((mixes[0], rate), []))]
+                  for (m, rate), rates in waves.items() if m == mix}
+            for mix in mixes[1:]}
 
 
 def _ms(key: str, q: str):

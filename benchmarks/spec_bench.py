@@ -31,6 +31,7 @@ CPU runs are no GPU claim.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -170,12 +171,9 @@ def e2e_row(mode: str, off: dict, on: dict, args) -> dict:
 def threshold_from(rows: list[dict]) -> int | None:
     """The largest batch size up to which always-on speculation paid at every measured size
     (speedup >= 1): what `disable_by_batch_size` should be. None if it never paid."""
-    paying = None
-    for r in sorted((r for r in rows if r.get("mode") == "always_on"), key=lambda r: r["batch_size"]):
-        if r["speedup"] < 1.0:
-            break
-        paying = r["batch_size"]
-    return paying
+    always_on = sorted((r for r in rows if r.get("mode") == "always_on"), key=lambda r: r["batch_size"])
+    paying = [r["batch_size"] for r in itertools.takewhile(lambda r: r["speedup"] >= 1.0, always_on)]
+    return paying[-1] if paying else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,7 +249,6 @@ def measure(model_dir: Path, dtype: str, args, device: torch.device, record: dic
     (e2e if args.part == "e2e" else step_part)(model_dir, dtype, args, device, record, out)
 
 
-# ---------------------------------------------------------------------------------------------
 E2E_COLUMNS = [
     ("variant", "variant", ""), ("mode", "mode", ""), ("batch", "batch_size", "d"),
     ("off tok/s", "off_output_tokens_per_s", ".1f"), ("on tok/s", "output_tokens_per_s", ".1f"),

@@ -35,8 +35,8 @@ minivllm over each HF row of the same concurrency, and each variant over the fir
     python benchmarks/throughput.py --model DIR --device cpu --backends minivllm,hf_generate \\
         --concurrency 1,8 --input-len 32 --output-len 64           # CPU: minivllm vs HF generate
 
-Variants (`benchmarks/common.py`) run side by side, each in a process of its own. A new workload
-is one function in WORKLOADS. CPU runs are no GPU claim.
+Variants (`benchmarks/common.py`) run side by side, each in a process of its own. CPU runs are no
+GPU claim.
 
 Structured output is a variant: `sampling.structured_outputs` takes the fields of
 `StructuredOutputsParams` as JSON, and such a request keeps its EOS (the grammar ends it). A JSON
@@ -59,7 +59,6 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `minivll
 
 from minivllm import LLM, SamplingParams, StructuredOutputsParams
 from minivllm.kernels import JitCounter
-from minivllm.observe import kv_cache_stats
 
 from benchmarks.common import (add_model_arguments, add_row, add_variant_arguments, agreement,
                                copy_bandwidth, finish, format_table, hf_generate, int_list, load_hf,
@@ -70,18 +69,6 @@ from benchmarks.common import (add_model_arguments, add_row, add_variant_argumen
 BACKENDS = ("minivllm", "hf_generate", "hf_generate_batch")
 GPU_DEFAULTS = {"num_requests": 256, "input_len": "100:1024", "output_len": "100:1024"}
 CPU_DEFAULTS = {"num_requests": 8, "input_len": "16:64", "output_len": "8:32"}
-# Sampling the KV waste walks every held block table on the host, inside the timed loop, where it
-# delays the next step (about 10 ms at 256 sequences): rarely enough that it costs nothing visible.
-WASTE_SAMPLE_EVERY = 128
-
-
-def random_workload(args, model_dir: Path):
-    return random_requests(args.num_requests, args.input_range, args.output_range,
-                           vocab_size(model_dir), args.seed)
-
-
-# name -> function(args, model directory) -> (prompts as token ids, output lengths)
-WORKLOADS = {"random": random_workload}
 
 
 def workload_roofline(prompts, out_lens, model, copy_bw: float, matmul: float) -> dict:
@@ -131,8 +118,8 @@ def sampling_params(n: int, sampling: dict):
 
 
 def run_minivllm(llm, prompts, out_lens, device, sampling: dict) -> dict:
-    """All requests at once, then engine steps until done (as LLM.generate), with the KV-cache
-    waste sampled now and then and every Triton compilation counted."""
+    """All requests at once, then engine steps until done (as LLM.generate), with every Triton
+    compilation counted."""
     engine = llm.engine
     params = [sampling_params(n, sampling) for n in out_lens]
     before = engine.stats.step_stats()
@@ -141,16 +128,13 @@ def run_minivllm(llm, prompts, out_lens, device, sampling: dict) -> dict:
     with JitCounter() as jit:
         start = time.perf_counter()
         ids = engine.add_requests(prompts, params)
-        pending, outputs, waste, steps = set(ids), {}, [], 0
+        pending, outputs, steps = set(ids), {}, 0
         while pending:
             for out in engine.step():
                 if out.request_id in pending:
                     pending.discard(out.request_id)
                     outputs[out.request_id] = out
             steps += 1
-            if steps % WASTE_SAMPLE_EVERY == 0 and pending:
-                stats = kv_cache_stats(engine.block_manager, engine.scheduler.running)
-                waste.append(stats["fragmentation"])
         sync(device)
         wall = time.perf_counter() - start
     after = engine.stats.step_stats()
@@ -165,7 +149,7 @@ def run_minivllm(llm, prompts, out_lens, device, sampling: dict) -> dict:
                all_requests_complete=all(len(o.token_ids) == n for o, n in zip(done, out_lens)),
                ttft_s=percentiles([o.metrics.ttft for o in done]),
                tpot_s=percentiles([o.metrics.tpot for o in done]),
-               num_steps=steps, step_kinds=kinds, step_phases_ms=phases, kv_waste_fraction=percentiles(waste),
+               num_steps=steps, step_kinds=kinds, step_phases_ms=phases,
                jit_compiles_during_run=jit.count if jit.available else None,
                cuda_graphs=llm.engine.executor.runner.graphs is not None, async_scheduling=engine.overlap,
                kv_cache_dtype=engine.config.kv_cache_spec.name,
@@ -253,7 +237,8 @@ def hf_attn_names(attn: str, api: str) -> str | None:
 # ------------------------------------------------------------------------------------------
 def measure(model_dir: Path, dtype: str, args, device, record: dict, out: Path) -> None:
     variant = this_variant(args)
-    prompts, out_lens = WORKLOADS[args.workload](args, model_dir)
+    prompts, out_lens = random_requests(args.num_requests, args.input_range, args.output_range,
+                                        vocab_size(model_dir), args.seed)
 
     def add(result: dict) -> None:
         add_row(record, out, {**result, "variant": variant.name})
@@ -346,7 +331,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p)
     add_variant_arguments(p)
-    p.add_argument("--workload", choices=sorted(WORKLOADS), default="random")
     p.add_argument("--num-requests", type=int, default=None, help="default 256 on a GPU, 8 on the CPU")
     p.add_argument("--input-len", default=None, help="prompt lengths LOW:HIGH (default 100:1024)")
     p.add_argument("--output-len", default=None, help="output lengths LOW:HIGH (default 100:1024)")

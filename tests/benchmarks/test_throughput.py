@@ -3,7 +3,6 @@ minivllm's attention inside HF against sdpa, variants in child processes, and th
 the workload roofline and the ratios."""
 
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -102,13 +101,13 @@ def test_bad_arguments_are_refused(argv):
 
 
 def test_the_random_workload_draws_ids_of_the_models_vocabulary(model_cache):
-    from benchmarks.common import build_model, vocab_size
+    from benchmarks.common import build_model, random_requests, vocab_size
 
     model_dir = build_model("tiny", model_cache, torch.float32)
-    args = SimpleNamespace(num_requests=4, input_range=(5, 7), output_range=(2, 3), seed=1)
-    prompts, out_lens = throughput.WORKLOADS["random"](args, model_dir)
+    draw = lambda: random_requests(4, (5, 7), (2, 3), vocab_size(model_dir), seed=1)  # noqa: E731
+    prompts, out_lens = draw()
     assert len(prompts) == 4 and all(5 <= len(p) <= 7 and max(p) < vocab_size(model_dir) for p in prompts)
-    assert (prompts, out_lens) == throughput.WORKLOADS["random"](args, model_dir)
+    assert all(2 <= n <= 3 for n in out_lens) and (prompts, out_lens) == draw()
 
 
 @cpu_only
