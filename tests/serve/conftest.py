@@ -11,6 +11,7 @@ bounded; every request targets 127.0.0.1.
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import signal
 import socket
@@ -156,6 +157,36 @@ def fail_when_set(engine, monkeypatch) -> threading.Event:
 
     monkeypatch.setattr(engine.executor, "execute", flaky_execute)
     return fail
+
+
+class EnginePipes:
+    """A frontend's side of the engine loop's pipes (`engine_core.serve`, run by a test in a
+    thread; the loop takes `engine_commands` and `engine_results`): send calls, and read its
+    messages into replies by call id, outputs by request, and step errors."""
+
+    def __init__(self):
+        from minivllm.entrypoints.engine_core import OutputDecoder
+
+        self.engine_commands, self.commands = multiprocessing.Pipe(duplex=False)
+        self.results, self.engine_results = multiprocessing.Pipe(duplex=False)
+        self.decoder, self.replies, self.outputs, self.errors = OutputDecoder(), {}, {}, []
+
+    def send(self, call_id: int | None, method: str, *args) -> None:
+        self.commands.send((call_id, method, args))
+
+    def read_until(self, condition, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert self.results.poll(max(0.0, deadline - time.monotonic())), "no message from the engine loop"
+            replies, wire, error, failed, _ = self.results.recv()
+            self.replies.update({call_id: (err, value) for call_id, err, value in replies})
+            for out in map(self.decoder.decode, wire + failed):
+                self.outputs.setdefault(out.request_id, []).append(out)
+            if error is not None:
+                self.errors.append((error, [f[0] for f in failed]))
+
+    def finished(self, request_id: str) -> bool:
+        return bool(self.outputs.get(request_id)) and self.outputs[request_id][-1].finished
 
 
 @pytest.fixture(scope="session")

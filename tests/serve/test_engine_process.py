@@ -28,11 +28,11 @@ import pytest
 from minivllm import SamplingParams
 from minivllm.entrypoints import AsyncLLM, EngineDeadError, EngineStepError, RequestStream
 from minivllm.entrypoints.async_llm import coalesce
-from minivllm.entrypoints.engine_core import EngineCore, EngineState, OutputDecoder, serve
+from minivllm.entrypoints.engine_core import EngineCore, EngineState, serve
 from minivllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from minivllm.sampling_params import StructuredOutputsParams
 from tests.engine.test_structured_output import SCHEMA, hold_compiles
-from tests.serve.conftest import MAX_MODEL_LEN, fail_when_set, make_engine
+from tests.serve.conftest import MAX_MODEL_LEN, EnginePipes, fail_when_set, make_engine
 from tests.serve.test_async_llm import PROMPTS, joined
 
 pytestmark = pytest.mark.xdist_group("engine_process")  # one worker, so one shared engine process
@@ -211,33 +211,15 @@ def test_a_stream_merges_what_is_queued_but_not_past_an_error():
 # ----------------------------------------------------------------------------------------------
 # The engine's loop, in a thread: a failing step, grammars that compile while others step
 # ----------------------------------------------------------------------------------------------
-class LoopInThread:
+class LoopInThread(EnginePipes):
     """`serve` as the engine process runs it, here in a thread (so the engine can be patched),
-    and what it sent so far: replies by call id, outputs by request, step errors."""
+    with this test as its one frontend."""
 
     def __init__(self, engine):
-        commands_in, self.commands = multiprocessing.Pipe(duplex=False)
-        self.results, results_out = multiprocessing.Pipe(duplex=False)
-        self.thread = threading.Thread(target=serve, args=(EngineCore(engine), commands_in, results_out), daemon=True)
+        super().__init__()
+        self.thread = threading.Thread(target=serve, args=(EngineCore(engine), self.engine_commands,
+                                                           self.engine_results), daemon=True)
         self.thread.start()
-        self.decoder, self.replies, self.outputs, self.errors = OutputDecoder(), {}, {}, []
-
-    def send(self, call_id: int, method: str, *args) -> None:
-        self.commands.send((call_id, method, args))
-
-    def finished(self, request_id: str) -> bool:
-        return bool(self.outputs.get(request_id)) and self.outputs[request_id][-1].finished
-
-    def read_until(self, condition) -> None:
-        deadline = time.monotonic() + 60
-        while not condition():
-            assert self.results.poll(max(0.0, deadline - time.monotonic())), "no message from the engine loop"
-            message_replies, wire, error, failed, _ = self.results.recv()
-            self.replies.update({call_id: (err, value) for call_id, err, value in message_replies})
-            for out in map(self.decoder.decode, wire + failed):
-                self.outputs.setdefault(out.request_id, []).append(out)
-            if error is not None:
-                self.errors.append((error, [f[0] for f in failed]))
 
     def stop(self) -> None:
         self.send(None, "shutdown")

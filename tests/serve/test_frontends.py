@@ -16,16 +16,15 @@ import json
 import multiprocessing
 import signal
 import threading
-import time
 
 import httpx
 import psutil
 import pytest
 
 from minivllm import SamplingParams
-from minivllm.entrypoints.engine_core import EngineCore, OutputDecoder, serve
-from tests.serve.conftest import (MODEL_NAME, ServerProcess, healthy_server, in_server_group, make_engine,
-                                  metric_values)
+from minivllm.entrypoints.engine_core import EngineCore, serve
+from tests.serve.conftest import (MODEL_NAME, EnginePipes, ServerProcess, healthy_server, in_server_group,
+                                  make_engine, metric_values)
 from tests.serve.test_lifecycle import ABORTED, GENERATED, _children, _long_body, _running, _wait_for
 
 pytestmark = in_server_group
@@ -38,30 +37,9 @@ NUM_REQUESTS = 16  # over fresh connections: all on one of two frontends has odd
 # ----------------------------------------------------------------------------------------------
 # The engine's loop with two frontends, in a thread
 # ----------------------------------------------------------------------------------------------
-class FrontendPipes:
-    """The test's side of one frontend's pipes: send calls, read (and decode) the messages."""
-
-    def __init__(self):
-        self.engine_commands, self.commands = multiprocessing.Pipe(duplex=False)
-        self.results, self.engine_results = multiprocessing.Pipe(duplex=False)
-        self.decoder, self.replies, self.outputs = OutputDecoder(), {}, {}
-
-    def read_until(self, condition, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            assert self.results.poll(max(0.0, deadline - time.monotonic())), "no message from the engine loop"
-            replies, wire, _, failed, _ = self.results.recv()
-            self.replies.update({call_id: (err, value) for call_id, err, value in replies})
-            for out in map(self.decoder.decode, wire + failed):
-                self.outputs.setdefault(out.request_id, []).append(out)
-
-    def finished(self, request_id: str) -> bool:
-        return bool(self.outputs.get(request_id)) and self.outputs[request_id][-1].finished
-
-
 def test_the_engine_loop_routes_each_frontends_requests_to_it_alone(serve_model, offline_llm):
     engine = make_engine(serve_model, max_num_seqs=8)
-    a, b = FrontendPipes(), FrontendPipes()
+    a, b = EnginePipes(), EnginePipes()
     control_in, control = multiprocessing.Pipe(duplex=False)
     _, parent_results = multiprocessing.Pipe(duplex=False)
     frontends = [(a.engine_commands, a.engine_results), (b.engine_commands, b.engine_results)]
