@@ -197,6 +197,8 @@ class LLMEngine:
         except BaseException:
             for p in prepared:
                 self._prepared.pop(p.request_id)
+                if p.grammar is not None:
+                    p.grammar.cancel()  # one still queued does not compile for nothing
             raise
         self._warn_capped([p.request for p in prepared])
         for p in prepared:

@@ -181,7 +181,7 @@ class Scheduler:
     def schedule(self) -> ScheduledStep:
         """Plan the next step: who computes which tokens; allocates their KV blocks."""
         budget = self.config.max_num_batched_tokens
-        planned: list[tuple[Sequence, int, list[int], int]] = []  # seq, known tokens, drafts
+        planned: list[tuple[Sequence, int, list[int], int]] = []  # seq, new tokens, draft ids, drafts
         copies: list[tuple[int, int]] = []
         preemptions: list[Preemption] = []
         speculate = self.speculation is not None and self.speculation.enabled(len(self.running))
@@ -205,9 +205,7 @@ class Scheduler:
                     seq_copies = self.block_manager.allocate(seq, num_new + num_drafts)
             if seq_copies is None:  # no drafts, or no free block for them: no speculation
                 drafts, num_drafts = [], 0
-                seq_copies = self.block_manager.allocate(seq, num_new)  # what a decode needs
-                if seq_copies is None:
-                    seq_copies = self._allocate_or_preempt(seq, num_new, preemptions)
+                seq_copies = self._allocate_or_preempt(seq, num_new, preemptions)  # what a decode needs
             if seq_copies is None:  # seq had to preempt itself: it was the newest
                 break
             if seq_copies:

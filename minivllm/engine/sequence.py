@@ -44,7 +44,9 @@ class SequenceStatus(enum.Enum):
 
     @property
     def is_finished(self) -> bool:
-        return self in _FINISHED
+        # Two identity tests, not a set lookup (an Enum hashes in Python): read for every
+        # sequence, at every step.
+        return self is not _RUNNING and self is not _WAITING
 
     @property
     def finish_reason(self) -> str | None:
@@ -52,12 +54,6 @@ class SequenceStatus(enum.Enum):
         return _FINISH_REASONS.get(self)
 
 
-_FINISHED = {
-    SequenceStatus.FINISHED_STOPPED,
-    SequenceStatus.FINISHED_LENGTH,
-    SequenceStatus.FINISHED_ABORTED,
-    SequenceStatus.FINISHED_ERROR,
-}
 _FINISH_REASONS = {
     SequenceStatus.FINISHED_STOPPED: "stop",
     SequenceStatus.FINISHED_LENGTH: "length",
@@ -179,9 +175,7 @@ class Sequence:
     # ------------------------------------------------------------------------------------------
     @property
     def is_finished(self) -> bool:
-        # Two identity tests, not a set lookup (an Enum hashes in Python): read for every
-        # sequence, at every step.
-        return self.status is not _RUNNING and self.status is not _WAITING
+        return self.status.is_finished
 
     @property
     def finish_reason(self) -> str | None:

@@ -126,11 +126,6 @@ class Speculation:
         self.ngram = (NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
                       if config.method == "ngram" else None)
 
-    @property
-    def on_device(self) -> bool:
-        """Drafts are made by the runner (a draft model), not known when the step is planned."""
-        return self.ngram is None
-
     def enabled(self, num_running: int) -> bool:
         """Speculation is on for a step planned while `num_running` sequences run."""
         limit = self.config.disable_by_batch_size

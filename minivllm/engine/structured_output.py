@@ -135,11 +135,10 @@ class Grammars:
         """
         bitmask = self._rows(len(sampled))
         live = [i for i in rows if sampled[i].grammar is not None]
+        if len(live) < len(sampled):
+            bitmask.fill_(-1)  # every row allowed; the matchers then write their own rows whole
         if live:
             self._batch.batch_fill_next_token_bitmask([sampled[i].grammar.matcher for i in live], bitmask, live)
-        if len(live) < len(sampled):
-            filled = set(live)
-            bitmask[[i for i in range(len(sampled)) if i not in filled]] = -1
         return bitmask
 
     def _rows(self, num_rows: int) -> torch.Tensor:

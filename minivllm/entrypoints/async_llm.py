@@ -172,7 +172,9 @@ class InProcessClient:
         meanwhile), then queue it, or raise the compile's ValueError."""
         prepared = await self._on_engine(self.core.add, prompt, params, request_id)
         if not prepared.ready():
-            await asyncio.wait([asyncio.wrap_future(prepared.grammar)])
+            waiter = asyncio.wrap_future(prepared.grammar)
+            waiter.add_done_callback(lambda f: f.cancelled() or f.exception())  # `queue` raises it
+            await asyncio.wait([waiter])
         await self._on_engine(self.core.queue, prepared)
         self._wake.set()
 

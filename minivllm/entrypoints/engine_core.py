@@ -307,21 +307,17 @@ def serve(core: EngineCore, commands, results, frontends: list | tuple = ()) -> 
     control = [commands] if frontends else []  # the parent's pipe, when it sends no requests
     owners: dict[str, Frontend] = {}  # unfinished request -> the frontend that added it
     adding: list[Adding] = []  # adds whose grammar is compiling
-    while peers:
+    while _drop_gone(core, encoder, owners, peers):  # (a failed send of the last turn closed one)
         pipes = [p.commands for p in peers] + control
         timeout = 0 if core.has_work() else GRAMMAR_POLL_S if adding else None
-        try:
-            ready = connection.wait(pipes, timeout=timeout)
-            if commands in control and commands in ready and _stop_requested(commands):
-                return
-            for peer in [p for p in peers if p.commands in ready]:
-                if not _take(core, encoder, owners, peer, adding):
-                    return  # "shutdown" from the one frontend
-        except (EOFError, OSError):  # the one frontend or the parent is gone: nobody to serve
+        ready = connection.wait(pipes, timeout=timeout)
+        if commands in control and commands in ready and _stop_requested(commands):
             return
-        for peer in [p for p in peers if p.commands.closed]:
-            peers.remove(peer)
-            _forget(core, encoder, owners, peer)
+        for peer in [p for p in peers if p.commands in ready]:
+            if not _take(core, encoder, owners, peer, adding):
+                return  # "shutdown" from the one frontend
+        if not _drop_gone(core, encoder, owners, peers):  # (a closed pipe, read just now)
+            return
         adding = _finish_adds(core, owners, adding)
         result = core.step() if core.has_work() else None
         routed = _route(result, owners) if result is not None else {}
@@ -335,8 +331,16 @@ def serve(core: EngineCore, commands, results, frontends: list | tuple = ()) -> 
             peer.replies = []
             try:
                 peer.results.send(message)
-            except OSError:  # it left: dropped at the next turn
+            except OSError:  # it left: dropped at the top of the next turn
                 peer.commands.close()
+
+
+def _drop_gone(core: EngineCore, encoder: OutputEncoder, owners: dict, peers: list[Frontend]) -> bool:
+    """Forget the frontends whose pipe we closed (they left); whether any frontend is left."""
+    for peer in [p for p in peers if p.commands.closed]:
+        peers.remove(peer)
+        _forget(core, encoder, owners, peer)
+    return bool(peers)
 
 
 def _stop_requested(control) -> bool:

@@ -20,8 +20,8 @@ deals each new connection to one of them by a hash of its addresses, so they get
 (one socket shared by all would go to whichever woke first: a burst of connections can land on
 one process). A connection, and every request on it, stays where it landed; nothing is routed
 between frontends. The launcher binds the address too (without listening, so it gets no
-connection) before the model loads, so a taken port fails at once, and holds it until the
-frontends listen.
+connection) before the model loads, so a taken port fails at once, and holds it for the whole
+run.
 
 **One engine.** Each frontend has its own pair of pipes to the engine process. The engine notes
 which frontend added a request, sends each step's outputs to their own frontends, its state
@@ -46,7 +46,6 @@ process outlives the launcher.
 from __future__ import annotations
 
 import contextlib
-import logging
 import multiprocessing
 import os
 import shutil
@@ -68,8 +67,6 @@ from minivllm.entrypoints.engine_core import (
     start_engine_process,
 )
 from minivllm.entrypoints.metrics import SHARED_DIR_ENV
-
-logger = logging.getLogger("minivllm.serve")
 
 
 def run_server(model: str, engine_kwargs: dict | None = None, model_name: str | None = None,

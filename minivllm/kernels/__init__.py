@@ -155,4 +155,4 @@ def plan_attention(
     validation.check_plan_inputs(k_cache, block_tables, seq_lens, cu_seqlens_q)
     if seq_lens.shape[0] == 0:
         return None
-    return planner(block_tables, seq_lens, cu_seqlens_q, k_cache.shape[1], causal)
+    return planner(block_tables, seq_lens, cu_seqlens_q, k_cache.shape[1], causal, k_cache.dtype)

@@ -74,18 +74,21 @@ class AttentionPlan:
 
 
 def make_plan(block_tables: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
-              block_size: int, causal: bool = True) -> AttentionPlan:
-    """Turn one step's metadata into gather indices and masks (reads the lengths once)."""
+              block_size: int, causal: bool = True, cache_dtype: torch.dtype = torch.float32) -> AttentionPlan:
+    """Turn one step's metadata into gather indices and masks (reads the lengths once). The masks
+    are made in the dtype attention runs in over a cache of `cache_dtype`, which SDPA adds as
+    they are: no layer converts them again."""
+    dtype = _attention_dtype(cache_dtype)
     lens = seq_lens.tolist()
     cu = cu_seqlens_q.tolist()
     decode_ids = [b for b in range(len(lens)) if cu[b + 1] - cu[b] == 1]
-    prefills = tuple(_prefill_chunk(block_tables[b], cu[b], cu[b + 1], lens[b], block_size, causal)
+    prefills = tuple(_prefill_chunk(block_tables[b], cu[b], cu[b + 1], lens[b], block_size, causal, dtype)
                      for b in range(len(lens)) if cu[b + 1] - cu[b] > 1)
     decodes = None
     if decode_ids:
         all_rows = len(decode_ids) == cu[-1]  # a decode-only step: row b is sequence b
         decodes = _decode_group(block_tables, decode_ids, [lens[b] for b in decode_ids],
-                                None if all_rows else [cu[b] for b in decode_ids], block_size)
+                                None if all_rows else [cu[b] for b in decode_ids], block_size, dtype)
     return AttentionPlan(block_tables, seq_lens, cu_seqlens_q, cu[-1], block_size, causal,
                          decodes, prefills)
 
@@ -101,22 +104,27 @@ def _context_slots(tables: torch.Tensor, lens: torch.Tensor, num_keys: int, bloc
     return torch.where(real, slots, slots[:, :1]), real
 
 
+def _attention_dtype(cache_dtype: torch.dtype) -> torch.dtype:
+    """The query's dtype (validation makes it the cache's), or float32 over a dequantized fp8 cache."""
+    return torch.float32 if cache_dtype == fp8.FP8_DTYPE else cache_dtype
+
+
 def _decode_group(block_tables, ids: list[int], lens: list[int], rows: list[int] | None,
-                  block_size: int) -> DecodeGroup:
+                  block_size: int, dtype: torch.dtype) -> DecodeGroup:
     device = block_tables.device
     num_keys = max(lens)
     tables = block_tables[torch.tensor(ids, device=device)]
     slots, real = _context_slots(tables, torch.tensor(lens, device=device), num_keys, block_size)
     mask = None
     if min(lens) < num_keys:
-        mask = torch.zeros(real.shape, device=device).masked_fill_(~real, float("-inf"))
+        mask = torch.zeros(real.shape, dtype=dtype, device=device).masked_fill_(~real, float("-inf"))
         mask = mask[:, None, None, :]  # broadcast over heads and the one query
     return DecodeGroup(None if rows is None else torch.tensor(rows, device=device),
                        slots.flatten(), mask, num_keys)
 
 
 def _prefill_chunk(table: torch.Tensor, start: int, end: int, seq_len: int, block_size: int,
-                   causal: bool) -> PrefillChunk:
+                   causal: bool, dtype: torch.dtype) -> PrefillChunk:
     lens = torch.tensor([seq_len], device=table.device)
     slots = _context_slots(table[None], lens, seq_len, block_size)[0][0]
     q_len = end - start
@@ -124,7 +132,7 @@ def _prefill_chunk(table: torch.Tensor, start: int, end: int, seq_len: int, bloc
     if causal and q_len < seq_len:
         # Query j sits at position seq_len - q_len + j and sees the keys up to it.
         hidden = torch.ones(q_len, seq_len, dtype=torch.bool, device=table.device).triu(seq_len - q_len + 1)
-        mask = torch.zeros(q_len, seq_len, device=table.device).masked_fill_(hidden, float("-inf"))
+        mask = torch.zeros(q_len, seq_len, dtype=dtype, device=table.device).masked_fill_(hidden, float("-inf"))
     return PrefillChunk(start, end, slots, mask, is_causal=causal and q_len == seq_len)
 
 
@@ -155,11 +163,10 @@ def paged_attention(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_
     the step's plan (made here when None); `max_seq_len` and `num_splits` plan the GPU kernels'
     work and are not needed here."""
     if plan is None:
-        plan = make_plan(block_tables, seq_lens, cu_seqlens_q, k_cache.shape[1], causal)
+        plan = make_plan(block_tables, seq_lens, cu_seqlens_q, k_cache.shape[1], causal, k_cache.dtype)
     if out is None:
         out = torch.empty_like(query)
-    # The dtype attention runs in: the query's, or float32 over a dequantized fp8 cache.
-    dtype = torch.float32 if fp8.is_fp8(k_cache) else query.dtype
+    dtype = _attention_dtype(k_cache.dtype)
     group = plan.decodes
     if group is not None:
         q = query if group.rows is None else query.index_select(0, group.rows)
@@ -168,7 +175,7 @@ def paged_attention(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_
         v = _gather(v_cache, v_scale, group.slots).view(n, group.num_keys, *v_cache.shape[2:])
         o = F.scaled_dot_product_attention(  # [n, Hq, 1, D]; heads before keys for SDPA
             q.to(dtype).unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2),
-            attn_mask=_as(group.mask, dtype), scale=scale, enable_gqa=True).squeeze(2)
+            attn_mask=group.mask, scale=scale, enable_gqa=True).squeeze(2)
         if group.rows is None:
             out.copy_(o)
         else:
@@ -178,12 +185,8 @@ def paged_attention(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_
         q = query[chunk.start:chunk.end].to(dtype).transpose(0, 1)[None]
         k = _gather(k_cache, k_scale, chunk.slots).transpose(0, 1)[None]
         v = _gather(v_cache, v_scale, chunk.slots).transpose(0, 1)[None]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=_as(chunk.mask, dtype),
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=chunk.mask,
                                            is_causal=chunk.is_causal, scale=scale, enable_gqa=True)
         out[chunk.start:chunk.end] = o[0].transpose(0, 1)
     return out
 
-
-def _as(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """SDPA adds a float mask of the query's dtype as it is; the plan keeps float32 masks."""
-    return mask if mask is None or mask.dtype == dtype else mask.to(dtype)

@@ -115,13 +115,17 @@ class StepRecord:
         for num_drafts, num_accepted in acceptance:
             self.num_verifications += 1
             self.num_accepted_tokens += num_accepted
-            for counts, upto in ((self.drafts_per_position, num_drafts),
-                                 (self.accepted_per_position, num_accepted)):
-                counts.extend([0] * (upto - len(counts)))
-                for i in range(upto):
-                    counts[i] += 1
+            add_per_position(self.drafts_per_position, [1] * num_drafts)
+            add_per_position(self.accepted_per_position, [1] * num_accepted)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "num_batched_tokens": self.num_batched_tokens,
                 "num_scheduled_seqs": self.num_scheduled_seqs, "kind": self.kind,
                 "num_generated_tokens": self.num_generated_tokens}
+
+
+def add_per_position(total: list[int], counts: list[int]) -> None:
+    """total[i] += counts[i] for every draft position i, growing `total` as needed."""
+    total.extend([0] * (len(counts) - len(total)))
+    for i, n in enumerate(counts):
+        total[i] += n

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from collections import Counter, deque
 from typing import NamedTuple
 
-from minivllm.observe.records import STEP_PHASES, StepRecord
+from minivllm.observe.records import STEP_PHASES, StepRecord, add_per_position
 from minivllm.outputs import RequestMetrics, RequestOutput
 
 STEP_KINDS = ("prefill", "decode", "mixed")
@@ -71,11 +71,8 @@ class StatsCollector:
             t["draft_tokens"] += record.num_draft_tokens
             t["accepted_tokens"] += record.num_accepted_tokens
             t["verifications"] += record.num_verifications
-            for total, counts in ((self.drafts_per_position, record.drafts_per_position),
-                                  (self.accepted_per_position, record.accepted_per_position)):
-                total.extend([0] * (len(counts) - len(total)))
-                for i, n in enumerate(counts):
-                    total[i] += n
+            add_per_position(self.drafts_per_position, record.drafts_per_position)
+            add_per_position(self.accepted_per_position, record.accepted_per_position)
         for phase, seconds in record.timings.phases().items():
             self.phase_time[phase] += seconds
         start = record.time if self._last_finish is None else max(record.time, self._last_finish)

@@ -76,7 +76,7 @@ class StepTrace:
                 "seq_id": seq.seq_id,
                 "request_id": seq.request_id,
                 "start": s.start,
-                "prefill": 0 if s.is_decode else s.num_new_tokens,
+                "prefill": 0 if s.is_decode else s.num_new_tokens - s.num_draft_tokens,
                 "decode": 1 if s.is_decode else 0,
                 "drafts": s.num_draft_tokens,
                 "forks": [child.seq_id for child in step.forks if child.request_id == seq.request_id],
@@ -92,11 +92,10 @@ class StepTrace:
         event["_record"] = record
         return event
 
-    def finish(self, event: dict, scheduler, finished: list, record, step_acceptance=None) -> None:
+    def finish(self, event: dict, scheduler, finished: list, record, step_acceptance: dict) -> None:
         """After `update()`: the record's final numbers; what finished; blocks the finished ones
         gave back count as freed; the drafts each sequence accepted (`step_acceptance`: seq id ->
         (drafts, accepted), as `ScheduledStep.acceptance`)."""
-        step_acceptance = step_acceptance or {}
         event.update(record.to_dict())
         event.pop("_record", None)
         event["t"] = event.pop("time") - self._t0

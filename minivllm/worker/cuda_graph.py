@@ -39,7 +39,6 @@ inside the larger one's, and since graphs replay one at a time they can share th
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable
 from typing import NamedTuple
 
 import torch
@@ -72,15 +71,6 @@ def bucket_for(num_seqs: int, sizes: list[int]) -> int | None:
     return sizes[i] if i < len(sizes) else None
 
 
-def is_decode_only(new_token_counts: Iterable[int]) -> bool:
-    """A step a decode graph can run: every sequence computes exactly one new token.
-
-    (That includes a prefill chunk of a single token: to attention it is the same as a decode,
-    one query at the end of the context.)
-    """
-    return all(n == 1 for n in new_token_counts)
-
-
 def graph_miss_reason(seqs, num_sampled: int, batch_sizes: list[int], layout: StepLayout,
                       query_len: int = 1) -> str | None:
     """Why a step cannot replay a graph of `query_len` tokens per sequence, or None when it can.
@@ -108,7 +98,6 @@ class GraphStep(NamedTuple):
     """A step loaded into the static buffers of `graphs`, ready to replay: its bucket and inputs."""
 
     batch_size: int
-    packed: PackedStep
     inputs: InputBatch
     graphs: DecodeGraphs
 
@@ -198,7 +187,7 @@ class DecodeGraphs:
         """
         batch_size = self.bucket(len(seqs))
         packed = self._pack(seqs, rows, tables, block_size, last_sampled_row, batch_size, pad_row)
-        return GraphStep(batch_size, packed, self._static_inputs(packed), self)
+        return GraphStep(batch_size, self._static_inputs(packed), self)
 
     def replay(self, step: GraphStep, model: int = 0) -> torch.Tensor:
         """Replay the bucket's graph of `models[model]` on the loaded step: one launch for the

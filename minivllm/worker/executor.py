@@ -282,9 +282,11 @@ class MultiprocExecutor:
         """Raise for a dead worker: its traceback if it left one in the pipe, else its death."""
         for worker in self._workers:
             if not worker.child.is_alive():
-                while worker.child.from_child.poll():
+                while worker.child.from_child.poll():  # (a closed pipe polls readable forever)
                     message = worker.child.read()
-                    if message is not None and message[0] == "error":
+                    if message is None:
+                        break
+                    if message[0] == "error":
                         raise self._failed(worker, when, message[1])
                 raise self._died(worker, when, worker.child.exitcode())
 
@@ -349,7 +351,7 @@ class _TensorParallelTokens:
 
 
 def _shutdown(fleet: _Fleet) -> None:
-    """Ask every worker to stop, terminate the ones that do not within STOP_TIMEOUT_S (after a
+    """Ask every worker to stop, kill the ones that do not within STOP_TIMEOUT_S (after a
     failure, half a second: a worker may be stuck in a collective whose peer is gone), then leave
     the process group.
 

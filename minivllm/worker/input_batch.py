@@ -104,7 +104,7 @@ class PackedStep:
     num_sampled: int  # rows of logits
     num_pending: int
     max_seq_len: int  # a host-side bound for the kernels, so they never read seq_lens back
-    num_device_drafts: int = 0  # draft tokens the runner fills in (draft_dst)
+    num_device_drafts: int  # draft tokens the runner fills in (draft_dst)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -23,7 +23,7 @@ import warnings
 import torch
 
 from minivllm.config import EngineConfig
-from minivllm.distributed import SINGLE, TensorParallel, min_over_ranks
+from minivllm.distributed import TensorParallel, min_over_ranks
 from minivllm.kernels import KVCacheSpec
 from minivllm.layers.attention import AttentionMetadata
 from minivllm.layers.sampler import Sampler
@@ -36,13 +36,12 @@ def kv_bytes_per_block(model, block_size: int, spec: KVCacheSpec) -> int:
     return 2 * model.num_layers * block_size * model.num_kv_heads * spec.bytes_per_token_head(model.head_dim)
 
 
-def num_kv_blocks(config: EngineConfig, model, device: torch.device, tp: TensorParallel = SINGLE,
-                  block_bytes: int | None = None) -> int:
+def num_kv_blocks(config: EngineConfig, model, device: torch.device, tp: TensorParallel,
+                  block_bytes: int) -> int:
     """The pool size: explicit, or the memory budget divided by the size of a block (the
-    smallest over the tensor-parallel ranks). block_bytes: what one block costs, when more than
-    the model's K/V (a draft model's cache has a block for every block of the target's)."""
+    smallest over the tensor-parallel ranks). block_bytes: what one block costs: the model's K/V,
+    and a draft model's too when there is one (its cache has a block for every block of the target's)."""
     cache = config.cache_config
-    block_bytes = block_bytes or kv_bytes_per_block(model, cache.block_size, config.kv_cache_spec)
     if cache.num_kv_blocks is not None:
         num_blocks = cache.num_kv_blocks
     else:

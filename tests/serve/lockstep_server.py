@@ -38,6 +38,8 @@ class CommandPipe:
         command = self.conn.recv()
         if command[1] == "add":
             self.told["unreported"].add(command[2][2])
+        elif command[1] == "abort":  # an aborted request reports nothing more
+            self.told["unreported"].discard(command[2][0])
         return command
 
     def __getattr__(self, name):  # poll, fileno, close, ...: the pipe's own

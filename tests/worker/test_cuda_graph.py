@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from minivllm.worker.cuda_graph import bucket_for, graph_batch_sizes, is_decode_only
+from minivllm.worker.cuda_graph import bucket_for, graph_batch_sizes
 
 needs_cuda = pytest.mark.gpu  # CUDA graphs need a CUDA GPU (tests/conftest.py skips it elsewhere)
 
@@ -23,11 +23,6 @@ def test_a_batch_goes_to_the_smallest_bucket_that_holds_it():
     sizes = graph_batch_sizes(64)
     assert [bucket_for(n, sizes) for n in (1, 2, 3, 5, 8, 9, 16, 17, 64)] == [1, 2, 4, 8, 8, 16, 16, 32, 64]
     assert bucket_for(65, sizes) is None and bucket_for(0, sizes) is None
-
-
-def test_only_one_token_per_sequence_is_graphable():
-    assert is_decode_only([1, 1, 1])
-    assert not is_decode_only([1, 5, 1])
 
 
 def test_cpu_runner_never_captures(tmp_path):
