@@ -71,6 +71,30 @@ def read_config_json(model_dir: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
+def context_length(model_dir: str | os.PathLike) -> int | None:
+    """The trained context length from the directory's config.json, if it states one.
+
+    A key that is there with a value that is no length (a string, 0, true) is an error that
+    names the file and the key, rather than a length silently ignored.
+    """
+    hf_config = read_config_json(model_dir)
+    # Multimodal configs nest the language model's settings; look there too.
+    text_config = hf_config.get("text_config")
+    for cfg in (hf_config, text_config if isinstance(text_config, dict) else {}):
+        for key in _CONTEXT_LENGTH_KEYS:
+            if key not in cfg or cfg[key] is None:
+                continue
+            value = cfg[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+                where = "text_config." if cfg is text_config else ""
+                raise ValueError(
+                    f"{Path(model_dir) / 'config.json'}: {where}{key} must be an integer "
+                    f"context length >= 2, got {value!r}"
+                )
+            return value
+    return None
+
+
 def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -217,27 +241,8 @@ class ModelConfig:
         return getattr(torch, self.dtype)
 
     def hf_context_length(self) -> int | None:
-        """The trained context length from the directory's config.json, if it states one.
-
-        A key that is there with a value that is no length (a string, 0, true) is an error that
-        names the file and the key, rather than a length silently ignored.
-        """
-        hf_config = read_config_json(self.model)
-        # Multimodal configs nest the language model's settings; look there too.
-        text_config = hf_config.get("text_config")
-        for cfg in (hf_config, text_config if isinstance(text_config, dict) else {}):
-            for key in _CONTEXT_LENGTH_KEYS:
-                if key not in cfg or cfg[key] is None:
-                    continue
-                value = cfg[key]
-                if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-                    where = "text_config." if cfg is text_config else ""
-                    raise ValueError(
-                        f"{Path(self.model) / 'config.json'}: {where}{key} must be an integer "
-                        f"context length >= 2, got {value!r}"
-                    )
-                return value
-        return None
+        """The trained context length from the directory's config.json (`context_length`)."""
+        return context_length(self.model)
 
 
 @dataclass
@@ -479,8 +484,7 @@ class EngineConfig:
         if self.model_config.tensor_parallel_size > 1:
             raise ValueError("speculative_config: method 'draft' does not run with tensor_parallel_size > 1 "
                              "yet; use method 'ngram'")
-        draft = ModelConfig(spec.model, device=self.model_config.device)
-        reach = draft.hf_context_length()
+        reach = context_length(spec.model)
         if reach is not None and reach < self.scheduler_config.max_model_len:
             raise ValueError(f"speculative_config.model: the draft's context length ({reach}) is shorter than "
                              f"max_model_len ({self.scheduler_config.max_model_len})")

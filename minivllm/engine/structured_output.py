@@ -20,8 +20,8 @@ the bitmask while the GPU computes, and only then launches step n+1's sampling: 
 
 **Compiling never stops the engine.** xgrammar must first read the vocabulary (every token's
 bytes, into its own tables), then compile each grammar against it: for the real model's 49,152
-tokens that read took 0.24 s and for a 150,000-token vocabulary 0.95 s, a small JSON schema
-then 11 and 65 ms (2-core x86-64 dev machine; a large schema takes longer). Both run on the
+tokens the read and a first small JSON schema took 0.18-0.44 s, a second schema 4-5 ms (2-core
+x86-64 dev machine, docs/structured_output.md; larger vocabularies and schemas take longer). Both run on the
 grammar threads (`Grammars.grammar` returns a future), never on the thread that steps the engine:
 the vocabulary is read as soon as the engine is built, and a request waits for its grammar outside
 the scheduler, while the others keep stepping (engine/llm_engine.py, `prepare_request`).

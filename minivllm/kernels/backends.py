@@ -129,7 +129,7 @@ def resolve_backend(backend: str, device: torch.device, op: str = "paged_attenti
 def kv_cache_unsupported(dtype: torch.dtype, backend: str, device: torch.device) -> str | None:
     """Why `backend` ("auto" as `resolve_backend` resolves it) cannot read a cache stored in
     `dtype` on `device` (None: it can). Every backend reads 16-bit and float32 caches. fp8: the
-    reference anywhere; Triton where it has e4m3 (float8e4nv): NVIDIA compute capability 8.9
+    reference and sdpa anywhere; Triton where it has e4m3 (float8e4nv): NVIDIA compute capability 8.9
     and newer (Ada, Hopper), and in the interpreter on CPU; the extension never."""
     if dtype != FP8_DTYPE:
         return None
@@ -147,7 +147,7 @@ def kv_cache_unsupported(dtype: torch.dtype, backend: str, device: torch.device)
 def dispatch(op: str, backend: str, device: torch.device, **args):
     """Run `op` on the backend that `backend` resolves to; `args` are already validated.
 
-    A call the extension declines runs on Triton (or on the reference where Triton cannot run).
+    A call the extension declines runs on Triton (or on sdpa where Triton cannot run).
     "auto" falls back silently; an explicit backend="cuda" is told why, once per reason (the
     warning points at the caller of the public op).
     """
@@ -155,7 +155,7 @@ def dispatch(op: str, backend: str, device: torch.device, **args):
     if name == "cuda":
         reason = CUDA_DECLINES[op](**args)
         if reason is not None:
-            fallback = "triton" if _triton_usable(device) else "torch"
+            fallback = "triton" if _triton_usable(device) else "sdpa"
             if backend == "cuda":
                 warnings.warn(f"backend='cuda': {op} runs on {fallback} for {reason}", stacklevel=3)
             name = fallback

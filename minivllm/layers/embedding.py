@@ -60,10 +60,7 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # [N, rows of this rank (padded)]; oneDNN's product for a weight reordered for it (CPU)
-        if self.weight.is_mkldnn:
-            logits = onednn.linear(hidden, self.weight, None)
-        else:
-            logits = F.linear(hidden, self.weight)
+        logits = onednn.linear(hidden, self.weight, None)
         if self.tp.size == 1:
             return logits
         return all_gather(logits, self.tp)[..., :self.rows.full]

@@ -42,12 +42,10 @@ unless MINIVLLM_FUSED_LINEAR=0 (or MINIVLLM_FUSED_OPS=0); otherwise cuBLAS and t
 kernels. In decode that is the CUDA graph of batch 1 only; every larger bucket, and every
 speculative verification step (1 + k rows a sequence), records cuBLAS. Why one row: there the
 GEMM is a GEMV, which cuBLAS serves with a generic kernel, while this one reads the weights once
-with every thread busy and folds the norm and SwiGLU in. From two rows on cuBLAS's tiles win: a
-version of this kernel ran 2 to 16 rows as `tl.dot` on a tile padded to 16 rows, and it lost at
-every one of them (H100, 2026-12-06, the whole decode step of the Qwen3-0.6B shape, fused
-against cuBLAS: batch 1, this kernel, 0.964 against 1.378 ms, 0.70x; batch 2 1.462 against
-1.412; batch 4 1.514 against 1.488; batch 8 2.025 against 1.703; batch 16 2.215 against 2.109;
-benchmarks/results/roofline_fused_linear_rows_qwen3-0.6b_h100.json). The tests run these kernels
+with every thread busy and folds the norm and SwiGLU in: the Qwen3-0.6B decode step at batch 1
+took 0.70x its time with cuBLAS (H100). From two rows on cuBLAS's tiles win: a version of this
+kernel on `tl.dot` for 2 to 16 rows was slower at every one of them (benchmarks/RESULTS.md,
+"what we tried and why it lost"). The tests run these kernels
 in the interpreter against the unfused layers (tests/models/test_fused_linear.py).
 """
 

@@ -34,11 +34,10 @@ then multiplies through it.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from minivllm.distributed import SINGLE, Shard, TensorParallel, all_reduce
-from minivllm.layers import use_fused_linear
+from minivllm.layers import onednn, use_fused_linear
 
 # (dimension of the checkpoint tensor that is split, this rank's part), or None: all of it.
 CheckpointSplit = tuple[int, Shard] | None
@@ -46,16 +45,12 @@ CheckpointSplit = tuple[int, Shard] | None
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear; for one row on CUDA, fused_linear.py's kernel (`use_fused_linear`); oneDNN's
-    product for a weight reordered for it (onednn.pack_weights)."""
-    if weight.is_mkldnn:
-        from minivllm.layers import onednn
-
-        return onednn.linear(x, weight, bias)
+    product for a weight reordered for it (onednn.pack_weights, CPU only)."""
     if x.dim() == 2 and use_fused_linear(x):
-        from minivllm.layers import fused_linear
+        from minivllm.layers import fused_linear  # imports Triton: only where it runs
 
         return fused_linear.linear(x, weight, bias)
-    return F.linear(x, weight, bias)
+    return onednn.linear(x, weight, bias)
 
 
 class ColumnParallelLinear(nn.Linear):

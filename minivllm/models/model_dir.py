@@ -61,6 +61,7 @@ def _replace_dir(new: Path, target: Path) -> None:
     except OSError:
         if old is not None:  # put the old model back
             (old / target.name).rename(target)
+            old.rmdir()
         raise
     if old is not None:
         shutil.rmtree(old)

@@ -76,7 +76,11 @@ def cached_real_model(name: str, dtype: torch.dtype = torch.float32, progress: b
     fingerprint = hashlib.sha256(converter + versions).hexdigest()[:12]
     path = cache_dir() / "models" / f"{name}-{str(dtype).removeprefix('torch.')}-{fingerprint}"
     if not (path / "config.json").is_file():
-        make_real_model(path, name, dtype=dtype, overwrite=True, progress=progress)
+        try:
+            make_real_model(path, name, dtype=dtype, progress=progress)
+        except OSError:  # another process wrote it meanwhile: the name says it is the same model
+            if not (path / "config.json").is_file():
+                raise
     return path
 
 
