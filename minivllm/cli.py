@@ -359,27 +359,14 @@ def generate(args) -> int:
 
 def _run(llm, prompts, params, progress: bool) -> tuple[list, int]:
     """Step the engine until every prompt is done; returns the outputs in prompt order and how
-    many finished on their own: all of them, unless Ctrl-C stopped the run. Then the others are
-    aborted, and their outputs are kept as far as they got."""
-    from tqdm.auto import tqdm
-
-    engine = llm.engine
-    request_ids = engine.add_requests(prompts, params)
-    outputs = {}
+    many finished on their own: all of them, unless Ctrl-C stopped the run. Then the others
+    were aborted, and their outputs are kept as far as they got."""
+    request_ids = llm.engine.add_requests(prompts, params)
     try:
-        with tqdm(total=len(request_ids), desc="Generating", unit="req", disable=not progress) as bar:
-            while len(outputs) < len(request_ids):
-                for output in engine.step():
-                    outputs[output.request_id] = output
-                    bar.update(1)
+        return llm.run_until_done(request_ids, progress), len(request_ids)
     except KeyboardInterrupt:
-        finished = len(outputs)
-        for request_id in request_ids:
-            if request_id not in outputs:
-                engine.abort(request_id)  # (one the interrupted step was running has ended already)
-                outputs[request_id] = engine.get_output(request_id)
-        return [outputs[i] for i in request_ids], finished
-    return [outputs[i] for i in request_ids], len(outputs)
+        outputs = [llm.engine.get_output(i) for i in request_ids]
+        return outputs, sum(all(c.finish_reason != "abort" for c in o.outputs) for o in outputs)
 
 
 def serve(args) -> int:

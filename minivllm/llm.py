@@ -79,12 +79,13 @@ class LLM:
                 raise TypeError("pass either sampling_params or sampling keywords, not both")
             sampling_params = SamplingParams.from_kwargs(**kwargs)
         request_ids = self.engine.add_requests(prompts, sampling_params)
-        return self._run_until_done(request_ids, use_tqdm)
+        return self.run_until_done(request_ids, use_tqdm)
 
-    def _run_until_done(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
-        """Step until every request is done. If anything raises (a failed step, Ctrl-C), this
-        call's requests that are still running are aborted, their blocks freed, before the
-        exception goes on: the engine stays usable."""
+    def run_until_done(self, request_ids: list[str], use_tqdm: bool = True) -> list[RequestOutput]:
+        """Step until every request in `request_ids` (added with `engine.add_requests`) is done;
+        their final outputs, in that order. If anything raises (a failed step, Ctrl-C), those
+        still running are aborted, their blocks freed, before the exception goes on: the engine
+        stays usable, and `engine.get_output` shows each as far as it got."""
         pending = set(request_ids)
         results: dict[str, RequestOutput] = {}
         generated = 0

@@ -123,7 +123,6 @@ class StepResult:
     """What one step gave: the outputs, and, if it raised, the error and the requests it ended."""
 
     outputs: list[RequestOutput]
-    state: EngineState
     error: str | None = None  # "RuntimeError: ..." when the step raised
     failed: list[RequestOutput] = field(default_factory=list)  # finished by that error, nothing new
 
@@ -166,8 +165,8 @@ class EngineCore:
             outputs = self.engine.step()
         except Exception as err:  # noqa: BLE001 - reported to exactly the requests it ended
             failed = [nothing_new(o) for o in self.engine.take_failed_outputs()]
-            return StepResult([], self.state(), f"{type(err).__name__}: {err}", failed)
-        return StepResult(outputs, self.state())
+            return StepResult([], f"{type(err).__name__}: {err}", failed)
+        return StepResult(outputs)
 
     def state(self) -> EngineState:
         scheduler, blocks = self.engine.scheduler, self.engine.block_manager
@@ -321,10 +320,12 @@ def serve(core: EngineCore, commands, results, frontends: list | tuple = ()) -> 
         adding = _finish_adds(core, owners, adding)
         result = core.step() if core.has_work() else None
         routed = _route(result, owners) if result is not None else {}
-        state = core.state()
+        state = None  # (read once, and only for a turn that sends something)
         for peer in peers:
             if result is None and not peer.replies:
                 continue
+            if state is None:
+                state = core.state()
             outputs, failed = routed.get(peer, ((), ()))
             message = (peer.replies, [encoder.encode(o) for o in outputs], result and result.error,
                        [encoder.encode(o) for o in failed], state)
@@ -643,7 +644,7 @@ class EngineCoreClient:
                 future.set_result(self._decoder.decode(value) if method == "abort" and value else value)
         if outputs or error is not None:
             decode = self._decoder.decode
-            self._on_result(StepResult([decode(w) for w in outputs], self._state, error, [decode(w) for w in failed]))
+            self._on_result(StepResult([decode(w) for w in outputs], error, [decode(w) for w in failed]))
 
     def _engine_gone(self) -> None:
         """(event loop) The outputs pipe closed: the process exited, was killed or crashed."""

@@ -123,9 +123,9 @@ def paged_attention(
     if seq_lens.shape[0] == 0:
         return out
     planned = {} if plan is None else {"plan": plan}
-    if plan is not None and resolve_backend(backend, query.device) != plan.backend:
+    if plan is not None and (name := resolve_backend(backend, query.device)) != plan.backend:
         raise ValueError(f"plan was made for backend {plan.backend!r}, but backend={backend!r} "
-                         f"resolves to {resolve_backend(backend, query.device)!r} here")
+                         f"resolves to {name!r} here")
     return dispatch(
         "paged_attention", backend, query.device, query=query, k_cache=k_cache, v_cache=v_cache,
         block_tables=block_tables, seq_lens=seq_lens, cu_seqlens_q=cu_seqlens_q, scale=scale,
