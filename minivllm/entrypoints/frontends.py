@@ -40,22 +40,23 @@ stopped closes its pipes; when the last one has, the engine process leaves by it
 launcher waits for it (killing it after STOP_TIMEOUT_S). If a frontend dies on its own, the
 engine aborts its requests, and the launcher stops the others: a server that lost part of its
 frontend stops whole (for its supervisor to restart) rather than serve on half-staffed. No
-process outlives the launcher.
+process outlives the launcher, even a killed one: each frontend watches a pipe to it and stops
+as on SIGTERM when it closes, and the engine process leaves with the last frontend.
 """
 
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
 import os
 import shutil
 import signal
 import sys
 import tempfile
+import threading
 from multiprocessing import connection
 
 from minivllm.config import EngineConfig
-from minivllm.distributed.process import one_way_pipe, stop_children
+from minivllm.distributed.process import ChildProcess, one_way_pipe, stop_children
 from minivllm.entrypoints.api_server import listening_socket, serve_app, serve_one, start_engine
 from minivllm.entrypoints.async_llm import AsyncLLM
 from minivllm.entrypoints.engine_core import (
@@ -128,14 +129,13 @@ def _serve(engine_config: EngineConfig, count: int, model_name: str, host: str, 
 
 def _start_frontends(frontends: Frontends, address: tuple[str, int], ends, info, engine_config, model_name, api_key,
                      shutdown_timeout, log_level, metrics_dir) -> None:
-    context = multiprocessing.get_context("spawn")
     with _environment(SHARED_DIR_ENV, metrics_dir):  # read by prometheus_client when a frontend imports it
         for i, (commands, results) in enumerate(ends):
-            process = context.Process(
-                target=run_frontend, name=f"minivllm-api-server-{i}",
-                args=(address, EngineChannel(commands, results, info), engine_config, model_name, api_key,
-                      shutdown_timeout, log_level))
-            frontends.start(process)
+            args = (address, EngineChannel(commands, results, info), engine_config, model_name, api_key,
+                    shutdown_timeout, log_level)
+            # Not a daemon: a frontend drains its streams before it exits, whoever stops first.
+            frontends.start(lambda args=args, i=i: ChildProcess(run_frontend, args, f"minivllm-api-server-{i}",
+                                                                daemon=False))
 
 
 class Frontends:
@@ -147,13 +147,15 @@ class Frontends:
         self.processes: list = []
         self.stopping = False
         self._signalled: set[int] = set()
+        self._children: list[ChildProcess] = []  # their pipes: closed when this process dies
 
-    def start(self, process) -> None:
-        """Start `process`, unless a signal has come meanwhile."""
+    def start(self, make_child) -> None:
+        """Start a frontend (`make_child()` gives its ChildProcess), unless a signal has come meanwhile."""
         if self.stopping:
             return
-        process.start()
-        self.processes.append(process)
+        child = make_child()
+        self._children.append(child)
+        self.processes.append(child.process)
         if self.stopping:  # the signal came while it started
             self.stop()
 
@@ -180,11 +182,12 @@ class Frontends:
 
 
 def run_frontend(address: tuple[str, int], channel: EngineChannel, engine_config: EngineConfig, model_name: str,
-                 api_key: str | None, shutdown_timeout: float, log_level: str) -> None:
+                 api_key: str | None, shutdown_timeout: float, log_level: str, launcher) -> None:
     """(a frontend process) Serve HTTP on `address`, beside the other frontends, with the engine
-    behind `channel`."""
+    behind `channel`; stop as on SIGTERM if the launcher dies (its end of `launcher` closes)."""
     for sig in (signal.SIGINT, signal.SIGTERM):  # until uvicorn handles them: stop before serving
         signal.signal(sig, _interrupt)
+    threading.Thread(target=_stop_with, args=(launcher,), daemon=True, name="launcher-watch").start()
     try:
         listener = listening_socket(*address, reuse_port=True)
         listener.listen(2048)  # uvicorn's default backlog
@@ -193,6 +196,14 @@ def run_frontend(address: tuple[str, int], channel: EngineChannel, engine_config
     except KeyboardInterrupt:
         code = 0
     sys.exit(code)
+
+
+def _stop_with(launcher) -> None:
+    """(a frontend's watch thread) Wait for the launcher's pipe to close, then stop this frontend
+    as SIGTERM does (drain, then exit): no frontend outlives the launcher, even one killed."""
+    with contextlib.suppress(EOFError, OSError):
+        launcher.recv()  # it never sends: this returns when it is gone
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 @contextlib.contextmanager

@@ -12,8 +12,10 @@ flight properly and leaves no process behind. Every wait is bounded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import multiprocessing
+import os
 import signal
 import threading
 
@@ -193,6 +195,24 @@ def test_sigterm_ends_the_streams_in_flight_and_leaves_no_process(serve_model, t
     assert _wait_for(lambda: not any(_running(pid) for pid in children)), children
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{server.url}/health", timeout=2)
+
+
+def test_a_killed_launcher_leaves_no_process(serve_model, tmp_path):
+    """SIGKILL gives the launcher no chance to stop anything: each frontend sees its pipe to the
+    launcher close and stops as on SIGTERM, and the engine process leaves with the last one."""
+    server = ServerProcess(serve_model, "--api-server-count", "2", "--shutdown-timeout", "0", log_dir=tmp_path)
+    children = []
+    try:
+        server.wait_healthy()
+        children = _children(server.proc.pid)  # the engine, the frontends, multiprocessing's helper
+        assert len(children) >= 3
+        server.stop(signal.SIGKILL)
+        assert _wait_for(lambda: not any(_running(pid) for pid in children)), children
+    finally:
+        server.stop(signal.SIGKILL)
+        for pid in children:  # (only if the test failed: nothing may outlive it)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_bad_counts_are_refused():
