@@ -232,7 +232,7 @@ def refused(err: Exception, request: SamplingRequest) -> OpenAIError:
     """A ValueError/TypeError of SamplingParams or of the engine as a 400 naming the request's
     field; one about the structured output names the field the client used for it."""
     message = str(err)
-    about = re.match(r"(?:prompt \d+: )?(structured_outputs(?:\.\w+)?)", message)
+    about = re.match(r"(structured_outputs(?:\.\w+)?)", message)
     if about is None:
         return from_value_error(err, type(request).model_fields)
     field, param = about.group(1), structured_param(request)
