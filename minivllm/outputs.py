@@ -9,7 +9,9 @@
 With `SamplingParams(logprobs=k)` each completion also has `logprobs`: one entry per token of
 `token_ids`, a dict {token id: Logprob} holding the token itself and the k most likely tokens
 (k or k + 1 entries). `prompt_logprobs=k` gives `out.prompt_logprobs` the same way, one entry per
-prompt token, the first None. What the numbers mean: docs/sampling.md.
+prompt token, the first None. (`AsyncLLM`, for servers, gives the runner's `TokenLogprobs`
+records instead of the dicts: ids and numbers, see minivllm/step.py.) What the numbers mean:
+docs/sampling.md.
 """
 
 from __future__ import annotations

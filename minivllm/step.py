@@ -30,6 +30,7 @@ empty), as a pending token's value is not known either.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from minivllm.sampling_params import SamplingParams
 
@@ -100,11 +101,13 @@ class SampleRow:
     output_token_ids: list[int] = field(default_factory=list)
 
 
-@dataclass(slots=True)
-class TokenLogprobs:
+class TokenLogprobs(NamedTuple):
     """What the runner returns for one scored position: the token there, its log-probability and
-    rank (1 = most likely), and the most likely tokens with theirs, best first. Ids only: the
-    engine adds the text."""
+    rank (1 = most likely), and the most likely tokens with theirs, best first. Ids only: whoever
+    shows it adds the text (the engine for `LLM`'s outputs, a server's frontend for its own).
+
+    A tuple, because the server sends one per generated token through the engine's pipe, where
+    a tuple pickles in a fraction of a dataclass's time and size."""
 
     token_id: int
     logprob: float

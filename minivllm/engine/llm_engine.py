@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from minivllm.config import EngineConfig
 from minivllm.engine.block_manager import BlockManager
 from minivllm.engine.detokenizer import Detokenizer
-from minivllm.engine.request import Request
+from minivllm.engine.request import Request, position_logprobs
 from minivllm.engine.scheduler import Scheduler, ScheduledStep
 from minivllm.engine.sequence import Sequence, SequenceStatus
 from minivllm.engine.speculation import Speculation, check_draft_vocabulary
@@ -64,8 +64,9 @@ from minivllm.observe.block_map import kv_cache_stats
 from minivllm.observe.records import StepRecord
 from minivllm.observe.stats import StatsCollector, summarize_requests
 from minivllm.observe.trace import StepTrace, blocks_held
-from minivllm.outputs import RequestOutput
+from minivllm.outputs import PositionLogprobs, RequestOutput
 from minivllm.sampling_params import SamplingParams
+from minivllm.step import TokenLogprobs
 from minivllm.worker.executor import make_executor
 from minivllm.worker.model_runner import SampledTokens
 
@@ -155,6 +156,13 @@ class LLMEngine:
         self._prepared: dict[str, PreparedRequest] = {}  # checked, waiting for their grammar
         self._grammars = self._start_grammars()
         self.trace: StepTrace | None = None  # see enable_trace; None costs nothing per step
+        # How outputs show a scored position: as {token id: Logprob}, each token with its text
+        # (False, the default), or as the runner's `TokenLogprobs` record itself, ids and numbers
+        # (True). A server's engine loop (entrypoints/engine_core.py) sets it: its frontends format
+        # positions for the API anyway, naming tokens from a table of their own, so at every
+        # streamed token the engine would decode and build (and the pipe carry) up to 21 token
+        # texts and as many objects that nobody reads.
+        self.logprobs_as_records = False
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> LLMEngine:
@@ -505,9 +513,9 @@ class LLMEngine:
                 self._finished.popitem(last=False)
             if request.stream:  # the statistics need no log-probabilities: none are made for them
                 self.stats.add_request(request.to_output(self._text_of))
-                outputs.append(request.delta_output(self._text_of, self._token_text))
+                outputs.append(request.delta_output(self._text_of, self._position))
             else:
-                outputs.append(request.to_output(self._text_of, self._token_text))
+                outputs.append(request.to_output(self._text_of, self._position))
                 self.stats.add_request(outputs[-1])
         return outputs
 
@@ -519,7 +527,7 @@ class LLMEngine:
         for request_id in dict.fromkeys(s.request_id for s in step.sampled):
             request = self._unfinished.get(request_id)
             if request is not None and request.stream:
-                delta = request.delta_output(self._stream_text, self._token_text)
+                delta = request.delta_output(self._stream_text, self._position)
                 if delta is not None:
                     outputs.append(delta)
         return outputs
@@ -530,6 +538,10 @@ class LLMEngine:
     def _token_text(self, token_id: int) -> str | None:
         """One token alone as text, for log-probability entries (None without a tokenizer)."""
         return self.detokenizer.token_text(token_id) if self.detokenizer is not None else None
+
+    def _position(self, record: TokenLogprobs) -> PositionLogprobs | TokenLogprobs:
+        """A scored position as outputs show it (see `logprobs_as_records`)."""
+        return record if self.logprobs_as_records else position_logprobs(record, self._token_text)
 
     def _text_of(self, seq: Sequence) -> str:
         """Final text of a finished sequence, the current decode of a running one."""
@@ -576,7 +588,7 @@ class LLMEngine:
         request = self._unfinished.get(request_id) or self._finished.get(request_id)
         if request is None:
             raise KeyError(f"unknown request id {request_id!r} (never added, or no longer retained)")
-        return request.to_output(self._text_of, self._token_text)
+        return request.to_output(self._text_of, self._position)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._unfinished)

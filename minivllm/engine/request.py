@@ -6,8 +6,10 @@ computed once) and gains the others when that sequence forks, just before its fi
 A *streaming* request is reported after every step that gave it tokens, as a delta: only the
 tokens and text added since its last report (`delta_output`); the others once, when finished.
 
-Log-probabilities arrive from the runner as ids and numbers (`TokenLogprobs`); they become the
-user's {token id: Logprob} entries, with each token's text, only when an output is made.
+Log-probabilities arrive from the runner as ids and numbers (`TokenLogprobs`); an output shows
+each scored position through the engine's `position` function: the user's {token id: Logprob}
+entry, with each token's text, or (for a server's frontend, which adds the text itself) the
+record as it is.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from minivllm.sampling_params import SamplingParams
 from minivllm.step import TokenLogprobs
 
 TokenText = Callable[[int], "str | None"]
+Position = Callable[[TokenLogprobs], object]  # how an output shows a scored position
 
 
 def position_logprobs(entry: TokenLogprobs, token_text: TokenText) -> PositionLogprobs:
@@ -31,8 +34,8 @@ def position_logprobs(entry: TokenLogprobs, token_text: TokenText) -> PositionLo
     return out
 
 
-def logprobs_list(entries, token_text: TokenText) -> list:
-    return [None if e is None else position_logprobs(e, token_text) for e in entries]
+def logprobs_list(entries, position: Position) -> list:
+    return [None if e is None else position(e) for e in entries]
 
 
 class Request:
@@ -65,22 +68,22 @@ class Request:
             self.seqs.append(child)
         parent.num_pending_forks = 0
 
-    def to_output(self, text_of: Callable[[Sequence], str], token_text: TokenText | None = None) -> RequestOutput:
-        """The user-facing snapshot; `text_of(seq)` gives a sequence's text, `token_text(id)` a
-        token's own text for the log-probabilities (None: leave them out, e.g. for statistics)."""
+    def to_output(self, text_of: Callable[[Sequence], str], position: Position | None = None) -> RequestOutput:
+        """The user-facing snapshot; `text_of(seq)` gives a sequence's text, `position(record)` a
+        scored position as the output shows it (None: leave them out, e.g. for statistics)."""
         seqs = sorted(self.seqs, key=lambda s: s.index)
         completions = [CompletionOutput(s.index, text_of(s), s.output_token_ids, s.finish_reason, s.stop_reason,
-                                        _logprobs(s, 0, token_text)) for s in seqs]
-        return self._output(completions, self._prompt_logprobs(token_text))
+                                        _logprobs(s, 0, position)) for s in seqs]
+        return self._output(completions, self._prompt_logprobs(position))
 
-    def _prompt_logprobs(self, token_text: TokenText | None):
+    def _prompt_logprobs(self, position: Position | None):
         """The prompt's entries once every prompt token is scored (None before, or if not asked)."""
         seq = self.seqs[0]
-        if token_text is None or seq.prompt_logprobs is None or seq.num_prompt_logprobs_owed:
+        if position is None or seq.prompt_logprobs is None or seq.num_prompt_logprobs_owed:
             return None
-        return logprobs_list(seq.prompt_logprobs, token_text)
+        return logprobs_list(seq.prompt_logprobs, position)
 
-    def delta_output(self, text_of: Callable[[Sequence], str], token_text: TokenText | None = None
+    def delta_output(self, text_of: Callable[[Sequence], str], position: Position | None = None
                      ) -> RequestOutput | None:
         """What is new since the last delta: per sequence, its new tokens and text, and its finish
         reason once it has one. None when nothing is new."""
@@ -94,12 +97,12 @@ class Request:
             if num_tokens == s.num_output_tokens and num_chars == len(text) and not s.is_finished:
                 continue
             completions.append(CompletionOutput(s.index, text[num_chars:], s.output_token_ids[num_tokens:],
-                                                s.finish_reason, s.stop_reason, _logprobs(s, num_tokens, token_text)))
+                                                s.finish_reason, s.stop_reason, _logprobs(s, num_tokens, position)))
             # A finished sequence is reported once more, with its finish reason, then never again.
             self._sent[s.seq_id] = None if s.is_finished else (s.num_output_tokens, len(text))
         prompt_logprobs = None
         if completions and not self._sent_prompt_logprobs:
-            prompt_logprobs = self._prompt_logprobs(token_text)
+            prompt_logprobs = self._prompt_logprobs(position)
             self._sent_prompt_logprobs = prompt_logprobs is not None
         return self._output(completions, prompt_logprobs) if completions else None
 
@@ -141,8 +144,8 @@ class Request:
         )
 
 
-def _logprobs(seq: Sequence, start: int, token_text: TokenText | None):
+def _logprobs(seq: Sequence, start: int, position: Position | None):
     """A sequence's output entries from token `start` on (None if it did not ask)."""
-    if token_text is None or seq.output_logprobs is None:
+    if position is None or seq.output_logprobs is None:
         return None
-    return logprobs_list(seq.output_logprobs[start:], token_text)
+    return logprobs_list(seq.output_logprobs[start:], position)

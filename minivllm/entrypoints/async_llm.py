@@ -16,7 +16,9 @@ flight, and every request gets its own stream (a queue) that the loop's outputs 
 
 Requests are added with `stream=True`, so the engine reports each one after every step that gave
 it tokens, as a delta (see minivllm/engine/request.py): a stream carries exactly what a streaming
-client is sent next.
+client is sent next. Log-probabilities come as the runner's records (`TokenLogprobs`: ids and
+numbers), not `LLM`'s {token id: Logprob} dicts: a server formats them for its API anyway, naming
+the tokens itself (entrypoints/logprobs.py).
 
 **Where the engine runs: two clients behind one interface.**
 

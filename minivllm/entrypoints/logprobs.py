@@ -1,7 +1,9 @@
 """The engine's log-probabilities in the OpenAI API's two shapes.
 
-The engine gives one entry per position, {token id: Logprob(logprob, rank, decoded_token)}: the
-position's own token first, then the top-k (minivllm/outputs.py). The API wants:
+The engine gives one record per position, `TokenLogprobs` (minivllm/step.py): the position's own
+token with its log-probability and rank, and the top-k, best first, as ids and numbers. Tokens
+are named here, each id decoded once by the server (`token_text`), not by the engine at every
+token. The API wants:
 
 * completions (the legacy shape, the one evaluation harnesses read), per choice:
 
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from minivllm.outputs import PositionLogprobs
+from minivllm.step import TokenLogprobs
 
 LOGPROB_FLOOR = -9999.0
 
@@ -37,30 +39,32 @@ def _clamp(logprob: float) -> float:
     return max(logprob, LOGPROB_FLOOR)
 
 
-def _text(token_id: int, position: PositionLogprobs | None, fallback: TokenText) -> str:
-    entry = None if position is None else position.get(token_id)
-    if entry is not None and entry.decoded_token is not None:
-        return entry.decoded_token
-    return fallback(token_id)
+def _by_rank(record: TokenLogprobs) -> list[tuple[int, float]]:
+    """(token id, logprob) of the top-k and of the position's own token, best first. The token
+    goes where its rank says, ahead of any top-k token it ties with (its rank counts only the
+    strictly likelier ones), and after all of them when it ranks below the top-k."""
+    ranked = [(t, lp) for t, lp in zip(record.top_ids, record.top_logprobs) if t != record.token_id]
+    ranked.insert(min(record.rank - 1, len(ranked)), (record.token_id, record.logprob))
+    return ranked
 
 
-def completion_logprobs(token_ids: list[int], positions: list[PositionLogprobs | None], fallback: TokenText,
+def completion_logprobs(token_ids: list[int], records: list[TokenLogprobs | None], token_text: TokenText,
                         text_offset: int = 0) -> dict:
     """The completions shape for these tokens; offsets count on from `text_offset`."""
     out = {"text_offset": [], "token_logprobs": [], "tokens": [], "top_logprobs": []}
-    for token_id, position in zip(token_ids, positions):
-        text = _text(token_id, position, fallback)
+    for token_id, record in zip(token_ids, records):
+        text = token_text(token_id)
         out["tokens"].append(text)
         out["text_offset"].append(text_offset)
         text_offset += len(text)
-        if position is None:  # the first prompt token: nothing came before it
+        if record is None:  # the first prompt token: nothing came before it
             out["token_logprobs"].append(None)
             out["top_logprobs"].append(None)
             continue
-        out["token_logprobs"].append(_clamp(position[token_id].logprob))
+        out["token_logprobs"].append(_clamp(record.logprob))
         top: dict[str, float] = {}
-        for t, lp in sorted(position.items(), key=lambda item: item[1].rank):
-            top.setdefault(_text(t, position, fallback), _clamp(lp.logprob))  # the likelier wins a shared text
+        for t, logprob in _by_rank(record):
+            top.setdefault(token_text(t), _clamp(logprob))  # the likelier wins a shared text
         out["top_logprobs"].append(top)
     return out
 
@@ -72,17 +76,15 @@ def next_text_offset(logprobs: dict) -> int:
     return logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
 
 
-def chat_logprobs(token_ids: list[int], positions: list[PositionLogprobs], num_top: int,
-                  fallback: TokenText) -> dict:
+def chat_logprobs(token_ids: list[int], records: list[TokenLogprobs], num_top: int, token_text: TokenText) -> dict:
     """The chat shape for these (generated) tokens, `num_top` alternatives each."""
     content = []
-    for token_id, position in zip(token_ids, positions):
-        best = sorted(position.items(), key=lambda item: item[1].rank)[:num_top]
-        content.append({**_chat_entry(token_id, position, fallback),
-                        "top_logprobs": [_chat_entry(t, position, fallback) for t, _ in best]})
+    for token_id, record in zip(token_ids, records):
+        content.append({**_chat_entry(token_id, record.logprob, token_text),
+                        "top_logprobs": [_chat_entry(t, lp, token_text) for t, lp in _by_rank(record)[:num_top]]})
     return {"content": content}
 
 
-def _chat_entry(token_id: int, position: PositionLogprobs, fallback: TokenText) -> dict:
-    text = _text(token_id, position, fallback)
-    return {"token": text, "logprob": _clamp(position[token_id].logprob), "bytes": list(text.encode("utf-8"))}
+def _chat_entry(token_id: int, logprob: float, token_text: TokenText) -> dict:
+    text = token_text(token_id)
+    return {"token": text, "logprob": _clamp(logprob), "bytes": list(text.encode("utf-8"))}

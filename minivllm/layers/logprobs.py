@@ -18,6 +18,7 @@ The payload of one row, float64 so that token ids (< 2**53) and float32 values b
     [logprob, rank, lp_1, id_1, lp_2, id_2, ..., lp_k, id_k]
 
 Rows asking for fewer than the step's widest k are padded on the right; the host trims them.
+A step's payload crosses in one asynchronous copy, and becomes records in `decode_rows`.
 """
 
 from __future__ import annotations
@@ -44,7 +45,12 @@ def pad_payload(payload: torch.Tensor, num_top: int) -> torch.Tensor:
     return F.pad(payload, (0, 2 + 2 * num_top - payload.shape[1]))
 
 
-def decode_row(row: list[float], token_id: int, num_top: int) -> TokenLogprobs:
-    """One host row of a payload as a plain record, keeping its own `num_top` pairs."""
-    pairs = row[2:2 + 2 * num_top]
-    return TokenLogprobs(token_id, row[0], int(row[1]), [int(i) for i in pairs[1::2]], pairs[0::2])
+def decode_rows(payload: torch.Tensor, token_ids: list[int], num_tops: list[int]) -> list[TokenLogprobs]:
+    """A payload on the host as one plain record per row, row r keeping its own `num_tops[r]`
+    pairs (`token_ids[r]`: the token it scored). Each kind of column becomes Python numbers in
+    one call for the whole step, the ids as ints, instead of element by element per row."""
+    head = payload[:, :2].tolist()
+    top_logprobs = payload[:, 2::2].tolist()
+    top_ids = payload[:, 3::2].long().tolist()
+    return [TokenLogprobs(token_id, logprob, int(rank), ids[:k], values[:k])
+            for token_id, (logprob, rank), ids, values, k in zip(token_ids, head, top_ids, top_logprobs, num_tops)]

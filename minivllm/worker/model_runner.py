@@ -50,7 +50,7 @@ from minivllm.distributed import SINGLE, TensorParallel, barrier
 from minivllm.distributed.peer_all_reduce import attach_peer_all_reduce
 from minivllm.kernels import plan_attention, resolve_backend, warm_up
 from minivllm.layers import onednn
-from minivllm.layers.logprobs import decode_row, logprobs_payload, pad_payload
+from minivllm.layers.logprobs import decode_rows, logprobs_payload, pad_payload
 from minivllm.layers.rejection_sampler import NO_TOKEN, greedy_verify, rejection_sample
 from minivllm.layers.sampler import Sampler
 from minivllm.observe.records import StepTimings
@@ -107,15 +107,19 @@ class SampledTokens:
         """After `wait`: the log-probabilities of the rows and chunks that asked (None: none did)."""
         if self._host_logprobs is None:
             return None
-        rows, tokens, layout = self._host_logprobs.tolist(), self._host.tolist(), self._layout
+        tokens, layout = self._host.tolist(), self._layout
         if self._host.dim() == 2:  # a step that verified drafts: a row that asked sampled one token
             tokens = [row[0] for row in tokens]
-        out = StepLogprobs()
-        for r, (sample_row, k) in enumerate(layout.sampled):
-            out.sampled[sample_row] = decode_row(rows[r], tokens[sample_row], k)
+        token_ids = [tokens[row] for row, _ in layout.sampled]
+        num_tops = [k for _, k in layout.sampled]
+        for _, targets, k in layout.prompt:
+            token_ids += targets
+            num_tops += [k] * len(targets)
+        records = decode_rows(self._host_logprobs, token_ids, num_tops)
+        out = StepLogprobs(dict(zip([row for row, _ in layout.sampled], records)))
         r = len(layout.sampled)
-        for seq_id, targets, k in layout.prompt:
-            out.prompt[seq_id] = [decode_row(rows[r + i], t, k) for i, t in enumerate(targets)]
+        for seq_id, targets, _ in layout.prompt:
+            out.prompt[seq_id] = records[r:r + len(targets)]
             r += len(targets)
         return out
 

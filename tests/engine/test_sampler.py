@@ -226,7 +226,7 @@ def test_the_bitmask_applies_before_sampling_and_greedy():
 
 def test_the_raw_logprobs_are_the_models_and_the_processed_ones_see_the_mask():
     """The mask is part of the processed distribution, never of the model's own."""
-    from minivllm.layers.logprobs import decode_row
+    from minivllm.layers.logprobs import decode_rows
 
     torch.manual_seed(6)
     logits = torch.randn(2, 64)
@@ -237,7 +237,7 @@ def test_the_raw_logprobs_are_the_models_and_the_processed_ones_see_the_mask():
             SampleRow(1, SamplingParams(temperature=0, logprobs=2, logprobs_mode="processed"))]
     out = Sampler(64).sample(logits, rows, bitmask)
     tokens = out.tokens.tolist()
-    raw, processed = (decode_row(out.logprobs[r].tolist(), tokens[r], 2) for r in range(2))
+    raw, processed = decode_rows(out.logprobs, tokens, [2, 2])
     assert tokens == [allowed[int(logits[r, allowed].argmax())] for r in range(2)]
     assert raw.logprob == pytest.approx(logits[0].log_softmax(-1)[tokens[0]].item(), abs=1e-6)
     assert raw.top_ids == logits[0].topk(2).indices.tolist()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minivllm.layers.logprobs import decode_row, logprobs_payload, pad_payload
+from minivllm.layers.logprobs import decode_rows, logprobs_payload, pad_payload
 from minivllm.layers.sampler import Sampler, SamplingBatch, apply_logit_bias, apply_top_k_top_p_min_p
 from minivllm.sampling_params import SamplingParams
 from minivllm.step import SampleRow
@@ -30,8 +30,12 @@ def rows_of(params: list[SamplingParams], banned=None) -> list[SampleRow]:
 
 
 def decoded(payload: torch.Tensor, tokens: list[int], ks: list[int]):
-    host = payload.tolist()
-    return [decode_row(host[r], tokens[r], k) for r, k in enumerate(ks)]
+    return decode_rows(payload, tokens[:len(ks)], ks)
+
+
+def decode_row(payload: torch.Tensor, r: int, token_id: int, k: int):
+    """Row r of a payload as its record."""
+    return decode_rows(payload[r:r + 1], [token_id], [k])[0]
 
 
 @pytest.mark.parametrize("k", [0, 1, 5, 20])
@@ -60,7 +64,7 @@ def test_minus_inf_logits_and_padding():
     logits = torch.tensor([[0.0, float("-inf"), 1.0, float("-inf")]])
     payload = pad_payload(logprobs_payload(logits, torch.tensor([1]), 1), 3)
     assert payload.shape == (1, 2 + 2 * 3)
-    got = decode_row(payload[0].tolist(), 1, 1)
+    got = decode_row(payload, 0, 1, 1)
     assert got.logprob == float("-inf") and got.rank == 3 and got.top_ids == [2]
 
 
@@ -75,7 +79,7 @@ def test_rows_with_and_without_logprobs_in_one_step():
     tokens = out.tokens.tolist()
     assert tokens[0] == int(logits[0].argmax())
     for r, (row, k) in enumerate([(0, 2), (2, 0)]):
-        got = decode_row(out.logprobs[r].tolist(), tokens[row], k)
+        got = decode_row(out.logprobs, r, tokens[row], k)
         logprob, rank, top_ids, _ = oracle(logits[row], tokens[row], k)
         assert got.logprob == pytest.approx(logprob, abs=1e-5) and got.rank == rank and got.top_ids == top_ids
 
@@ -108,13 +112,13 @@ def test_processed_mode_reports_the_distribution_drawn_from():
     out = Sampler(VOCAB).sample(logits, rows_of([sampled, greedy]))
     tokens = out.tokens.tolist()
     expected = apply_top_k_top_p_min_p(logits[:1] / 0.5, torch.tensor([3]), torch.tensor([1.0]), torch.tensor([0.0]))[0]
-    got = decode_row(out.logprobs[0].tolist(), tokens[0], 4)
+    got = decode_row(out.logprobs, 0, tokens[0], 4)
     assert got.logprob == pytest.approx(oracle(expected, tokens[0], 4)[0], abs=1e-5)
     assert got.top_logprobs[:3] == pytest.approx(oracle(expected, tokens[0], 3)[3], abs=1e-5)
     assert got.top_logprobs[3] == float("-inf")  # the 4th most likely token was filtered out
     biased = logits[1].clone()
     biased[7] += 2.5
-    got = decode_row(out.logprobs[1].tolist(), tokens[1], 1)
+    got = decode_row(out.logprobs, 1, tokens[1], 1)
     assert tokens[1] == int(biased.argmax())
     assert got.logprob == pytest.approx(oracle(biased, tokens[1], 1)[0], abs=1e-5)
 
@@ -125,7 +129,7 @@ def test_raw_mode_ignores_temperature_bias_and_filters():
     params = SamplingParams(temperature=0.3, top_k=2, seed=0, logit_bias={1: -3.0}, logprobs=3)
     out = Sampler(VOCAB).sample(logits, rows_of([params]))
     token = int(out.tokens[0])
-    got = decode_row(out.logprobs[0].tolist(), token, 3)
+    got = decode_row(out.logprobs, 0, token, 3)
     logprob, rank, top_ids, _ = oracle(logits[0], token, 3)
     assert got.logprob == pytest.approx(logprob, abs=1e-5) and got.rank == rank and got.top_ids == top_ids
 
