@@ -359,6 +359,8 @@ class ModelRunner:
             layout.sampled = [(i, row.params.logprobs) for i, row in enumerate(rows) if row.params.logprobs is not None]
             payloads.append(sampled_logprobs)
         payloads += self._prompt_logprobs(output, hidden, layout, query_len)
+        if len(payloads) == 1:  # a decode step's: already as wide as its widest row
+            return tokens, payloads[0], layout
         width = max([k for _, k in layout.sampled] + [k for *_, k in layout.prompt])
         return tokens, torch.cat([pad_payload(p, width) for p in payloads]), layout
 
@@ -370,6 +372,8 @@ class ModelRunner:
 
         Their logits are computed `max_num_seqs` rows at a time: never more at once than the
         sampled rows of a full step, which the start-up memory profile accounts for."""
+        if not output.scores_prompts:
+            return []
         rows, targets = [], []
         offset = 0
         for s in output.seqs:
