@@ -30,7 +30,6 @@ empty), as a pending token's value is not known either.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 from minivllm.sampling_params import SamplingParams
 
@@ -101,19 +100,20 @@ class SampleRow:
     output_token_ids: list[int] = field(default_factory=list)
 
 
-class TokenLogprobs(NamedTuple):
-    """What the runner returns for one scored position: the token there, its log-probability and
-    rank (1 = most likely), and the most likely tokens with theirs, best first. Ids only: whoever
-    shows it adds the text (the engine for `LLM`'s outputs, a server's frontend for its own).
-
-    A tuple, because the server sends one per generated token through the engine's pipe, where
-    a tuple pickles in a fraction of a dataclass's time and size."""
-
-    token_id: int
-    logprob: float
-    rank: int
-    top_ids: list[int]
-    top_logprobs: list[float]
+# What the runner returns for one scored position, a plain tuple:
+#
+#     (token_id, logprob, rank, top_ids, top_logprobs)
+#
+# the token there, its log-probability and rank (1 = most likely), and the most likely tokens
+# with theirs, best first (two tuples). Ids only: whoever shows it adds the text (the engine for
+# `LLM`'s outputs, a server's frontend for its own).
+#
+# Plain tuples of numbers, because a request keeps one per generated token until it finishes,
+# tens of thousands in a busy server: Python's garbage collector stops tracking a plain tuple of
+# numbers (or of such tuples) the first time it sees one, but never a dataclass, a NamedTuple or a
+# list, so those would make every collection longer and full collections more frequent. They
+# also cross the engine's pipe as they are (a tuple pickles in a third of a NamedTuple's time).
+TokenLogprobs = tuple[int, float, int, tuple[int, ...], tuple[float, ...]]
 
 
 @dataclass

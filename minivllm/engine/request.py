@@ -27,8 +27,9 @@ Position = Callable[[TokenLogprobs], object]  # how an output shows a scored pos
 
 def position_logprobs(entry: TokenLogprobs, token_text: TokenText) -> PositionLogprobs:
     """{token id: Logprob}: the position's own token first, then the top-k by rank."""
-    out = {entry.token_id: Logprob(entry.logprob, entry.rank, token_text(entry.token_id))}
-    for rank, (token_id, logprob) in enumerate(zip(entry.top_ids, entry.top_logprobs), start=1):
+    token, token_logprob, token_rank, top_ids, top_logprobs = entry
+    out = {token: Logprob(token_logprob, token_rank, token_text(token))}
+    for rank, (token_id, logprob) in enumerate(zip(top_ids, top_logprobs), start=1):
         if token_id not in out:
             out[token_id] = Logprob(logprob, rank, token_text(token_id))
     return out

@@ -1,7 +1,7 @@
 """The engine's log-probabilities in the OpenAI API's two shapes.
 
 The engine gives one record per position, `TokenLogprobs` (minivllm/step.py): the position's own
-token with its log-probability and rank, and the top-k, best first, as ids and numbers. Tokens
+token with its log-probability and rank, and the top-k, best first, as ids and numbers in a tuple. Tokens
 are named here, each id decoded once by the server (`token_text`), not by the engine at every
 token. The API wants:
 
@@ -43,8 +43,9 @@ def _by_rank(record: TokenLogprobs) -> list[tuple[int, float]]:
     """(token id, logprob) of the top-k and of the position's own token, best first. The token
     goes where its rank says, ahead of any top-k token it ties with (its rank counts only the
     strictly likelier ones), and after all of them when it ranks below the top-k."""
-    ranked = [(t, lp) for t, lp in zip(record.top_ids, record.top_logprobs) if t != record.token_id]
-    ranked.insert(min(record.rank - 1, len(ranked)), (record.token_id, record.logprob))
+    token_id, logprob, rank, top_ids, top_logprobs = record
+    ranked = [(t, lp) for t, lp in zip(top_ids, top_logprobs) if t != token_id]
+    ranked.insert(min(rank - 1, len(ranked)), (token_id, logprob))
     return ranked
 
 
@@ -61,7 +62,7 @@ def completion_logprobs(token_ids: list[int], records: list[TokenLogprobs | None
             out["token_logprobs"].append(None)
             out["top_logprobs"].append(None)
             continue
-        out["token_logprobs"].append(_clamp(record.logprob))
+        out["token_logprobs"].append(_clamp(record[1]))  # (token_id, logprob, ...)
         top: dict[str, float] = {}
         for t, logprob in _by_rank(record):
             top.setdefault(token_text(t), _clamp(logprob))  # the likelier wins a shared text
@@ -80,7 +81,7 @@ def chat_logprobs(token_ids: list[int], records: list[TokenLogprobs], num_top: i
     """The chat shape for these (generated) tokens, `num_top` alternatives each."""
     content = []
     for token_id, record in zip(token_ids, records):
-        content.append({**_chat_entry(token_id, record.logprob, token_text),
+        content.append({**_chat_entry(token_id, record[1], token_text),  # (token_id, logprob, ...)
                         "top_logprobs": [_chat_entry(t, lp, token_text) for t, lp in _by_rank(record)[:num_top]]})
     return {"content": content}
 

@@ -46,11 +46,11 @@ def pad_payload(payload: torch.Tensor, num_top: int) -> torch.Tensor:
 
 
 def decode_rows(payload: torch.Tensor, token_ids: list[int], num_tops: list[int]) -> list[TokenLogprobs]:
-    """A payload on the host as one plain record per row, row r keeping its own `num_tops[r]`
-    pairs (`token_ids[r]`: the token it scored). Each kind of column becomes Python numbers in
-    one call for the whole step, the ids as ints, instead of element by element per row."""
+    """A payload on the host as one record per row (`TokenLogprobs`, plain tuples), row r keeping
+    its own `num_tops[r]` pairs (`token_ids[r]`: the token it scored). Each kind of column becomes
+    Python numbers in one call for the whole step, the ids as ints, not element by element."""
     head = payload[:, :2].tolist()
     top_logprobs = payload[:, 2::2].tolist()
     top_ids = payload[:, 3::2].long().tolist()
-    return [TokenLogprobs(token_id, logprob, int(rank), ids[:k], values[:k])
+    return [(token_id, logprob, int(rank), tuple(ids[:k]), tuple(values[:k]))
             for token_id, (logprob, rank), ids, values, k in zip(token_ids, head, top_ids, top_logprobs, num_tops)]

@@ -237,9 +237,9 @@ def test_the_raw_logprobs_are_the_models_and_the_processed_ones_see_the_mask():
             SampleRow(1, SamplingParams(temperature=0, logprobs=2, logprobs_mode="processed"))]
     out = Sampler(64).sample(logits, rows, bitmask)
     tokens = out.tokens.tolist()
-    raw, processed = decode_rows(out.logprobs, tokens, [2, 2])
+    (_, raw, _, raw_top, _), (_, processed, rank, processed_top, _) = decode_rows(out.logprobs, tokens, [2, 2])
     assert tokens == [allowed[int(logits[r, allowed].argmax())] for r in range(2)]
-    assert raw.logprob == pytest.approx(logits[0].log_softmax(-1)[tokens[0]].item(), abs=1e-6)
-    assert raw.top_ids == logits[0].topk(2).indices.tolist()
-    assert processed.logprob == pytest.approx(logits[1, allowed].log_softmax(-1).max().item(), abs=1e-6)
-    assert processed.rank == 1 and set(processed.top_ids) <= set(allowed)
+    assert raw == pytest.approx(logits[0].log_softmax(-1)[tokens[0]].item(), abs=1e-6)
+    assert list(raw_top) == logits[0].topk(2).indices.tolist()
+    assert processed == pytest.approx(logits[1, allowed].log_softmax(-1).max().item(), abs=1e-6)
+    assert rank == 1 and set(processed_top) <= set(allowed)

@@ -6,6 +6,8 @@ token's value, its rank by counting, and the k largest by sorting.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import pytest
 import torch
 
@@ -29,13 +31,28 @@ def rows_of(params: list[SamplingParams], banned=None) -> list[SampleRow]:
     return [SampleRow(i, p, 0, tuple((banned or {}).get(i, ()))) for i, p in enumerate(params)]
 
 
-def decoded(payload: torch.Tensor, tokens: list[int], ks: list[int]):
-    return decode_rows(payload, tokens[:len(ks)], ks)
+class Record(NamedTuple):
+    """A record's fields by name (the runner's are plain tuples), its top-k as lists."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top_ids: list[int]
+    top_logprobs: list[float]
 
 
-def decode_row(payload: torch.Tensor, r: int, token_id: int, k: int):
+def named(record) -> Record:
+    token_id, logprob, rank, top_ids, top_logprobs = record
+    return Record(token_id, logprob, rank, list(top_ids), list(top_logprobs))
+
+
+def decoded(payload: torch.Tensor, tokens: list[int], ks: list[int]) -> list[Record]:
+    return [named(r) for r in decode_rows(payload, tokens[:len(ks)], ks)]
+
+
+def decode_row(payload: torch.Tensor, r: int, token_id: int, k: int) -> Record:
     """Row r of a payload as its record."""
-    return decode_rows(payload[r:r + 1], [token_id], [k])[0]
+    return named(decode_rows(payload[r:r + 1], [token_id], [k])[0])
 
 
 @pytest.mark.parametrize("k", [0, 1, 5, 20])

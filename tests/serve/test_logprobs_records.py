@@ -4,6 +4,7 @@ the engine), which the end-to-end tests check against transformers."""
 
 from __future__ import annotations
 
+import gc
 import pickle
 
 import torch
@@ -15,7 +16,6 @@ from minivllm.entrypoints.engine_core import OutputDecoder, OutputEncoder
 from minivllm.entrypoints.logprobs import chat_logprobs, completion_logprobs
 from minivllm.layers.logprobs import decode_rows, logprobs_payload
 from minivllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from minivllm.step import TokenLogprobs
 
 VOCAB = 12
 
@@ -24,7 +24,7 @@ def token_text(token_id: int) -> str:
     return f"<{token_id}>"
 
 
-def records_of(logits: list[list[int]], tokens: list[int], k: int) -> list[TokenLogprobs]:
+def records_of(logits: list[list[int]], tokens: list[int], k: int) -> list[tuple]:
     payload = logprobs_payload(torch.tensor(logits, dtype=torch.float32), torch.tensor(tokens), max(k, 1))
     return decode_rows(payload, tokens, [k] * len(tokens))
 
@@ -65,4 +65,11 @@ def test_records_cross_the_pipe_unchanged():
     wire = pickle.loads(pickle.dumps(OutputEncoder().encode(output)))
     got = OutputDecoder().decode(wire)
     assert got.outputs[0].logprobs == records[:2] and got.prompt_logprobs == [None, records[2]]
-    assert all(isinstance(r, TokenLogprobs) for r in got.outputs[0].logprobs)
+
+
+def test_records_are_not_tracked_by_the_garbage_collector():
+    """A request keeps one per token: the collector must not have to look at them (step.py)."""
+    records = records_of([[0, 2, 1, 5, 5, 0, 0, 0, 1, 2, 3, 4]] * 2, [3, 4], 3)
+    gc.collect()
+    gc.collect()  # a tuple is let go once a pass has seen its items let go (the inner tuples)
+    assert not any(gc.is_tracked(r) for r in records)
