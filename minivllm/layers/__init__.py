@@ -7,8 +7,9 @@ technique on and off side by side; all of them need the fused ops on:
     MINIVLLM_FUSED_OPS=0       PyTorch ops instead of fused_ops.py (add+RMSNorm, q/k norm+RoPE,
                                SiLU-and-mul), and none of the fusions below
     MINIVLLM_FUSED_KV_WRITE=0  the KV-cache write as its own kernel, not inside q/k norm+RoPE
-    MINIVLLM_FUSED_LINEAR=0    cuBLAS and separate norm / SiLU kernels for one-row batches
-                               instead of fused_linear.py
+    MINIVLLM_FUSED_LINEAR=N    fused_linear.py's kernels for batches of 1 to N rows (default
+                               and most: FUSED_LINEAR_ROWS); 0: cuBLAS and separate norm and
+                               SiLU kernels at every row count
 
 (`MINIVLLM_PDL`, programmatic dependent launch of every Triton kernel, is the kernels' own
 switch: minivllm/kernels/pdl.py.)
@@ -19,6 +20,7 @@ import os
 import torch
 
 FUSED_LINEAR_DTYPES = (torch.float16, torch.bfloat16)
+FUSED_LINEAR_ROWS = 4  # the most rows fused_linear.py's kernels take: beyond, cuBLAS wins
 
 
 def triton_device(device: torch.device) -> bool:
@@ -44,8 +46,9 @@ def use_fused_kv_write(device: torch.device) -> bool:
 
 def use_fused_linear(x: torch.Tensor) -> bool:
     """Whether the projections of x [rows, features] run as fused_linear.py's kernels: fused ops
-    on, float16/bfloat16, exactly one row (from two on cuBLAS is faster: fused_linear.py says by
-    how much), unless MINIVLLM_FUSED_LINEAR=0. Looks at shapes and dtypes only, so deciding never
-    waits for the GPU."""
-    return (x.dtype in FUSED_LINEAR_DTYPES and x.shape[0] == 1
-            and use_fused_ops(x.device) and _on("MINIVLLM_FUSED_LINEAR"))
+    on, float16/bfloat16, 1 to FUSED_LINEAR_ROWS rows (from there on cuBLAS's tiles are faster:
+    fused_linear.py says by how much), or fewer if MINIVLLM_FUSED_LINEAR says so. Looks at shapes
+    and dtypes only, so deciding never waits for the GPU."""
+    most = min(int(os.environ.get("MINIVLLM_FUSED_LINEAR", FUSED_LINEAR_ROWS)), FUSED_LINEAR_ROWS)
+    return (x.dtype in FUSED_LINEAR_DTYPES and 1 <= x.shape[0] <= most
+            and use_fused_ops(x.device))

@@ -1,4 +1,5 @@
-"""Linear layers for a one-row batch (decode at batch 1), fused with the ops around them.
+"""Linear layers for batches of one to four rows (decode at small batch), fused with the ops
+around them.
 
 **The problem.** A decode step at batch 1 multiplies one row by every weight matrix of the model:
 bandwidth bound, and at Qwen3-0.6B's size a matrix takes 1-4 us to read at full speed. Done as
@@ -7,8 +8,8 @@ pays a fixed price however little it reads: launch, ramp up to full bandwidth, d
 that fixed price was most of the step (benchmarks/RESULTS.md), and a faster GEMM alone did not
 help: a Triton GEMM at the speed of cuBLAS removed nothing from the chain.
 
-**The fix: fewer, fuller kernels.** The ops next to a GEMM are per row and cheap, and with one row
-every program can afford to redo them:
+**The fix: fewer, fuller kernels.** The ops next to a GEMM are per row and cheap, and with a few
+rows every program can afford to redo them:
 
 * *norm in the prologue.* The input of the q|k|v and gate|up projections is RMSNorm(x + residual).
   Each program needs all K columns of the row anyway, so it adds the residual, computes the
@@ -31,22 +32,24 @@ register budget), and that first tile is loaded *before* the wait: the weight st
 kernel overlaps the tail of the previous one, and with every kernel of a layer in Triton the
 chain of overlaps is unbroken (a cuBLAS GEMM in between would break it: it never signals early).
 
-**Tiles.** Program n owns output columns [n BLOCK_N, (n+1) BLOCK_N); BLOCK_N is as small as 4
-so that even N = 1024 makes 256 programs, enough to keep every SM reading. The product is a
-reduction over K on the CUDA cores, every thread busy. Accumulation is float32; each rounding to
-the model dtype happens where the unfused layers round (the residual sum, the normalised input,
-gate and up, silu), so the results agree with them to the order of summation.
+**Tiles.** Program n owns output columns [n BLOCK_N, (n+1) BLOCK_N) of every row; BLOCK_N is as
+small as 4 so that even N = 1024 makes 256 programs, enough to keep every SM reading. The
+product is a reduction over K on the CUDA cores, every thread busy; each weight is read once and
+multiplied by every row (the rows padded to a power of two, masked). Accumulation is float32;
+each rounding to the model dtype happens where the unfused layers round (the residual sum, the
+normalised input, gate and up, silu), so the results agree with them to the order of summation.
 
-**When it runs** (`minivllm.layers.use_fused_linear`): CUDA, float16/bfloat16, exactly one row,
-unless MINIVLLM_FUSED_LINEAR=0 (or MINIVLLM_FUSED_OPS=0); otherwise cuBLAS and the separate
-kernels. In decode that is the CUDA graph of batch 1 only; every larger bucket, and every
-speculative verification step (1 + k rows a sequence), records cuBLAS. Why one row: there the
-GEMM is a GEMV, which cuBLAS serves with a generic kernel, while this one reads the weights once
-with every thread busy and folds the norm and SwiGLU in: the Qwen3-0.6B decode step at batch 1
-took 0.70x its time with cuBLAS (H100). From two rows on cuBLAS's tiles win: a version of this
-kernel on `tl.dot` for 2 to 16 rows was slower at every one of them (benchmarks/RESULTS.md,
-"what we tried and why it lost"). The tests run these kernels
-in the interpreter against the unfused layers (tests/models/test_fused_linear.py).
+**When it runs** (`minivllm.layers.use_fused_linear`): CUDA, float16/bfloat16, 1 to
+FUSED_LINEAR_ROWS = 4 rows, unless MINIVLLM_FUSED_LINEAR says fewer (0: never; MINIVLLM_FUSED_OPS=0
+also turns it off); otherwise cuBLAS and the separate kernels. In decode that is the CUDA graphs
+of batch 1, 2 and 4 (and a prefill or a verification step of at most 4 tokens). Why up to four:
+there the GEMM is a GEMV or nearly, which cuBLAS serves with a generic kernel, while this one
+reads the weights once with every thread busy and folds the norm and SwiGLU in. Whole Qwen3-0.6B
+decode steps against the same code on cuBLAS (H100, benchmarks/RESULTS.md): 0.70x the time at
+batch 1, 0.78x at batch 2, 0.90x at batch 4, but 1.29x at batch 8 (with a quarter of the
+one-row tile, so that eight rows' share fits the registers): from there cuBLAS's tensor-core
+tiles win. A version on `tl.dot` lost from two rows on. The tests run these kernels in the interpreter
+against the unfused layers (tests/models/test_fused_linear.py).
 """
 
 from __future__ import annotations
@@ -59,50 +62,58 @@ import triton
 import triton.language as tl
 
 from minivllm.kernels.pdl import pdl_launch, wait_and_release
+from minivllm.layers import FUSED_LINEAR_ROWS as MAX_ROWS
 
-TILE_ELEMENTS = 16384  # weight elements a program holds in registers at once (32 KB in bf16)
+TILE_ELEMENTS = 16384  # products a program holds in registers at once (weights x rows)
 
 
 # --------------------------------------------------------------------------------------------
 # The kernel
 # --------------------------------------------------------------------------------------------
-# The one row is a [1, BLOCK_K] tile and a program's weights a [1, BLOCK_N, BLOCK_K] one: loaded
-# with the row's axis in front, the weights are already in the layout of their product with the
-# row (a [BLOCK_N, BLOCK_K] tile would be moved there through shared memory).
+# The rows are a [ROWS, BLOCK_K] tile and a program's weights a [1, BLOCK_N, BLOCK_K] one: loaded
+# with the rows' axis in front, the weights are already in the layout of their product with the
+# rows (a [BLOCK_N, BLOCK_K] tile would be moved there through shared memory), and each weight,
+# read once, is multiplied by every row.
 @triton.jit
-def _residual_sum(x_ptr, residual_ptr, ks, mask, ADD_RESIDUAL: tl.constexpr):
-    """x, or x + residual rounded to the model dtype (the residual stream is kept in it)."""
-    h = tl.load(x_ptr + ks, mask=mask, other=0.0)
+def _residual_sum(x_ptr, residual_ptr, rows, ks, mask, stride_x, K, ADD_RESIDUAL: tl.constexpr):
+    """x, or x + residual rounded to the model dtype (the residual stream is kept in it); rows
+    [ROWS, 1], ks [1, BLOCK_K]. The residual is contiguous: row stride K."""
+    h = tl.load(x_ptr + rows * stride_x + ks, mask=mask, other=0.0)
     if ADD_RESIDUAL:
-        r = tl.load(residual_ptr + ks, mask=mask, other=0.0)
+        r = tl.load(residual_ptr + rows * K + ks, mask=mask, other=0.0)
         h = (h.to(tl.float32) + r.to(tl.float32)).to(r.dtype)
     return h
 
 
 @triton.jit
-def _inverse_rms(x_ptr, residual_ptr, K, eps, ADD_RESIDUAL: tl.constexpr, BLOCK_K: tl.constexpr):
-    """1 / rms of x (+ residual), shape [1]: the first pass over the (small, cached) input."""
-    sum_sq = tl.zeros([1], dtype=tl.float32)
+def _inverse_rms(x_ptr, residual_ptr, rows, row_mask, stride_x, K, eps,
+                 ADD_RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """1 / rms of each row of x (+ residual), [ROWS]: the first pass over the (small, cached)
+    input."""
+    sum_sq = tl.zeros([ROWS], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)[None, :]
-        h = _residual_sum(x_ptr, residual_ptr, ks, ks < K, ADD_RESIDUAL).to(tl.float32)
+        h = _residual_sum(x_ptr, residual_ptr, rows, ks, row_mask & (ks < K), stride_x, K,
+                          ADD_RESIDUAL).to(tl.float32)
         sum_sq += tl.sum(h * h, axis=1)
     return tl.rsqrt(sum_sq / K + eps)
 
 
 @triton.jit
-def _input_tile(x_ptr, residual_ptr, residual_out_ptr, norm_ptr, k0, K, inv_rms, residual_cols,
-                NORM: tl.constexpr, ADD_RESIDUAL: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Columns [k0, k0 + BLOCK_K) of the GEMM's input, [1, BLOCK_K]: x, or RMSNorm(x + residual),
-    rounded as fused_ops.rms_norm rounds; its columns below `residual_cols` of x + residual are
-    stored as the new residual (all K in one program, none in the others)."""
+def _input_tile(x_ptr, residual_ptr, residual_out_ptr, norm_ptr, rows, row_mask, stride_x, k0, K,
+                inv_rms, residual_cols, NORM: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """Columns [k0, k0 + BLOCK_K) of the GEMM's input, [ROWS, BLOCK_K]: x, or
+    RMSNorm(x + residual), rounded as fused_ops.rms_norm rounds; its columns below
+    `residual_cols` of x + residual are stored as the new residual (all K in one program, none
+    in the others)."""
     ks = k0 + tl.arange(0, BLOCK_K)[None, :]
-    mask = ks < K
-    h = _residual_sum(x_ptr, residual_ptr, ks, mask, ADD_RESIDUAL)
+    mask = row_mask & (ks < K)
+    h = _residual_sum(x_ptr, residual_ptr, rows, ks, mask, stride_x, K, ADD_RESIDUAL)
     if ADD_RESIDUAL:
-        tl.store(residual_out_ptr + ks, h, mask=ks < residual_cols)
+        tl.store(residual_out_ptr + rows * K + ks, h, mask=row_mask & (ks < residual_cols))
     if NORM:
-        w = tl.load(norm_ptr + ks, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(norm_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)
         h = ((h.to(tl.float32) * inv_rms[:, None]).to(h.dtype).to(tl.float32) * w).to(h.dtype)
     return h
 
@@ -116,24 +127,26 @@ def _weight_tile(w_rows, k0, ks, col_mask, K):
 
 @triton.jit
 def _times_weights(a, w, acc):
-    """acc [1, BLOCK_N] + a [1, BLOCK_K] @ w^T: the row times every weight row, reduced along K
-    on the CUDA cores in float32."""
+    """acc [ROWS, BLOCK_N] + a [ROWS, BLOCK_K] @ w^T: every row times every weight row, reduced
+    along K on the CUDA cores in float32."""
     return acc + tl.sum(a.to(tl.float32)[:, None, :] * w.to(tl.float32), axis=2)
 
 
 @triton.jit
 def _fused_linear_kernel(
     x_ptr, residual_ptr, residual_out_ptr, norm_ptr, w_ptr, bias_ptr, out_ptr,
-    N, K, stride_wn, eps,
+    M, N, K, stride_x, stride_wn, eps,
     NORM: tl.constexpr, ADD_RESIDUAL: tl.constexpr, SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    """Program n: out[cols] = input @ W[cols]^T (+ b), cols = [n BLOCK_N, (n+1) BLOCK_N), where
-    input is the row x or RMSNorm(x + residual). SWIGLU: W stacks gate rows then up rows (N each),
-    and out[cols] = silu(gate[cols]) * up[cols]."""
+    """Program n: out[:, cols] = input @ W[cols]^T (+ b), cols = [n BLOCK_N, (n+1) BLOCK_N), where
+    input is the M (<= ROWS) rows of x or RMSNorm(x + residual). SWIGLU: W stacks gate rows then
+    up rows (N each), and out[:, cols] = silu(gate[:, cols]) * up[:, cols]."""
     pid = tl.program_id(0)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
+    rows = tl.arange(0, ROWS)[:, None]
+    row_mask = rows < M
     ks = tl.arange(0, BLOCK_K)
     # 64-bit row offsets: a weight (an LM head) may hold 2^31 elements or more.
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
@@ -146,20 +159,21 @@ def _fused_linear_kernel(
     wait_and_release(USE_PDL)
 
     residual_cols = tl.where(pid == 0, K, 0)  # program 0 writes the new residual stream
-    inv_rms = tl.full([1], 1.0, dtype=tl.float32)
+    inv_rms = tl.full([ROWS], 1.0, dtype=tl.float32)
     if NORM:
-        inv_rms = _inverse_rms(x_ptr, residual_ptr, K, eps, ADD_RESIDUAL, BLOCK_K)
-    acc = tl.zeros([1, BLOCK_N], dtype=tl.float32)
-    acc_up = tl.zeros([1, BLOCK_N], dtype=tl.float32)
-    a = _input_tile(x_ptr, residual_ptr, residual_out_ptr, norm_ptr, 0, K, inv_rms, residual_cols,
-                    NORM, ADD_RESIDUAL, BLOCK_K)
+        inv_rms = _inverse_rms(x_ptr, residual_ptr, rows, row_mask, stride_x, K, eps,
+                               ADD_RESIDUAL, ROWS, BLOCK_K)
+    acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+    a = _input_tile(x_ptr, residual_ptr, residual_out_ptr, norm_ptr, rows, row_mask, stride_x, 0, K,
+                    inv_rms, residual_cols, NORM, ADD_RESIDUAL, BLOCK_K)
     acc = _times_weights(a, w, acc)
     if SWIGLU:
         acc_up = _times_weights(a, u, acc_up)
     for k0 in range(BLOCK_K, K, BLOCK_K):  # the rest of K, when the strip is wider than a tile
         w = _weight_tile(w_rows, k0, ks, col_mask, K)
-        a = _input_tile(x_ptr, residual_ptr, residual_out_ptr, norm_ptr, k0, K, inv_rms,
-                        residual_cols, NORM, ADD_RESIDUAL, BLOCK_K)
+        a = _input_tile(x_ptr, residual_ptr, residual_out_ptr, norm_ptr, rows, row_mask, stride_x,
+                        k0, K, inv_rms, residual_cols, NORM, ADD_RESIDUAL, BLOCK_K)
         acc = _times_weights(a, w, acc)
         if SWIGLU:
             u = _weight_tile(u_rows, k0, ks, col_mask, K)
@@ -175,7 +189,7 @@ def _fused_linear_kernel(
         # product: the roundings of fused_ops.silu_and_mul after a gate|up GEMM.
         gate = acc.to(dtype).to(tl.float32)
         acc = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * acc_up.to(dtype).to(tl.float32)
-    tl.store(out_ptr + cols[None, :], acc.to(dtype), mask=col_mask[None, :])
+    tl.store(out_ptr + rows * N + cols[None, :], acc.to(dtype), mask=row_mask & col_mask[None, :])
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,15 +213,15 @@ class LinearConfig:
 
 
 @functools.cache
-def choose_config(n: int, k: int, swiglu: bool) -> LinearConfig:
-    """From the shape only. A program holds at most TILE_ELEMENTS weights (SwiGLU programs read
-    gate and up rows: half as many columns), as few columns as 4 so that N = 1024 still gives
-    every SM of an H100 one or two programs, and as many as fit with the whole of K in one tile,
-    which is then loaded before the wait.
+def choose_config(n: int, k: int, swiglu: bool, rows: int = 1) -> LinearConfig:
+    """From the shape only. A program holds at most TILE_ELEMENTS weights times `tile_rows`
+    (SwiGLU programs read gate and up rows: half as many columns), as few columns as 4 so that
+    N = 1024 still gives every SM of an H100 one or two programs, and as many as fit with the
+    whole of K in one tile, which is then loaded before the wait.
     """
     per_column = 2 if swiglu else 1
     k_pad = triton.next_power_of_2(k)
-    budget = TILE_ELEMENTS // per_column
+    budget = TILE_ELEMENTS // (per_column * tile_rows(rows))
     block_n = min(64, max(4, _pow2_floor(budget // k_pad)))
     # Warps: every program of the grid resident at once, at Qwen3-0.6B's shapes on an H100
     # (registers of the sm_90 code, Triton 3.6): 8 warps for one weight tile (q|k|v: 122
@@ -215,6 +229,13 @@ def choose_config(n: int, k: int, swiglu: bool) -> LinearConfig:
     # 3 an SM, 384 programs in 396 places; with 8 warps they would take 1.45 waves).
     return LinearConfig(block_n, min(k_pad, max(16, _pow2_floor(budget // block_n))),
                         num_warps=4 if swiglu else 8)
+
+
+def tile_rows(rows: int) -> int:
+    """The weight tile shrinks as rows are added: each thread also holds its share of the input
+    rows. Two rows keep the one-row tile (q|k|v: 128 registers, sm_90 code, Triton 3.6); four
+    take half of it (126; the whole tile would take 210 and halve the programs an SM holds)."""
+    return max(1, triton.next_power_of_2(rows) // 2)
 
 
 def _pow2_floor(n: int) -> int:
@@ -228,11 +249,14 @@ def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: tor
                 weight: torch.Tensor, bias: torch.Tensor | None = None, swiglu: bool = False,
                 config: LinearConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(linear(RMSNorm(h)), h) with h = x + residual (or x, when residual is None): the pre-norm
-    block's "add the sublayer output, normalise, project" in one kernel. x, residual [1, K];
-    weight [N, K] (nn.Linear's layout); swiglu: weight is gate rows then up rows [2I, K] and the
-    result silu(gate) * up [1, I]. The residual is not changed; the returned h is a new tensor
-    (or x itself)."""
-    new_residual = torch.empty_like(x) if residual is not None else x
+    block's "add the sublayer output, normalise, project" in one kernel. x, residual [M, K] with
+    M <= MAX_ROWS; weight [N, K] (nn.Linear's layout); swiglu: weight is gate rows then up rows
+    [2I, K] and the result silu(gate) * up [M, I]. The residual is not changed; the returned h
+    is a new tensor (or x itself)."""
+    new_residual = x
+    if residual is not None:
+        residual = residual.contiguous()
+        new_residual = torch.empty_like(residual)
     out = _launch(x, weight, bias, swiglu, config, residual=residual, residual_out=new_residual,
                   norm_weight=norm_weight, eps=eps)
     return out, new_residual
@@ -240,27 +264,27 @@ def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: tor
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            config: LinearConfig | None = None) -> torch.Tensor:
-    """x [1, K] @ weight [N, K]^T (+ bias [N]): F.linear of one row in one fused-path kernel."""
+    """x [M, K] @ weight [N, K]^T (+ bias [N]), M <= MAX_ROWS: F.linear in one fused-path kernel."""
     return _launch(x, weight, bias, False, config)
 
 
 def _launch(x, weight, bias, swiglu, config, residual=None, residual_out=None, norm_weight=None,
             eps=0.0):
-    if x.shape[0] != 1:
-        raise ValueError(f"x: the fused linear kernels take one row, got {x.shape[0]}")
+    m, k = x.shape
+    if not 1 <= m <= MAX_ROWS:
+        raise ValueError(f"x: the fused linear kernels take 1 to {MAX_ROWS} rows, got {m}")
     if x.stride(1) != 1 or weight.stride(1) != 1:
         raise ValueError("x and weight must be contiguous along the features (stride 1)")
-    k = x.shape[1]
     n = weight.shape[0] // (2 if swiglu else 1)
-    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    cfg = config or choose_config(n, k, swiglu)
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    cfg = config or choose_config(n, k, swiglu, m)
     add = residual is not None
     _fused_linear_kernel[(triton.cdiv(n, cfg.BLOCK_N),)](
         x, residual if add else x, residual_out if add else x,
         norm_weight if norm_weight is not None else weight, weight,
-        bias if bias is not None else weight, out, n, k, weight.stride(0), eps,
+        bias if bias is not None else weight, out, m, n, k, x.stride(0), weight.stride(0), eps,
         NORM=norm_weight is not None, ADD_RESIDUAL=add, SWIGLU=swiglu, HAS_BIAS=bias is not None,
-        BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+        ROWS=triton.next_power_of_2(m), BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(x.device),
     )
     return out

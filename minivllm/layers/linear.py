@@ -24,9 +24,9 @@ dimension and `Shard`), and a merged layer where in its own weight each projecti
 (`shard`); the loader then reads just that slice from the file (models/loader.py).
 
 With one rank every layer is the plain `nn.Linear` it replaces: same parameters, same forward.
-For a one-row batch (decode at batch 1) on CUDA the product runs as fused_linear.py's kernel
-instead of cuBLAS (`linear` below), so that the step's chain of Triton kernels is not broken
-(kernels/pdl.py).
+For a batch of 1 to 4 rows (decode at small batch) on CUDA the product runs as fused_linear.py's
+kernel instead of cuBLAS (`linear` below), so that the step's chain of Triton kernels is not
+broken (kernels/pdl.py).
 On a CPU the model runner reorders the float32 weights for oneDNN once (onednn.py); `linear`
 then multiplies through it.
 """
@@ -44,7 +44,7 @@ CheckpointSplit = tuple[int, Shard] | None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear; for one row on CUDA, fused_linear.py's kernel (`use_fused_linear`); oneDNN's
+    """F.linear; for 1 to 4 rows on CUDA, fused_linear.py's kernel (`use_fused_linear`); oneDNN's
     product for a weight reordered for it (onednn.pack_weights, CPU only)."""
     if x.dim() == 2 and use_fused_linear(x):
         from minivllm.layers import fused_linear  # imports Triton: only where it runs

@@ -11,8 +11,8 @@ Llama plus a sliding window, which we do not implement (see `_warn_about_sliding
 
 Each sublayer takes the residual stream and its norm, and returns its output and the stream: the
 pre-norm seam "add the last output to the stream, normalise, project" is one call
-(`_norm_then_project`), which for a one-row batch on CUDA is one kernel together with the
-projection (layers/fused_linear.py). A layer is then six kernels at batch 1: add + norm +
+(`_norm_then_project`), which for a batch of 1 to 4 rows on CUDA is one kernel together with
+the projection (layers/fused_linear.py). A layer is then six kernels at batch 1: add + norm +
 q|k|v, q/k norm + RoPE + KV-cache write, attention, o_proj, add + norm + gate|up + SwiGLU, down
 (and the split-KV merge after attention where the keys are split).
 
@@ -103,7 +103,7 @@ def _norm_then_project(x: torch.Tensor, residual: torch.Tensor | None, norm: RMS
     """(proj(norm(h)), h) with h = x + residual, the residual stream (h = x before the first
     layer); with `swiglu`, its activation applied to the gate|up projection.
 
-    For one row on CUDA this is one kernel (fused_linear.norm_linear); otherwise the
+    For 1 to 4 rows on CUDA this is one kernel (fused_linear.norm_linear); otherwise the
     fused add + RMSNorm (which updates the residual in place), the GEMM and the activation.
     """
     if use_fused_linear(x):

@@ -221,22 +221,23 @@ def _run_fused_ops(token_counts, offset):
 
 @interpreter
 def test_fused_decode_kernels_add_no_specialization_after_the_graph_buckets():
-    """The small-batch kernels (q/k norm + RoPE writing the cache, and for one row
-    fused_linear.py): once the CUDA-graph buckets 1, 2, 4, 16 have run, no row count up to 16
-    and no offset of the step's metadata compiles anything new."""
+    """The small-batch kernels (q/k norm + RoPE writing the cache, and up to FUSED_LINEAR_ROWS
+    rows fused_linear.py): once the CUDA-graph buckets 1, 2, 4, 8, 16 have run, no row count up
+    to 16 and no offset of the step's metadata compiles anything new (the linear kernels'
+    row count is padded to a power of two, as the buckets are)."""
     from tests._triton_interpreter import PredictedSpecializations
 
     with PredictedSpecializations() as keys:
-        _run_fused_decode([1, 2, 4, 16], offset=0)
+        _run_fused_decode([1, 2, 4, 8, 16], offset=0)
         warm = keys.snapshot()
         _run_fused_decode([1, 3, 5, 8, 11], offset=1)
     assert keys.new_since(warm) == {}
 
 
 def _run_fused_decode(token_counts, offset):
-    """The decode layer's Triton kernels for each count of tokens: the fused linear ones for one
-    token only, as the model runs them (`use_fused_linear`)."""
-    from minivllm.layers import fused_linear, fused_ops
+    """The decode layer's Triton kernels for each count of tokens: the fused linear ones up to
+    FUSED_LINEAR_ROWS tokens, as the model runs them (`use_fused_linear`)."""
+    from minivllm.layers import FUSED_LINEAR_ROWS, fused_linear, fused_ops
     from minivllm.layers.attention import KVCacheWrite
 
     hidden, hq, hkv, d, inter = 64, 4, 2, 16, 48
@@ -248,9 +249,10 @@ def _run_fused_decode(token_counts, offset):
     for t in token_counts:
         x = torch.randn(t, hidden, device=DEVICE).to(DTYPE)
         residual = torch.randn(t, hidden, device=DEVICE).to(DTYPE)
-        if t == 1:
+        fused = t <= FUSED_LINEAR_ROWS
+        if fused:
             qkv, residual = fused_linear.norm_linear(x, residual, norm, 1e-6, qkv_weight)
-        else:  # PyTorch's GEMM from two rows on: nothing of fused_linear.py runs
+        else:  # PyTorch's GEMM beyond: nothing of fused_linear.py runs
             qkv = F.linear(x, qkv_weight)
         qkv = qkv.view(t, hq + 2 * hkv, d)
         positions, slots = _metadata_at(offset, torch.arange(t, dtype=torch.int32, device=DEVICE),
@@ -258,6 +260,6 @@ def _run_fused_decode(token_counts, offset):
         fused_ops.qk_norm_rope(qkv[:, :hq], qkv[:, hq:hq + hkv], positions, angles.cos(),
                                angles.sin(), v=qkv[:, hq + hkv:],
                                cache=KVCacheWrite(k_cache, k_cache.clone(), slots))
-        if t == 1:
+        if fused:
             act, _ = fused_linear.norm_linear(x, residual, norm, 1e-6, gate_up, swiglu=True)
             fused_linear.linear(act, qkv_weight[:hidden, :inter])

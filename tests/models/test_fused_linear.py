@@ -1,6 +1,6 @@
-"""The one-row fused linear kernels (minivllm/layers/fused_linear.py) against the unfused
-layers, the decoder layer built from them against the PyTorch path, and that two rows or more
-take cuBLAS (the PyTorch path).
+"""The small-batch fused linear kernels (minivllm/layers/fused_linear.py) against the unfused
+layers, the decoder layer built from them against the PyTorch path, and that more rows than the
+switch allows take cuBLAS (the PyTorch path).
 
 On CPU the kernels run in the Triton interpreter (tests/conftest.py), on a GPU natively. Sizes
 that are not powers of two leave masked columns in every tile; a forced narrow BLOCK_K walks K
@@ -47,8 +47,9 @@ def reference_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("config", [None, NARROW], ids=["default", "narrow"])
-def test_linear_matches_f_linear(dtype, config):
-    rows, n, k = 1, 72, 200  # neither a power of two
+@pytest.mark.parametrize("rows", [1, 3, 4])
+def test_linear_matches_f_linear(dtype, config, rows):
+    n, k = 72, 200  # neither a power of two
     x = randn(rows, k, dtype=dtype, seed=rows)
     weight = randn(n, k, dtype=dtype, seed=100, scale=k ** -0.5)
     bias = randn(n, dtype=dtype, seed=101)
@@ -60,8 +61,9 @@ def test_linear_matches_f_linear(dtype, config):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("swiglu", [False, True], ids=["qkv", "gate_up"])
 @pytest.mark.parametrize("with_residual", [False, True], ids=["first_layer", "add"])
-def test_norm_linear_matches_the_unfused_layers(dtype, swiglu, with_residual):
-    rows, n, k, eps = 1, 40, 48, 1e-6
+@pytest.mark.parametrize("rows", [1, 3])
+def test_norm_linear_matches_the_unfused_layers(dtype, swiglu, with_residual, rows):
+    n, k, eps = 40, 48, 1e-6
     x = randn(rows, k, dtype=dtype, seed=rows)
     residual = randn(rows, k, dtype=dtype, seed=50 + rows) if with_residual else None
     residual_before = residual.clone() if with_residual else None
@@ -87,8 +89,8 @@ def test_norm_linear_matches_the_unfused_layers(dtype, swiglu, with_residual):
 
 def test_norm_linear_over_several_k_tiles_and_column_blocks():
     """K = 200 in tiles of 32 (the norm's first pass and the product both loop), N = 72 in
-    blocks of 8 (a partial last block): every program, every tile."""
-    dtype, rows, eps = torch.float32, 1, 1e-5
+    blocks of 8 (a partial last block), 3 rows of 4 (a masked row): every program, every tile."""
+    dtype, rows, eps = torch.float32, 3, 1e-5
     x, residual = randn(rows, 200, dtype=dtype, seed=1), randn(rows, 200, dtype=dtype, seed=2)
     norm_weight = randn(200, dtype=dtype, seed=3)
     weight = randn(144, 200, dtype=dtype, seed=4)
@@ -100,35 +102,44 @@ def test_norm_linear_over_several_k_tiles_and_column_blocks():
 
 
 def test_choose_config_depends_on_the_shape_only():
-    """The launch shape keeps the whole of K in one tile (loaded before
-    the wait) for the Qwen3-0.6B projections, and never gives N = 1024 fewer than 128 programs."""
+    """The launch shape keeps the whole of K in one tile (loaded before the wait) for the
+    Qwen3-0.6B projections of one row, keeps the products a program holds within its budget at
+    every row count, and never gives N = 1024 fewer than 128 programs."""
     for n, k, swiglu in [(4096, 1024, False), (3072, 1024, True), (1024, 2048, False)]:
-        cfg = fused_linear.choose_config(n, k, swiglu)
-        assert cfg.BLOCK_K >= k
-        assert cfg.BLOCK_N * cfg.BLOCK_K * (2 if swiglu else 1) <= fused_linear.TILE_ELEMENTS
-    assert -(-1024 // fused_linear.choose_config(1024, 3072, False).BLOCK_N) >= 128
+        assert fused_linear.choose_config(n, k, swiglu).BLOCK_K >= k
+        for rows in (1, 2, 3, 4):
+            cfg = fused_linear.choose_config(n, k, swiglu, rows)
+            held = cfg.BLOCK_N * cfg.BLOCK_K * (2 if swiglu else 1) * fused_linear.tile_rows(rows)
+            assert held <= fused_linear.TILE_ELEMENTS
+    for rows in (1, 4):
+        assert -(-1024 // fused_linear.choose_config(1024, 3072, False, rows).BLOCK_N) >= 128
 
 
 def test_bad_rows_are_refused():
     weight = torch.zeros(8, 16, device=DEVICE)
-    for rows in (0, 2, 16):
-        with pytest.raises(ValueError, match="one row, got"):
+    for rows in (0, 5):
+        with pytest.raises(ValueError, match="1 to 4 rows, got"):
             fused_linear.linear(torch.zeros(rows, 16, device=DEVICE), weight)
     with pytest.raises(ValueError, match="contiguous"):
         fused_linear.linear(torch.zeros(16, 2, device=DEVICE)[:, :1].t(), weight)  # stride 2
 
 
 def test_the_switch(monkeypatch):
-    from minivllm.layers import use_fused_linear
+    from minivllm.layers import FUSED_LINEAR_ROWS, use_fused_linear
 
     def rows(n, dtype=torch.bfloat16):
         return torch.empty(n, 8, dtype=dtype, device="meta")
 
     monkeypatch.setattr("minivllm.layers.triton_device", lambda device: True)
-    assert use_fused_linear(rows(1)) and use_fused_linear(rows(1, torch.float16))
-    # From two rows on, cuBLAS's tiles beat the fused kernels (fused_linear.py's docstring).
-    assert not any(use_fused_linear(rows(n)) for n in (0, 2, 3, 16, 17))
+    default = range(1, FUSED_LINEAR_ROWS + 1)
+    assert all(use_fused_linear(rows(n)) for n in default) and use_fused_linear(rows(1, torch.float16))
+    # Beyond, cuBLAS's tiles beat the fused kernels (fused_linear.py's docstring).
+    assert not any(use_fused_linear(rows(n)) for n in (0, FUSED_LINEAR_ROWS + 1, 16))
     assert not use_fused_linear(rows(1, torch.float32))  # float32 keeps cuBLAS (exact HF match)
+    monkeypatch.setenv("MINIVLLM_FUSED_LINEAR", "16")  # never more rows than the kernels take
+    assert use_fused_linear(rows(FUSED_LINEAR_ROWS)) and not use_fused_linear(rows(FUSED_LINEAR_ROWS + 1))
+    monkeypatch.setenv("MINIVLLM_FUSED_LINEAR", "1")
+    assert use_fused_linear(rows(1)) and not use_fused_linear(rows(2))
     monkeypatch.setenv("MINIVLLM_FUSED_LINEAR", "0")
     assert not use_fused_linear(rows(1))
     monkeypatch.setenv("MINIVLLM_FUSED_LINEAR", "1")
@@ -165,12 +176,12 @@ def _run_model(model_dir, fused: bool, monkeypatch, steps, dtype=torch.float16):
 
 @pytest.mark.parametrize("variant", ["qwen3", "llama-biases-tied-llama3-rope", "opt"])
 def test_fused_decode_layers_match_the_pytorch_path(variant, model_dir, monkeypatch):
-    """Prefills of 17 and 5 tokens and a decode step of 2 sequences (more than one row: cuBLAS
-    and the fused ops), then decode steps of 1 sequence (the fused linear kernels): the logits
-    agree with the unfused model to float16 rounding, and (in the interpreter, where launches
-    can be listed) no fused linear kernel runs for more than one row, and a one-row decode layer
-    is the six kernels of the fused path: no separate norm, cache write or SiLU kernel."""
-    a, b = list(range(3, 20)), list(range(30, 35))
+    """A prefill of 17 tokens (more rows than the fused kernels take: cuBLAS and the fused ops),
+    a prefill of 4, a decode step of 2 sequences, then of 1 (the fused linear kernels): the
+    logits agree with the unfused model to float16 rounding, and (in the interpreter, where
+    launches can be listed) a decode layer is the six kernels of the fused path: no separate
+    norm, cache write or SiLU kernel."""
+    a, b = list(range(3, 20)), list(range(30, 34))
     steps = [[("a", a)], [("b", b)], [("a", [7]), ("b", [8])], [("b", [9])], [("b", [10])]]
     ref, _ = _run_model(model_dir(variant), False, monkeypatch, steps)
     got, kernels = _run_model(model_dir(variant), True, monkeypatch, steps)
@@ -179,13 +190,14 @@ def test_fused_decode_layers_match_the_pytorch_path(variant, model_dir, monkeypa
         assert torch.equal(x.argmax(-1), y.argmax(-1)), f"step {step}"
     if DEVICE != "cpu":
         return
-    for step in kernels[:3]:  # 17, 5 and 2 rows: cuBLAS and the fused ops
-        assert "_fused_linear_kernel" not in step
+    assert "_fused_linear_kernel" not in kernels[0]  # 17 rows: cuBLAS
+    projections = 4 * 2  # q|k|v, o, gate|up (fc1), down (fc2); two layers
+    assert kernels[1].count("_fused_linear_kernel") == projections  # a prefill of 4 rows
     if variant == "opt":  # only its linear layers take the fused kernel
-        assert kernels[-1].count("_fused_linear_kernel") == 2 * 4  # 2 layers of q|k|v, o, fc1, fc2
+        assert all(step.count("_fused_linear_kernel") == projections for step in kernels[2:])
         return
     layer = ["_fused_linear_kernel", "_qk_norm_rope_kernel", "_paged_attention_kernel",
              "_fused_linear_kernel", "_fused_linear_kernel", "_fused_linear_kernel"]
-    for step in kernels[3:]:
+    for step in kernels[2:]:  # decode steps of 2 rows and of 1
         assert step == layer * 2 + ["_add_rms_norm_kernel"]  # two layers, the final norm
-    assert "_write_kv_cache_kernel" not in kernels[0]  # the cache write stays fused
+    assert "_write_kv_cache_kernel" not in kernels[2]  # the cache write stays fused
