@@ -49,6 +49,12 @@ def use_fused_linear(x: torch.Tensor) -> bool:
     on, float16/bfloat16, 1 to FUSED_LINEAR_ROWS rows (from there on cuBLAS's tiles are faster:
     fused_linear.py says by how much), or fewer if MINIVLLM_FUSED_LINEAR says so. Looks at shapes
     and dtypes only, so deciding never waits for the GPU."""
-    most = min(int(os.environ.get("MINIVLLM_FUSED_LINEAR", FUSED_LINEAR_ROWS)), FUSED_LINEAR_ROWS)
-    return (x.dtype in FUSED_LINEAR_DTYPES and 1 <= x.shape[0] <= most
+    return (x.dtype in FUSED_LINEAR_DTYPES and 1 <= x.shape[0] <= _fused_linear_rows()
             and use_fused_ops(x.device))
+
+
+def _fused_linear_rows() -> int:
+    value = os.environ.get("MINIVLLM_FUSED_LINEAR", str(FUSED_LINEAR_ROWS))
+    if not value.isdigit():
+        raise ValueError(f"MINIVLLM_FUSED_LINEAR must be a number of rows (0: off), got {value!r}")
+    return min(int(value), FUSED_LINEAR_ROWS)

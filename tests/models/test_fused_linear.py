@@ -142,6 +142,9 @@ def test_the_switch(monkeypatch):
     assert use_fused_linear(rows(1)) and not use_fused_linear(rows(2))
     monkeypatch.setenv("MINIVLLM_FUSED_LINEAR", "0")
     assert not use_fused_linear(rows(1))
+    monkeypatch.setenv("MINIVLLM_FUSED_LINEAR", "on")
+    with pytest.raises(ValueError, match="MINIVLLM_FUSED_LINEAR must be a number of rows"):
+        use_fused_linear(rows(1))
     monkeypatch.setenv("MINIVLLM_FUSED_LINEAR", "1")
     monkeypatch.setenv("MINIVLLM_FUSED_OPS", "0")  # the fused ops' switch turns every fusion off
     assert not use_fused_linear(rows(1))
