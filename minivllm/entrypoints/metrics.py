@@ -46,8 +46,9 @@ E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30
 
 
 class EngineStateCollector:
-    """The engine's state as gauges, read at each scrape (a collector, not `Gauge`s: those would
-    also be written to the shared files of several frontends, once per process)."""
+    """The engine's state, read at each scrape: gauges of its queues and cache, and speculative
+    decoding's counters (none when it does not speculate). A collector, not `Gauge`s: those would
+    also be written to the shared files of several frontends, once per process."""
 
     def __init__(self, state: Callable[[], EngineState]):
         self.state = state
@@ -60,6 +61,22 @@ class EngineStateCollector:
                                 value=state.num_waiting)
         yield GaugeMetricFamily("minivllm:kv_cache_usage_perc", "Fraction of the KV-cache blocks in use (0 to 1).",
                                 value=state.kv_cache_usage)
+        if state.spec_decode is not None:
+            yield from _spec_decode_counters(state.spec_decode)
+
+
+def _spec_decode_counters(counts):
+    for name, doc, value in (
+            ("num_drafts", "Sequence-steps that verified draft tokens.", counts.num_verifications),
+            ("num_draft_tokens", "Draft tokens verified.", counts.num_draft_tokens),
+            ("num_accepted_tokens", "Draft tokens accepted.", counts.num_accepted_tokens)):
+        yield CounterMetricFamily(f"minivllm:spec_decode_{name}", doc, value=value)
+    per_position = CounterMetricFamily("minivllm:spec_decode_num_accepted_tokens_per_pos",
+                                       "Draft tokens accepted at each draft position (0 = first).",
+                                       labels=["position"])
+    for position, value in enumerate(counts.accepted_per_position):
+        per_position.add_metric([str(position)], value)
+    yield per_position
 
 
 class ServerMetrics:
@@ -75,7 +92,6 @@ class ServerMetrics:
         # The engine's own numbers, read from its state: the same in every frontend, never summed.
         self.engine_registry = CollectorRegistry() if self.shared_dir else self.registry
         self.engine_registry.register(EngineStateCollector(state))
-        self.engine_registry.register(SpecDecodeCollector(state))
         self.prompt_tokens = Counter("minivllm:prompt_tokens", "Prompt tokens of the requests started.",
                                      registry=self.registry)
         self.generation_tokens = Counter("minivllm:generation_tokens", "Tokens generated and reported.",
@@ -117,27 +133,3 @@ class ServerMetrics:
         events = CollectorRegistry()
         MultiProcessCollector(events, self.shared_dir)
         return generate_latest(self.engine_registry) + generate_latest(events), CONTENT_TYPE_LATEST
-
-
-class SpecDecodeCollector:
-    """Speculative decoding's counters, read from the engine's state when Prometheus scrapes
-    (nothing at all when the engine does not speculate)."""
-
-    def __init__(self, state: Callable[[], EngineState]):
-        self._state = state
-
-    def collect(self):
-        counts = self._state().spec_decode
-        if counts is None:
-            return
-        for name, doc, value in (
-                ("num_drafts", "Sequence-steps that verified draft tokens.", counts.num_verifications),
-                ("num_draft_tokens", "Draft tokens verified.", counts.num_draft_tokens),
-                ("num_accepted_tokens", "Draft tokens accepted.", counts.num_accepted_tokens)):
-            yield CounterMetricFamily(f"minivllm:spec_decode_{name}", doc, value=value)
-        per_position = CounterMetricFamily("minivllm:spec_decode_num_accepted_tokens_per_pos",
-                                           "Draft tokens accepted at each draft position (0 = first).",
-                                           labels=["position"])
-        for position, value in enumerate(counts.accepted_per_position):
-            per_position.add_metric([str(position)], value)
-        yield per_position
