@@ -29,8 +29,11 @@ the request could not be scheduled before the next step anyway.
 
 **An add with structured output is answered when its grammar has compiled**, on a grammar thread
 (engine/structured_output.py): the loop keeps stepping the other requests meanwhile, and then
-queues the request, or answers the compile's ValueError (a 400 naming the field). Its frontend
-may abort it before that: the add is answered at once, and the abort with its final output.
+queues the request, or answers the compile's ValueError (a 400 naming the field). The compile's
+end wakes the loop (`Wakeup`: a pipe it waits on beside the commands, written by the grammar
+thread), so a loop with nothing else to do sleeps until then, and takes the request at once.
+Its frontend may abort it before that: the add is answered at once, and the abort with its final
+output.
 
 **Only what is new crosses.** A streaming request's output after a step is a delta (its new
 tokens and text), but a `RequestOutput` also carries the whole prompt, and pickling dataclasses is
@@ -88,9 +91,6 @@ from minivllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from minivllm.sampling_params import SamplingParams
 
 STOP_TIMEOUT_S = 10.0  # how long a stopping engine process may take before it is killed
-# How often an otherwise idle engine loop looks whether a grammar has compiled (while it steps,
-# it looks after every step).
-GRAMMAR_POLL_S = 0.005
 SHUTDOWN = (None, "shutdown", ())  # the command that stops the engine process
 # Let the commands pipe hold a burst (Linux only): a send to a full pipe blocks until the other
 # side reads, and the engine reads its commands only between steps; 256 prompts of 1k tokens
@@ -300,34 +300,41 @@ def serve(core: EngineCore, commands, results, frontends: list | tuple = ()) -> 
     control = [commands] if frontends else []  # the parent's pipe, when it sends no requests
     owners: dict[str, Frontend] = {}  # unfinished request -> the frontend that added it
     adding: list[Adding] = []  # adds whose grammar is compiling
-    while _drop_gone(core, encoder, owners, peers):  # (a failed send of the last turn closed one)
-        pipes = [p.commands for p in peers] + control
-        timeout = 0 if core.has_work() else GRAMMAR_POLL_S if adding else None
-        ready = connection.wait(pipes, timeout=timeout)
-        if commands in control and commands in ready and _stop_requested(commands):
-            return
-        for peer in [p for p in peers if p.commands in ready]:
-            if not _take(core, encoder, owners, peer, adding):
-                return  # "shutdown" from the one frontend
-        if not _drop_gone(core, encoder, owners, peers):  # (a closed pipe, read just now)
-            return
-        adding = _finish_adds(core, owners, adding)
-        result = core.step() if core.has_work() else None
-        routed = _route(result, owners) if result is not None else {}
-        state = None  # (read once, and only for a turn that sends something)
-        for peer in peers:
-            if result is None and not peer.replies:
-                continue
-            if state is None:
-                state = core.state()
-            outputs, failed = routed.get(peer, ((), ()))
-            message = (peer.replies, [encoder.encode(o) for o in outputs], result and result.error,
-                       [encoder.encode(o) for o in failed], state)
-            peer.replies = []
-            try:
-                peer.results.send(message)
-            except OSError:  # it left: dropped at the top of the next turn
-                peer.commands.close()
+    with contextlib.closing(Wakeup()) as compiled:  # set by a grammar thread when a compile ends
+        while _drop_gone(core, encoder, owners, peers):  # (a failed send of the last turn closed one)
+            pipes = [p.commands for p in peers] + control + [compiled.fd]
+            ready = connection.wait(pipes, timeout=0 if core.has_work() else None)
+            if compiled.fd in ready:
+                compiled.clear()  # before `_finish_adds` looks, so a compile ending after that wakes us
+            if commands in control and commands in ready and _stop_requested(commands):
+                return
+            for peer in [p for p in peers if p.commands in ready]:
+                if not _take(core, encoder, owners, peer, adding, compiled):
+                    return  # "shutdown" from the one frontend
+            if not _drop_gone(core, encoder, owners, peers):  # (a closed pipe, read just now)
+                return
+            adding = _finish_adds(core, owners, adding)
+            _send_messages(core, encoder, owners, peers, core.step() if core.has_work() else None)
+
+
+def _send_messages(core: EngineCore, encoder: OutputEncoder, owners: dict, peers: list[Frontend],
+                   result: StepResult | None) -> None:
+    """Send one message to each frontend that has something: outputs of the step, or replies."""
+    routed = _route(result, owners) if result is not None else {}
+    state = None  # (read once, and only for a turn that sends something)
+    for peer in peers:
+        if result is None and not peer.replies:
+            continue
+        if state is None:
+            state = core.state()
+        outputs, failed = routed.get(peer, ((), ()))
+        message = (peer.replies, [encoder.encode(o) for o in outputs], result and result.error,
+                   [encoder.encode(o) for o in failed], state)
+        peer.replies = []
+        try:
+            peer.results.send(message)
+        except OSError:  # it left: dropped at the top of the next turn
+            peer.commands.close()
 
 
 def _drop_gone(core: EngineCore, encoder: OutputEncoder, owners: dict, peers: list[Frontend]) -> bool:
@@ -346,6 +353,39 @@ def _stop_requested(control) -> bool:
         return True
 
 
+class Wakeup:
+    """(engine process) How a grammar thread wakes the loop when a compile ends: a pipe whose read
+    end (`fd`) the loop waits on beside the frontends' pipes, and that `set` writes a byte to.
+    A byte written while the loop is busy stays in the pipe until `clear`, so no wake-up is lost
+    between the loop's last look at its adds and its next wait; an idle loop sleeps until then."""
+
+    def __init__(self):
+        self.fd, self._write_fd = os.pipe()
+        os.set_blocking(self.fd, False)
+        os.set_blocking(self._write_fd, False)
+        self._lock = threading.Lock()  # no write once closed: the number may be another file's then
+
+    def set(self) -> None:
+        """(any thread) Make `fd` readable; nothing once closed."""
+        with self._lock:
+            if self._write_fd is not None:
+                with contextlib.suppress(BlockingIOError):  # the pipe is full, so readable already
+                    os.write(self._write_fd, b"\0")
+
+    def clear(self) -> None:
+        """(the loop) Read every byte written so far."""
+        with contextlib.suppress(BlockingIOError):  # empty
+            while os.read(self.fd, 4096):
+                pass
+
+    def close(self) -> None:
+        with self._lock:
+            if self._write_fd is not None:
+                os.close(self._write_fd)
+                os.close(self.fd)
+                self._write_fd = None
+
+
 @dataclass(eq=False)
 class Adding:
     """(engine process) An add that is answered once its request is `ready()` (its grammar compiled)."""
@@ -355,16 +395,18 @@ class Adding:
     prepared: PreparedRequest
 
 
-def _take(core: EngineCore, encoder: OutputEncoder, owners: dict, peer: Frontend, adding: list[Adding]) -> bool:
+def _take(core: EngineCore, encoder: OutputEncoder, owners: dict, peer: Frontend, adding: list[Adding],
+          compiled: Wakeup) -> bool:
     """Run every command waiting from `peer`; False on "shutdown". A closed pipe (the frontend
-    left) closes our end, so that it is dropped. An add joins `adding`, its request `peer`'s."""
+    left) closes our end, so that it is dropped. An add joins `adding`, its request `peer`'s, and
+    sets `compiled` when its grammar is ready."""
     try:
         while peer.commands.poll():
             call_id, method, args = peer.commands.recv()
             if method == "shutdown":
                 return False
             if method == "add":
-                _start_add(core, owners, peer, call_id, args, adding)
+                _start_add(core, owners, peer, call_id, args, adding, compiled)
                 continue
             if method == "abort" and owners.get(args[0]) is not peer:
                 peer.replies.append((call_id, None, None))  # not its request (or finished): nothing to do
@@ -379,7 +421,7 @@ def _take(core: EngineCore, encoder: OutputEncoder, owners: dict, peer: Frontend
 
 
 def _start_add(core: EngineCore, owners: dict, peer: Frontend, call_id: int, args: tuple,
-               adding: list[Adding]) -> None:
+               adding: list[Adding], compiled: Wakeup) -> None:
     """Check the request and start its grammar; refused on sight, the add is answered now."""
     try:
         prepared = core.add(*args)
@@ -389,6 +431,8 @@ def _start_add(core: EngineCore, owners: dict, peer: Frontend, call_id: int, arg
     owners[prepared.request_id] = peer  # from now on its frontend may abort it
     peer.requests.add(prepared.request_id)
     adding.append(Adding(peer, call_id, prepared))
+    if prepared.grammar is not None:  # (run on the grammar thread, or here if it is done already)
+        prepared.grammar.add_done_callback(lambda _: compiled.set())
 
 
 def _finish_adds(core: EngineCore, owners: dict, adding: list[Adding]) -> list[Adding]:

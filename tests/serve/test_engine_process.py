@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import shutil
 import signal
@@ -28,7 +29,7 @@ import pytest
 from minivllm import SamplingParams
 from minivllm.entrypoints import AsyncLLM, EngineDeadError, EngineStepError, RequestStream
 from minivllm.entrypoints.async_llm import coalesce
-from minivllm.entrypoints.engine_core import EngineCore, EngineState, serve
+from minivllm.entrypoints.engine_core import EngineCore, EngineState, Wakeup, serve
 from minivllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from minivllm.sampling_params import StructuredOutputsParams
 from tests.engine.test_structured_output import SCHEMA, hold_compiles
@@ -307,6 +308,56 @@ def test_an_abort_while_the_grammar_compiles_answers_both_calls(serve_model, mon
     assert "json" not in loop.outputs  # never scheduled
     assert not engine._prepared and not engine.has_unfinished_requests()
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_a_compile_that_ends_while_the_loop_is_idle_wakes_it(serve_model, monkeypatch):
+    """With nothing to step, the loop waits on its pipes with no timeout: the end of a compile
+    must wake it. The add is taken and looked at while its compile is held (the stats call sent
+    after it is answered only after that), then the compile is released, and the request must
+    be queued and run to its end with no further word from the frontend."""
+    engine = make_engine(serve_model)
+    release = hold_compiles(monkeypatch)
+    loop = LoopInThread(engine)
+    try:
+        loop.send(0, "add", PROMPTS[0], JSON, "json")
+        loop.send(1, "stats")
+        loop.read_until(lambda: 1 in loop.replies)
+        assert 0 not in loop.replies and not engine.has_unfinished_requests()  # idle, compiling
+        release.set()
+        loop.read_until(lambda: loop.finished("json"), timeout=60)
+    finally:
+        release.set()
+        loop.stop()
+
+    assert loop.replies[0] == (None, None)
+    text, _, reason = joined(loop.outputs["json"])[0]
+    assert reason == "stop"
+    jsonschema.validate(json.loads(text), SCHEMA)
+    assert not engine._prepared and engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_a_wakeup_set_from_threads_wakes_one_wait_and_nothing_after_close():
+    """`Wakeup`: sets from many threads make its fd readable until one `clear`; a set after
+    `close` writes nothing, not even to a pipe that took over its numbers (a grammar thread may
+    finish after the loop has left)."""
+    wakeup = Wakeup()
+    assert multiprocessing.connection.wait([wakeup.fd], timeout=0) == []
+    threads = [threading.Thread(target=wakeup.set) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert multiprocessing.connection.wait([wakeup.fd], timeout=30) == [wakeup.fd]
+    wakeup.clear()
+    assert multiprocessing.connection.wait([wakeup.fd], timeout=0) == []
+    wakeup.close()
+    read, write = os.pipe()  # most likely the numbers the wakeup's pipe had
+    try:
+        wakeup.set()
+        assert multiprocessing.connection.wait([read], timeout=0) == []
+    finally:
+        os.close(read)
+        os.close(write)
 
 
 # ----------------------------------------------------------------------------------------------
