@@ -355,12 +355,9 @@ def _paged_attention_kernel(
     DECODE_ONLY: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     KV_FP8: tl.constexpr, DOT_FP16: tl.constexpr,
     PAGE_LOADS: tl.constexpr, PAGES: tl.constexpr, ROW_ALIGN: tl.constexpr,
-    INT64_OFFSETS: tl.constexpr, U32_OFFSETS: tl.constexpr,
+    INT64_OFFSETS: tl.constexpr, U32_OFFSETS: tl.constexpr, FOLD_SCALE: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    # Only the decode loop of a 16-bit cache is bound by memory; every other loop is short of
-    # instructions and takes the folded softmax (see _attend_kv_tile).
-    FOLD_SCALE: tl.constexpr = KV_FP8 or not DECODE_ONLY
     pid = tl.program_id(0)
     kv_head = pid % NUM_KV_HEADS  # the KV heads of a tile side by side
     tile = tl.num_programs(0) // NUM_KV_HEADS - 1 - pid // NUM_KV_HEADS  # the last tile first
@@ -566,15 +563,20 @@ def _launch_config(decode_only: bool, block_m: int, head_dim: int, dtype: torch.
     return cfg
 
 
-def _page_loads(decode_only: bool, kv_fp8: bool, block_size: int) -> bool:
-    """Whether the loop gathers K/V page by page (PAGE_LOADS) rather than key by key.
+def _short_of_instructions(decode_only: bool, kv_fp8: bool) -> bool:
+    """Whether the loop is bound by its instructions rather than by memory: every loop (prefill,
+    chunked prefill, mixed batches, decode on an fp8 cache) but the decode loop of a 16-bit
+    cache, which is at the bandwidth limit. Such a loop takes the folded softmax (FOLD_SCALE, see
+    _attend_kv_tile) and gathers K/V page by page (`_page_loads`)."""
+    return kv_fp8 or not decode_only
 
-    Every loop short of instructions does (prefill, chunked prefill, mixed batches, and decode
-    on an fp8 cache); the decode loop of a 16-bit cache is at the bandwidth limit with one
-    table read per key. Pages need a power-of-two block size: a tile is then whole pages, or a
-    slice of one.
-    """
-    return (kv_fp8 or not decode_only) and block_size & (block_size - 1) == 0
+
+def _page_loads(decode_only: bool, kv_fp8: bool, block_size: int) -> bool:
+    """Whether the loop gathers K/V page by page (PAGE_LOADS) rather than key by key: a loop
+    short of instructions does (the decode loop of a 16-bit cache reads the table once per key
+    at the bandwidth limit). Pages need a power-of-two block size: a tile is then whole pages,
+    or a slice of one."""
+    return _short_of_instructions(decode_only, kv_fp8) and block_size & (block_size - 1) == 0
 
 
 def offset_kind(numel: int) -> str:
@@ -671,7 +673,7 @@ def paged_attention(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_
         SPLIT_KV=num_splits > 1, DECODE_ONLY=decode_only, CAUSAL=causal,
         DOT_PRECISION=dot_precision, KV_FP8=kv_fp8, DOT_FP16=dot_fp16, PAGE_LOADS=page_loads,
         PAGES=pages, ROW_ALIGN=row_align, INT64_OFFSETS=int64_offsets, U32_OFFSETS=u32_offsets,
-        **pdl, **cfg,
+        FOLD_SCALE=_short_of_instructions(decode_only, kv_fp8), **pdl, **cfg,
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_q_heads)](
