@@ -52,7 +52,7 @@ from minivllm.kernels import plan_attention, resolve_backend, warm_up
 from minivllm.layers import onednn
 from minivllm.layers.logprobs import decode_rows, logprobs_payload, pad_payload
 from minivllm.layers.rejection_sampler import NO_TOKEN, greedy_verify, rejection_sample
-from minivllm.layers.sampler import Sampler
+from minivllm.layers.sampler import Sampler, SamplingBatch
 from minivllm.observe.records import StepTimings
 from minivllm.step import SchedulerOutput, StepLogprobs
 from minivllm.worker.block_table import BlockTables
@@ -172,6 +172,7 @@ class ModelRunner:
         self.last_sampled = torch.zeros(0, dtype=torch.int64, device=self.device)
         self._last_sampled_row: dict[int, int] = {}
         self._draft_probs: torch.Tensor | None = None  # the draft model's q of this step's drafts
+        self._draft_settings: SamplingBatch | None = None  # and the settings it sampled them with
         # (output, prepared step, its batch, hidden states, logits, graph query_len, timings) of
         # the step launched last, until `sample`
         self._unsampled = None
@@ -330,6 +331,7 @@ class ModelRunner:
         first_tokens = batch.input_ids[dst[:, 0] - 1]  # each one's token before its drafts
         settings = None if all(row.params.is_greedy for row in rows) else self.sampler.batch(rows)
         drafts, self._draft_probs = self.draft.propose(seqs, first_tokens, self.block_tables, settings)
+        self._draft_settings = settings  # the same rows verify: the rejection sampler reuses them
         batch.input_ids[batch.draft_dst] = drafts.view(-1).to(torch.int32)
 
     def _sample(self, output: SchedulerOutput, hidden: torch.Tensor, logits: torch.Tensor | None, batch: InputBatch,
@@ -428,9 +430,11 @@ class ModelRunner:
         if all(row.params.is_greedy and not row.params.logit_bias for row in settings):
             verified = greedy_verify(logits.argmax(dim=-1)[target_rows].view(n, k + 1), draft_ids, d)
         else:
+            drafted = self._draft_settings  # the draft model's sampling of these rows, or None
             verified = rejection_sample(logits[target_rows].view(n, k + 1, -1), draft_ids, d,
-                                        self.sampler.batch(settings), self._draft_probs)
-        self._draft_probs = None
+                                        drafted if drafted is not None else self.sampler.batch(settings),
+                                        self._draft_probs)
+        self._draft_probs = self._draft_settings = None
         if not plain:  # every row verified drafts
             return verified, None
         tokens = torch.full((len(rows), 1 + k), NO_TOKEN, dtype=torch.int64, device=self.device)
