@@ -148,10 +148,7 @@ def pack_step(buf: np.ndarray, layout: StepLayout, seqs: SequenceType[ScheduledS
     q_lens = real_lens if query_len is None else np.full(num_seqs, query_len, dtype=np.int64)
     if query_len is not None and (real_lens > query_len).any():
         raise ValueError(f"query_len={query_len} is shorter than a sequence's {real_lens.max()} new tokens")
-    # Rows of logits: one per sample of a sequence's last token; verifying d drafts, 1 + d.
-    counts = _column([s.num_samples for s in seqs], num_real)
-    if num_drafts.any():
-        counts = np.where(num_drafts[:num_real] > 0, num_drafts[:num_real] + 1, counts)
+    counts = _column([s.num_logits_rows for s in seqs], num_real)
     num_tokens, num_sampled = int(q_lens.sum()), int(counts.sum())
     _check_fits(buf, layout, num_tokens, num_seqs, num_sampled)
 

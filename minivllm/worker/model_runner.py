@@ -409,10 +409,10 @@ class ModelRunner:
         plain, verifying = [], []  # sample rows by kind, and where their logits rows start
         logits_row = 0
         for s in output.seqs:
-            for _ in range(s.num_samples):
-                kind = verifying if s.num_draft_tokens else plain
-                kind.append((len(plain) + len(verifying), logits_row, s.num_draft_tokens))
-                logits_row += 1 + s.num_draft_tokens if s.num_draft_tokens else 1
+            kind = verifying if s.num_draft_tokens else plain
+            for sample in range(s.num_samples):  # a sequence that verifies drafts samples once
+                kind.append((len(plain) + len(verifying), logits_row + sample, s.num_draft_tokens))
+            logits_row += s.num_logits_rows
         first = np.array([f for _, f, _ in verifying], dtype=np.int64)[:, None]
         drafts = np.array([d for _, _, d in verifying], dtype=np.int64)
         steps = np.arange(k + 1)
