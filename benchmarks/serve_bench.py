@@ -402,9 +402,9 @@ class TokenFountain:
         self.executor = SimpleNamespace(runner=SimpleNamespace(device="cpu", num_kv_blocks=1))
 
     def prepare_request(self, prompt, params, request_id, stream=True):
-        """Nothing to compile: the request is ready, and already in the fountain."""
+        """Nothing to compile (no grammar): the request is ready, and already in the fountain."""
         self.requests[request_id] = [list(prompt), params.max_tokens, 0, time.perf_counter()]
-        return SimpleNamespace(request_id=request_id, ready=lambda: True)
+        return SimpleNamespace(request_id=request_id, ready=lambda: True, grammar=None)
 
     def add_prepared(self, prepared) -> None:
         pass
