@@ -203,11 +203,12 @@ def test_a_killed_launcher_leaves_no_process(serve_model, tmp_path):
     server = ServerProcess(serve_model, "--api-server-count", "2", "--shutdown-timeout", "0", log_dir=tmp_path)
     children = []
     try:
-        server.wait_healthy()
+        server.wait_healthy()  # (one frontend answering is enough for that: wait for both)
+        assert _wait_for(lambda: server.output().count("Application startup complete.") == 2), server.output()
         children = _children(server.proc.pid)  # the engine, the frontends, multiprocessing's helper
         assert len(children) >= 3
         server.stop(signal.SIGKILL)
-        assert _wait_for(lambda: not any(_running(pid) for pid in children)), children
+        assert _wait_for(lambda: not any(_running(pid) for pid in children)), _described(children)
     finally:
         server.stop(signal.SIGKILL)
         for pid in children:  # (only if the test failed: nothing may outlive it)
@@ -221,3 +222,12 @@ def test_bad_counts_are_refused():
     for count in ("0", "-1", "two"):
         with pytest.raises(SystemExit):
             main(["serve", "--model", "unused", "--api-server-count", count])
+
+
+def _described(pids: list[int]) -> list[str]:
+    """The processes of `pids` still running, each with its command line (which one hung)."""
+    described = []
+    for pid in filter(_running, pids):
+        with contextlib.suppress(psutil.Error):
+            described.append(f"{pid}: {' '.join(psutil.Process(pid).cmdline())[:200]}")
+    return described
