@@ -44,7 +44,7 @@ from typing import NamedTuple
 import torch
 
 from minivllm.worker.block_table import BlockTables
-from minivllm.worker.input_batch import InputBatch, PackedStep, StepLayout, exact_layout, pack_step
+from minivllm.worker.input_batch import FieldViews, InputBatch, PackedStep, StepLayout, exact_layout, pack_step
 from minivllm.worker.step_buffers import StepBuffers
 
 
@@ -130,6 +130,8 @@ class DecodeGraphs:
         # Never reallocated: the graphs hold pointers into them.
         self.buffers = StepBuffers(self.layout.size, device, growable=False)
         self.block_tables = torch.zeros(largest, block_table_width, dtype=torch.int32, device=device)
+        self._bucket_tables = {b: self.block_tables[:b] for b in self.batch_sizes}
+        self._views = FieldViews()
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (model, bucket) -> graph
         self._outputs: dict[tuple[int, int], torch.Tensor] = {}
 
@@ -138,10 +140,9 @@ class DecodeGraphs:
         return self.batch_sizes[-1]
 
     def _static_inputs(self, packed: PackedStep) -> InputBatch:
-        """The inputs of a bucket: fixed views into the static buffers."""
-        b = packed.num_seqs
-        return InputBatch.view(self.buffers.device_tensor, self.layout, packed, self.block_tables[:b],
-                               self.backend, max_seq_len=self.max_seq_len)
+        """The inputs of a bucket: fixed views into the static buffers, sliced once per shape."""
+        return InputBatch.view(self.buffers.device_tensor, self.layout, packed, self._bucket_tables[packed.num_seqs],
+                               self.backend, max_seq_len=self.max_seq_len, views=self._views)
 
     def _pack(self, seqs, rows, tables, block_size, last_sampled_row, pad_to, pad_row) -> PackedStep:
         buf = self.buffers.host(self.layout.size)
@@ -210,10 +211,10 @@ def choose_graphs(graph_sets: list[DecodeGraphs], seqs, num_sampled: int) -> tup
 
 
 def load_step(seqs, num_sampled: int, rows, tables: BlockTables, block_size: int, last_sampled_row,
-              graph_sets: list[DecodeGraphs], eager: StepBuffers, backend: str):
+              graph_sets: list[DecodeGraphs], eager: StepBuffers, eager_views: FieldViews, backend: str):
     """Load a step into the first graph set that can replay it, else into `eager`'s buffer for an
-    eager forward; then send the changed block-table entries and gather the step's rows.
-    num_sampled: the step's rows of logits.
+    eager forward (its field views cached in `eager_views`); then send the changed block-table
+    entries and gather the step's rows. num_sampled: the step's rows of logits.
 
     Returns (the GraphStep or the eager InputBatch, its InputBatch, why no graph set could run
     it: None if one does, or if there are none).
@@ -226,7 +227,7 @@ def load_step(seqs, num_sampled: int, rows, tables: BlockTables, block_size: int
         layout = exact_layout(sum(s.num_new_tokens for s in seqs), num_sampled, len(seqs))
         packed = pack_step(eager.host(layout.size), layout, seqs, rows, tables.host, block_size, last_sampled_row)
         eager.upload(layout.size)
-        prepared = batch = InputBatch.view(eager.device_tensor, layout, packed, backend=backend)
+        prepared = batch = InputBatch.view(eager.device_tensor, layout, packed, backend=backend, views=eager_views)
     tables.commit()
     meta = batch.attn_metadata
     if meta.block_tables is None:

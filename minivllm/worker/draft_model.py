@@ -34,6 +34,7 @@ from minivllm.layers.sampler import SamplingBatch, exponential_noise
 from minivllm.step import ScheduledSeq
 from minivllm.worker.block_table import BlockTables
 from minivllm.worker.cuda_graph import DecodeGraphs, GraphStep, load_step
+from minivllm.worker.input_batch import FieldViews
 from minivllm.worker.kv_cache import allocate_kv_cache, kv_bytes_per_block
 from minivllm.worker.step_buffers import StepBuffers
 
@@ -54,6 +55,7 @@ class DraftModel:
         self.kv_scales = None
         self.graphs: DecodeGraphs | None = None  # the proposing forwards' (one token each)
         self._buffers = StepBuffers(1024, device)  # the eager proposing forwards'
+        self._views = FieldViews()
 
     @property
     def vocab_size(self) -> int:
@@ -94,7 +96,7 @@ class DraftModel:
             # Forward i computes the token at position start + i and guesses the one after it.
             step = [ScheduledSeq(s.seq_id, s.start + i, [0], False, s.block_table, 1) for s in seqs]
             prepared, inputs, _ = load_step(step, n, rows, tables, self.block_size, {}, graph_sets,
-                                            self._buffers, self.backend)
+                                            self._buffers, self._views, self.backend)
             inputs.input_ids[:n] = tokens
             if isinstance(prepared, GraphStep):
                 hidden = prepared.graphs.replay(prepared)

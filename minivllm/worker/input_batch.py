@@ -105,6 +105,11 @@ class PackedStep:
     num_pending: int
     max_seq_len: int  # a host-side bound for the kernels, so they never read seq_lens back
     num_device_drafts: int  # draft tokens the runner fills in (draft_dst)
+    # Where one run of consecutive rows starts, when a field is one (the runner then slices
+    # instead of gathering, an op or two fewer a step): (pending_dst[0], pending_src[0]) when both
+    # are runs (a decode batch that kept its order); logits_indices[0] when they are a run.
+    pending_run: tuple[int, int] | None = None
+    logits_start: int | None = None
 
 
 @functools.lru_cache(maxsize=1024)
@@ -178,17 +183,22 @@ def pack_step(buf: np.ndarray, layout: StepLayout, seqs: SequenceType[ScheduledS
     if dummy:
         slots[(j >= real_lens[row_seq]) | (row_seq >= num_real)] = PAD_SLOT
     last = first[:num_real] + real_lens[:num_real] - 1  # each sequence's last real row
-    layout.field(buf, "logits_indices", num_sampled)[:] = _logits_rows(last, counts, num_drafts[:num_real])
+    logits_rows = layout.field(buf, "logits_indices", num_sampled)
+    logits_rows[:] = _logits_rows(last, counts, num_drafts[:num_real])
     _write_input_ids(layout.field(buf, "input_ids", num_tokens), seqs, first + pending, num_known, num_drafts)
     # The sequences whose first new token is still on the device: where it goes, where it is.
-    pending_src = [last_sampled_row[s.seq_id] for s in seqs if s.pending]
-    layout.field(buf, "pending_dst", len(pending_src))[:] = first[pending > 0]
-    layout.field(buf, "pending_src", len(pending_src))[:] = pending_src
+    pending_src = layout.field(buf, "pending_src", int(pending.sum()))
+    pending_src[:] = [last_sampled_row[s.seq_id] for s in seqs if s.pending]
+    pending_dst = layout.field(buf, "pending_dst", len(pending_src))
+    pending_dst[:] = first[pending > 0]
     draft_dst = _device_draft_rows(seqs, first + pending + num_known, num_drafts)
     layout.field(buf, "draft_dst", len(draft_dst))[:] = draft_dst
+    dst_start, src_start = _run_start(pending_dst), _run_start(pending_src)
     return PackedStep(num_tokens=num_tokens, num_seqs=num_seqs, num_sampled=num_sampled,
                       num_pending=len(pending_src), max_seq_len=int(seq_lens.max()) if num_seqs else 0,
-                      num_device_drafts=len(draft_dst))
+                      num_device_drafts=len(draft_dst),
+                      pending_run=None if dst_start is None or src_start is None else (dst_start, src_start),
+                      logits_start=_run_start(logits_rows))
 
 
 def _check_fits(buf: np.ndarray, layout: StepLayout, num_tokens: int, num_seqs: int, num_sampled: int) -> None:
@@ -242,6 +252,13 @@ def _device_draft_rows(seqs, start: np.ndarray, num_drafts: np.ndarray) -> np.nd
     return _runs(start, num_drafts * on_device)
 
 
+def _run_start(values: np.ndarray) -> int | None:
+    """v when `values` are v, v + 1, v + 2, ... (0 when empty), else None."""
+    if len(values) <= 1:
+        return int(values[0]) if len(values) else 0
+    return int(values[0]) if (np.diff(values) == 1).all() else None
+
+
 def _runs(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """The indices start_b, start_b + 1, ..., start_b + length_b - 1 of every b, concatenated."""
     total = int(lengths.sum())
@@ -259,6 +276,8 @@ class InputBatch:
     pending_dst: torch.Tensor  # [P] int32: input_ids rows whose token is still on the device ...
     pending_src: torch.Tensor  # [P] int32: ... at these rows of the previous step's samples
     draft_dst: torch.Tensor  # [D] int32: input_ids rows of the drafts a draft model makes
+    pending_run: tuple[int, int] | None = None  # see PackedStep
+    logits_start: int | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -267,32 +286,63 @@ class InputBatch:
     @classmethod
     def view(cls, buf: torch.Tensor, layout: StepLayout, packed: PackedStep,
              block_tables: torch.Tensor | None = None, backend: str = "auto",
-             max_seq_len: int | None = None) -> InputBatch:
+             max_seq_len: int | None = None, views: FieldViews | None = None) -> InputBatch:
         """Views of each field of a packed step inside `buf` (the device buffer): no copies.
 
         block_tables: the step's [B, W] tables, gathered from the persistent ones by `rows`
         (the runner sets them after the gather when None). max_seq_len defaults to the step's
-        own longest context; CUDA graphs pass a fixed bound.
+        own longest context; CUDA graphs pass a fixed bound. views: `buf`'s cache of field
+        views, to slice them once per step shape instead of every step.
         """
-        t, b = packed.num_tokens, packed.num_seqs
+        fields = field_views(buf, layout, packed) if views is None else views.get(buf, layout, packed)
         meta = AttentionMetadata(
-            slot_mapping=layout.field(buf, "slot_mapping", t),
+            slot_mapping=fields["slot_mapping"],
             block_tables=block_tables,
-            seq_lens=layout.field(buf, "seq_lens", b),
-            cu_seqlens_q=layout.field(buf, "cu_seqlens_q", b + 1),
+            seq_lens=fields["seq_lens"],
+            cu_seqlens_q=fields["cu_seqlens_q"],
             max_seq_len=max_seq_len or packed.max_seq_len or None,
             backend=backend,
         )
-        return cls(
-            input_ids=layout.field(buf, "input_ids", t),
-            positions=layout.field(buf, "positions", t),
-            attn_metadata=meta,
-            logits_indices=layout.field(buf, "logits_indices", packed.num_sampled),
-            rows=layout.field(buf, "rows", b),
-            pending_dst=layout.field(buf, "pending_dst", packed.num_pending),
-            pending_src=layout.field(buf, "pending_src", packed.num_pending),
-            draft_dst=layout.field(buf, "draft_dst", packed.num_device_drafts),
-        )
+        return cls(input_ids=fields["input_ids"], positions=fields["positions"], attn_metadata=meta,
+                   logits_indices=fields["logits_indices"], rows=fields["rows"],
+                   pending_dst=fields["pending_dst"], pending_src=fields["pending_src"],
+                   draft_dst=fields["draft_dst"], pending_run=packed.pending_run,
+                   logits_start=packed.logits_start)
+
+
+def field_views(buf: torch.Tensor, layout: StepLayout, packed: PackedStep) -> dict[str, torch.Tensor]:
+    """Each field of a packed step as a view of `buf`, cut to the step's sizes."""
+    t, b, p = packed.num_tokens, packed.num_seqs, packed.num_pending
+    lengths = {"input_ids": t, "positions": t, "slot_mapping": t, "seq_lens": b, "cu_seqlens_q": b + 1,
+               "logits_indices": packed.num_sampled, "rows": b, "pending_dst": p, "pending_src": p,
+               "draft_dst": packed.num_device_drafts}
+    return {name: layout.field(buf, name, n) for name, n in lengths.items()}
+
+
+class FieldViews:
+    """The field views of a step buffer, made once per step shape and then reused.
+
+    Slicing ten tensors is ten eager torch ops on the host's critical path of every step, while
+    a run of decode steps has the same shape step after step. A view aliases the buffer, so a
+    reused one reads what this step's upload wrote; a buffer that was reallocated (it grew)
+    starts afresh. Views made under `torch.inference_mode` are kept apart from the others:
+    in-place writes to them are only allowed in the same mode."""
+
+    MAX_SHAPES = 1024  # prefill steps come in many shapes: forget them all past this many
+
+    def __init__(self):
+        self._buf: torch.Tensor | None = None
+        self._views: dict[tuple, dict[str, torch.Tensor]] = {}
+
+    def get(self, buf: torch.Tensor, layout: StepLayout, packed: PackedStep) -> dict[str, torch.Tensor]:
+        if buf is not self._buf or len(self._views) >= self.MAX_SHAPES:
+            self._buf, self._views = buf, {}
+        key = (layout, packed.num_tokens, packed.num_seqs, packed.num_sampled, packed.num_pending,
+               packed.num_device_drafts, torch.is_inference_mode_enabled())
+        fields = self._views.get(key)
+        if fields is None:
+            fields = self._views[key] = field_views(buf, layout, packed)
+        return fields
 
 
 def build_input_batch(output, block_size: int, device: torch.device, backend: str = "auto",

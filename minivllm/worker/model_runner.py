@@ -58,7 +58,7 @@ from minivllm.step import SchedulerOutput, StepLogprobs
 from minivllm.worker.block_table import BlockTables
 from minivllm.worker.cuda_graph import DecodeGraphs, GraphStep, graph_batch_sizes, load_step
 from minivllm.worker.draft_model import DraftModel
-from minivllm.worker.input_batch import InputBatch
+from minivllm.worker.input_batch import FieldViews, InputBatch
 from minivllm.worker.kv_cache import allocate_kv_cache, kv_bytes_per_block, num_kv_blocks
 from minivllm.worker.step_buffers import StepBuffers
 
@@ -124,6 +124,15 @@ class SampledTokens:
         return out
 
 
+def _logits_rows(hidden: torch.Tensor, batch: InputBatch) -> torch.Tensor:
+    """The hidden states of the rows that take logits: a slice when they are one run of rows (a
+    decode step, a verification at batch 1), else a gather."""
+    start = batch.logits_start
+    if start is None:
+        return hidden.index_select(0, batch.logits_indices)
+    return hidden[start:start + batch.logits_indices.shape[0]]
+
+
 def _to_pinned(tensor: torch.Tensor) -> torch.Tensor:
     host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
     host.copy_(tensor, non_blocking=True)
@@ -168,6 +177,7 @@ class ModelRunner:
         width = -(-(sched.max_model_len + self.num_speculative_tokens) // self.block_size)
         self.block_tables = BlockTables(sched.max_num_seqs, width, self.device)
         self._step_buffers = StepBuffers(4096, self.device)  # the eager path's; grows when needed
+        self._step_views = FieldViews()  # ... and its fields' views, per step shape
         # The previous step's sampled tokens, on the device, and which row holds whose token.
         self.last_sampled = torch.zeros(0, dtype=torch.int64, device=self.device)
         self._last_sampled_row: dict[int, int] = {}
@@ -263,8 +273,7 @@ class ModelRunner:
         launch = time.perf_counter()
         hidden = self._forward(prepared, batch)
         # Logits at the sampled rows only (none when only partial prefill chunks ran).
-        logits = (self.model.compute_logits(hidden.index_select(0, batch.logits_indices)) if output.sample_rows
-                  else None)
+        logits = self.model.compute_logits(_logits_rows(hidden, batch)) if output.sample_rows else None
         launched = time.perf_counter()
         query_len = prepared.graphs.query_len if isinstance(prepared, GraphStep) else None
         timings.prepare, timings.forward = launch - start, launched - launch
@@ -302,13 +311,26 @@ class ModelRunner:
         rows = self.block_tables.sync_all(seqs)
         prepared, batch, timings.graph_miss = load_step(
             seqs, output.num_logits_rows, rows, self.block_tables, self.block_size, self._last_sampled_row,
-            self.graphs or [], self._step_buffers, self.backend)
+            self.graphs or [], self._step_buffers, self._step_views, self.backend)
         if isinstance(prepared, GraphStep):
             timings.graph_batch_size = prepared.batch_size
-        if batch.pending_dst.numel():
+        self._fill_pending(batch)
+        return prepared, batch
+
+    def _fill_pending(self, batch: InputBatch) -> None:
+        """The decodes whose token the previous step sampled take it on the device:
+        input_ids[pending_dst] = last_sampled[pending_src]. Usually the batch kept its order and
+        both are runs of rows: then it is one copy between two slices (int64 to int32 on the
+        way) instead of a gather, a conversion and a scatter."""
+        n = batch.pending_dst.numel()
+        if not n:
+            return
+        if batch.pending_run is not None:
+            dst, src = batch.pending_run
+            batch.input_ids[dst:dst + n].copy_(self.last_sampled[src:src + n])
+        else:
             tokens = self.last_sampled.index_select(0, batch.pending_src).to(torch.int32)
             batch.input_ids.index_put_((batch.pending_dst,), tokens)
-        return prepared, batch
 
     def _forward(self, prepared: GraphStep | InputBatch, batch: InputBatch) -> torch.Tensor:
         """The forward pass: its CUDA graph replayed, or run eagerly. Eagerly, the attention plan

@@ -7,7 +7,8 @@ import torch
 
 from minivllm.step import ScheduledSeq
 from minivllm.worker.block_table import BlockTables
-from minivllm.worker.input_batch import ALIGN, FIELDS, PAD_SLOT, InputBatch, StepLayout, exact_layout, pack_step
+from minivllm.worker.input_batch import (ALIGN, FIELDS, PAD_SLOT, FieldViews, InputBatch, StepLayout, exact_layout,
+                                         field_views, pack_step)
 from minivllm.worker.step_buffers import StepBuffers
 
 BS = 4  # block size
@@ -332,6 +333,41 @@ def test_pack_step_equals_a_token_by_token_reference(step):
            "draft_dst": batch.draft_dst.tolist()}
     assert got == reference_pack(seqs, tables.host, rows, last_sampled, pad_to, query_len)
     assert batch.rows.tolist() == rows + [7] * (num_seqs - len(seqs))
+    # The runs the runner slices instead of gathering: found exactly when the rows are runs.
+    dst, src = [d for d, _ in got["pending"]], [s for _, s in got["pending"]]
+    assert packed.logits_start == run_start(got["logits"])
+    both = run_start(dst), run_start(src)
+    assert packed.pending_run == (None if None in both else both)
+
+
+def run_start(values):
+    """v when values == [v, v + 1, ...] (0 when empty), else None: the plain-Python rule."""
+    if not values:
+        return 0
+    return values[0] if values == list(range(values[0], values[0] + len(values))) else None
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(steps(), min_size=1, max_size=6), st.booleans())
+def test_cached_field_views_equal_views_sliced_afresh(packs, inference):
+    """FieldViews hands back, for any run of step shapes, views of the same memory, shape and
+    values as slicing the buffer afresh; and a new buffer gets views of its own."""
+    views = FieldViews()
+    layout = StepLayout(max_tokens=128, max_sampled=64, max_seqs=8)
+    bufs = [torch.zeros(layout.size, dtype=torch.int32) for _ in range(2)]
+    tables = BlockTables(8, 6, torch.device("cpu"))
+    for i, (seqs, last_sampled, pad_to, query_len) in enumerate(packs):
+        buf = bufs[i % 3 == 2]  # the buffer changes now and then, as an eager one that grew
+        tables = BlockTables(8, 6, torch.device("cpu"))
+        packed = pack_step(buf.numpy(), layout, seqs, tables.sync_all(seqs), tables.host, BS, last_sampled,
+                           pad_to=pad_to, pad_row=7, query_len=query_len)
+        with torch.inference_mode(inference):
+            cached, fresh = views.get(buf, layout, packed), field_views(buf, layout, packed)
+        assert cached.keys() == fresh.keys() == set(FIELDS)
+        for name in FIELDS:
+            a, b = cached[name], fresh[name]
+            assert (a.data_ptr(), a.shape, a.stride()) == (b.data_ptr(), b.shape, b.stride()), name
+            assert torch.equal(a, b) and a.is_inference() == b.is_inference()
 
 
 @settings(max_examples=100, deadline=None)
