@@ -82,14 +82,18 @@ def _uniform(shape, generators: list[torch.Generator | None], device) -> torch.T
     return u
 
 
-def greedy_verify(target_ids: torch.Tensor, draft_ids: torch.Tensor, num_drafts: torch.Tensor) -> torch.Tensor:
+def greedy_verify(target_ids: torch.Tensor, draft_ids: torch.Tensor,
+                  num_drafts: torch.Tensor | None = None) -> torch.Tensor:
     """Greedy rows only: keep drafts while they equal the model's argmax, then the argmax.
 
     target_ids [S, K + 1]: the model's argmax after the last token and after each draft;
-    draft_ids [S, K]; num_drafts [S]. Returns [S, K + 1] tokens, NO_TOKEN after each row's last.
+    draft_ids [S, K]; num_drafts [S] (None: every row has K). Returns [S, K + 1] tokens, NO_TOKEN
+    after each row's last. An accepted draft *is* the argmax at its position, so a row's tokens
+    are its target_ids up to its first mismatch, included: no drafts to gather.
     """
     num_accepted = _num_accepted(draft_ids == target_ids[:, :-1], num_drafts)
-    return _assemble(draft_ids, num_accepted, target_ids.gather(1, num_accepted[:, None]).squeeze(1))
+    position = torch.arange(target_ids.shape[1], device=target_ids.device)
+    return torch.where(position <= num_accepted[:, None], target_ids, NO_TOKEN)
 
 
 def rejection_sample(target_logits: torch.Tensor, draft_ids: torch.Tensor, num_drafts: torch.Tensor,
@@ -128,10 +132,11 @@ def rejection_sample(target_logits: torch.Tensor, draft_ids: torch.Tensor, num_d
     return _assemble(draft_ids, num_accepted, last)
 
 
-def _num_accepted(accept: torch.Tensor, num_drafts: torch.Tensor) -> torch.Tensor:
-    """Leading accepted drafts per row ([S, K] flags, only the first num_drafts count)."""
-    in_row = torch.arange(accept.shape[1], device=accept.device) < num_drafts[:, None]
-    return (accept & in_row).long().cumprod(dim=1).sum(dim=1)
+def _num_accepted(accept: torch.Tensor, num_drafts: torch.Tensor | None) -> torch.Tensor:
+    """Leading accepted drafts per row ([S, K] flags, only the first num_drafts count; None: all K)."""
+    if num_drafts is not None:
+        accept = accept & (torch.arange(accept.shape[1], device=accept.device) < num_drafts[:, None])
+    return accept.long().cumprod(dim=1).sum(dim=1)
 
 
 def _assemble(draft_ids: torch.Tensor, num_accepted: torch.Tensor, last: torch.Tensor) -> torch.Tensor:

@@ -133,72 +133,103 @@ def pack_step(buf: np.ndarray, layout: StepLayout, seqs: SequenceType[ScheduledS
     sequence exactly this many query rows, dummy rows after the real ones (verification graphs).
     Pure numpy on the host: no tensors, no device, easy to test.
 
-    It runs every step, for up to hundreds of sequences, while the GPU may wait for it: Python
-    only reads a few numbers of each sequence into columns (one list comprehension each), numpy
-    does the rest on whole columns, and what the step does not have (drafts, dummy rows) costs
-    nothing.
+    It runs every step, for up to hundreds of sequences, while the GPU may wait for it. Python
+    reads the few numbers of each sequence into one array in one pass, numpy does the rest on
+    whole columns; a numpy call costs about a microsecond whatever the batch, so what the step
+    does not have (drafts, dummy rows, a second row per sequence) costs no call at all.
     """
     num_real = len(seqs)
     num_seqs = num_real if pad_to is None else pad_to
     if num_seqs < num_real:
         raise ValueError(f"pad_to={pad_to} is smaller than the {num_real} scheduled sequences")
-    starts = _column([s.start for s in seqs], num_seqs)
-    pending = _column([s.pending for s in seqs], num_seqs)
-    num_known = _column([len(s.token_ids) for s in seqs], num_seqs)  # new tokens known on the host
-    num_drafts = _column([s.num_draft_tokens for s in seqs], num_seqs)
+    columns = _columns(seqs, num_seqs)
+    starts, pending, num_known, num_drafts, counts, host_drafts = columns
     real_lens = pending + num_known + num_drafts  # the new tokens of each sequence
-    real_lens[num_real:] = 1  # a dummy sequence: one token, at position 0
-    if num_real and real_lens.min() < 1:
+    if num_real and real_lens[:num_real].min() < 1:
         raise ValueError("every scheduled sequence needs at least one new token")
-    q_lens = real_lens if query_len is None else np.full(num_seqs, query_len, dtype=np.int64)
-    if query_len is not None and (real_lens > query_len).any():
-        raise ValueError(f"query_len={query_len} is shorter than a sequence's {real_lens.max()} new tokens")
-    counts = _column([s.num_logits_rows for s in seqs], num_real)
-    num_tokens, num_sampled = int(q_lens.sum()), int(counts.sum())
+    real_lens[num_real:] = 1  # a dummy sequence: one token, at position 0
+    num_pending, num_known_tokens, num_draft_tokens, num_sampled, num_host_drafts = columns[1:].sum(axis=1).tolist()
+    num_real_tokens = num_pending + num_known_tokens + num_draft_tokens + num_seqs - num_real
+    if query_len is None:
+        q_lens, num_tokens = real_lens, num_real_tokens
+    else:
+        if (real_lens > query_len).any():
+            raise ValueError(f"query_len={query_len} is shorter than a sequence's {real_lens.max()} new tokens")
+        q_lens, num_tokens = np.full(num_seqs, query_len), num_seqs * query_len
     _check_fits(buf, layout, num_tokens, num_seqs, num_sampled)
 
     # cu_seqlens_q: where each sequence's rows start; every other field is derived from it.
     cu = layout.field(buf, "cu_seqlens_q", num_seqs + 1)
-    cu[0] = 0
-    np.cumsum(q_lens, out=cu[1:])
-    first = cu[:-1].astype(np.int64)
-    # Row i of sequence b is its query j = i - cu_b, at position start_b + j; a dummy row
-    # (j >= its real length) repeats the position of the last real one.
-    if num_tokens == num_seqs:  # one row per sequence (a decode step): row i is sequence i's
-        row_seq, j = np.arange(num_seqs), np.zeros(num_seqs, dtype=np.int64)
+    one_row_each = num_tokens == num_seqs  # a decode step: row i is sequence i's
+    if one_row_each:
+        cu[:] = np.arange(num_seqs + 1)
     else:
-        row_seq = np.repeat(np.arange(num_seqs), q_lens)
-        j = np.arange(num_tokens) - first[row_seq]
-    dummy = num_tokens > int(real_lens[:num_real].sum())
-    positions = starts[row_seq] + (np.minimum(j, real_lens[row_seq] - 1) if dummy else j)
-    layout.field(buf, "positions", num_tokens)[:] = positions
-    seq_lens = starts + q_lens
-    layout.field(buf, "seq_lens", num_seqs)[:] = seq_lens
+        cu[0] = 0
+        cu[1:] = q_lens.cumsum()
+    first = cu[:-1]
+    seq_lens = layout.field(buf, "seq_lens", num_seqs)
+    np.add(starts, q_lens, out=seq_lens)
     table_rows = layout.field(buf, "rows", num_seqs)
     table_rows[:num_real] = rows
     table_rows[num_real:] = pad_row
-    # Slot of token p: block_table[p // block_size] * block_size + p % block_size.
+    positions = layout.field(buf, "positions", num_tokens)
     slots = layout.field(buf, "slot_mapping", num_tokens)
-    slots[:] = tables[table_rows[row_seq], positions // block_size] * block_size + positions % block_size
-    if dummy:
+    if one_row_each:
+        positions[:] = starts
+        token_rows = table_rows
+    elif num_real_tokens == num_tokens:  # no dummy rows: sequence b's rows are positions start_b, start_b + 1, ...
+        positions[:] = _runs(starts, q_lens)
+        token_rows = table_rows.repeat(q_lens)
+    else:  # row i of sequence b is its query j = i - cu_b, at position start_b + j
+        row_seq = np.arange(num_seqs).repeat(q_lens)
+        j = np.arange(num_tokens) - first[row_seq]
+        # a dummy row (j >= its real length) repeats the position of the last real one
+        positions[:] = starts[row_seq] + np.minimum(j, real_lens[row_seq] - 1)
+        token_rows = table_rows[row_seq]
+    # Slot of token p: block_table[p // block_size] * block_size + p % block_size.
+    slots[:] = tables[token_rows, positions // block_size] * block_size + positions % block_size
+    if num_real_tokens < num_tokens:  # dummy rows write nothing
         slots[(j >= real_lens[row_seq]) | (row_seq >= num_real)] = PAD_SLOT
-    last = first[:num_real] + real_lens[:num_real] - 1  # each sequence's last real row
+    elif num_real < num_seqs:  # only dummy sequences, one row each, after the real rows
+        slots[num_tokens - (num_seqs - num_real):] = PAD_SLOT
+    last = first[:num_real] if one_row_each else first[:num_real] + real_lens[:num_real] - 1  # last real rows
     logits_rows = layout.field(buf, "logits_indices", num_sampled)
-    logits_rows[:] = _logits_rows(last, counts, num_drafts[:num_real])
-    _write_input_ids(layout.field(buf, "input_ids", num_tokens), seqs, first + pending, num_known, num_drafts)
+    logits_rows[:] = _logits_rows(last, counts[:num_real], num_drafts[:num_real] if num_draft_tokens else None)
+    input_ids = layout.field(buf, "input_ids", num_tokens)
+    if num_known_tokens + num_host_drafts == num_tokens:  # every row's token is known: they are in order
+        input_ids[:] = [t for s in seqs for t in (*s.token_ids, *s.draft_token_ids)]
+    else:
+        _write_input_ids(input_ids, seqs, first + pending, num_known if num_known_tokens else None,
+                         host_drafts if num_host_drafts else None)
     # The sequences whose first new token is still on the device: where it goes, where it is.
-    pending_src = layout.field(buf, "pending_src", int(pending.sum()))
-    pending_src[:] = [last_sampled_row[s.seq_id] for s in seqs if s.pending]
-    pending_dst = layout.field(buf, "pending_dst", len(pending_src))
-    pending_dst[:] = first[pending > 0]
-    draft_dst = _device_draft_rows(seqs, first + pending + num_known, num_drafts)
+    src = [last_sampled_row[s.seq_id] for s in seqs if s.pending]
+    layout.field(buf, "pending_src", num_pending)[:] = src
+    pending_dst = layout.field(buf, "pending_dst", num_pending)
+    pending_dst[:] = first[:num_real] if num_pending == num_real else first[pending > 0]
+    # The drafts a draft model makes on the device: after the known tokens of their sequence.
+    device_drafts = num_draft_tokens - num_host_drafts
+    draft_dst = _runs(first + pending + num_known, num_drafts - host_drafts) if device_drafts else []
     layout.field(buf, "draft_dst", len(draft_dst))[:] = draft_dst
-    dst_start, src_start = _run_start(pending_dst), _run_start(pending_src)
+    # pending_dst rises strictly (one row each, in batch order): a run when its ends are.
+    dst_run = not src or pending_dst[-1] - pending_dst[0] == num_pending - 1
+    src_run = src == list(range(src[0], src[0] + num_pending)) if src else True
     return PackedStep(num_tokens=num_tokens, num_seqs=num_seqs, num_sampled=num_sampled,
-                      num_pending=len(pending_src), max_seq_len=int(seq_lens.max()) if num_seqs else 0,
+                      num_pending=num_pending, max_seq_len=int(seq_lens.max()) if num_seqs else 0,
                       num_device_drafts=len(draft_dst),
-                      pending_run=None if dst_start is None or src_start is None else (dst_start, src_start),
+                      pending_run=(int(pending_dst[0]), src[0]) if src and dst_run and src_run else
+                      (0, 0) if not src else None,
                       logits_start=_run_start(logits_rows))
+
+
+def _columns(seqs, size: int) -> np.ndarray:
+    """[6, size] int64: per sequence its start, pending (0/1), known new tokens, drafts, rows of
+    logits and drafts whose ids the host knows; zeros after the real sequences (the dummy ones)
+    up to `size`."""
+    out = np.zeros((6, size), dtype=np.int64)
+    if seqs:
+        out[:, :len(seqs)] = np.array([(s.start, s.pending, len(s.token_ids), s.num_draft_tokens, s.num_logits_rows,
+                                        len(s.draft_token_ids)) for s in seqs]).T
+    return out
 
 
 def _check_fits(buf: np.ndarray, layout: StepLayout, num_tokens: int, num_seqs: int, num_sampled: int) -> None:
@@ -211,45 +242,28 @@ def _check_fits(buf: np.ndarray, layout: StepLayout, num_tokens: int, num_seqs: 
         raise ValueError(f"buf must be a 1-D int32 array of >= {layout.size} elements")
 
 
-def _column(values: list, size: int) -> np.ndarray:
-    """One number per real sequence as int64, zeros after them (the dummy sequences) up to `size`."""
-    if len(values) == size:
-        return np.array(values, dtype=np.int64)
-    out = np.zeros(size, dtype=np.int64)
-    out[:len(values)] = values
-    return out
-
-
-def _logits_rows(last: np.ndarray, counts: np.ndarray, num_drafts: np.ndarray) -> np.ndarray:
+def _logits_rows(last: np.ndarray, counts: np.ndarray, num_drafts: np.ndarray | None) -> np.ndarray:
     """The hidden-state row of each row of logits: a sequence's last row, once per sample; a
-    sequence that verifies d drafts, its last 1 + d rows."""
-    if num_drafts.any():
-        back = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - 1, counts)  # -(count-1) .. 0
-        return np.repeat(last, counts) + np.where(np.repeat(num_drafts > 0, counts), back, 0)
-    return np.repeat(last, counts)
+    sequence that verifies d drafts, its last 1 + d rows. num_drafts: None when none does."""
+    if num_drafts is None:
+        return last.repeat(counts)
+    if (counts <= num_drafts + 1).all():  # no sequence samples its last row twice: one run each
+        return _runs(last - num_drafts, counts)
+    back = np.arange(int(counts.sum())) - (counts.cumsum() - 1).repeat(counts)  # -(count-1) .. 0
+    return last.repeat(counts) + np.where((num_drafts > 0).repeat(counts), back, 0)
 
 
-def _write_input_ids(input_ids: np.ndarray, seqs, after_pending: np.ndarray, num_known: np.ndarray,
-                     num_drafts: np.ndarray) -> None:
+def _write_input_ids(input_ids: np.ndarray, seqs, after_pending: np.ndarray, num_known: np.ndarray | None,
+                     host_drafts: np.ndarray | None) -> None:
     """The token ids the host knows, each sequence's after its pending token (if any), then the
     drafts it knows (an n-gram proposer's). A pending token, a draft model's drafts (made on the
-    device) and the dummy rows stay placeholders 0."""
+    device) and the dummy rows stay placeholders 0. num_known / host_drafts: None when 0 for all."""
     input_ids[:] = 0
-    if num_known.any():
+    if num_known is not None:
         input_ids[_runs(after_pending, num_known)] = [t for s in seqs for t in s.token_ids]
-    if num_drafts.any():
-        host_drafts = _column([len(s.draft_token_ids) for s in seqs], len(num_drafts))
-        if host_drafts.any():
-            input_ids[_runs(after_pending + num_known, host_drafts)] = [t for s in seqs for t in s.draft_token_ids]
-
-
-def _device_draft_rows(seqs, start: np.ndarray, num_drafts: np.ndarray) -> np.ndarray:
-    """The input rows of the drafts a draft model makes on the device: after the known tokens
-    of each sequence that verifies drafts whose ids the host does not know."""
-    if not num_drafts.any():
-        return num_drafts[:0]
-    on_device = _column([not s.draft_token_ids for s in seqs], len(num_drafts))
-    return _runs(start, num_drafts * on_device)
+    if host_drafts is not None:
+        after_known = after_pending if num_known is None else after_pending + num_known
+        input_ids[_runs(after_known, host_drafts)] = [t for s in seqs for t in s.draft_token_ids]
 
 
 def _run_start(values: np.ndarray) -> int | None:
@@ -261,9 +275,10 @@ def _run_start(values: np.ndarray) -> int | None:
 
 def _runs(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """The indices start_b, start_b + 1, ..., start_b + length_b - 1 of every b, concatenated."""
-    total = int(lengths.sum())
-    offsets = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    return np.repeat(starts, lengths) + offsets
+    if len(starts) == 1:  # one run (a batch of one)
+        return np.arange(starts[0], starts[0] + lengths[0])
+    ends = lengths.cumsum()
+    return (starts - ends + lengths).repeat(lengths) + np.arange(ends[-1] if len(ends) else 0)
 
 
 @dataclass
@@ -325,8 +340,7 @@ class FieldViews:
     Slicing ten tensors is ten eager torch ops on the host's critical path of every step, while
     a run of decode steps has the same shape step after step. A view aliases the buffer, so a
     reused one reads what this step's upload wrote; a buffer that was reallocated (it grew)
-    starts afresh. Views made under `torch.inference_mode` are kept apart from the others:
-    in-place writes to them are only allowed in the same mode."""
+    starts afresh."""
 
     MAX_SHAPES = 1024  # prefill steps come in many shapes: forget them all past this many
 
@@ -338,7 +352,7 @@ class FieldViews:
         if buf is not self._buf or len(self._views) >= self.MAX_SHAPES:
             self._buf, self._views = buf, {}
         key = (layout, packed.num_tokens, packed.num_seqs, packed.num_sampled, packed.num_pending,
-               packed.num_device_drafts, torch.is_inference_mode_enabled())
+               packed.num_device_drafts)
         fields = self._views.get(key)
         if fields is None:
             fields = self._views[key] = field_views(buf, layout, packed)

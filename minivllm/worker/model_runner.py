@@ -367,7 +367,7 @@ class ModelRunner:
             self.last_sampled = tokens = torch.zeros(0, dtype=torch.int64, device=self.device)
         else:
             if any(s.num_draft_tokens for s in output.seqs):
-                tokens, sampled_logprobs = self._verify(output, logits, batch, bitmask)
+                tokens, sampled_logprobs = self._verify(output, logits, batch, bitmask, query_len)
                 gained = (tokens != NO_TOKEN).sum(dim=1, keepdim=True)
                 self.last_sampled = tokens.gather(1, gained - 1).squeeze(1)
             else:
@@ -418,42 +418,48 @@ class ModelRunner:
                 for i in range(0, len(rows), size)]
 
     def _verify(self, output: SchedulerOutput, logits: torch.Tensor, batch: InputBatch,
-                bitmask: torch.Tensor | None):
+                bitmask: torch.Tensor | None, query_len: int | None):
         """[S, 1 + k] tokens of a step in which some rows verify drafts: those through the
         rejection sampler, the others (forks, penalties, no drafts found) through the sampler;
         and the plain rows' logprobs payload (a row that verifies drafts never asks for one).
+        query_len: each sequence's input rows when a verification graph padded them (None: its
+        new tokens').
 
-        Row r of `logits` is the model's distribution after input row `logits_indices[r]`; a
-        verifying sample row owns 1 + d consecutive rows, and the draft verified at its row i is
-        the input token right after row i's. The indices are made on the host and sent at once.
+        A verifying sample row owns 1 + d consecutive rows of `logits`, and its d drafts are the
+        last d of its sequence's input rows. The indices are made on the host and sent at once;
+        when every sample row verifies k drafts (the usual n-gram step), the logits rows are
+        [n, 1 + k] as they stand and need no index at all.
         """
         k, rows = self.num_speculative_tokens, output.sample_rows
-        plain, verifying = [], []  # sample rows by kind, and where their logits rows start
-        logits_row = 0
+        plain, verifying = [], []  # sample rows by kind: (sample row, first logits row, drafts, first draft's input row)
+        logits_row = input_row = 0
         for s in output.seqs:
             kind = verifying if s.num_draft_tokens else plain
             for sample in range(s.num_samples):  # a sequence that verifies drafts samples once
-                kind.append((len(plain) + len(verifying), logits_row + sample, s.num_draft_tokens))
+                kind.append((len(plain) + len(verifying), logits_row + sample, s.num_draft_tokens,
+                             input_row + s.num_new_tokens - s.num_draft_tokens))
             logits_row += s.num_logits_rows
-        first = np.array([f for _, f, _ in verifying], dtype=np.int64)[:, None]
-        drafts = np.array([d for _, _, d in verifying], dtype=np.int64)
+            input_row += query_len or s.num_new_tokens
+        n, m = len(verifying), len(plain)
+        full = not plain and all(d == k for _, _, d, _ in verifying)
+        first, drafts, draft_start = (np.array([v[c] for v in verifying], dtype=np.int64) for c in (1, 2, 3))
         steps = np.arange(k + 1)
         index = np.concatenate([
-            (first + np.minimum(steps, drafts[:, None])).ravel(),  # [n, 1 + k]: rows past d repeat
-            (first + np.minimum(steps[:k], drafts[:, None] - 1)).ravel(),  # [n, k]: their drafts
+            (first[:, None] + np.minimum(steps, drafts[:, None])).ravel(),  # [n, 1 + k]: rows past d repeat
+            (draft_start[:, None] + np.minimum(steps[:k], drafts[:, None] - 1)).ravel(),  # [n, k]: input rows
             drafts, *(np.array(column, dtype=np.int64) for column in (
-                [i for i, _, _ in verifying], [i for i, _, _ in plain], [f for _, f, _ in plain]))])
+                [i for i, *_ in verifying], [i for i, *_ in plain], [f for _, f, *_ in plain]))])
         index = torch.from_numpy(index).to(self.device, non_blocking=True)
-        n, m = len(verifying), len(plain)
         target_rows, draft_rows, d, where, plain_where, plain_rows = index.split(
             [n * (k + 1), n * k, n, n, m, m])
-        draft_ids = batch.input_ids[batch.logits_indices[draft_rows] + 1].long().view(n, k)
-        settings = [rows[i] for i, _, _ in verifying]
+        draft_ids = batch.input_ids[draft_rows].view(n, k)
+        target_logits = logits.view(n, k + 1, -1) if full else logits[target_rows].view(n, k + 1, -1)
+        settings = [rows[i] for i, *_ in verifying]
         if all(row.params.is_greedy and not row.params.logit_bias for row in settings):
-            verified = greedy_verify(logits.argmax(dim=-1)[target_rows].view(n, k + 1), draft_ids, d)
+            verified = greedy_verify(target_logits.argmax(dim=-1), draft_ids, None if full else d)
         else:
             drafted = self._draft_settings  # the draft model's sampling of these rows, or None
-            verified = rejection_sample(logits[target_rows].view(n, k + 1, -1), draft_ids, d,
+            verified = rejection_sample(target_logits, draft_ids.long(), d,
                                         drafted if drafted is not None else self.sampler.batch(settings),
                                         self._draft_probs)
         self._draft_probs = self._draft_settings = None
@@ -462,7 +468,7 @@ class ModelRunner:
         tokens = torch.full((len(rows), 1 + k), NO_TOKEN, dtype=torch.int64, device=self.device)
         tokens[where] = verified
         plain_mask = None if bitmask is None else bitmask[plain_where]  # a grammar's rows never speculate
-        sampled = self.sampler.sample(logits[plain_rows], [rows[i] for i, _, _ in plain], plain_mask)
+        sampled = self.sampler.sample(logits[plain_rows], [rows[i] for i, *_ in plain], plain_mask)
         tokens[plain_where, 0] = sampled.tokens
         return tokens, sampled.logprobs
 

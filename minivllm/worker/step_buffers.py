@@ -32,9 +32,11 @@ class StepBuffers:
         size = max(size, 1)
         copies = 2 if self.on_cuda else 1
         self._hosts = [torch.zeros(size, dtype=torch.int32, pin_memory=self.on_cuda) for _ in range(copies)]
+        self._arrays = [host.numpy() for host in self._hosts]  # the same memory; made once, not per step
         self._events = [torch.cuda.Event() if self.on_cuda else None for _ in range(copies)]
         self.device_tensor = (torch.zeros(size, dtype=torch.int32, device=self._device) if self.on_cuda
                               else self._hosts[0])
+        self._slices: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # size -> (device, hosts)
 
     @property
     def size(self) -> int:
@@ -56,11 +58,22 @@ class StepBuffers:
         self._turn = (self._turn + 1) % len(self._hosts)
         if self._events[self._turn] is not None:
             self._events[self._turn].synchronize()
-        return self.host_tensor.numpy()
+        return self._arrays[self._turn]
 
     def upload(self, size: int) -> None:
         """Send the first `size` elements of the current host buffer to the device: one copy."""
         if not self.on_cuda:
             return
-        self.device_tensor[:size].copy_(self.host_tensor[:size], non_blocking=True)
+        device, hosts = self._sliced(size)
+        device.copy_(hosts[self._turn], non_blocking=True)
         self._events[self._turn].record()
+
+    def _sliced(self, size: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The first `size` elements of the device buffer and of each host one, sliced once per
+        size: a graph's step always sends the same size, and a slice is an eager op."""
+        sliced = self._slices.get(size)
+        if sliced is None:
+            if len(self._slices) >= 1024:  # eager steps come in many sizes
+                self._slices.clear()
+            sliced = self._slices[size] = (self.device_tensor[:size], [host[:size] for host in self._hosts])
+        return sliced
