@@ -136,7 +136,7 @@ def _num_accepted(accept: torch.Tensor, num_drafts: torch.Tensor | None) -> torc
     """Leading accepted drafts per row ([S, K] flags, only the first num_drafts count; None: all K)."""
     if num_drafts is not None:
         accept = accept & (torch.arange(accept.shape[1], device=accept.device) < num_drafts[:, None])
-    return accept.long().cumprod(dim=1).sum(dim=1)
+    return accept.cumprod(dim=1).sum(dim=1)  # a bool cumprod counts in int64
 
 
 def _assemble(draft_ids: torch.Tensor, num_accepted: torch.Tensor, last: torch.Tensor) -> torch.Tensor:

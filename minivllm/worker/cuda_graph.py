@@ -216,6 +216,10 @@ def load_step(seqs, num_sampled: int, rows, tables: BlockTables, block_size: int
     eager forward (its field views cached in `eager_views`); then send the changed block-table
     entries and gather the step's rows. num_sampled: the step's rows of logits.
 
+    An eager step whose rows are consecutive reads them from the persistent tables in place:
+    they change only by a later step's `commit`, which the device runs after this step's
+    kernels (stream order; on a CPU, after this step's forward has returned).
+
     Returns (the GraphStep or the eager InputBatch, its InputBatch, why no graph set could run
     it: None if one does, or if there are none).
     """
@@ -230,8 +234,10 @@ def load_step(seqs, num_sampled: int, rows, tables: BlockTables, block_size: int
         prepared = batch = InputBatch.view(eager.device_tensor, layout, packed, backend=backend, views=eager_views)
     tables.commit()
     meta = batch.attn_metadata
-    if meta.block_tables is None:
-        meta.block_tables = tables.device.index_select(0, batch.rows)
-    else:  # the graph's static tensor
+    if meta.block_tables is not None:  # the graph's static tensor
         torch.index_select(tables.device, 0, batch.rows, out=meta.block_tables)
+    elif batch.rows_start is not None:  # consecutive rows (always, at batch 1): a view will do
+        meta.block_tables = tables.device[batch.rows_start:batch.rows_start + batch.rows.shape[0]]
+    else:
+        meta.block_tables = tables.device.index_select(0, batch.rows)
     return prepared, batch, miss

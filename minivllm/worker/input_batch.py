@@ -106,10 +106,12 @@ class PackedStep:
     max_seq_len: int  # a host-side bound for the kernels, so they never read seq_lens back
     num_device_drafts: int  # draft tokens the runner fills in (draft_dst)
     # Where one run of consecutive rows starts, when a field is one (the runner then slices
-    # instead of gathering, an op or two fewer a step): (pending_dst[0], pending_src[0]) when both
-    # are runs (a decode batch that kept its order); logits_indices[0] when they are a run.
+    # instead of gathering, an op or two fewer a step; None: not a run): (pending_dst[0],
+    # pending_src[0]) when both are runs (a decode batch that kept its order); logits_indices[0];
+    # rows[0] (the block-table rows).
     pending_run: tuple[int, int] | None = None
     logits_start: int | None = None
+    rows_start: int | None = None
 
 
 @functools.lru_cache(maxsize=1024)
@@ -168,7 +170,7 @@ def pack_step(buf: np.ndarray, layout: StepLayout, seqs: SequenceType[ScheduledS
         cu[1:] = q_lens.cumsum()
     first = cu[:-1]
     seq_lens = layout.field(buf, "seq_lens", num_seqs)
-    np.add(starts, q_lens, out=seq_lens)
+    seq_lens[:] = starts + q_lens
     table_rows = layout.field(buf, "rows", num_seqs)
     table_rows[:num_real] = rows
     table_rows[num_real:] = pad_row
@@ -210,26 +212,31 @@ def pack_step(buf: np.ndarray, layout: StepLayout, seqs: SequenceType[ScheduledS
     device_drafts = num_draft_tokens - num_host_drafts
     draft_dst = _runs(first + pending + num_known, num_drafts - host_drafts) if device_drafts else []
     layout.field(buf, "draft_dst", len(draft_dst))[:] = draft_dst
-    # pending_dst rises strictly (one row each, in batch order): a run when its ends are.
-    dst_run = not src or pending_dst[-1] - pending_dst[0] == num_pending - 1
-    src_run = src == list(range(src[0], src[0] + num_pending)) if src else True
     return PackedStep(num_tokens=num_tokens, num_seqs=num_seqs, num_sampled=num_sampled,
                       num_pending=num_pending, max_seq_len=int(seq_lens.max()) if num_seqs else 0,
-                      num_device_drafts=len(draft_dst),
-                      pending_run=(int(pending_dst[0]), src[0]) if src and dst_run and src_run else
-                      (0, 0) if not src else None,
-                      logits_start=_run_start(logits_rows))
+                      num_device_drafts=len(draft_dst), pending_run=_pending_run(pending_dst, src),
+                      logits_start=_run_start(logits_rows), rows_start=_run_start(table_rows))
+
+
+def _pending_run(dst: np.ndarray, src: list[int]) -> tuple[int, int] | None:
+    """(dst[0], src[0]) when both are runs of rows ((0, 0) when empty), else None. dst rises
+    strictly (one row per sequence, in batch order): it is a run when its ends are."""
+    if not src:
+        return 0, 0
+    if dst[-1] - dst[0] == len(src) - 1 and src == list(range(src[0], src[0] + len(src))):
+        return int(dst[0]), src[0]
+    return None
 
 
 def _columns(seqs, size: int) -> np.ndarray:
     """[6, size] int64: per sequence its start, pending (0/1), known new tokens, drafts, rows of
     logits and drafts whose ids the host knows; zeros after the real sequences (the dummy ones)
     up to `size`."""
-    out = np.zeros((6, size), dtype=np.int64)
-    if seqs:
-        out[:, :len(seqs)] = np.array([(s.start, s.pending, len(s.token_ids), s.num_draft_tokens, s.num_logits_rows,
-                                        len(s.draft_token_ids)) for s in seqs]).T
-    return out
+    values = np.array([(s.start, s.pending, len(s.token_ids), s.num_draft_tokens, s.num_logits_rows,
+                        len(s.draft_token_ids)) for s in seqs], dtype=np.int64).reshape(len(seqs), 6)
+    if size > len(seqs):
+        values = np.concatenate([values, np.zeros((size - len(seqs), 6), dtype=np.int64)])
+    return values.T
 
 
 def _check_fits(buf: np.ndarray, layout: StepLayout, num_tokens: int, num_seqs: int, num_sampled: int) -> None:
@@ -293,6 +300,7 @@ class InputBatch:
     draft_dst: torch.Tensor  # [D] int32: input_ids rows of the drafts a draft model makes
     pending_run: tuple[int, int] | None = None  # see PackedStep
     logits_start: int | None = None
+    rows_start: int | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -322,7 +330,7 @@ class InputBatch:
                    logits_indices=fields["logits_indices"], rows=fields["rows"],
                    pending_dst=fields["pending_dst"], pending_src=fields["pending_src"],
                    draft_dst=fields["draft_dst"], pending_run=packed.pending_run,
-                   logits_start=packed.logits_start)
+                   logits_start=packed.logits_start, rows_start=packed.rows_start)
 
 
 def field_views(buf: torch.Tensor, layout: StepLayout, packed: PackedStep) -> dict[str, torch.Tensor]:

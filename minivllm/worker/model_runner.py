@@ -423,42 +423,26 @@ class ModelRunner:
         rejection sampler, the others (forks, penalties, no drafts found) through the sampler;
         and the plain rows' logprobs payload (a row that verifies drafts never asks for one).
         query_len: each sequence's input rows when a verification graph padded them (None: its
-        new tokens').
-
-        A verifying sample row owns 1 + d consecutive rows of `logits`, and its d drafts are the
-        last d of its sequence's input rows. The indices are made on the host and sent at once;
-        when every sample row verifies k drafts (the usual n-gram step), the logits rows are
-        [n, 1 + k] as they stand and need no index at all.
-        """
+        new tokens')."""
         k, rows = self.num_speculative_tokens, output.sample_rows
-        plain, verifying = [], []  # sample rows by kind: (sample row, first logits row, drafts, first draft's input row)
-        logits_row = input_row = 0
-        for s in output.seqs:
-            kind = verifying if s.num_draft_tokens else plain
-            for sample in range(s.num_samples):  # a sequence that verifies drafts samples once
-                kind.append((len(plain) + len(verifying), logits_row + sample, s.num_draft_tokens,
-                             input_row + s.num_new_tokens - s.num_draft_tokens))
-            logits_row += s.num_logits_rows
-            input_row += query_len or s.num_new_tokens
-        n, m = len(verifying), len(plain)
-        full = not plain and all(d == k for _, _, d, _ in verifying)
-        first, drafts, draft_start = (np.array([v[c] for v in verifying], dtype=np.int64) for c in (1, 2, 3))
-        steps = np.arange(k + 1)
-        index = np.concatenate([
-            (first[:, None] + np.minimum(steps, drafts[:, None])).ravel(),  # [n, 1 + k]: rows past d repeat
-            (draft_start[:, None] + np.minimum(steps[:k], drafts[:, None] - 1)).ravel(),  # [n, k]: input rows
-            drafts, *(np.array(column, dtype=np.int64) for column in (
-                [i for i, *_ in verifying], [i for i, *_ in plain], [f for _, f, *_ in plain]))])
-        index = torch.from_numpy(index).to(self.device, non_blocking=True)
-        target_rows, draft_rows, d, where, plain_where, plain_rows = index.split(
-            [n * (k + 1), n * k, n, n, m, m])
-        draft_ids = batch.input_ids[draft_rows].view(n, k)
-        target_logits = logits.view(n, k + 1, -1) if full else logits[target_rows].view(n, k + 1, -1)
-        settings = [rows[i] for i, *_ in verifying]
+        if all(s.num_draft_tokens == k and s.num_new_tokens == k + 1 and s.num_samples == 1 for s in output.seqs):
+            # The usual n-gram step: every sequence has one token then k drafts, its 1 + k rows
+            # in a row, and as many rows of logits: all of it is [n, 1 + k] as it stands.
+            n, plain = len(output.seqs), []
+            verifying = range(n)
+            target_logits = logits.view(n, k + 1, -1)
+            draft_ids = batch.input_ids[:n * (k + 1)].view(n, k + 1)[:, 1:]
+            d = None
+        else:
+            target_logits, draft_ids, d, verifying, plain, where, plain_where, plain_rows = self._verification_rows(
+                output, logits, batch, query_len)
+            n = len(verifying)
+        settings = [rows[i] for i in verifying]
         if all(row.params.is_greedy and not row.params.logit_bias for row in settings):
-            verified = greedy_verify(target_logits.argmax(dim=-1), draft_ids, None if full else d)
+            verified = greedy_verify(target_logits.argmax(dim=-1), draft_ids, d)
         else:
             drafted = self._draft_settings  # the draft model's sampling of these rows, or None
+            d = torch.full((n,), k, device=self.device) if d is None else d
             verified = rejection_sample(target_logits, draft_ids.long(), d,
                                         drafted if drafted is not None else self.sampler.batch(settings),
                                         self._draft_probs)
@@ -468,9 +452,41 @@ class ModelRunner:
         tokens = torch.full((len(rows), 1 + k), NO_TOKEN, dtype=torch.int64, device=self.device)
         tokens[where] = verified
         plain_mask = None if bitmask is None else bitmask[plain_where]  # a grammar's rows never speculate
-        sampled = self.sampler.sample(logits[plain_rows], [rows[i] for i, *_ in plain], plain_mask)
+        sampled = self.sampler.sample(logits[plain_rows], [rows[i] for i in plain], plain_mask)
         tokens[plain_where, 0] = sampled.tokens
         return tokens, sampled.logprobs
+
+    def _verification_rows(self, output: SchedulerOutput, logits: torch.Tensor, batch: InputBatch,
+                           query_len: int | None):
+        """A verification step of any shape, gathered by indices made on the host and sent at
+        once: (target logits [n, 1 + k, V], draft ids [n, k], drafts per row [n], the sample rows
+        that verify and the plain ones (lists), and on the device where those two go in the
+        step's sample rows, and the plain rows' logits rows).
+
+        A verifying sample row owns 1 + d consecutive rows of `logits` (rows past d repeat the
+        last), and its d drafts are the last d of its sequence's input rows."""
+        k = self.num_speculative_tokens
+        plain, verifying = [], []  # sample rows by kind: (sample row, first logits row, drafts, first draft's input row)
+        logits_row = input_row = 0
+        for s in output.seqs:
+            kind = verifying if s.num_draft_tokens else plain
+            for sample in range(s.num_samples):  # a sequence that verifies drafts samples once
+                kind.append((len(plain) + len(verifying), logits_row + sample, s.num_draft_tokens,
+                             input_row + s.num_new_tokens - s.num_draft_tokens))
+            logits_row += s.num_logits_rows
+            input_row += query_len or s.num_new_tokens
+        first, drafts, draft_start = (np.array([v[c] for v in verifying], dtype=np.int64) for c in (1, 2, 3))
+        steps = np.arange(k + 1)
+        index = np.concatenate([
+            (first[:, None] + np.minimum(steps, drafts[:, None])).ravel(),  # [n, 1 + k]: rows past d repeat
+            (draft_start[:, None] + np.minimum(steps[:k], drafts[:, None] - 1)).ravel(),  # [n, k]: input rows
+            drafts, *(np.array(column, dtype=np.int64) for column in (
+                [i for i, *_ in verifying], [i for i, *_ in plain], [f for _, f, *_ in plain]))])
+        index = torch.from_numpy(index).to(self.device, non_blocking=True)
+        n, m = len(verifying), len(plain)
+        target_rows, draft_rows, d, where, plain_where, plain_rows = index.split([n * (k + 1), n * k, n, n, m, m])
+        return (logits[target_rows].view(n, k + 1, -1), batch.input_ids[draft_rows].view(n, k), d,
+                [i for i, *_ in verifying], [i for i, *_ in plain], where, plain_where, plain_rows)
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate whole KV blocks (every layer) before anyone writes to them.

@@ -338,6 +338,7 @@ def test_pack_step_equals_a_token_by_token_reference(step):
     assert packed.logits_start == run_start(got["logits"])
     both = run_start(dst), run_start(src)
     assert packed.pending_run == (None if None in both else both)
+    assert packed.rows_start == run_start(batch.rows.tolist())
 
 
 def run_start(values):
