@@ -23,6 +23,8 @@ synchronized before and after, so the window holds exactly those steps' kernels:
                              sets are not kernels: memcpy_per_step)
     kernel_launches_per_step host calls that launch one kernel (cudaLaunchKernel, cuLaunchKernel*)
     graph_launches_per_step  host calls that replay a graph (cudaGraphLaunch)
+    torch_ops_per_step       eager torch ops the host dispatched (outermost aten:: calls): each
+                             costs microseconds of host time, and on a GPU is a launch or a copy
 
 so eager steps show kernels = launches, graphed ones a few launches for hundreds of kernels. On the
 CPU there are no kernels (None). The profiler's top ops go to <json stem>[_<variant>]_profile_b<B>.txt.
@@ -190,11 +192,24 @@ def count_kernels(events, steps: int, device: torch.device) -> dict:
         "memcpy_per_step": copies / steps if device.type == "cuda" else None,
         "kernel_launches_per_step": sum("LaunchKernel" in n for n in host) / steps,
         "graph_launches_per_step": sum("GraphLaunch" in n for n in host) / steps,
+        "torch_ops_per_step": sum(_outermost_op(e) for e in events if e.device_type == DeviceType.CPU) / steps,
         "profiled_steps": steps,
     }
     if counts["graph_launches_per_step"] and not counts["kernels_per_step"]:
         counts["kernel_count_note"] = "the profiler saw no kernels inside the graph replays"
     return counts
+
+
+def _outermost_op(event) -> bool:
+    """An aten:: op called by no other aten:: op (one eager op, whatever it calls inside)."""
+    if not event.name.startswith("aten::"):
+        return False
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::"):
+            return False
+        parent = parent.cpu_parent
+    return True
 
 
 def write_profile_tables(averages, path: Path, steps: int, device: torch.device) -> None:
@@ -334,7 +349,7 @@ COLUMNS = [
     ("vs first", lambda r: next((v for k, v in r.items() if k.startswith("step_time_s_vs_")), None), ".3f"),
     ("tok/s", "decode_tokens_per_s", ",.0f"), ("replayed", "graph_fraction", ".0%"),
     ("kernels/step", "kernels_per_step", ".0f"), ("launches/step", "kernel_launches_per_step", ".0f"),
-    ("graphs/step", "graph_launches_per_step", ".1f"),
+    ("graphs/step", "graph_launches_per_step", ".1f"), ("ops/step", "torch_ops_per_step", ".1f"),
     ("host ms", lambda r: 1e3 * r["host_time_s"], ".3f"), ("wait ms", lambda r: 1e3 * r["wait_time_s"], ".3f"),
     ("sched ms", lambda r: 1e3 * r["schedule_time_s"], ".3f"), ("prep ms", lambda r: 1e3 * r["prepare_time_s"], ".3f"),
     ("upd ms", lambda r: 1e3 * r["update_time_s"], ".3f"),

@@ -40,7 +40,9 @@ the same tokens on every rank, so `last_sampled` is the same everywhere too.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -71,6 +73,25 @@ class LogprobsLayout:
 
     sampled: list[tuple[int, int]]
     prompt: list[tuple[int, list[int], int]]
+
+
+class Verification(NamedTuple):
+    """A verification step's rows, as the rejection sampler takes them.
+
+    The n sample rows that verify drafts (`verifying`, their indices in the step's sample rows)
+    have their target logits [n, 1 + k, V], their draft ids [n, k] and their drafts each [n]
+    (None: k each). The others (`plain`) are sampled as usual; on the device, `where` and
+    `plain_where` say where both kinds go among the step's sample rows, `plain_rows` which rows
+    of logits the plain ones read (all three None when every row verifies)."""
+
+    target_logits: torch.Tensor
+    draft_ids: torch.Tensor
+    num_drafts: torch.Tensor | None
+    verifying: Sequence[int]
+    plain: Sequence[int] = ()
+    where: torch.Tensor | None = None
+    plain_where: torch.Tensor | None = None
+    plain_rows: torch.Tensor | None = None
 
 
 class SampledTokens:
@@ -425,48 +446,41 @@ class ModelRunner:
         query_len: each sequence's input rows when a verification graph padded them (None: its
         new tokens')."""
         k, rows = self.num_speculative_tokens, output.sample_rows
-        if all(s.num_draft_tokens == k and s.num_new_tokens == k + 1 and s.num_samples == 1 for s in output.seqs):
-            # The usual n-gram step: every sequence has one token then k drafts, its 1 + k rows
-            # in a row, and as many rows of logits: all of it is [n, 1 + k] as it stands.
-            n, plain = len(output.seqs), []
-            verifying = range(n)
-            target_logits = logits.view(n, k + 1, -1)
-            draft_ids = batch.input_ids[:n * (k + 1)].view(n, k + 1)[:, 1:]
-            d = None
-        else:
-            target_logits, draft_ids, d, verifying, plain, where, plain_where, plain_rows = self._verification_rows(
-                output, logits, batch, query_len)
-            n = len(verifying)
-        settings = [rows[i] for i in verifying]
+        v = self._verification(output, logits, batch, query_len)
+        settings = [rows[i] for i in v.verifying]
         if all(row.params.is_greedy and not row.params.logit_bias for row in settings):
-            verified = greedy_verify(target_logits.argmax(dim=-1), draft_ids, d)
+            verified = greedy_verify(v.target_logits.argmax(dim=-1), v.draft_ids, v.num_drafts)
         else:
             drafted = self._draft_settings  # the draft model's sampling of these rows, or None
-            d = torch.full((n,), k, device=self.device) if d is None else d
-            verified = rejection_sample(target_logits, draft_ids.long(), d,
+            num_drafts = torch.full((len(settings),), k, device=self.device) if v.num_drafts is None else v.num_drafts
+            verified = rejection_sample(v.target_logits, v.draft_ids.long(), num_drafts,
                                         drafted if drafted is not None else self.sampler.batch(settings),
                                         self._draft_probs)
         self._draft_probs = self._draft_settings = None
-        if not plain:  # every row verified drafts
+        if not v.plain:  # every row verified drafts
             return verified, None
         tokens = torch.full((len(rows), 1 + k), NO_TOKEN, dtype=torch.int64, device=self.device)
-        tokens[where] = verified
-        plain_mask = None if bitmask is None else bitmask[plain_where]  # a grammar's rows never speculate
-        sampled = self.sampler.sample(logits[plain_rows], [rows[i] for i in plain], plain_mask)
-        tokens[plain_where, 0] = sampled.tokens
+        tokens[v.where] = verified
+        plain_mask = None if bitmask is None else bitmask[v.plain_where]  # a grammar's rows never speculate
+        sampled = self.sampler.sample(logits[v.plain_rows], [rows[i] for i in v.plain], plain_mask)
+        tokens[v.plain_where, 0] = sampled.tokens
         return tokens, sampled.logprobs
 
-    def _verification_rows(self, output: SchedulerOutput, logits: torch.Tensor, batch: InputBatch,
-                           query_len: int | None):
-        """A verification step of any shape, gathered by indices made on the host and sent at
-        once: (target logits [n, 1 + k, V], draft ids [n, k], drafts per row [n], the sample rows
-        that verify and the plain ones (lists), and on the device where those two go in the
-        step's sample rows, and the plain rows' logits rows).
+    def _verification(self, output: SchedulerOutput, logits: torch.Tensor, batch: InputBatch,
+                      query_len: int | None) -> Verification:
+        """The rows a verification step verifies (see `Verification`).
 
-        A verifying sample row owns 1 + d consecutive rows of `logits` (rows past d repeat the
-        last), and its d drafts are the last d of its sequence's input rows."""
+        A verifying sample row owns 1 + d consecutive rows of `logits`, and its d drafts are the
+        last d of its sequence's input rows. In the usual n-gram step every sequence has one
+        token then k drafts, in 1 + k input rows and as many rows of logits: both are [n, 1 + k]
+        as they stand. Any other shape is gathered, by indices made on the host and sent at once
+        (rows past a row's d repeat its last)."""
         k = self.num_speculative_tokens
-        plain, verifying = [], []  # sample rows by kind: (sample row, first logits row, drafts, first draft's input row)
+        if all(s.num_draft_tokens == k and s.num_new_tokens == k + 1 and s.num_samples == 1 for s in output.seqs):
+            n = len(output.seqs)
+            return Verification(logits.view(n, k + 1, -1), batch.input_ids[:n * (k + 1)].view(n, k + 1)[:, 1:],
+                                None, range(n))
+        plain, verifying = [], []  # by kind: (sample row, first logits row, drafts, first draft's input row)
         logits_row = input_row = 0
         for s in output.seqs:
             kind = verifying if s.num_draft_tokens else plain
@@ -478,15 +492,15 @@ class ModelRunner:
         first, drafts, draft_start = (np.array([v[c] for v in verifying], dtype=np.int64) for c in (1, 2, 3))
         steps = np.arange(k + 1)
         index = np.concatenate([
-            (first[:, None] + np.minimum(steps, drafts[:, None])).ravel(),  # [n, 1 + k]: rows past d repeat
+            (first[:, None] + np.minimum(steps, drafts[:, None])).ravel(),  # [n, 1 + k]
             (draft_start[:, None] + np.minimum(steps[:k], drafts[:, None] - 1)).ravel(),  # [n, k]: input rows
             drafts, *(np.array(column, dtype=np.int64) for column in (
                 [i for i, *_ in verifying], [i for i, *_ in plain], [f for _, f, *_ in plain]))])
         index = torch.from_numpy(index).to(self.device, non_blocking=True)
         n, m = len(verifying), len(plain)
         target_rows, draft_rows, d, where, plain_where, plain_rows = index.split([n * (k + 1), n * k, n, n, m, m])
-        return (logits[target_rows].view(n, k + 1, -1), batch.input_ids[draft_rows].view(n, k), d,
-                [i for i, *_ in verifying], [i for i, *_ in plain], where, plain_where, plain_rows)
+        return Verification(logits[target_rows].view(n, k + 1, -1), batch.input_ids[draft_rows].view(n, k), d,
+                            [i for i, *_ in verifying], [i for i, *_ in plain], where, plain_where, plain_rows)
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate whole KV blocks (every layer) before anyone writes to them.
