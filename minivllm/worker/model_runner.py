@@ -145,6 +145,47 @@ class SampledTokens:
         return out
 
 
+def verification(seqs, logits: torch.Tensor, input_ids: torch.Tensor, k: int, query_len: int | None) -> Verification:
+    """The rows a verification step verifies (see `Verification`): its sequences `seqs`, its
+    `logits`, its `input_ids` and query_len as `ModelRunner._verify` has them.
+
+    A verifying sample row owns 1 + d consecutive rows of `logits`, and its d drafts are the
+    last d of its sequence's input rows. In the usual n-gram step every sequence has one token
+    then k drafts, in 1 + k input rows and as many rows of logits: both are [n, 1 + k] as they
+    stand, and nothing is gathered. Any other shape is (`gathered_verification`)."""
+    if all(s.num_draft_tokens == k and s.num_new_tokens == k + 1 and s.num_samples == 1 for s in seqs):
+        n = len(seqs)
+        return Verification(logits.view(n, k + 1, -1), input_ids[:n * (k + 1)].view(n, k + 1)[:, 1:], None, range(n))
+    return gathered_verification(seqs, logits, input_ids, k, query_len)
+
+
+def gathered_verification(seqs, logits: torch.Tensor, input_ids: torch.Tensor, k: int,
+                          query_len: int | None) -> Verification:
+    """`verification` of a step of any shape, gathered by indices made on the host and sent at
+    once; a row with d < k drafts repeats its last row and its last draft up to k."""
+    plain, verifying = [], []  # by kind: (sample row, first logits row, drafts, first draft's input row)
+    logits_row = input_row = 0
+    for s in seqs:
+        kind = verifying if s.num_draft_tokens else plain
+        for sample in range(s.num_samples):  # a sequence that verifies drafts samples once
+            kind.append((len(plain) + len(verifying), logits_row + sample, s.num_draft_tokens,
+                         input_row + s.num_new_tokens - s.num_draft_tokens))
+        logits_row += s.num_logits_rows
+        input_row += query_len or s.num_new_tokens
+    first, drafts, draft_start = (np.array([v[c] for v in verifying], dtype=np.int64) for c in (1, 2, 3))
+    steps = np.arange(k + 1)
+    index = np.concatenate([
+        (first[:, None] + np.minimum(steps, drafts[:, None])).ravel(),  # [n, 1 + k]
+        (draft_start[:, None] + np.minimum(steps[:k], drafts[:, None] - 1)).ravel(),  # [n, k]: input rows
+        drafts, *(np.array(column, dtype=np.int64) for column in (
+            [i for i, *_ in verifying], [i for i, *_ in plain], [f for _, f, *_ in plain]))])
+    index = torch.from_numpy(index).to(logits.device, non_blocking=True)
+    n, m = len(verifying), len(plain)
+    target_rows, draft_rows, d, where, plain_where, plain_rows = index.split([n * (k + 1), n * k, n, n, m, m])
+    return Verification(logits[target_rows].view(n, k + 1, -1), input_ids[draft_rows].view(n, k), d,
+                        [i for i, *_ in verifying], [i for i, *_ in plain], where, plain_where, plain_rows)
+
+
 def _logits_rows(hidden: torch.Tensor, batch: InputBatch) -> torch.Tensor:
     """The hidden states of the rows that take logits: a slice when they are one run of rows (a
     decode step, a verification at batch 1), else a gather."""
@@ -446,7 +487,7 @@ class ModelRunner:
         query_len: each sequence's input rows when a verification graph padded them (None: its
         new tokens')."""
         k, rows = self.num_speculative_tokens, output.sample_rows
-        v = self._verification(output, logits, batch, query_len)
+        v = verification(output.seqs, logits, batch.input_ids, k, query_len)
         settings = [rows[i] for i in v.verifying]
         if all(row.params.is_greedy and not row.params.logit_bias for row in settings):
             verified = greedy_verify(v.target_logits.argmax(dim=-1), v.draft_ids, v.num_drafts)
@@ -465,42 +506,6 @@ class ModelRunner:
         sampled = self.sampler.sample(logits[v.plain_rows], [rows[i] for i in v.plain], plain_mask)
         tokens[v.plain_where, 0] = sampled.tokens
         return tokens, sampled.logprobs
-
-    def _verification(self, output: SchedulerOutput, logits: torch.Tensor, batch: InputBatch,
-                      query_len: int | None) -> Verification:
-        """The rows a verification step verifies (see `Verification`).
-
-        A verifying sample row owns 1 + d consecutive rows of `logits`, and its d drafts are the
-        last d of its sequence's input rows. In the usual n-gram step every sequence has one
-        token then k drafts, in 1 + k input rows and as many rows of logits: both are [n, 1 + k]
-        as they stand. Any other shape is gathered, by indices made on the host and sent at once
-        (rows past a row's d repeat its last)."""
-        k = self.num_speculative_tokens
-        if all(s.num_draft_tokens == k and s.num_new_tokens == k + 1 and s.num_samples == 1 for s in output.seqs):
-            n = len(output.seqs)
-            return Verification(logits.view(n, k + 1, -1), batch.input_ids[:n * (k + 1)].view(n, k + 1)[:, 1:],
-                                None, range(n))
-        plain, verifying = [], []  # by kind: (sample row, first logits row, drafts, first draft's input row)
-        logits_row = input_row = 0
-        for s in output.seqs:
-            kind = verifying if s.num_draft_tokens else plain
-            for sample in range(s.num_samples):  # a sequence that verifies drafts samples once
-                kind.append((len(plain) + len(verifying), logits_row + sample, s.num_draft_tokens,
-                             input_row + s.num_new_tokens - s.num_draft_tokens))
-            logits_row += s.num_logits_rows
-            input_row += query_len or s.num_new_tokens
-        first, drafts, draft_start = (np.array([v[c] for v in verifying], dtype=np.int64) for c in (1, 2, 3))
-        steps = np.arange(k + 1)
-        index = np.concatenate([
-            (first[:, None] + np.minimum(steps, drafts[:, None])).ravel(),  # [n, 1 + k]
-            (draft_start[:, None] + np.minimum(steps[:k], drafts[:, None] - 1)).ravel(),  # [n, k]: input rows
-            drafts, *(np.array(column, dtype=np.int64) for column in (
-                [i for i, *_ in verifying], [i for i, *_ in plain], [f for _, f, *_ in plain]))])
-        index = torch.from_numpy(index).to(self.device, non_blocking=True)
-        n, m = len(verifying), len(plain)
-        target_rows, draft_rows, d, where, plain_where, plain_rows = index.split([n * (k + 1), n * k, n, n, m, m])
-        return Verification(logits[target_rows].view(n, k + 1, -1), batch.input_ids[draft_rows].view(n, k), d,
-                            [i for i, *_ in verifying], [i for i, *_ in plain], where, plain_where, plain_rows)
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate whole KV blocks (every layer) before anyone writes to them.

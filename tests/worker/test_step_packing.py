@@ -399,3 +399,39 @@ def test_incremental_block_tables_equal_tables_written_from_scratch(ops):
             assert tables.host[row, :len(t)].tolist() == t
     tables.commit()
     assert torch.equal(tables.device, torch.from_numpy(tables.host))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 4), st.lists(st.booleans(), min_size=4, max_size=4), st.booleans(),
+       st.booleans(), st.integers(0, 2))
+def test_a_verification_of_k_drafts_each_is_the_gathered_one_as_views(n, k, pending, host_drafts, graphed, pad):
+    """Every sequence verifies k drafts after one token: `verification` reads the logits and the
+    drafts as views, and they equal what the general path gathers by indices; with the k as
+    `num_drafts`, greedy verification accepts the same tokens."""
+    from minivllm.layers.rejection_sampler import greedy_verify
+    from minivllm.worker.model_runner import gathered_verification, verification
+
+    rng = np.random.default_rng(n * 10 + k)
+    known = [[] if pending[i] else [int(rng.integers(1, 99))] for i in range(n)]
+    drafts = [[int(rng.integers(1, 9)) for _ in range(k)] if host_drafts else [] for _ in range(n)]
+    seqs = [ScheduledSeq(i, 2 * i + 1, known[i], pending[i], [4 * i + b for b in range(4)], 1, True, None, drafts[i], k)
+            for i in range(n)]
+    tables = BlockTables(8, 6, torch.device("cpu"))
+    rows = tables.sync_all(seqs)
+    query_len = k + 1 if graphed else None
+    layout = StepLayout(max_tokens=64, max_sampled=64, max_seqs=8)
+    buf = np.zeros(layout.size, dtype=np.int32)
+    packed = pack_step(buf, layout, seqs, rows, tables.host, BS, {i: i for i in range(n)},
+                       pad_to=n + pad if graphed else None, pad_row=7, query_len=query_len)
+    batch = InputBatch.view(torch.from_numpy(buf), layout, packed)
+    batch.input_ids[batch.pending_dst] = torch.arange(50, 50 + n, dtype=torch.int32)[batch.pending_src]
+    batch.input_ids[batch.draft_dst] = torch.from_numpy(rng.integers(1, 9, len(batch.draft_dst), dtype=np.int32))
+    logits = torch.from_numpy(rng.normal(size=(packed.num_sampled, 9)).astype(np.float32))
+    fast, gathered = (f(seqs, logits, batch.input_ids, k, query_len) for f in (verification, gathered_verification))
+    assert fast.num_drafts is None and gathered.num_drafts.tolist() == [k] * n
+    assert torch.equal(fast.target_logits, gathered.target_logits)
+    assert torch.equal(fast.draft_ids, gathered.draft_ids)
+    assert list(fast.verifying) == list(gathered.verifying) and not fast.plain and not gathered.plain
+    argmax = fast.target_logits.argmax(-1)
+    verified = greedy_verify(argmax, gathered.draft_ids, gathered.num_drafts)
+    assert torch.equal(greedy_verify(argmax, fast.draft_ids), verified)
