@@ -34,6 +34,7 @@ class BlockTables:
         self._free_rows = list(range(max_seqs - 1, -1, -1))
         self._changed: list[int] = []  # flat indices into the array ...
         self._values: list[int] = []  # ... and their new block ids, not yet on the device
+        self.version = 0  # counts the rows changed: a copy of some rows is current while it stays
 
     def release(self, seq_ids) -> None:
         """Forget the rows of sequences that finished or lost their blocks."""
@@ -73,6 +74,7 @@ class BlockTables:
                 self._changed.extend(range(row * self.width + first, row * self.width + len(table)))
                 self._values.extend(new)
             self._held[seq_id] = (row, list(table))
+            self.version += 1
         return row
 
     def commit(self) -> None:

@@ -22,7 +22,7 @@ What a graph needs, and how this file provides it:
 * **Fixed addresses.** Replay reads its inputs from the memory it read during capture. The
   inputs therefore live in one static device buffer (`StepBuffers` with a fixed `StepLayout`)
   plus a static block-table tensor, and each step writes its metadata *into* them (one
-  host->device copy, one gather of block-table rows) before replaying. Outputs come back in the
+  host->device copy, and a gather of block-table rows when they changed) before replaying. Outputs come back in the
   tensor captured as the graph's output.
 * **No host syncs.** Anything that reads a GPU value on the host (`.item()`, `.tolist()`,
   printing, a data-dependent Python branch) cannot be captured. The model checks shapes only,
@@ -131,6 +131,7 @@ class DecodeGraphs:
         self.buffers = StepBuffers(self.layout.size, device, growable=False)
         self.block_tables = torch.zeros(largest, block_table_width, dtype=torch.int32, device=device)
         self._bucket_tables = {b: self.block_tables[:b] for b in self.batch_sizes}
+        self._gathered = None  # (bucket, rows, tables version) that block_tables holds
         self._views = FieldViews()
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (model, bucket) -> graph
         self._outputs: dict[tuple[int, int], torch.Tensor] = {}
@@ -190,6 +191,15 @@ class DecodeGraphs:
         packed = self._pack(seqs, rows, tables, block_size, last_sampled_row, batch_size, pad_row)
         return GraphStep(batch_size, self._static_inputs(packed), self)
 
+    def gather_block_tables(self, step: GraphStep, rows: list[int], tables: BlockTables) -> None:
+        """Copy the step's rows of the persistent tables into the static tensor, unless it holds
+        them already: the same bucket and rows, and no row changed since (a decode step appends
+        a block once in block_size steps, so most steps skip this copy). Called after `commit`."""
+        held = (step.batch_size, tuple(rows), tables.version)
+        if held != self._gathered:
+            torch.index_select(tables.device, 0, step.inputs.rows, out=step.inputs.attn_metadata.block_tables)
+            self._gathered = held
+
     def replay(self, step: GraphStep, model: int = 0) -> torch.Tensor:
         """Replay the bucket's graph of `models[model]` on the loaded step: one launch for the
         whole forward. Returns the hidden states [bucket x query_len, H]; rows past the real
@@ -234,8 +244,8 @@ def load_step(seqs, num_sampled: int, rows, tables: BlockTables, block_size: int
         prepared = batch = InputBatch.view(eager.device_tensor, layout, packed, backend=backend, views=eager_views)
     tables.commit()
     meta = batch.attn_metadata
-    if meta.block_tables is not None:  # the graph's static tensor
-        torch.index_select(tables.device, 0, batch.rows, out=meta.block_tables)
+    if graphs is not None:
+        graphs.gather_block_tables(prepared, rows, tables)
     elif batch.rows_start is not None:  # consecutive rows (always, at batch 1): a view will do
         meta.block_tables = tables.device[batch.rows_start:batch.rows_start + batch.rows.shape[0]]
     else:

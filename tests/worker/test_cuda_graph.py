@@ -102,6 +102,36 @@ def test_graphs_replay_every_bucket_with_padding(tmp_path):
         assert _greedy(model, False, prompts, 6, **config) == _greedy(model, True, prompts, 6, **config)
 
 
+@needs_cuda
+def test_graph_block_tables_equal_a_fresh_gather_at_every_step(tmp_path):
+    """The graphs' static block tables are copied only when the step's rows or the tables
+    changed; at every replayed step they equal the step's rows gathered afresh. Requests of
+    different lengths make the batch shrink (new buckets, rows freed) while blocks are appended."""
+    from minivllm import LLM, SamplingParams
+    from minivllm.models import make_random_model
+    from minivllm.worker.cuda_graph import GraphStep
+
+    model = make_random_model(tmp_path / "m", arch="qwen3", size="tiny", seed=4)
+    llm = LLM(str(model), device="cuda", max_num_seqs=4, max_model_len=128, num_kv_blocks=64, block_size=4,
+              enable_prefix_caching=False)
+    runner = llm.engine.executor.runner
+    forward, replayed = runner._forward, []
+
+    def checked_forward(prepared, batch):
+        if isinstance(prepared, GraphStep):
+            fresh = runner.block_tables.device.index_select(0, batch.rows)
+            assert torch.equal(batch.attn_metadata.block_tables, fresh)
+            replayed.append(prepared.batch_size)
+        return forward(prepared, batch)
+
+    runner._forward = checked_forward
+    params = [SamplingParams(temperature=0.0, max_tokens=6 + 5 * i, ignore_eos=True) for i in range(4)]
+    llm.generate([[5 + i] * (3 + 2 * i) for i in range(4)], params, use_tqdm=False)
+    assert len(replayed) > 15 and len(set(replayed)) > 1
+    del llm
+    torch.cuda.empty_cache()
+
+
 # ---------------------------------------------------------------------------------------------
 # Why a step did not replay a graph (pure logic, no GPU)
 # ---------------------------------------------------------------------------------------------
