@@ -192,7 +192,13 @@ def _logits_rows(hidden: torch.Tensor, batch: InputBatch) -> torch.Tensor:
     start = batch.logits_start
     if start is None:
         return hidden.index_select(0, batch.logits_indices)
-    return hidden[start:start + batch.logits_indices.shape[0]]
+    return _run(hidden, start, batch.logits_indices.shape[0])
+
+
+def _run(tensor: torch.Tensor, start: int, length: int) -> torch.Tensor:
+    """tensor[start:start + length]; the tensor itself when that is all of it (a batch that
+    fills its graph bucket), which saves the slice op."""
+    return tensor if start == 0 and length == tensor.shape[0] else tensor[start:start + length]
 
 
 def _to_pinned(tensor: torch.Tensor) -> torch.Tensor:
@@ -389,7 +395,7 @@ class ModelRunner:
             return
         if batch.pending_run is not None:
             dst, src = batch.pending_run
-            batch.input_ids[dst:dst + n].copy_(self.last_sampled[src:src + n])
+            _run(batch.input_ids, dst, n).copy_(_run(self.last_sampled, src, n))
         else:
             tokens = self.last_sampled.index_select(0, batch.pending_src).to(torch.int32)
             batch.input_ids.index_put_((batch.pending_dst,), tokens)
