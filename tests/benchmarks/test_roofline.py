@@ -41,16 +41,20 @@ def test_decode_steps_against_the_roofline_with_a_profile(tmp_path, model_cache,
 
 
 def test_kernels_are_counted_per_step_from_profiler_events():
-    def event(name, device_type):
-        return SimpleNamespace(name=name, device_type=device_type)
+    def event(name, device_type, parent=None):
+        return SimpleNamespace(name=name, device_type=device_type, cpu_parent=parent)
 
     cuda, cpu = DeviceType.CUDA, DeviceType.CPU
+    step = event("engine.step", cpu)  # a record_function range is not an op
+    to = event("aten::to", cpu, step)
+    inner = [event("aten::_to_copy", cpu, to), event("aten::copy_", cpu, event("aten::_to_copy", cpu, to))]
     events = ([event("triton_rms_norm", cuda)] * 6 + [event("Memcpy DtoH (Device -> Pinned)", cuda)] * 2
               + [event("Memset (Device)", cuda)] * 2 + [event("cudaGraphLaunch", cpu)] * 2
-              + [event("cuLaunchKernelEx", cpu), event("cudaLaunchKernel", cpu), event("aten::mm", cpu)])
+              + [event("cuLaunchKernelEx", cpu), event("cudaLaunchKernel", cpu), event("aten::mm", cpu)]
+              + [step, to, *inner])
     got = roofline.count_kernels(events, steps=2, device=torch.device("cuda"))
     assert got == {"kernels_per_step": 3.0, "memcpy_per_step": 2.0, "kernel_launches_per_step": 1.0,
-                   "graph_launches_per_step": 1.0, "profiled_steps": 2}
+                   "graph_launches_per_step": 1.0, "torch_ops_per_step": 1.0, "profiled_steps": 2}
     # Graph replays whose kernels the profiler did not see are said to be so, not counted as 0.
     blind = roofline.count_kernels([event("cudaGraphLaunch", cpu)], 1, torch.device("cuda"))
     assert blind["kernels_per_step"] == 0 and "saw no kernels" in blind["kernel_count_note"]
