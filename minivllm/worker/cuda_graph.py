@@ -22,8 +22,8 @@ What a graph needs, and how this file provides it:
 * **Fixed addresses.** Replay reads its inputs from the memory it read during capture. The
   inputs therefore live in one static device buffer (`StepBuffers` with a fixed `StepLayout`)
   plus a static block-table tensor, and each step writes its metadata *into* them (one
-  host->device copy, and a gather of block-table rows when they changed) before replaying. Outputs come back in the
-  tensor captured as the graph's output.
+  host->device copy, and a gather of block-table rows when they changed) before replaying.
+  Outputs come back in the tensor captured as the graph's output.
 * **No host syncs.** Anything that reads a GPU value on the host (`.item()`, `.tolist()`,
   printing, a data-dependent Python branch) cannot be captured. The model checks shapes only,
   the Triton kernels size their grids from shapes, and the split-KV count is planned from a
