@@ -97,6 +97,7 @@ def paged_attention(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     plan=None,
+    max_query_len: int | None = None,
 ) -> torch.Tensor:
     """Attention of packed new queries over the paged KV cache; returns [T, Hq, D].
 
@@ -108,6 +109,8 @@ def paged_attention(
     scale: softmax scale, default 1/sqrt(D). causal: mask future keys (default True).
     out: optional [T, Hq, D] tensor written in place. max_seq_len: optional Python int bound on
     seq_lens, lets a GPU backend size its split-KV work without reading seq_lens.
+    max_query_len: optional Python int bound on each sequence's queries; with a few (a
+        speculative verification's 1 + k) the Triton kernel takes a query tile sized for them.
     num_splits: force the number of KV splits (Triton and cuda; None = heuristic).
     k_scale, v_scale: the scales of an fp8 cache, float32 [num_blocks, block_size, Hkv], as
     write_kv_cache wrote them; the query (and out) stay float32/float16/bfloat16.
@@ -116,7 +119,7 @@ def paged_attention(
     """
     scale = validation.check_paged_attention(
         query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, out, max_seq_len,
-        num_splits, k_scale, v_scale, check_inputs, plan, causal,
+        num_splits, k_scale, v_scale, check_inputs, plan, causal, max_query_len,
     )
     if out is None:
         out = torch.empty_like(query)
@@ -130,7 +133,7 @@ def paged_attention(
         "paged_attention", backend, query.device, query=query, k_cache=k_cache, v_cache=v_cache,
         block_tables=block_tables, seq_lens=seq_lens, cu_seqlens_q=cu_seqlens_q, scale=scale,
         causal=causal, out=out, max_seq_len=max_seq_len, num_splits=num_splits, k_scale=k_scale,
-        v_scale=v_scale, **planned,
+        v_scale=v_scale, max_query_len=max_query_len, **planned,
     )
 
 

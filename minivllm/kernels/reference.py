@@ -64,10 +64,11 @@ def causal_mask(query_len: int, seq_len: int, device: torch.device) -> torch.Ten
 
 
 def paged_attention(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, causal=True,
-                    out=None, max_seq_len=None, num_splits=None, k_scale=None, v_scale=None) -> torch.Tensor:
+                    out=None, max_seq_len=None, num_splits=None, k_scale=None, v_scale=None,
+                    max_query_len=None) -> torch.Tensor:
     """Same contract as `minivllm.kernels.paged_attention` (inputs already validated).
-    `max_seq_len` and `num_splits` plan the GPU kernels' work; the reference takes them only to
-    share the signature, and needs neither."""
+    `max_seq_len`, `max_query_len` and `num_splits` plan the GPU kernels' work; the reference
+    takes them only to share the signature, and needs none of them."""
     num_q_heads = query.shape[1]
     num_kv_heads = k_cache.shape[2]
     group = num_q_heads // num_kv_heads  # query heads that share one KV head (GQA/MQA)

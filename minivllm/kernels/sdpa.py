@@ -158,10 +158,10 @@ def _gather(cache: torch.Tensor, scales: torch.Tensor | None, slots: torch.Tenso
 
 def paged_attention(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, causal=True,
                     out=None, max_seq_len=None, num_splits=None, k_scale=None, v_scale=None,
-                    plan: AttentionPlan | None = None) -> torch.Tensor:
+                    plan: AttentionPlan | None = None, max_query_len=None) -> torch.Tensor:
     """Same contract as `minivllm.kernels.paged_attention` (inputs already validated). `plan`:
-    the step's plan (made here when None); `max_seq_len` and `num_splits` plan the GPU kernels'
-    work and are not needed here."""
+    the step's plan (made here when None); `max_seq_len`, `max_query_len` and `num_splits` plan
+    the GPU kernels' work and are not needed here."""
     if plan is None:
         plan = make_plan(block_tables, seq_lens, cu_seqlens_q, k_cache.shape[1], causal, k_cache.dtype)
     if out is None:

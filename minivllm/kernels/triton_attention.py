@@ -77,7 +77,9 @@ to 1 or divisible by 16, a pointer 16-byte aligned). What changes from step to s
 metadata pointers, which an engine may pass as views at any offset of one buffer, are left out
 of the alignment key; the cache and q/out strides stay specialized, as divisibility by 16 is what
 gives 16-byte loads. What is left per model is four variants, (DECODE_ONLY, SPLIT_KV) in
-{0, 1}^2, and the merge kernel; `warm_up` compiles them all.
+{0, 1}^2, and the merge kernel; `warm_up` compiles them all. A speculative verification adds
+its small query tile (BLOCK_M 16 or 32, see `_block_m`), compiled when its CUDA graphs are
+captured.
 """
 
 from __future__ import annotations
@@ -497,28 +499,53 @@ def _sm_count(device: torch.device) -> int:
 
 
 def choose_num_splits(num_programs: int, num_sms: int, max_seq_len: int | None,
-                      block_n: int, max_splits: int = MAX_SPLITS) -> int:
+                      min_slice: int, max_splits: int = MAX_SPLITS) -> int:
     """How many slices to cut each context into, from the grid size alone.
 
     A program streams its whole context through one SM. When `num_programs` (query tiles x KV
     heads) cannot fill the GPU, the other SMs idle: splitting the context into `s` slices gives
     `s` times more programs at the cost of a small merge pass. We aim for about two programs per
-    SM and never cut a context into slices shorter than a few key tiles.
+    SM and never cut a context into slices shorter than `min_slice` keys.
     """
     target = 2 * num_sms
     if num_programs >= target:
         return 1
     splits = min(triton.cdiv(target, num_programs), max_splits)
     if max_seq_len is not None:
-        splits = min(splits, max(1, max_seq_len // (4 * block_n)))
+        splits = min(splits, max(1, max_seq_len // min_slice))
     return max(1, splits)
 
 
-def _block_m(decode_only: bool, group: int, head_dim: int) -> int:
+def _min_slice(few_queries: bool, block_n: int) -> int:
+    """The shortest slice of a context worth a program of its own: one K/V tile (`block_n`, the
+    split launch's) when a query tile holds all of a sequence's queries (a decode, a
+    verification), whose partials are few; otherwise 256 keys, where every query row of a
+    prefill chunk adds partials to merge.
+
+    Batch 1 over 1,024 keys (qwen3-0.6b heads, H100, results/attn_splits_decode_b1_1k_h100.json
+    and attn_verify_q5_b1_1k_h100.json): decode in 8 slices of one 128-key tile took 0.75x the
+    time of 4 slices of two; a verification of 5 queries in a 16-row tile, 0.53x in 8 slices and
+    0.45x in 16 slices of one 64-key tile, against the 128-row tile in 4 slices.
+    """
+    return block_n if few_queries else 256
+
+
+def _few_queries(decode_only: bool, max_query_len: int | None, group: int) -> bool:
+    """Whether one small query tile (at most 32 rows) holds every query of a sequence: each
+    sequence's queries times its GQA group, a decode's one or a verification's 1 + k."""
+    return decode_only or (max_query_len is not None and max_query_len * group <= 32)
+
+
+def _block_m(decode_only: bool, group: int, head_dim: int, max_query_len: int | None = None) -> int:
     """Rows of a query tile: 16 in decode (the smallest M tl.dot accepts; they hold the GQA
-    group), 128 in prefill (64 for head_dim > 128 to stay in registers)."""
+    group), as few as hold all of a sequence's queries when that is at most 32 rows (a
+    verification of 1 + k tokens: 5 queries of a group of 2 in 16 rows took 0.74x the time of
+    a 128-row tile, H100, results/attn_verify_q5_b1_1k_h100.json), else 128 in prefill (64 for
+    head_dim > 128 to stay in registers)."""
     if decode_only:
         return max(16, triton.next_power_of_2(group))
+    if _few_queries(decode_only, max_query_len, group):
+        return max(16, triton.next_power_of_2(max_query_len * group))
     return max(128 if head_dim <= 128 else 64, triton.next_power_of_2(group))
 
 
@@ -607,7 +634,8 @@ def _offset_switches(cfg: dict, numel: int) -> tuple[bool, bool]:
 
 
 def paged_attention(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, causal,
-                    out, max_seq_len=None, num_splits=None, config=None, k_scale=None, v_scale=None):
+                    out, max_seq_len=None, num_splits=None, config=None, k_scale=None, v_scale=None,
+                    max_query_len=None):
     """Same contract as `minivllm.kernels.paged_attention` (inputs already validated).
 
     `config` overrides the launch configuration (BLOCK_M, BLOCK_N, num_warps, num_stages) and
@@ -626,12 +654,15 @@ def paged_attention(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_
     unknown = sorted(set(config) - set(CONFIG_KEYS))
     if unknown:
         raise ValueError(f"config: unknown keys {unknown}; known: {CONFIG_KEYS}")
-    block_m = config.pop("BLOCK_M", None) or _block_m(decode_only, group, head_dim)
+    block_m = config.pop("BLOCK_M", None) or _block_m(decode_only, group, head_dim, max_query_len)
     block_q = 1 if decode_only else max(1, block_m // group)
     num_tiles = num_seqs if decode_only else num_tokens // block_q + num_seqs
     if num_splits is None:
+        split_tile = _launch_config(decode_only, block_m, head_dim, query.dtype, query.device,
+                                    split_kv=True, kv_dtype=k_cache.dtype)["BLOCK_N"]
+        min_slice = _min_slice(_few_queries(decode_only, max_query_len, group), split_tile)
         num_splits = choose_num_splits(num_tiles * num_kv_heads, _sm_count(query.device),
-                                       max_seq_len, block_n=64)
+                                       max_seq_len, min_slice)
     cfg = _launch_config(decode_only, block_m, head_dim, query.dtype, query.device,
                          split_kv=num_splits > 1, kv_dtype=k_cache.dtype)
     cfg.update(config)

@@ -132,7 +132,8 @@ def check_write_kv_cache(key, value, k_cache, v_cache, slot_mapping, k_scale, v_
 # --------------------------------------------------------------------------------------------
 def check_paged_attention(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale,
                           out, max_seq_len, num_splits, k_scale, v_scale,
-                          check_inputs: bool, plan=None, causal: bool = True) -> float:
+                          check_inputs: bool, plan=None, causal: bool = True,
+                          max_query_len: int | None = None) -> float:
     """All checks of `paged_attention`; returns the softmax scale (default 1/sqrt(head_dim)).
 
     With a plan, the metadata's values were checked when it was made (`check_plan_inputs`):
@@ -160,8 +161,9 @@ def check_paged_attention(query, k_cache, v_cache, block_tables, seq_lens, cu_se
         scale = 1.0 / math.sqrt(head_dim)
     elif not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive finite number, got {scale!r}")
-    if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 1):
-        raise ValueError(f"max_seq_len must be a positive Python int or None, got {max_seq_len!r}")
+    for name, bound in (("max_seq_len", max_seq_len), ("max_query_len", max_query_len)):
+        if bound is not None and (not isinstance(bound, int) or bound < 1):
+            raise ValueError(f"{name} must be a positive Python int or None, got {bound!r}")
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
     if out is not None:
@@ -170,7 +172,7 @@ def check_paged_attention(query, k_cache, v_cache, block_tables, seq_lens, cu_se
         check_plan(plan, query, k_cache, block_tables, seq_lens, cu_seqlens_q, causal)
     elif batch > 0 and (query.device.type == "cpu" or check_inputs):
         check_attention_values(query.shape[0], k_cache, block_tables, seq_lens, cu_seqlens_q,
-                               max_seq_len)
+                               max_seq_len, max_query_len)
     return scale
 
 
@@ -238,6 +240,7 @@ def check_attention_values(
     seq_lens: torch.Tensor,
     cu_seqlens_q: torch.Tensor,
     max_seq_len: int | None,
+    max_query_len: int | None = None,
 ) -> None:
     """Checks on the *values* of the metadata tensors (each needs them on the host).
     num_tokens: the query's, which cu_seqlens_q must end at (None: not known yet)."""
@@ -271,6 +274,9 @@ def check_attention_values(
         )
     if max_seq_len is not None and int(lens.max()) > max_seq_len:
         raise ValueError(f"max_seq_len={max_seq_len} is below the longest seq_len {int(lens.max())}")
+    if max_query_len is not None and int(q_lens.max()) > max_query_len:
+        raise ValueError(f"max_query_len={max_query_len} is below the most queries of a sequence, "
+                         f"{int(q_lens.max())}")
     # Only the block ids a sequence actually uses must be valid; the rest of a row is padding.
     blocks_used = (lens + block_size - 1) // block_size
     used = torch.arange(block_tables.shape[1])[None, :] < blocks_used[:, None]

@@ -35,7 +35,8 @@ class AttentionMetadata:
     slot_mapping [T]: cache slot of each new token (negative = padding, not written).
     block_tables [B, max_blocks] int32, seq_lens [B] int32 (context incl. new tokens),
     cu_seqlens_q [B+1] int32 (where each sequence's new tokens start in the packed batch).
-    max_seq_len: a host-side bound on seq_lens (lets the GPU kernel plan without a sync).
+    max_seq_len: a host-side bound on seq_lens (lets the GPU kernel plan without a sync);
+    max_query_len: one on each sequence's new tokens (a verification's 1 + k: a small query tile).
     backend: which kernel backend to use ("auto", "torch", "sdpa", "triton", "cuda").
     plan: what the backend works out from this metadata once for all layers
     (`kernels.plan_attention`; None for the backends that need none).
@@ -46,6 +47,7 @@ class AttentionMetadata:
     seq_lens: torch.Tensor
     cu_seqlens_q: torch.Tensor
     max_seq_len: int | None = None
+    max_query_len: int | None = None
     backend: str = "auto"
     plan: object | None = None
 
@@ -118,6 +120,6 @@ class PagedAttention(nn.Module):
         out = paged_attention(
             q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens, meta.cu_seqlens_q,
             scale=self.scale, backend=meta.backend, max_seq_len=meta.max_seq_len,
-            k_scale=self.k_scale, v_scale=self.v_scale, plan=meta.plan,
+            max_query_len=meta.max_query_len, k_scale=self.k_scale, v_scale=self.v_scale, plan=meta.plan,
         )
         return out.view(num_tokens, self.num_heads * self.head_dim)

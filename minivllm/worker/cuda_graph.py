@@ -143,7 +143,8 @@ class DecodeGraphs:
     def _static_inputs(self, packed: PackedStep) -> InputBatch:
         """The inputs of a bucket: fixed views into the static buffers, sliced once per shape."""
         return InputBatch.view(self.buffers.device_tensor, self.layout, packed, self._bucket_tables[packed.num_seqs],
-                               self.backend, max_seq_len=self.max_seq_len, views=self._views)
+                               self.backend, max_seq_len=self.max_seq_len, views=self._views,
+                               max_query_len=self.query_len)
 
     def _pack(self, seqs, rows, tables, block_size, last_sampled_row, pad_to, pad_row) -> PackedStep:
         buf = self.buffers.host(self.layout.size)

@@ -105,6 +105,7 @@ class PackedStep:
     num_pending: int
     max_seq_len: int  # a host-side bound for the kernels, so they never read seq_lens back
     num_device_drafts: int  # draft tokens the runner fills in (draft_dst)
+    max_query_len: int = 1  # the most rows of one sequence (its query tile's size, for the kernel)
     # Where one run of consecutive rows starts, when a field is one (the runner then slices
     # instead of gathering, an op or two fewer a step; None: not a run): (pending_dst[0],
     # pending_src[0]) when both are runs (a decode batch that kept its order); logits_indices[0];
@@ -215,7 +216,8 @@ def pack_step(buf: np.ndarray, layout: StepLayout, seqs: SequenceType[ScheduledS
     return PackedStep(num_tokens=num_tokens, num_seqs=num_seqs, num_sampled=num_sampled,
                       num_pending=num_pending, max_seq_len=int(seq_lens.max()) if num_seqs else 0,
                       num_device_drafts=len(draft_dst), pending_run=_pending_run(pending_dst, src),
-                      logits_start=_run_start(logits_rows), rows_start=_run_start(table_rows))
+                      logits_start=_run_start(logits_rows), rows_start=_run_start(table_rows),
+                      max_query_len=int(q_lens.max()) if num_seqs else 1)
 
 
 def _pending_run(dst: np.ndarray, src: list[int]) -> tuple[int, int] | None:
@@ -309,12 +311,14 @@ class InputBatch:
     @classmethod
     def view(cls, buf: torch.Tensor, layout: StepLayout, packed: PackedStep,
              block_tables: torch.Tensor | None = None, backend: str = "auto",
-             max_seq_len: int | None = None, views: FieldViews | None = None) -> InputBatch:
+             max_seq_len: int | None = None, views: FieldViews | None = None,
+             max_query_len: int | None = None) -> InputBatch:
         """Views of each field of a packed step inside `buf` (the device buffer): no copies.
 
         block_tables: the step's [B, W] tables, gathered from the persistent ones by `rows`
         (the runner sets them after the gather when None). max_seq_len defaults to the step's
-        own longest context; CUDA graphs pass a fixed bound. views: `buf`'s cache of field
+        own longest context, max_query_len its most rows of a sequence; CUDA graphs pass fixed
+        bounds (max_model_len, their query_len). views: `buf`'s cache of field
         views, to slice them once per step shape instead of every step.
         """
         fields = field_views(buf, layout, packed) if views is None else views.get(buf, layout, packed)
@@ -324,6 +328,7 @@ class InputBatch:
             seq_lens=fields["seq_lens"],
             cu_seqlens_q=fields["cu_seqlens_q"],
             max_seq_len=max_seq_len or packed.max_seq_len or None,
+            max_query_len=max_query_len or packed.max_query_len,
             backend=backend,
         )
         return cls(input_ids=fields["input_ids"], positions=fields["positions"], attn_metadata=meta,

@@ -99,6 +99,38 @@ def test_long_context_default_heuristic():
     _check(p, torch.float32, max_seq_len=1500)
 
 
+@pytest.mark.parametrize("gqa,max_query_len", [((8, 4), 5), ((12, 4), 5), ((8, 2), 8)])
+def test_verification_with_a_small_query_tile(gqa, max_query_len):
+    """A verification step (1 + k queries per sequence, some with fewer) told its bound takes a
+    query tile of at most 32 rows and shorter context slices; it agrees with the reference, for
+    groups of 2, 3 (rows not a power of two) and 4."""
+    from minivllm.kernels.triton_attention import _block_m
+
+    group = gqa[0] // gqa[1]
+    assert _block_m(False, group, 64, max_query_len) == max(16, 1 << (max_query_len * group - 1).bit_length())
+    g = torch.Generator().manual_seed(max_query_len * group)
+    query_lens = [max_query_len, 2, max_query_len]
+    p = make_problem(query_lens, [40, 130, max_query_len], *gqa, 64, 16, torch.float32, DEVICE, generator=g)
+    _check(p, torch.float32, max_query_len=max_query_len, max_seq_len=130)
+
+
+def test_split_and_tile_rules():
+    """Decode and verification (every query of a sequence in one small tile) cut a context into
+    slices as short as one K/V tile; a prefill chunk keeps slices of 256 keys, and a tile of 128
+    query rows."""
+    from minivllm.kernels.triton_attention import _block_m, _few_queries, _min_slice, choose_num_splits
+
+    assert _few_queries(True, None, 8) and _few_queries(False, 5, 4) and not _few_queries(False, 9, 4)
+    assert not _few_queries(False, None, 2)  # no bound given: a prefill's tile
+    assert _block_m(False, 2, 128, None) == 128 and _block_m(False, 4, 128, 9) == 128
+    assert _block_m(False, 2, 128, 5) == 16 and _block_m(False, 4, 128, 5) == 32
+    assert _min_slice(True, 128) == 128 and _min_slice(False, 64) == 256
+    assert choose_num_splits(8, 132, 1024, _min_slice(True, 128)) == 8  # batch-1 decode over 1k keys
+    assert choose_num_splits(8, 132, 1024, _min_slice(True, 64)) == 16  # a batch-1 verification
+    assert choose_num_splits(8, 132, 1024, _min_slice(False, 64)) == 4  # a prefill chunk
+    assert choose_num_splits(8, 132, 40960, _min_slice(True, 128)) == 33  # two programs an SM
+
+
 @pytest.mark.parametrize("causal", [False])
 def test_non_causal_matches_reference(causal):
     g = torch.Generator().manual_seed(11)

@@ -54,6 +54,8 @@ def test_valid_problem_runs(problem):
      "block ids"),
     ("scale", lambda p: dict(scale=-1.0), ValueError, "scale"),
     ("max_seq_len", lambda p: dict(max_seq_len=5), ValueError, "max_seq_len"),
+    ("max_query_len", lambda p: dict(max_query_len=0), ValueError, "max_query_len must be a positive"),
+    ("max_query_len bound", lambda p: dict(max_query_len=2), ValueError, "max_query_len=2 is below"),
     ("num_splits", lambda p: dict(num_splits=0), ValueError, "num_splits"),
     ("out shape", lambda p: dict(out=torch.empty(3, 8, 16)), ValueError, "out must match"),
     ("backend", lambda p: dict(backend="tpu"), ValueError, "backend must be one of"),
