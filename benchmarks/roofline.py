@@ -202,14 +202,10 @@ def count_kernels(events, steps: int, device: torch.device) -> dict:
 
 def _outermost_op(event) -> bool:
     """An aten:: op called by no other aten:: op (one eager op, whatever it calls inside)."""
-    if not event.name.startswith("aten::"):
-        return False
     parent = event.cpu_parent
-    while parent is not None:
-        if parent.name.startswith("aten::"):
-            return False
+    while parent is not None and not parent.name.startswith("aten::"):
         parent = parent.cpu_parent
-    return True
+    return event.name.startswith("aten::") and parent is None
 
 
 def write_profile_tables(averages, path: Path, steps: int, device: torch.device) -> None:
@@ -343,8 +339,7 @@ def measure(model_dir: Path, dtype: str, args, device: torch.device, record: dic
 
 COLUMNS = [
     ("variant", "variant", ""), ("batch", "batch_size", "d"),
-    ("step ms", lambda r: 1e3 * r["step_time_s"], ".3f"),
-    ("roofline ms", lambda r: 1e3 * r["roofline_time_s"], ".3f"),
+    ("step ms", lambda r: 1e3 * r["step_time_s"], ".3f"), ("roofline ms", lambda r: 1e3 * r["roofline_time_s"], ".3f"),
     ("step/roofline", "step_over_roofline", ".2f"),
     ("vs first", lambda r: next((v for k, v in r.items() if k.startswith("step_time_s_vs_")), None), ".3f"),
     ("tok/s", "decode_tokens_per_s", ",.0f"), ("replayed", "graph_fraction", ".0%"),
@@ -354,8 +349,6 @@ COLUMNS = [
     ("sched ms", lambda r: 1e3 * r["schedule_time_s"], ".3f"), ("prep ms", lambda r: 1e3 * r["prepare_time_s"], ".3f"),
     ("upd ms", lambda r: 1e3 * r["update_time_s"], ".3f"),
 ]
-
-
 ALL_REDUCE_COLUMNS = [
     ("all-reduce", "method", ""), ("batch", "batch_size", "d"), ("bytes", "bytes", ",d"),
     ("eager us", lambda r: 1e6 * r["eager_s"], ".1f"), ("graphed us", lambda r: 1e6 * r["graphed_s"], ".1f"),

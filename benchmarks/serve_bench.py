@@ -52,9 +52,6 @@ the same CPU per token.
 
     python benchmarks/serve_bench.py --fountain-step-ms 8 --api-server-count 1,2,4 --num-requests 256 \
         --input-len 4 --output-len 512 --rates inf                         # frontends, 256 x 512 tokens
-
-CPU runs (a tiny model, a few requests) are no GPU claim; of the fountain, the CPU per token is the
-steadier figure.
 """
 
 from __future__ import annotations

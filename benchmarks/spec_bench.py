@@ -8,10 +8,9 @@ Two parts (docs/speculative_decoding.md):
   with n-gram speculation always on and with it off (two engines, one after the other), their
   ratio, the acceptance (mean acceptance length, rate per draft position) and the share of
   identical outputs (float32 gives 1.0, the tests check it; in bf16 a verification's other
-  shapes may round a near tie the other way). `disable_by_batch_size_measured` in the JSON is the
-  largest batch up to which speculation paid: the value `DISABLE_BY_BATCH_SIZE` in
-  minivllm/config.py should take. At the largest batch the engine's default threshold is timed
-  too (above it speculation turns itself off), the row `default_threshold`.
+  shapes may round a near tie the other way). `disable_by_batch_size_measured` in the JSON, the
+  largest batch up to which speculation paid, is what `DISABLE_BY_BATCH_SIZE` (minivllm/config.py)
+  should be. At the largest batch the engine's default threshold is timed too: `default_threshold`.
 * `--part step` (random weights of a named shape, `--model-config`): the model runner's step,
   launched and waited for, at batch 1 (and --batch-sizes), one engine holding the target and a
   2-layer draft of the same shape and vocabulary: the plain decode step (the target alone, as an
@@ -19,13 +18,11 @@ Two parts (docs/speculative_decoding.md):
   draft-model step (the draft proposes k drafts, the target verifies them, the draft mirrors the
   forward). Same sequence, same context, same slots; only the step differs.
 
-    python benchmarks/spec_bench.py --part e2e --model DIR                  # tok/s, acceptance
-    python benchmarks/spec_bench.py --part e2e --model DIR --batch-sizes 1,64
+    python benchmarks/spec_bench.py --part e2e --model DIR --batch-sizes 1,64   # tok/s, acceptance
     python benchmarks/spec_bench.py --part step --model-config llama-3.1-8b --model-cache /tmp/models
 
 The model, the JSON record, the table and `--variants` (each variant a child process running
 the whole part, e.g. `"k4:,k2:speculative_config={...}"` for e2e) are benchmarks/common.py's.
-CPU runs are no GPU claim.
 """
 
 from __future__ import annotations

@@ -13,9 +13,8 @@ all N), every backend runs the first C requests, all at once:
 * `hf_generate_batch`  transformers continuous batching (its paged cache, the manager API); a run
                        cut by --hf-time-limit reports a lower bound and no ratio.
 
-Each HF backend runs once per --hf-attn implementation: `sdpa`, and `minivllm`, minivllm's kernel
-inside transformers (`minivllm/integrations/hf.py`); the second's greedy tokens are compared with
-the first's (`agreement_with_first_attn`).
+Each HF backend runs once per --hf-attn implementation: `sdpa`, and `minivllm` (minivllm's kernel
+inside transformers, integrations/hf.py), whose greedy tokens are compared with sdpa's.
 
 Per row: output and total tokens/s over the wall time, peak GPU memory; for minivllm TTFT/TPOT
 percentiles, the wall time per kind of step, the Triton compilations during the timed run (must be
@@ -35,8 +34,7 @@ minivllm over each HF row of the same concurrency, and each variant over the fir
     python benchmarks/throughput.py --model DIR --device cpu --backends minivllm,hf_generate \\
         --concurrency 1,8 --input-len 32 --output-len 64           # CPU: minivllm vs HF generate
 
-Variants (`benchmarks/common.py`) run side by side, each in a process of its own. CPU runs are no
-GPU claim.
+Variants (`benchmarks/common.py`) run side by side, each in a process of its own.
 
 Structured output is a variant: `sampling.structured_outputs` takes the fields of
 `StructuredOutputsParams` as JSON, and such a request keeps its EOS (the grammar ends it). A JSON
