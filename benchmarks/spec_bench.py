@@ -142,7 +142,7 @@ def e2e(model_dir: Path, dtype: str, args, device: torch.device, record: dict, o
     measured = {}
     for mode, speculative_config, batch_sizes in modes:
         llm = LLM(str(model_dir), speculative_config=speculative_config, **engine)
-        run_batches(llm, [1], 16, 1, variant.sampling)  # warm-up
+        run_batches(llm, [1], 16, args.rounds, variant.sampling)  # warm-up: batch 1's prompts, 16 tokens each
         measured[mode] = {r["batch_size"]: r for r in run_batches(llm, batch_sizes, args.max_tokens, args.rounds,
                                                                    variant.sampling)}
         llm.close()
