@@ -40,11 +40,8 @@ the same tokens on every rank, so `last_sampled` is the same everywhere too.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
 
-import numpy as np
 import torch
 
 from minivllm.config import EngineConfig
@@ -63,6 +60,7 @@ from minivllm.worker.draft_model import DraftModel
 from minivllm.worker.input_batch import FieldViews, InputBatch
 from minivllm.worker.kv_cache import allocate_kv_cache, kv_bytes_per_block, num_kv_blocks
 from minivllm.worker.step_buffers import StepBuffers
+from minivllm.worker.verification import verification
 
 
 @dataclass
@@ -73,25 +71,6 @@ class LogprobsLayout:
 
     sampled: list[tuple[int, int]]
     prompt: list[tuple[int, list[int], int]]
-
-
-class Verification(NamedTuple):
-    """A verification step's rows, as the rejection sampler takes them.
-
-    The n sample rows that verify drafts (`verifying`, their indices in the step's sample rows)
-    have their target logits [n, 1 + k, V], their draft ids [n, k] and their drafts each [n]
-    (None: k each). The others (`plain`) are sampled as usual; on the device, `where` and
-    `plain_where` say where both kinds go among the step's sample rows, `plain_rows` which rows
-    of logits the plain ones read (all three None when every row verifies)."""
-
-    target_logits: torch.Tensor
-    draft_ids: torch.Tensor
-    num_drafts: torch.Tensor | None
-    verifying: Sequence[int]
-    plain: Sequence[int] = ()
-    where: torch.Tensor | None = None
-    plain_where: torch.Tensor | None = None
-    plain_rows: torch.Tensor | None = None
 
 
 class SampledTokens:
@@ -143,47 +122,6 @@ class SampledTokens:
             out.prompt[seq_id] = records[r:r + len(targets)]
             r += len(targets)
         return out
-
-
-def verification(seqs, logits: torch.Tensor, input_ids: torch.Tensor, k: int, query_len: int | None) -> Verification:
-    """The rows a verification step verifies (see `Verification`): its sequences `seqs`, its
-    `logits`, its `input_ids` and query_len as `ModelRunner._verify` has them.
-
-    A verifying sample row owns 1 + d consecutive rows of `logits`, and its d drafts are the
-    last d of its sequence's input rows. In the usual n-gram step every sequence has one token
-    then k drafts, in 1 + k input rows and as many rows of logits: both are [n, 1 + k] as they
-    stand, and nothing is gathered. Any other shape is (`gathered_verification`)."""
-    if all(s.num_draft_tokens == k and s.num_new_tokens == k + 1 and s.num_samples == 1 for s in seqs):
-        n = len(seqs)
-        return Verification(logits.view(n, k + 1, -1), input_ids[:n * (k + 1)].view(n, k + 1)[:, 1:], None, range(n))
-    return gathered_verification(seqs, logits, input_ids, k, query_len)
-
-
-def gathered_verification(seqs, logits: torch.Tensor, input_ids: torch.Tensor, k: int,
-                          query_len: int | None) -> Verification:
-    """`verification` of a step of any shape, gathered by indices made on the host and sent at
-    once; a row with d < k drafts repeats its last row and its last draft up to k."""
-    plain, verifying = [], []  # by kind: (sample row, first logits row, drafts, first draft's input row)
-    logits_row = input_row = 0
-    for s in seqs:
-        kind = verifying if s.num_draft_tokens else plain
-        for sample in range(s.num_samples):  # a sequence that verifies drafts samples once
-            kind.append((len(plain) + len(verifying), logits_row + sample, s.num_draft_tokens,
-                         input_row + s.num_new_tokens - s.num_draft_tokens))
-        logits_row += s.num_logits_rows
-        input_row += query_len or s.num_new_tokens
-    first, drafts, draft_start = (np.array([v[c] for v in verifying], dtype=np.int64) for c in (1, 2, 3))
-    steps = np.arange(k + 1)
-    index = np.concatenate([
-        (first[:, None] + np.minimum(steps, drafts[:, None])).ravel(),  # [n, 1 + k]
-        (draft_start[:, None] + np.minimum(steps[:k], drafts[:, None] - 1)).ravel(),  # [n, k]: input rows
-        drafts, *(np.array(column, dtype=np.int64) for column in (
-            [i for i, *_ in verifying], [i for i, *_ in plain], [f for _, f, *_ in plain]))])
-    index = torch.from_numpy(index).to(logits.device, non_blocking=True)
-    n, m = len(verifying), len(plain)
-    target_rows, draft_rows, d, where, plain_where, plain_rows = index.split([n * (k + 1), n * k, n, n, m, m])
-    return Verification(logits[target_rows].view(n, k + 1, -1), input_ids[draft_rows].view(n, k), d,
-                        [i for i, *_ in verifying], [i for i, *_ in plain], where, plain_where, plain_rows)
 
 
 def _logits_rows(hidden: torch.Tensor, batch: InputBatch) -> torch.Tensor:

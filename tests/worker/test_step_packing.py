@@ -413,7 +413,7 @@ def test_a_verification_of_k_drafts_each_is_the_gathered_one_as_views(n, k, pend
     drafts as views, and they equal what the general path gathers by indices; with the k as
     `num_drafts`, greedy verification accepts the same tokens."""
     from minivllm.layers.rejection_sampler import greedy_verify
-    from minivllm.worker.model_runner import gathered_verification, verification
+    from minivllm.worker.verification import gathered_verification, verification
 
     rng = np.random.default_rng(n * 10 + k)
     known = [[] if pending[i] else [int(rng.integers(1, 99))] for i in range(n)]
