@@ -96,13 +96,14 @@ def greedy_verify(target_ids: torch.Tensor, draft_ids: torch.Tensor,
     return torch.where(position <= num_accepted[:, None], target_ids, NO_TOKEN)
 
 
-def rejection_sample(target_logits: torch.Tensor, draft_ids: torch.Tensor, num_drafts: torch.Tensor,
+def rejection_sample(target_logits: torch.Tensor, draft_ids: torch.Tensor, num_drafts: torch.Tensor | None,
                      batch: SamplingBatch, draft_probs: torch.Tensor | None = None) -> torch.Tensor:
     """Verify S rows of drafts; returns [S, K + 1] tokens: the accepted drafts, then one token
     drawn by the rule above, then NO_TOKEN.
 
     target_logits [S, K + 1, V]: the model's logits after the last token and after each draft
-    (rows past a row's num_drafts + 1 are ignored); draft_ids [S, K] int64; num_drafts [S];
+    (rows past a row's num_drafts + 1 are ignored); draft_ids [S, K] int64; num_drafts [S] (None:
+    every row has K);
     batch: the S rows' sampling settings and generators; draft_probs [S, K, V]: the proposer's
     q, or None for a point mass on each draft (n-gram).
     """
@@ -118,7 +119,7 @@ def rejection_sample(target_logits: torch.Tensor, draft_ids: torch.Tensor, num_d
     num_accepted = _num_accepted(u * q_draft < p_draft, num_drafts)  # u < p / q, q > 0
     # Where the row stops: its first rejection, or one past its last draft (then q counts as 0).
     p_stop = probs[rows, num_accepted]
-    rejected = num_accepted < num_drafts
+    rejected = num_accepted < (draft_ids.shape[1] if num_drafts is None else num_drafts)
     if draft_probs is None:
         stop_draft = draft_ids.gather(1, num_accepted.clamp(max=positions - 2)[:, None])
         q_stop = torch.zeros_like(p_stop).scatter_(-1, stop_draft, rejected[:, None].float())

@@ -437,8 +437,7 @@ class ModelRunner:
             verified = greedy_verify(v.target_logits.argmax(dim=-1), v.draft_ids, v.num_drafts)
         else:
             drafted = self._draft_settings  # the draft model's sampling of these rows, or None
-            num_drafts = torch.full((len(settings),), k, device=self.device) if v.num_drafts is None else v.num_drafts
-            verified = rejection_sample(v.target_logits, v.draft_ids.long(), num_drafts,
+            verified = rejection_sample(v.target_logits, v.draft_ids.long(), v.num_drafts,
                                         drafted if drafted is not None else self.sampler.batch(settings),
                                         self._draft_probs)
         self._draft_probs = self._draft_settings = None

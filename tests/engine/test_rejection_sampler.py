@@ -139,3 +139,15 @@ def test_seeded_rows_draw_the_same_tokens_twice(target_logits):
     first = run()
     torch.manual_seed(99)  # the global RNG does not matter to seeded rows
     assert torch.equal(first, run())
+
+
+def test_no_draft_counts_means_k_drafts_each(target_logits):
+    """num_drafts=None (every row verifies K drafts: the runner's usual n-gram step) draws the
+    same tokens as the counts spelled out, seed for seed."""
+    batch = batch_of(64, temperature=1.0)
+    logits = target_logits.expand(64, K + 1, V)
+    drafts = torch.tensor([[2, 5]]).expand(64, K)
+    torch.manual_seed(3)
+    spelled_out = rejection_sample(logits, drafts, torch.full((64,), K), batch)
+    torch.manual_seed(3)
+    assert torch.equal(rejection_sample(logits, drafts, None, batch), spelled_out)
