@@ -36,7 +36,8 @@ SEED_LIMIT = 2**64
 SPECULATIVE_METHODS = ("ngram", "draft")
 # Above this many running sequences a step does not speculate (SpeculativeConfig): the largest
 # batch up to which n-gram speculation paid, measured by `benchmarks/spec_bench.py --part e2e` on
-# the real model (H100: 1.07x at 32, 0.89x at 64; benchmarks/RESULTS.md).
+# the real model (H100, k = 4 on an earlier commit: 1.07x at 32, 0.89x at 64;
+# benchmarks/results/spec_e2e_smollm2-135m-instruct_h100.json). Not yet measured again since.
 DISABLE_BY_BATCH_SIZE = 32
 
 
