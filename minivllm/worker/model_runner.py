@@ -124,7 +124,7 @@ class SampledTokens:
         return out
 
 
-def _logits_rows(hidden: torch.Tensor, batch: InputBatch) -> torch.Tensor:
+def _hidden_for_logits(hidden: torch.Tensor, batch: InputBatch) -> torch.Tensor:
     """The hidden states of the rows that take logits: a slice when they are one run of rows (a
     decode step, a verification at batch 1), else a gather."""
     start = batch.logits_start
@@ -279,7 +279,7 @@ class ModelRunner:
         launch = time.perf_counter()
         hidden = self._forward(prepared, batch)
         # Logits at the sampled rows only (none when only partial prefill chunks ran).
-        logits = self.model.compute_logits(_logits_rows(hidden, batch)) if output.sample_rows else None
+        logits = self.model.compute_logits(_hidden_for_logits(hidden, batch)) if output.sample_rows else None
         launched = time.perf_counter()
         query_len = prepared.graphs.query_len if isinstance(prepared, GraphStep) else None
         timings.prepare, timings.forward = launch - start, launched - launch
