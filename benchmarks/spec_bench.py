@@ -31,6 +31,7 @@ import argparse
 import itertools
 import sys
 import time
+from statistics import median
 from pathlib import Path
 
 import torch
@@ -99,7 +100,7 @@ def run_batches(llm, batch_sizes: list[int], max_tokens: int, rounds_for_one: in
     params = SamplingParams(**{"temperature": 0.0, "max_tokens": max_tokens, **sampling})
     rows = []
     for batch in batch_sizes:
-        rounds = max(1, rounds_for_one // batch)
+        rounds = max(2 if batch > 1 else 1, rounds_for_one // batch)  # a round lasts as its longest request
         prompts = workload_prompts(llm.engine.tokenizer, batch * rounds)
         before = llm.engine.get_stats().get("speculative", {})
         start = time.perf_counter()
@@ -113,12 +114,8 @@ def run_batches(llm, batch_sizes: list[int], max_tokens: int, rounds_for_one: in
                "output_tokens_per_s": tokens / elapsed, "outputs": outputs}
         after = llm.engine.get_stats().get("speculative", {})
         if after:
-            drafts = after["num_draft_tokens"] - before["num_draft_tokens"]
-            accepted = after["num_accepted_tokens"] - before["num_accepted_tokens"]
-            verifications = after["num_verifications"] - before["num_verifications"]
-            row.update(num_draft_tokens=drafts, num_accepted_tokens=accepted, num_verifications=verifications,
-                       acceptance_rate=accepted / drafts if drafts else 0.0,
-                       mean_acceptance_length=1 + accepted / verifications if verifications else None,
+            row.update({key: after[key] - before[key]
+                        for key in ("num_draft_tokens", "num_accepted_tokens", "num_verifications")},
                        disable_by_batch_size=after["disable_by_batch_size"])
         rows.append(row)
     return rows
@@ -139,29 +136,40 @@ def e2e(model_dir: Path, dtype: str, args, device: torch.device, record: dict, o
     if max(sizes) > 1:
         modes.append(("default_threshold", {k: v for k, v in spec.items() if k != "disable_by_batch_size"},
                       [max(sizes)]))
-    measured = {}
-    for mode, speculative_config, batch_sizes in modes:
-        llm = LLM(str(model_dir), speculative_config=speculative_config, **engine)
-        run_batches(llm, [1], 16, args.rounds, variant.sampling)  # warm-up: batch 1's prompts, 16 tokens each
-        measured[mode] = {r["batch_size"]: r for r in run_batches(llm, batch_sizes, args.max_tokens, args.rounds,
-                                                                   variant.sampling)}
-        llm.close()
-        del llm
-        release_memory(device)
+    measured = {mode: [] for mode, _, _ in modes}
+    for _ in range(args.repeats):  # the modes take turns, so a drift of the machine hits them alike
+        for mode, speculative_config, batch_sizes in modes:
+            llm = LLM(str(model_dir), speculative_config=speculative_config, **engine)
+            run_batches(llm, [1], 16, args.rounds, variant.sampling)  # warm-up: batch 1's prompts, 16 tokens each
+            measured[mode].append({r["batch_size"]: r for r in run_batches(llm, batch_sizes, args.max_tokens,
+                                                                            args.rounds, variant.sampling)})
+            llm.close()
+            del llm
+            release_memory(device)
     for mode, _, batch_sizes in modes[1:]:
         for batch in batch_sizes:
-            row = e2e_row(mode, measured["off"][batch], measured[mode][batch], args)
+            row = e2e_row(mode, [m[batch] for m in measured["off"]], [m[batch] for m in measured[mode]], args)
             add_row(record, out, {"variant": variant.name, **row})
 
 
-def e2e_row(mode: str, off: dict, on: dict, args) -> dict:
-    """One batch size, speculation on against off."""
-    same = agreement(on["outputs"], off["outputs"])
+def e2e_row(mode: str, offs: list[dict], ons: list[dict], args) -> dict:
+    """One batch size, speculation on against off: the median of the repeats' ratios (each on
+    run over the off run of its own turn), the acceptance over all of them."""
+    speedups = sorted(on["output_tokens_per_s"] / off["output_tokens_per_s"] for on, off in zip(ons, offs))
+    same = agreement(ons[0]["outputs"], offs[0]["outputs"])
+    counts = {key: sum(on.get(key, 0) for on in ons)
+              for key in ("num_draft_tokens", "num_accepted_tokens", "num_verifications")}
     return {"part": "e2e", "mode": mode, "model": str(args.model_label),
-            "num_speculative_tokens": args.num_speculative_tokens,
-            **{k: v for k, v in on.items() if k != "outputs"},
-            "off_output_tokens": off["output_tokens"], "off_output_tokens_per_s": off["output_tokens_per_s"],
-            "speedup": on["output_tokens_per_s"] / off["output_tokens_per_s"],
+            "num_speculative_tokens": args.num_speculative_tokens, "batch_size": ons[0]["batch_size"],
+            "num_requests": ons[0]["num_requests"], "disable_by_batch_size": ons[0].get("disable_by_batch_size"),
+            "output_tokens": sum(on["output_tokens"] for on in ons),
+            "off_output_tokens": sum(off["output_tokens"] for off in offs),
+            **counts, "acceptance_rate": counts["num_accepted_tokens"] / max(counts["num_draft_tokens"], 1),
+            "mean_acceptance_length": (1 + counts["num_accepted_tokens"] / counts["num_verifications"]
+                                       if counts["num_verifications"] else None),
+            "output_tokens_per_s": median([on["output_tokens_per_s"] for on in ons]),
+            "off_output_tokens_per_s": median([off["output_tokens_per_s"] for off in offs]),
+            "speedup": median(speedups), "speedups": speedups,
             "identical_outputs": same["exact"], "common_prefix": same["prefix"]}
 
 
@@ -271,14 +279,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=256, help="e2e: output tokens per request")
     p.add_argument("--max-model-len", type=int, default=1024, help="e2e")
     p.add_argument("--rounds", type=int, default=8, help="e2e: requests at batch 1 (fewer rounds at larger batches)")
+    p.add_argument("--repeats", type=int, default=3, help="e2e: runs of every mode, in turns (median ratio)")
     p.add_argument("--context", type=int, help="step: context per sequence (default 1024; CPU 40)")
     args = with_device_defaults(p, argv, gpu={"context": 1024}, cpu={"context": 40})
     args.batch_sizes = sorted(set(int_list(args.batch_sizes or ("1,2,4,8,16,32,64" if args.part == "e2e" else "1"),
                                            "--batch-sizes")))
     if args.part == "e2e" and args.model is None:
         p.error("--part e2e needs --model DIR (a real model: random weights make acceptance meaningless)")
-    if min(args.num_speculative_tokens, args.max_tokens, args.rounds, args.context) < 1:
-        p.error("-k, --max-tokens, --rounds and --context must be >= 1")
+    if min(args.num_speculative_tokens, args.max_tokens, args.rounds, args.repeats, args.context) < 1:
+        p.error("-k, --max-tokens, --rounds, --repeats and --context must be >= 1")
     return args
 
 
