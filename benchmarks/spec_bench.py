@@ -95,6 +95,9 @@ def workload_prompts(tokenizer, count: int) -> list:
 # ---------------------------------------------------------------------------------------------
 # e2e: output tokens/s with and without speculation
 # ---------------------------------------------------------------------------------------------
+COUNTS = ("num_draft_tokens", "num_accepted_tokens", "num_verifications")  # the engine's speculative stats
+
+
 def run_batches(llm, batch_sizes: list[int], max_tokens: int, rounds_for_one: int, sampling: dict) -> list[dict]:
     """Each batch size: rounds of `batch` requests submitted at once, greedy; tokens/s over all."""
     params = SamplingParams(**{"temperature": 0.0, "max_tokens": max_tokens, **sampling})
@@ -104,18 +107,15 @@ def run_batches(llm, batch_sizes: list[int], max_tokens: int, rounds_for_one: in
         prompts = workload_prompts(llm.engine.tokenizer, batch * rounds)
         before = llm.engine.get_stats().get("speculative", {})
         start = time.perf_counter()
-        outputs = []
-        for r in range(rounds):
-            outputs += [o.token_ids for o in llm.generate(prompts[r * batch:(r + 1) * batch], params,
-                                                          use_tqdm=False)]
+        outputs = [o.token_ids for r in range(rounds)
+                   for o in llm.generate(prompts[r * batch:(r + 1) * batch], params, use_tqdm=False)]
         elapsed = time.perf_counter() - start
         tokens = sum(len(o) for o in outputs)
         row = {"batch_size": batch, "num_requests": batch * rounds, "output_tokens": tokens,
                "output_tokens_per_s": tokens / elapsed, "outputs": outputs}
         after = llm.engine.get_stats().get("speculative", {})
         if after:
-            row.update({key: after[key] - before[key]
-                        for key in ("num_draft_tokens", "num_accepted_tokens", "num_verifications")},
+            row.update({key: after[key] - before[key] for key in COUNTS},
                        disable_by_batch_size=after["disable_by_batch_size"])
         rows.append(row)
     return rows
@@ -134,8 +134,7 @@ def e2e(model_dir: Path, dtype: str, args, device: torch.device, record: dict, o
         engine.setdefault("num_kv_blocks", 256)
     modes = [("off", None, sizes), ("always_on", {**spec, "disable_by_batch_size": None}, sizes)]
     if max(sizes) > 1:
-        modes.append(("default_threshold", {k: v for k, v in spec.items() if k != "disable_by_batch_size"},
-                      [max(sizes)]))
+        modes.append(("default_threshold", {k: v for k, v in spec.items() if k != "disable_by_batch_size"}, [max(sizes)]))
     measured = {mode: [] for mode, _, _ in modes}
     for _ in range(args.repeats):  # the modes take turns, so a drift of the machine hits them alike
         for mode, speculative_config, batch_sizes in modes:
@@ -148,8 +147,8 @@ def e2e(model_dir: Path, dtype: str, args, device: torch.device, record: dict, o
             release_memory(device)
     for mode, _, batch_sizes in modes[1:]:
         for batch in batch_sizes:
-            row = e2e_row(mode, [m[batch] for m in measured["off"]], [m[batch] for m in measured[mode]], args)
-            add_row(record, out, {"variant": variant.name, **row})
+            add_row(record, out, {"variant": variant.name, **e2e_row(
+                mode, [m[batch] for m in measured["off"]], [m[batch] for m in measured[mode]], args)})
 
 
 def e2e_row(mode: str, offs: list[dict], ons: list[dict], args) -> dict:
@@ -157,17 +156,14 @@ def e2e_row(mode: str, offs: list[dict], ons: list[dict], args) -> dict:
     run over the off run of its own turn), the acceptance over all of them."""
     speedups = sorted(on["output_tokens_per_s"] / off["output_tokens_per_s"] for on, off in zip(ons, offs))
     same = agreement(ons[0]["outputs"], offs[0]["outputs"])
-    counts = {key: sum(on.get(key, 0) for on in ons)
-              for key in ("num_draft_tokens", "num_accepted_tokens", "num_verifications")}
+    total = {key: sum(on.get(key, 0) for on in ons) for key in COUNTS + ("output_tokens",)}
+    drafts, accepted, verifications = (total[key] for key in COUNTS)
     return {"part": "e2e", "mode": mode, "model": str(args.model_label),
-            "num_speculative_tokens": args.num_speculative_tokens, "batch_size": ons[0]["batch_size"],
-            "num_requests": ons[0]["num_requests"], "disable_by_batch_size": ons[0].get("disable_by_batch_size"),
-            "output_tokens": sum(on["output_tokens"] for on in ons),
-            "off_output_tokens": sum(off["output_tokens"] for off in offs),
-            **counts, "acceptance_rate": counts["num_accepted_tokens"] / max(counts["num_draft_tokens"], 1),
-            "mean_acceptance_length": (1 + counts["num_accepted_tokens"] / counts["num_verifications"]
-                                       if counts["num_verifications"] else None),
+            "num_speculative_tokens": args.num_speculative_tokens, "acceptance_rate": accepted / max(drafts, 1),
+            **{key: ons[0].get(key) for key in ("batch_size", "num_requests", "disable_by_batch_size")}, **total,
+            "mean_acceptance_length": 1 + accepted / verifications if verifications else None,
             "output_tokens_per_s": median([on["output_tokens_per_s"] for on in ons]),
+            "off_output_tokens": sum(off["output_tokens"] for off in offs),
             "off_output_tokens_per_s": median([off["output_tokens_per_s"] for off in offs]),
             "speedup": median(speedups), "speedups": speedups,
             "identical_outputs": same["exact"], "common_prefix": same["prefix"]}
@@ -249,11 +245,6 @@ def step_part(model_dir: Path, dtype: str, args, device: torch.device, record: d
     release_memory(device)
 
 
-def measure(model_dir: Path, dtype: str, args, device: torch.device, record: dict, out: Path) -> None:
-    """The part --part names, for this process's variant."""
-    (e2e if args.part == "e2e" else step_part)(model_dir, dtype, args, device, record, out)
-
-
 E2E_COLUMNS = [
     ("variant", "variant", ""), ("mode", "mode", ""), ("batch", "batch_size", "d"),
     ("off tok/s", "off_output_tokens_per_s", ".1f"), ("on tok/s", "output_tokens_per_s", ".1f"),
@@ -262,9 +253,8 @@ E2E_COLUMNS = [
 ]
 STEP_COLUMNS = [
     ("variant", "variant", ""), ("model", "model", ""), ("batch", "batch_size", "d"),
-    ("decode ms", lambda r: 1e3 * r["decode_step_s"], ".3f"),
-    ("verify k ms", lambda r: 1e3 * r["verify_step_s"], ".3f"), ("verify/decode", "verify_over_decode", ".2f"),
-    ("draft step ms", lambda r: 1e3 * r["draft_step_s"], ".3f"),
+    ("decode ms", lambda r: 1e3 * r["decode_step_s"], ".3f"), ("verify k ms", lambda r: 1e3 * r["verify_step_s"], ".3f"),
+    ("verify/decode", "verify_over_decode", ".2f"), ("draft step ms", lambda r: 1e3 * r["draft_step_s"], ".3f"),
     ("draft/decode", "draft_step_over_decode", ".2f"), ("graphs", "cuda_graphs", ""),
 ]
 
@@ -292,7 +282,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
-    args, record, out = run_benchmark(lambda args: f"spec_{args.part}", __file__, argv, parse_args, measure)
+    args, record, out = run_benchmark(lambda args: f"spec_{args.part}", __file__, argv, parse_args,
+                                      lambda *a: (e2e if a[2].part == "e2e" else step_part)(*a))
     measured = [r for r in record["results"] if "error" not in r]
     if args.part == "step":
         finish(out, record, format_table(measured, STEP_COLUMNS))
