@@ -26,7 +26,7 @@ speculation off for large batches (`SpeculativeConfig.disable_by_batch_size`).
 
 from __future__ import annotations
 
-import numpy as np
+import bisect
 
 from minivllm.config import EngineConfig, SpeculativeConfig, read_config_json
 from minivllm.engine.sequence import Sequence
@@ -71,15 +71,19 @@ def check_draft_vocabulary(config: EngineConfig, tokenizer) -> None:
 
 
 class NgramProposer:
-    """Prompt lookup over each sequence's tokens, kept as a numpy array per sequence.
+    """Prompt lookup over each sequence's tokens, through an index of its n-grams kept up to date.
 
-    The array grows by the tokens appended since the last call, so a proposal costs a search,
-    not a conversion of the whole history; `release` forgets a finished sequence.
+    For each n in [min_n, max_n], the index maps every n-gram of a sequence's tokens to the
+    positions where it starts, in order. A proposal is then a dict lookup per n, not a scan of
+    the whole history; what a step adds is indexing the few tokens it appended (each ends one
+    n-gram per n). The index covers the n-grams that end before the last token: exactly the
+    earlier occurrences a proposal may follow. Its memory grows with the tokens, a dict entry or
+    a list slot per token and n; `release` forgets a finished sequence.
     """
 
     def __init__(self, min_n: int, max_n: int):
         self.min_n, self.max_n = min_n, max_n
-        self._tokens: dict[int, tuple[np.ndarray, int]] = {}  # seq id -> (buffer, length)
+        self._index: dict[int, _NgramIndex] = {}
 
     def propose(self, seq: Sequence, max_drafts: int) -> list[int]:
         """Up to `max_drafts` tokens that followed an earlier occurrence of the last n tokens,
@@ -89,31 +93,52 @@ class NgramProposer:
         predicts best), else the earliest (followed by the most): in a loop of period p, the
         latest occurrence is p tokens back and followed by only p tokens.
         """
-        tokens = self._history(seq)
-        for n in range(min(self.max_n, len(tokens) - 1), self.min_n - 1, -1):
-            pattern = tokens[-n:]
-            # Windows that end in the last token's value, before the last token itself: a cheap
-            # filter on one token, then the whole pattern.
-            starts = np.flatnonzero(tokens[n - 1:-1] == pattern[-1])
-            found = starts[(tokens[starts[:, None] + np.arange(n)] == pattern).all(axis=1)]
-            if found.size:
-                full = found[found + n + max_drafts <= len(tokens)]
-                follow = (full[-1] if full.size else found[0]) + n
-                return tokens[follow:follow + max_drafts].tolist()
+        tokens = seq.token_ids
+        index = self._index.get(seq.seq_id)
+        if index is None:
+            index = self._index[seq.seq_id] = _NgramIndex(self.min_n, self.max_n)
+        index.extend(tokens)
+        num = len(tokens)
+        for n in range(min(self.max_n, num - 1), self.min_n - 1, -1):
+            starts = index.starts(tuple(tokens[num - n:]))
+            if starts:
+                # The latest start s with s + n + max_drafts <= num, else the first.
+                full = bisect.bisect_right(starts, num - n - max_drafts)
+                follow = (starts[full - 1] if full else starts[0]) + n
+                return tokens[follow:follow + max_drafts]
         return []
 
-    def _history(self, seq: Sequence) -> np.ndarray:
-        buf, length = self._tokens.get(seq.seq_id, (np.empty(0, dtype=np.int64), 0))
-        if seq.num_tokens > len(buf):
-            grown = np.empty(max(2 * len(buf), seq.num_tokens, 64), dtype=np.int64)
-            grown[:length] = buf[:length]
-            buf = grown
-        buf[length:seq.num_tokens] = seq.token_ids[length:]
-        self._tokens[seq.seq_id] = (buf, seq.num_tokens)
-        return buf[:seq.num_tokens]
-
     def release(self, seq_id: int) -> None:
-        self._tokens.pop(seq_id, None)
+        self._index.pop(seq_id, None)
+
+
+class _NgramIndex:
+    """One sequence's n-grams (n in [min_n, max_n], all in one dict: a tuple's length is its n),
+    each with its start positions in increasing order; `num_ends` n-grams' last tokens covered."""
+
+    def __init__(self, min_n: int, max_n: int):
+        self.sizes = range(min_n, max_n + 1)
+        self._starts: dict[tuple[int, ...], list[int]] = {}
+        self.num_ends = 0  # the n-grams ending at positions < num_ends are indexed
+
+    def starts(self, ngram: tuple[int, ...]) -> list[int] | None:
+        return self._starts.get(ngram)
+
+    def extend(self, tokens: list[int]) -> None:
+        """Index the n-grams ending at positions num_ends .. len(tokens) - 2 (a sequence's tokens
+        only grow: a proposal reads them, and appended tokens are never taken back)."""
+        end = len(tokens) - 1
+        index = self._starts
+        for n in self.sizes:
+            first = max(self.num_ends - n + 1, 0)  # the first start not indexed yet for this n
+            grams = zip(*(tokens[first + j:end - n + 1 + j] for j in range(n)))
+            for start, gram in enumerate(grams, first):
+                starts = index.get(gram)
+                if starts is None:
+                    index[gram] = [start]
+                else:
+                    starts.append(start)
+        self.num_ends = max(self.num_ends, end)
 
 
 class Speculation:
