@@ -96,6 +96,25 @@ def greedy_verify(target_ids: torch.Tensor, draft_ids: torch.Tensor,
     return torch.where(position <= num_accepted[:, None], target_ids, NO_TOKEN)
 
 
+def greedy_accept(target_ids: list[int], drafts: list[list[int]]) -> list[list[int]]:
+    """`greedy_verify` on the host, for drafts the host knows (an n-gram proposer's).
+
+    target_ids: the model's argmax at every row of logits of the step, a sample row's 1 + d rows
+    in a run (d = 0: a plain greedy sample); drafts: each sample row's d drafts. Returns each
+    sample row's tokens: its argmaxes up to its first mismatch, included. The argmaxes come back
+    to the host anyway, so deciding here costs a few comparisons in Python where the device
+    would run a handful of ops (each a launch) to compare, count and mask.
+    """
+    out, row = [], 0
+    for row_drafts in drafts:
+        accepted = 0
+        while accepted < len(row_drafts) and row_drafts[accepted] == target_ids[row + accepted]:
+            accepted += 1
+        out.append(target_ids[row:row + accepted + 1])
+        row += 1 + len(row_drafts)
+    return out
+
+
 def rejection_sample(target_logits: torch.Tensor, draft_ids: torch.Tensor, num_drafts: torch.Tensor | None,
                      batch: SamplingBatch, draft_probs: torch.Tensor | None = None) -> torch.Tensor:
     """Verify S rows of drafts; returns [S, K + 1] tokens: the accepted drafts, then one token

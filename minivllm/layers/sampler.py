@@ -228,7 +228,7 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Te
     return logits.masked_fill(forbidden.view(rows, -1)[:, :vocab_size], float("-inf"))
 
 
-def _plain_greedy(row: SampleRow) -> bool:
+def plain_greedy(row: SampleRow) -> bool:
     """Greedy, no penalties, no bias, nothing banned: the pipeline would reduce to an argmax (and
     the row's processed distribution is its raw one)."""
     params = row.params
@@ -253,7 +253,7 @@ class Sampler:
         log-probabilities are the model's, before the mask; the processed ones come after it.
         """
         masked = logits if bitmask is None else apply_token_bitmask(logits, bitmask)
-        if all(_plain_greedy(row) for row in rows):
+        if all(plain_greedy(row) for row in rows):
             tokens = masked.argmax(dim=-1)
             return SamplerOutput(tokens, self.logprobs(rows, logits, None if bitmask is None else masked, tokens))
         tokens, processed = self.run(masked, self.batch(rows))

@@ -50,8 +50,8 @@ from minivllm.distributed.peer_all_reduce import attach_peer_all_reduce
 from minivllm.kernels import plan_attention, resolve_backend, warm_up
 from minivllm.layers import onednn
 from minivllm.layers.logprobs import decode_rows, logprobs_payload, pad_payload
-from minivllm.layers.rejection_sampler import NO_TOKEN, greedy_verify, rejection_sample
-from minivllm.layers.sampler import Sampler, SamplingBatch
+from minivllm.layers.rejection_sampler import NO_TOKEN, greedy_accept, greedy_verify, rejection_sample
+from minivllm.layers.sampler import Sampler, SamplingBatch, plain_greedy
 from minivllm.observe.records import StepTimings
 from minivllm.step import SchedulerOutput, StepLogprobs
 from minivllm.worker.block_table import BlockTables
@@ -76,13 +76,18 @@ class LogprobsLayout:
 class SampledTokens:
     """The sampled tokens of a launched step (and its logprobs payload), on their way to the host,
     and the step's timings so far: the runner's phases (prepare, forward, sample; clock reads
-    only, no GPU sync), and the CUDA graph that ran it, if one did."""
+    only, no GPU sync), and the CUDA graph that ran it, if one did.
+
+    drafts: in a greedy verification of drafts the host knows, each sample row's drafts; the
+    tokens are then the argmax of every row of logits, and `wait` accepts the drafts (see
+    `greedy_accept`)."""
 
     def __init__(self, tokens: torch.Tensor, timings: StepTimings, logprobs: torch.Tensor | None = None,
-                 layout: LogprobsLayout | None = None):
+                 layout: LogprobsLayout | None = None, drafts: list[list[int]] | None = None):
         self.timings = timings
         self._event = None
         self._layout = layout
+        self._drafts = drafts
         self._host, self._host_logprobs = tokens, logprobs
         if tokens.is_cuda:  # asynchronous copies into pinned memory, and one event to wait on
             self._host = _to_pinned(tokens)
@@ -99,6 +104,8 @@ class SampledTokens:
         verified drafts, the list of tokens each sample row gained."""
         if self._event is not None:
             self._event.synchronize()
+        if self._drafts is not None:
+            return greedy_accept(self._host.tolist(), self._drafts)
         if self._host.dim() == 2:
             return [[t for t in row if t != NO_TOKEN] for row in self._host.tolist()]
         return self._host.tolist()
@@ -189,6 +196,7 @@ class ModelRunner:
         self._last_sampled_row: dict[int, int] = {}
         self._draft_probs: torch.Tensor | None = None  # the draft model's q of this step's drafts
         self._draft_settings: SamplingBatch | None = None  # and the settings it sampled them with
+        self._host_drafts: list[list[int]] | None = None  # see SampledTokens: set by _verify
         # (output, prepared step, its batch, hidden states, logits, graph query_len, timings) of
         # the step launched last, until `sample`
         self._unsampled = None
@@ -305,10 +313,11 @@ class ModelRunner:
                 bitmask = bitmask.pin_memory()
             bitmask = bitmask.to(self.device, non_blocking=True)
         tokens, logprobs, layout = self._sample(output, hidden, logits, batch, query_len, bitmask)
+        drafts, self._host_drafts = self._host_drafts, None
         if self.draft is not None:  # after the tokens' copy is queued, which need not wait for it
             self.draft.mirror(prepared)
         timings.sample = time.perf_counter() - start
-        return SampledTokens(tokens, timings, logprobs, layout)
+        return SampledTokens(tokens, timings, logprobs, layout, drafts)
 
     def _prepare(self, output: SchedulerOutput, timings: StepTimings) -> tuple[GraphStep | InputBatch, InputBatch]:
         """Pack the step into a graph set's static buffers when one fits, else eagerly; then
@@ -369,18 +378,19 @@ class ModelRunner:
         logprobs payload or None, its layout)."""
         rows = output.sample_rows
         sampled_logprobs = None
+        self._last_sampled_row = {}
         if not rows:  # only partial prefill chunks this step: nothing to sample yet
             self.last_sampled = tokens = torch.zeros(0, dtype=torch.int64, device=self.device)
+        elif any(s.num_draft_tokens for s in output.seqs):
+            # No token of a verification stays for the next step to take on the device: the
+            # engine folds the step in before it plans the next one (how many drafts a sequence
+            # accepted decides where its next step starts), whose tokens are then all known.
+            tokens, sampled_logprobs = self._verify(output, logits, batch, bitmask, query_len)
         else:
-            if any(s.num_draft_tokens for s in output.seqs):
-                tokens, sampled_logprobs = self._verify(output, logits, batch, bitmask, query_len)
-                gained = (tokens != NO_TOKEN).sum(dim=1, keepdim=True)
-                self.last_sampled = tokens.gather(1, gained - 1).squeeze(1)
-            else:
-                sampled = self.sampler.sample(logits, rows, bitmask)
-                self.last_sampled, sampled_logprobs = sampled.tokens, sampled.logprobs
-                tokens = self.last_sampled
-        self._last_sampled_row = {row.seq_id: i for i, row in enumerate(rows)}
+            sampled = self.sampler.sample(logits, rows, bitmask)
+            self.last_sampled, sampled_logprobs = sampled.tokens, sampled.logprobs
+            tokens = self.last_sampled
+            self._last_sampled_row = {row.seq_id: i for i, row in enumerate(rows)}
         if sampled_logprobs is None and not output.scores_prompts:  # most steps: nothing more to do
             return tokens, None, None
         layout = LogprobsLayout([], [])
@@ -429,8 +439,16 @@ class ModelRunner:
         rejection sampler, the others (forks, penalties, no drafts found) through the sampler;
         and the plain rows' logprobs payload (a row that verifies drafts never asks for one).
         query_len: each sequence's input rows when a verification graph padded them (None: its
-        new tokens')."""
+        new tokens').
+
+        The usual n-gram step is greedy, and its drafts are on the host: then the tokens are the
+        argmax of every row of logits, one op as in a greedy decode step, and the host accepts
+        the drafts when they arrive (`greedy_accept`; `_host_drafts` says whose are whose)."""
         k, rows = self.num_speculative_tokens, output.sample_rows
+        if (bitmask is None and all(len(s.draft_token_ids) == s.num_draft_tokens for s in output.seqs)
+                and all(plain_greedy(row) and row.params.logprobs is None for row in rows)):
+            self._host_drafts = [s.draft_token_ids for s in output.seqs for _ in range(s.num_samples)]
+            return logits.argmax(dim=-1), None
         v = verification(output.seqs, logits, batch.input_ids, k, query_len)
         settings = [rows[i] for i in v.verifying]
         if all(row.params.is_greedy and not row.params.logit_bias for row in settings):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minivllm.layers.rejection_sampler import NO_TOKEN, greedy_verify, rejection_sample, sampling_probs
+from minivllm.layers.rejection_sampler import NO_TOKEN, greedy_accept, greedy_verify, rejection_sample, sampling_probs
 from minivllm.layers.sampler import SamplingBatch
 from minivllm.sampling_params import SamplingParams
 
@@ -125,6 +125,21 @@ def test_fewer_drafts_than_the_padding_and_greedy_rows():
     one_draft = torch.tensor([1, 1, 1])
     assert greedy_verify(argmax, drafts, one_draft).tolist() == [[3, 4, NO_TOKEN], [3, 1, NO_TOKEN],
                                                                  [7, NO_TOKEN, NO_TOKEN]]
+
+
+def test_greedy_accept_on_the_host_keeps_what_greedy_verify_keeps():
+    """Host drafts: the argmax of every row of logits (a row's 1 + d in a run, d = 0 for a plain
+    sample) and the drafts give each row the tokens `greedy_verify` gives on the device."""
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(50):
+        rows = int(torch.randint(1, 6, (1,), generator=gen))
+        num_drafts = torch.randint(0, K + 1, (rows,), generator=gen)
+        argmax = torch.randint(0, 3, (rows, K + 1), generator=gen)  # 3 tokens: drafts often agree
+        drafts = torch.randint(0, 3, (rows, K), generator=gen)
+        flat = [t for row, d in zip(argmax.tolist(), num_drafts.tolist()) for t in row[:1 + d]]
+        host = greedy_accept(flat, [row[:d] for row, d in zip(drafts.tolist(), num_drafts.tolist())])
+        device = greedy_verify(argmax, drafts, num_drafts).tolist()
+        assert host == [[t for t in row if t != NO_TOKEN] for row in device]
 
 
 def test_seeded_rows_draw_the_same_tokens_twice(target_logits):
