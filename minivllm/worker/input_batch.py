@@ -156,8 +156,9 @@ def pack_step(buf: np.ndarray, layout: StepLayout, seqs: SequenceType[ScheduledS
     if query_len is None:
         q_lens, num_tokens = real_lens, num_real_tokens
     else:
-        if (real_lens > query_len).any():
-            raise ValueError(f"query_len={query_len} is shorter than a sequence's {real_lens.max()} new tokens")
+        longest = int(real_lens.max()) if num_seqs else 0
+        if longest > query_len:
+            raise ValueError(f"query_len={query_len} is shorter than a sequence's {longest} new tokens")
         q_lens, num_tokens = np.full(num_seqs, query_len), num_seqs * query_len
     _check_fits(buf, layout, num_tokens, num_seqs, num_sampled)
 
@@ -217,7 +218,7 @@ def pack_step(buf: np.ndarray, layout: StepLayout, seqs: SequenceType[ScheduledS
                       num_pending=num_pending, max_seq_len=int(seq_lens.max()) if num_seqs else 0,
                       num_device_drafts=len(draft_dst), pending_run=_pending_run(pending_dst, src),
                       logits_start=_run_start(logits_rows), rows_start=_run_start(table_rows),
-                      max_query_len=int(q_lens.max()) if num_seqs else 1)
+                      max_query_len=query_len or (int(q_lens.max()) if num_seqs else 1))
 
 
 def _pending_run(dst: np.ndarray, src: list[int]) -> tuple[int, int] | None:
@@ -276,10 +277,12 @@ def _write_input_ids(input_ids: np.ndarray, seqs, after_pending: np.ndarray, num
 
 
 def _run_start(values: np.ndarray) -> int | None:
-    """v when `values` are v, v + 1, v + 2, ... (0 when empty), else None."""
+    """v when `values` are v, v + 1, v + 2, ... (0 when empty), else None. Compared as lists:
+    one numpy call, where a difference, a comparison and a reduction would be three."""
     if len(values) <= 1:
         return int(values[0]) if len(values) else 0
-    return int(values[0]) if (np.diff(values) == 1).all() else None
+    listed = values.tolist()
+    return listed[0] if listed == list(range(listed[0], listed[0] + len(listed))) else None
 
 
 def _runs(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
