@@ -26,8 +26,6 @@ speculation off for large batches (`SpeculativeConfig.disable_by_batch_size`).
 
 from __future__ import annotations
 
-import bisect
-
 from minivllm.config import EngineConfig, SpeculativeConfig, read_config_json
 from minivllm.engine.sequence import Sequence
 from minivllm.engine.tokenizer import load_tokenizer
@@ -73,12 +71,15 @@ def check_draft_vocabulary(config: EngineConfig, tokenizer) -> None:
 class NgramProposer:
     """Prompt lookup over each sequence's tokens, through an index of its n-grams kept up to date.
 
-    For each n in [min_n, max_n], the index maps every n-gram of a sequence's tokens to the
-    positions where it starts, in order. A proposal is then a dict lookup per n, not a scan of
-    the whole history; what a step adds is indexing the few tokens it appended (each ends one
-    n-gram per n). The index covers the n-grams that end before the last token: exactly the
-    earlier occurrences a proposal may follow. Its memory grows with the tokens, a dict entry or
-    a list slot per token and n; `release` forgets a finished sequence.
+    A proposal must find the earlier occurrences of the sequence's last n tokens. Scanning the
+    whole history for them at every step costs more as the sequence grows; instead each sequence
+    keeps, for each n in [min_n, max_n], a chain of occurrences per n-gram, as a compressor's
+    hash chains do: the latest start of every n-gram (a dict), and for every start the previous
+    start of the same n-gram. A step indexes the few tokens it appended (each ends one n-gram per
+    n) and a proposal is a dict lookup per n and a short walk back. The index covers the n-grams
+    that end before the last token: exactly the earlier occurrences a proposal may follow. Its
+    memory grows with the tokens, a dict entry and a list slot per token and n; `release`
+    forgets a finished sequence.
     """
 
     def __init__(self, min_n: int, max_n: int):
@@ -99,46 +100,55 @@ class NgramProposer:
             index = self._index[seq.seq_id] = _NgramIndex(self.min_n, self.max_n)
         index.extend(tokens)
         num = len(tokens)
-        for n in range(min(self.max_n, num - 1), self.min_n - 1, -1):
-            starts = index.starts(tuple(tokens[num - n:]))
-            if starts:
-                # The latest start s with s + n + max_drafts <= num, else the first.
-                full = bisect.bisect_right(starts, num - n - max_drafts)
-                follow = (starts[full - 1] if full else starts[0]) + n
-                return tokens[follow:follow + max_drafts]
+        keys = list(_ngram_keys(tokens, num - 1, min(self.max_n, num - 1)))
+        for n in range(len(keys), self.min_n - 1, -1):
+            start = index.latest[n].get(keys[n - 1])
+            if start is not None:
+                # Walk back to the latest start followed by max_drafts tokens, or to the first.
+                # Starts after that bound lie within max_drafts tokens of it: a few steps at most.
+                previous, bound = index.previous[n], num - n - max_drafts
+                while start > bound and previous[start] >= 0:
+                    start = previous[start]
+                return tokens[start + n:start + n + max_drafts]
         return []
 
     def release(self, seq_id: int) -> None:
         self._index.pop(seq_id, None)
 
 
+def _ngram_keys(tokens: list[int], end: int, max_n: int):
+    """The keys of the n-grams that end at position `end`, for n = 1 .. max_n: each token id in
+    32 bits of one int. An int, not a tuple: the garbage collector does not track ints, and a
+    prompt's index makes thousands of keys at once."""
+    key = 0
+    for n in range(1, max_n + 1):
+        key |= tokens[end - n + 1] << (32 * (n - 1))
+        yield key
+
+
 class _NgramIndex:
-    """One sequence's n-grams (n in [min_n, max_n], all in one dict: a tuple's length is its n),
-    each with its start positions in increasing order; `num_ends` n-grams' last tokens covered."""
+    """One sequence's n-gram chains: for each n, `latest[n]` maps each n-gram's key to its latest
+    start and `previous[n][s]` is the start of the same n-gram before start s (-1: none). The
+    n-grams ending before position `num_ends` are indexed."""
 
     def __init__(self, min_n: int, max_n: int):
-        self.sizes = range(min_n, max_n + 1)
-        self._starts: dict[tuple[int, ...], list[int]] = {}
-        self.num_ends = 0  # the n-grams ending at positions < num_ends are indexed
-
-    def starts(self, ngram: tuple[int, ...]) -> list[int] | None:
-        return self._starts.get(ngram)
+        self.min_n, self.max_n = min_n, max_n
+        self.latest: dict[int, dict[int, int]] = {n: {} for n in range(min_n, max_n + 1)}
+        self.previous: dict[int, list[int]] = {n: [] for n in range(min_n, max_n + 1)}
+        self.num_ends = 0
 
     def extend(self, tokens: list[int]) -> None:
         """Index the n-grams ending at positions num_ends .. len(tokens) - 2 (a sequence's tokens
         only grow: a proposal reads them, and appended tokens are never taken back)."""
-        end = len(tokens) - 1
-        index = self._starts
-        for n in self.sizes:
-            first = max(self.num_ends - n + 1, 0)  # the first start not indexed yet for this n
-            grams = zip(*(tokens[first + j:end - n + 1 + j] for j in range(n)))
-            for start, gram in enumerate(grams, first):
-                starts = index.get(gram)
-                if starts is None:
-                    index[gram] = [start]
-                else:
-                    starts.append(start)
-        self.num_ends = max(self.num_ends, end)
+        min_n, max_n, latest, previous = self.min_n, self.max_n, self.latest, self.previous
+        for end in range(self.num_ends, len(tokens) - 1):
+            key = 0
+            for n in range(1, min(max_n, end + 1) + 1):  # `_ngram_keys`, inlined: it runs per token
+                key |= tokens[end - n + 1] << (32 * (n - 1))
+                if n >= min_n:  # n-grams start at 0, 1, 2, ...: this start is previous[n]'s next slot
+                    previous[n].append(latest[n].get(key, -1))
+                    latest[n][key] = end - n + 1
+        self.num_ends = max(self.num_ends, len(tokens) - 1)
 
 
 class Speculation:

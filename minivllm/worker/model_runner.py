@@ -13,7 +13,8 @@ It knows nothing about queues or policies. Given a plain `SchedulerOutput` (mini
 and returns at once: the tokens come back as `SampledTokens`, a handle whose `wait()` gives them
 when the GPU is done (and `logprobs()` the log-probabilities, which came with them). With
 speculative decoding (speculative_decoding.md), a sequence that verifies drafts takes logits at
-each of them and the rejection sampler keeps the accepted ones; a draft model (`draft_model.py`)
+each of them and the rejection sampler keeps the accepted ones (greedy drafts the host knows:
+the host keeps them, from the argmaxes, when the tokens arrive); a draft model (`draft_model.py`)
 makes its drafts here, before the forward, and mirrors the forward after it. Nothing in between
 waits for the GPU, so the engine can plan and launch the next step while this one runs
 (overlap); the next step's decodes take their pending tokens from `last_sampled` on the device.

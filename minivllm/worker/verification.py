@@ -7,7 +7,9 @@ sampler wants them as [n, 1 + k] logits and [n, k] drafts per verifying sequence
 n-gram step every sequence verifies exactly k drafts and the step's rows already have that
 shape: views, nothing gathered (`verification`). Any other step (fewer drafts, forks, rows that
 verify nothing) is gathered by indices made on the host and sent in one copy
-(`gathered_verification`); the two are tested equal on every kind of packed step.
+(`gathered_verification`); the two are tested equal on every kind of packed step. (A greedy
+step whose drafts the host knows, the usual n-gram step, needs neither: the host accepts its
+drafts from the argmax of every row, `rejection_sampler.greedy_accept`.)
 """
 
 from __future__ import annotations
