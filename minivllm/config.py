@@ -36,9 +36,9 @@ SEED_LIMIT = 2**64
 SPECULATIVE_METHODS = ("ngram", "draft")
 # Above this many running sequences a step does not speculate (SpeculativeConfig): the largest
 # batch up to which n-gram speculation paid, measured by `benchmarks/spec_bench.py --part e2e` on
-# the real model (H100, k = 4 on an earlier commit: 1.07x at 32, 0.89x at 64;
-# benchmarks/results/spec_e2e_smollm2-135m-instruct_h100.json). Not yet measured again since.
-DISABLE_BY_BATCH_SIZE = 32
+# the real model (H100, k = 3: 1.14x at 16, 0.96x at 32, 0.92x at 64;
+# benchmarks/results/spec_e2e_k3_smollm2-135m-instruct_h100.json).
+DISABLE_BY_BATCH_SIZE = 16
 
 
 def read_config_json(model_dir: str | os.PathLike) -> dict[str, Any]:
