@@ -48,10 +48,13 @@ requests. It needs transformers' `[serving]` extra; if it cannot run, the record
 the GPU's time), so the frontend does the work it does with a model while the engine costs
 nearly nothing; no offline baseline, and the model (default qwen3-small) gives only the tokenizer
 and the config. With a core per process, N frontends keep up with N times the tokens/s of one for
-the same CPU per token.
+the same CPU per token. A request with `logprobs` gets a record per token, as from a model, so
+`--mixes plain,logprobs` says what log-probabilities cost the frontend (CPU per token).
 
     python benchmarks/serve_bench.py --fountain-step-ms 8 --api-server-count 1,2,4 --num-requests 256 \
         --input-len 4 --output-len 512 --rates inf                         # frontends, 256 x 512 tokens
+    python benchmarks/serve_bench.py --fountain-step-ms 4 --mixes plain,logprobs --num-requests 64 \
+        --input-len 4 --output-len 512 --rates inf,inf,inf                 # what logprobs=5 costs it
 """
 
 from __future__ import annotations
