@@ -48,10 +48,13 @@ requests. It needs transformers' `[serving]` extra; if it cannot run, the record
 the GPU's time), so the frontend does the work it does with a model while the engine costs
 nearly nothing; no offline baseline, and the model (default qwen3-small) gives only the tokenizer
 and the config. With a core per process, N frontends keep up with N times the tokens/s of one for
-the same CPU per token.
+the same CPU per token. A request with `logprobs` gets a record per token, as from a model, so
+`--mixes plain,logprobs` says what log-probabilities cost the frontend (CPU per token).
 
     python benchmarks/serve_bench.py --fountain-step-ms 8 --api-server-count 1,2,4 --num-requests 256 \
         --input-len 4 --output-len 512 --rates inf                         # frontends, 256 x 512 tokens
+    python benchmarks/serve_bench.py --fountain-step-ms 4 --mixes plain,logprobs --num-requests 64 \
+        --input-len 4 --output-len 512 --rates inf,inf,inf                 # what logprobs=5 costs it
 """
 
 from __future__ import annotations
@@ -386,13 +389,19 @@ WORDS = [" the", " cat", " sat", " on", " a", " mat", ",", " and"]
 
 
 class TokenFountain:
-    """What the engine process asks of `LLMEngine`, answered without a model (--fountain-step-ms)."""
+    """What the engine process asks of `LLMEngine`, answered without a model (--fountain-step-ms).
+
+    Token ids are spread over the vocabulary, as a model's are. A request that asks for
+    `logprobs=k` gets a record per token as a greedy engine's would be (`TokenLogprobs`: the
+    token first in its top k), so the frontend formats and names as many tokens as with a model.
+    """
 
     def __init__(self, config):
         self.config = config
         self.step_s = float(os.environ[FOUNTAIN_ENV]) / 1e3
         self.max_num_seqs = config.scheduler_config.max_num_seqs
-        self.requests: dict[str, list] = {}  # id -> [prompt ids, max_tokens, generated, arrival]
+        self.vocab_size = vocab_size(config.model_config.model)
+        self.requests: dict[str, list] = {}  # id -> [prompt ids, max_tokens, generated, arrival, logprobs, seed]
         self.scheduler = SimpleNamespace(running=[], waiting=[], speculation=None)
         self.block_manager = SimpleNamespace(num_used_blocks=0, num_blocks=1)
         self.num_waiting = 0
@@ -400,7 +409,8 @@ class TokenFountain:
 
     def prepare_request(self, prompt, params, request_id, stream=True):
         """Nothing to compile (no grammar): the request is ready, and already in the fountain."""
-        self.requests[request_id] = [list(prompt), params.max_tokens, 0, time.perf_counter()]
+        self.requests[request_id] = [list(prompt), params.max_tokens, 0, time.perf_counter(), params.logprobs,
+                                     7919 * len(self.requests)]
         return SimpleNamespace(request_id=request_id, ready=lambda: True, grammar=None)
 
     def add_prepared(self, prepared) -> None:
@@ -417,18 +427,26 @@ class TokenFountain:
             request = self.requests[request_id]
             request[2] += 1
             done = request[2] >= request[1]
-            outputs.append(self._output(request_id, request, [request[2]], "length" if done else None))
+            token_id = (request[5] + 104729 * request[2]) % self.vocab_size
+            outputs.append(self._output(request_id, request, [token_id], "length" if done else None))
             if done:
                 del self.requests[request_id]
         self.scheduler.running = [None] * min(len(self.requests), self.max_num_seqs)
         return outputs
 
     def _output(self, request_id, request, token_ids, finish_reason):
-        prompt, _, generated, arrival = request
+        prompt, _, generated, arrival, num_top, _ = request
         metrics = RequestMetrics(arrival, arrival, arrival, None, len(prompt), generated, 0, 0, 0.0, None, None, None)
         text = "".join(WORDS[t % len(WORDS)] for t in token_ids)
-        return RequestOutput(request_id, None, prompt, [CompletionOutput(0, text, token_ids, finish_reason)],
+        logprobs = None if num_top is None else [self._logprobs(t, num_top) for t in token_ids]
+        return RequestOutput(request_id, None, prompt, [CompletionOutput(0, text, token_ids, finish_reason, None, logprobs)],
                              finish_reason is not None, metrics)
+
+    def _logprobs(self, token_id: int, num_top: int) -> tuple:
+        """Values with as many digits as a float32's (what JSON then writes out)."""
+        top_ids = tuple((token_id + 15485863 * k) % self.vocab_size for k in range(num_top))
+        top_logprobs = tuple(-(token_id % 997 + 1) / 331 - 0.75 * k for k in range(num_top))
+        return token_id, top_logprobs[0], 1, top_ids, top_logprobs
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from minivllm.config import EngineConfig
 from minivllm.engine.block_manager import BlockManager
 from minivllm.engine.detokenizer import Detokenizer
-from minivllm.engine.request import Request, position_logprobs
+from minivllm.engine.request import Position, Request, as_record, position_logprobs
 from minivllm.engine.scheduler import Scheduler, ScheduledStep
 from minivllm.engine.sequence import Sequence, SequenceStatus
 from minivllm.engine.speculation import Speculation, check_draft_vocabulary
@@ -539,9 +539,13 @@ class LLMEngine:
         """One token alone as text, for log-probability entries (None without a tokenizer)."""
         return self.detokenizer.token_text(token_id) if self.detokenizer is not None else None
 
-    def _position(self, record: TokenLogprobs) -> PositionLogprobs | TokenLogprobs:
-        """A scored position as outputs show it (see `logprobs_as_records`)."""
-        return record if self.logprobs_as_records else position_logprobs(record, self._token_text)
+    @property
+    def _position(self) -> Position:
+        """How outputs show a scored position (see `logprobs_as_records`)."""
+        return as_record if self.logprobs_as_records else self._position_logprobs
+
+    def _position_logprobs(self, record: TokenLogprobs) -> PositionLogprobs:
+        return position_logprobs(record, self._token_text)
 
     def _text_of(self, seq: Sequence) -> str:
         """Final text of a finished sequence, the current decode of a running one."""

@@ -35,7 +35,14 @@ def position_logprobs(entry: TokenLogprobs, token_text: TokenText) -> PositionLo
     return out
 
 
+def as_record(entry: TokenLogprobs) -> TokenLogprobs:
+    """The `position` of a server's engine: the record as it is (its frontend names the tokens)."""
+    return entry
+
+
 def logprobs_list(entries, position: Position) -> list:
+    if position is as_record:  # a copy of the list, not a call per entry: a stream's every delta
+        return list(entries)
     return [None if e is None else position(e) for e in entries]
 
 

@@ -32,6 +32,7 @@ from fastapi.responses import StreamingResponse
 
 from minivllm.entrypoints.async_llm import AsyncLLM, EngineDeadError, EngineStepError, RequestStream
 from minivllm.entrypoints.errors import OpenAIError, from_value_error
+from minivllm.entrypoints.logprobs import TokenTexts
 from minivllm.entrypoints.protocol import UNSUPPORTED_FIELDS, SamplingRequest, UsageInfo
 from minivllm.outputs import RequestOutput
 from minivllm.sampling_params import SamplingParams, StructuredOutputsParams
@@ -72,7 +73,7 @@ class OpenAIServing:
         self.model_name = model_name
         self.max_model_len = engine.config.scheduler_config.max_model_len
         self.tokenizer = tokenizer
-        self._token_texts: dict[int, str] = {}
+        self.token_texts = TokenTexts(tokenizer)  # log-probabilities name tokens, each id decoded once
 
     # ------------------------------------------------------------------------------------------
     # 1-2. check and prepare
@@ -87,15 +88,6 @@ class OpenAIServing:
             harmless = value is None or value is False or (name == "best_of" and value == 1)
             if not harmless:
                 raise OpenAIError(f"{name} is not supported by this server", param=name)
-
-    def token_text(self, token_id: int) -> str:
-        """A token decoded alone (log-probabilities name tokens), each id decoded once. A model
-        without a tokenizer names it by id, as `token_id:123`."""
-        text = self._token_texts.get(token_id)
-        if text is None:
-            text = f"token_id:{token_id}" if self.tokenizer is None else self.tokenizer.decode([token_id])
-            self._token_texts[token_id] = text
-        return text
 
     def tokenize(self, text: str, param: str) -> list[int]:
         """A text prompt as the engine would tokenize it (so outputs equal LLM.generate's)."""
@@ -253,7 +245,8 @@ class StreamChunks:
     a response differ only in their choice. Building and validating two pydantic models per chunk
     (`CompletionStreamResponse(...).model_dump_json()`) took about 13 us; here the constant head
     (id, object, created, model) is encoded once per response and each chunk adds only its
-    choice, as plain `json.dumps`: about 6 us (both timed with timeit on a 2-core CPU). The shape
+    choice, as plain `json.dumps`: about 6 us (both timed with timeit on a 2-core CPU), with its
+    log-probabilities spliced in as the JSON text that entrypoints/logprobs.py writes. The shape
     is exactly the pydantic schema's (`CompletionStreamResponse` / `ChatCompletionStreamResponse`
     in protocol.py), which a test checks field by field.
     """
@@ -262,9 +255,13 @@ class StreamChunks:
         head = json.dumps({"id": response_id, "object": obj, "created": created, "model": model})
         self._head = "data: " + head[:-1] + ', "choices": ['  # the object left open
 
-    def choice(self, choice: dict) -> str:
-        """The chunk of one choice (a dict in the schema's field order)."""
-        return f"{self._head}{json.dumps(choice)}], \"usage\": null}}\n\n"
+    def choice(self, fields: dict, logprobs: str, finish_reason: str | None) -> str:
+        """The chunk of one choice: its leading `fields` (index, then text or delta) in the schema's
+        order, its log-probabilities as JSON text already ("null": none, entrypoints/logprobs.py),
+        its finish reason."""
+        finish = "null" if finish_reason is None else json.dumps(finish_reason)
+        return (f"{self._head}{json.dumps(fields)[:-1]}, \"logprobs\": {logprobs}, \"finish_reason\": {finish}}}], "
+                "\"usage\": null}\n\n")
 
     def usage(self, usage) -> str:
         """The last chunk, stream_options.include_usage: no choice, the token counts."""

@@ -20,6 +20,7 @@ carries `logprobs.content`: one entry per generated token (entrypoints/logprobs.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 
 from fastapi import Request
@@ -60,7 +61,7 @@ class OpenAIServingChat(OpenAIServing):
         body = ChatCompletionResponse(
             id=response_id, created=created, model=self.model_name,
             choices=[ChatChoice(index=i, message=AssistantMessage(content="".join(c.text)),
-                                logprobs=self.logprobs(c.token_ids, c.logprobs, request),
+                                logprobs=json.loads(self.logprobs(c.token_ids, c.logprobs, request)),
                                 finish_reason=c.finish_reason) for i, c in enumerate(choices)],
             usage=self.usage([prompt], params, completion_tokens))
         return JSONResponse(body.model_dump())
@@ -88,24 +89,22 @@ class OpenAIServingChat(OpenAIServing):
         """The chunks of a chat stream (without the closing [DONE])."""
         completion_tokens = 0
         chunks = StreamChunks(response_id, "chat.completion.chunk", created, self.model_name)
-        for index in range(params.n):  # ChatStreamChoice dicts: first the role, then the text
-            yield chunks.choice({"index": index, "delta": {"role": "assistant", "content": ""},
-                                 "logprobs": None, "finish_reason": None})
+        for index in range(params.n):  # ChatStreamChoice chunks: first the role, then the text
+            yield chunks.choice({"index": index, "delta": {"role": "assistant", "content": ""}}, "null", None)
         async for _, output in merged(streams):
             for c in output.outputs:
                 completion_tokens += len(c.token_ids)
-                logprobs = self.logprobs(c.token_ids, c.logprobs, request)
-                if c.text or c.finish_reason or (logprobs and logprobs["content"]):
-                    yield chunks.choice({"index": c.index, "delta": {"role": None, "content": c.text},
-                                         "logprobs": logprobs, "finish_reason": c.finish_reason})
+                if c.text or c.finish_reason or (c.logprobs and c.token_ids):
+                    yield chunks.choice({"index": c.index, "delta": {"role": None, "content": c.text}},
+                                        self.logprobs(c.token_ids, c.logprobs, request), c.finish_reason)
         if request.include_usage:
             yield chunks.usage(self.usage([prompt], params, completion_tokens))
 
-    def logprobs(self, token_ids: list[int], positions, request: ChatCompletionRequest) -> dict | None:
-        """The chat shape of these tokens' log-probabilities, or None if not asked for."""
+    def logprobs(self, token_ids: list[int], positions, request: ChatCompletionRequest) -> str:
+        """The chat shape of these tokens' log-probabilities as JSON text ("null" if not asked for)."""
         if positions is None:
-            return None
-        return chat_logprobs(token_ids, positions, request.top_logprobs or 0, self.token_text)
+            return "null"
+        return chat_logprobs(token_ids, positions, request.top_logprobs or 0, self.token_texts)
 
 
 def _text_of(message: ChatMessage, i: int) -> str:

@@ -23,6 +23,7 @@ which is what lm-eval's `local-completions` sends and reads (it drops that last 
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 
 from fastapi import Request
@@ -30,7 +31,7 @@ from fastapi.responses import JSONResponse, Response
 
 from minivllm.entrypoints.async_llm import RequestStream
 from minivllm.entrypoints.errors import OpenAIError
-from minivllm.entrypoints.logprobs import completion_logprobs, next_text_offset
+from minivllm.entrypoints.logprobs import completion_logprobs
 from minivllm.entrypoints.protocol import (
     CompletionChoice,
     CompletionRequest,
@@ -100,7 +101,9 @@ class OpenAIServingCompletion(OpenAIServing):
             prompt_text, prompt_ids = echo
             text = prompt_text + text
             token_ids, positions = _with_prompt(prompt_ids, c.prompt_logprobs, token_ids, positions)
-        logprobs = None if request.logprobs is None else completion_logprobs(token_ids, positions, self.token_text)
+        logprobs = None
+        if request.logprobs is not None:
+            logprobs = json.loads(completion_logprobs(token_ids, positions, self.token_texts)[0])
         return CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=c.finish_reason)
 
     async def events(self, streams: list[RequestStream], prompts: list[list[int]], params: SamplingParams,
@@ -123,13 +126,11 @@ class OpenAIServingCompletion(OpenAIServing):
                     text = echoes[i] + text
                     token_ids, positions = _with_prompt(prompts[i], prompt_logprobs.get(i), token_ids, positions)
                 offset = offsets.setdefault(index, 0)
-                logprobs = None
+                logprobs = "null"
                 if request.logprobs is not None:
-                    logprobs = completion_logprobs(token_ids, positions, self.token_text, offset)
-                    offsets[index] = next_text_offset(logprobs) if logprobs["tokens"] else offset
-                if text or c.finish_reason or (logprobs and logprobs["tokens"]):  # a CompletionChoice
-                    yield chunks.choice({"index": index, "text": text, "logprobs": logprobs,
-                                         "finish_reason": c.finish_reason})
+                    logprobs, offsets[index] = completion_logprobs(token_ids, positions, self.token_texts, offset)
+                if text or c.finish_reason or (request.logprobs is not None and token_ids):  # a CompletionChoice
+                    yield chunks.choice({"index": index, "text": text}, logprobs, c.finish_reason)
         if request.include_usage:
             yield chunks.usage(self.usage(prompts, params, completion_tokens))
 

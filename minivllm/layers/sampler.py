@@ -254,15 +254,17 @@ class Sampler:
         """
         masked = logits if bitmask is None else apply_token_bitmask(logits, bitmask)
         if all(plain_greedy(row) for row in rows):
-            tokens = masked.argmax(dim=-1)
-            return SamplerOutput(tokens, self.logprobs(rows, logits, None if bitmask is None else masked, tokens))
+            tokens = masked.argmax(dim=-1)  # without a mask: the raw logits' argmax, as logprobs may know
+            return SamplerOutput(tokens, self.logprobs(rows, logits, None if bitmask is None else masked, tokens,
+                                                       greedy=bitmask is None))
         tokens, processed = self.run(masked, self.batch(rows))
         return SamplerOutput(tokens, self.logprobs(rows, logits, processed, tokens))
 
     def logprobs(self, rows: list[SampleRow], raw: torch.Tensor, processed: torch.Tensor | None,
-                 tokens: torch.Tensor) -> torch.Tensor | None:
+                 tokens: torch.Tensor, greedy: bool = False) -> torch.Tensor | None:
         """The payload of the rows that asked for logprobs, each from its own distribution:
-        `raw` (the logits as the model gave them) or `processed` (None: same as raw)."""
+        `raw` (the logits as the model gave them) or `processed` (None: same as raw). greedy:
+        `processed` is None and every token is the argmax of `raw`."""
         asked = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
         if not asked:
             return None
@@ -277,7 +279,7 @@ class Sampler:
         if processed is not None and any(wants_processed):
             mask = torch.tensor(wants_processed, device=raw.device)
             source = torch.where(mask[:, None], pick(processed), source)
-        return logprobs_payload(source, pick(tokens), num_top)
+        return logprobs_payload(source, pick(tokens), num_top, greedy)
 
     def batch(self, rows: list[SampleRow]) -> SamplingBatch:
         """The step's rows as a SamplingBatch (settings as tensors, the seeded generators)."""

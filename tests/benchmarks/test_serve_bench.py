@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from benchmarks import serve_bench
+from minivllm import SamplingParams
+from minivllm.entrypoints.logprobs import TokenTexts, completion_logprobs
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU smoke test; on a GPU run the benchmark")
@@ -73,6 +76,26 @@ def test_the_frontend_alone_against_a_token_fountain(tmp_path, model_cache):
         assert row["frontend_cpu_s"] >= 0 and 0 <= row["busiest_frontend_core_share"]
         assert 1.0 <= row["tokens_per_text_chunk"] <= 5
     assert saved["minivllm_server_exit_code"] == 0 and saved["summary"]["ratio_vs_offline"] is None
+
+
+def test_the_fountain_gives_records_to_the_requests_that_ask_for_logprobs(tmp_path, monkeypatch):
+    """A greedy engine's records, one per token: the token first in its top k, rank 1, its value
+    the top-1's; none for a request that did not ask. The frontend formats them (entrypoints/logprobs.py)."""
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 100}))
+    monkeypatch.setenv(serve_bench.FOUNTAIN_ENV, "0")
+    fountain = serve_bench.TokenFountain(SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=4),
+                                                         model_config=SimpleNamespace(model=str(tmp_path))))
+    fountain.prepare_request([1, 2], SamplingParams(max_tokens=2, logprobs=3), "asks")
+    fountain.prepare_request([1, 2], SamplingParams(max_tokens=2), "plain")
+    for _ in range(2):
+        asks, plain = (o.outputs[0] for o in fountain.step())
+        (token_id,), (record,) = asks.token_ids, asks.logprobs
+        assert plain.logprobs is None and 0 <= token_id < 100
+        assert record[:3] == (token_id, record[4][0], 1) and record[3][0] == token_id and len(set(record[3])) == 3
+        assert all(0 <= t < 100 for t in record[3]) and list(record[4]) == sorted(record[4], reverse=True)
+        text, _ = completion_logprobs(asks.token_ids, asks.logprobs, TokenTexts(None))
+        assert json.loads(text)["token_logprobs"] == [record[1]]
+    assert not fountain.has_unfinished_requests()
 
 
 def test_poisson_arrivals_have_the_asked_rate():

@@ -10,8 +10,10 @@ from typing import NamedTuple
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from minivllm.layers.logprobs import decode_rows, logprobs_payload, pad_payload
+from minivllm.layers.logprobs import MAX_VOCAB, decode_rows, logprobs_payload, pad_payload
 from minivllm.layers.sampler import Sampler, SamplingBatch, apply_logit_bias, apply_top_k_top_p_min_p
 from minivllm.sampling_params import SamplingParams
 from minivllm.step import SampleRow
@@ -75,6 +77,33 @@ def test_the_argmax_token_has_exactly_the_top_value():
     tokens = logits.argmax(-1)
     for got in decoded(logprobs_payload(logits, tokens, 1), tokens.tolist(), [1] * 16):
         assert got.rank == 1 and got.logprob == got.top_logprobs[0]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.lists(st.integers(-2, 2), min_size=6, max_size=6), min_size=1, max_size=5), st.integers(0, 6))
+def test_greedy_payload_is_the_looked_up_one(rows, k):
+    """Told that every token is its row's argmax, the payload takes the token's value and rank from
+    the top-1 instead of looking them up: the same numbers, ties (small integers) included."""
+    logits = torch.tensor(rows, dtype=torch.float32)
+    tokens = logits.argmax(-1)
+    looked_up = logprobs_payload(logits, tokens, k)
+    assert torch.equal(logprobs_payload(logits, tokens, k, greedy=True), looked_up)
+    out = Sampler(6).sample(logits, rows_of([SamplingParams(temperature=0, logprobs=k)] * len(rows)))
+    assert torch.equal(out.tokens, tokens) and torch.equal(out.logprobs, looked_up)  # (the sampler's greedy path)
+
+
+def test_a_padded_payload_decodes_as_the_narrow_one():
+    torch.manual_seed(3)
+    logits, tokens = torch.randn(3, VOCAB), torch.randint(0, VOCAB, (3,))
+    payload = logprobs_payload(logits, tokens, 2)
+    wide = pad_payload(payload, 5)
+    assert wide.shape == (3, 2 + 2 * 5)
+    assert decoded(wide, tokens.tolist(), [2] * 3) == decoded(payload, tokens.tolist(), [2] * 3)
+
+
+def test_a_vocabulary_beyond_exact_float32_ids_is_refused():
+    with pytest.raises(ValueError, match="vocabulary of at most"):
+        logprobs_payload(torch.zeros(1, 1).expand(1, MAX_VOCAB + 1), torch.zeros(1, dtype=torch.long), 1)
 
 
 def test_minus_inf_logits_and_padding():

@@ -28,9 +28,22 @@ def parse(event: str) -> dict:
 @pytest.mark.parametrize("text,finish", [(" the", None), ("", "length"), ("é\n\"ü\\", "stop")])
 def test_a_completion_chunk_is_the_schemas(text, finish):
     chunks = StreamChunks(HEAD["id"], "text_completion", HEAD["created"], HEAD["model"])
-    cheap = chunks.choice({"index": 3, "text": text, "logprobs": None, "finish_reason": finish})
+    cheap = chunks.choice({"index": 3, "text": text}, "null", finish)
     schema = CompletionStreamResponse(**HEAD, choices=[CompletionChoice(index=3, text=text, finish_reason=finish)])
     assert parse(cheap) == json.loads(schema.model_dump_json())
+
+
+@pytest.mark.parametrize("finish", [None, "length"])
+def test_a_chunk_with_logprobs_is_the_schemas_and_what_json_dumps_writes(finish):
+    """The log-probabilities come as JSON text (entrypoints/logprobs.py), spliced in as they are."""
+    logprobs = {"text_offset": [4], "token_logprobs": [-0.5], "tokens": [" é"], "top_logprobs": [{" é": -0.5}]}
+    chunks = StreamChunks(HEAD["id"], "text_completion", HEAD["created"], HEAD["model"])
+    cheap = chunks.choice({"index": 0, "text": " é"}, json.dumps(logprobs), finish)
+    schema = CompletionStreamResponse(**HEAD, choices=[
+        CompletionChoice(index=0, text=" é", logprobs=logprobs, finish_reason=finish)])
+    assert parse(cheap) == json.loads(schema.model_dump_json())
+    choice = {"index": 0, "text": " é", "logprobs": logprobs, "finish_reason": finish}
+    assert cheap == f"data: {json.dumps({**parse(cheap), 'choices': [choice]})}\n\n"
 
 
 @pytest.mark.parametrize("delta,finish", [({"role": "assistant", "content": ""}, None),
@@ -38,7 +51,7 @@ def test_a_completion_chunk_is_the_schemas(text, finish):
                                           ({"role": None, "content": ""}, "stop")])
 def test_a_chat_chunk_is_the_schemas(delta, finish):
     chunks = StreamChunks(HEAD["id"], "chat.completion.chunk", HEAD["created"], HEAD["model"])
-    cheap = chunks.choice({"index": 1, "delta": delta, "logprobs": None, "finish_reason": finish})
+    cheap = chunks.choice({"index": 1, "delta": delta}, "null", finish)
     schema = ChatCompletionStreamResponse(
         **HEAD, choices=[ChatStreamChoice(index=1, delta=DeltaMessage(**delta), finish_reason=finish)])
     assert parse(cheap) == json.loads(schema.model_dump_json())
