@@ -5,24 +5,22 @@
             two correct implementations sum in a different order, and once two candidates'
             logits are closer than that rounding, greedy decoding may pick either. HF runs one
             prompt at a time (no padding: exactly the unpadded sequence).
-* `engine`  minivllm with --test settings against minivllm with --reference settings (default:
-            the defaults), e.g. `--test kv_cache_dtype=fp8` or `--test tensor_parallel_size=2`:
-            greedy agreement, and **teacher-forced logits**: both engines are fed the same tokens
-            (the prompt, then the reference's greedy continuation) through minivllm's own model and
-            paged cache, prefill then one decode step per token, as generation does, so every
-            position reads the earlier K/V back from its engine's cache. Reported: mean |logit
-            difference| over the vocabulary (mean and worst position), the largest single one, the
-            reference's mean |logit| and top-1 minus top-2 margin (the scale to read it against),
-            and the share of positions whose argmax agrees; `reference_matches_greedy` checks the
-            method (the reference's teacher-forced argmax is its own greedy token). Logits need
-            one process: with tensor parallelism only the tokens are compared.
-* `scales`  which scale granularity an fp8 (e4m3) KV cache should use: per tensor or per head
-            (fixed: calibrated on all the data, on its first 10 %, or 1), per token, per token and
-            head (float32 or bfloat16). For synthetic K/V (`gaussian`; `outliers`: log-normal
-            channel magnitudes, two channels per head 20x larger; `sinks`: outliers plus heads 100x
-            apart), the reference attention on the dequantized cache against float32 attention on
-            the exact values: the worst relative error over seeds, and the scale bytes over the fp8
-            K/V bytes. Accuracy, not speed: CPU numbers are the real ones.
+* `engine`  minivllm with --test settings against minivllm with --reference settings (default: the defaults),
+            e.g. `--test kv_cache_dtype=fp8` or `--test tensor_parallel_size=2`: greedy agreement, and
+            **teacher-forced logits**: both engines are fed the same tokens (the prompt, then the reference's
+            greedy continuation) through minivllm's own model and paged cache, prefill then one decode step per
+            token, as generation does, so every position reads the earlier K/V back from its engine's cache.
+            Reported: mean |logit difference| over the vocabulary (mean and worst position), the largest single
+            one, the reference's mean |logit| and top-1 minus top-2 margin (the scale to read it against), and
+            the share of positions whose argmax agrees; `reference_matches_greedy` checks the method (the
+            reference's teacher-forced argmax is its own greedy token). Logits need one process: with tensor
+            parallelism only the tokens are compared.
+* `scales`  which scale granularity an fp8 (e4m3) KV cache should use: per tensor or per head (fixed:
+            calibrated on all the data, on its first 10 %, or 1), per token, per token and head (float32 or
+            bfloat16). For synthetic K/V (`gaussian`; `outliers`: log-normal channel magnitudes, two channels per
+            head 20x larger; `sinks`: outliers plus heads 100x apart), the reference attention on the dequantized
+            cache against float32 attention on the exact values: the worst relative error over seeds, and the
+            scale bytes over the fp8 K/V bytes. Accuracy, not speed: CPU numbers are the real ones.
 
 Agreement: `exact` (identical rows), `prefix` (mean common prefix as a share of the row),
 `first_token`. Random weights give nearly flat next-token distributions (near-ties everywhere), so

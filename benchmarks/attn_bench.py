@@ -14,19 +14,16 @@ The cases (batch x context x block size x dtype x KV-cache dtype):
 
 For each case it
 
-1. builds a random paged KV cache (shuffled block tables, unused table entries 0 as the engine
-   pads them) and, for the uniform cases, the same K/V as contiguous tensors; with
-   `--kv-cache-dtypes auto,fp8` also an fp8 (e4m3) copy, written by `write_kv_cache` as the
-   engine writes it (one float32 scale per token and KV head);
-2. checks every backend's output against the reference on the *same* cache (REL_TOL), and
-   records the error against the reference on the model-dtype cache too
-   (`rel_error_vs_model_dtype`: what the fp8 format costs);
-3. times each backend and dense `scaled_dot_product_attention` on the contiguous K/V (median of
-   CUDA-graph replays after warm-up: `benchmarks/common.py`'s `time_ms`; on the CPU, wall time);
-4. reports bytes moved over time as a fraction of a copy bandwidth measured in the same run,
-   TFLOP/s as a fraction of a matmul rate measured in the same run, and the time over dense
-   SDPA's ("time/SDPA"; below 1 is faster). The mixed step is also timed as its two parts, each
-   in its own call, to see what one launch for both buys.
+1. builds a random paged KV cache (shuffled block tables, unused table entries 0 as the engine pads them) and, for
+   the uniform cases, the same K/V as contiguous tensors; with `--kv-cache-dtypes auto,fp8` also an fp8 (e4m3)
+   copy, written by `write_kv_cache` as the engine writes it (one float32 scale per token and KV head);
+2. checks every backend's output against the reference on the *same* cache (REL_TOL), and records the error against
+   the reference on the model-dtype cache too (`rel_error_vs_model_dtype`: what the fp8 format costs);
+3. times each backend and dense `scaled_dot_product_attention` on the contiguous K/V (median of CUDA-graph replays
+   after warm-up: `benchmarks/common.py`'s `time_ms`; on the CPU, wall time);
+4. reports bytes moved over time as a fraction of a copy bandwidth measured in the same run, TFLOP/s as a fraction
+   of a matmul rate measured in the same run, and the time over dense SDPA's ("time/SDPA"; below 1 is faster).
+   The mixed step is also timed as its two parts, each in its own call, to see what one launch for both buys.
 
 What is counted (`bytes_moved`, `attention_flops`):
 
@@ -35,18 +32,17 @@ What is counted (`bytes_moved`, `attention_flops`):
     FLOPs = 4 * Hq * D * sum over queries of the keys each query sees (query j of a chunk of q
             new tokens over a context of L sees L - q + j + 1 keys)
 
-**Tuning.** `--tune tiles` also times the Triton kernel at every launch configuration of a grid
-(BLOCK_M, BLOCK_N, num_warps, num_stages: decode and prefill grids differ), `--tune splits` every
-split-KV count (Triton and the CUDA extension), and `--configs '[{...}, ...]'` any list of the
-kernel's `config` dicts (launch options and switches, e.g. `{"INT64_OFFSETS": true}`). Each
-setting is checked against the reference like the default; `ratio_vs_default` is its time over
-the default's. A setting that cannot compile or launch (too much shared memory) is recorded as
-not run. The kernel's defaults (`_launch_config`, `choose_num_splits`) come from these sweeps.
+**Tuning.** `--tune tiles` also times the Triton kernel at every launch configuration of a grid (BLOCK_M, BLOCK_N,
+num_warps, num_stages: decode and prefill grids differ), `--tune splits` every split-KV count (Triton and the CUDA
+extension), and `--configs '[{...}, ...]'` any list of the kernel's `config` dicts (launch options and switches,
+e.g. `{"INT64_OFFSETS": true}`). Each setting is checked against the reference like the default;
+`ratio_vs_default` is its time over the default's. A setting that cannot compile or launch (too much shared memory)
+is recorded as not run. The kernel's defaults (`_launch_config`, `choose_num_splits`) come from these sweeps.
 
-A backend that cannot run a case gets a record that says why; one that raises gets a `failed`
-record and the sweep goes on. A wrong or failed output makes the run exit with 1. On a machine
-without CUDA it runs small shapes with the reference backend in seconds: CPU timings say nothing
-about the GPU, so they go to benchmarks/results/cpu/, which git ignores.
+A backend that cannot run a case gets a record that says why; one that raises gets a `failed` record and the sweep
+goes on. A wrong or failed output makes the run exit with 1. On a machine without CUDA it runs small shapes with the
+reference backend in seconds: CPU timings say nothing about the GPU, so they go to benchmarks/results/cpu/, which
+git ignores.
 
     python benchmarks/attn_bench.py                          # default sweep on this device
     python benchmarks/attn_bench.py --block-sizes 16 --kv-cache-dtypes auto,fp8

@@ -1,10 +1,9 @@
-"""What every benchmark shares: the model, the workload, timing, the JSON record, the table,
-variants run side by side, and the run around them (`run_benchmark`, then `finish`).
+"""What every benchmark shares: the model, the workload, timing, the JSON record, the table, variants run side by
+side, and the run around them (`run_benchmark`, then `finish`).
 
-**The model.** `--model DIR` is any local Hugging Face model directory (real weights);
-`--model-config NAME` builds a random-weight model of a named shape instead (speed depends on the
-shapes, not on the values of the weights, so no checkpoint is needed). Both minivllm and
-transformers load the same directory.
+**The model.** `--model DIR` is any local Hugging Face model directory (real weights); `--model-config NAME` builds a
+random-weight model of a named shape instead (speed depends on the shapes, not on the values of the weights, so no
+checkpoint is needed). Both minivllm and transformers load the same directory.
 
 **The record.** Every benchmark writes one JSON file:
 
@@ -15,20 +14,19 @@ transformers load the same directory.
     results      one dict per measured row; rows of a variant carry "variant": its name
     ...          what else the benchmark reports (copy bandwidth, ratios, a summary)
 
-GPU runs go to benchmarks/results/, CPU runs to benchmarks/results/cpu/ (git ignores it: CPU
-timings of a shared machine are never results).
+GPU runs go to benchmarks/results/, CPU runs to benchmarks/results/cpu/ (git ignores it: CPU timings of a shared
+machine are never results).
 
-**Variants.** `--variants "base:,nofused:MINIVLLM_FUSED_OPS=0"` runs the same benchmark once per
-variant, each in a child process of its own (so a switch read at import takes effect), and puts
-the rows side by side in one JSON and one table. A variant is `NAME:SETTING SETTING ...`, where a
-setting is `KEY=VALUE`:
+**Variants.** `--variants "base:,nofused:MINIVLLM_FUSED_OPS=0"` runs the same benchmark once per variant, each in a
+child process of its own (so a switch read at import takes effect), and puts the rows side by side in one JSON and
+one table. A variant is `NAME:SETTING SETTING ...`, where a setting is `KEY=VALUE`:
 
     MINIVLLM_FUSED_OPS=0         an UPPER_CASE key sets an environment variable of the child
     kv_cache_dtype=fp8           any other key is a keyword argument of `LLM(...)`
     sampling.temperature=0.8     `sampling.` prefixes a keyword argument of `SamplingParams`
 
-A value is read as JSON where it parses (`true`, `2`, `{"method": "ngram"}`), else as a string.
-Commas and spaces inside braces, brackets or quotes do not split.
+A value is read as JSON where it parses (`true`, `2`, `{"method": "ngram"}`), else as a string. Commas and spaces
+inside braces, brackets or quotes do not split.
 """
 
 from __future__ import annotations

@@ -5,18 +5,16 @@ sequence in the batch. Nothing can make it faster than those bytes over the memo
 
     roofline time = (weight bytes + KV bytes read) / copy bandwidth
 
-with the copy bandwidth measured in the same run (with tensor parallelism: one GPU's shard of the
-weights and of the KV heads). For each batch size B, B random prompts of --context tokens go
-through the real engine (scheduler, packing, sampler and sync included) and prefill; then --steps
-engine steps in which all B sequences decode together are timed. A row reports the median step
-time, the roofline and their ratio, the median host time of each phase of the step (schedule,
-prepare, forward, sample, wait, update: `minivllm/observe/records.py`), and `graph_fraction`, the
-share of timed steps whose forward replayed a CUDA graph (a graphs-on step that ran eagerly
-prints a WARNING with the reason).
+with the copy bandwidth measured in the same run (with tensor parallelism: one GPU's shard of the weights and of the
+KV heads). For each batch size B, B random prompts of --context tokens go through the real engine (scheduler,
+packing, sampler and sync included) and prefill; then --steps engine steps in which all B sequences decode together
+are timed. A row reports the median step time, the roofline and their ratio, the median host time of each phase of
+the step (schedule, prepare, forward, sample, wait, update: `minivllm/observe/records.py`), and `graph_fraction`, the
+share of timed steps whose forward replayed a CUDA graph (a graphs-on step that ran eagerly prints a WARNING).
 
-**Kernels per step.** At the batch sizes of --profile-batches (default 1 and 64), torch.profiler
-records --profile-steps more decode steps, after the timed ones (it slows them down). The GPU is
-synchronized before and after, so the window holds exactly those steps' kernels:
+**Kernels per step.** At the batch sizes of --profile-batches (default 1 and 64), torch.profiler records
+--profile-steps more decode steps, after the timed ones (it slows them down). The GPU is synchronized before and
+after, so the window holds exactly those steps' kernels:
 
     kernels_per_step         GPU kernels executed per step, as CUPTI reports them: inside a
                              replayed CUDA graph every kernel node counts (memory copies and
@@ -29,25 +27,25 @@ synchronized before and after, so the window holds exactly those steps' kernels:
 so eager steps show kernels = launches, graphed ones a few launches for hundreds of kernels. On the
 CPU there are no kernels (None). The profiler's top ops go to <json stem>[_<variant>]_profile_b<B>.txt.
 
-**Tensor parallelism** (`-tp N`, or a variant `tensor_parallel_size=N`): on N GPUs the all-reduce
-is also timed alone before the engine starts (`all_reduce` in the JSON), [B, hidden] bf16 per batch
-size, through NCCL and through peer memory (the engine's one-shot sum, where it can run), eager and
-replayed from a CUDA graph of 2 x layers + 1 calls (what one decode step makes), each sum checked.
+**Tensor parallelism** (`-tp N`, or a variant `tensor_parallel_size=N`): on N GPUs the all-reduce is also timed
+alone before the engine starts (`all_reduce` in the JSON), [B, hidden] bf16 per batch size, through NCCL and through
+peer memory (the engine's one-shot sum, where it can run), eager and replayed from a CUDA graph of 2 x layers + 1
+calls (what one decode step makes), each sum checked.
 
     python benchmarks/roofline.py                                  # GPU: qwen3-0.6b, context 1024
     python benchmarks/roofline.py --batch-sizes 1,64 --variants "graphs:,eager:enforce_eager=true"
     python benchmarks/roofline.py --variants "base:,nofused:MINIVLLM_FUSED_OPS=0"
     python benchmarks/roofline.py --model-config llama-3.1-8b --variants "tp1:,tp2:tensor_parallel_size=2"
 
-**The host alone** (`--host-only`): the forward pass and LM head give zeros, so a step is the
-engine's own work (schedule, prepare, sample, update) and its time the fastest step the host
-allows: a GPU step shorter than that is host-bound. The host code is the same on a CPU, so a CPU
-run (no CPU forward pass slowing the code around it) says what a change does to it:
+**The host alone** (`--host-only`): the forward pass and LM head give zeros, so a step is the engine's own work
+(schedule, prepare, sample, update) and its time the fastest step the host allows: a GPU step shorter than that is
+host-bound. The host code is the same on a CPU, so a CPU run (no CPU forward pass slowing the code around it) says
+what a change does to it:
 
     python benchmarks/roofline.py --device cpu --host-only --batch-sizes 16,256 --context 32 --steps 200
 
-Variants (`benchmarks/common.py`) run side by side, each in a process of its own; every row gets
-its step time over the first variant's at the same batch size. CPU runs are no GPU claim.
+Variants (`benchmarks/common.py`) run side by side, each in a process of its own; every row gets its step time over
+the first variant's at the same batch size. CPU runs are no GPU claim.
 """
 
 from __future__ import annotations

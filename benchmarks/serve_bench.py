@@ -1,60 +1,54 @@
 """Online serving: the OpenAI server under Poisson load, against offline `LLM.generate`, one run.
 
-The workload is the random one of `throughput.py` (random prompt token ids, input and output
-lengths uniform in ranges, a fixed seed, EOS ignored so every request generates exactly its output
-length, greedy). The requests are replayed through the *streaming* completions API of a
-`python -m minivllm serve` process started here (or one given with --url), arriving as a Poisson
-process at each rate of --rates (requests per second; `inf` = all at once). Per rate:
+The workload is the random one of `throughput.py` (random prompt token ids, input and output lengths uniform in
+ranges, a fixed seed, EOS ignored so every request generates exactly its output length, greedy). The requests are
+replayed through the *streaming* completions API of a `python -m minivllm serve` process started here (or one given
+with --url), arriving as a Poisson process at each rate of --rates (requests per second; `inf` = all at once). Per rate:
 
-* TTFT (request sent -> first text chunk), inter-token latency (gap between text chunks), TPOT
-  ((end - first chunk) / (output tokens - 1)) and end-to-end latency: mean, p50, p90, p99;
-* output tokens/s over the run (first request sent -> last one done) and failed requests (an HTTP
-  error, an error event, no `[DONE]`, or fewer tokens than asked for);
-* the client's own CPU share, so a client that could not keep up is seen, not mistaken for a slow
-  server. Parsing thousands of chunks a second takes a Python client more than a core, so the
-  requests are sent from several processes (--client-processes; half the cores, at most 8);
-* the frontends' CPU (a server started here): seconds of all frontend processes, microseconds per
-  streamed token, and the busiest one's share of a core (near 1: saturated; tokens per text chunk
-  above 1: it fell behind and merged deltas). `--api-server-count 1,2,4`: one server per value.
+* TTFT (request sent -> first text chunk), inter-token latency (gap between text chunks), TPOT ((end - first chunk) /
+  (output tokens - 1)) and end-to-end latency: mean, p50, p90, p99;
+* output tokens/s over the run (first request sent -> last one done) and failed requests (an HTTP error, an error
+  event, no `[DONE]`, or fewer tokens than asked for);
+* the client's own CPU share, so a client that could not keep up is seen, not mistaken for a slow server. Parsing
+  thousands of chunks a second takes a Python client more than a core, so the requests are sent from several
+  processes (--client-processes; half the cores, at most 8);
+* the frontends' CPU (a server started here): seconds of all frontend processes, microseconds per streamed token, and
+  the busiest one's share of a core (near 1: saturated; tokens per text chunk above 1: it fell behind and merged
+  deltas). `--api-server-count 1,2,4`: one server per value.
 
-In the same run, before the server starts, offline `LLM.generate` computes the same requests with
-the same engine settings: `ratio_vs_offline` = server output tok/s at `inf` / offline output tok/s
-(HTTP and streaming should cost at most 15 %: >= 0.85). --extra-body adds fields to every request.
+In the same run, before the server starts, offline `LLM.generate` computes the same requests with the same engine
+settings: `ratio_vs_offline` = server output tok/s at `inf` / offline output tok/s (HTTP and streaming should cost at
+most 15 %: >= 0.85). --extra-body adds fields to every request.
 
-**Request mixes** (`--mixes plain,json,logprobs`): the same requests again, each mix adding its
-fields (MIXES), one wave per mix at each rate, the mixes taking turns on the same server so that
-any drift of the machine touches them alike. `json` puts a JSON schema on every request
-(`response_format`): an object with one string longer than any output, so the grammar never lets
-a request end early (its EOS stays allowed: structured output refuses `ignore_eos`), every request
-still generates exactly its length, and the engine fills a grammar bitmask for every row of every
-step. `logprobs` asks for the top 5 log-probabilities of every token. `mix_ratios` in the summary
-is each mix's output tok/s over the first mix's, wave by wave (targets: json >= 0.9, logprobs >= 0.95).
+**Request mixes** (`--mixes plain,json,logprobs`): the same requests again, each mix adding its fields (MIXES), one
+wave per mix at each rate, the mixes taking turns on the same server so that any drift of the machine touches them
+alike. `json` puts a JSON schema on every request (`response_format`): an object with one string longer than any
+output, so the grammar never lets a request end early (its EOS stays allowed: structured output refuses
+`ignore_eos`), every request still generates exactly its length, and the engine fills a grammar bitmask for every
+row of every step. `logprobs` asks for the top 5 log-probabilities of every token. `mix_ratios` in the summary is
+each mix's output tok/s over the first mix's, wave by wave (targets: json >= 0.9, logprobs >= 0.95).
 
-**transformers serve** (`--backends minivllm,transformers`): it takes text prompts only, so the
-comparison runs on text made from the workload (random ids of the tokenizer's vocabulary, decoded
-and cut to the drawn length) on the first --hf-num-requests requests, all at once, asking for
-exactly max_tokens tokens, greedy, continuous batching on; minivllm's server runs the same text
-requests. It needs transformers' `[serving]` extra; if it cannot run, the record says why.
+**transformers serve** (`--backends minivllm,transformers`): it takes text prompts only, so the comparison runs on
+text made from the workload (random ids of the tokenizer's vocabulary, decoded and cut to the drawn length) on the
+first --hf-num-requests requests, all at once, asking for exactly max_tokens tokens, greedy, continuous batching on;
+minivllm's server runs the same text requests. It needs transformers' `[serving]` extra; if it cannot run, the
+record says why.
 
     python benchmarks/serve_bench.py                          # GPU: qwen3-0.6b, 256 reqs, 4/16/64/inf
-    python benchmarks/serve_bench.py --rates inf,inf,inf      # three waves on one server
-    python benchmarks/serve_bench.py --rates inf,inf,inf --api-server-count 4   # four frontend processes
+    python benchmarks/serve_bench.py --rates inf,inf,inf --api-server-count 4   # three waves, four frontends
     python benchmarks/serve_bench.py --backends minivllm,transformers --rates 16,inf --hf-num-requests 32
     python benchmarks/serve_bench.py --url http://127.0.0.1:8000 --model-name NAME   # a running server
     python benchmarks/serve_bench.py --num-requests 64 --output-len 512 --rates inf,inf,inf --mixes plain,json
 
-**The frontend alone** (`--fountain-step-ms MS`): the engine process runs a *token fountain*
-(`TokenFountain`: each running request gets one token a step, a word of text, after MS of sleep,
-the GPU's time), so the frontend does the work it does with a model while the engine costs
-nearly nothing; no offline baseline, and the model (default qwen3-small) gives only the tokenizer
-and the config. With a core per process, N frontends keep up with N times the tokens/s of one for
-the same CPU per token. A request with `logprobs` gets a record per token, as from a model, so
+**The frontend alone** (`--fountain-step-ms MS`): the engine process runs a *token fountain* (`TokenFountain`: each
+running request gets one token a step, a word of text, after MS of sleep, the GPU's time), so the frontend does the
+work it does with a model while the engine costs nearly nothing; no offline baseline, and the model (default
+qwen3-small) gives only the tokenizer and the config. With a core per process, N frontends keep up with N times the
+tokens/s of one for the same CPU per token. A request with `logprobs` gets a record per token, as from a model, so
 `--mixes plain,logprobs` says what log-probabilities cost the frontend (CPU per token).
 
-    python benchmarks/serve_bench.py --fountain-step-ms 8 --api-server-count 1,2,4 --num-requests 256 \
-        --input-len 4 --output-len 512 --rates inf                         # frontends, 256 x 512 tokens
-    python benchmarks/serve_bench.py --fountain-step-ms 4 --mixes plain,logprobs --num-requests 64 \
-        --input-len 4 --output-len 512 --rates inf,inf,inf                 # what logprobs=5 costs it
+    python benchmarks/serve_bench.py --fountain-step-ms 8 --api-server-count 1,2,4 --num-requests 256 --input-len 4 --output-len 512 --rates inf
+    python benchmarks/serve_bench.py --fountain-step-ms 4 --mixes plain,logprobs --num-requests 64 --input-len 4 --output-len 512 --rates inf,inf,inf
 """
 
 from __future__ import annotations

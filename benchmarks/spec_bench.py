@@ -249,14 +249,12 @@ E2E_COLUMNS = [
     ("variant", "variant", ""), ("mode", "mode", ""), ("batch", "batch_size", "d"),
     ("off tok/s", "off_output_tokens_per_s", ".1f"), ("on tok/s", "output_tokens_per_s", ".1f"),
     ("speedup", "speedup", ".2f"), ("accept len", "mean_acceptance_length", ".2f"),
-    ("accept rate", "acceptance_rate", ".2f"), ("identical", "identical_outputs", ".0%"),
-]
+    ("accept rate", "acceptance_rate", ".2f"), ("identical", "identical_outputs", ".0%")]
 STEP_COLUMNS = [
     ("variant", "variant", ""), ("model", "model", ""), ("batch", "batch_size", "d"),
     ("decode ms", lambda r: 1e3 * r["decode_step_s"], ".3f"), ("verify k ms", lambda r: 1e3 * r["verify_step_s"], ".3f"),
     ("verify/decode", "verify_over_decode", ".2f"), ("draft step ms", lambda r: 1e3 * r["draft_step_s"], ".3f"),
-    ("draft/decode", "draft_step_over_decode", ".2f"), ("graphs", "cuda_graphs", ""),
-]
+    ("draft/decode", "draft_step_over_decode", ".2f"), ("graphs", "cuda_graphs", "")]
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -1,9 +1,8 @@
 """Offline throughput: minivllm against Hugging Face `generate`, same requests, same process.
 
-The workload (vLLM's "random" dataset, the usual way to compare engines): N requests with random
-prompt token ids, input and output lengths uniform in ranges, a fixed seed, EOS ignored so every
-request generates exactly its output length, greedy. At each level of --concurrency C (default:
-all N), every backend runs the first C requests, all at once:
+The workload (vLLM's "random" dataset, the usual way to compare engines): N requests with random prompt token ids,
+input and output lengths uniform in ranges, a fixed seed, EOS ignored so every request generates exactly its output
+length, greedy. At each level of --concurrency C (default: all N), every backend runs the first C requests at once:
 
 * `minivllm`           `LLM` (continuous batching, paged KV cache, CUDA graphs, overlap): the C
                        requests submitted together, then engine steps until all are done;
@@ -13,12 +12,12 @@ all N), every backend runs the first C requests, all at once:
 * `hf_generate_batch`  transformers continuous batching (its paged cache, the manager API); a run
                        cut by --hf-time-limit reports a lower bound and no ratio.
 
-Each HF backend runs once per --hf-attn implementation: `sdpa`, and `minivllm` (minivllm's kernel
-inside transformers, integrations/hf.py), whose greedy tokens are compared with sdpa's.
+Each HF backend runs once per --hf-attn implementation: `sdpa`, and `minivllm` (minivllm's kernel inside
+transformers, integrations/hf.py), whose greedy tokens are compared with sdpa's.
 
-Per row: output and total tokens/s over the wall time, peak GPU memory; for minivllm TTFT/TPOT
-percentiles, the wall time per kind of step, the Triton compilations during the timed run (must be
-0), and the **workload roofline**, a lower bound no schedule can beat, on this GPU:
+Per row: output and total tokens/s over the wall time, peak GPU memory; for minivllm TTFT/TPOT percentiles, the wall
+time per kind of step, the Triton compilations during the timed run (must be 0), and the **workload roofline**, a
+lower bound no schedule can beat, on this GPU:
 
     decode bytes  = max(output length) x weight bytes    (every decode step reads the weights)
                   + sum over generated tokens of the K/V bytes of its context (model dtype)
@@ -36,10 +35,10 @@ minivllm over each HF row of the same concurrency, and each variant over the fir
 
 Variants (`benchmarks/common.py`) run side by side, each in a process of its own.
 
-Structured output is a variant: `sampling.structured_outputs` takes the fields of
-`StructuredOutputsParams` as JSON, and such a request keeps its EOS (the grammar ends it). A JSON
-schema whose one string is longer than any output keeps every request at its output length, the
-batch as full as without the grammar, and a bitmask to fill for every row of every step:
+Structured output is a variant: `sampling.structured_outputs` takes the fields of `StructuredOutputsParams` as JSON,
+and such a request keeps its EOS (the grammar ends it). A JSON schema whose one string is longer than any output
+keeps every request at its output length, the batch as full as without the grammar, and a bitmask to fill for every
+row of every step:
 
     python benchmarks/throughput.py --num-requests 64 --output-len 512 --variants 'plain:,json:sampling.structured_outputs={"json":{"type":"object","properties":{"text":{"type":"string","minLength":1000000}},"required":["text"]}}'
 """
