@@ -139,12 +139,24 @@ def pack_step(buf: np.ndarray, layout: StepLayout, seqs: SequenceType[ScheduledS
     It runs every step, for up to hundreds of sequences, while the GPU may wait for it. Python
     reads the few numbers of each sequence into one array in one pass, numpy does the rest on
     whole columns; a numpy call costs about a microsecond whatever the batch, so what the step
-    does not have (drafts, dummy rows, a second row per sequence) costs no call at all.
+    does not have (drafts, dummy rows, a second row per sequence) costs no call at all. A batch
+    of one short sequence (batch-1 decode and verification) has so few numbers that Python
+    writes them itself (`_pack_one`).
     """
     num_real = len(seqs)
     num_seqs = num_real if pad_to is None else pad_to
     if num_seqs < num_real:
         raise ValueError(f"pad_to={pad_to} is smaller than the {num_real} scheduled sequences")
+    if num_seqs == num_real == 1 and (query_len or seqs[0].num_new_tokens) <= ONE_SEQ_MAX_ROWS:
+        return _pack_one(buf, layout, seqs[0], rows[0], tables, block_size, last_sampled_row, query_len)
+    return _pack_columns(buf, layout, seqs, rows, tables, block_size, last_sampled_row, num_seqs, pad_row, query_len)
+
+
+def _pack_columns(buf: np.ndarray, layout: StepLayout, seqs: SequenceType[ScheduledSeq], rows: SequenceType[int],
+                  tables: np.ndarray, block_size: int, last_sampled_row: dict[int, int], num_seqs: int,
+                  pad_row: int, query_len: int | None) -> PackedStep:
+    """`pack_step` on whole columns with numpy, for any batch; num_seqs: incl. the dummy ones."""
+    num_real = len(seqs)
     columns = _columns(seqs, num_seqs)
     starts, pending, num_known, num_drafts, counts, host_drafts = columns
     real_lens = pending + num_known + num_drafts  # the new tokens of each sequence
@@ -219,6 +231,53 @@ def pack_step(buf: np.ndarray, layout: StepLayout, seqs: SequenceType[ScheduledS
                       num_device_drafts=len(draft_dst), pending_run=_pending_run(pending_dst, src),
                       logits_start=_run_start(logits_rows), rows_start=_run_start(table_rows),
                       max_query_len=query_len or (int(q_lens.max()) if num_seqs else 1))
+
+
+# A step of one sequence up to this many rows is packed by `_pack_one`: at 32 rows in half the
+# column path's time, at 64 in about the same (2-core CPU).
+ONE_SEQ_MAX_ROWS = 32
+
+
+def _pack_one(buf: np.ndarray, layout: StepLayout, s: ScheduledSeq, row: int, tables: np.ndarray,
+              block_size: int, last_sampled_row: dict[int, int], query_len: int | None) -> PackedStep:
+    """`pack_step` for a batch of one sequence, unpadded, with few rows (`ONE_SEQ_MAX_ROWS`).
+
+    At batch 1 the host prepares every step while the GPU waits, and the column path's two dozen
+    numpy calls cost a microsecond each however few the numbers: here Python computes the dozen
+    numbers of each field in lists and numpy only stores them, one slice each (a verification of
+    k drafts: 1 + k rows; query_len pads them with dummy rows as `pack_step` says)."""
+    real = s.num_new_tokens
+    if real < 1:
+        raise ValueError("every scheduled sequence needs at least one new token")
+    q = real if query_len is None else query_len
+    if real > q:
+        raise ValueError(f"query_len={query_len} is shorter than a sequence's {real} new tokens")
+    num_sampled = s.num_logits_rows
+    _check_fits(buf, layout, q, 1, num_sampled)
+    start, pending, num_drafts = s.start, int(s.pending), s.num_draft_tokens
+    after_known = pending + len(s.token_ids)  # where the drafts start; a dummy row repeats the last position
+    positions = [start + min(j, real - 1) for j in range(q)]
+    table = tables[row]
+    slots = [int(table[p // block_size]) * block_size + p % block_size for p in positions[:real]]
+    device_drafts = num_drafts - len(s.draft_token_ids)  # a draft model's: placeholders, as a pending token
+    last = real - 1
+    logits_rows = list(range(last - num_drafts, last + 1)) if num_drafts else [last] * s.num_samples
+    src = [last_sampled_row[s.seq_id]] if pending else []
+    fields = (("input_ids", [0] * pending + s.token_ids + s.draft_token_ids + [0] * (device_drafts + q - real)),
+              ("positions", positions), ("slot_mapping", slots + [PAD_SLOT] * (q - real)),
+              ("seq_lens", [start + q]), ("cu_seqlens_q", [0, q]), ("logits_indices", logits_rows),
+              ("rows", [row]), ("pending_dst", [0] * pending), ("pending_src", src),
+              ("draft_dst", list(range(after_known, after_known + device_drafts))))
+    offsets = layout.offsets
+    for name, values in fields:
+        if values:
+            at = offsets[name]
+            buf[at:at + len(values)] = values
+    logits_start = logits_rows[0] if num_drafts or len(logits_rows) == 1 else (None if logits_rows else 0)
+    return PackedStep(num_tokens=q, num_seqs=1, num_sampled=num_sampled, num_pending=pending,
+                      max_seq_len=start + q, num_device_drafts=device_drafts,
+                      pending_run=(0, src[0]) if pending else (0, 0), logits_start=logits_start,
+                      rows_start=row, max_query_len=q)
 
 
 def _pending_run(dst: np.ndarray, src: list[int]) -> tuple[int, int] | None:

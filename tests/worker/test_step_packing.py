@@ -292,8 +292,8 @@ def reference_pack(seqs, tables, rows, last_sampled, pad_to, query_len):
 
 
 @st.composite
-def steps(draw):
-    n = draw(st.integers(0, 5))
+def steps(draw, num_seqs=st.integers(0, 5)):
+    n = draw(num_seqs)
     seqs, last_sampled = [], {}
     for i in range(n):
         pending = draw(st.booleans())
@@ -339,6 +339,25 @@ def test_pack_step_equals_a_token_by_token_reference(step):
     both = run_start(dst), run_start(src)
     assert packed.pending_run == (None if None in both else both)
     assert packed.rows_start == run_start(batch.rows.tolist())
+
+
+@settings(max_examples=100, deadline=None)
+@given(steps(num_seqs=st.just(1)))
+def test_one_sequence_packed_by_python_equals_the_column_path(step):
+    """A batch of one sequence skips the numpy columns (`_pack_one`): every field it writes, and
+    the sizes and runs it reports, are the column path's."""
+    from minivllm.worker.input_batch import _pack_columns, _pack_one
+
+    seqs, last_sampled, _, query_len = step
+    tables = BlockTables(8, 6, torch.device("cpu"))
+    rows = tables.sync_all(seqs)
+    layout = StepLayout(max_tokens=128, max_sampled=64, max_seqs=1)
+    bufs = [np.full(layout.size, 12345, dtype=np.int32) for _ in range(2)]
+    one = _pack_one(bufs[0], layout, seqs[0], rows[0], tables.host, BS, last_sampled, query_len)
+    columns = _pack_columns(bufs[1], layout, seqs, rows, tables.host, BS, last_sampled, 1, 7, query_len)
+    assert one == columns
+    for name, view in field_views(torch.from_numpy(bufs[0]), layout, one).items():
+        assert view.tolist() == field_views(torch.from_numpy(bufs[1]), layout, columns)[name].tolist(), name
 
 
 def run_start(values):
