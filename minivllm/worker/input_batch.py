@@ -255,15 +255,15 @@ def _pack_one(buf: np.ndarray, layout: StepLayout, s: ScheduledSeq, row: int, ta
     num_sampled = s.num_logits_rows
     _check_fits(buf, layout, q, 1, num_sampled)
     start, pending, num_drafts = s.start, int(s.pending), s.num_draft_tokens
-    after_known = pending + len(s.token_ids)  # where the drafts start; a dummy row repeats the last position
-    positions = [start + min(j, real - 1) for j in range(q)]
+    after_known = pending + len(s.token_ids)  # the row of the first draft
+    positions = [start + min(j, real - 1) for j in range(q)]  # a dummy row repeats the last real one
     table = tables[row]
     slots = [int(table[p // block_size]) * block_size + p % block_size for p in positions[:real]]
     device_drafts = num_drafts - len(s.draft_token_ids)  # a draft model's: placeholders, as a pending token
     last = real - 1
     logits_rows = list(range(last - num_drafts, last + 1)) if num_drafts else [last] * s.num_samples
     src = [last_sampled_row[s.seq_id]] if pending else []
-    fields = (("input_ids", [0] * pending + s.token_ids + s.draft_token_ids + [0] * (device_drafts + q - real)),
+    fields = (("input_ids", [*[0] * pending, *s.token_ids, *s.draft_token_ids, *[0] * (device_drafts + q - real)]),
               ("positions", positions), ("slot_mapping", slots + [PAD_SLOT] * (q - real)),
               ("seq_lens", [start + q]), ("cu_seqlens_q", [0, q]), ("logits_indices", logits_rows),
               ("rows", [row]), ("pending_dst", [0] * pending), ("pending_src", src),
