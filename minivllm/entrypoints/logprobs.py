@@ -24,10 +24,10 @@ a log-probability is sent as at least -9999.0. A token's text is the token decod
 character split over several tokens shows as U+FFFD), and `bytes` its UTF-8 encoding.
 
 **Why JSON text, not dicts.** A stream sends a chunk per token. With logprobs=5, building these
-dicts and `json.dumps`-ing them with the chunk took a completions chunk from ~2 us to ~9.5 us,
-a chat chunk's shape alone ~15 us (timeit, 2-core CPU). Here each token's name is JSON-quoted once
+dicts and `json.dumps`-ing them with the chunk took a completions chunk from ~2.1 us to ~9.5 us,
+a chat chunk's shape alone ~15.4 us (timeit, 2-core CPU). Here each token's name is JSON-quoted once
 per id (`TokenTexts`), each number written once (the floats, ~0.6 us each, are most of what is
-left), and the text joined: ~7.5 us for the completions chunk, ~5.5 us for the chat shape. It is
+left), and the text joined: ~7.4 us for the completions chunk, ~5.7 us for the chat shape. It is
 exactly what `json.dumps` writes of the same dicts (a test checks); a plain answer parses it back
 (`json.loads`) for its response model.
 """

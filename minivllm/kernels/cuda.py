@@ -203,8 +203,8 @@ def write_kv_cache(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_s
 def paged_attention(query, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, causal,
                     out, max_seq_len=None, num_splits=None, k_scale=None, v_scale=None, max_query_len=None):
     """One launch (decode, or prefill for any other batch), plus a merge launch when a decode is
-    split (`max_query_len` is the Triton kernel's hint, not used here). The split count comes from shapes and `max_seq_len` (the table's capacity when None),
-    never from seq_lens' values."""
+    split (`max_query_len` is the Triton kernel's hint, not used here). The split count comes from
+    shapes and `max_seq_len` (the table's capacity when None), never from seq_lens' values."""
     if num_splits is None:
         num_splits = 1
         if query.shape[0] == seq_lens.shape[0]:  # one query per sequence: a decode batch
