@@ -226,8 +226,12 @@ class Scheduler:
             budget -= num_new
             hit_tokens += num_cached
         step = self._build_step(planned, copies, preemptions, hit_tokens)
+        # The next plan waits for this step only if it may draft: counted after the admissions,
+        # so a step that fills the batch past the threshold (the first of a large batch) keeps
+        # the overlap, as it would without speculation.
         step.speculative = step.num_draft_tokens > 0 or (
-            speculate and any(may_speculate(seq) for seq in step.sampled))
+            self.speculation is not None and self.speculation.enabled(len(self.running))
+            and any(may_speculate(seq) for seq in step.sampled))
         return step
 
     def _plan_drafts(self, seq: Sequence, spare: int) -> tuple[list[int], int]:

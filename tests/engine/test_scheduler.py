@@ -2,10 +2,11 @@
 
 import pytest
 
-from minivllm.config import SchedulerConfig
+from minivllm.config import SchedulerConfig, SpeculativeConfig
 from minivllm.engine.block_manager import BlockManager
 from minivllm.engine.scheduler import Scheduler
 from minivllm.engine.sequence import Sequence, SequenceStatus
+from minivllm.engine.speculation import Speculation
 from minivllm.sampling_params import SamplingParams
 
 from .sim import ShadowRunner, abort, check_block_invariants
@@ -289,3 +290,16 @@ def test_update_checks_the_number_of_sampled_tokens():
 def test_scheduler_needs_a_resolved_config():
     with pytest.raises(ValueError, match="max_model_len"):
         Scheduler(SchedulerConfig(), BlockManager(4, 4))
+
+
+@pytest.mark.parametrize("num_seqs, waited_for", [(2, True), (3, False)])
+def test_only_a_step_whose_batch_may_speculate_next_is_waited_for(num_seqs, waited_for):
+    """The first step of a batch (nothing ran before it) is waited for only if the batch it
+    admits is small enough to speculate next: above disable_by_batch_size it keeps the overlap,
+    as it would without speculation."""
+    spec = SpeculativeConfig("ngram", 2, disable_by_batch_size=2)
+    sched = Scheduler(SchedulerConfig(max_model_len=256), BlockManager(64, 4), speculation=Speculation(spec, 256))
+    for i in range(num_seqs):
+        sched.add_sequence(make_seq(6, f"r{i}"))
+    step = sched.schedule()
+    assert len(step.sampled) == num_seqs and step.speculative is waited_for

@@ -190,14 +190,18 @@ def test_logprobs_requests_decode_plainly_and_logit_bias_is_verified(model_dir, 
     assert llm.engine.get_stats()["speculative"]["num_draft_tokens"] > spec["num_draft_tokens"]
 
 
-def test_speculation_turns_off_above_the_batch_size(model_dir):
+@pytest.mark.parametrize("overlap", [True, False])
+def test_speculation_turns_off_above_the_batch_size(model_dir, overlap):
     """disable_by_batch_size=2: no step planned while 3 or more sequences run has drafts; once
-    requests finish and two remain, they speculate."""
+    requests finish and two remain, they speculate; the outputs are those without speculation."""
     path = str(model_dir("qwen3"))
-    llm = LLM(path, speculative_config={**NGRAM, "disable_by_batch_size": 2}, **ENGINE)
+    engine = {**ENGINE, "async_scheduling": overlap}
     prompts = repetitive_prompts(4, seed=5)
-    llm.generate(prompts, [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (4, 5, 30, 30)],
-                 use_tqdm=False)
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (4, 5, 30, 30)]
+    llms = [LLM(path, speculative_config=spec, **engine) for spec in (None, {**NGRAM, "disable_by_batch_size": 2})]
+    plain, speculated = ([o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)] for llm in llms)
+    assert speculated == plain
+    llm = llms[1]
     records = list(llm.engine.stats.history)
     assert all(r.num_running <= 2 for r in records if r.num_draft_tokens)
     assert any(r.num_draft_tokens for r in records)
