@@ -2,20 +2,18 @@
 
 Two parts (docs/speculative_decoding.md):
 
-* `--part e2e` (a real model, `--model DIR`, e.g. SmolLM2-135M-Instruct; random weights make
-  acceptance meaningless): a prompt-lookup-friendly workload (rewrite, correct, continue or
-  document a passage or code given in the prompt), greedy. For each batch size, output tokens/s
-  with n-gram speculation always on and with it off (two engines, one after the other), their
-  ratio, the acceptance (mean acceptance length, rate per draft position) and the share of
-  identical outputs (float32 gives 1.0, the tests check it; in bf16 a verification's other
-  shapes may round a near tie the other way). `disable_by_batch_size_measured` in the JSON, the
-  largest batch up to which speculation paid, is what `DISABLE_BY_BATCH_SIZE` (minivllm/config.py)
-  should be. At the largest batch the engine's default threshold is timed too: `default_threshold`.
-* `--part step` (random weights of a named shape, `--model-config`): the model runner's step,
-  launched and waited for, at batch 1 (and --batch-sizes), one engine holding the target and a
-  2-layer draft of the same shape and vocabulary: the plain decode step (the target alone, as an
-  engine without speculation runs it), the verification of k drafts (the target alone), and the
-  draft-model step (the draft proposes k drafts, the target verifies them, the draft mirrors the
+* `--part e2e` (a real model, `--model DIR`, e.g. SmolLM2-135M-Instruct; random weights make acceptance meaningless): a
+  prompt-lookup-friendly workload (rewrite, correct, continue or document a passage or code given in the prompt),
+  greedy, `--rounds` rounds of batch-size requests at once: output tokens/s with n-gram speculation always on against
+  off (two engines), the acceptance and the share of identical outputs (1.0 in float32, as the tests check; in bf16 a
+  verification's other shapes may round a near tie the other way). `disable_by_batch_size_measured`, the largest batch
+  up to which speculation paid, is what `DISABLE_BY_BATCH_SIZE` (minivllm/config.py) should be. At the largest batch the
+  default threshold is timed too (`default_threshold`), and `above_threshold_speedup` compares the steps planned while
+  more sequences ran than it: there it runs without speculation, and must cost nothing.
+* `--part step` (random weights of a named shape, `--model-config`): the model runner's step, launched and waited for,
+  at batch 1 (and --batch-sizes), one engine holding the target and a 2-layer draft of the same shape and vocabulary:
+  the plain decode step (the target alone, as an engine without speculation runs it), the verification of k drafts (the
+  target alone), and the draft-model step (the draft proposes k drafts, the target verifies them, the draft mirrors the
   forward). Same sequence, same context, same slots; only the step differs.
 
     python benchmarks/spec_bench.py --part e2e --model DIR --batch-sizes 1,64   # tok/s, acceptance
@@ -40,6 +38,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `minivll
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from minivllm import LLM, SamplingParams
+from minivllm.config import DISABLE_BY_BATCH_SIZE
 from minivllm.step import SampleRow, ScheduledSeq, SchedulerOutput
 
 from benchmarks.common import (DTYPES, add_model_arguments, add_row, add_variant_arguments,
@@ -98,21 +97,25 @@ def workload_prompts(tokenizer, count: int) -> list:
 COUNTS = ("num_draft_tokens", "num_accepted_tokens", "num_verifications")  # the engine's speculative stats
 
 
-def run_batches(llm, batch_sizes: list[int], max_tokens: int, rounds_for_one: int, sampling: dict) -> list[dict]:
-    """Each batch size: rounds of `batch` requests submitted at once, greedy; tokens/s over all."""
+def run_batches(llm, batch_sizes: list[int], max_tokens: int, rounds: int, sampling: dict) -> list[dict]:
+    """Each batch size: `rounds` rounds of `batch` requests at once, greedy (a round lasts as its longest request at any
+    batch size); output tokens/s over all, and over the steps planned with more running than the default threshold."""
     params = SamplingParams(**{"temperature": 0.0, "max_tokens": max_tokens, **sampling})
-    rows = []
+    rows, stats = [], llm.engine.stats
     for batch in batch_sizes:
-        rounds = max(2 if batch > 1 else 1, rounds_for_one // batch)  # a round lasts as its longest request
         prompts = workload_prompts(llm.engine.tokenizer, batch * rounds)
-        before = llm.engine.get_stats().get("speculative", {})
+        before, first_step = llm.engine.get_stats().get("speculative", {}), stats.totals["steps"]
         start = time.perf_counter()
         outputs = [o.token_ids for r in range(rounds)
                    for o in llm.generate(prompts[r * batch:(r + 1) * batch], params, use_tqdm=False)]
         elapsed = time.perf_counter() - start
+        steps = list(stats.history)[first_step - stats.totals["steps"] - 1:]  # this run's, and the one before
+        above = [(r.num_generated_tokens, r.finish_time - max(r.time, p.finish_time))  # (tokens, wall s)
+                 for p, r in zip(steps, steps[1:]) if r.num_running > DISABLE_BY_BATCH_SIZE]
         tokens = sum(len(o) for o in outputs)
-        row = {"batch_size": batch, "num_requests": batch * rounds, "output_tokens": tokens,
-               "output_tokens_per_s": tokens / elapsed, "outputs": outputs}
+        row = {"batch_size": batch, "num_requests": batch * rounds, "output_tokens": tokens, "outputs": outputs,
+               "output_tokens_per_s": tokens / elapsed, "above_threshold_tokens_per_s":
+               sum(n for n, _ in above) / sum(t for _, t in above) if above else None}
         after = llm.engine.get_stats().get("speculative", {})
         if after:
             row.update({key: after[key] - before[key] for key in COUNTS},
@@ -124,8 +127,7 @@ def run_batches(llm, batch_sizes: list[int], max_tokens: int, rounds_for_one: in
 def e2e(model_dir: Path, dtype: str, args, device: torch.device, record: dict, out: Path) -> None:
     """Speculation off, always on, and (at the largest batch) with the default threshold: one
     engine each, the same requests; rows into `record`."""
-    variant = this_variant(args)
-    sizes = args.batch_sizes
+    variant, sizes = this_variant(args), args.batch_sizes
     ngram = {"method": "ngram", "num_speculative_tokens": args.num_speculative_tokens}
     spec = variant.engine.get("speculative_config", ngram)  # a variant may set its own
     engine = {**dict(dtype=dtype, device=device.type, max_num_seqs=max(sizes), max_model_len=args.max_model_len),
@@ -135,14 +137,13 @@ def e2e(model_dir: Path, dtype: str, args, device: torch.device, record: dict, o
     if max(sizes) > 1:
         modes.append(("default_threshold", {k: v for k, v in spec.items() if k != "disable_by_batch_size"}, [max(sizes)]))
     measured = {mode: [] for mode, _, _ in modes}
-    for _ in range(args.repeats):  # the modes take turns, so a drift of the machine hits them alike
-        for mode, speculative_config, batch_sizes in modes:
-            llm = LLM(str(model_dir), speculative_config=speculative_config, **engine)
-            for _ in range(2):  # warm-up: batch 1's prompts, 16 tokens each, then again from the prefix cache
-                run_batches(llm, [1], 16, args.rounds, variant.sampling)  # (as the timed rounds find them)
-            measured[mode].append({r["batch_size"]: r for r in run_batches(llm, batch_sizes, args.max_tokens,
-                                                                            args.rounds, variant.sampling)})
-            llm.close()
+    for turn in range(args.repeats):  # the modes take turns, each first in one: a drift hits all alike
+        for mode, speculative_config, batch_sizes in modes[turn % len(modes):] + modes[:turn % len(modes)]:
+            with LLM(str(model_dir), speculative_config=speculative_config, **engine) as llm:
+                for _ in range(2):  # warm-up: batch 1's prompts, 16 tokens each, then from the prefix cache
+                    run_batches(llm, [1], 16, args.rounds, variant.sampling)  # (as the timed rounds find them)
+                measured[mode].append({r["batch_size"]: r for r in run_batches(
+                    llm, batch_sizes, args.max_tokens, args.rounds, variant.sampling)})
             del llm
             release_memory(device)
     for mode, _, batch_sizes in modes[1:]:
@@ -154,7 +155,8 @@ def e2e(model_dir: Path, dtype: str, args, device: torch.device, record: dict, o
 def e2e_row(mode: str, offs: list[dict], ons: list[dict], args) -> dict:
     """One batch size, speculation on against off: the median of the repeats' ratios (each on
     run over the off run of its own turn), the acceptance over all of them."""
-    speedups = sorted(on["output_tokens_per_s"] / off["output_tokens_per_s"] for on, off in zip(ons, offs))
+    speedups, above = (sorted(on[key] / off[key] for on, off in zip(ons, offs) if on[key] and off[key])
+                       for key in ("output_tokens_per_s", "above_threshold_tokens_per_s"))
     same = agreement(ons[0]["outputs"], offs[0]["outputs"])
     total = {key: sum(on.get(key, 0) for on in ons) for key in COUNTS + ("output_tokens",)}
     drafts, accepted, verifications = (total[key] for key in COUNTS)
@@ -165,7 +167,8 @@ def e2e_row(mode: str, offs: list[dict], ons: list[dict], args) -> dict:
             "output_tokens_per_s": median([on["output_tokens_per_s"] for on in ons]),
             "off_output_tokens": sum(off["output_tokens"] for off in offs),
             "off_output_tokens_per_s": median([off["output_tokens_per_s"] for off in offs]),
-            "speedup": median(speedups), "speedups": speedups,
+            "speedup": median(speedups), "speedups": speedups, "above_threshold_speedups": above,
+            "above_threshold_speedup": median(above) if above else None,
             "identical_outputs": same["exact"], "common_prefix": same["prefix"]}
 
 
@@ -188,10 +191,8 @@ def time_runner_steps(llm, batch: int, context: int, k: int, device: torch.devic
     drafts after it; the prompt length leaves room for them in its last block. The plain steps
     run with the draft model set aside (no mirror), as an engine without speculation runs them.
     """
-    engine = llm.engine
-    runner = engine.executor.runner
-    bs = runner.block_size
-    length = -(-context // bs) * bs - k  # the last block has room for k drafts
+    engine, runner = llm.engine, llm.engine.executor.runner
+    length = -(-context // runner.block_size) * runner.block_size - k  # the last block has room for k drafts
     room = engine.config.scheduler_config.max_model_len - length  # never finishes while timed
     params = SamplingParams(temperature=0.0, max_tokens=room, ignore_eos=True)
     generator = torch.Generator().manual_seed(batch)
@@ -232,24 +233,23 @@ def step_part(model_dir: Path, dtype: str, args, device: torch.device, record: d
                      enable_prefix_caching=False, speculative_config=spec), **variant.engine}
     if device.type == "cpu":
         engine.setdefault("num_kv_blocks", batch * (args.context // 16 + 8))
-    llm = LLM(str(model_dir), **engine)
-    for b in args.batch_sizes:
-        m = time_runner_steps(llm, b, args.context, k, device)
-        add_row(record, out, {
-            "variant": variant.name, "part": "step", "model": args.model_label, "batch_size": b,
-            "context": args.context, "num_speculative_tokens": k, **m,
-            "verify_over_decode": m["verify_step_s"] / m["decode_step_s"],
-            "draft_step_over_decode": m["draft_step_s"] / m["decode_step_s"]})
-    llm.close()
+    with LLM(str(model_dir), **engine) as llm:
+        for b in args.batch_sizes:
+            m = time_runner_steps(llm, b, args.context, k, device)
+            add_row(record, out, {
+                "variant": variant.name, "part": "step", "model": args.model_label, "batch_size": b,
+                "context": args.context, "num_speculative_tokens": k, **m,
+                "verify_over_decode": m["verify_step_s"] / m["decode_step_s"],
+                "draft_step_over_decode": m["draft_step_s"] / m["decode_step_s"]})
     del llm
     release_memory(device)
 
 
-E2E_COLUMNS = [
-    ("variant", "variant", ""), ("mode", "mode", ""), ("batch", "batch_size", "d"),
-    ("off tok/s", "off_output_tokens_per_s", ".1f"), ("on tok/s", "output_tokens_per_s", ".1f"),
-    ("speedup", "speedup", ".2f"), ("accept len", "mean_acceptance_length", ".2f"),
-    ("accept rate", "acceptance_rate", ".2f"), ("identical", "identical_outputs", ".0%")]
+E2E_COLUMNS = [("variant", "variant", ""), ("mode", "mode", ""), ("batch", "batch_size", "d"),
+               ("off tok/s", "off_output_tokens_per_s", ".1f"), ("on tok/s", "output_tokens_per_s", ".1f"),
+               ("speedup", "speedup", ".2f"), (f"> {DISABLE_BY_BATCH_SIZE} running", "above_threshold_speedup", ".2f"),
+               ("accept len", "mean_acceptance_length", ".2f"), ("accept rate", "acceptance_rate", ".2f"),
+               ("identical", "identical_outputs", ".0%")]
 STEP_COLUMNS = [
     ("variant", "variant", ""), ("model", "model", ""), ("batch", "batch_size", "d"),
     ("decode ms", lambda r: 1e3 * r["decode_step_s"], ".3f"), ("verify k ms", lambda r: 1e3 * r["verify_step_s"], ".3f"),
@@ -266,7 +266,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-speculative-tokens", "-k", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=256, help="e2e: output tokens per request")
     p.add_argument("--max-model-len", type=int, default=1024, help="e2e")
-    p.add_argument("--rounds", type=int, default=8, help="e2e: requests at batch 1 (fewer rounds at larger batches)")
+    p.add_argument("--rounds", type=int, default=8, help="e2e: rounds of batch-size requests at once")
     p.add_argument("--repeats", type=int, default=3, help="e2e: runs of every mode, in turns (median ratio)")
     p.add_argument("--context", type=int, help="step: context per sequence (default 1024; CPU 40)")
     args = with_device_defaults(p, argv, gpu={"context": 1024}, cpu={"context": 40})
