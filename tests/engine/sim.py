@@ -21,7 +21,9 @@ model would make on the device are guessed here, right about two times in three.
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
 import tempfile
 from collections import Counter
 from functools import cache
@@ -47,6 +49,7 @@ def next_token(prefix: list[int], seed_offset: int, vocab_size: int) -> int:
 def draft_model_dir() -> str:
     """A directory that passes for a draft model's (config.json only): the scheduler never loads it."""
     path = Path(tempfile.mkdtemp(prefix="shadow-draft-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
     (path / "config.json").write_text(json.dumps({"vocab_size": 5}))
     return str(path)
 

@@ -59,7 +59,9 @@ class ServerProcess:
         args = [sys.executable, *launcher, "serve", "--model", str(model), "--port", str(self.port),
                 "--served-model-name", MODEL_NAME, "--attention-backend", "torch", "--kv-cache-memory-bytes", "8MiB",
                 "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", str(MAX_NUM_SEQS), *extra]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # Its temporary files (the metrics directory) under the test's own directory: a test
+        # that SIGKILLs the launcher leaves them behind, and pytest cleans that up.
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(log_dir)}
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
 
