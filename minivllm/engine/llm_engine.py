@@ -115,7 +115,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, max_retained_outputs: int = 10_000):
         """Load the model, size the KV cache, and get ready to serve.
 
-        max_retained_outputs: finished requests kept for `get_output` (oldest dropped first).
+        max_retained_outputs: finished requests kept for `get_output` (oldest dropped first). A
+            streamed request is kept without its log-probabilities: its deltas delivered them.
         """
         if not isinstance(config, EngineConfig):
             raise TypeError(f"config must be an EngineConfig, got {type(config).__name__}")
@@ -514,6 +515,7 @@ class LLMEngine:
             if request.stream:  # the statistics need no log-probabilities: none are made for them
                 self.stats.add_request(request.to_output(self._text_of))
                 outputs.append(request.delta_output(self._text_of, self._position))
+                request.release_logprobs()  # every record went out in a delta
             else:
                 outputs.append(request.to_output(self._text_of, self._position))
                 self.stats.add_request(outputs[-1])

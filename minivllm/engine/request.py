@@ -76,6 +76,16 @@ class Request:
             self.seqs.append(child)
         parent.num_pending_forks = 0
 
+    def release_logprobs(self) -> None:
+        """Drop the log-probability records of a finished streamed request, whose deltas carried
+        every one. The engine keeps finished requests for `get_output` (up to
+        max_retained_outputs): with their records, a server's engine would hold a tuple per
+        token it ever scored, hundreds of MB after a few thousand requests with logprobs, and
+        the host memory and garbage collector's work would grow with every token served.
+        `get_output` then shows the request as one that asked for none (None)."""
+        for seq in self.seqs:
+            seq.output_logprobs = seq.prompt_logprobs = None
+
     def to_output(self, text_of: Callable[[Sequence], str], position: Position | None = None) -> RequestOutput:
         """The user-facing snapshot; `text_of(seq)` gives a sequence's text, `position(record)` a
         scored position as the output shows it (None: leave them out, e.g. for statistics)."""

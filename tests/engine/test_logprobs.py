@@ -116,18 +116,36 @@ def test_n_samples_each_carry_their_own_logprobs(model_dir, hf_logits):
     assert_matches_hf(out, hf_logits, k=2, prompt_k=1)
 
 
-def test_stream_deltas_add_up_to_the_final_output(model_dir):
+def test_stream_deltas_add_up_to_the_unstreamed_output(model_dir):
     llm = make_llm(model_dir)
     engine = llm.engine
-    request_id = engine.add_request(PROMPTS[1], GREEDY, stream=True)
+    params = GREEDY
+    request_id = engine.add_request(PROMPTS[1], params, stream=True)
     deltas = []
     while engine.has_unfinished_requests():
         deltas += [o for o in engine.step() if o.request_id == request_id]
-    final = engine.get_output(request_id)
+    whole = llm.generate([PROMPTS[1]], params, use_tqdm=False)[0]
     streamed = [e for d in deltas for e in d.outputs[0].logprobs]
-    assert [list(p) for p in streamed] == [list(p) for p in final.outputs[0].logprobs]
+    assert [list(p) for p in streamed] == [list(p) for p in whole.outputs[0].logprobs]
     prompt_deltas = [d.prompt_logprobs for d in deltas if d.prompt_logprobs is not None]
-    assert len(prompt_deltas) == 1 and prompt_deltas[0] == final.prompt_logprobs
+    assert len(prompt_deltas) == 1 and prompt_deltas[0] == whole.prompt_logprobs
+
+
+def test_a_finished_streamed_request_keeps_no_records(model_dir):
+    """Its deltas delivered every record; the finished request the engine retains (for
+    get_output) must not hold a tuple per scored token, or a server's memory grows with every
+    token it ever scored."""
+    llm = make_llm(model_dir)
+    engine = llm.engine
+    params = GREEDY
+    request_id = engine.add_request(PROMPTS[1], params, stream=True)
+    while engine.has_unfinished_requests():
+        engine.step()
+    seq = engine._finished[request_id].seqs[0]
+    assert seq.output_logprobs is None and seq.prompt_logprobs is None
+    final = engine.get_output(request_id)
+    assert final.outputs[0].logprobs is None and final.prompt_logprobs is None
+    assert len(final.outputs[0].token_ids) == params.max_tokens
 
 
 def test_max_tokens_zero_only_scores_the_prompt(model_dir, hf_logits):
