@@ -27,6 +27,7 @@ process exits 0, with no traceback, and leaves no process behind.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import secrets
 import signal
@@ -224,6 +225,12 @@ def serve_app(async_llm: AsyncLLM, model_name: str, api_key: str | None, shutdow
     # non-zero exit.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _shut_down_already)
+    # As in the engine process: what exists now (FastAPI, pydantic, the tokenizer, the libraries:
+    # ~250k objects) lives as long as the process. Frozen out of the collector's sight, a full
+    # collection no longer walks it while streams are served: one paused this process, its
+    # event loop and its reader of the engine's pipe, for 120-160 ms (2-core CPU, token fountain).
+    gc.collect()
+    gc.freeze()
     try:
         server.run(sockets=sockets)
     finally:  # if uvicorn never started, the lifespan did not stop the engine
