@@ -18,7 +18,6 @@ metadata and is read one element per program, so its alignment is left out of th
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
