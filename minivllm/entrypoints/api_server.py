@@ -219,12 +219,12 @@ def serve_app(async_llm: AsyncLLM, model_name: str, api_key: str | None, shutdow
                             timeout_graceful_shutdown=shutdown_timeout + 5)
     server = _drain_first(uvicorn.Server)(config)
     server.async_llm, server.drain_timeout = async_llm, shutdown_timeout
-    # uvicorn handles SIGINT/SIGTERM while it serves, and afterwards re-raises the signal it caught
-    # through the handler that was there before it. Ours does nothing: the shutdown is done, and
-    # Python's own (KeyboardInterrupt, or death by SIGTERM) would turn it into a traceback or a
-    # non-zero exit.
+    # uvicorn handles SIGINT/SIGTERM while it serves. A signal that comes before it has taken them
+    # over (a launcher stopping a frontend that is still starting) asks it to stop as soon as it
+    # has started; one that uvicorn re-raises after its graceful shutdown asks for what is done.
+    # Python's own handlers would turn either into a traceback or a non-zero exit.
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _shut_down_already)
+        signal.signal(sig, lambda signum, frame: setattr(server, "should_exit", True))
     # As in the engine process: what exists now (FastAPI, pydantic, the tokenizer, the libraries:
     # ~250k objects) lives as long as the process. Frozen out of the collector's sight, a full
     # collection no longer walks it while streams are served: one paused this process, its
@@ -256,7 +256,3 @@ def _drain_first(server_class):
 
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
-
-
-def _shut_down_already(signum, frame) -> None:
-    """The signal uvicorn re-raises after its graceful shutdown: nothing is left to do."""

@@ -49,13 +49,15 @@ def free_port() -> int:
 
 class ServerProcess:
     """A `python -m minivllm serve` child process and its address. lockstep: an engine that, once
-    it has reported tokens, steps again only when the server sends it a command (lockstep_server.py)."""
+    it has reported tokens, steps again only when the server sends it a command (lockstep_server.py).
+    script: another launcher in this directory, run in place of `-m minivllm`."""
 
-    def __init__(self, model: Path, *extra: str, log_dir: Path, lockstep: bool = False):
+    def __init__(self, model: Path, *extra: str, log_dir: Path, lockstep: bool = False, script: str | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log_dir / f"server-{self.port}.log"
-        launcher = [str(Path(__file__).with_name("lockstep_server.py"))] if lockstep else ["-m", "minivllm"]
+        script = "lockstep_server.py" if lockstep else script
+        launcher = [str(Path(__file__).with_name(script))] if script else ["-m", "minivllm"]
         args = [sys.executable, *launcher, "serve", "--model", str(model), "--port", str(self.port),
                 "--served-model-name", MODEL_NAME, "--attention-backend", "torch", "--kv-cache-memory-bytes", "8MiB",
                 "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", str(MAX_NUM_SEQS), *extra]

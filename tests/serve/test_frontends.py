@@ -17,6 +17,7 @@ import json
 import multiprocessing
 import os
 import signal
+import subprocess
 import threading
 
 import httpx
@@ -25,8 +26,8 @@ import pytest
 
 from minivllm import SamplingParams
 from minivllm.entrypoints.engine_core import EngineCore, serve
-from tests.serve.conftest import (MODEL_NAME, EnginePipes, ServerProcess, healthy_server, in_server_group,
-                                  make_engine, metric_values)
+from tests.serve.conftest import (MODEL_NAME, START_TIMEOUT_S, EnginePipes, ServerProcess, healthy_server,
+                                  in_server_group, make_engine, metric_values)
 from tests.serve.test_lifecycle import ABORTED, GENERATED, _children, _long_body, _running, _wait_for
 
 pytestmark = in_server_group
@@ -195,6 +196,22 @@ def test_sigterm_ends_the_streams_in_flight_and_leaves_no_process(serve_model, t
     assert _wait_for(lambda: not any(_running(pid) for pid in children)), children
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{server.url}/health", timeout=2)
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_a_signal_just_before_uvicorn_serves_still_stops_the_server(serve_model, tmp_path, count):
+    """SIGTERM that lands after the frontend has set its handlers and before uvicorn has set its
+    own (late_signal_server.py) is not lost: the frontend starts, shuts down, and exits 0."""
+    server = ServerProcess(serve_model, "--api-server-count", str(count), log_dir=tmp_path,
+                           script="late_signal_server.py")
+    try:
+        code = server.proc.wait(timeout=START_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        code = None
+    finally:
+        server.stop(signal.SIGKILL)
+    output = server.output()
+    assert code == 0 and "Traceback" not in output, output
 
 
 def test_a_killed_launcher_leaves_no_process(serve_model, tmp_path):
