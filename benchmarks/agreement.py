@@ -58,8 +58,7 @@ BLOCK_SIZE = 16
 
 
 def greedy(llm, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    outputs = llm.generate(prompts, max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
-                           use_tqdm=False)
+    outputs = llm.generate(prompts, max_tokens=max_tokens, temperature=0.0, ignore_eos=True, use_tqdm=False)
     return [o.token_ids for o in outputs]
 
 

@@ -685,8 +685,7 @@ def parse_args(argv=None):
     p.add_argument("--block-sizes", type=lambda text: int_list(text, "--block-sizes"),
                    help="comma list, e.g. 16,32,64")
     p.add_argument("--batch", type=int, default=None, help="only this batch size (uniform cases)")
-    p.add_argument("--context", type=int, default=None,
-                   help="only this context length (uniform cases)")
+    p.add_argument("--context", type=int, default=None, help="only this context length (uniform cases)")
     p.add_argument("--chunk", type=int, default=None, help="new tokens per chunked-prefill step")
     p.add_argument("--num-q-heads", type=int, default=None)
     p.add_argument("--num-kv-heads", type=int, default=None)
@@ -725,8 +724,7 @@ def main(argv=None) -> int:
         print("NOTE: no CUDA device here: running small shapes on the CPU with the reference "
               "backend. CPU timings are not GPU claims.\n")
     run = Run(device, copy_bandwidth(device) / 1e9, matmul_rate(device) / 1e12,
-              repeats=1 if args.smoke else 5, tune=args.tune, configs=tuple(args.configs),
-              smoke=args.smoke)
+              repeats=1 if args.smoke else 5, tune=args.tune, configs=tuple(args.configs), smoke=args.smoke)
     record = new_record("attn_bench", device, args)
     record.update(copy_gbps=run.copy_gbps, matmul_tflops=run.matmul_tflops, rel_tol=REL_TOL)
     print(f"device: {record['environment']['device']}; copy bandwidth {run.copy_gbps:.4g} GB/s "

@@ -140,8 +140,7 @@ def pick_device(name: str = "auto") -> torch.device:
 
 def resolve_model(args, device: torch.device, gpu_default: str = "qwen3-0.6b") -> tuple[Path, str]:
     """(model directory, dtype name) from --model or --model-config; sets args.model_label."""
-    dtype = args.dtype if args.dtype != "auto" else (
-        "bfloat16" if device.type == "cuda" else "float32")
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     if args.model is not None:
         if not (args.model / "config.json").is_file():
             raise SystemExit(f"--model {args.model}: no config.json there")

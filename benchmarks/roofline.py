@@ -28,9 +28,9 @@ so eager steps show kernels = launches, graphed ones a few launches for hundreds
 CPU there are no kernels (None). The profiler's top ops go to <json stem>[_<variant>]_profile_b<B>.txt.
 
 **Tensor parallelism** (`-tp N`, or a variant `tensor_parallel_size=N`): on N GPUs the all-reduce is also timed
-alone before the engine starts (`all_reduce` in the JSON), [B, hidden] bf16 per batch size, through NCCL and through
-peer memory (the engine's one-shot sum, where it can run), eager and replayed from a CUDA graph of 2 x layers + 1
-calls (what one decode step makes), each sum checked.
+alone before the engine starts (`all_reduce` in the JSON), [B, hidden] bf16 per batch size, through NCCL, through peer
+memory (the engine's one-shot sum, where it can run) and as the seam after it (the sum, then add + RMSNorm; or all in
+one kernel), eager and replayed from a CUDA graph of 2 x layers + 1 calls (a decode step's), each result checked.
 
     python benchmarks/roofline.py                                  # GPU: qwen3-0.6b, context 1024
     python benchmarks/roofline.py --batch-sizes 1,64 --variants "graphs:,eager:enforce_eager=true"
@@ -220,7 +220,7 @@ def write_profile_tables(averages, path: Path, steps: int, device: torch.device)
 # The all-reduce alone (tensor parallelism)
 # ------------------------------------------------------------------------------------------
 def time_all_reduce(size: int, hidden: int, calls: int, batch_sizes: list[int]) -> list[dict]:
-    """Per call, [B, hidden] bf16 over `size` GPUs: NCCL and the peer one-shot sum (rows of rank 0)."""
+    """Per call, [B, hidden] bf16 over `size` GPUs, each method of `_all_reduce_rank` (rows of rank 0)."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -236,22 +236,26 @@ def _all_reduce_rank(rank: int, size: int, port: int, hidden: int, calls: int, b
     import torch.distributed as dist
 
     from minivllm.distributed.peer_all_reduce import PeerAllReduce, unavailable_reason
+    from minivllm.layers.fused_ops import rms_norm
 
     torch.cuda.set_device(rank)
     store = dist.TCPStore("127.0.0.1", port, size, is_master=rank == 0, timeout=dt.timedelta(minutes=5))
     dist.init_process_group("nccl", store=store, rank=rank, world_size=size)
     methods = {"nccl": dist.all_reduce}
     peer_reason = unavailable_reason(size, torch.device("cuda"))
-    if peer_reason is None:
-        methods["peer"] = PeerAllReduce(dist.group.WORLD, torch.device("cuda", rank), torch.bfloat16)
+    if peer_reason is None:  # the sum, and the seam after it: sum, then add + RMSNorm; all in one kernel
+        peer = methods["peer"] = PeerAllReduce(dist.group.WORLD, torch.device("cuda", rank), torch.bfloat16)
+        weight = torch.ones(hidden, dtype=torch.bfloat16, device="cuda")
+        methods["peer, add+norm"] = lambda x: rms_norm(peer(x), weight, 1e-6, residual)
+        methods["peer+add+norm"] = lambda x: peer.add_rms_norm(x, residual, weight, 1e-6)
     rows = []
     for batch, (method, fn) in itertools.product(batch_sizes, methods.items()):
         x = torch.ones(batch, hidden, dtype=torch.bfloat16, device="cuda")
-        if method == "peer" and not fn.fits(x):
+        residual = torch.zeros_like(x)  # the seams' (their lambdas read it)
+        if method != "nccl" and not (peer.fits_norm(x, residual) if "norm" in method else peer.fits(x)):
             continue
-        summed = fn(x.clone()) if method == "peer" else x.clone()
-        if method == "nccl":
-            fn(summed)
+        summed = x.clone()
+        summed = summed if (out := fn(summed)) is None else out  # NCCL sums in place, returning None
         eager = _median_cuda_s(lambda fn=fn, x=x: fn(x), repeats=100)
         graph = torch.cuda.CUDAGraph()  # `calls` all-reduces in one graph, as a decode graph has
         with torch.cuda.graph(graph):
@@ -259,7 +263,8 @@ def _all_reduce_rank(rank: int, size: int, port: int, hidden: int, calls: int, b
                 fn(x)
         graphed = _median_cuda_s(graph.replay, repeats=20) / calls
         rows.append({"method": method, "batch_size": batch, "hidden": hidden, "num_gpus": size,
-                     "bytes": x.numel() * x.element_size(), "correct": bool((summed == size).all()),
+                     "bytes": x.numel() * x.element_size(),  # a seam normalises the sum: a row of ones
+                     "correct": bool((summed == (1 if "norm" in method else size)).all()),
                      "eager_s": eager, "graphed_s": graphed, "calls_per_step": calls,
                      "graphed_per_step_s": graphed * calls, "peer_unavailable": peer_reason})
     if rank == 0:

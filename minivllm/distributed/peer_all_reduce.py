@@ -39,6 +39,8 @@ import torch
 MAX_BYTES = 4 * 1024 * 1024
 # The dtypes PyTorch's one-shot kernel adds (it has no fp16 version); others use the group.
 DTYPES = (torch.bfloat16, torch.float32)
+# The widest row the fused sum + add + RMSNorm holds in one program (hidden sizes of 8B-70B models).
+MAX_NORM_WIDTH = 16384
 
 
 def _copy_in_kernel(x: torch.Tensor) -> bool:
@@ -47,9 +49,10 @@ def _copy_in_kernel(x: torch.Tensor) -> bool:
     like the buffer (16 bytes, which the kernel requires of both), unless
     MINIVLLM_PEER_COPY_IN_KERNEL=0 (to measure it).
 
-    In a batch-1 decode step the residual add and RMSNorm after the sum are fused into the
+    In a decode step of 1-4 rows the residual add and RMSNorm after the sum are fused into the
     next GEMM's prologue (layers/fused_linear.py), so a layer boundary is three kernels:
-    [o_proj] [this sum] [add + norm + GEMM]."""
+    [o_proj] [this sum] [add + norm + GEMM]. With more rows the sum, the add and the norm are
+    one kernel instead (`add_rms_norm`): [o_proj] [sum + add + norm] [GEMM]."""
     return (os.environ.get("MINIVLLM_PEER_COPY_IN_KERNEL", "1") != "0"
             and x.data_ptr() % 16 == 0 and x.numel() * x.element_size() % 16 == 0
             and hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy_out"))
@@ -85,17 +88,43 @@ class PeerAllReduce:
     def __init__(self, group, device: torch.device, dtype: torch.dtype, max_bytes: int = MAX_BYTES):
         from torch.distributed import _symmetric_memory as symm_mem
 
+        from minivllm.distributed.peer_add_rms_norm import MAX_PROGRAMS
+
         if dtype not in DTYPES:
             raise ValueError(f"the one-shot all-reduce adds {DTYPES}, not {dtype}")
         self.group_name = group.group_name
         self.dtype = dtype
         self.max_numel = max_bytes // dtype.itemsize
         self.buffer = symm_mem.empty(self.max_numel, dtype=dtype, device=device)
-        symm_mem.rendezvous(self.buffer, self.group_name)  # collective: map every rank's buffer
+        buffers = symm_mem.rendezvous(self.buffer, self.group_name)  # collective: map every rank's buffer
+        # The fused sum + add + RMSNorm (peer_add_rms_norm.py) reads the same buffers through a
+        # table of their addresses here, and meets the other ranks on flags of its own, zero
+        # everywhere before any rank can set one (the rendezvous waits for every rank).
+        self.rank, self.world_size = buffers.rank, buffers.world_size
+        self.flags = symm_mem.empty(MAX_PROGRAMS * self.world_size, dtype=torch.int32, device=device).zero_()
+        torch.cuda.synchronize(device)
+        flags = symm_mem.rendezvous(self.flags, self.group_name)
+        self.buffer_ptrs = torch.tensor(buffers.buffer_ptrs, dtype=torch.int64, device=device)
+        self.flag_ptrs = torch.tensor(flags.buffer_ptrs, dtype=torch.int64, device=device)
 
     def fits(self, x: torch.Tensor) -> bool:
         """Whether `x` takes the one-shot path (small enough, the buffer's dtype, contiguous)."""
         return x.dtype == self.dtype and x.numel() <= self.max_numel and x.is_contiguous()
+
+    def fits_norm(self, x: torch.Tensor, residual: torch.Tensor) -> bool:
+        """Whether the sum of `x` and the add + RMSNorm after it can be one kernel (`add_rms_norm`):
+        x fits, the residual is alike, a row fits one program, the ranks are a power of two (the
+        kernel's vector of ranks), unless MINIVLLM_PEER_ADD_NORM=0 (to measure it)."""
+        return (os.environ.get("MINIVLLM_PEER_ADD_NORM", "1") != "0" and self.fits(x)
+                and residual.shape == x.shape and residual.dtype == x.dtype and residual.is_contiguous()
+                and x.shape[-1] <= MAX_NORM_WIDTH and self.world_size & (self.world_size - 1) == 0)
+
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> torch.Tensor:
+        """RMSNorm(residual + the sum of every rank's `x`), `residual` updated in place to that sum."""
+        from minivllm.distributed.peer_add_rms_norm import peer_add_rms_norm
+
+        return peer_add_rms_norm(x, residual, weight, eps, self.buffer_ptrs, self.flag_ptrs, self.rank)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The sum of every rank's `x`, as a new tensor of x's shape (x itself is left as it was)."""

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minivllm.distributed import TensorParallel, all_reduce
 from minivllm.layers import use_fused_ops
 
 
@@ -49,3 +50,16 @@ class RMSNorm(nn.Module):
         # spelled out); the weight multiplies after the cast back, as the checkpoints expect.
         normed = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
         return self.weight * normed.to(x.dtype)
+
+
+def reduce_add_rms_norm(partial: torch.Tensor, residual: torch.Tensor, norm: RMSNorm,
+                        tp: TensorParallel) -> tuple[torch.Tensor, torch.Tensor]:
+    """The seam after a row-parallel layer that left its sum to the caller: h = residual + the sum
+    over ranks of `partial`; returns (norm(h), h), `residual` updated in place where it can be.
+
+    Through peer memory this is one kernel (distributed/peer_add_rms_norm.py); otherwise the
+    all-reduce, then the add + RMSNorm above. With one rank, just the latter.
+    """
+    if tp.peer is not None and tp.peer.fits_norm(partial, residual):
+        return tp.peer.add_rms_norm(partial, residual, norm.weight, norm.eps), residual
+    return norm(all_reduce(partial, tp), residual)

@@ -163,22 +163,25 @@ class RowParallelLinear(nn.Linear):
 
     Each rank multiplies its slice of the input by its columns of W, a partial sum of y; one
     all-reduce adds them, on every rank. The bias is added once, by rank 0, before the sum.
+    With `reduce=False` the layer returns its rank's partial sum, and the caller adds the ranks'
+    together with what it does next (layernorm.reduce_add_rms_norm).
     """
 
     ONEDNN_WEIGHT = True  # on a CPU, onednn.pack_weights may reorder the weight (see `linear`)
 
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallel = SINGLE,
-                 what: str = "input features"):
+                 what: str = "input features", reduce: bool = True):
         in_shard = tp.shard(in_features, what)
         super().__init__(in_shard.size, out_features, bias=bias)
         self.tp = tp
         self.in_shard = in_shard
+        self.reduce = reduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
             return linear(x, self.weight, self.bias)
         partial = linear(x, self.weight, self.bias if self.tp.rank == 0 else None)
-        return all_reduce(partial, self.tp)
+        return all_reduce(partial, self.tp) if self.reduce else partial
 
     def checkpoint_split(self, kind: str, shard: str | None = None) -> CheckpointSplit:
         """The weight's columns are split; the bias is whole on every rank."""

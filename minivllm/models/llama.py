@@ -27,8 +27,10 @@ gate_proj | up_proj. `packed_modules_mapping` tells the loader where each checkp
 
 Tensor parallelism (`tp`, one rank of N; see layers/linear.py and docs/tensor_parallel.md): q|k|v
 and gate|up are column-parallel (each rank has whole heads and whole MLP channels), o_proj and
-down_proj row-parallel (each ends in an all-reduce), the embedding and the LM head split by
-vocabulary rows. Norms and RoPE are per token and replicated. With `tp` left out, one rank.
+down_proj row-parallel, the embedding and the LM head split by vocabulary rows. Norms and RoPE are
+per token and replicated. A row-parallel layer's output is this rank's partial sum: the next seam
+adds the ranks' together with the residual add and the norm, one kernel through peer memory
+(layernorm.reduce_add_rms_norm). With `tp` left out, one rank.
 """
 
 from __future__ import annotations
@@ -40,12 +42,12 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from minivllm.distributed import SINGLE, TensorParallel
+from minivllm.distributed import SINGLE, TensorParallel, all_reduce
 from minivllm.layers import use_fused_kv_write, use_fused_linear, use_fused_ops
 from minivllm.layers.activation import SiluAndMul
 from minivllm.layers.attention import AttentionMetadata, PagedAttention
 from minivllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from minivllm.layers.layernorm import RMSNorm
+from minivllm.layers.layernorm import RMSNorm, reduce_add_rms_norm
 from minivllm.layers.linear import (
     ColumnParallelLinear,
     MergedColumnParallelLinear,
@@ -99,22 +101,25 @@ class RopeInputs:
 
 
 def _norm_then_project(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
-                       proj: ColumnParallelLinear, swiglu: SiluAndMul | None = None):
-    """(proj(norm(h)), h) with h = x + residual, the residual stream (h = x before the first
-    layer); with `swiglu`, its activation applied to the gate|up projection.
+                       proj: ColumnParallelLinear, tp: TensorParallel, swiglu: SiluAndMul | None = None):
+    """(proj(norm(h)), h) with h = x + residual, the residual stream (h = x, the embedding, before
+    the first layer); with `swiglu`, its activation applied to the gate|up projection. Under
+    tensor parallelism x is this rank's partial sum (after the first layer), added up here.
 
-    For 1 to 4 rows on CUDA this is one kernel (fused_linear.norm_linear); otherwise the
-    fused add + RMSNorm (which updates the residual in place), the GEMM and the activation.
+    For 1 to 4 rows on CUDA this is one kernel (fused_linear.norm_linear), after the sum;
+    otherwise the sum, add and RMSNorm (`reduce_add_rms_norm`, which updates the residual in
+    place), the GEMM and the activation.
     """
     if use_fused_linear(x):
         from minivllm.layers.fused_linear import norm_linear
 
+        x = x if residual is None else all_reduce(x, tp)
         return norm_linear(x, residual, norm.weight, norm.eps, proj.weight, proj.bias,
                            swiglu=swiglu is not None)
     if residual is None:
         residual, normed = x, norm(x)
     else:
-        normed, residual = norm(x, residual)
+        normed, residual = reduce_add_rms_norm(x, residual, norm, tp)
     out = proj(normed)
     return (out if swiglu is None else swiglu(out)), residual
 
@@ -123,7 +128,7 @@ class LlamaAttention(nn.Module):
     """Project to q, k, v; (Qwen3: normalise q, k); rotate q, k; attend over the paged cache.
 
     Under tensor parallelism each rank runs this for its own heads (`num_heads`, `num_kv_heads`
-    are this rank's); o_proj adds the ranks' partial outputs together.
+    are this rank's); o_proj's output is this rank's partial sum, which the next seam adds up.
     """
 
     def __init__(self, config, flavor: AttentionFlavor, tp: TensorParallel = SINGLE):
@@ -134,7 +139,8 @@ class LlamaAttention(nn.Module):
         self.num_heads = self.qkv_proj.num_heads
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size,
-                                        bias=flavor.o_bias, tp=tp, what="attention output features")
+                                        bias=flavor.o_bias, tp=tp, what="attention output features", reduce=False)
+        self.tp = tp
         self.qk_norm = flavor.qk_norm
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
@@ -147,7 +153,7 @@ class LlamaAttention(nn.Module):
                 rope: RopeInputs, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention of norm(hidden + residual); returns (its output, the residual stream)."""
         num_tokens = hidden.shape[0]
-        qkv, residual = _norm_then_project(hidden, residual, norm, self.qkv_proj)
+        qkv, residual = _norm_then_project(hidden, residual, norm, self.qkv_proj, self.tp)
         q, k, v = self.qkv_proj.split_output(qkv)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -188,12 +194,13 @@ class LlamaMLP(nn.Module):
             config.hidden_size, {"gate": size, "up": size}, bias=bias, tp=tp)
         self.act = SiluAndMul()
         self.down_proj = RowParallelLinear(size, config.hidden_size, bias=bias, tp=tp,
-                                           what="intermediate_size")
+                                           what="intermediate_size", reduce=False)
+        self.tp = tp
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor,
                 norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """The MLP of norm(hidden + residual); returns (its output, the residual stream)."""
-        act, residual = _norm_then_project(hidden, residual, norm, self.gate_up_proj, self.act)
+        act, residual = _norm_then_project(hidden, residual, norm, self.gate_up_proj, self.tp, self.act)
         return self.down_proj(act), residual
 
 
@@ -208,8 +215,9 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config, tp)
 
     def forward(self, hidden, residual, rope: RopeInputs, meta: AttentionMetadata):
-        """hidden: the previous layer's MLP output; residual: the stream it is added to (None
-        before the first layer). Returns this layer's (MLP output, residual stream).
+        """hidden: the previous layer's MLP output (this rank's partial sum of it under tensor
+        parallelism); residual: the stream it is added to (None before the first layer).
+        Returns this layer's (MLP output, residual stream).
 
         Each sublayer adds its input to the stream and normalises it for itself, one fused step
         (`_norm_then_project`).
@@ -228,6 +236,7 @@ class LlamaModel(nn.Module):
             LlamaDecoderLayer(config, flavor, tp) for _ in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.tp = tp
         # One table for all layers: every layer rotates by the same angles.
         self.rotary_emb = RotaryEmbedding.from_config(config, head_dim_of(config))
 
@@ -237,7 +246,7 @@ class LlamaModel(nn.Module):
         residual = None
         for layer in self.layers:
             hidden, residual = layer(hidden, residual, rope, meta)
-        return self.norm(hidden, residual)[0]
+        return reduce_add_rms_norm(hidden, residual, self.norm, self.tp)[0]
 
 
 class LlamaForCausalLM(nn.Module):

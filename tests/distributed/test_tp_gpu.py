@@ -38,10 +38,13 @@ def test_two_gpus_match_hf_in_float32_with_cuda_graphs(variant, model_dir, hf_gr
 
 
 @pytest.mark.filterwarnings("ignore:the KV pool")
-@pytest.mark.parametrize("all_reduce", ["dist", "peer"])
-def test_both_all_reduce_paths_match_hf_in_float32_with_cuda_graphs(all_reduce, model_dir, hf_greedy):
+@pytest.mark.parametrize(("all_reduce", "fused_norm"), [("dist", "1"), ("peer", "1"), ("peer", "0")])
+def test_both_all_reduce_paths_match_hf_in_float32_with_cuda_graphs(all_reduce, fused_norm, model_dir, hf_greedy,
+                                                                      monkeypatch):
     """NCCL's all-reduce and the one-shot sum through peer memory (decode-sized tensors; the
-    prefill's large ones still go through NCCL) give Hugging Face's greedy tokens."""
+    prefill's large ones still go through NCCL), the latter with the residual add and RMSNorm
+    after it in the same kernel or not, give Hugging Face's greedy tokens."""
+    monkeypatch.setenv("MINIVLLM_PEER_ADD_NORM", fused_norm)  # the ranks' processes inherit it
     with LLM(str(model_dir("llama")), tensor_parallel_size=2, dtype="float32", device="cuda", block_size=4,
              num_kv_blocks=14, max_num_batched_tokens=8, max_num_seqs=4, all_reduce=all_reduce) as llm:
         runner = llm.engine.executor.runner
