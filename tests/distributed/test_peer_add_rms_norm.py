@@ -6,8 +6,12 @@ tests/distributed/test_tp_gpu.py."""
 
 from __future__ import annotations
 
+import json
 import os
 import queue
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +23,7 @@ from minivllm.layers.fused_ops import rms_norm
 
 interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs in the Triton interpreter")
 
+ROOT = Path(__file__).resolve().parents[2]
 CALLS = 3  # one after the other, through the same buffers and flags
 
 
@@ -156,3 +161,40 @@ def test_the_fused_seam_is_taken_only_for_what_its_kernel_handles(monkeypatch):
     peer.world_size = 2
     monkeypatch.setenv("MINIVLLM_PEER_ADD_NORM", "0")
     assert not peer.fits_norm(x, torch.zeros_like(x))
+
+
+def compiled_for_hopper() -> dict[str, str]:
+    """The kernel of an 8B-shaped seam (64 rows x 4096, bf16, two ranks) compiled for sm_90 as its
+    launcher specializes it: PTX and resource usage (run by the test below, without the interpreter)."""
+    from minivllm.distributed import peer_add_rms_norm as module
+    from tests.kernels.hopper_compile import _Recorder, compile_kernel, disassemble
+
+    kernel, recorder = module._peer_add_rms_norm_kernel, _Recorder()
+    module._peer_add_rms_norm_kernel = recorder
+    try:
+        x = torch.zeros(64, 4096, dtype=torch.bfloat16)
+        ptrs = torch.zeros(2, dtype=torch.int64)
+        module.peer_add_rms_norm(x, x.clone(), x[0].clone(), 1e-6, ptrs, ptrs.clone(), 0)
+    finally:
+        module._peer_add_rms_norm_kernel = kernel
+    compiled = compile_kernel(kernel, recorder.args, recorder.kwargs)
+    return {"ptx": compiled.asm["ptx"], "usage": disassemble(compiled)[1]}
+
+
+def test_on_hopper_the_flags_are_system_scope_and_the_peer_rows_load_in_vectors():
+    """What the interpreter cannot show: the barrier's compare-and-swaps are release/acquire at
+    system scope (seen by the other GPUs), the ranks' rows load 16 bytes at a time past the L1,
+    and nothing spills."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    script = ("import json; from tests.distributed.test_peer_add_rms_norm import compiled_for_hopper; "
+              "print(json.dumps(compiled_for_hopper()))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    compiled = json.loads(done.stdout.strip().splitlines()[-1])
+    ptx = compiled["ptx"]
+    assert "atom.global.release.sys.cas.b32" in ptx and "atom.global.acquire.sys.cas.b32" in ptx
+    assert "ld.global.cg.v4.b32" in ptx
+    assert "STACK:0" in compiled["usage"], compiled["usage"]
