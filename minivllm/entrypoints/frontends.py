@@ -170,7 +170,8 @@ class Frontends:
 
     def wait(self) -> list[int | None]:
         """Until every frontend has exited (one that leaves on its own stops the others); their
-        exit codes."""
+        exit codes. One that our SIGTERM killed counts as stopped cleanly (0): it came while the
+        process was still starting, before it had handlers, and so before it had served anything."""
         running = list(self.processes)
         while running:
             connection.wait([p.sentinel for p in running])
@@ -178,7 +179,8 @@ class Frontends:
                 process.join()
                 running.remove(process)
                 self.stop()
-        return [p.exitcode for p in self.processes]
+        return [0 if p.exitcode == -signal.SIGTERM and p.pid in self._signalled else p.exitcode
+                for p in self.processes]
 
 
 def run_frontend(address: tuple[str, int], channel: EngineChannel, engine_config: EngineConfig, model_name: str,

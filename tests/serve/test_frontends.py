@@ -19,6 +19,8 @@ import os
 import signal
 import subprocess
 import threading
+import time
+import types
 
 import httpx
 import psutil
@@ -26,6 +28,7 @@ import pytest
 
 from minivllm import SamplingParams
 from minivllm.entrypoints.engine_core import EngineCore, serve
+from minivllm.entrypoints.frontends import Frontends
 from tests.serve.conftest import (MODEL_NAME, START_TIMEOUT_S, EnginePipes, ServerProcess, healthy_server,
                                   in_server_group, make_engine, metric_values)
 from tests.serve.test_lifecycle import ABORTED, GENERATED, _children, _long_body, _running, _wait_for
@@ -212,6 +215,23 @@ def test_a_signal_just_before_uvicorn_serves_still_stops_the_server(serve_model,
         server.stop(signal.SIGKILL)
     output = server.output()
     assert code == 0 and "Traceback" not in output, output
+
+
+def test_a_frontend_that_the_stop_kills_while_it_starts_counts_as_stopped():
+    """The launcher's SIGTERM can reach a frontend before it has handlers (still importing): it
+    dies of it, having served nothing, and the server's exit status is still 0."""
+    ctx = multiprocessing.get_context("spawn")
+    frontends = Frontends()
+    frontends.start(lambda: _started(ctx.Process(target=int)))  # leaves at once: the others are stopped
+    frontends.start(lambda: _started(ctx.Process(target=time.sleep, args=(60,))))  # default handlers: dies
+    codes = frontends.wait()
+    assert codes == [0, 0]
+    assert frontends.processes[1].exitcode == -signal.SIGTERM
+
+
+def _started(process) -> types.SimpleNamespace:
+    process.start()
+    return types.SimpleNamespace(process=process)
 
 
 def test_a_killed_launcher_leaves_no_process(serve_model, tmp_path):
