@@ -11,6 +11,7 @@ import os
 import queue
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -77,16 +78,17 @@ def test_every_rank_gets_the_same_bits_those_of_the_unfused_path_and_the_flags_e
     for p in procs:
         p.start()
     got = {}
+    deadline = time.monotonic() + 300  # a barrier that never opens spins forever: bound it
     while len(got) < world:  # a rank that fails leaves the others waiting at a barrier: stop them
         try:
             rank, outs, res = results.get(timeout=1)
             got[rank] = ([torch.tensor(o).to(dtype) for o in outs], torch.tensor(res).to(dtype))
         except queue.Empty:
             failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
-            if failed:
+            if failed or time.monotonic() > deadline:
                 for p in procs:
                     p.kill()
-                pytest.fail(f"a rank exited with {failed}")
+                pytest.fail(f"a rank exited with {failed}" if failed else "the ranks still wait after 300 s")
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
