@@ -101,10 +101,11 @@ class RopeInputs:
 
 
 def _norm_then_project(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
-                       proj: ColumnParallelLinear, tp: TensorParallel, swiglu: SiluAndMul | None = None):
+                       proj: ColumnParallelLinear, swiglu: SiluAndMul | None = None):
     """(proj(norm(h)), h) with h = x + residual, the residual stream (h = x, the embedding, before
     the first layer); with `swiglu`, its activation applied to the gate|up projection. Under
-    tensor parallelism x is this rank's partial sum (after the first layer), added up here.
+    tensor parallelism x is this rank's partial sum (after the first layer), added up here over
+    `proj`'s ranks.
 
     For 1 to 4 rows on CUDA this is one kernel (fused_linear.norm_linear), after the sum;
     otherwise the sum, add and RMSNorm (`reduce_add_rms_norm`, which updates the residual in
@@ -113,13 +114,13 @@ def _norm_then_project(x: torch.Tensor, residual: torch.Tensor | None, norm: RMS
     if use_fused_linear(x):
         from minivllm.layers.fused_linear import norm_linear
 
-        x = x if residual is None else all_reduce(x, tp)
+        x = x if residual is None else all_reduce(x, proj.tp)
         return norm_linear(x, residual, norm.weight, norm.eps, proj.weight, proj.bias,
                            swiglu=swiglu is not None)
     if residual is None:
         residual, normed = x, norm(x)
     else:
-        normed, residual = reduce_add_rms_norm(x, residual, norm, tp)
+        normed, residual = reduce_add_rms_norm(x, residual, norm, proj.tp)
     out = proj(normed)
     return (out if swiglu is None else swiglu(out)), residual
 
@@ -140,7 +141,6 @@ class LlamaAttention(nn.Module):
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size,
                                         bias=flavor.o_bias, tp=tp, what="attention output features", reduce=False)
-        self.tp = tp
         self.qk_norm = flavor.qk_norm
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
@@ -153,7 +153,7 @@ class LlamaAttention(nn.Module):
                 rope: RopeInputs, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention of norm(hidden + residual); returns (its output, the residual stream)."""
         num_tokens = hidden.shape[0]
-        qkv, residual = _norm_then_project(hidden, residual, norm, self.qkv_proj, self.tp)
+        qkv, residual = _norm_then_project(hidden, residual, norm, self.qkv_proj)
         q, k, v = self.qkv_proj.split_output(qkv)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -195,12 +195,11 @@ class LlamaMLP(nn.Module):
         self.act = SiluAndMul()
         self.down_proj = RowParallelLinear(size, config.hidden_size, bias=bias, tp=tp,
                                            what="intermediate_size", reduce=False)
-        self.tp = tp
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor,
                 norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """The MLP of norm(hidden + residual); returns (its output, the residual stream)."""
-        act, residual = _norm_then_project(hidden, residual, norm, self.gate_up_proj, self.tp, self.act)
+        act, residual = _norm_then_project(hidden, residual, norm, self.gate_up_proj, self.act)
         return self.down_proj(act), residual
 
 
